@@ -1,0 +1,118 @@
+"""ConvMixer configurations: one dataclass and one table of named variants.
+
+Variants are data. The released ImageNet models keep timm's names (which is what
+checkpoints and users call them); the CIFAR-10 rows are the paper's small models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+ACTIVATIONS = ("gelu", "relu")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvMixerConfig:
+    """Architecture of one ConvMixer-h/d.
+
+    Args:
+        dim: channels h, constant through the network.
+        depth: number of mixer blocks d.
+        kernel_size: spatial (depthwise) kernel k.
+        patch_size: stem kernel and stride p.
+        activation: "gelu" (exact, erf form) or "relu".
+        num_classes: classifier outputs.
+        depthwise: True for the released models (groups=dim); False for the network
+            printed in the paper's code listing, which has a full k x k conv there.
+    """
+
+    dim: int
+    depth: int
+    kernel_size: int = 9
+    patch_size: int = 7
+    activation: str = "gelu"
+    num_classes: int = 1000
+    depthwise: bool = True
+
+    def __post_init__(self):
+        for field in ("dim", "depth", "kernel_size", "patch_size", "num_classes"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"
+            )
+
+    def replace(self, **changes) -> "ConvMixerConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How the weights of a variant expect their input (timm's pretrained cfg)."""
+
+    input_size: int = 224
+    crop_pct: float = 0.96
+    interpolation: str = "bicubic"
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    config: ConvMixerConfig
+    preprocessing: Preprocessing
+    description: str
+    timm_name: Optional[str] = None
+
+
+_IMAGENET = Preprocessing()
+_CIFAR10 = Preprocessing(
+    input_size=32, crop_pct=1.0, interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD
+)
+
+VARIANTS = {
+    # Released ImageNet-1k models (timm names; 81.37 / 80.16 / 76.94 top-1).
+    "convmixer_1536_20": Variant(
+        ConvMixerConfig(dim=1536, depth=20, kernel_size=9, patch_size=7),
+        _IMAGENET, "ImageNet-1k, 51.6M params, 81.37% top-1", "convmixer_1536_20"),
+    # The only released model with ReLU; nothing in its weights says so.
+    "convmixer_768_32": Variant(
+        ConvMixerConfig(dim=768, depth=32, kernel_size=7, patch_size=7, activation="relu"),
+        _IMAGENET, "ImageNet-1k, 21.1M params, 80.16% top-1", "convmixer_768_32"),
+    "convmixer_1024_20_ks9_p14": Variant(
+        ConvMixerConfig(dim=1024, depth=20, kernel_size=9, patch_size=14),
+        _IMAGENET, "ImageNet-1k, 24.4M params, 76.94% top-1", "convmixer_1024_20_ks9_p14"),
+    # CIFAR-10 models of the paper (convmixer-cifar10 recipe: 92.6% in 25 epochs).
+    "convmixer_256_8": Variant(
+        ConvMixerConfig(dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10),
+        _CIFAR10, "CIFAR-10, ConvMixer-256/8 k5 p2 (paper's recipe)"),
+    "convmixer_256_16": Variant(
+        ConvMixerConfig(dim=256, depth=16, kernel_size=9, patch_size=1, num_classes=10),
+        _CIFAR10, "CIFAR-10, ConvMixer-256/16 k9 p1"),
+}
+
+
+def list_variants() -> list:
+    """Names accepted by `create_model`, in table order."""
+    return list(VARIANTS)
+
+
+def get_variant(name: str) -> Variant:
+    """The table row for `name`; ValueError naming the allowed values otherwise."""
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown variant {name!r}; allowed values: {', '.join(VARIANTS)}"
+        ) from None
