@@ -1,4 +1,8 @@
-"""ConvMixer ("Patches Are All You Need?") in Keras 3, built from stock layers."""
+"""ConvMixer ("Patches Are All You Need?") in Keras 3, built from stock layers.
+
+The builder is imported lazily, so reading the variant table (command-line help,
+argument checks) does not load Keras and its backend.
+"""
 
 from convmixer_tf.config import (
     VARIANTS,
@@ -8,19 +12,17 @@ from convmixer_tf.config import (
     get_variant,
     list_variants,
 )
-from convmixer_tf.model import ConvMixer, build_features, config_from_model, create_model
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "VARIANTS",
-    "ConvMixer",
-    "ConvMixerConfig",
-    "Preprocessing",
-    "Variant",
-    "build_features",
-    "config_from_model",
-    "create_model",
-    "get_variant",
-    "list_variants",
-]
+_MODEL_API = ("ConvMixer", "build_features", "config_from_model", "create_model", "with_preprocessing")
+
+__all__ = ["VARIANTS", "ConvMixerConfig", "Preprocessing", "Variant", "get_variant", "list_variants", *_MODEL_API]
+
+
+def __getattr__(name):
+    if name in _MODEL_API:
+        from convmixer_tf import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'convmixer_tf' has no attribute {name!r}")

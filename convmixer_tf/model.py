@@ -81,12 +81,7 @@ def ConvMixer(
     inputs = keras.Input(shape=input_shape, name="images")
     x = inputs
     if include_preprocessing:
-        # (x/255 - mean)/std folded into one multiply-add per channel.
-        x = keras.layers.Rescaling(
-            scale=[1.0 / (255.0 * s) for s in std],
-            offset=[-m / s for m, s in zip(mean, std)],
-            name="preprocessing",
-        )(x)
+        x = _preprocessing_layer(mean, std)(x)
     x = build_features(x, config)
     if pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -170,6 +165,13 @@ def config_from_model(model: keras.Model) -> ConvMixerConfig:
     )
 
 
+def _preprocessing_layer(mean, std):
+    # (x/255 - mean)/std folded into one multiply-add per channel.
+    return keras.layers.Rescaling(
+        scale=[1.0 / (255.0 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)], name="preprocessing",
+    )
+
+
 def _batch_norm(name: str):
     return keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
 
@@ -189,3 +191,27 @@ def _check_input_shape(input_shape, patch_size):
                 f"each side must be None or an integer >= patch_size"
             )
     return input_shape
+
+
+
+def with_preprocessing(model: keras.Model, mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> keras.Model:
+    """The same network taking raw 0-255 RGB: `model` rebuilt with the preprocessing layer.
+
+    Weights are copied layer by layer (by name), so the result is a flat ConvMixer
+    graph like any other. Use it to deploy a converted model to an app that feeds
+    raw pixels.
+    """
+    if any(layer.name == "preprocessing" for layer in model.layers):
+        return model
+    config = config_from_model(model)
+    pool = next((l.name.split("_")[0] for l in model.layers if l.name in ("avg_pool", "max_pool")), None)
+    rebuilt = ConvMixer(
+        **config.to_dict(), input_shape=model.input_shape[1:],
+        include_top=any(l.name == "head" for l in model.layers), pooling=pool,
+        include_preprocessing=True, mean=mean, std=std, name=model.name,
+    )
+    for layer in model.layers:
+        if layer.weights:
+            rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
+    return rebuilt

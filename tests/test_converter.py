@@ -1,0 +1,296 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from torch_helpers import (
+    TINY,
+    directory_entries,
+    keras_input_to_torch,
+    save_checkpoint,
+    sequential_convmixer,
+    timm_convmixer,
+    torch,
+)
+from weights_converter import (
+    CheckpointError,
+    MappingError,
+    convert_checkpoint,
+    infer_config,
+    keras_to_state_dict,
+    load_state_dict,
+)
+from weights_converter.__main__ import main
+from weights_converter.pipeline import convert_and_verify, default_output_dir
+
+LAYOUTS = {
+    "timm": lambda: timm_convmixer(),
+    "sequential": lambda: sequential_convmixer(),
+    "sequential_full_conv": lambda: sequential_convmixer(depthwise=False),
+}
+WRAPPERS = [None, "state_dict", "state_dict_ema", "model", "module_prefix"]
+TORCH_FORMATS = [".pth", ".pth.tar", ".pt", ".bin"]
+
+
+def _keras_logits(model, x):
+    return np.asarray(model(x, training=False))
+
+
+@pytest.mark.parametrize("suffix", TORCH_FORMATS)
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_wrapper_and_torch_format(tmp_path, layout, wrapper, suffix):
+    net = LAYOUTS[layout]()
+    prefix = "module." if wrapper == "module_prefix" else ""
+    path = save_checkpoint(net.state_dict(), tmp_path / f"ckpt{suffix}",
+                           wrapper=None if wrapper == "module_prefix" else wrapper, prefix=prefix,
+                           legacy=(suffix == ".bin"))
+    report = convert_and_verify(path, use_ema=(wrapper == "state_dict_ema"))
+    assert report["status"] == "ok", report["parity"]
+    assert report["parity"]["max_abs"] <= 1e-4
+    assert report["conversion"]["layout"] == ("timm" if layout == "timm" else "sequential")
+    assert report["conversion"]["config"]["depthwise"] == (layout != "sequential_full_conv")
+    out = default_output_dir(path)
+    assert directory_entries(out) == ["model.keras", "report.json"]
+    # The converted file, on its own, computes what the PyTorch network computes.
+    import keras
+
+    model = keras.models.load_model(os.path.join(out, "model.keras"))
+    x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype("float32")
+    with torch.no_grad():
+        ref = net(keras_input_to_torch(x)).numpy()
+    np.testing.assert_allclose(_keras_logits(model, x), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_safetensors(tmp_path, layout, prefix):
+    net = LAYOUTS[layout]()
+    path = save_checkpoint(net.state_dict(), tmp_path / "w.safetensors", prefix=prefix)
+    report = convert_and_verify(path)
+    assert report["status"] == "ok"
+    assert report["conversion"]["checkpoint"]["file_format"] == "safetensors"
+
+
+def test_full_conv_uses_keras_conv2d(tmp_path):
+    import keras
+
+    path = save_checkpoint(sequential_convmixer(depthwise=False).state_dict(), tmp_path / "c.pth")
+    model = convert_checkpoint(path)
+    assert type(model.get_layer("block0_dw_conv")) is keras.layers.Conv2D
+
+
+def test_ema_weights_are_the_ones_taken(tmp_path):
+    net = timm_convmixer()
+    path = save_checkpoint(net.state_dict(), tmp_path / "train.pth.tar", wrapper="state_dict_ema")
+    ema = load_state_dict(path, use_ema=True)
+    live = load_state_dict(path)
+    np.testing.assert_array_equal(ema["stem.0.weight"], net.state_dict()["stem.0.weight"].numpy())
+    np.testing.assert_array_equal(live["stem.0.weight"], net.state_dict()["stem.0.weight"].numpy() + 1.0)
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        load_state_dict(save_checkpoint(net.state_dict(), tmp_path / "plain.pth"), use_ema=True)
+
+
+def test_timm_training_checkpoint_with_argparse_namespace(tmp_path):
+    import argparse
+
+    net = timm_convmixer()
+    torch.save({"state_dict": net.state_dict(), "args": argparse.Namespace(model="convmixer", lr=0.01),
+                "epoch": 10}, tmp_path / "last.pth.tar")
+    report = convert_and_verify(tmp_path / "last.pth.tar")
+    assert report["status"] == "ok"
+    assert report["conversion"]["checkpoint"]["other_keys"] == ["args", "epoch"]
+
+
+def test_headless_checkpoint_converts_to_feature_extractor(tmp_path):
+    net = timm_convmixer()
+    net.reset_classifier(0)
+    path = save_checkpoint(net.state_dict(), tmp_path / "features.pth")
+    report = convert_and_verify(path)
+    assert report["status"] == "ok" and report["conversion"]["include_top"] is False
+
+
+def test_infer_config_and_variant_match():
+    import timm
+
+    sd = {k: v.numpy() for k, v in timm.create_model("convmixer_768_32").state_dict().items()}
+    cfg = infer_config(sd)
+    assert (cfg.dim, cfg.depth, cfg.kernel_size, cfg.patch_size, cfg.activation, cfg.num_classes) == (
+        768, 32, 7, 7, "relu", 1000)
+    assert infer_config(sd, activation="gelu").activation == "gelu"
+    tiny = infer_config({k: v.numpy() for k, v in timm_convmixer(kernel_size=8).state_dict().items()})
+    assert (tiny.kernel_size, tiny.activation, tiny.depthwise) == (8, "gelu", True)
+
+
+def test_even_kernel_same_padding_matches(tmp_path):
+    net = timm_convmixer(kernel_size=8, patch_size=3)
+    path = save_checkpoint(net.state_dict(), tmp_path / "even.pth")
+    report = convert_and_verify(path)
+    assert report["status"] == "ok", report["parity"]
+
+
+@pytest.mark.parametrize("layout", ["timm", "sequential"])
+def test_round_trip_keras_to_pytorch_strict(tmp_path, layout):
+    import keras
+
+    net = timm_convmixer(activation="relu")
+    model = convert_checkpoint(save_checkpoint(net.state_dict(), tmp_path / "a.pth"), activation="relu")
+    # "Fine-tune" in Keras: change every weight so the round trip cannot pass by accident.
+    rng = np.random.default_rng(7)
+    for w in model.weights:
+        w.assign(np.asarray(w) + rng.normal(0, 0.01, w.shape).astype("float32"))
+    sd = keras_to_state_dict(model, layout=layout, framework="torch")
+    target = timm_convmixer(activation="relu", seed=1) if layout == "timm" else sequential_convmixer("relu", seed=1)
+    target.load_state_dict(sd, strict=True)
+    x = np.random.default_rng(8).normal(size=(2, 32, 32, 3)).astype("float32")
+    with torch.no_grad():
+        ref = target.eval()(keras_input_to_torch(x)).numpy()
+    np.testing.assert_allclose(ref, _keras_logits(model, x), atol=1e-4)
+    assert not np.allclose(ref, net(keras_input_to_torch(x)).detach().numpy(), atol=1e-3)
+
+
+def test_activation_mismatch_fails_parity_and_names_the_block(tmp_path, capsys):
+    import timm
+
+    from weights_converter.demo import randomize_batchnorm
+
+    net = randomize_batchnorm(timm.create_model("convmixer_768_32")).eval()
+    path = save_checkpoint(net.state_dict(), tmp_path / "cm768.pth")
+    code = main(["--torch-ckpt", str(path), "--activation", "gelu", "--quiet"])
+    assert code == 1
+    out = default_output_dir(path)
+    assert directory_entries(out) == ["report.json"]  # no model from a failed proof
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["status"] == "parity_failed"
+    assert report["parity"]["first_divergent_stage"] == "stem"
+    assert "first diverging stage: stem" in capsys.readouterr().out
+    # The same checkpoint with the right activation passes.
+    assert main(["--torch-ckpt", str(path), "--quiet", "--force"]) == 0
+
+
+def test_parity_images_and_json(tmp_path, capsys):
+    import tensorflow as tf
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(40, 60), (64, 48), (32, 32)]):
+        png = tf.io.encode_png(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        tf.io.write_file(str(images / f"img{i}.png"), png)
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    code = main(["--torch-ckpt", str(path), "--parity-images", str(images), "--json", "--quiet"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parity"]["num_inputs"] == 2 + 3
+    assert [s["count"] for s in report["parity"]["inputs"]] == [2, 3]
+    assert report["parity"]["top1_agreement"] == 1.0
+    assert len(report["parity"]["stages"]) == TINY["depth"] + 2
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["--torch-ckpt", str(path), "--output", str(out), "--quiet"]) == 2
+    assert "exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(["--torch-ckpt", str(path), "--output", str(out), "--quiet", "--force"]) == 0
+    assert directory_entries(out) == ["model.keras", "report.json"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left
+
+
+def _bad_inputs(tmp_path):
+    import torchvision
+
+    good = timm_convmixer().state_dict()
+    evil = tmp_path / "evil.pth"
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": good, "hook": Evil()}, evil)
+    raw = (tmp_path / "good.pth")
+    save_checkpoint(good, raw)
+    data = raw.read_bytes()
+    (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(1).bytes(4096))
+    save_checkpoint(torchvision.models.resnet18().state_dict(), tmp_path / "resnet.pth")
+    save_checkpoint({k: v for k, v in good.items() if k != "blocks.1.3.running_var"}, tmp_path / "missing.pth")
+    save_checkpoint(dict(good, **{"blocks.0.extra.weight": torch.zeros(3)}), tmp_path / "unexpected.pth")
+    save_checkpoint(dict(good, **{"blocks.1.1.weight": torch.zeros(16, 16, 3, 3)}), tmp_path / "shape.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    return marker, {
+        "evil.pth": "posix.system",
+        "trunc.pth": "truncated",
+        "empty.pth": "empty",
+        "random.pth": "cannot read torch checkpoint",
+        "random.safetensors": "cannot read",
+        "resnet.pth": "not a ConvMixer checkpoint",
+        "missing.pth": "missing key 'blocks.1.3.running_var'",
+        "unexpected.pth": "unexpected key 'blocks.0.extra.weight'",
+        "shape.pth": "wrong shape for 'blocks.1.1.weight'",
+        "list.pth": "not a dict of tensors",
+        "absent.pth": "not found",
+    }
+
+
+def test_bad_checkpoints_exit_2_with_one_line_and_no_output(tmp_path, capsys):
+    marker, cases = _bad_inputs(tmp_path)
+    for name, words in cases.items():
+        before = set(os.listdir(tmp_path))
+        code = main(["--torch-ckpt", str(tmp_path / name), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (name, err)
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), (name, err)
+        assert words in err, (name, err)
+        assert set(os.listdir(tmp_path)) == before, name  # nothing written, no staging dir
+    assert not marker.exists(), "unpickling ran code from the checkpoint"
+
+
+def test_safetensors_converts_without_torch(tmp_path):
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "w.safetensors")
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # any torch import now fails
+        "from weights_converter import convert_checkpoint\n"
+        f"m = convert_checkpoint({str(path)!r})\n"
+        "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n"
+        "print(m.count_params())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_mapping_table_covers_every_weight_once():
+    from convmixer_tf import ConvMixer, ConvMixerConfig
+    from weights_converter.mapping import weight_table
+
+    for depthwise in (True, False):
+        cfg = ConvMixerConfig(**TINY, depthwise=depthwise)
+        rows = weight_table(cfg)
+        model = ConvMixer(**cfg.to_dict())
+        assert len({(r.layer, r.weight) for r in rows}) == len(rows) == len(model.weights)
+        assert len({r.key for r in rows}) == len(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20_ks9_p14"])
+def test_full_size_released_variants_parity(tmp_path, name):
+    import timm
+
+    from weights_converter.demo import randomize_batchnorm
+
+    net = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=3).eval()
+    path = save_checkpoint(net.state_dict(), tmp_path / f"{name}.pth.tar", wrapper="state_dict")
+    report = convert_and_verify(path)
+    assert report["conversion"]["matched_variant"] == name
+    assert report["parity"]["max_abs"] <= 1e-4, report["parity"]
+    assert report["parity"]["top1_agreement"] == 1.0
+    assert report["status"] == "ok"

@@ -1,0 +1,119 @@
+"""python -m weights_converter: PyTorch ConvMixer checkpoint -> Keras, with parity proven.
+
+Exit codes: 0 success, 1 parity (or an export's verification) failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+EPILOG = """\
+examples:
+  python -m weights_converter --torch-ckpt convmixer_768_32.pth.tar
+  python -m weights_converter --torch-ckpt run/last.pth.tar --use-ema --export all
+  python -m weights_converter --torch-ckpt my.safetensors --activation gelu --output out/ --force
+
+It reads .pth/.pth.tar/.pt/.bin (torch.load with weights_only=True: no code from the
+file runs) and .safetensors; timm's layout or the paper's nn.Sequential; bare state
+dicts or ones wrapped in state_dict / state_dict_ema / model, with or without a
+'module.' prefix. The config (dim, depth, kernel, patch, classes, depthwise or full
+conv) is read from tensor shapes; the activation comes from --activation or from the
+released variant the shapes match (convmixer_768_32 is ReLU, the others GELU).
+
+Writes DIR/model.keras and DIR/report.json (plus exported files), all at once at the
+end: a failure leaves nothing behind. When parity fails DIR holds report.json alone.
+exit codes: 0 ok, 1 parity or export verification failed, 2 bad input.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from convmixer_tf.config import ACTIVATIONS, list_variants
+
+    parser = argparse.ArgumentParser(
+        prog="python -m weights_converter",
+        description="Convert a PyTorch ConvMixer checkpoint to Keras and prove the two compute the same thing.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--torch-ckpt", required=True, metavar="FILE", help="checkpoint to convert")
+    parser.add_argument("--variant", choices=list_variants(), metavar="NAME",
+                        help="released variant the checkpoint must be (sets the activation); one of: " + ", ".join(list_variants()))
+    parser.add_argument("--activation", choices=ACTIVATIONS,
+                        help="activation of the Keras model (default: the matched variant's, else gelu)")
+    parser.add_argument("--use-ema", action="store_true", help="take the EMA weights (state_dict_ema) of a timm training checkpoint")
+    parser.add_argument("--output", metavar="DIR", help="output directory (default: next to the checkpoint, NAME_keras)")
+    parser.add_argument("--export", nargs="+", default=[], metavar="FORMAT",
+                        help="also write and verify: saved_model, tflite, tflite_float16, tflite_dynamic, tflite_int8, onnx, or all")
+    parser.add_argument("--calibration-data", metavar="DIR|tfds:NAME",
+                        help="images for int8 calibration (default: synthetic data, which the report flags)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference of float32 logits (default 1e-4)")
+    parser.add_argument("--parity-images", metavar="DIR", help="also compare on these images (timm's eval preprocessing)")
+    parser.add_argument("--skip-parity", action="store_true", help="convert without the PyTorch run (no proof; for machines without torch)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from weights_converter.checkpoint import CheckpointError
+    from weights_converter.mapping import MappingError
+    from weights_converter.pipeline import convert_and_verify
+
+    def log(message):
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    if args.tolerance <= 0:
+        return _fail(f"--tolerance must be > 0, got {args.tolerance}")
+    try:
+        report = convert_and_verify(
+            args.torch_ckpt, output=args.output, variant=args.variant, activation=args.activation,
+            use_ema=args.use_ema, exports=args.export, tolerance=args.tolerance,
+            parity_images=args.parity_images, force=args.force, skip_parity=args.skip_parity,
+            calibration_data=args.calibration_data, log=log,
+        )
+    except (CheckpointError, MappingError, ValueError, OSError) as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return _fail("interrupted; nothing was written", EXIT_INTERNAL)
+
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_summary(report)
+    return EXIT_OK if report["status"] == "ok" else EXIT_PARITY
+
+
+def _print_summary(report):
+    status = report["status"]
+    print(f"{status}: {report['output']}")
+    for row in report.get("files", []):
+        extra = ""
+        if "max_abs" in row:
+            top1 = row.get("top1_agreement")
+            extra = f"  max|diff| {row['max_abs']:.2e}" + (f"  top-1 {top1:.1%}" if top1 is not None else "")
+            if row.get("latency_ms") is not None:
+                extra += f"  {row['latency_ms']:.1f} ms"
+        print(f"  {row['format']:<15} {row['path']:<22} {row['bytes'] / 1e6:8.1f} MB{extra}")
+    if status == "parity_failed":
+        parity = report["parity"]
+        print(f"parity FAILED: max |logit diff| {parity['max_abs']:.3g} > tolerance {parity['tolerance']:.0e}; "
+              f"first diverging stage: {parity['first_divergent_stage']}; "
+              f"details in {os.path.join(report['output'], 'report.json')}")
+
+
+def _fail(message, code=EXIT_BAD_INPUT) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Safe reading of checkpoint files: tensors come out, no code from the file runs.
+
+Torch files go through `torch.load(weights_only=True)` (a restricted unpickler that
+refuses any global it does not know); `.safetensors` through safetensors, which needs
+no torch at all. Wrappers (`state_dict`, `state_dict_ema`, `model`) and the `module.`
+prefix of DataParallel/DDP are peeled off here, so callers see one flat dict of numpy
+arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import zipfile
+from typing import Dict, List, Optional
+
+import numpy as np
+
+TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".ckpt")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
+# torch.compile wraps modules in `_orig_mod`; DataParallel/DDP in `module`.
+STRIPPABLE_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """The file is not a readable ConvMixer checkpoint (bad input: exit code 2)."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A flat state dict plus how it was found."""
+
+    state_dict: Dict[str, np.ndarray]
+    path: str
+    file_format: str  # "torch" or "safetensors"
+    wrapper: Optional[str]  # dict key the weights sat under, None for a bare state dict
+    stripped_prefixes: List[str]
+    other_keys: List[str]  # what else the file carried (optimizer, epoch, args, ...)
+    dtypes: List[str]
+
+    def summary(self) -> dict:
+        return {
+            "path": self.path,
+            "file_format": self.file_format,
+            "wrapper": self.wrapper,
+            "stripped_prefixes": self.stripped_prefixes,
+            "other_keys": self.other_keys,
+            "tensors": len(self.state_dict),
+            "dtypes": self.dtypes,
+        }
+
+
+def load_state_dict(path, use_ema: bool = False) -> Dict[str, np.ndarray]:
+    """Reads the weights of a checkpoint as {key: float32/int numpy array}.
+
+    Args:
+        path: a `.pth`, `.pth.tar`, `.pt`, `.bin` (torch zip or legacy pickle) or
+            `.safetensors` file.
+        use_ema: take the EMA weights (`state_dict_ema`) of a timm training checkpoint.
+
+    Example:
+        >>> sd = load_state_dict("convmixer_768_32.pth.tar")  # doctest: +SKIP
+        >>> sd["stem.0.weight"].shape  # doctest: +SKIP
+        (768, 3, 7, 7)
+    """
+    return read_checkpoint(path, use_ema=use_ema).state_dict
+
+
+def read_checkpoint(path, use_ema: bool = False) -> Checkpoint:
+    """Like `load_state_dict`, keeping what was learned about the file on the way."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    if path.endswith(SAFETENSORS_SUFFIXES) or _looks_like_safetensors(path):
+        raw, fmt = _read_safetensors(path), "safetensors"
+    else:
+        raw, fmt = _read_torch(path), "torch"
+    tensors, wrapper, other = _unwrap(raw, use_ema, path)
+    tensors, prefixes = _strip_prefixes(tensors)
+    state_dict = {key: _to_numpy(key, value, path) for key, value in tensors.items()}
+    dtypes = sorted({str(value.dtype) for value in tensors.values() if hasattr(value, "dtype")})
+    return Checkpoint(state_dict, path, fmt, wrapper, prefixes, other, dtypes)
+
+
+def _looks_like_safetensors(path) -> bool:
+    # A safetensors file starts with a little-endian u64 header length, then '{'.
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _read_safetensors(path):
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise CheckpointError("reading .safetensors needs the safetensors package: pip install safetensors") from None
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"cannot read safetensors file {path}: {_one_line(err)}") from None
+
+
+def _read_torch(path):
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"reading {os.path.basename(path)} needs torch (pip install 'convmixer-tf[torch]'), "
+            "or convert it to .safetensors first"
+        ) from None
+    # timm training checkpoints carry their argparse.Namespace; building one runs no code.
+    safe = [argparse.Namespace]
+    kwargs = dict(map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(safe):
+            if zipfile.is_zipfile(path):
+                # mmap: tensors are paged in from the file instead of copied into memory.
+                return torch.load(path, mmap=True, **kwargs)
+            return torch.load(path, **kwargs)
+    except Exception as err:
+        message = _one_line(err)
+        found = re.search(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)", message)
+        if "Weights only load failed" in message and found:
+            raise CheckpointError(
+                f"refused {path}: loading it would call `{found.group(1)}`, i.e. run code from the "
+                "file; nothing from it was executed"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*Check the documentation", str(err), re.S)
+        if detail:
+            message = f"unpickling error: {' '.join(detail.group(1).split())}"
+        raise CheckpointError(f"cannot read torch checkpoint {path} (truncated or not a torch file?): {message[:300]}") from None
+
+
+def _is_tensor_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items()
+    )
+
+
+def _unwrap(raw, use_ema, path):
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a dict of tensors")
+    keys = [k for k in raw if isinstance(k, str)]
+    if use_ema:
+        for key in EMA_KEYS:
+            if _is_tensor_dict(raw.get(key)):
+                return raw[key], key, sorted(k for k in keys if k != key)
+        raise CheckpointError(f"--use-ema: {path} has no EMA weights (looked for {', '.join(EMA_KEYS)}); it holds {keys[:10]}")
+    for key in WRAPPER_KEYS:
+        if _is_tensor_dict(raw.get(key)):
+            return raw[key], key, sorted(k for k in keys if k != key)
+    if _is_tensor_dict(raw):
+        return raw, None, []
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and hasattr(v, "shape")}
+    if not tensors:
+        raise CheckpointError(
+            f"{path} holds no state dict: top-level keys {keys[:10]}, none of "
+            f"{', '.join(WRAPPER_KEYS)} with tensors in it"
+        )
+    raise CheckpointError(f"{path}: top-level dict mixes tensors with non-tensor entries {sorted(set(keys) - set(tensors))[:10]}")
+
+
+def _strip_prefixes(tensors):
+    stripped = []
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIPPABLE_PREFIXES:
+            if tensors and all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+                stripped.append(prefix)
+                changed = True
+    return tensors, stripped
+
+
+def _to_numpy(key, value, path):
+    if isinstance(value, np.ndarray):
+        array = value
+    else:  # a torch tensor
+        value = value.detach()
+        if value.is_floating_point() and value.dtype != _torch_float32():
+            value = value.float()  # fp16/bf16 checkpoints: compute in float32
+        array = value.numpy()
+    if array.dtype.kind == "f" and array.dtype != np.float32:
+        array = array.astype(np.float32)
+    return array
+
+
+def _torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def _one_line(err) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

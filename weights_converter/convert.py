@@ -1,0 +1,160 @@
+"""Applies the mapping table: PyTorch tensors -> Keras model, and Keras -> state dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from convmixer_tf.config import ConvMixerConfig
+from weights_converter import mapping
+from weights_converter.checkpoint import Checkpoint, read_checkpoint
+
+
+@dataclasses.dataclass
+class Conversion:
+    """A converted Keras model and the account of how it was made."""
+
+    model: object  # keras.Model
+    config: ConvMixerConfig
+    layout: str
+    matched_variant: Optional[str]
+    activation_source: str  # "flag", "variant", "variant name" or "default"
+    include_top: bool
+    unused_keys: List[str]
+    copied: int
+    checkpoint: Optional[Checkpoint] = None
+
+    def summary(self) -> dict:
+        return {
+            "checkpoint": self.checkpoint.summary() if self.checkpoint else None,
+            "layout": self.layout,
+            "config": self.config.to_dict(),
+            "include_top": self.include_top,
+            "matched_variant": self.matched_variant,
+            "activation_source": self.activation_source,
+            "weights_copied": self.copied,
+            "unused_keys": self.unused_keys,
+        }
+
+
+def convert_state_dict(
+    state_dict: Dict[str, np.ndarray],
+    variant: Optional[str] = None,
+    activation: Optional[str] = None,
+    input_shape: Optional[Sequence[Optional[int]]] = None,
+    layout: Optional[str] = None,
+) -> Conversion:
+    """Builds the Keras ConvMixer that `state_dict` describes and fills every weight.
+
+    Args:
+        state_dict: tensors as numpy arrays, any supported layout.
+        variant: a name from `convmixer_tf.list_variants()` that the checkpoint must
+            match; it also decides the activation unless `activation` is given.
+        activation: "gelu" or "relu"; weights cannot tell which one was trained.
+        input_shape: Keras input shape; default (None, None, 3), any size.
+        layout: force "timm" or "sequential" instead of detecting it.
+
+    Every Keras weight is filled exactly once, every tensor is used or reported, every
+    shape is checked before anything is copied; an unexpected tensor is an error.
+    """
+    import convmixer_tf
+
+    canonical, layout = mapping.to_canonical(state_dict, layout)
+    config = mapping.infer_config(canonical, activation)
+    matched = mapping.match_variant(config)
+    source = "flag" if activation else ("variant" if matched else "default")
+    if variant is not None:
+        ref = convmixer_tf.get_variant(variant).config
+        if mapping.architecture(ref) != mapping.architecture(config):
+            raise mapping.MappingError(
+                f"--variant {variant} is {mapping.describe(ref)}, but the checkpoint is {mapping.describe(config)}"
+            )
+        matched = variant
+        if activation is None:
+            config = config.replace(activation=ref.activation)
+            source = "variant name"
+    include_top = mapping.has_head(canonical)
+    rows, unused = mapping.plan(canonical, config, include_top)
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise mapping.MappingError(f"unexpected key {unused[0]!r}{more}: not part of a ConvMixer-{config.dim}/{config.depth}")
+
+    model = convmixer_tf.ConvMixer(
+        **config.to_dict(), input_shape=input_shape, include_top=include_top,
+        pooling="avg", name=matched or "convmixer",
+    )
+    copied = _fill(model, rows, canonical)
+    return Conversion(model, config, layout, matched, source, include_top, unused, copied)
+
+
+def convert_checkpoint(path, variant=None, activation=None, use_ema=False, input_shape=None):
+    """Reads a PyTorch ConvMixer checkpoint file and returns the Keras model.
+
+    Example:
+        >>> model = convert_checkpoint("convmixer_768_32.pth.tar")  # doctest: +SKIP
+        >>> model.save("convmixer_768_32.keras")  # doctest: +SKIP
+    """
+    return convert_file(path, variant, activation, use_ema, input_shape).model
+
+
+def convert_file(path, variant=None, activation=None, use_ema=False, input_shape=None) -> Conversion:
+    """Like `convert_checkpoint`, returning the full `Conversion` record."""
+    checkpoint = read_checkpoint(path, use_ema=use_ema)
+    conversion = convert_state_dict(checkpoint.state_dict, variant, activation, input_shape)
+    conversion.checkpoint = checkpoint
+    return conversion
+
+
+def _fill(model, rows, state_dict) -> int:
+    filled = set()
+    for row in rows:
+        variable = getattr(model.get_layer(row.layer), row.weight)
+        value = mapping.TRANSFORMS[row.transform].to_keras(state_dict[row.key])
+        if tuple(variable.shape) != value.shape:
+            raise mapping.MappingError(
+                f"{row.key} -> {row.layer}.{row.weight}: shape {value.shape} after {row.transform}, "
+                f"Keras expects {tuple(variable.shape)}"
+            )
+        variable.assign(np.ascontiguousarray(value, dtype=np.float32))
+        filled.add(id(variable))
+    expected = {id(w) for w in model.weights}
+    if filled != expected:  # a Keras weight the table does not cover would keep its random init
+        names = [w.path for w in model.weights if id(w) not in filled]
+        raise AssertionError(f"weights not filled by the table: {names[:5]}")
+    return len(rows)
+
+
+def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -> dict:
+    """The reverse: a Keras ConvMixer's weights as a PyTorch state dict.
+
+    Args:
+        model: a ConvMixer built by convmixer_tf (e.g. fine-tuned, loaded from .keras).
+        layout: "timm" (loads into timm's ConvMixer with strict=True) or "sequential"
+            (the paper's nn.Sequential).
+        framework: "numpy" arrays or "torch" tensors.
+
+    Example:
+        >>> sd = keras_to_state_dict(model, framework="torch")  # doctest: +SKIP
+        >>> timm.create_model("convmixer_768_32").load_state_dict(sd, strict=True)  # doctest: +SKIP
+    """
+    import convmixer_tf
+
+    config = convmixer_tf.config_from_model(model)
+    include_top = any(layer.name == "head" for layer in model.layers)
+    out = {}
+    for row in mapping.weight_table(config, include_top):
+        value = np.asarray(getattr(model.get_layer(row.layer), row.weight).numpy(), dtype=np.float32)
+        out[row.key] = np.ascontiguousarray(mapping.TRANSFORMS[row.transform].to_torch(value))
+    # BatchNorm's counter: not a weight, but part of a strict PyTorch state dict.
+    for key in [k for k in out if k.endswith(".running_var")]:
+        out[key[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    out = mapping.from_canonical(out, layout, config.depth)
+    if framework == "torch":
+        import torch
+
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+    if framework != "numpy":
+        raise ValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
+    return out
