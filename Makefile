@@ -17,8 +17,12 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
+# The main job on a built-in default: a convmixer_768_32 checkpoint in the paper's
+# nn.Sequential layout (random weights, random BatchNorm statistics) is written, then
+# converted, proven against timm's model, and exported.
 demo: install
-	$(PY) -m weights_converter --demo --output demo_out --force
+	$(PY) -m weights_converter.demo demo/convmixer_768_32.pth
+	$(PY) -m weights_converter --torch-ckpt demo/convmixer_768_32.pth --force
 
 test: install
 	$(PY) -m pytest -m "not slow"
@@ -30,4 +34,4 @@ test-all: install
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo .pytest_cache

@@ -41,6 +41,14 @@ class Checkpoint:
     stripped_prefixes: List[str]
     other_keys: List[str]  # what else the file carried (optimizer, epoch, args, ...)
     dtypes: List[str]
+    num_tensors: int = 0
+
+    def __post_init__(self):
+        self.num_tensors = len(self.state_dict)
+
+    def release(self) -> None:
+        """Drops the tensors (memory-mapped file pages included) once they are copied."""
+        self.state_dict.clear()
 
     def summary(self) -> dict:
         return {
@@ -49,7 +57,7 @@ class Checkpoint:
             "wrapper": self.wrapper,
             "stripped_prefixes": self.stripped_prefixes,
             "other_keys": self.other_keys,
-            "tensors": len(self.state_dict),
+            "tensors": self.num_tensors,
             "dtypes": self.dtypes,
         }
 

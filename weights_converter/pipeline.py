@@ -90,6 +90,7 @@ def convert_and_verify(
         if not parity.passed:
             report["status"] = "parity_failed"
 
+    conversion.checkpoint.release()  # the Keras model holds its own copy now
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
