@@ -15,7 +15,7 @@ from convmixer_tf.config import (
 
 __version__ = "0.1.0"
 
-_MODEL_API = ("ConvMixer", "build_features", "config_from_model", "create_model", "with_preprocessing")
+_MODEL_API = ("ConvMixer", "build_features", "config_from_model", "create_model", "rebuild", "with_preprocessing")
 
 __all__ = ["VARIANTS", "ConvMixerConfig", "Preprocessing", "Variant", "get_variant", "list_variants", *_MODEL_API]
 

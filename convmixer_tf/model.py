@@ -194,6 +194,87 @@ def _check_input_shape(input_shape, patch_size):
 
 
 
+
+def rebuild(model: keras.Model, input_shape=None, preprocessing: Optional[Sequence[Sequence[float]]] = None) -> keras.Model:
+    """The same network with another input size and/or the preprocessing layer added.
+
+    Weights are copied layer by layer (by name), so the result is a flat ConvMixer
+    graph like any other.
+
+    Args:
+        model: a ConvMixer built by convmixer_tf.
+        input_shape: new (H, W, 3); default the model's.
+        preprocessing: (mean, std): make the result take raw 0-255 RGB. Ignored when
+            `model` already has a preprocessing layer.
+
+    Example:
+        >>> app_model = rebuild(model, input_shape=(224, 224, 3),
+        ...                     preprocessing=(IMAGENET_MEAN, IMAGENET_STD))  # doctest: +SKIP
+    """
+    config = config_from_model(model)
+    names = {l.name: l for l in model.layers}
+    kwargs = {}
+    if "preprocessing" in names:
+        kwargs = dict(include_preprocessing=True, **_layer_mean_std(names["preprocessing"]))
+    elif preprocessing is not None:
+        mean, std = preprocessing
+        kwargs = dict(include_preprocessing=True, mean=mean, std=std)
+    pooling = "avg" if "avg_pool" in names else ("max" if "max_pool" in names else None)
+    head = names.get("head")
+    rebuilt = ConvMixer(
+        **config.to_dict(), input_shape=input_shape or model.input_shape[1:], include_top=head is not None,
+        pooling=pooling, classifier_activation=head.get_config()["activation"] if head else None,
+        name=model.name, **kwargs,
+    )
+    for layer in model.layers:
+        if layer.weights:
+            rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
+    return rebuilt
+
+
+def with_preprocessing(model: keras.Model, mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> keras.Model:
+    """The same network taking raw 0-255 RGB (see `rebuild`)."""
+    return rebuild(model, preprocessing=(mean, std))
+
+
+def _layer_mean_std(layer):
+    import numpy as np
+
+    scale = np.asarray(layer.scale, np.float64).reshape(-1)
+    offset = np.asarray(layer.offset, np.float64).reshape(-1)
+    std = 1.0 / (255.0 * scale)
+    return dict(mean=tuple(-offset * std), std=tuple(std))
+
+def _preprocessing_layer(mean, std):
+    # (x/255 - mean)/std folded into one multiply-add per channel.
+    return keras.layers.Rescaling(
+        scale=[1.0 / (255.0 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)], name="preprocessing",
+    )
+
+
+def _batch_norm(name: str):
+    return keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
+
+
+def _check_input_shape(input_shape, patch_size):
+    if input_shape is None:
+        return (None, None, 3)
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, 3) in channels-last order, got {input_shape!r}"
+        )
+    for side in input_shape[:2]:
+        if side is not None and (not isinstance(side, int) or side < patch_size):
+            raise ValueError(
+                f"patch_size={patch_size} is larger than the input {input_shape[:2]}; "
+                f"each side must be None or an integer >= patch_size"
+            )
+    return input_shape
+
+
+
 def with_preprocessing(model: keras.Model, mean: Sequence[float] = IMAGENET_MEAN,
                        std: Sequence[float] = IMAGENET_STD) -> keras.Model:
     """The same network taking raw 0-255 RGB: `model` rebuilt with the preprocessing layer.

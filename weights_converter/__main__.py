@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from convmixer_tf.export.tflite import ExportError
     from weights_converter.checkpoint import CheckpointError
     from weights_converter.mapping import MappingError
     from weights_converter.pipeline import convert_and_verify
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
             parity_images=args.parity_images, force=args.force, skip_parity=args.skip_parity,
             calibration_data=args.calibration_data, log=log,
         )
+    except ExportError as err:
+        return _fail(str(err), EXIT_PARITY)
     except (CheckpointError, MappingError, ValueError, OSError) as err:
         return _fail(str(err))
     except KeyboardInterrupt:

@@ -9,20 +9,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
+from convmixer_tf.export.files import check_output, staged_output
 from weights_converter import mapping
 from weights_converter.convert import convert_file
 from weights_converter.parity import DEFAULT_TOLERANCE
 
 PARITY_BATCH = 2
-
-
-class OutputExistsError(ValueError):
-    """The output exists and --force was not given (bad input: exit code 2)."""
 
 
 def default_output_dir(checkpoint_path) -> str:
@@ -61,9 +56,7 @@ def convert_and_verify(
         >>> report["parity"]["passed"]  # doctest: +SKIP
         True
     """
-    output = os.path.abspath(output or default_output_dir(torch_ckpt))
-    if os.path.exists(output) and not force:
-        raise OutputExistsError(f"output {output} exists; pass --force to replace it")
+    output = check_output(output or default_output_dir(torch_ckpt), force)
     if exports:
         from convmixer_tf import export as exporters
 
@@ -91,34 +84,23 @@ def convert_and_verify(
             report["status"] = "parity_failed"
 
     conversion.checkpoint.release()  # the Keras model holds its own copy now
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
-    try:
+    with staged_output(output, force) as staging:
         if report["status"] == "ok":
-            with _step(log, "saving model.keras") as timing:
+            with _step(log, "saving model.keras"):
                 conversion.model.save(os.path.join(staging, "model.keras"))
             report["files"] = [{"format": "keras", "path": "model.keras",
                                 "bytes": os.path.getsize(os.path.join(staging, "model.keras"))}]
             if exports:
                 from convmixer_tf import export as exporters
 
-                with _step(log, f"exporting {', '.join(exports)}") as timing:
-                    rows = exporters.export_formats(
+                with _step(log, f"exporting and verifying {', '.join(exports)}") as timing:
+                    report["files"] += exporters.export_formats(
                         conversion.model, staging, exports, calibration_data=calibration_data,
                         preprocessing=_preprocessing(conversion), log=log,
                     )
                 report["timings_s"]["export"] = timing["s"]
-                report["files"] += rows
-                if not all(row["passed"] for row in rows):
-                    report["status"] = "export_failed"
         with open(os.path.join(staging, "report.json"), "w") as f:
             json.dump(report, f, indent=2, default=_jsonable)
-        _move_into_place(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 
@@ -151,23 +133,6 @@ def _preprocessing(conversion):
     if conversion.matched_variant in VARIANTS:
         return VARIANTS[conversion.matched_variant].preprocessing
     return Preprocessing()
-
-
-def _move_into_place(staging, output):
-    if os.path.exists(output):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old-", dir=os.path.dirname(output))
-        os.rmdir(old)
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager

@@ -1,0 +1,60 @@
+"""Images for int8 calibration and for checking files: a folder, a tfds split, or synthetic.
+
+Each source yields raw 0-255 RGB at the model's input size (timm's eval transform),
+or normalised images when the exported graph has no preprocessing in it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from convmixer_tf.config import Preprocessing
+
+
+def load_images(source: Optional[str], preprocessing: Preprocessing, count: int, raw_rgb: bool,
+                seed: int = 0) -> Tuple[np.ndarray, str]:
+    """Returns (NHWC float32 images, description of where they came from).
+
+    Args:
+        source: an image folder, "tfds:NAME" or "tfds:NAME:SPLIT", or None for
+            synthetic images (smooth random colour fields; fine for checking a file,
+            not for judging quantisation accuracy, and the description says so).
+        preprocessing: input size, crop and mean/std of the model.
+        count: how many images.
+        raw_rgb: return 0-255 pixels instead of normalised ones.
+    """
+    from convmixer_tf.data import eval_transform, load_eval_images
+
+    if source is None:
+        images = synthetic_images(count, preprocessing.input_size, seed)
+        if not raw_rgb:
+            images = (images / 255.0 - np.array(preprocessing.mean)) / np.array(preprocessing.std)
+        return images.astype(np.float32), f"synthetic ({count} smooth random images, seed {seed})"
+    if source.startswith("tfds:"):
+        import tensorflow_datasets as tfds
+
+        _, name, *rest = source.split(":")
+        split = rest[0] if rest else "validation"
+        try:
+            ds = tfds.load(name, split=split, shuffle_files=False, download=False)
+        except Exception as err:
+            raise ValueError(f"cannot load {source}: {' '.join(str(err).split())[:200]} "
+                             "(prepare it with tfds first; nothing is downloaded here)") from None
+        images = [eval_transform(ex["image"], preprocessing, normalize=not raw_rgb).numpy()
+                  for ex in ds.take(count)]
+        return np.stack(images).astype(np.float32), f"{source} (first {len(images)})"
+    images, paths = load_eval_images(source, preprocessing, limit=count, normalize=not raw_rgb)
+    return images, f"{source} ({len(paths)} images)"
+
+
+def synthetic_images(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth random colour fields in 0-255: low-frequency noise, bilinearly upsampled."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(count, 6, 6, 3)).astype(np.float32)
+    fine = rng.normal(0, 12, size=(count, size, size, 3)).astype(np.float32)
+    smooth = tf.image.resize(coarse, (size, size), method="bilinear").numpy()
+    return np.clip(smooth + fine, 0, 255).astype(np.float32)

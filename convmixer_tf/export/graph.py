@@ -1,0 +1,135 @@
+"""The inference graph that exporters emit, written with plain TensorFlow ops.
+
+Exporting the Keras model as it is gives correct files that are slow or broken on
+some runtimes (see the notes at each choice below), so TFLite and ONNX files are
+made from this graph instead. It takes its weights from a Keras ConvMixer, and every
+file made from it is run in its own runtime and compared with the Keras model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from convmixer_tf.model import BN_EPSILON, config_from_model
+
+# LiteRT's XNNPACK depthwise kernels are fast up to 5x5 and slow beyond: on a
+# 1x32x32x768 input a 7x7 ran ~13 ms and a 9x9 ~27 ms where nine 3x3 convolutions
+# summed ran ~5 ms (benchmarks/bench_export.py). Larger kernels are emitted as tiles.
+FAST_DEPTHWISE_MAX = 5
+
+
+def _bn_affine(layer):
+    gamma, beta, mean, var = (np.asarray(w, np.float64) for w in layer.get_weights())
+    scale = gamma / np.sqrt(var + layer.epsilon)
+    return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
+
+
+class InferenceGraph:
+    """A ConvMixer forward pass as a tf.function over constants.
+
+    Args:
+        model: a Keras ConvMixer built by convmixer_tf.
+        preprocessing: (mean, std) to put raw 0-255 RGB -> normalised input in the graph
+            (ignored when the model has its own preprocessing layer).
+        depthwise: "native" (one DEPTHWISE_CONV_2D) or "tiled" (k x k as a sum of
+            3x3 tiles, for LiteRT/XNNPACK when k > 5).
+        gelu: "builtin" (tf.nn.gelu exact, which TFLite maps to its GELU op) or "erf"
+            (0.5 x (1 + erf(x / sqrt 2)); TF's exact gelu lowers to Erfc, which
+            tf2onnx cannot convert).
+    """
+
+    def __init__(self, model, preprocessing: Optional[Sequence[Sequence[float]]] = None,
+                 depthwise: str = "native", gelu: str = "builtin"):
+        if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf"):
+            raise ValueError(f"depthwise must be native|tiled, gelu builtin|erf; got {depthwise!r}, {gelu!r}")
+        self.config = config_from_model(model)
+        self.depthwise, self.gelu = depthwise, gelu
+        self.input_shape = tuple(model.input_shape[1:])
+        layer = {l.name: l for l in model.layers}
+        self.pre = None
+        if "preprocessing" in layer:
+            pre = layer["preprocessing"]
+            self.pre = (np.asarray(pre.scale, np.float32).reshape(-1), np.asarray(pre.offset, np.float32).reshape(-1))
+        elif preprocessing is not None:
+            mean, std = (np.asarray(v, np.float64) for v in preprocessing)
+            self.pre = ((1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32))
+        self.raw_rgb = self.pre is not None
+        w = lambda name: [np.asarray(v, np.float32) for v in layer[name].get_weights()]
+        self.stem = w("stem_conv") + list(_bn_affine(layer["stem_bn"]))
+        self.blocks = []
+        for i in range(self.config.depth):
+            self.blocks.append(w(f"block{i}_dw_conv") + list(_bn_affine(layer[f"block{i}_dw_bn"]))
+                               + w(f"block{i}_pw_conv") + list(_bn_affine(layer[f"block{i}_pw_bn"])))
+        self.pooling = "max" if "max_pool" in layer else ("avg" if "avg_pool" in layer else None)
+        self.head = w("head") if "head" in layer else None
+        self.head_activation = layer["head"].get_config()["activation"] if self.head else "linear"
+
+    def __call__(self, x):
+        import tensorflow as tf
+
+        c = tf.constant
+        if self.pre is not None:
+            x = x * c(self.pre[0]) + c(self.pre[1])
+        k, b, s, t = self.stem
+        p = self.config.patch_size
+        x = self._act(tf.nn.conv2d(x, c(k), p, "VALID") + c(b)) * c(s) + c(t)
+        for dk, db, ds, dt, pk, pb, ps, pt in self.blocks:
+            y = self._spatial(x, dk) + c(db)
+            x = x + self._act(y) * c(ds) + c(dt)
+            x = self._act(tf.nn.conv2d(x, c(pk), 1, "VALID") + c(pb)) * c(ps) + c(pt)
+        if self.pooling == "avg":
+            x = tf.reduce_mean(x, axis=[1, 2])
+        elif self.pooling == "max":
+            x = tf.reduce_max(x, axis=[1, 2])
+        if self.head is not None:
+            x = tf.matmul(x, c(self.head[0])) + c(self.head[1])
+            if self.head_activation == "softmax":
+                x = tf.nn.softmax(x)
+            elif self.head_activation not in (None, "linear"):
+                raise ValueError(f"classifier activation {self.head_activation!r} is not exportable")
+        return x
+
+    def _act(self, x):
+        import tensorflow as tf
+
+        if self.config.activation == "relu":
+            return tf.nn.relu(x)
+        if self.gelu == "erf":
+            return 0.5 * x * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0))))
+        return tf.nn.gelu(x, approximate=False)
+
+    def _spatial(self, x, kernel):
+        import tensorflow as tf
+
+        if not self.config.depthwise:
+            return tf.nn.conv2d(x, tf.constant(kernel), 1, "SAME")
+        k = kernel.shape[0]
+        if self.depthwise == "native" or k <= FAST_DEPTHWISE_MAX:
+            return tf.nn.depthwise_conv2d(x, tf.constant(kernel), [1, 1, 1, 1], "SAME")
+        return _tiled_depthwise(x, kernel, 3)
+
+
+def _tiled_depthwise(x, kernel, tile):
+    """'SAME' depthwise k x k as the sum of ceil(k/tile)^2 VALID tile x tile convolutions."""
+    import tensorflow as tf
+
+    k = kernel.shape[0]
+    n = -(-k // tile)
+    size = n * tile
+    padded = np.zeros((size, size) + kernel.shape[2:], np.float32)
+    padded[:k, :k] = kernel
+    lo = (k - 1) // 2  # TF and PyTorch 'same': the extra pixel of an even kernel goes right/bottom
+    hi = k - 1 - lo + (size - k)
+    xp = tf.pad(x, [[0, 0], [lo, hi], [lo, hi], [0, 0]])
+    h, w = tf.shape(x)[1], tf.shape(x)[2]
+    out = None
+    for a in range(n):
+        for b in range(n):
+            window = xp[:, a * tile: a * tile + h + tile - 1, b * tile: b * tile + w + tile - 1, :]
+            part = tf.nn.depthwise_conv2d(window, tf.constant(padded[a * tile:(a + 1) * tile, b * tile:(b + 1) * tile]),
+                                          [1, 1, 1, 1], "VALID")
+            out = part if out is None else out + part
+    return out
