@@ -294,3 +294,27 @@ def test_full_size_released_variants_parity(tmp_path, name):
     assert report["parity"]["max_abs"] <= 1e-4, report["parity"]
     assert report["parity"]["top1_agreement"] == 1.0
     assert report["status"] == "ok"
+
+
+def test_export_from_the_converter(tmp_path, capsys):
+    path = save_checkpoint(sequential_convmixer(kernel_size=7).state_dict(), tmp_path / "m.pth", wrapper="state_dict")
+    out = tmp_path / "out"
+    code = main(["--torch-ckpt", str(path), "--output", str(out), "--export", "all", "--quiet", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [row["path"] for row in report["files"]]
+    assert names == ["model.keras", "saved_model", "model.tflite", "model_float16.tflite", "model_dynamic.tflite",
+                     "model_int8.tflite", "model.onnx"]
+    assert sorted(os.listdir(out)) == sorted(names + ["report.json"])
+    assert json.load(open(out / "report.json"))["files"] == report["files"]
+
+
+def test_failed_export_exits_1_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from convmixer_tf.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "GELU_FORM", "builtin")  # unconvertible Erfc
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    code = main(["--torch-ckpt", str(path), "--output", str(tmp_path / "out"), "--export", "tflite", "onnx", "--quiet"])
+    assert code == 1
+    assert "Erfc" in capsys.readouterr().err
+    assert directory_entries(tmp_path) == ["m.pth"]

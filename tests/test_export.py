@@ -1,0 +1,188 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+import convmixer_tf
+from convmixer_tf import export as exporters
+from convmixer_tf.config import IMAGENET_MEAN, IMAGENET_STD
+from convmixer_tf.export.__main__ import main
+from conftest import randomize_batchnorm
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # k=7 > 5 so the TFLite graph takes the tiled depthwise path.
+    model = convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=7, patch_size=2, num_classes=10,
+                                   input_shape=(SIZE, SIZE, 3))
+    return randomize_batchnorm(model)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return np.random.default_rng(0).normal(size=(4, SIZE, SIZE, 3)).astype("float32")
+
+
+def test_saved_model_signature_dynamic_batch(tmp_path, tiny, inputs):
+    import tensorflow as tf
+
+    path = exporters.export_saved_model(tiny, tmp_path / "sm")
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    assert list(fn.structured_input_signature[1]) == ["images"]
+    assert fn.structured_input_signature[1]["images"].shape.as_list() == [None, SIZE, SIZE, 3]
+    for batch in (1, 3):
+        out = fn(images=tf.constant(inputs[:batch]))
+        assert list(out) == ["logits"]
+        np.testing.assert_allclose(out["logits"].numpy(), tiny.predict(inputs[:batch], verbose=0), atol=1e-5)
+    row = exporters.verify(path, tiny, inputs, tolerance=1e-4)
+    assert row["passed"] and row["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_tflite_float32_builtin_ops_within_1e4(tmp_path, tiny, inputs, activation):
+    model = tiny if activation == "gelu" else randomize_batchnorm(
+        convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=9, patch_size=2, num_classes=10,
+                               input_shape=(SIZE, SIZE, 3), activation="relu"))
+    path = exporters.export_tflite(model, tmp_path / "m.tflite")
+    ops = exporters.op_names(path)
+    assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"], ops
+    assert "DEPTHWISE_CONV_2D" in ops
+    row = exporters.verify(path, model, inputs, tolerance=1e-4)
+    assert row["passed"], row
+    assert row["max_abs"] <= 1e-4
+
+
+def test_tiled_depthwise_equals_native_for_even_and_odd_kernels(tmp_path):
+    import tensorflow as tf
+
+    from convmixer_tf.export.graph import _tiled_depthwise
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 13, 11, 5)).astype("float32")
+    for k in (6, 7, 8, 9, 11):
+        kernel = rng.normal(size=(k, k, 5, 1)).astype("float32")
+        ref = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME").numpy()
+        np.testing.assert_allclose(_tiled_depthwise(tf.constant(x), kernel, 3).numpy(), ref, atol=1e-5)
+
+
+def test_tflite_float16_and_dynamic(tmp_path, tiny, inputs):
+    for q, tol in (("float16", 1e-2), ("dynamic", None)):
+        path = exporters.export_tflite(tiny, tmp_path / f"{q}.tflite", quantization=q)
+        row = exporters.verify(path, tiny, inputs, tolerance=tol)
+        assert row["passed"] and row["top1_agreement"] >= 0.75, row
+
+
+def test_tflite_int8_full_integer_raw_rgb(tmp_path, tiny):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from convmixer_tf.export.calibration import synthetic_images
+
+    app = convmixer_tf.rebuild(tiny, preprocessing=(IMAGENET_MEAN, IMAGENET_STD))
+    images = synthetic_images(40, SIZE, seed=3)
+    calib, held_out = images[:32], images[32:]
+    path = exporters.export_tflite(app, tmp_path / "int8.tflite", quantization="int8",
+                                   representative_data=lambda: (im[None] for im in calib))
+    interp = Interpreter(model_path=str(path))
+    assert interp.get_input_details()[0]["dtype"] == np.uint8
+    assert interp.get_output_details()[0]["dtype"] == np.int8
+    ops = exporters.op_names(path)
+    assert not [op for op in ops if op.startswith("Flex")]
+    row = exporters.verify(path, app, held_out)
+    assert row["passed"] and np.isfinite(row["max_abs"])
+    assert row["max_rel"] < 0.5, row  # quantised, but still the same function
+    # Weights and activations are int8: no float32 tensor of weight size is left.
+    big = [t for t in interp.get_tensor_details() if np.prod(t["shape"]) >= 16 * 16]
+    assert big and all(t["dtype"] in (np.int8, np.uint8, np.int32) for t in big), \
+        sorted({(t["name"], str(t["dtype"])) for t in big if t["dtype"] == np.float32})[:3]
+
+
+@pytest.mark.parametrize("nchw", [False, True])
+def test_onnx_exact_gelu_loads_in_onnxruntime(tmp_path, tiny, inputs, nchw):
+    import onnxruntime as ort
+
+    path = exporters.export_onnx(tiny, tmp_path / "m.onnx", nchw=nchw)
+    session = ort.InferenceSession(str(path))
+    shape = session.get_inputs()[0].shape
+    assert shape[1:] == ([3, SIZE, SIZE] if nchw else [SIZE, SIZE, 3])
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    row = exporters.verify(path, tiny, inputs, tolerance=1e-4)
+    assert row["passed"] and row["max_abs"] <= 1e-4, row
+
+
+def test_broken_onnx_export_fails_loudly_and_writes_nothing(tmp_path, tiny, monkeypatch):
+    from convmixer_tf.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "GELU_FORM", "builtin")  # TF's exact gelu -> Erfc, unconvertible
+    with pytest.raises(exporters.ExportError, match="Erfc"):
+        exporters.export_onnx(tiny, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_broken_tflite_export_fails_loudly_and_writes_nothing(tmp_path, tiny, monkeypatch):
+    import tensorflow as tf
+
+    from convmixer_tf.export import graph
+
+    # An op with no TFLite builtin: with builtins only, conversion must fail, not go Flex.
+    monkeypatch.setattr(graph.InferenceGraph, "_act", lambda self, x: tf.math.digamma(tf.abs(x) + 1.0))
+    with pytest.raises(exporters.ExportError, match="TFLite conversion failed"):
+        exporters.export_tflite(tiny, tmp_path / "m.tflite")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_all_formats(tmp_path, tiny, capsys):
+    dynamic = convmixer_tf.rebuild(tiny, input_shape=(None, None, 3))
+    dynamic.save(tmp_path / "tiny.keras")
+    out = tmp_path / "out"
+    code = main(["--model", str(tmp_path / "tiny.keras"), "--formats", "all", "--image-size", str(SIZE),
+                 "--output", str(out), "--quiet", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["format"] for r in rows] == list(exporters.FORMATS)
+    assert all(r["passed"] for r in rows)
+    assert sorted(os.listdir(out)) == sorted(list(exporters.FORMATS.values()) + ["export_report.json"])
+    for r in rows:
+        assert r["input"] == "raw RGB 0-255" and r["latency_ms"] > 0
+        if r["format"] in ("saved_model", "tflite", "onnx"):
+            assert r["max_abs"] <= 1e-4
+        if r["format"].startswith("tflite"):
+            assert not [op for op in r["ops"] if op.startswith("Flex")]
+
+
+def test_cli_bad_input(tmp_path, tiny, capsys):
+    import keras
+
+    tiny.save(tmp_path / "tiny.keras")
+    cases = [
+        (["--model", str(tmp_path / "absent.keras")], "model not found"),
+        (["--model", str(tmp_path / "tiny.keras"), "--formats", "coreml"], "unknown export format 'coreml'"),
+    ]
+    (tmp_path / "exists").mkdir()
+    cases.append((["--model", str(tmp_path / "tiny.keras"), "--output", str(tmp_path / "exists")], "exists"))
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, input_shape=(16, 16, 3)).save(
+            tmp_path / "bf16.keras")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    cases.append((["--model", str(tmp_path / "bf16.keras")], "export needs a float32 model"))
+    for argv, words in cases:
+        before = sorted(os.listdir(tmp_path))
+        assert main(argv + ["--quiet"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convmixer_768_32", "convmixer_1536_20"])
+def test_full_size_float_exports(tmp_path, name):
+    model = randomize_batchnorm(convmixer_tf.create_model(name), seed=2)
+    rows = exporters.export_formats(model, tmp_path, ["saved_model", "tflite", "onnx"], verify_count=2,
+                                    latency_runs=1)
+    for row in rows:
+        assert row["passed"] and row["max_abs"] <= 1e-4, row
+        assert row["top1_agreement"] == 1.0
