@@ -22,7 +22,7 @@ install: $(STAMP)
 # converted, proven against timm's model, and exported.
 demo: install
 	$(PY) -m weights_converter.demo demo/convmixer_768_32.pth
-	$(PY) -m weights_converter --torch-ckpt demo/convmixer_768_32.pth --force
+	$(PY) -m weights_converter --torch-ckpt demo/convmixer_768_32.pth --export all --calibration-count 8 --force
 
 test: install
 	$(PY) -m pytest -m "not slow"

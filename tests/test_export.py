@@ -58,14 +58,15 @@ def test_tflite_float32_builtin_ops_within_1e4(tmp_path, tiny, inputs, activatio
 def test_tiled_depthwise_equals_native_for_even_and_odd_kernels(tmp_path):
     import tensorflow as tf
 
-    from convmixer_tf.export.graph import _tiled_depthwise
+    from convmixer_tf.export.graph import _kernel_tiles, _tiled_depthwise
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 13, 11, 5)).astype("float32")
     for k in (6, 7, 8, 9, 11):
         kernel = rng.normal(size=(k, k, 5, 1)).astype("float32")
         ref = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME").numpy()
-        np.testing.assert_allclose(_tiled_depthwise(tf.constant(x), kernel, 3).numpy(), ref, atol=1e-5)
+        tiles = [tf.constant(t) for t in _kernel_tiles(kernel, 3)]
+        np.testing.assert_allclose(_tiled_depthwise(tf.constant(x), tiles, k, 3).numpy(), ref, atol=1e-5)
 
 
 def test_tflite_float16_and_dynamic(tmp_path, tiny, inputs):

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write and verify: saved_model, tflite, tflite_float16, tflite_dynamic, tflite_int8, onnx, or all")
     parser.add_argument("--calibration-data", metavar="DIR|tfds:NAME",
                         help="images for int8 calibration (default: synthetic data, which the report flags)")
+    parser.add_argument("--calibration-count", type=int, default=64, metavar="N",
+                        help="int8 calibration images (default 64; calibration runs ~seconds per image on a large model)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference of float32 logits (default 1e-4)")
     parser.add_argument("--parity-images", metavar="DIR", help="also compare on these images (timm's eval preprocessing)")
     parser.add_argument("--skip-parity", action="store_true", help="convert without the PyTorch run (no proof; for machines without torch)")
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from convmixer_tf.export.signals import exit_on_sigterm
+
+    exit_on_sigterm()  # a killed run removes its staging directory like a failed one
     from convmixer_tf.export.tflite import ExportError
     from weights_converter.checkpoint import CheckpointError
     from weights_converter.mapping import MappingError
@@ -72,6 +77,8 @@ def main(argv=None) -> int:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
 
+    if args.calibration_count < 1:
+        return _fail(f"--calibration-count must be >= 1, got {args.calibration_count}")
     if args.tolerance <= 0:
         return _fail(f"--tolerance must be > 0, got {args.tolerance}")
     try:
@@ -79,7 +86,7 @@ def main(argv=None) -> int:
             args.torch_ckpt, output=args.output, variant=args.variant, activation=args.activation,
             use_ema=args.use_ema, exports=args.export, tolerance=args.tolerance,
             parity_images=args.parity_images, force=args.force, skip_parity=args.skip_parity,
-            calibration_data=args.calibration_data, log=log,
+            calibration_data=args.calibration_data, calibration_count=args.calibration_count, log=log,
         )
     except ExportError as err:
         return _fail(str(err), EXIT_PARITY)

@@ -43,6 +43,7 @@ def convert_and_verify(
     force: bool = False,
     skip_parity: bool = False,
     calibration_data: Optional[str] = None,
+    calibration_count: int = 64,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Converts a checkpoint, proves parity, exports; returns the report (also in report.json).
@@ -96,7 +97,7 @@ def convert_and_verify(
                 with _step(log, f"exporting and verifying {', '.join(exports)}") as timing:
                     report["files"] += exporters.export_formats(
                         conversion.model, staging, exports, calibration_data=calibration_data,
-                        preprocessing=_preprocessing(conversion), log=log,
+                        calibration_count=calibration_count, preprocessing=_preprocessing(conversion), log=log,
                     )
                 report["timings_s"]["export"] = timing["s"]
         with open(os.path.join(staging, "report.json"), "w") as f:

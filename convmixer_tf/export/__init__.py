@@ -10,7 +10,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from convmixer_tf.export.saved_model import export_saved_model
-from convmixer_tf.export.tflite import ExportError, export_tflite, op_names
+from convmixer_tf.export.tflite import ExportError, export_tflite, export_tflite_files, op_names
 from convmixer_tf.export.onnx import export_onnx
 from convmixer_tf.export.verify import TOLERANCES, Runner, verify
 
@@ -86,6 +86,8 @@ def export_formats(model, directory, formats: Sequence[str], calibration_data: O
     held_out, calibration = images[-verify_count:], images[:-verify_count]
     reference = export_model.predict(held_out, verbose=0)
 
+    tflite_targets = {os.path.join(os.fspath(directory), FORMATS[n]): (None if n == "tflite" else n.split("_", 1)[1])
+                      for n in formats if n.startswith("tflite")}
     rows = []
     for name in formats:
         path = os.path.join(os.fspath(directory), FORMATS[name])
@@ -94,10 +96,10 @@ def export_formats(model, directory, formats: Sequence[str], calibration_data: O
             export_saved_model(export_model, path)
         elif name == "onnx":
             export_onnx(export_model, path, nchw=nchw, **({"opset": opset} if opset else {}))
-        else:
-            quantization = None if name == "tflite" else name.split("_", 1)[1]
-            export_tflite(export_model, path, quantization=quantization,
-                          representative_data=(lambda: (img[None] for img in calibration)))
+        elif tflite_targets:  # every TFLite file from one traced graph, on the first TFLite format
+            export_tflite_files(export_model, tflite_targets,
+                                representative_data=lambda: (img[None] for img in calibration))
+            tflite_targets = {}
         row = verify(path, export_model, held_out, tolerance=TOLERANCES.get(name), name=name,
                      latency_runs=latency_runs, reference=reference)
         row["path"] = FORMATS[name]

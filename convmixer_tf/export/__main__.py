@@ -41,6 +41,8 @@ def build_parser():
                         help="also write this quantised TFLite file")
     parser.add_argument("--calibration-data", metavar="DIR|tfds:NAME[:SPLIT]",
                         help="images for int8 calibration and held-out checks (default: synthetic images)")
+    parser.add_argument("--calibration-count", type=int, default=64, metavar="N",
+                        help="int8 calibration images (default 64; about seconds per image on a large model)")
     parser.add_argument("--variant", choices=list_variants(), metavar="NAME",
                         help="take input size, mean and std from this variant (default: ImageNet, 224)")
     parser.add_argument("--image-size", type=int, help="input size for models saved with a dynamic size")
@@ -56,6 +58,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from convmixer_tf.export.signals import exit_on_sigterm
+
+    exit_on_sigterm()  # a killed run removes its staging directory like a failed one
 
     def log(message):
         if not args.quiet:
@@ -72,7 +77,8 @@ def main(argv=None) -> int:
         with staged_output(output, args.force) as staging:
             rows = exporters.export_formats(model, staging, formats, calibration_data=args.calibration_data,
                                             preprocessing=preprocessing, raw_rgb=not args.no_preprocessing,
-                                            nchw=args.nchw, opset=args.opset, log=log)
+                                            nchw=args.nchw, opset=args.opset, log=log,
+                                            calibration_count=args.calibration_count)
             with open(os.path.join(staging, "export_report.json"), "w") as f:
                 json.dump(rows, f, indent=2)
     except exporters.ExportError as err:

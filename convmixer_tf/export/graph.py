@@ -42,7 +42,7 @@ class InferenceGraph:
     """
 
     def __init__(self, model, preprocessing: Optional[Sequence[Sequence[float]]] = None,
-                 depthwise: str = "native", gelu: str = "builtin"):
+                 depthwise: str = "native", gelu: str = "builtin", variables: bool = False):
         if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf"):
             raise ValueError(f"depthwise must be native|tiled, gelu builtin|erf; got {depthwise!r}, {gelu!r}")
         self.config = config_from_model(model)
@@ -58,7 +58,7 @@ class InferenceGraph:
             self.pre = ((1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32))
         self.raw_rgb = self.pre is not None
         w = lambda name: [np.asarray(v, np.float32) for v in layer[name].get_weights()]
-        self.stem = w("stem_conv") + list(_bn_affine(layer["stem_bn"]))
+        self.stem = w("stem_conv") + list(_bn_affine(layer["stem_bn"]))  # kernel, bias, bn scale, bn shift
         self.blocks = []
         for i in range(self.config.depth):
             self.blocks.append(w(f"block{i}_dw_conv") + list(_bn_affine(layer[f"block{i}_dw_bn"]))
@@ -66,18 +66,40 @@ class InferenceGraph:
         self.pooling = "max" if "max_pool" in layer else ("avg" if "avg_pool" in layer else None)
         self.head = w("head") if "head" in layer else None
         self.head_activation = layer["head"].get_config()["activation"] if self.head else "linear"
+        if self.depthwise == "tiled" and self.config.depthwise and self.config.kernel_size > FAST_DEPTHWISE_MAX:
+            for block in self.blocks:
+                block[0] = _kernel_tiles(block[0], TILE)
+        if variables:
+            # Weights as variables keep the traced graph small: a SavedModel of it saves
+            # and converts in seconds instead of serialising every weight into the GraphDef.
+            import tensorflow as tf
+
+            wrap = lambda a: tf.Variable(a, trainable=False)
+            self.stem = [wrap(a) for a in self.stem]
+            self.blocks = [[[wrap(t) for t in a] if isinstance(a, list) else wrap(a) for a in b] for b in self.blocks]
+            self.head = [wrap(a) for a in self.head] if self.head else None
+            if self.pre is not None:
+                self.pre = tuple(wrap(a) for a in self.pre)
+
+    @property
+    def tf_variables(self) -> list:
+        import tensorflow as tf
+
+        found = list(self.stem) + [a for b in self.blocks for x in b for a in (x if isinstance(x, list) else [x])]
+        found += list(self.head or []) + list(self.pre or [])
+        return [v for v in found if isinstance(v, tf.Variable)]
 
     def __call__(self, x):
         import tensorflow as tf
 
-        c = tf.constant
+        c = lambda a: tf.constant(a) if isinstance(a, np.ndarray) else a
         if self.pre is not None:
             x = x * c(self.pre[0]) + c(self.pre[1])
         k, b, s, t = self.stem
         p = self.config.patch_size
         x = self._act(tf.nn.conv2d(x, c(k), p, "VALID") + c(b)) * c(s) + c(t)
         for dk, db, ds, dt, pk, pb, ps, pt in self.blocks:
-            y = self._spatial(x, dk) + c(db)
+            y = self._spatial(x, dk, c) + c(db)
             x = x + self._act(y) * c(ds) + c(dt)
             x = self._act(tf.nn.conv2d(x, c(pk), 1, "VALID") + c(pb)) * c(ps) + c(pt)
         if self.pooling == "avg":
@@ -101,35 +123,41 @@ class InferenceGraph:
             return 0.5 * x * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0))))
         return tf.nn.gelu(x, approximate=False)
 
-    def _spatial(self, x, kernel):
+    def _spatial(self, x, kernel, c):
         import tensorflow as tf
 
+        if isinstance(kernel, list):
+            return _tiled_depthwise(x, [c(t) for t in kernel], self.config.kernel_size, TILE)
         if not self.config.depthwise:
-            return tf.nn.conv2d(x, tf.constant(kernel), 1, "SAME")
-        k = kernel.shape[0]
-        if self.depthwise == "native" or k <= FAST_DEPTHWISE_MAX:
-            return tf.nn.depthwise_conv2d(x, tf.constant(kernel), [1, 1, 1, 1], "SAME")
-        return _tiled_depthwise(x, kernel, 3)
+            return tf.nn.conv2d(x, c(kernel), 1, "SAME")
+        return tf.nn.depthwise_conv2d(x, c(kernel), [1, 1, 1, 1], "SAME")
 
 
-def _tiled_depthwise(x, kernel, tile):
-    """'SAME' depthwise k x k as the sum of ceil(k/tile)^2 VALID tile x tile convolutions."""
-    import tensorflow as tf
+TILE = 3
 
+
+def _kernel_tiles(kernel, tile):
+    """Splits a (k, k, C, 1) kernel, zero-padded to a multiple of `tile`, into tiles, row-major."""
     k = kernel.shape[0]
     n = -(-k // tile)
-    size = n * tile
-    padded = np.zeros((size, size) + kernel.shape[2:], np.float32)
+    padded = np.zeros((n * tile, n * tile) + kernel.shape[2:], np.float32)
     padded[:k, :k] = kernel
+    return [padded[a * tile:(a + 1) * tile, b * tile:(b + 1) * tile].copy() for a in range(n) for b in range(n)]
+
+
+def _tiled_depthwise(x, tiles, k, tile):
+    """'SAME' depthwise k x k as the sum of VALID tile x tile convolutions of `tiles`."""
+    import tensorflow as tf
+
+    n = -(-k // tile)
     lo = (k - 1) // 2  # TF and PyTorch 'same': the extra pixel of an even kernel goes right/bottom
-    hi = k - 1 - lo + (size - k)
+    hi = k - 1 - lo + (n * tile - k)
     xp = tf.pad(x, [[0, 0], [lo, hi], [lo, hi], [0, 0]])
     h, w = tf.shape(x)[1], tf.shape(x)[2]
     out = None
-    for a in range(n):
-        for b in range(n):
-            window = xp[:, a * tile: a * tile + h + tile - 1, b * tile: b * tile + w + tile - 1, :]
-            part = tf.nn.depthwise_conv2d(window, tf.constant(padded[a * tile:(a + 1) * tile, b * tile:(b + 1) * tile]),
-                                          [1, 1, 1, 1], "VALID")
-            out = part if out is None else out + part
+    for index, kernel in enumerate(tiles):
+        a, b = divmod(index, n)
+        window = xp[:, a * tile: a * tile + h + tile - 1, b * tile: b * tile + w + tile - 1, :]
+        part = tf.nn.depthwise_conv2d(window, kernel, [1, 1, 1, 1], "VALID")
+        out = part if out is None else out + part
     return out

@@ -32,52 +32,70 @@ def export_tflite(model, path, quantization: Optional[str] = None,
         model: a Keras ConvMixer with a fixed input size.
         path: file to write.
         quantization: None (float32), "float16", "dynamic" (int8 weights) or "int8"
-            (full integer: int8 weights and activations, uint8 input when
-            `preprocessing` is set (raw pixels), int8 otherwise; int8 output).
+            (full integer: int8 weights and activations, uint8 input when the graph
+            takes raw pixels, int8 otherwise; int8 output).
         representative_data: for "int8": a callable returning an iterable of single
             NHWC float32 samples (batch 1) in the file's input space.
         preprocessing: (mean, std) to bake raw 0-255 RGB -> normalised input into the graph.
         batch_size: fixed batch of the file.
+        tiled_depthwise: emit k x k depthwise convolutions (k > 5) as 3x3 tiles.
 
     Example:
         >>> export_tflite(model, "model.tflite")  # doctest: +SKIP
     """
+    return export_tflite_files(model, {path: quantization}, representative_data, preprocessing,
+                               batch_size, tiled_depthwise)[0]
+
+
+def export_tflite_files(model, targets, representative_data=None, preprocessing=None, batch_size: int = 1,
+                        tiled_depthwise: bool = True) -> list:
+    """Writes several .tflite files ({path: quantization}) from one traced graph."""
     import tensorflow as tf
 
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    if quantization == "int8" and representative_data is None:
-        raise ValueError("int8 quantization needs representative_data (calibration images)")
+    for quantization in targets.values():
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        if quantization == "int8" and representative_data is None:
+            raise ValueError("int8 quantization needs representative_data (calibration images)")
     shape = model.input_shape[1:]
     if None in shape:
         raise ValueError(f"TFLite export needs a fixed input size; the model takes {shape}: "
                          "rebuild it with input_shape=(H, W, 3)")
-    graph = InferenceGraph(model, preprocessing, depthwise="tiled" if tiled_depthwise else "native")
+    graph = InferenceGraph(model, preprocessing, depthwise="tiled" if tiled_depthwise else "native", variables=True)
     fn = tf.function(graph, input_signature=[tf.TensorSpec([batch_size, *shape], tf.float32, name="images")])
+    written = []
     with tempfile.TemporaryDirectory() as tmp:
         module = tf.Module()
-        module.serve = fn
+        module.weights = graph.tf_variables
         tf.saved_model.save(module, tmp, signatures={"serving_default": _named_output(fn)})
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if quantization == "float16":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantization == "dynamic":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        elif quantization == "int8":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = lambda: ([np.asarray(s, np.float32)] for s in representative_data())
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = tf.uint8 if graph.raw_rgb else tf.int8
-            converter.inference_output_type = tf.int8
-        try:
-            flatbuffer = converter.convert()
-        except Exception as err:
-            raise ExportError(f"TFLite conversion failed: {' '.join(str(err).split())[:500]}") from None
-    check_builtin_ops(flatbuffer)
-    _write_atomic(path, flatbuffer)
-    return os.fspath(path)
+        for path, quantization in targets.items():
+            flatbuffer = _convert(tmp, quantization, representative_data, graph.raw_rgb)
+            check_builtin_ops(flatbuffer)
+            _write_atomic(path, flatbuffer)
+            written.append(os.fspath(path))
+    return written
+
+
+def _convert(saved_model_dir, quantization, representative_data, raw_rgb) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantization == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif quantization == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([np.asarray(s, np.float32)] for s in representative_data())
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8 if raw_rgb else tf.int8
+        converter.inference_output_type = tf.int8
+    try:
+        return converter.convert()
+    except Exception as err:
+        raise ExportError(f"TFLite conversion failed: {' '.join(str(err).split())[:500]}") from None
 
 
 def _named_output(fn):

@@ -1,0 +1,145 @@
+"""Inference latency of every exported format against the PyTorch peers, in one run.
+
+Batch 1, 224 px, 2 threads, median of --runs calls after a warm-up, same machine,
+same process. Peers: timm in PyTorch eager, onnxruntime on torch.onnx.export of the
+timm model. Ours: SavedModel (TF), TFLite float32 (as emitted: large depthwise
+kernels tiled; and the plain graph for comparison), TFLite dynamic-range and int8,
+ONNX on onnxruntime. Weights are random (seeded, random BatchNorm statistics):
+speed does not depend on them, int8 top-1 agreement does (see the note printed).
+
+    python benchmarks/bench_export.py [--variants convmixer_768_32 convmixer_1536_20] [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+THREADS = 2
+
+
+def median_ms(fn, runs):
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def bench_variant(name, runs, tmp, calibration_count):
+    import numpy as np
+    import onnxruntime as ort
+    import timm
+    import torch
+
+    import convmixer_tf
+    from convmixer_tf import export as exporters
+    from convmixer_tf.export.calibration import synthetic_images
+    from weights_converter.demo import randomize_batchnorm
+    from weights_converter.convert import convert_state_dict
+
+    torch.set_num_threads(THREADS)
+    net = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=0).eval()
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+    model = convmixer_tf.rebuild(convert_state_dict(sd).model, input_shape=(224, 224, 3))
+    x = np.random.default_rng(0).normal(size=(1, 224, 224, 3)).astype(np.float32)
+    x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    rows = []
+
+    with torch.no_grad():
+        rows.append(("peer", "timm PyTorch eager", median_ms(lambda: net(x_nchw), runs), None))
+    onnx_path = os.path.join(tmp, f"{name}_torch.onnx")
+    try:
+        torch.onnx.export(net, (x_nchw,), onnx_path, opset_version=17, dynamo=False,
+                          input_names=["images"], output_names=["logits"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        feed = {"images": x_nchw.numpy()}
+        rows.append(("peer", "onnxruntime on torch.onnx.export", median_ms(lambda: session.run(None, feed), runs),
+                     os.path.getsize(onnx_path)))
+    except Exception as err:  # report, do not hide
+        rows.append(("peer", f"onnxruntime on torch.onnx.export: failed ({type(err).__name__}: {str(err)[:80]})", None, None))
+
+    held_out = synthetic_images(16, 224, seed=99)
+    normalised = ((held_out / 255.0 - np.array(convmixer_tf.config.IMAGENET_MEAN))
+                  / np.array(convmixer_tf.config.IMAGENET_STD)).astype(np.float32)
+    reference = model.predict(normalised, verbose=0)
+    calibration = synthetic_images(calibration_count, 224, seed=1)
+    calibration = ((calibration / 255.0 - np.array(convmixer_tf.config.IMAGENET_MEAN))
+                   / np.array(convmixer_tf.config.IMAGENET_STD)).astype(np.float32)
+
+    def ours(label, path):
+        runner = exporters.Runner(path, THREADS)
+        out = runner(normalised)
+        agreement = float(np.mean(out.argmax(1) == reference.argmax(1)))
+        max_abs = float(np.abs(out - reference).max())
+        rows.append(("ours", f"{label} (max|diff| {max_abs:.1e}, top-1 agree {agreement:.0%})",
+                     median_ms(lambda: runner(x), runs), _size(path)))
+
+    sm = exporters.export_saved_model(model, os.path.join(tmp, f"{name}_sm"))
+    ours("SavedModel (TF)", sm)
+    ours("TFLite float32, plain graph", exporters.export_tflite(model, os.path.join(tmp, f"{name}_plain.tflite"),
+                                                                tiled_depthwise=False))
+    ours("TFLite float32 (ours)", exporters.export_tflite(model, os.path.join(tmp, f"{name}.tflite")))
+    ours("TFLite dynamic-range", exporters.export_tflite(model, os.path.join(tmp, f"{name}_dyn.tflite"),
+                                                         quantization="dynamic"))
+    ours("TFLite int8", exporters.export_tflite(model, os.path.join(tmp, f"{name}_int8.tflite"), quantization="int8",
+                                                representative_data=lambda: (c[None] for c in calibration)))
+    ours("ONNX on onnxruntime", exporters.export_onnx(model, os.path.join(tmp, f"{name}.onnx")))
+    return rows
+
+
+def _size(path):
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["convmixer_768_32", "convmixer_1536_20"])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--calibration-count", type=int, default=16)
+    args = parser.parse_args(argv)
+
+    import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.variants:
+            rows = bench_variant(name, args.runs, tmp, args.calibration_count)
+            by = {label.split(" (max")[0].split(": failed")[0]: ms for _, label, ms, _ in rows}
+            print(f"\n{name}: batch 1, 224 px, {THREADS} threads, median of {args.runs}")
+            for side, label, ms, size in rows:
+                ms_text = f"{ms:9.1f} ms" if ms is not None else "      n/a"
+                size_text = f"{size / 1e6:8.1f} MB" if size else ""
+                print(f"  {side:<5} {label:<70} {ms_text} {size_text}")
+            ort_ms = by.get("onnxruntime on torch.onnx.export")
+            tfl, tfl_plain = by.get("TFLite float32 (ours)"), by.get("TFLite float32, plain graph")
+            int8, onnx_ours = by.get("TFLite int8"), by.get("ONNX on onnxruntime")
+            print("  ratios:")
+            sizes = {label.split(" (max")[0]: size for _, label, _, size in rows}
+            if ort_ms:
+                print(f"    our TFLite float32 / onnxruntime(torch.onnx) = {tfl / ort_ms:.2f} (target <= 1.0)")
+                print(f"    our ONNX / onnxruntime(torch.onnx)           = {onnx_ours / ort_ms:.2f} (target <= 1.0)")
+            print(f"    TFLite plain graph / ours                     = {tfl_plain / tfl:.2f} (speed-up of the tiled depthwise)")
+            print(f"    TFLite float32 / int8                         = {tfl / int8:.2f} (target >= 2.5)")
+            print(f"    int8 file / float32 file                      = "
+                  f"{sizes['TFLite int8'] / sizes['TFLite float32 (ours)']:.0%} (target <= 27%)")
+        print("\nnote: int8 top-1 agreement above is on synthetic images with random weights, whose logits are "
+              "nearly tied; it says little about agreement on real images with trained weights.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
