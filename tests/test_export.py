@@ -39,6 +39,10 @@ def test_saved_model_signature_dynamic_batch(tmp_path, tiny, inputs):
         np.testing.assert_allclose(out["logits"].numpy(), tiny.predict(inputs[:batch], verbose=0), atol=1e-5)
     row = exporters.verify(path, tiny, inputs, tolerance=1e-4)
     assert row["passed"] and row["top1_agreement"] == 1.0
+    # Every weight stored once (keras' ExportArchive stores each twice).
+    stored = tf.train.load_checkpoint(os.path.join(path, "variables", "variables")).get_variable_to_shape_map()
+    values = sum(int(np.prod(shape)) for key, shape in stored.items() if key.startswith("weights/"))
+    assert values == tiny.count_params()
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu"])

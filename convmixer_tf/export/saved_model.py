@@ -16,7 +16,6 @@ def export_saved_model(model, path, preprocessing=None) -> str:
         >>> export_saved_model(model, "out/saved_model")  # doctest: +SKIP
         >>> tf.saved_model.load("out/saved_model").signatures["serving_default"](images=x)["logits"]  # doctest: +SKIP
     """
-    import keras
     import tensorflow as tf
 
     from convmixer_tf.model import with_preprocessing
@@ -24,12 +23,17 @@ def export_saved_model(model, path, preprocessing=None) -> str:
     if preprocessing is not None:
         model = with_preprocessing(model, *preprocessing)
     shape = [None] + list(model.input_shape[1:])
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        name="serving_default",
-        fn=lambda images: {"logits": model(images, training=False)},
-        input_signature=[tf.TensorSpec(shape, tf.float32, name="images")],
-    )
-    archive.write_out(os.fspath(path), verbose=False)
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
+    def serving(images):
+        return {"logits": model(images, training=False)}
+
+    # keras.export.ExportArchive stores every weight twice (the Keras wrapper and the
+    # tf.Variable the trace captures; keras-team/keras#23553). Tracking the very
+    # tf.Variables the trace captures lets the checkpoint de-duplicate them.
+    module = tf.Module()
+    module.weights = [getattr(v, "value", v) for v in model.weights]
+    signature = serving.get_concrete_function()
+    module.serving = serving
+    tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": signature})
     return os.fspath(path)
