@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import keras
+import numpy as np
 
 from convmixer_tf.config import (
     IMAGENET_MEAN,
@@ -239,60 +240,7 @@ def with_preprocessing(model: keras.Model, mean: Sequence[float] = IMAGENET_MEAN
 
 
 def _layer_mean_std(layer):
-    import numpy as np
-
     scale = np.asarray(layer.scale, np.float64).reshape(-1)
     offset = np.asarray(layer.offset, np.float64).reshape(-1)
     std = 1.0 / (255.0 * scale)
     return dict(mean=tuple(-offset * std), std=tuple(std))
-
-def _preprocessing_layer(mean, std):
-    # (x/255 - mean)/std folded into one multiply-add per channel.
-    return keras.layers.Rescaling(
-        scale=[1.0 / (255.0 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)], name="preprocessing",
-    )
-
-
-def _batch_norm(name: str):
-    return keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
-
-
-def _check_input_shape(input_shape, patch_size):
-    if input_shape is None:
-        return (None, None, 3)
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3 or input_shape[-1] != 3:
-        raise ValueError(
-            f"input_shape must be (height, width, 3) in channels-last order, got {input_shape!r}"
-        )
-    for side in input_shape[:2]:
-        if side is not None and (not isinstance(side, int) or side < patch_size):
-            raise ValueError(
-                f"patch_size={patch_size} is larger than the input {input_shape[:2]}; "
-                f"each side must be None or an integer >= patch_size"
-            )
-    return input_shape
-
-
-
-def with_preprocessing(model: keras.Model, mean: Sequence[float] = IMAGENET_MEAN,
-                       std: Sequence[float] = IMAGENET_STD) -> keras.Model:
-    """The same network taking raw 0-255 RGB: `model` rebuilt with the preprocessing layer.
-
-    Weights are copied layer by layer (by name), so the result is a flat ConvMixer
-    graph like any other. Use it to deploy a converted model to an app that feeds
-    raw pixels.
-    """
-    if any(layer.name == "preprocessing" for layer in model.layers):
-        return model
-    config = config_from_model(model)
-    pool = next((l.name.split("_")[0] for l in model.layers if l.name in ("avg_pool", "max_pool")), None)
-    rebuilt = ConvMixer(
-        **config.to_dict(), input_shape=model.input_shape[1:],
-        include_top=any(l.name == "head" for l in model.layers), pooling=pool,
-        include_preprocessing=True, mean=mean, std=std, name=model.name,
-    )
-    for layer in model.layers:
-        if layer.weights:
-            rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
-    return rebuilt

@@ -204,3 +204,16 @@ def test_bad_arguments_raise_value_error(call, words):
         call()
     for word in words:
         assert word in str(err.value)
+
+
+def test_rebuild_keeps_weights_and_adds_preprocessing():
+    model = randomize_batchnorm(ConvMixer(**TINY, input_shape=(None, None, 3), pooling="max"))
+    fixed = convmixer_tf.rebuild(model, input_shape=(32, 32, 3), preprocessing=(IMAGENET_MEAN, IMAGENET_STD))
+    assert fixed.input_shape == (None, 32, 32, 3) and fixed.get_layer("max_pool")
+    x = np.random.default_rng(5).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    ref = (x / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(np.asarray(fixed(x)), np.asarray(model(ref.astype("float32"))), atol=1e-4)
+    # A model that has the layer keeps its own statistics.
+    again = convmixer_tf.rebuild(fixed, input_shape=(64, 64, 3))
+    np.testing.assert_allclose(np.asarray(again.get_layer("preprocessing").offset),
+                               np.asarray(fixed.get_layer("preprocessing").offset), rtol=1e-6)
