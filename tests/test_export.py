@@ -45,18 +45,34 @@ def test_saved_model_signature_dynamic_batch(tmp_path, tiny, inputs):
     assert values == tiny.count_params()
 
 
-@pytest.mark.parametrize("activation", ["gelu", "relu"])
-def test_tflite_float32_builtin_ops_within_1e4(tmp_path, tiny, inputs, activation):
-    model = tiny if activation == "gelu" else randomize_batchnorm(
-        convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=9, patch_size=2, num_classes=10,
-                               input_shape=(SIZE, SIZE, 3), activation="relu"))
+def _relu_model(kernel_size=9, negative_gamma=False, depthwise=True):
+    model = randomize_batchnorm(convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=kernel_size, patch_size=2,
+                                                       num_classes=10, input_shape=(SIZE, SIZE, 3), activation="relu",
+                                                       depthwise=depthwise))
+    if negative_gamma:  # BatchNorm scales < 0 cannot move into the conv: the other code path
+        for name in ("stem_bn", "block0_dw_bn", "block1_pw_bn"):
+            gamma, beta, mean, var = model.get_layer(name).get_weights()
+            gamma[::3] *= -1
+            model.get_layer(name).set_weights([gamma, beta, mean, var])
+    return model
+
+
+@pytest.mark.parametrize("case", ["gelu", "relu", "relu_negative_gamma", "relu_k5", "relu_full_conv"])
+def test_tflite_float32_builtin_ops_within_1e4(tmp_path, tiny, inputs, case):
+    model = {"gelu": lambda: tiny, "relu": lambda: _relu_model(), "relu_k5": lambda: _relu_model(5),
+             "relu_negative_gamma": lambda: _relu_model(negative_gamma=True),
+             "relu_full_conv": lambda: _relu_model(7, depthwise=False)}[case]()
     path = exporters.export_tflite(model, tmp_path / "m.tflite")
     ops = exporters.op_names(path)
     assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"], ops
-    assert "DEPTHWISE_CONV_2D" in ops
+    assert ("DEPTHWISE_CONV_2D" in ops) == (case != "relu_full_conv")
     row = exporters.verify(path, model, inputs, tolerance=1e-4)
     assert row["passed"], row
     assert row["max_abs"] <= 1e-4
+    for nchw in (False, True):  # the same graph rewrites feed the ONNX file
+        row = exporters.verify(exporters.export_onnx(model, tmp_path / f"m{nchw}.onnx", nchw=nchw), model, inputs,
+                               tolerance=1e-4)
+        assert row["passed"], row
 
 
 def test_tiled_depthwise_equals_native_for_even_and_odd_kernels(tmp_path):

@@ -66,6 +66,7 @@ class InferenceGraph:
         self.pooling = "max" if "max_pool" in layer else ("avg" if "avg_pool" in layer else None)
         self.head = w("head") if "head" in layer else None
         self.head_activation = layer["head"].get_config()["activation"] if self.head else "linear"
+        self._fold_batchnorm()
         if self.depthwise == "tiled" and self.config.depthwise and self.config.kernel_size > FAST_DEPTHWISE_MAX:
             for block in self.blocks:
                 block[0] = _kernel_tiles(block[0], TILE)
@@ -74,12 +75,43 @@ class InferenceGraph:
             # and converts in seconds instead of serialising every weight into the GraphDef.
             import tensorflow as tf
 
-            wrap = lambda a: tf.Variable(a, trainable=False)
+            wrap = lambda a: None if a is None else tf.Variable(a, trainable=False)
             self.stem = [wrap(a) for a in self.stem]
             self.blocks = [[[wrap(t) for t in a] if isinstance(a, list) else wrap(a) for a in b] for b in self.blocks]
             self.head = [wrap(a) for a in self.head] if self.head else None
             if self.pre is not None:
                 self.pre = tuple(wrap(a) for a in self.pre)
+
+    def _fold_batchnorm(self):
+        """Moves BatchNorm arithmetic into neighbouring convolutions where that is exact.
+
+        Each BatchNorm (after its activation) is x * s + t. Two rewrites are exact:
+        - the depthwise branch's shift t only reaches the 1x1 conv (through the residual
+          sum), and pw(x + r + t) = pw(x + r) + W^T t: it moves into the 1x1 bias;
+        - ReLU is positively homogeneous, relu(z) * s = relu(s * z) for s > 0: when every
+          channel's s is positive, the scale moves into the conv weights and bias.
+        Fewer elementwise passes over the activations; every file is still checked
+        against the Keras model.
+        """
+        relu = self.config.activation == "relu"
+
+        def scale_into(kernel, bias, scale, channel_axis):
+            if not relu or scale is None or not np.all(scale > 0):
+                return kernel, bias, scale
+            shape = [1] * kernel.ndim
+            shape[channel_axis] = -1
+            return (kernel.astype(np.float64) * scale.reshape(shape)).astype(np.float32), \
+                (bias.astype(np.float64) * scale).astype(np.float32), None
+
+        k, b, s, t = self.stem
+        self.stem = [*scale_into(k, b, s, 3), t]
+        depthwise_axis = 2 if self.config.depthwise else 3
+        for block in self.blocks:
+            dk, db, ds, dt, pk, pb, ps, pt = block
+            pb = (pb.astype(np.float64) + dt.astype(np.float64) @ pk[0, 0].astype(np.float64)).astype(np.float32)
+            dk, db, ds = scale_into(dk, db, ds, depthwise_axis)
+            pk, pb, ps = scale_into(pk, pb, ps, 3)
+            block[:] = [dk, db, ds, None, pk, pb, ps, pt]
 
     @property
     def tf_variables(self) -> list:
@@ -95,13 +127,18 @@ class InferenceGraph:
         c = lambda a: tf.constant(a) if isinstance(a, np.ndarray) else a
         if self.pre is not None:
             x = x * c(self.pre[0]) + c(self.pre[1])
+
+        def affine(x, scale, shift):  # what is left of a BatchNorm after _fold_batchnorm
+            x = x if scale is None else x * c(scale)
+            return x if shift is None else x + c(shift)
+
         k, b, s, t = self.stem
         p = self.config.patch_size
-        x = self._act(tf.nn.conv2d(x, c(k), p, "VALID") + c(b)) * c(s) + c(t)
+        # bias_add right after a conv, then the activation: the converter fuses both into it.
+        x = affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, c(k), p, "VALID"), c(b))), s, t)
         for dk, db, ds, dt, pk, pb, ps, pt in self.blocks:
-            y = self._spatial(x, dk, c) + c(db)
-            x = x + self._act(y) * c(ds) + c(dt)
-            x = self._act(tf.nn.conv2d(x, c(pk), 1, "VALID") + c(pb)) * c(ps) + c(pt)
+            x = x + affine(self._act(self._spatial(x, dk, db, c)), ds, dt)
+            x = affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, c(pk), 1, "VALID"), c(pb))), ps, pt)
         if self.pooling == "avg":
             x = tf.reduce_mean(x, axis=[1, 2])
         elif self.pooling == "max":
@@ -123,14 +160,14 @@ class InferenceGraph:
             return 0.5 * x * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0))))
         return tf.nn.gelu(x, approximate=False)
 
-    def _spatial(self, x, kernel, c):
+    def _spatial(self, x, kernel, bias, c):
         import tensorflow as tf
 
         if isinstance(kernel, list):
-            return _tiled_depthwise(x, [c(t) for t in kernel], self.config.kernel_size, TILE)
+            return _tiled_depthwise(x, [c(t) for t in kernel], self.config.kernel_size, TILE, c(bias))
         if not self.config.depthwise:
-            return tf.nn.conv2d(x, c(kernel), 1, "SAME")
-        return tf.nn.depthwise_conv2d(x, c(kernel), [1, 1, 1, 1], "SAME")
+            return tf.nn.bias_add(tf.nn.conv2d(x, c(kernel), 1, "SAME"), c(bias))
+        return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, c(kernel), [1, 1, 1, 1], "SAME"), c(bias))
 
 
 TILE = 3
@@ -145,8 +182,8 @@ def _kernel_tiles(kernel, tile):
     return [padded[a * tile:(a + 1) * tile, b * tile:(b + 1) * tile].copy() for a in range(n) for b in range(n)]
 
 
-def _tiled_depthwise(x, tiles, k, tile):
-    """'SAME' depthwise k x k as the sum of VALID tile x tile convolutions of `tiles`."""
+def _tiled_depthwise(x, tiles, k, tile, bias=None):
+    """'SAME' depthwise k x k as the sum of VALID tile x tile convolutions of `tiles` (+ bias)."""
     import tensorflow as tf
 
     n = -(-k // tile)
@@ -159,5 +196,7 @@ def _tiled_depthwise(x, tiles, k, tile):
         a, b = divmod(index, n)
         window = xp[:, a * tile: a * tile + h + tile - 1, b * tile: b * tile + w + tile - 1, :]
         part = tf.nn.depthwise_conv2d(window, kernel, [1, 1, 1, 1], "VALID")
+        if out is None and bias is not None:
+            part = tf.nn.bias_add(part, bias)  # fused into the first tile's conv
         out = part if out is None else out + part
     return out
