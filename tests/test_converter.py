@@ -318,3 +318,20 @@ def test_failed_export_exits_1_and_leaves_nothing(tmp_path, capsys, monkeypatch)
     assert code == 1
     assert "Erfc" in capsys.readouterr().err
     assert directory_entries(tmp_path) == ["m.pth"]
+
+
+def test_without_torch_parity_is_a_clear_error_or_skipped(tmp_path):
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "w.safetensors")
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from weights_converter.__main__ import main\n"
+        f"code = main(['--torch-ckpt', {str(path)!r}, '--quiet'])\n"
+        "assert code == 2, code\n"
+        f"code = main(['--torch-ckpt', {str(path)!r}, '--quiet', '--skip-parity'])\n"
+        "assert code == 0, code\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "error: parity needs the PyTorch network" in proc.stderr
+    assert directory_entries(tmp_path / "w_keras") == ["model.keras", "report.json"]

@@ -108,6 +108,11 @@ def convert_and_verify(
 def _parity(conversion, tolerance, parity_images):
     import numpy as np
 
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ValueError("parity needs the PyTorch network: pip install 'convmixer-tf[timm]' "
+                         "(or pass --skip-parity to convert without the proof)") from None
     from weights_converter import parity
 
     torch_model, description, layout = parity.reference_model(
