@@ -85,8 +85,9 @@ def test_tiled_depthwise_equals_native_for_even_and_odd_kernels(tmp_path):
     for k in (6, 7, 8, 9, 11):
         kernel = rng.normal(size=(k, k, 5, 1)).astype("float32")
         ref = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME").numpy()
-        tiles = [tf.constant(t) for t in _kernel_tiles(kernel, 3)]
-        np.testing.assert_allclose(_tiled_depthwise(tf.constant(x), tiles, k, 3).numpy(), ref, atol=1e-5)
+        for tile in (3, 5):
+            tiles = [tf.constant(t) for t in _kernel_tiles(kernel, tile)]
+            np.testing.assert_allclose(_tiled_depthwise(tf.constant(x), tiles, k, tile).numpy(), ref, atol=1e-5)
 
 
 def test_tflite_float16_and_dynamic(tmp_path, tiny, inputs):

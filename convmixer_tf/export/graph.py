@@ -35,18 +35,18 @@ class InferenceGraph:
         preprocessing: (mean, std) to put raw 0-255 RGB -> normalised input in the graph
             (ignored when the model has its own preprocessing layer).
         depthwise: "native" (one DEPTHWISE_CONV_2D) or "tiled" (k x k as a sum of
-            3x3 tiles, for LiteRT/XNNPACK when k > 5).
+            `tile` x `tile` tiles, for LiteRT/XNNPACK when k > 5).
         gelu: "builtin" (tf.nn.gelu exact, which TFLite maps to its GELU op) or "erf"
             (0.5 x (1 + erf(x / sqrt 2)); TF's exact gelu lowers to Erfc, which
             tf2onnx cannot convert).
     """
 
     def __init__(self, model, preprocessing: Optional[Sequence[Sequence[float]]] = None,
-                 depthwise: str = "native", gelu: str = "builtin", variables: bool = False):
+                 depthwise: str = "native", gelu: str = "builtin", variables: bool = False, tile: int = 3):
         if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf"):
             raise ValueError(f"depthwise must be native|tiled, gelu builtin|erf; got {depthwise!r}, {gelu!r}")
         self.config = config_from_model(model)
-        self.depthwise, self.gelu = depthwise, gelu
+        self.depthwise, self.gelu, self.tile = depthwise, gelu, tile
         self.input_shape = tuple(model.input_shape[1:])
         layer = {l.name: l for l in model.layers}
         self.pre = None
@@ -69,7 +69,7 @@ class InferenceGraph:
         self._fold_batchnorm()
         if self.depthwise == "tiled" and self.config.depthwise and self.config.kernel_size > FAST_DEPTHWISE_MAX:
             for block in self.blocks:
-                block[0] = _kernel_tiles(block[0], TILE)
+                block[0] = _kernel_tiles(block[0], tile)
         if variables:
             # Weights as variables keep the traced graph small: a SavedModel of it saves
             # and converts in seconds instead of serialising every weight into the GraphDef.
@@ -164,13 +164,10 @@ class InferenceGraph:
         import tensorflow as tf
 
         if isinstance(kernel, list):
-            return _tiled_depthwise(x, [c(t) for t in kernel], self.config.kernel_size, TILE, c(bias))
+            return _tiled_depthwise(x, [c(t) for t in kernel], self.config.kernel_size, self.tile, c(bias))
         if not self.config.depthwise:
             return tf.nn.bias_add(tf.nn.conv2d(x, c(kernel), 1, "SAME"), c(bias))
         return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, c(kernel), [1, 1, 1, 1], "SAME"), c(bias))
-
-
-TILE = 3
 
 
 def _kernel_tiles(kernel, tile):
