@@ -1,7 +1,8 @@
 """Inference latency of every exported format against the PyTorch peers, in one run.
 
 Batch 1, 224 px, 2 threads, median of --runs calls after a warm-up, same machine,
-same process. Peers: timm in PyTorch eager, onnxruntime on torch.onnx.export of the
+same process; the formats are timed round-robin so that drift of this shared machine
+hits all of them alike. Peers: timm in PyTorch eager, onnxruntime on torch.onnx.export of the
 timm model. Ours: SavedModel (TF), TFLite float32 (as emitted: large depthwise
 kernels tiled; and the plain graph for comparison), TFLite dynamic-range and int8,
 ONNX on onnxruntime. Weights are random (seeded, random BatchNorm statistics):
@@ -23,14 +24,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 THREADS = 2
 
 
-def median_ms(fn, runs):
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+def interleaved_median_ms(calls, runs):
+    """Times every callable round-robin, so machine drift hits all of them alike."""
+    for fn in calls.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    times = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def bench_variant(name, runs, tmp, calibration_count):
@@ -51,10 +55,14 @@ def bench_variant(name, runs, tmp, calibration_count):
     model = convmixer_tf.rebuild(convert_state_dict(sd).model, input_shape=(224, 224, 3))
     x = np.random.default_rng(0).normal(size=(1, 224, 224, 3)).astype(np.float32)
     x_nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-    rows = []
+    rows, calls = [], {}
 
-    with torch.no_grad():
-        rows.append(("peer", "timm PyTorch eager", median_ms(lambda: net(x_nchw), runs), None))
+    def eager():
+        with torch.no_grad():
+            net(x_nchw)
+
+    calls["timm PyTorch eager"] = eager
+    rows.append(("peer", "timm PyTorch eager", None))
     onnx_path = os.path.join(tmp, f"{name}_torch.onnx")
     try:
         torch.onnx.export(net, (x_nchw,), onnx_path, opset_version=17, dynamo=False,
@@ -63,10 +71,10 @@ def bench_variant(name, runs, tmp, calibration_count):
         options.intra_op_num_threads = THREADS
         session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         feed = {"images": x_nchw.numpy()}
-        rows.append(("peer", "onnxruntime on torch.onnx.export", median_ms(lambda: session.run(None, feed), runs),
-                     os.path.getsize(onnx_path)))
+        calls["onnxruntime on torch.onnx.export"] = lambda: session.run(None, feed)
+        rows.append(("peer", "onnxruntime on torch.onnx.export", os.path.getsize(onnx_path)))
     except Exception as err:  # report, do not hide
-        rows.append(("peer", f"onnxruntime on torch.onnx.export: failed ({type(err).__name__}: {str(err)[:80]})", None, None))
+        rows.append(("peer", f"onnxruntime on torch.onnx.export: failed ({type(err).__name__}: {str(err)[:80]})", None))
 
     held_out = synthetic_images(16, 224, seed=99)
     normalised = ((held_out / 255.0 - np.array(convmixer_tf.config.IMAGENET_MEAN))
@@ -81,8 +89,8 @@ def bench_variant(name, runs, tmp, calibration_count):
         out = runner(normalised)
         agreement = float(np.mean(out.argmax(1) == reference.argmax(1)))
         max_abs = float(np.abs(out - reference).max())
-        rows.append(("ours", f"{label} (max|diff| {max_abs:.1e}, top-1 agree {agreement:.0%})",
-                     median_ms(lambda: runner(x), runs), _size(path)))
+        calls[label] = lambda: runner(x)
+        rows.append(("ours", f"{label} (max|diff| {max_abs:.1e}, top-1 agree {agreement:.0%})", _size(path)))
 
     sm = exporters.export_saved_model(model, os.path.join(tmp, f"{name}_sm"))
     ours("SavedModel (TF)", sm)
@@ -94,7 +102,8 @@ def bench_variant(name, runs, tmp, calibration_count):
     ours("TFLite int8", exporters.export_tflite(model, os.path.join(tmp, f"{name}_int8.tflite"), quantization="int8",
                                                 representative_data=lambda: (c[None] for c in calibration)))
     ours("ONNX on onnxruntime", exporters.export_onnx(model, os.path.join(tmp, f"{name}.onnx")))
-    return rows
+    medians = interleaved_median_ms(calls, runs)
+    return [(side, label, medians.get(label.split(" (max")[0]), size) for side, label, size in rows]
 
 
 def _size(path):
