@@ -335,3 +335,22 @@ def test_without_torch_parity_is_a_clear_error_or_skipped(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "error: parity needs the PyTorch network" in proc.stderr
     assert directory_entries(tmp_path / "w_keras") == ["model.keras", "report.json"]
+
+
+def test_sigterm_mid_export_leaves_nothing(tmp_path):
+    import glob
+    import signal
+    import time
+
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    proc = subprocess.Popen([sys.executable, "-m", "weights_converter", "--torch-ckpt", str(path), "--export", "all",
+                             "--quiet"], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / ".m_keras.partial-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    time.sleep(0.5)  # past the staging directory's creation, into the exports
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert directory_entries(tmp_path) == ["m.pth"]

@@ -65,17 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from convmixer_tf.export.signals import exit_on_sigterm
+    from convmixer_tf.export import cli
 
-    exit_on_sigterm()  # a killed run removes its staging directory like a failed one
+    log = cli.start(args.quiet)
     from convmixer_tf.export.tflite import ExportError
     from weights_converter.checkpoint import CheckpointError
     from weights_converter.mapping import MappingError
     from weights_converter.pipeline import convert_and_verify
-
-    def log(message):
-        if not args.quiet:
-            print(message, file=sys.stderr, flush=True)
 
     if args.calibration_count < 1:
         return _fail(f"--calibration-count must be >= 1, got {args.calibration_count}")

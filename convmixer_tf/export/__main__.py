@@ -58,13 +58,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from convmixer_tf.export.signals import exit_on_sigterm
+    from convmixer_tf.export import cli
 
-    exit_on_sigterm()  # a killed run removes its staging directory like a failed one
-
-    def log(message):
-        if not args.quiet:
-            print(message, file=sys.stderr, flush=True)
+    log = cli.start(args.quiet)
 
     try:
         from convmixer_tf import export as exporters

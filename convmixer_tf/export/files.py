@@ -33,10 +33,10 @@ def staged_output(output, force: bool = False):
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes it private; the result should not be
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes it private; the result should not be
         yield staging
         if os.path.exists(output):
             old = staging + ".old"
