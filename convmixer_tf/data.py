@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import List, Optional, Tuple
 
@@ -63,3 +64,240 @@ def load_eval_images(directory, preprocessing: Preprocessing, limit: Optional[in
             raise ValueError(f"cannot decode image {path}: {err.message.splitlines()[0]}") from None
         images.append(eval_transform(raw, preprocessing, normalize).numpy())
     return np.stack(images).astype(np.float32), paths
+
+
+# --------------------------------------------------------------------------------------
+# Training and evaluation datasets: tensorflow-datasets names or image folders.
+# Every source yields unbatched (uint8 HxWx3 image, int32 label) pairs; the pipelines
+# below turn them into batches of raw 0-255 float32 images, because every model trained
+# here normalises inside its graph (the `preprocessing` layer).
+
+VAL_SPLIT_NAMES = ("validation", "val", "test")
+
+
+@dataclasses.dataclass
+class DataSource:
+    """One dataset, opened: its splits as unbatched (image, label) datasets.
+
+    Attributes:
+        name: the tfds name, or the image folder.
+        train, val: unbatched tf.data datasets of (uint8 (H, W, 3), int32) pairs;
+            val may be None.
+        train_size, val_size: number of examples.
+        class_names: label names in label order.
+        image_shape: (H, W) when every image has that size (such sets are cached), else None.
+    """
+
+    name: str
+    train: object
+    val: Optional[object]
+    train_size: int
+    val_size: int
+    class_names: List[str]
+    image_shape: Optional[Tuple[int, int]] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=None,
+                 manual_dir=None, offline: bool = False, train_split: Optional[str] = None,
+                 val_split: Optional[str] = None, val_fraction: float = 0.1,
+                 seed: int = 0) -> DataSource:
+    """Opens a tensorflow-datasets set by name, or an image folder (one folder per class).
+
+    Args:
+        dataset: a tfds name ("cifar10", "imagenette", "imagenet2012", ...).
+        data_dir: an image folder instead: DIR/train/<class>/* and DIR/val/<class>/*
+            (or "validation"), or DIR/<class>/* split by `val_fraction`.
+        tfds_data_dir: where tfds keeps (or finds, offline) its prepared copies.
+        manual_dir: tfds manual_dir (imagenet2012's tar files, or a downloaded archive).
+        offline: never download; a set that is not prepared yet is an error.
+        train_split, val_split: tfds split names; default "train" and the first of
+            validation / val / test that the set has. A val_split of "none" skips it.
+        val_fraction: held-out share of a folder without a val/ subfolder.
+
+    Example:
+        >>> source = open_dataset(data_dir="flowers/")           # doctest: +SKIP
+        >>> source.num_classes, source.train_size                # doctest: +SKIP
+    """
+    if (dataset is None) == (data_dir is None):
+        raise ValueError("give exactly one of --dataset (a tfds name) and --data-dir (an image folder)")
+    if data_dir is not None:
+        return _open_folder(os.fspath(data_dir), val_fraction, seed)
+    return _open_tfds(dataset, tfds_data_dir, manual_dir, offline, train_split, val_split)
+
+
+def _class_folders(directory):
+    return sorted(d for d in os.listdir(directory)
+                  if os.path.isdir(os.path.join(directory, d)) and not d.startswith("."))
+
+
+def _folder_files(directory, classes):
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(directory, name)
+        if not os.path.isdir(class_dir):
+            continue
+        for path in list_images(class_dir) if _has_images(class_dir) else []:
+            paths.append(path)
+            labels.append(label)
+    return paths, labels
+
+
+def _has_images(directory):
+    return any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(directory) for f in files)
+
+
+def _open_folder(directory, val_fraction, seed):
+    import tensorflow as tf
+
+    if not os.path.isdir(directory):
+        raise ValueError(f"--data-dir not found: {directory}")
+    val_dir = next((os.path.join(directory, d) for d in ("val", "validation")
+                    if os.path.isdir(os.path.join(directory, d))), None)
+    train_dir = os.path.join(directory, "train") if val_dir and os.path.isdir(os.path.join(directory, "train")) else directory
+    classes = [c for c in _class_folders(train_dir) if _has_images(os.path.join(train_dir, c))]
+    if len(classes) < 2:
+        raise ValueError(
+            f"--data-dir {directory} needs one sub-folder of images per class (at least 2), "
+            f"found {len(classes)}")
+    train_paths, train_labels = _folder_files(train_dir, classes)
+    if train_dir != directory:
+        val_paths, val_labels = _folder_files(val_dir, classes)
+    else:
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        order = np.random.default_rng(seed).permutation(len(train_paths))
+        n_val = int(round(len(order) * val_fraction))
+        held = set(order[:n_val].tolist())
+        val_paths = [p for i, p in enumerate(train_paths) if i in held]
+        val_labels = [y for i, y in enumerate(train_labels) if i in held]
+        train_paths = [p for i, p in enumerate(train_paths) if i not in held]
+        train_labels = [y for i, y in enumerate(train_labels) if i not in held]
+
+    def files_dataset(paths, labels):
+        ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
+        return ds.map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return DataSource(
+        name=directory,
+        train=files_dataset(train_paths, train_labels),
+        val=files_dataset(val_paths, val_labels) if val_paths else None,
+        train_size=len(train_paths), val_size=len(val_paths), class_names=classes,
+    )
+
+
+def _decode_file(path, label):
+    import tensorflow as tf
+
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image, label
+
+
+def _open_tfds(name, data_dir, manual_dir, offline, train_split, val_split):
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"unknown tfds dataset {name!r} (see tfds.list_builders(), or use --data-dir)") from None
+    if not builder.is_prepared():
+        if offline and manual_dir is None:
+            raise ValueError(
+                f"dataset {name!r} is not prepared under {builder.data_dir} and --offline forbids "
+                f"downloading: prepare it there, or pass --manual-dir with its archive")
+        config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
+        builder.download_and_prepare(download_config=config)
+    info = builder.info
+    if "image" not in info.features or "label" not in info.features:
+        raise ValueError(f"tfds dataset {name!r} is not an image classification set (needs 'image' and 'label')")
+    splits = list(info.splits.keys())  # empty under tfds.testing.mock_data
+    train_split = train_split or "train"
+    if val_split is None:
+        val_split = next((s for s in VAL_SPLIT_NAMES if s in splits), None if splits else "test")
+    elif val_split == "none":
+        val_split = None
+    for split in (train_split, val_split):
+        if splits and split is not None and split.split("[")[0] not in splits:
+            raise ValueError(f"dataset {name!r} has no split {split!r}; it has {', '.join(splits)}")
+
+    def load(split):
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=split == train_split)
+        return ds.map(_int32_label)
+
+    def size(split, ds):
+        if splits:
+            return int(info.splits[split].num_examples)  # also for slices such as "train[:10%]"
+        return int(ds.reduce(0, lambda count, _: count + 1))
+
+    shape = info.features["image"].shape
+    train, val = load(train_split), load(val_split) if val_split else None
+    return DataSource(
+        name=name, train=train, val=val,
+        train_size=size(train_split, train), val_size=size(val_split, val) if val is not None else 0,
+        class_names=list(info.features["label"].names),
+        image_shape=tuple(shape[:2]) if None not in shape[:2] else None,
+    )
+
+
+def _int32_label(image, label):
+    import tensorflow as tf
+
+    return image, tf.cast(label, tf.int32)
+
+
+# Cache decoded images in memory when they fit in this many bytes (CIFAR-10's 50k
+# training images take 150 MB).
+CACHE_LIMIT_BYTES = 2 << 30
+
+
+def _cacheable(source: DataSource, size: int) -> bool:
+    if source.image_shape is None:
+        return False
+    h, w = source.image_shape
+    return size * h * w * 3 <= CACHE_LIMIT_BYTES
+
+
+def train_pipeline(source: DataSource, augmenter, batch_size: int, *, seed: int = 0,
+                   shuffle_buffer: int = 10_000, cache: Optional[bool] = None):
+    """Shuffled, augmented, batched training data: (float32 0-255 images, one-hot labels).
+
+    Decoding and augmentation run in parallel (AUTOTUNE), batches are prefetched, and
+    small fixed-size sets are cached decoded. The last partial batch is dropped, so every
+    step has the same shape (and splits evenly over devices when batch_size does).
+    """
+    import tensorflow as tf
+
+    ds = source.train
+    if cache if cache is not None else _cacheable(source, source.train_size):
+        ds = ds.cache()
+    ds = ds.shuffle(min(shuffle_buffer, max(source.train_size, 1)), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(augmenter.image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
+    if augmenter.config.mixes:
+        ds = ds.map(augmenter.batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_pipeline(dataset, preprocessing: Preprocessing, batch_size: int, *, num_classes: Optional[int] = None,
+                  normalize: bool = False, cache: bool = False):
+    """Batched evaluation data with timm's transform (resize by crop_pct, centre crop).
+
+    Yields (float32 images, labels): raw 0-255 unless normalize=True (for a model
+    without its own preprocessing layer); labels one-hot when num_classes is given,
+    else int32.
+    """
+    import tensorflow as tf
+
+    def transform(image, label):
+        x = eval_transform(image, preprocessing, normalize)
+        size = preprocessing.input_size
+        x.set_shape([size, size, 3])
+        return x, (tf.one_hot(label, num_classes) if num_classes else label)
+
+    ds = dataset.cache() if cache else dataset
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,86 @@
+"""Top-1 / top-5 accuracy and cross-entropy of a ConvMixer on a labelled dataset, with
+timm's evaluation transform, so a converted ImageNet model scores as it does in timm."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+
+from convmixer_tf.config import VARIANTS, Preprocessing
+from convmixer_tf.data import eval_pipeline
+
+
+def preprocessing_for(model: keras.Model, preset: Optional[str] = None, **overrides) -> Preprocessing:
+    """The evaluation transform for `model`: a variant's (by `preset`, or the model's name
+    when it is a variant), else ImageNet's at the model's input size; then `overrides`
+    (input_size, crop_pct, interpolation, mean, std) where not None."""
+    name = preset or model.name
+    if preset is not None and preset not in VARIANTS:
+        raise ValueError(f"unknown preset {preset!r}; allowed values: {', '.join(VARIANTS)}")
+    base = VARIANTS[name].preprocessing if name in VARIANTS else Preprocessing()
+    size = model.input_shape[1]
+    if name not in VARIANTS and size:
+        base = dataclasses.replace(base, input_size=size)
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def has_preprocessing(model: keras.Model) -> bool:
+    return any(layer.name == "preprocessing" for layer in model.layers)
+
+
+def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Summed cross-entropy, top-1 and top-5 hits of one batch of logits (float64 math)."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels, np.int64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    k = min(5, logits.shape[1])
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return {
+        "loss_sum": float(-log_probs[np.arange(len(labels)), labels].sum()),
+        "top1": int((top[:, 0] == labels).sum()),
+        "top5": int((top == labels[:, None]).any(axis=1).sum()),
+        "count": int(len(labels)),
+    }
+
+
+def evaluate(model: keras.Model, dataset, preprocessing: Optional[Preprocessing] = None, *,
+             batch_size: int = 64, limit: Optional[int] = None,
+             log: Callable[[str], None] = lambda message: None) -> dict:
+    """Scores `model` on an unbatched dataset of (uint8 image, int label) pairs.
+
+    Images get timm's evaluation transform (`convmixer_tf.data.eval_transform`); a model
+    with its own preprocessing layer is fed raw 0-255 pixels, another one normalised ones.
+
+    Returns:
+        {"top1", "top5" (fractions), "loss" (mean cross-entropy), "count", "seconds"}.
+
+    Example:
+        >>> source = open_dataset(data_dir="val_images/")       # doctest: +SKIP
+        >>> evaluate(model, source.train)["top1"]                # doctest: +SKIP
+    """
+    preprocessing = preprocessing or preprocessing_for(model)
+    if limit is not None:
+        dataset = dataset.take(limit)
+    batches = eval_pipeline(dataset, preprocessing, batch_size, normalize=not has_preprocessing(model))
+    num_classes = model.output_shape[-1]
+    total = {"loss_sum": 0.0, "top1": 0, "top5": 0, "count": 0}
+    started = time.perf_counter()
+    for step, (images, labels) in enumerate(batches):
+        labels = labels.numpy()
+        if labels.size and labels.max() >= num_classes:
+            raise ValueError(f"label {labels.max()} is out of range for a model with {num_classes} classes")
+        logits = keras.ops.convert_to_numpy(model(images, training=False))
+        for key, value in scores(logits, labels).items():
+            total[key] += value
+        if step % 20 == 0:
+            log(f"  {total['count']} images, top-1 so far {total['top1'] / max(total['count'], 1):.4f}")
+    if total["count"] == 0:
+        raise ValueError("the evaluation set is empty")
+    n = total["count"]
+    return {"top1": total["top1"] / n, "top5": total["top5"] / n, "loss": total["loss_sum"] / n,
+            "count": n, "seconds": round(time.perf_counter() - started, 2)}
