@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := tf-cpu,timm,export,data,jax,dev
+EXTRAS := tf-cpu,timm,export,data,jax,notebooks,dev
 
 .PHONY: install demo test test-slow test-all bench clean
 

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 
 from convmixer_tf.augment import AugmentConfig, Augmenter
-from convmixer_tf.config import Preprocessing, get_variant
+from convmixer_tf.config import VARIANTS, Preprocessing, get_variant
 from convmixer_tf.data import DataSource, eval_pipeline, open_dataset, train_pipeline
 from convmixer_tf.model import ConvMixer, _layer_mean_std, config_from_model
 
@@ -321,7 +321,10 @@ def starting_model(config: TrainConfig):
         except Exception as err:  # noqa: BLE001 - any reason the file does not load
             raise ValueError(f"cannot load --init {config.init}: {str(err).splitlines()[0]}") from None
         config_from_model(model)  # a ConvMixer, or a ValueError naming the problem
-        return model, Preprocessing()
+        # A converted checkpoint is named after the released variant it matches: its
+        # mean/std then, else ImageNet's (used only when the model has no preprocessing layer).
+        known = VARIANTS.get(model.name)
+        return model, known.preprocessing if known else Preprocessing()
     variant = get_variant(config.variant)
     size = variant.preprocessing.input_size
     model = ConvMixer(**variant.config.to_dict(), input_shape=(size, size, 3), include_preprocessing=True,

@@ -240,6 +240,19 @@ def test_mixed_precision_keeps_logits_float32(tiny_file):
     assert model(np.zeros((1, 32, 32, 3), "float32")).dtype == "float32"
 
 
+def test_fp16_gets_loss_scaling(tiny_file):
+    from convmixer_tf.training import compile_model
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = training_copy(keras.models.load_model(tiny_file))
+        compile_model(model, TrainConfig(), steps_per_epoch=10)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_run_saves_a_float32_model(tmp_path, tiny_file, folder, precision):
     train(quick(tmp_path, tiny_file, folder, epochs=1, precision=precision))
