@@ -471,7 +471,6 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optio
         config.dataset, config.data_dir, tfds_data_dir=config.tfds_data_dir, manual_dir=config.manual_dir,
         offline=config.offline, train_split=config.train_split, val_split=config.val_split,
         val_fraction=config.val_fraction, seed=config.seed)
-    resumed = _prepare_output(config, log)
     keras.utils.set_random_seed(config.seed)
 
     initial, preprocessing = starting_model(config)
@@ -490,6 +489,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optio
     log(f"{source.name}: {source.train_size} training / {source.val_size} validation images, "
         f"{source.num_classes} classes; {size} px, batch {config.batch_size}, {steps} steps per epoch, "
         f"{replicas} device(s) ({kind}), {config.precision}")
+    # Only now, with the data, the model and the devices checked: a bad argument leaves no folder.
+    resumed = _prepare_output(config, log)
 
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[config.precision])

@@ -302,7 +302,7 @@ def test_killed_run_resumes_and_loses_no_finished_epoch(tmp_path, tiny_file, fol
     assert metrics["optimizer_steps"] == 4 * steps_per_epoch  # optimiser state restored too
 
 
-def test_train_cli_bad_input_exit_2(tmp_path, capsys):
+def test_train_cli_bad_input_exit_2(tmp_path, folder, capsys):
     from convmixer_tf.train import main
 
     assert main(["--dataset", "no_such_set", "--output", str(tmp_path / "a"), "--quiet"]) == 2
@@ -311,6 +311,12 @@ def test_train_cli_bad_input_exit_2(tmp_path, capsys):
     assert main(["--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "b"), "--quiet"]) == 2
     assert "--data-dir not found" in capsys.readouterr().err
     assert main(["--init", str(tmp_path / "x.keras"), "--data-dir", str(tmp_path), "--quiet"]) == 2
+    capsys.readouterr()
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    assert main(["--init", str(tmp_path / "broken.keras"), "--data-dir", folder, "--output", str(tmp_path / "c"),
+                 "--quiet"]) == 2
+    assert "cannot load --init" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
