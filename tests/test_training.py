@@ -381,3 +381,17 @@ def test_evaluate_cli(tmp_path, folder, capsys):
     assert printed["count"] == 72 and json.loads(out.read_text())["top1"] == printed["top1"]
     assert main(["--model", str(tmp_path / "none.keras"), "--data-dir", folder, "--quiet"]) == 2
     assert "--model not found" in capsys.readouterr().err
+
+
+def test_train_cli_on_the_jax_backend(tmp_path, tiny_file, folder):
+    # The backend for GPU training: tf.data feeds it, Keras' augmentation layers run in tf.data.
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    run = subprocess.run(
+        [sys.executable, "-m", "convmixer_tf.train", "--init", tiny_file, "--data-dir", folder, "--epochs", "1",
+         "--batch-size", "8", "--mixup", "0.2", "--cutmix", "1.0", "--reprob", "0.25", "--precision", "bf16",
+         "--output", str(tmp_path / "run"), "--quiet", "--json"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads(run.stdout)
+    assert metrics["backend"] == "jax" and np.isfinite(metrics["final"]["loss"])
