@@ -90,6 +90,25 @@ def test_tiled_depthwise_equals_native_for_even_and_odd_kernels(tmp_path):
             np.testing.assert_allclose(_tiled_depthwise(tf.constant(x), tiles, k, tile).numpy(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation,negative_gamma", [("gelu", False), ("relu", True), ("relu", False)])
+def test_inference_graph_affine_forms_equal_keras(activation, negative_gamma):
+    # "conv" writes what is left of each BatchNorm as a 1x1 depthwise conv (ONNX), "ops" as Mul/Add.
+    from convmixer_tf.export.graph import InferenceGraph
+
+    model = convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=5, patch_size=2, num_classes=10,
+                                   activation=activation, input_shape=(32, 32, 3))
+    randomize_batchnorm(model, seed=3)
+    if negative_gamma:  # scales that cannot move into a ReLU conv stay in the graph
+        bn = model.get_layer("block0_pw_bn")
+        gamma, beta, mean, var = bn.get_weights()
+        bn.set_weights([-gamma, beta, mean, var])
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    for form in ("ops", "conv"):
+        got = InferenceGraph(model, affine=form)(x).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=form)
+
+
 def test_tflite_float16_and_dynamic(tmp_path, tiny, inputs):
     for q, tol in (("float16", 1e-2), ("dynamic", None)):
         path = exporters.export_tflite(tiny, tmp_path / f"{q}.tflite", quantization=q)

@@ -39,12 +39,19 @@ class InferenceGraph:
         gelu: "builtin" (tf.nn.gelu exact, which TFLite maps to its GELU op) or "erf"
             (0.5 x (1 + erf(x / sqrt 2)); TF's exact gelu lowers to Erfc, which
             tf2onnx cannot convert).
+        affine: how the per-channel scale/shift left of a BatchNorm is written: "ops"
+            (Mul / Add) or "conv" (a 1x1 depthwise conv with bias). onnxruntime keeps
+            a 1x1 grouped Conv in its blocked NCHWc layout and fuses the residual Add into
+            it, while a broadcast Add sends every block back to NCHW and out again.
     """
 
     def __init__(self, model, preprocessing: Optional[Sequence[Sequence[float]]] = None,
-                 depthwise: str = "native", gelu: str = "builtin", variables: bool = False, tile: int = 3):
-        if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf"):
-            raise ValueError(f"depthwise must be native|tiled, gelu builtin|erf; got {depthwise!r}, {gelu!r}")
+                 depthwise: str = "native", gelu: str = "builtin", variables: bool = False, tile: int = 3,
+                 affine: str = "ops"):
+        if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf") or affine not in ("ops", "conv"):
+            raise ValueError(f"depthwise must be native|tiled, gelu builtin|erf, affine ops|conv; "
+                             f"got {depthwise!r}, {gelu!r}, {affine!r}")
+        self.affine = affine
         self.config = config_from_model(model)
         self.depthwise, self.gelu, self.tile = depthwise, gelu, tile
         self.input_shape = tuple(model.input_shape[1:])
@@ -129,6 +136,10 @@ class InferenceGraph:
             x = x * c(self.pre[0]) + c(self.pre[1])
 
         def affine(x, scale, shift):  # what is left of a BatchNorm after _fold_batchnorm
+            if self.affine == "conv" and (scale is not None or shift is not None):
+                kernel = tf.ones([1, 1, self.config.dim, 1]) if scale is None else tf.reshape(c(scale), [1, 1, -1, 1])
+                x = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")
+                return x if shift is None else tf.nn.bias_add(x, c(shift))
             x = x if scale is None else x * c(scale)
             return x if shift is None else x + c(shift)
 

@@ -32,7 +32,7 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET, nchw: bool = False, pre
 
     if not 13 <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be between 13 and {MAX_OPSET} (tf2onnx 1.17), got {opset}")
-    graph = InferenceGraph(model, preprocessing, depthwise="native", gelu=GELU_FORM, variables=True)
+    graph = InferenceGraph(model, preprocessing, depthwise="native", gelu=GELU_FORM, variables=True, affine="conv")
     shape = [None if dynamic_batch else 1, *model.input_shape[1:]]
     spec = (tf.TensorSpec(shape, tf.float32, name="images"),)
 
