@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS := tf-cpu,timm,export,data,jax,notebooks,dev
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-all clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
