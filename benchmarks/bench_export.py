@@ -1,12 +1,20 @@
 """Inference latency of every exported format against the PyTorch peers, in one run.
 
-Batch 1, 224 px, 2 threads, median of --runs calls after a warm-up, same machine,
-same process; the formats are timed round-robin so that drift of this shared machine
-hits all of them alike. Peers: timm in PyTorch eager, onnxruntime on torch.onnx.export of the
-timm model. Ours: SavedModel (TF), TFLite float32 (as emitted: large depthwise
-kernels tiled; and the plain graph for comparison), TFLite dynamic-range and int8,
-ONNX on onnxruntime. Weights are random (seeded, random BatchNorm statistics):
-speed does not depend on them, int8 top-1 agreement does (see the note printed).
+Batch 1, 224 px, 2 threads, median of --runs calls, same machine, same process. The
+formats take turns in rounds of a few consecutive calls, so that drift of this shared
+machine hits all of them alike; the first call of each turn is not timed, because
+onnxruntime's and PyTorch's worker threads keep spinning for a while after a call and
+would otherwise be charged to whichever runtime comes next (one call each in turn had
+our TFLite file at 172 ms where back-to-back calls took 150 ms).
+
+Peers: timm in PyTorch eager; onnxruntime on torch.onnx.export of the timm model;
+litert-torch's TFLite file of the timm model, run by the same LiteRT interpreter as ours
+(litert-torch lives in its own environment: `bash benchmarks/setup_litert_torch.sh`
+makes .venv-litert-torch, which is used when present, or pass --litert-torch-python).
+Ours: SavedModel (TF), TFLite float32 (as emitted: large depthwise kernels tiled; and
+the plain graph for comparison), TFLite dynamic-range and int8, ONNX on onnxruntime.
+Weights are random (seeded, random BatchNorm statistics): speed does not depend on
+them, int8 top-1 agreement does (see the note printed).
 
     python benchmarks/bench_export.py [--variants convmixer_768_32 convmixer_1536_20] [--runs 20]
 """
@@ -16,28 +24,65 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 THREADS = 2
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LITERT_TORCH_VENV_PYTHON = os.path.join(REPO, ".venv-litert-torch", "bin", "python")
 
 
-def interleaved_median_ms(calls, runs):
-    """Times every callable round-robin, so machine drift hits all of them alike."""
-    for fn in calls.values():
-        fn()
+def cpu_description() -> str:
+    """CPU model and the vector extensions that decide XNNPACK's and onnxruntime's kernels."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [name for name in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16") if name in flags]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
+
+
+def turns_median_ms(calls, runs, turn=4):
+    """Median ms of `runs` timed calls of each callable. The callables take turns of
+    `turn` timed calls, each turn opened by one untimed call."""
     times = {name: [] for name in calls}
-    for _ in range(runs):
+    while min(len(t) for t in times.values()) < runs:
         for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            fn()  # absorbs what the previous runtime left running
+            for _ in range(min(turn, runs - len(times[name]))):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def bench_variant(name, runs, tmp, calibration_count):
+def litert_torch_file(net, name, tmp, python):
+    """litert-torch's .tflite of `net` (same weights), written by its own environment."""
+    import torch
+
+    weights = os.path.join(tmp, f"{name}_timm.pth")
+    torch.save(net.state_dict(), weights)
+    out = os.path.join(tmp, f"{name}_litert_torch.tflite")
+    done = subprocess.run([python, os.path.join(REPO, "benchmarks", "litert_torch_peer.py"), "--variant", name,
+                           "--state-dict", weights, "--output", out], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"litert-torch conversion failed: {last[:120]}")
+    return out
+
+
+def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
     import numpy as np
     import onnxruntime as ort
     import timm
@@ -75,6 +120,26 @@ def bench_variant(name, runs, tmp, calibration_count):
         rows.append(("peer", "onnxruntime on torch.onnx.export", os.path.getsize(onnx_path)))
     except Exception as err:  # report, do not hide
         rows.append(("peer", f"onnxruntime on torch.onnx.export: failed ({type(err).__name__}: {str(err)[:80]})", None))
+    if litert_torch_python:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+
+            peer = litert_torch_file(net, name, tmp, litert_torch_python)
+            interpreter = Interpreter(model_path=peer, num_threads=THREADS)
+            interpreter.allocate_tensors()
+            index = interpreter.get_input_details()[0]["index"]
+            interpreter.set_tensor(index, x_nchw.numpy())
+            interpreter.invoke()
+            out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+            with torch.no_grad():
+                expected = net(x_nchw).numpy()
+            calls["litert-torch TFLite"] = interpreter.invoke
+            rows.append(("peer", f"litert-torch TFLite (max|diff| vs timm {float(abs(out - expected).max()):.1e})",
+                         os.path.getsize(peer)))
+        except Exception as err:  # report, do not hide
+            rows.append(("peer", f"litert-torch TFLite: failed ({str(err)[:90]})", None))
+    else:
+        rows.append(("peer", "litert-torch TFLite: not installed (bash benchmarks/setup_litert_torch.sh)", None))
 
     held_out = synthetic_images(16, 224, seed=99)
     normalised = ((held_out / 255.0 - np.array(convmixer_tf.config.IMAGENET_MEAN))
@@ -102,7 +167,7 @@ def bench_variant(name, runs, tmp, calibration_count):
     ours("TFLite int8", exporters.export_tflite(model, os.path.join(tmp, f"{name}_int8.tflite"), quantization="int8",
                                                 representative_data=lambda: (c[None] for c in calibration)))
     ours("ONNX on onnxruntime", exporters.export_onnx(model, os.path.join(tmp, f"{name}.onnx")))
-    medians = interleaved_median_ms(calls, runs)
+    medians = turns_median_ms(calls, runs)
     return [(side, label, medians.get(label.split(" (max")[0]), size) for side, label, size in rows]
 
 
@@ -117,7 +182,12 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=["convmixer_768_32", "convmixer_1536_20"])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--calibration-count", type=int, default=16)
+    parser.add_argument("--litert-torch-python", default=None,
+                        help="python of an environment with litert-torch, timm and torch "
+                             f"(default: {os.path.relpath(LITERT_TORCH_VENV_PYTHON, REPO)} when present)")
     args = parser.parse_args(argv)
+    if args.litert_torch_python is None and os.path.exists(LITERT_TORCH_VENV_PYTHON):
+        args.litert_torch_python = LITERT_TORCH_VENV_PYTHON
 
     import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
     import tensorflow as tf
@@ -126,9 +196,9 @@ def main(argv=None):
     tf.config.threading.set_inter_op_parallelism_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
-            rows = bench_variant(name, args.runs, tmp, args.calibration_count)
-            by = {label.split(" (max")[0].split(": failed")[0]: ms for _, label, ms, _ in rows}
-            print(f"\n{name}: batch 1, 224 px, {THREADS} threads, median of {args.runs}")
+            rows = bench_variant(name, args.runs, tmp, args.calibration_count, args.litert_torch_python)
+            by = {label.split(" (max")[0].split(": ")[0]: ms for _, label, ms, _ in rows}
+            print(f"\n{name}: batch 1, 224 px, {THREADS} threads, median of {args.runs}; {cpu_description()}")
             for side, label, ms, size in rows:
                 ms_text = f"{ms:9.1f} ms" if ms is not None else "      n/a"
                 size_text = f"{size / 1e6:8.1f} MB" if size else ""
@@ -141,6 +211,9 @@ def main(argv=None):
             if ort_ms:
                 print(f"    our TFLite float32 / onnxruntime(torch.onnx) = {tfl / ort_ms:.2f} (target <= 1.0)")
                 print(f"    our ONNX / onnxruntime(torch.onnx)           = {onnx_ours / ort_ms:.2f} (target <= 1.0)")
+            if by.get("litert-torch TFLite"):
+                print(f"    our TFLite float32 / litert-torch TFLite      = {tfl / by['litert-torch TFLite']:.2f} "
+                      "(target <= 0.7)")
             print(f"    TFLite plain graph / ours                     = {tfl_plain / tfl:.2f} (speed-up of the tiled depthwise)")
             print(f"    TFLite float32 / int8                         = {tfl / int8:.2f} (target >= 2.5)")
             print(f"    int8 file / float32 file                      = "

@@ -75,19 +75,52 @@ def test_tflite_float32_builtin_ops_within_1e4(tmp_path, tiny, inputs, case):
         assert row["passed"], row
 
 
-def test_tiled_depthwise_equals_native_for_even_and_odd_kernels(tmp_path):
+@pytest.mark.parametrize("k", [6, 7, 8, 9, 11, 13])
+def test_tile_plan_covers_the_kernel_once_with_small_tiles(k):
+    from convmixer_tf.export.graph import MAX_TILE_TAPS, tile_plan
+
+    plan = tile_plan(k)
+    cover = np.zeros((k, k), int)
+    for r, c, h, w in plan:
+        assert h * w <= MAX_TILE_TAPS and r + h <= k and c + w <= k, (r, c, h, w)
+        cover[r:r + h, c:c + w] += 1
+    assert (cover == 1).all()  # every tap exactly once: no zero-padded taps
+    assert len(plan) == {7: 6, 9: 9}.get(k, len(plan))
+
+
+def test_tiled_depthwise_equals_native_for_even_and_odd_kernels():
     import tensorflow as tf
 
-    from convmixer_tf.export.graph import _kernel_tiles, _tiled_depthwise
+    from convmixer_tf.export.graph import _kernel_tiles, _pad_same, _tiled_depthwise, tile_plan
 
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(2, 13, 11, 5)).astype("float32")
+    x = rng.normal(size=(2, 13, 11, 6)).astype("float32")
     for k in (6, 7, 8, 9, 11):
-        kernel = rng.normal(size=(k, k, 5, 1)).astype("float32")
-        ref = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME").numpy()
-        for tile in (3, 5):
-            tiles = [tf.constant(t) for t in _kernel_tiles(kernel, tile)]
-            np.testing.assert_allclose(_tiled_depthwise(tf.constant(x), tiles, k, tile).numpy(), ref, atol=1e-5)
+        kernel = rng.normal(size=(k, k, 6, 1)).astype("float32")
+        bias = rng.normal(size=6).astype("float32")
+        ref = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME").numpy() + bias
+        plan = tile_plan(k)
+        xp = _pad_same(tf.constant(x), k)
+        np.testing.assert_allclose(_tiled_depthwise(xp, _kernel_tiles(kernel, plan), plan, 0, bias).numpy(), ref,
+                                   atol=1e-5, err_msg=f"k={k}")
+        # channels 2..3 alone, as one channel group of the graph
+        part = _tiled_depthwise(xp, _kernel_tiles(kernel[:, :, 2:4], plan), plan, 2, bias[2:4]).numpy()
+        np.testing.assert_allclose(part, ref[..., 2:4], atol=1e-5, err_msg=f"k={k} group")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_inference_graph_channel_groups_equal_keras(activation):
+    from convmixer_tf.export.graph import InferenceGraph
+
+    model = randomize_batchnorm(convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=7, patch_size=2, num_classes=10,
+                                                       activation=activation, input_shape=(SIZE, SIZE, 3)), seed=4)
+    x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    for groups in (1, 2, 4):
+        got = InferenceGraph(model, depthwise="tiled", channel_groups=groups)(x).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4, err_msg=f"groups={groups}")
+    with pytest.raises(ValueError, match="channel_groups"):
+        InferenceGraph(model, depthwise="tiled", channel_groups=3)
 
 
 @pytest.mark.parametrize("activation,negative_gamma", [("gelu", False), ("relu", True), ("relu", False)])
@@ -227,3 +260,40 @@ def test_full_size_float_exports(tmp_path, name):
     for row in rows:
         assert row["passed"] and row["max_abs"] <= 1e-4, row
         assert row["top1_agreement"] == 1.0
+
+
+def _stripe_images(count, size, num_classes, seed):
+    """Noisy images whose class is the orientation of their stripes (learnable, not trivial)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    labels = rng.integers(0, num_classes, count)
+    images = np.empty((count, size, size, 3), np.float32)
+    for i, c in enumerate(labels):
+        angle = np.pi * (c + rng.uniform(-0.2, 0.2)) / num_classes
+        phase = rng.uniform(0, 2 * np.pi)
+        stripes = 60 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / 1.5 + phase)
+        images[i] = np.clip(rng.uniform(60, 190, 3) + stripes[..., None] + rng.normal(0, 30, (size, size, 3)), 0, 255)
+    return images, labels
+
+
+def test_tflite_int8_of_a_trained_model_agrees_with_float_on_held_out_images(tmp_path):
+    # Random weights give nearly tied logits, where any rounding flips the top-1; a trained
+    # model has real margins, so >= 97% agreement on images it never saw is a fair bar.
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = convmixer_tf.ConvMixer(dim=32, depth=3, kernel_size=7, patch_size=2, num_classes=6,
+                                   input_shape=(SIZE, SIZE, 3), include_preprocessing=True)
+    train_x, train_y = _stripe_images(1024, SIZE, 6, seed=0)
+    test_x, test_y = _stripe_images(200, SIZE, 6, seed=1)
+    calib = _stripe_images(64, SIZE, 6, seed=2)[0]
+    model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(True),
+                  metrics=["accuracy"])
+    model.fit(train_x, train_y, batch_size=64, epochs=6, verbose=0)
+    float_logits = model.predict(test_x, verbose=0)
+    assert np.mean(float_logits.argmax(1) == test_y) >= 0.9  # it learned the task
+    path = exporters.export_tflite(model, tmp_path / "int8.tflite", quantization="int8",
+                                   representative_data=lambda: (im[None] for im in calib))
+    assert "DEPTHWISE_CONV_2D" in exporters.op_names(path)
+    row = exporters.verify(path, model, test_x, latency_runs=0)
+    assert row["top1_agreement"] >= 0.97, row

@@ -15,10 +15,12 @@ import numpy as np
 
 from convmixer_tf.model import BN_EPSILON, config_from_model
 
-# LiteRT's XNNPACK depthwise kernels are fast up to 5x5 and slow beyond: on a
-# 1x32x32x768 input a 7x7 ran ~13 ms and a 9x9 ~27 ms where nine 3x3 convolutions
-# summed ran ~5 ms (benchmarks/bench_export.py). Larger kernels are emitted as tiles.
+# LiteRT's XNNPACK runs a depthwise kernel of up to 9 taps in one pass at memory
+# speed; 10-25 taps take a slower kernel, and more than 25 a multi-pass one that is
+# slower still (one 7x7 on 1x32x32x768, 2 threads: 7.6 ms, where the six tiles of
+# `tile_plan(7)` summed take 1.3 ms). Kernels larger than 5x5 are emitted as tiles.
 FAST_DEPTHWISE_MAX = 5
+MAX_TILE_TAPS = 9
 
 
 def _bn_affine(layer):
@@ -34,8 +36,12 @@ class InferenceGraph:
         model: a Keras ConvMixer built by convmixer_tf.
         preprocessing: (mean, std) to put raw 0-255 RGB -> normalised input in the graph
             (ignored when the model has its own preprocessing layer).
-        depthwise: "native" (one DEPTHWISE_CONV_2D) or "tiled" (k x k as a sum of
-            `tile` x `tile` tiles, for LiteRT/XNNPACK when k > 5).
+        depthwise: "native" (one DEPTHWISE_CONV_2D) or "tiled" (k x k, k > 5, as a sum
+            of the small tiles of `tile_plan(k)`, for LiteRT/XNNPACK).
+        channel_groups: with "tiled", the depthwise branch (tiles, activation, BatchNorm)
+            runs on this many channel slices one after the other, each small enough to
+            stay in a core's cache through its tile sums, then joins them.
+        tile_taps: the most taps of one tile (see `tile_plan`).
         gelu: "builtin" (tf.nn.gelu exact, which TFLite maps to its GELU op) or "erf"
             (0.5 x (1 + erf(x / sqrt 2)); TF's exact gelu lowers to Erfc, which
             tf2onnx cannot convert).
@@ -46,14 +52,16 @@ class InferenceGraph:
     """
 
     def __init__(self, model, preprocessing: Optional[Sequence[Sequence[float]]] = None,
-                 depthwise: str = "native", gelu: str = "builtin", variables: bool = False, tile: int = 3,
-                 affine: str = "ops"):
+                 depthwise: str = "native", gelu: str = "builtin", variables: bool = False,
+                 affine: str = "ops", channel_groups: int = 1, tile_taps: int = MAX_TILE_TAPS):
         if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf") or affine not in ("ops", "conv"):
             raise ValueError(f"depthwise must be native|tiled, gelu builtin|erf, affine ops|conv; "
                              f"got {depthwise!r}, {gelu!r}, {affine!r}")
         self.affine = affine
         self.config = config_from_model(model)
-        self.depthwise, self.gelu, self.tile = depthwise, gelu, tile
+        self.depthwise, self.gelu = depthwise, gelu
+        if channel_groups < 1 or self.config.dim % channel_groups:
+            raise ValueError(f"channel_groups must divide the width {self.config.dim}, got {channel_groups}")
         self.input_shape = tuple(model.input_shape[1:])
         layer = {l.name: l for l in model.layers}
         self.pre = None
@@ -74,20 +82,24 @@ class InferenceGraph:
         self.head = w("head") if "head" in layer else None
         self.head_activation = layer["head"].get_config()["activation"] if self.head else "linear"
         self._fold_batchnorm()
+        self.plan = None
         if self.depthwise == "tiled" and self.config.depthwise and self.config.kernel_size > FAST_DEPTHWISE_MAX:
-            for block in self.blocks:
-                block[0] = _kernel_tiles(block[0], tile)
+            self.plan = tile_plan(self.config.kernel_size, tile_taps)
+            split = lambda a: None if a is None else np.split(a, channel_groups, axis=-1)
+            for block in self.blocks:  # kernel, bias, scale: per channel group, the kernel per tile
+                block[0] = [_kernel_tiles(part, self.plan) for part in np.split(block[0], channel_groups, axis=2)]
+                block[1], block[2] = split(block[1]), split(block[2])
         if variables:
             # Weights as variables keep the traced graph small: a SavedModel of it saves
             # and converts in seconds instead of serialising every weight into the GraphDef.
             import tensorflow as tf
 
-            wrap = lambda a: None if a is None else tf.Variable(a, trainable=False)
-            self.stem = [wrap(a) for a in self.stem]
-            self.blocks = [[[wrap(t) for t in a] if isinstance(a, list) else wrap(a) for a in b] for b in self.blocks]
-            self.head = [wrap(a) for a in self.head] if self.head else None
-            if self.pre is not None:
-                self.pre = tuple(wrap(a) for a in self.pre)
+            def wrap(a):
+                if isinstance(a, (list, tuple)):
+                    return type(a)(wrap(t) for t in a)
+                return None if a is None else tf.Variable(a, trainable=False)
+
+            self.stem, self.blocks, self.head, self.pre = wrap(self.stem), wrap(self.blocks), wrap(self.head), wrap(self.pre)
 
     def _fold_batchnorm(self):
         """Moves BatchNorm arithmetic into neighbouring convolutions where that is exact.
@@ -124,9 +136,10 @@ class InferenceGraph:
     def tf_variables(self) -> list:
         import tensorflow as tf
 
-        found = list(self.stem) + [a for b in self.blocks for x in b for a in (x if isinstance(x, list) else [x])]
-        found += list(self.head or []) + list(self.pre or [])
-        return [v for v in found if isinstance(v, tf.Variable)]
+        def flat(a):
+            return [v for t in a for v in flat(t)] if isinstance(a, (list, tuple)) else [a]
+
+        return [v for v in flat([self.stem, self.blocks, self.head or [], self.pre or []]) if isinstance(v, tf.Variable)]
 
     def __call__(self, x):
         import tensorflow as tf
@@ -148,7 +161,17 @@ class InferenceGraph:
         # bias_add right after a conv, then the activation: the converter fuses both into it.
         x = affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, c(k), p, "VALID"), c(b))), s, t)
         for dk, db, ds, dt, pk, pb, ps, pt in self.blocks:
-            x = x + affine(self._act(self._spatial(x, dk, db, c)), ds, dt)
+            if self.plan is None:
+                x = x + affine(self._act(self._spatial(x, dk, db, c)), ds, dt)
+            else:  # dt is None here: _fold_batchnorm moved it into the 1x1 conv's bias
+                xp = _pad_same(x, self.config.kernel_size)
+                parts, start = [], 0
+                for g, tiles in enumerate(dk):
+                    width = int(tiles[0].shape[2])
+                    y = _tiled_depthwise(xp, [c(t) for t in tiles], self.plan, start, c(db[g]))
+                    parts.append(affine(self._act(y), None if ds is None else ds[g], None))
+                    start += width
+                x = x + (parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1))
             x = affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, c(pk), 1, "VALID"), c(pb))), ps, pt)
         if self.pooling == "avg":
             x = tf.reduce_mean(x, axis=[1, 2])
@@ -174,35 +197,54 @@ class InferenceGraph:
     def _spatial(self, x, kernel, bias, c):
         import tensorflow as tf
 
-        if isinstance(kernel, list):
-            return _tiled_depthwise(x, [c(t) for t in kernel], self.config.kernel_size, self.tile, c(bias))
         if not self.config.depthwise:
             return tf.nn.bias_add(tf.nn.conv2d(x, c(kernel), 1, "SAME"), c(bias))
         return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, c(kernel), [1, 1, 1, 1], "SAME"), c(bias))
 
 
-def _kernel_tiles(kernel, tile):
-    """Splits a (k, k, C, 1) kernel, zero-padded to a multiple of `tile`, into tiles, row-major."""
-    k = kernel.shape[0]
-    n = -(-k // tile)
-    padded = np.zeros((n * tile, n * tile) + kernel.shape[2:], np.float32)
-    padded[:k, :k] = kernel
-    return [padded[a * tile:(a + 1) * tile, b * tile:(b + 1) * tile].copy() for a in range(n) for b in range(n)]
+def tile_plan(k: int, max_taps: int = MAX_TILE_TAPS) -> list:
+    """Rectangles (row, col, height, width) that cover a k x k kernel exactly, each of at
+    most `max_taps` taps: squares as large as that allows, then strips for the last rows
+    and columns.
+
+    max_taps 9: 7 -> four 3x3, a 1x7 row and a 6x1 column (six convolutions, 49 taps),
+    9 -> nine 3x3. max_taps 25: 7 -> 5x5, 2x7, 5x2; 9 -> 5x5, 4x6, 4x3, 5x4.
+    """
+    tile = math.isqrt(max_taps)
+    body = (k // tile) * tile
+    plan = [(r, c, tile, tile) for r in range(0, body, tile) for c in range(0, body, tile)]
+    rest = k - body
+    if rest:
+        step = max(1, max_taps // rest)
+        plan += [(body, c, rest, min(step, k - c)) for c in range(0, k, step)]  # bottom rows, full width
+        plan += [(r, body, min(step, body - r), rest) for r in range(0, body, step)]  # right columns
+    return plan
 
 
-def _tiled_depthwise(x, tiles, k, tile, bias=None):
-    """'SAME' depthwise k x k as the sum of VALID tile x tile convolutions of `tiles` (+ bias)."""
+def _kernel_tiles(kernel, plan):
+    """The sub-kernels of a (k, k, C, 1) depthwise kernel for the rectangles of `plan`."""
+    return [np.ascontiguousarray(kernel[r:r + h, c:c + w]) for r, c, h, w in plan]
+
+
+def _pad_same(x, k):
+    """Zero padding for a 'SAME' k x k convolution (TF and PyTorch: an even kernel's extra pixel goes right/bottom)."""
     import tensorflow as tf
 
-    n = -(-k // tile)
-    lo = (k - 1) // 2  # TF and PyTorch 'same': the extra pixel of an even kernel goes right/bottom
-    hi = k - 1 - lo + (n * tile - k)
-    xp = tf.pad(x, [[0, 0], [lo, hi], [lo, hi], [0, 0]])
-    h, w = tf.shape(x)[1], tf.shape(x)[2]
+    lo = (k - 1) // 2
+    return tf.pad(x, [[0, 0], [lo, k - 1 - lo], [lo, k - 1 - lo], [0, 0]])
+
+
+def _tiled_depthwise(xp, tiles, plan, channel_start=0, bias=None):
+    """'SAME' depthwise convolution of the input that `_pad_same` padded into `xp`, as the sum
+    of VALID convolutions of the `tiles` of `plan`, on channels channel_start.. of xp (+ bias)."""
+    import tensorflow as tf
+
+    k = max(r + h for r, _, h, _ in plan)
+    height, width = tf.shape(xp)[1] - k + 1, tf.shape(xp)[2] - k + 1
+    channels = int(tiles[0].shape[2])
     out = None
-    for index, kernel in enumerate(tiles):
-        a, b = divmod(index, n)
-        window = xp[:, a * tile: a * tile + h + tile - 1, b * tile: b * tile + w + tile - 1, :]
+    for (r, c, h, w), kernel in zip(plan, tiles):
+        window = xp[:, r: r + height + h - 1, c: c + width + w - 1, channel_start: channel_start + channels]
         part = tf.nn.depthwise_conv2d(window, kernel, [1, 1, 1, 1], "VALID")
         if out is None and bias is not None:
             part = tf.nn.bias_add(part, bias)  # fused into the first tile's conv
