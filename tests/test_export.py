@@ -186,6 +186,20 @@ def test_onnx_exact_gelu_loads_in_onnxruntime(tmp_path, tiny, inputs, nchw):
     assert row["passed"] and row["max_abs"] <= 1e-4, row
 
 
+def test_onnx_gelu_is_fused_by_onnxruntime(tmp_path, tiny):
+    # Each exact GELU must reach onnxruntime in the form its GeluFusion matches (one
+    # kernel instead of five elementwise ops that each leave the NCHWc layout).
+    import onnx
+    import onnxruntime as ort
+
+    path = exporters.export_onnx(tiny, tmp_path / "m.onnx", nchw=True)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("Gelu") == 1 + 2 * 2 and "Erf" not in ops, sorted(set(ops))
+
+
 def test_broken_onnx_export_fails_loudly_and_writes_nothing(tmp_path, tiny, monkeypatch):
     from convmixer_tf.export import onnx as onnx_export
 

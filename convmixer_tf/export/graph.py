@@ -191,7 +191,9 @@ class InferenceGraph:
         if self.config.activation == "relu":
             return tf.nn.relu(x)
         if self.gelu == "erf":
-            return 0.5 * x * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0))))
+            # x / sqrt(2) as a Div: the pattern onnxruntime fuses into one Gelu kernel (with
+            # x * (1 / sqrt 2) it ran five elementwise ops, each leaving its NCHWc layout).
+            return 0.5 * x * (1.0 + tf.math.erf(x / math.sqrt(2.0)))
         return tf.nn.gelu(x, approximate=False)
 
     def _spatial(self, x, kernel, bias, c):
