@@ -76,16 +76,17 @@ def test_tflite_float32_builtin_ops_within_1e4(tmp_path, tiny, inputs, case):
 
 
 @pytest.mark.parametrize("k", [6, 7, 8, 9, 11, 13])
-def test_tile_plan_covers_the_kernel_once_with_small_tiles(k):
-    from convmixer_tf.export.graph import MAX_TILE_TAPS, tile_plan
+@pytest.mark.parametrize("taps", [9, 25])
+def test_tile_plan_covers_the_kernel_once_with_small_tiles(k, taps):
+    from convmixer_tf.export.graph import tile_plan
 
-    plan = tile_plan(k)
+    plan = tile_plan(k, taps)
     cover = np.zeros((k, k), int)
     for r, c, h, w in plan:
-        assert h * w <= MAX_TILE_TAPS and r + h <= k and c + w <= k, (r, c, h, w)
+        assert h * w <= taps and r + h <= k and c + w <= k, (r, c, h, w)
         cover[r:r + h, c:c + w] += 1
     assert (cover == 1).all()  # every tap exactly once: no zero-padded taps
-    assert len(plan) == {7: 6, 9: 9}.get(k, len(plan))
+    assert len(plan) == {(7, 9): 6, (9, 9): 9, (7, 25): 3, (9, 25): 4}.get((k, taps), len(plan))
 
 
 def test_tiled_depthwise_equals_native_for_even_and_odd_kernels():
@@ -99,7 +100,7 @@ def test_tiled_depthwise_equals_native_for_even_and_odd_kernels():
         kernel = rng.normal(size=(k, k, 6, 1)).astype("float32")
         bias = rng.normal(size=6).astype("float32")
         ref = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME").numpy() + bias
-        plan = tile_plan(k)
+        plan = tile_plan(k, 25 if k % 2 else 9)
         xp = _pad_same(tf.constant(x), k)
         np.testing.assert_allclose(_tiled_depthwise(xp, _kernel_tiles(kernel, plan), plan, 0, bias).numpy(), ref,
                                    atol=1e-5, err_msg=f"k={k}")
