@@ -217,7 +217,7 @@ def main(argv=None):
             print(f"    TFLite plain graph / ours                     = {tfl_plain / tfl:.2f} (speed-up of the tiled depthwise)")
             print(f"    TFLite float32 / int8                         = {tfl / int8:.2f} (target >= 2.5)")
             print(f"    int8 file / float32 file                      = "
-                  f"{sizes['TFLite int8'] / sizes['TFLite float32 (ours)']:.0%} (target <= 27%)")
+                  f"{sizes['TFLite int8'] / sizes['TFLite float32 (ours)']:.1%} (target <= 27%)")
         print("\nnote: int8 top-1 agreement above is on synthetic images with random weights, whose logits are "
               "nearly tied; it says little about agreement on real images with trained weights.")
     return 0
