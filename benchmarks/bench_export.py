@@ -107,7 +107,7 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
             net(x_nchw)
 
     calls["timm PyTorch eager"] = eager
-    rows.append(("peer", "timm PyTorch eager", None))
+    rows.append(("peer", "timm PyTorch eager", "", None))
     onnx_path = os.path.join(tmp, f"{name}_torch.onnx")
     try:
         torch.onnx.export(net, (x_nchw,), onnx_path, opset_version=17, dynamo=False,
@@ -117,29 +117,22 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
         session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         feed = {"images": x_nchw.numpy()}
         calls["onnxruntime on torch.onnx.export"] = lambda: session.run(None, feed)
-        rows.append(("peer", "onnxruntime on torch.onnx.export", os.path.getsize(onnx_path)))
+        rows.append(("peer", "onnxruntime on torch.onnx.export", "", os.path.getsize(onnx_path)))
     except Exception as err:  # report, do not hide
-        rows.append(("peer", f"onnxruntime on torch.onnx.export: failed ({type(err).__name__}: {str(err)[:80]})", None))
+        rows.append(("peer", "onnxruntime on torch.onnx.export", f": failed ({type(err).__name__}: {str(err)[:80]})", None))
     if litert_torch_python:
         try:
-            from ai_edge_litert.interpreter import Interpreter
-
             peer = litert_torch_file(net, name, tmp, litert_torch_python)
-            interpreter = Interpreter(model_path=peer, num_threads=THREADS)
-            interpreter.allocate_tensors()
-            index = interpreter.get_input_details()[0]["index"]
-            interpreter.set_tensor(index, x_nchw.numpy())
-            interpreter.invoke()
-            out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+            runner = exporters.Runner(peer, THREADS)  # its input is NCHW, as the timm model's
+            nchw = x_nchw.numpy()
             with torch.no_grad():
-                expected = net(x_nchw).numpy()
-            calls["litert-torch TFLite"] = interpreter.invoke
-            rows.append(("peer", f"litert-torch TFLite (max|diff| vs timm {float(abs(out - expected).max()):.1e})",
-                         os.path.getsize(peer)))
+                diff = float(abs(runner(nchw) - net(x_nchw).numpy()).max())
+            calls["litert-torch TFLite"] = lambda: runner(nchw)
+            rows.append(("peer", "litert-torch TFLite", f" (max|diff| vs timm {diff:.1e})", os.path.getsize(peer)))
         except Exception as err:  # report, do not hide
-            rows.append(("peer", f"litert-torch TFLite: failed ({str(err)[:90]})", None))
+            rows.append(("peer", "litert-torch TFLite", f": failed ({str(err)[:90]})", None))
     else:
-        rows.append(("peer", "litert-torch TFLite: not installed (bash benchmarks/setup_litert_torch.sh)", None))
+        rows.append(("peer", "litert-torch TFLite", ": not installed (bash benchmarks/setup_litert_torch.sh)", None))
 
     held_out = synthetic_images(16, 224, seed=99)
     normalised = ((held_out / 255.0 - np.array(convmixer_tf.config.IMAGENET_MEAN))
@@ -155,7 +148,7 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
         agreement = float(np.mean(out.argmax(1) == reference.argmax(1)))
         max_abs = float(np.abs(out - reference).max())
         calls[label] = lambda: runner(x)
-        rows.append(("ours", f"{label} (max|diff| {max_abs:.1e}, top-1 agree {agreement:.0%})", _size(path)))
+        rows.append(("ours", label, f" (max|diff| {max_abs:.1e}, top-1 agree {agreement:.0%})", _size(path)))
 
     sm = exporters.export_saved_model(model, os.path.join(tmp, f"{name}_sm"))
     ours("SavedModel (TF)", sm)
@@ -168,7 +161,7 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
                                                 representative_data=lambda: (c[None] for c in calibration)))
     ours("ONNX on onnxruntime", exporters.export_onnx(model, os.path.join(tmp, f"{name}.onnx")))
     medians = turns_median_ms(calls, runs)
-    return [(side, label, medians.get(label.split(" (max")[0]), size) for side, label, size in rows]
+    return [(side, key, note, medians.get(key), size) for side, key, note, size in rows]
 
 
 def _size(path):
@@ -197,17 +190,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
             rows = bench_variant(name, args.runs, tmp, args.calibration_count, args.litert_torch_python)
-            by = {label.split(" (max")[0].split(": ")[0]: ms for _, label, ms, _ in rows}
+            by = {key: ms for _, key, _, ms, _ in rows}
             print(f"\n{name}: batch 1, 224 px, {THREADS} threads, median of {args.runs}; {cpu_description()}")
-            for side, label, ms, size in rows:
+            for side, key, note, ms, size in rows:
                 ms_text = f"{ms:9.1f} ms" if ms is not None else "      n/a"
                 size_text = f"{size / 1e6:8.1f} MB" if size else ""
-                print(f"  {side:<5} {label:<70} {ms_text} {size_text}")
+                print(f"  {side:<5} {key + note:<70} {ms_text} {size_text}")
             ort_ms = by.get("onnxruntime on torch.onnx.export")
             tfl, tfl_plain = by.get("TFLite float32 (ours)"), by.get("TFLite float32, plain graph")
             int8, onnx_ours = by.get("TFLite int8"), by.get("ONNX on onnxruntime")
             print("  ratios:")
-            sizes = {label.split(" (max")[0]: size for _, label, _, size in rows}
+            sizes = {key: size for _, key, _, _, size in rows}
             if ort_ms:
                 print(f"    our TFLite float32 / onnxruntime(torch.onnx) = {tfl / ort_ms:.2f} (target <= 1.0)")
                 print(f"    our ONNX / onnxruntime(torch.onnx)           = {onnx_ours / ort_ms:.2f} (target <= 1.0)")

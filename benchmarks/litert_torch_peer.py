@@ -34,7 +34,7 @@ def main(argv=None):
     tmp = f"{args.output}.partial"
     litert_torch.convert(net, sample).export(tmp)
     os.replace(tmp, args.output)
-    print(f"litert-torch {litert_torch.__version__ if hasattr(litert_torch, '__version__') else ''}: wrote {args.output}")
+    print(f"litert-torch {getattr(litert_torch, '__version__', '')}: wrote {args.output}")
     return 0
 
 

@@ -100,13 +100,14 @@ def test_tiled_depthwise_equals_native_for_even_and_odd_kernels():
         kernel = rng.normal(size=(k, k, 6, 1)).astype("float32")
         bias = rng.normal(size=6).astype("float32")
         ref = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME").numpy() + bias
-        plan = tile_plan(k, 25 if k % 2 else 9)
         xp = _pad_same(tf.constant(x), k)
-        np.testing.assert_allclose(_tiled_depthwise(xp, _kernel_tiles(kernel, plan), plan, 0, bias).numpy(), ref,
-                                   atol=1e-5, err_msg=f"k={k}")
-        # channels 2..3 alone, as one channel group of the graph
-        part = _tiled_depthwise(xp, _kernel_tiles(kernel[:, :, 2:4], plan), plan, 2, bias[2:4]).numpy()
-        np.testing.assert_allclose(part, ref[..., 2:4], atol=1e-5, err_msg=f"k={k} group")
+        for taps in (9, 25):
+            plan = tile_plan(k, taps)
+            got = _tiled_depthwise(xp, _kernel_tiles(kernel, plan), plan, 0, bias).numpy()
+            np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"k={k} taps={taps}")
+            # channels 2..3 alone, as one channel group of the graph
+            part = _tiled_depthwise(xp, _kernel_tiles(kernel[:, :, 2:4], plan), plan, 2, bias[2:4]).numpy()
+            np.testing.assert_allclose(part, ref[..., 2:4], atol=1e-5, err_msg=f"k={k} taps={taps} group")
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu"])

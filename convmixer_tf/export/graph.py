@@ -164,13 +164,9 @@ class InferenceGraph:
             if self.plan is None:
                 x = x + affine(self._act(self._spatial(x, dk, db, c)), ds, dt)
             else:  # dt is None here: _fold_batchnorm moved it into the 1x1 conv's bias
-                xp = _pad_same(x, self.config.kernel_size)
-                parts, start = [], 0
-                for g, tiles in enumerate(dk):
-                    width = int(tiles[0].shape[2])
-                    y = _tiled_depthwise(xp, [c(t) for t in tiles], self.plan, start, c(db[g]))
-                    parts.append(affine(self._act(y), None if ds is None else ds[g], None))
-                    start += width
+                xp, width = _pad_same(x, self.config.kernel_size), self.config.dim // len(dk)
+                parts = [affine(self._act(_tiled_depthwise(xp, [c(t) for t in tiles], self.plan, g * width, c(db[g]))),
+                                None if ds is None else ds[g], None) for g, tiles in enumerate(dk)]
                 x = x + (parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1))
             x = affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, c(pk), 1, "VALID"), c(pb))), ps, pt)
         if self.pooling == "avg":

@@ -55,10 +55,10 @@ def _gelu_in_fusable_form(proto) -> int:
     """Writes each erf GELU the way onnxruntime recognises it; returns how many.
 
     onnxruntime fuses x * 0.5 * (1 + erf(x / sqrt 2)) into one Gelu kernel only from
-    Div(x, sqrt 2) -> Erf -> Add(erf, 1) with scalar constants: TF's constant folding turns
-    the division into Mul(x, 1/sqrt 2), and its Add comes as Add(1, erf) with a [1,1,1,1] one. Unfused, 1536/20 ran five
-    elementwise ops per GELU, each reordering out of and back into onnxruntime's blocked
-    NCHWc layout. Both rewrites are exact up to one rounding of x / sqrt 2 (the file is
+    Div(x, sqrt 2) -> Erf -> Add(erf, 1) with scalar constants: TF's constant folding
+    turns the division into Mul(x, 1/sqrt 2), and its Add comes as Add(1, erf) with a
+    [1,1,1,1] constant. Unfused, 1536/20 ran five elementwise ops per GELU, each
+    reordering out of and back into onnxruntime's blocked NCHWc layout. Both rewrites are exact up to one rounding of x / sqrt 2 (the file is
     checked against Keras afterwards).
     """
     import numpy as np

@@ -1,9 +1,10 @@
 """TFLite files (float32, float16, dynamic-range, full int8) with builtin ops only.
 
 The graph is `InferenceGraph` with large depthwise kernels tiled (LiteRT's XNNPACK is
-slow on them) and, in float files, the depthwise branch run in channel groups; it goes through a SavedModel and TFLiteConverter with builtin ops
-only, so an op without a builtin fails the conversion instead of silently becoming
-a Flex op that plain LiteRT cannot run. The op list of every file is checked.
+slow on them) and, in float files, the depthwise branch run in channel groups. It goes
+through a SavedModel and TFLiteConverter with builtin ops only, so an op without a
+builtin fails the conversion instead of silently becoming a Flex op that plain LiteRT
+cannot run. The op list of every file is checked.
 """
 
 from __future__ import annotations
