@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := tf-cpu,timm,export,data,jax,notebooks,dev
+EXTRAS := tf-cpu,timm,export,mobile,data,jax,notebooks,dev
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install demo lint test test-slow test-all clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ demo: install
 	$(PY) -m weights_converter.demo demo/convmixer_768_32.pth
 	$(PY) -m weights_converter --torch-ckpt demo/convmixer_768_32.pth --export all --calibration-count 8 --force
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
 	$(PY) -m pytest -m "not slow"
 
 test-slow: install

@@ -33,10 +33,10 @@ def _status_kb(field):
 
 def measure_once(ckpt, out_dir):
     """Runs in a fresh process: returns (seconds, peak extra MB, rss after imports MB)."""
-    import weights_converter  # noqa: F401  (imports torch-safe first)
     import keras  # noqa: F401
     import torch  # noqa: F401
 
+    import weights_converter  # noqa: F401  (imports torch-safe first)
     from weights_converter.convert import convert_file
 
     baseline = _status_kb("VmRSS")

@@ -22,6 +22,8 @@ them, int8 top-1 agreement does (see the note printed).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -90,9 +92,13 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
 
     import convmixer_tf
     from convmixer_tf import export as exporters
+    from convmixer_tf.export import mobile
     from convmixer_tf.export.calibration import synthetic_images
-    from weights_converter.demo import randomize_batchnorm
+    from convmixer_tf.export.verify import as_output
+
+    mediapipe_installed = importlib.util.find_spec("mediapipe") is not None
     from weights_converter.convert import convert_state_dict
+    from weights_converter.demo import randomize_batchnorm
 
     torch.set_num_threads(THREADS)
     net = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=0).eval()
@@ -119,7 +125,8 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
         calls["onnxruntime on torch.onnx.export"] = lambda: session.run(None, feed)
         rows.append(("peer", "onnxruntime on torch.onnx.export", "", os.path.getsize(onnx_path)))
     except Exception as err:  # report, do not hide
-        rows.append(("peer", "onnxruntime on torch.onnx.export", f": failed ({type(err).__name__}: {str(err)[:80]})", None))
+        failed = f": failed ({type(err).__name__}: {str(err)[:80]})"
+        rows.append(("peer", "onnxruntime on torch.onnx.export", failed, None))
     if litert_torch_python:
         try:
             peer = litert_torch_file(net, name, tmp, litert_torch_python)
@@ -134,33 +141,43 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
     else:
         rows.append(("peer", "litert-torch TFLite", ": not installed (bash benchmarks/setup_litert_torch.sh)", None))
 
+    # Our files as the command lines write them: raw 0-255 RGB in (mean/std inside the
+    # graph), TFLite files ending in a softmax, with metadata.
+    app = convmixer_tf.rebuild(model, preprocessing=(convmixer_tf.config.IMAGENET_MEAN,
+                                                     convmixer_tf.config.IMAGENET_STD))
     held_out = synthetic_images(16, 224, seed=99)
-    normalised = ((held_out / 255.0 - np.array(convmixer_tf.config.IMAGENET_MEAN))
-                  / np.array(convmixer_tf.config.IMAGENET_STD)).astype(np.float32)
-    reference = model.predict(normalised, verbose=0)
+    reference = app.predict(held_out, verbose=0)
     calibration = synthetic_images(calibration_count, 224, seed=1)
-    calibration = ((calibration / 255.0 - np.array(convmixer_tf.config.IMAGENET_MEAN))
-                   / np.array(convmixer_tf.config.IMAGENET_STD)).astype(np.float32)
+    raw = held_out[:1]
+    image = mobile.frame(mobile.pixels(raw[0], raw_rgb=True)) if mediapipe_installed else None
 
     def ours(label, path):
         runner = exporters.Runner(path, THREADS)
-        out = runner(normalised)
-        agreement = float(np.mean(out.argmax(1) == reference.argmax(1)))
-        max_abs = float(np.abs(out - reference).max())
-        calls[label] = lambda: runner(x)
-        rows.append(("ours", label, f" (max|diff| {max_abs:.1e}, top-1 agree {agreement:.0%})", _size(path)))
+        out = runner(held_out)
+        expected = as_output(app, reference, runner.output)
+        agreement = float(np.mean(out.argmax(1) == expected.argmax(1)))
+        max_abs = float(np.abs(out - expected).max())
+        calls[label] = lambda: runner(raw)
+        rows.append(("ours", label, f" ({runner.output}, max|diff| {max_abs:.1e}, top-1 agree {agreement:.0%})",
+                     _size(path)))
+        if path.endswith(".tflite") and image is not None:  # what an app pays: MediaPipe's whole task graph
+            classifier = classifiers.enter_context(mobile.open_classifier(path, expected.shape[1]))
+            calls[label + ", MediaPipe classify()"] = lambda: classifier.classify(image)
+            rows.append(("ours", label + ", MediaPipe classify()", "", None))
 
-    sm = exporters.export_saved_model(model, os.path.join(tmp, f"{name}_sm"))
+    classifiers = contextlib.ExitStack()
+    sm = exporters.export_saved_model(app, os.path.join(tmp, f"{name}_sm"))
     ours("SavedModel (TF)", sm)
-    ours("TFLite float32, plain graph", exporters.export_tflite(model, os.path.join(tmp, f"{name}_plain.tflite"),
+    ours("TFLite float32, plain graph", exporters.export_tflite(app, os.path.join(tmp, f"{name}_plain.tflite"),
                                                                 tiled_depthwise=False))
-    ours("TFLite float32 (ours)", exporters.export_tflite(model, os.path.join(tmp, f"{name}.tflite")))
-    ours("TFLite dynamic-range", exporters.export_tflite(model, os.path.join(tmp, f"{name}_dyn.tflite"),
+    ours("TFLite float32 (ours)", exporters.export_tflite(app, os.path.join(tmp, f"{name}.tflite")))
+    ours("TFLite dynamic-range", exporters.export_tflite(app, os.path.join(tmp, f"{name}_dyn.tflite"),
                                                          quantization="dynamic"))
-    ours("TFLite int8", exporters.export_tflite(model, os.path.join(tmp, f"{name}_int8.tflite"), quantization="int8",
+    ours("TFLite int8", exporters.export_tflite(app, os.path.join(tmp, f"{name}_int8.tflite"), quantization="int8",
                                                 representative_data=lambda: (c[None] for c in calibration)))
-    ours("ONNX on onnxruntime", exporters.export_onnx(model, os.path.join(tmp, f"{name}.onnx")))
-    medians = turns_median_ms(calls, runs)
+    ours("ONNX on onnxruntime", exporters.export_onnx(app, os.path.join(tmp, f"{name}.onnx")))
+    with classifiers:
+        medians = turns_median_ms(calls, runs)
     return [(side, key, note, medians.get(key), size) for side, key, note, size in rows]
 
 
@@ -182,8 +199,9 @@ def main(argv=None):
     if args.litert_torch_python is None and os.path.exists(LITERT_TORCH_VENV_PYTHON):
         args.litert_torch_python = LITERT_TORCH_VENV_PYTHON
 
-    import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
     import tensorflow as tf
+
+    import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
 
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -207,10 +225,16 @@ def main(argv=None):
             if by.get("litert-torch TFLite"):
                 print(f"    our TFLite float32 / litert-torch TFLite      = {tfl / by['litert-torch TFLite']:.2f} "
                       "(target <= 0.7)")
-            print(f"    TFLite plain graph / ours                     = {tfl_plain / tfl:.2f} (speed-up of the tiled depthwise)")
+            print(f"    TFLite plain graph / ours                     = {tfl_plain / tfl:.2f} "
+                  "(speed-up of the tiled depthwise)")
             print(f"    TFLite float32 / int8                         = {tfl / int8:.2f} (target >= 2.5)")
             print(f"    int8 file / float32 file                      = "
                   f"{sizes['TFLite int8'] / sizes['TFLite float32 (ours)']:.1%} (target <= 27%)")
+            for key in ("TFLite float32 (ours)", "TFLite dynamic-range", "TFLite int8"):
+                app_ms = by.get(f"{key}, MediaPipe classify()")
+                if app_ms:
+                    print(f"    MediaPipe classify() / bare LiteRT, {key:<21} = {app_ms / by[key]:.2f} "
+                          f"({app_ms - by[key]:+.1f} ms)")
         print("\nnote: int8 top-1 agreement above is on synthetic images with random weights, whose logits are "
               "nearly tied; it says little about agreement on real images with trained weights.")
     return 0

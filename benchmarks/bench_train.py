@@ -118,7 +118,7 @@ def main(argv=None):
     for side in ("timm", "ours"):
         cmd = [sys.executable, os.path.abspath(__file__), "--only", side] + (argv if argv is not None else sys.argv[1:])
         run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-        line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((row for row in run.stdout.splitlines() if row.startswith("RESULT ")), None)
         if run.returncode != 0 or line is None:
             print(f"{side} failed:\n{run.stderr[-3000:]}", file=sys.stderr)
             return 1

@@ -20,10 +20,10 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=VARIANTS)
     args = parser.parse_args(argv)
 
-    import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
     import timm
     import torch
 
+    import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
     from weights_converter.demo import randomize_batchnorm
     from weights_converter.pipeline import convert_and_verify
 

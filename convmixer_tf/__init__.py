@@ -12,12 +12,14 @@ from convmixer_tf.config import (
     get_variant,
     list_variants,
 )
+from convmixer_tf.contract import ModelInfo, info_of, load_model, save_model
 
 __version__ = "0.1.0"
 
 _MODEL_API = ("ConvMixer", "build_features", "config_from_model", "create_model", "rebuild", "with_preprocessing")
 
-__all__ = ["VARIANTS", "ConvMixerConfig", "Preprocessing", "Variant", "get_variant", "list_variants", *_MODEL_API]
+__all__ = ["VARIANTS", "ConvMixerConfig", "ModelInfo", "Preprocessing", "Variant", "get_variant", "info_of",
+           "list_variants", "load_model", "save_model", *_MODEL_API]
 
 
 def __getattr__(name):

@@ -12,6 +12,10 @@ import dataclasses
 import math
 from typing import Tuple
 
+from convmixer_tf.common import floats, option
+
+GROUP = "augmentation"  # of the train command's options
+
 # torchvision's RandAugment spreads magnitudes over 31 bins (0..30); Keras' factor is
 # the fraction of the strongest setting.
 RANDAUGMENT_BINS = 30
@@ -33,15 +37,17 @@ class AugmentConfig:
             one of them with equal probability (timm's switch_prob 0.5).
     """
 
-    scale: Tuple[float, float] = (1.0, 1.0)
-    ratio: Tuple[float, float] = (1.0, 1.0)
-    hflip: bool = True
-    randaugment_n: int = 2
-    randaugment_m: int = 12
-    jitter: float = 0.0
-    erasing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    scale: Tuple[float, float] = option((1.0, 1.0), "RandomResizedCrop area range", type=floats(2),
+                                        metavar="MIN,MAX", group=GROUP)
+    ratio: Tuple[float, float] = option((1.0, 1.0), "RandomResizedCrop aspect ratios", type=floats(2),
+                                        metavar="MIN,MAX", group=GROUP)
+    hflip: bool = option(True, "no random horizontal flips", flag="--no-flip", group=GROUP)
+    randaugment_n: int = option(2, "RandAugment ops per image (0: off)", flag="--ra-n", group=GROUP)
+    randaugment_m: int = option(12, "RandAugment magnitude, 0-30", flag="--ra-m", group=GROUP)
+    jitter: float = option(0.0, "colour jitter strength", group=GROUP)
+    erasing: float = option(0.0, "random erasing probability", flag="--reprob", group=GROUP)
+    mixup: float = option(0.0, "mixup alpha (0: off)", group=GROUP)
+    cutmix: float = option(0.0, "cutmix alpha (0: off)", group=GROUP)
 
     def __post_init__(self):
         lo, hi = self.scale

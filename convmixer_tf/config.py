@@ -27,7 +27,8 @@ class ConvMixerConfig:
         kernel_size: spatial (depthwise) kernel k.
         patch_size: stem kernel and stride p.
         activation: "gelu" (exact, erf form) or "relu".
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; 0 for a network without a classifier head
+            (a feature extractor, as timm's num_classes=0).
         depthwise: True for the released models (groups=dim); False for the network
             printed in the paper's code listing, which has a full k x k conv there.
     """
@@ -43,8 +44,9 @@ class ConvMixerConfig:
     def __post_init__(self):
         for field in ("dim", "depth", "kernel_size", "patch_size", "num_classes"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+            least, words = (0, "an integer >= 0") if field == "num_classes" else (1, "a positive integer")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{field} must be {words}, got {value!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"

@@ -53,17 +53,81 @@ def eval_transform(image, preprocessing: Preprocessing, normalize: bool = True):
 def load_eval_images(directory, preprocessing: Preprocessing, limit: Optional[int] = None,
                      normalize: bool = True) -> Tuple[np.ndarray, List[str]]:
     """Reads and preprocesses the images of a folder into one NHWC float32 array."""
+    images, paths, _ = read_images(ImageSource(folder=os.fspath(directory)), preprocessing, limit, normalize)
+    return images, paths
+
+
+# --------------------------------------------------------------------------------------
+# Where images come from: one parser for every option that names images
+
+TFDS_PREFIX = "tfds:"
+SOURCE_SYNTAX = "DIR|tfds:NAME[:SPLIT]"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+    """An image folder (class sub-folders, DIR/train + DIR/val, or just images) or a
+    tensorflow-datasets set and split."""
+
+    folder: Optional[str] = None
+    tfds_name: Optional[str] = None
+    split: Optional[str] = None
+
+    def __str__(self):
+        if self.folder is not None:
+            return self.folder
+        return f"{TFDS_PREFIX}{self.tfds_name}" + (f":{self.split}" if self.split else "")
+
+
+def parse_source(text) -> ImageSource:
+    """`DIR` or `tfds:NAME[:SPLIT]` -> ImageSource; ValueError naming the syntax otherwise."""
+    text = os.fspath(text)
+    if not text.startswith(TFDS_PREFIX):
+        return ImageSource(folder=text)
+    name, _, split = text[len(TFDS_PREFIX):].partition(":")  # a split may hold ':' (train[:10%])
+    if not name:
+        raise ValueError(f"cannot read image source {text!r}: expected {SOURCE_SYNTAX}")
+    return ImageSource(tfds_name=name, split=split or None)
+
+
+def read_images(source: ImageSource, preprocessing: Preprocessing, count: Optional[int] = None,
+                normalize: bool = True, default_split: str = "validation") -> Tuple[np.ndarray, List[str], str]:
+    """The first `count` images of `source` with timm's eval transform, as one NHWC
+    float32 array; returns (images, their names, a description of where they came from).
+
+    A folder's images are taken recursively in sorted order; a tfds split (default
+    `default_split`) in its own order. Nothing is downloaded.
+    """
     import tensorflow as tf
 
-    paths = list_images(directory)[:limit]
-    images = []
-    for path in paths:
-        try:
-            raw = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        except tf.errors.OpError as err:
-            raise ValueError(f"cannot decode image {path}: {err.message.splitlines()[0]}") from None
-        images.append(eval_transform(raw, preprocessing, normalize).numpy())
-    return np.stack(images).astype(np.float32), paths
+    if source.folder is not None:
+        paths = list_images(source.folder)[:count]
+        raws = []
+        for path in paths:
+            try:
+                raws.append(tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False))
+            except tf.errors.OpError as err:
+                raise ValueError(f"cannot decode image {path}: {err.message.splitlines()[0]}") from None
+        names, description = paths, f"{source.folder} ({len(paths)} images)"
+    else:
+        split = source.split or default_split
+        raws = [example["image"] for example in _tfds_split(source.tfds_name, split).take(count or -1)]
+        names = [f"{source.tfds_name}:{split}[{i}]" for i in range(len(raws))]
+        description = f"{TFDS_PREFIX}{source.tfds_name}:{split} (first {len(raws)})"
+    if not raws:
+        raise ValueError(f"no images in {source}")
+    images = np.stack([eval_transform(raw, preprocessing, normalize).numpy() for raw in raws])
+    return images.astype(np.float32), names, description
+
+
+def _tfds_split(name, split):
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.load(name, split=split, shuffle_files=False, download=False)
+    except Exception as err:  # noqa: BLE001 - tfds raises many kinds for an unprepared set
+        raise ValueError(f"cannot load {TFDS_PREFIX}{name}:{split}: {' '.join(str(err).split())[:200]} "
+                         "(prepare it with tfds first; nothing is downloaded here)") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -86,6 +150,7 @@ class DataSource:
         train_size, val_size: number of examples.
         class_names: label names in label order.
         image_shape: (H, W) when every image has that size (such sets are cached), else None.
+        skipped: (file, reason) of the images that could not be decoded and were left out.
     """
 
     name: str
@@ -95,6 +160,7 @@ class DataSource:
     val_size: int
     class_names: List[str]
     image_shape: Optional[Tuple[int, int]] = None
+    skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -104,7 +170,7 @@ class DataSource:
 def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=None,
                  manual_dir=None, offline: bool = False, train_split: Optional[str] = None,
                  val_split: Optional[str] = None, val_fraction: float = 0.1,
-                 seed: int = 0) -> DataSource:
+                 seed: int = 0, strict_images: bool = False) -> DataSource:
     """Opens a tensorflow-datasets set by name, or an image folder (one folder per class).
 
     Args:
@@ -117,6 +183,9 @@ def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=
         train_split, val_split: tfds split names; default "train" and the first of
             validation / val / test that the set has. A val_split of "none" skips it.
         val_fraction: held-out share of a folder without a val/ subfolder.
+        strict_images: an image folder's files are all decoded once before use; one
+            that cannot be is left out (`DataSource.skipped`), or, with strict_images,
+            a ValueError naming it. tfds sets were decoded when tfds prepared them.
 
     Example:
         >>> source = open_dataset(data_dir="flowers/")           # doctest: +SKIP
@@ -124,9 +193,11 @@ def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=
     """
     if (dataset is None) == (data_dir is None):
         raise ValueError("give exactly one of --dataset (a tfds name) and --data-dir (an image folder)")
-    if data_dir is not None:
-        return _open_folder(os.fspath(data_dir), val_fraction, seed)
-    return _open_tfds(dataset, tfds_data_dir, manual_dir, offline, train_split, val_split)
+    source = parse_source(data_dir) if data_dir is not None else parse_source(
+        dataset if str(dataset).startswith(TFDS_PREFIX) else TFDS_PREFIX + dataset)
+    if source.folder is not None:
+        return _open_folder(source.folder, val_fraction, seed, strict_images)
+    return _open_tfds(source.tfds_name, tfds_data_dir, manual_dir, offline, train_split or source.split, val_split)
 
 
 def _class_folders(directory):
@@ -150,23 +221,28 @@ def _has_images(directory):
     return any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(directory) for f in files)
 
 
-def _open_folder(directory, val_fraction, seed):
+def _open_folder(directory, val_fraction, seed, strict_images=False):
     import tensorflow as tf
 
     if not os.path.isdir(directory):
         raise ValueError(f"--data-dir not found: {directory}")
     val_dir = next((os.path.join(directory, d) for d in ("val", "validation")
                     if os.path.isdir(os.path.join(directory, d))), None)
-    train_dir = os.path.join(directory, "train") if val_dir and os.path.isdir(os.path.join(directory, "train")) else directory
+    train_dir = os.path.join(directory, "train")
+    train_dir = train_dir if val_dir and os.path.isdir(train_dir) else directory
     classes = [c for c in _class_folders(train_dir) if _has_images(os.path.join(train_dir, c))]
     if len(classes) < 2:
         raise ValueError(
             f"--data-dir {directory} needs one sub-folder of images per class (at least 2), "
             f"found {len(classes)}")
     train_paths, train_labels = _folder_files(train_dir, classes)
-    if train_dir != directory:
-        val_paths, val_labels = _folder_files(val_dir, classes)
-    else:
+    val_paths, val_labels = _folder_files(val_dir, classes) if train_dir != directory else ([], [])
+    skipped = _unreadable_images(train_paths + val_paths, strict_images)
+    if skipped:
+        bad = {path for path, _ in skipped}
+        train_paths, train_labels = _without(bad, train_paths, train_labels)
+        val_paths, val_labels = _without(bad, val_paths, val_labels)
+    if train_dir == directory:
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         order = np.random.default_rng(seed).permutation(len(train_paths))
@@ -185,8 +261,52 @@ def _open_folder(directory, val_fraction, seed):
         name=directory,
         train=files_dataset(train_paths, train_labels),
         val=files_dataset(val_paths, val_labels) if val_paths else None,
-        train_size=len(train_paths), val_size=len(val_paths), class_names=classes,
+        train_size=len(train_paths), val_size=len(val_paths), class_names=classes, skipped=skipped,
     )
+
+
+def warn_skipped(source: DataSource, log, shown: int = 5) -> None:
+    """One warning line per image left out of `source` (the first `shown`), then a count."""
+    for path, reason in source.skipped[:shown]:
+        log(f"warning: left out unreadable image {path}: {reason}")
+    if len(source.skipped) > shown:
+        log(f"warning: left out {len(source.skipped) - shown} more unreadable images")
+
+
+def _without(bad, paths, labels):
+    kept = [(p, y) for p, y in zip(paths, labels) if p not in bad]
+    return [p for p, _ in kept], [y for _, y in kept]
+
+
+def _unreadable_images(paths, strict: bool) -> List[Tuple[str, str]]:
+    """(path, reason) of each file that does not decode; ValueError on the first with `strict`.
+
+    Every file is decoded once, in parallel threads (TensorFlow's decoders release the
+    GIL): an epoch must not die on a truncated file halfway through, and a file that
+    does not decode must be named, which a decode inside tf.data cannot do.
+    """
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 2)) as pool:
+        bad = [result for result in pool.map(_decode_error, paths) if result is not None]
+    if bad and strict:
+        path, reason = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(f"unreadable image {path}: {reason}{more}; without --strict-images such files are "
+                         "skipped with a warning")
+    return bad
+
+
+def _decode_error(path) -> Optional[Tuple[str, str]]:
+    import tensorflow as tf
+
+    try:
+        tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return None
+    except tf.errors.OpError as err:
+        # "{{function_node ...}} Invalid PNG data, size 1234 [Op:DecodeImage]" -> the middle
+        message = err.message.splitlines()[0].split("}} ")[-1].split(" [Op:")[0]
+        return path, message or type(err).__name__
 
 
 def _decode_file(path, label):

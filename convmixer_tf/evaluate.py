@@ -4,7 +4,7 @@
         --manual-dir ~/imagenet --offline
     python -m convmixer_tf.evaluate --model runs/c10/model.keras --dataset cifar10 --json
 
-Exit status: 0 done, 2 bad arguments or data.
+Exit status: 0 done, 2 bad arguments or data, 3 internal error.
 """
 
 from __future__ import annotations
@@ -14,19 +14,12 @@ import json
 import os
 import sys
 
+from convmixer_tf import common
 from convmixer_tf.config import list_variants
-from convmixer_tf.export.cli import start
-
-
-def _floats3(text):
-    values = tuple(float(v) for v in text.split(","))
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
-    return values
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = common.ArgumentParser(
         prog="python -m convmixer_tf.evaluate",
         description="Top-1 / top-5 accuracy and cross-entropy of a .keras model with timm's evaluation "
                     "transform (resize the shorter side to size/crop_pct, centre crop, mean/std). The "
@@ -36,7 +29,8 @@ def build_parser():
     p.add_argument("--model", required=True, metavar="MODEL.keras")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset", metavar="NAME", help="tensorflow-datasets name (cifar10, imagenet2012, ...)")
-    data.add_argument("--data-dir", metavar="DIR", help="image folder: DIR/val/<class>/* if present, else DIR/<class>/*")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="image folder: DIR/val/<class>/* if present, else DIR/<class>/*")
     p.add_argument("--split", metavar="SPLIT", help="tfds split (default validation, or test)")
     p.add_argument("--tfds-data-dir", metavar="DIR")
     p.add_argument("--manual-dir", metavar="DIR")
@@ -45,64 +39,89 @@ def build_parser():
     p.add_argument("--input-size", type=int)
     p.add_argument("--crop-pct", type=float)
     p.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest", "area"))
-    p.add_argument("--mean", type=_floats3, metavar="R,G,B", help="for a model without a preprocessing layer")
-    p.add_argument("--std", type=_floats3, metavar="R,G,B")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--output", metavar="FILE.json", help="also write the metrics here")
+    p.add_argument("--mean", type=common.floats(3), metavar="R,G,B", help="for a model without a preprocessing layer")
+    p.add_argument("--std", type=common.floats(3), metavar="R,G,B")
+    p.add_argument("--allow-class-mismatch", action="store_true",
+                   help="score even when the dataset's classes are not the model's (said in the output)")
+    p.add_argument("--strict-images", action="store_true",
+                   help="an image that does not decode is an error (default: left out with a warning, and counted)")
+    p.add_argument("--batch-size", type=common.positive(), default=64)
+    p.add_argument("--limit", type=common.positive(), help="only the first N images")
+    p.add_argument("--output", metavar="FILE.json",
+                   help="also write the metrics here (a new file, or an earlier one of this command)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="let TensorFlow and absl print their logs")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    log = start(args.quiet)
-    try:
-        if not os.path.isfile(args.model):
-            raise ValueError(f"--model not found: {args.model}")
-        if args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
-            raise ValueError("--batch-size and --limit must be positive")
-        import keras
+    return common.run_command(lambda log, console: _evaluate(args, log), quiet=args.quiet, verbose=args.verbose)
 
-        from convmixer_tf.data import open_dataset
-        from convmixer_tf.evaluation import evaluate, preprocessing_for
-        from convmixer_tf.model import config_from_model
 
-        try:
-            model = keras.models.load_model(args.model, compile=False)
-        except Exception as err:  # noqa: BLE001 - any reason the file does not load
-            raise ValueError(f"cannot load --model {args.model}: {str(err).splitlines()[0]}") from None
-        config_from_model(model)
-        preprocessing = preprocessing_for(
-            model, args.preset, input_size=args.input_size, crop_pct=args.crop_pct,
-            interpolation=args.interpolation, mean=args.mean, std=args.std)
-        if args.data_dir:
-            source = open_dataset(data_dir=args.data_dir, val_fraction=0.0)
-            dataset = source.val if source.val is not None else source.train
-        else:
-            source = open_dataset(args.dataset, tfds_data_dir=args.tfds_data_dir, manual_dir=args.manual_dir,
-                                  offline=args.offline, val_split=args.split)
-            if source.val is None:
-                raise ValueError(f"dataset {args.dataset!r} has no validation or test split; name one with --split")
-            dataset = source.val
-        log(f"evaluating {args.model} on {source.name} ({preprocessing.input_size} px, crop_pct "
-            f"{preprocessing.crop_pct}, {preprocessing.interpolation})")
-        metrics = evaluate(model, dataset, preprocessing, batch_size=args.batch_size, limit=args.limit, log=log)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    metrics.update(model=args.model, dataset=source.name)
-    log(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  "
-        f"({metrics['count']} images, {metrics['seconds']} s)")
+def _evaluate(args, log) -> int:
+    from convmixer_tf import contract
+    from convmixer_tf.data import warn_skipped
+    from convmixer_tf.evaluation import check_classes, evaluate, preprocessing_for
+
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(tmp, args.output)
+        check_metrics_output(args.output, inputs=[args.model, args.data_dir])
+    model = contract.load_model(args.model, role="--model")
+    preprocessing = preprocessing_for(
+        model, args.preset, input_size=args.input_size, crop_pct=args.crop_pct,
+        interpolation=args.interpolation, mean=args.mean, std=args.std)
+    source, dataset = _dataset(args)
+    classes = check_classes(model, source.class_names, args.allow_class_mismatch)
+    if classes.startswith(("class mismatch", "the model stores no")):
+        log(f"warning: {classes}")
+    warn_skipped(source, log)
+    log(f"evaluating {args.model} on {source.name} ({preprocessing.input_size} px, crop_pct "
+        f"{preprocessing.crop_pct}, {preprocessing.interpolation})")
+    metrics = evaluate(model, dataset, preprocessing, batch_size=args.batch_size, limit=args.limit, log=log)
+    metrics.update(model=args.model, dataset=source.name, classes=classes,
+                   skipped_images=[{"file": path, "reason": reason} for path, reason in source.skipped])
+    skipped = f", {len(source.skipped)} unreadable images left out" if source.skipped else ""
+    log(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  "
+        f"({metrics['count']} images{skipped}, {metrics['seconds']} s)")
+    if args.output:
+        common.write_json_atomic(args.output, metrics)
     if args.json:
         print(json.dumps(metrics, indent=2))
-    return 0
+    return common.EXIT_OK
+
+
+def check_metrics_output(path, inputs=()):
+    """--output may be a new file, or an earlier metrics file of this command (replaced);
+    anything else is refused (exit 2) before any work."""
+    common.check_inputs_outside(path, inputs)
+    if not os.path.lexists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ValueError(f"cannot write --output {path}: {parent} is not a writable folder")
+        return
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        earlier = None
+    if os.path.islink(path) or not (isinstance(earlier, dict) and {"top1", "top5", "count"} <= set(earlier)):
+        raise ValueError(f"--output {path} exists and is not an earlier metrics file of this command; "
+                         "it is not replaced: choose another --output")
+
+
+def _dataset(args):
+    """(DataSource, the split to score) of --data-dir or --dataset."""
+    from convmixer_tf.data import open_dataset
+
+    if args.data_dir:
+        source = open_dataset(data_dir=args.data_dir, val_fraction=0.0, strict_images=args.strict_images)
+        return source, source.val if source.val is not None else source.train
+    source = open_dataset(args.dataset, tfds_data_dir=args.tfds_data_dir, manual_dir=args.manual_dir,
+                          offline=args.offline, val_split=args.split)
+    if source.val is None:
+        raise ValueError(f"dataset {args.dataset!r} has no validation or test split; name one with --split")
+    return source, source.val
 
 
 if __name__ == "__main__":

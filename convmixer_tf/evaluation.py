@@ -10,26 +10,62 @@ from typing import Callable, Optional
 import keras
 import numpy as np
 
+from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, Preprocessing
 from convmixer_tf.data import eval_pipeline
 
 
 def preprocessing_for(model: keras.Model, preset: Optional[str] = None, **overrides) -> Preprocessing:
-    """The evaluation transform for `model`: a variant's (by `preset`, or the model's name
-    when it is a variant), else ImageNet's at the model's input size; then `overrides`
-    (input_size, crop_pct, interpolation, mean, std) where not None."""
-    name = preset or model.name
+    """The evaluation transform for `model`: a variant's (by `preset`), else the one stored
+    with the model; then `overrides` (input_size, crop_pct, interpolation, mean, std)
+    where not None."""
     if preset is not None and preset not in VARIANTS:
         raise ValueError(f"unknown preset {preset!r}; allowed values: {', '.join(VARIANTS)}")
-    base = VARIANTS[name].preprocessing if name in VARIANTS else Preprocessing()
-    size = model.input_shape[1]
-    if name not in VARIANTS and size:
-        base = dataclasses.replace(base, input_size=size)
+    base = VARIANTS[preset].preprocessing if preset else contract.info_of(model).preprocessing
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def check_classes(model: keras.Model, class_names, allow_mismatch: bool = False) -> str:
+    """Checks that the dataset's classes are the model's, in the same order; returns what
+    was found, for the report. ValueError (exit 2) on a mismatch unless `allow_mismatch`.
+
+    A model saved without class names (older files) is checked by class count only.
+    """
+    model_names = contract.info_of(model).class_names
+    count = model.output_shape[-1]
+    if model_names is None:
+        verdict = (f"the model stores no class names: the dataset's {len(class_names)} classes are assumed to be "
+                   "its classes, in order")
+        if len(class_names) == count:
+            return verdict
+        problem = f"the model has {count} classes, the dataset {len(class_names)}"
+    elif _same_classes(model_names, class_names):
+        return "the dataset's classes are the model's"
+    else:
+        problem = _difference(model_names, class_names)
+    if not allow_mismatch:
+        raise ValueError(f"class mismatch: {problem}; pass --allow-class-mismatch to score anyway")
+    return f"class mismatch allowed: {problem}"
+
+
+def _same_classes(model_names, data_names) -> bool:
+    if tuple(model_names) == tuple(data_names):
+        return True
+    # tfds' imagenet2012 names its classes by WordNet id (n01440764), a model by word (tench).
+    ids, words = contract.imagenet_class_ids(), contract.imagenet_class_names()
+    return ids is not None and tuple(data_names) == ids and tuple(model_names) == words
+
+
+def _difference(model_names, data_names) -> str:
+    if len(model_names) != len(data_names):
+        return f"the model has {len(model_names)} classes, the dataset {len(data_names)}"
+    first = next(i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b)
+    return (f"class {first} is {model_names[first]!r} in the model and {data_names[first]!r} in the dataset"
+            + ("" if set(model_names) != set(data_names) else " (same names, another order)"))
+
+
 def has_preprocessing(model: keras.Model) -> bool:
-    return any(layer.name == "preprocessing" for layer in model.layers)
+    return contract.has_preprocessing(model)
 
 
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict:

@@ -8,17 +8,21 @@ are deterministic (`stem_conv`, `block{i}_dw_conv`, ..., `head`) with `i` counte
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import keras
-import numpy as np
 
+from convmixer_tf import contract
 from convmixer_tf.config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ConvMixerConfig,
+    Preprocessing,
     get_variant,
 )
+from convmixer_tf.contract import HEAD, INPUT, POOLING_LAYERS, PREPROCESSING, block_layer
 
 # PyTorch BatchNorm2d defaults. Keras' own (1e-3, 0.99) would change the numbers.
 BN_EPSILON = 1e-5
@@ -69,8 +73,10 @@ def ConvMixer(
     """
     config = ConvMixerConfig(
         dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size,
-        activation=activation, num_classes=num_classes, depthwise=depthwise,
+        activation=activation, num_classes=num_classes if include_top else 0, depthwise=depthwise,
     )
+    if include_top and num_classes == 0:
+        raise ValueError("num_classes=0 means no classifier head: pass include_top=False")
     input_shape = _check_input_shape(input_shape, patch_size)
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -79,45 +85,45 @@ def ConvMixer(
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"mean and std need 3 values each, std > 0; got mean={mean!r}, std={std!r}")
 
-    inputs = keras.Input(shape=input_shape, name="images")
+    inputs = keras.Input(shape=input_shape, name=INPUT)
     x = inputs
     if include_preprocessing:
         x = _preprocessing_layer(mean, std)(x)
     x = build_features(x, config)
     if pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.GlobalAveragePooling2D(name=POOLING_LAYERS["avg"])(x)
     elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="max_pool")(x)
+        x = keras.layers.GlobalMaxPooling2D(name=POOLING_LAYERS["max"])(x)
     if include_top:
-        x = keras.layers.Dense(
-            num_classes, activation=classifier_activation, name="head"
-        )(x)
-    return keras.Model(inputs, x, name=name)
+        x = keras.layers.Dense(num_classes, activation=classifier_activation, name=HEAD)(x)
+    model = keras.Model(inputs, x, name=name)
+    size = input_shape[0] if input_shape[0] is not None and input_shape[0] == input_shape[1] else 224
+    pre = Preprocessing(input_size=size, mean=tuple(mean), std=tuple(std))
+    return contract.attach(model, contract.ModelInfo(config, pre))
 
 
 def build_features(x, config: ConvMixerConfig):
     """Applies the stem and the `depth` mixer blocks of `config` to tensor `x`."""
     act = config.activation  # Activation("gelu") is the exact erf form.
     x = keras.layers.Conv2D(
-        config.dim, config.patch_size, strides=config.patch_size, name="stem_conv"
+        config.dim, config.patch_size, strides=config.patch_size, name=contract.STEM_CONV
     )(x)
-    x = keras.layers.Activation(act, name="stem_act")(x)
-    x = _batch_norm("stem_bn")(x)
+    x = keras.layers.Activation(act, name=contract.STEM_ACT)(x)
+    x = _batch_norm(contract.STEM_BN)(x)
     for i in range(config.depth):
         shortcut = x
+        name = functools.partial(block_layer, i)
         if config.depthwise:
-            spatial = keras.layers.DepthwiseConv2D(
-                config.kernel_size, padding="same", name=f"block{i}_dw_conv")
+            spatial = keras.layers.DepthwiseConv2D(config.kernel_size, padding="same", name=name("dw_conv"))
         else:
-            spatial = keras.layers.Conv2D(
-                config.dim, config.kernel_size, padding="same", name=f"block{i}_dw_conv")
+            spatial = keras.layers.Conv2D(config.dim, config.kernel_size, padding="same", name=name("dw_conv"))
         x = spatial(x)
-        x = keras.layers.Activation(act, name=f"block{i}_dw_act")(x)
-        x = _batch_norm(f"block{i}_dw_bn")(x)
-        x = keras.layers.Add(name=f"block{i}_add")([x, shortcut])
-        x = keras.layers.Conv2D(config.dim, 1, name=f"block{i}_pw_conv")(x)
-        x = keras.layers.Activation(act, name=f"block{i}_pw_act")(x)
-        x = _batch_norm(f"block{i}_pw_bn")(x)
+        x = keras.layers.Activation(act, name=name("dw_act"))(x)
+        x = _batch_norm(name("dw_bn"))(x)
+        x = keras.layers.Add(name=name("add"))([x, shortcut])
+        x = keras.layers.Conv2D(config.dim, 1, name=name("pw_conv"))(x)
+        x = keras.layers.Activation(act, name=name("pw_act"))(x)
+        x = _batch_norm(name("pw_bn"))(x)
     return x
 
 
@@ -142,34 +148,31 @@ def create_model(name: str, **overrides) -> keras.Model:
         name=name,
     )
     kwargs.update(overrides)
-    return ConvMixer(**kwargs)
+    model = ConvMixer(**kwargs)
+    info = contract.info_of(model)
+    pre = variant.preprocessing
+    if "mean" in overrides or "std" in overrides:
+        pre = dataclasses.replace(pre, mean=tuple(kwargs["mean"]), std=tuple(kwargs["std"]))
+    return contract.attach(model, info.replace(preprocessing=_sized(pre, model), variant=name))
 
 
 def config_from_model(model: keras.Model) -> ConvMixerConfig:
-    """Reads the architecture back from a built ConvMixer (e.g. one loaded from .keras)."""
-    try:
-        stem = model.get_layer("stem_conv")
-        spatial = model.get_layer("block0_dw_conv")
-        act = model.get_layer("stem_act").get_config()["activation"]
-    except ValueError as err:
-        raise ValueError(f"model {model.name!r} is not a ConvMixer built by convmixer_tf: {err}") from None
-    depth = sum(1 for layer in model.layers if layer.name.endswith("_pw_conv"))
-    head = next((layer for layer in model.layers if layer.name == "head"), None)
-    return ConvMixerConfig(
-        dim=stem.filters,
-        depth=depth,
-        kernel_size=spatial.kernel_size[0],
-        patch_size=stem.kernel_size[0],
-        activation=act,
-        num_classes=head.units if head is not None else 1000,
-        depthwise=isinstance(spatial, keras.layers.DepthwiseConv2D),
-    )
+    """The architecture of a ConvMixer built here (or loaded from a .keras file):
+    stored with the model, or read from its layers for files saved before that was.
+    num_classes is 0 for a model without a classifier head."""
+    return contract.info_of(model).config
+
+
+def _sized(pre: Preprocessing, model) -> Preprocessing:
+    """`pre` at the model's input size, when the model has a fixed square one."""
+    h, w = model.input_shape[1:3]
+    return dataclasses.replace(pre, input_size=h) if h and h == w else pre
 
 
 def _preprocessing_layer(mean, std):
     # (x/255 - mean)/std folded into one multiply-add per channel.
     return keras.layers.Rescaling(
-        scale=[1.0 / (255.0 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)], name="preprocessing",
+        scale=[1.0 / (255.0 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)], name=PREPROCESSING,
     )
 
 
@@ -194,13 +197,13 @@ def _check_input_shape(input_shape, patch_size):
     return input_shape
 
 
-
-
-def rebuild(model: keras.Model, input_shape=None, preprocessing: Optional[Sequence[Sequence[float]]] = None) -> keras.Model:
+def rebuild(model: keras.Model, input_shape=None,
+            preprocessing: Optional[Sequence[Sequence[float]]] = None) -> keras.Model:
     """The same network with another input size and/or the preprocessing layer added.
 
     Weights are copied layer by layer (by name), so the result is a flat ConvMixer
-    graph like any other.
+    graph like any other; what is stored with the model (class names, preprocessing)
+    comes along.
 
     Args:
         model: a ConvMixer built by convmixer_tf.
@@ -212,25 +215,28 @@ def rebuild(model: keras.Model, input_shape=None, preprocessing: Optional[Sequen
         >>> app_model = rebuild(model, input_shape=(224, 224, 3),
         ...                     preprocessing=(IMAGENET_MEAN, IMAGENET_STD))  # doctest: +SKIP
     """
-    config = config_from_model(model)
-    names = {l.name: l for l in model.layers}
+    info = contract.info_of(model)
     kwargs = {}
-    if "preprocessing" in names:
-        kwargs = dict(include_preprocessing=True, **_layer_mean_std(names["preprocessing"]))
+    own = contract.preprocessing_mean_std(model)
+    if own is not None:
+        kwargs = dict(include_preprocessing=True, **own)
     elif preprocessing is not None:
         mean, std = preprocessing
         kwargs = dict(include_preprocessing=True, mean=mean, std=std)
-    pooling = "avg" if "avg_pool" in names else ("max" if "max_pool" in names else None)
-    head = names.get("head")
+    layers = contract.layers_by_name(model)
+    head = layers.get(HEAD)
     rebuilt = ConvMixer(
-        **config.to_dict(), input_shape=input_shape or model.input_shape[1:], include_top=head is not None,
-        pooling=pooling, classifier_activation=head.get_config()["activation"] if head else None,
+        **info.config.to_dict(), input_shape=input_shape or model.input_shape[1:], include_top=head is not None,
+        pooling=contract.pooling_of(model), classifier_activation=head.get_config()["activation"] if head else None,
         name=model.name, **kwargs,
     )
     for layer in model.layers:
         if layer.weights:
             rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
-    return rebuilt
+    pre = info.preprocessing
+    if "mean" in kwargs:
+        pre = dataclasses.replace(pre, mean=tuple(kwargs["mean"]), std=tuple(kwargs["std"]))
+    return contract.attach(rebuilt, info.replace(preprocessing=_sized(pre, rebuilt)))
 
 
 def with_preprocessing(model: keras.Model, mean: Sequence[float] = IMAGENET_MEAN,
@@ -238,9 +244,3 @@ def with_preprocessing(model: keras.Model, mean: Sequence[float] = IMAGENET_MEAN
     """The same network taking raw 0-255 RGB (see `rebuild`)."""
     return rebuild(model, preprocessing=(mean, std))
 
-
-def _layer_mean_std(layer):
-    scale = np.asarray(layer.scale, np.float64).reshape(-1)
-    offset = np.asarray(layer.offset, np.float64).reshape(-1)
-    std = 1.0 / (255.0 * scale)
-    return dict(mean=tuple(-offset * std), std=tuple(std))

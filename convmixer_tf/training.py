@@ -23,111 +23,22 @@ import math
 import os
 import shutil
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import keras
 import numpy as np
 
-from convmixer_tf.augment import AugmentConfig, Augmenter
-from convmixer_tf.config import VARIANTS, Preprocessing, get_variant
-from convmixer_tf.data import DataSource, eval_pipeline, open_dataset, train_pipeline
-from convmixer_tf.model import ConvMixer, _layer_mean_std, config_from_model
+from convmixer_tf import common, contract
+from convmixer_tf.augment import Augmenter
+from convmixer_tf.common import CheckFailed, write_json_atomic
+from convmixer_tf.config import Preprocessing, get_variant
+from convmixer_tf.data import DataSource, eval_pipeline, open_dataset, train_pipeline, warn_skipped
+from convmixer_tf.model import ConvMixer, config_from_model
+from convmixer_tf.recipe import DISTRIBUTIONS, PRECISIONS, TrainConfig  # noqa: F401  (TrainConfig: public here too)
 
-PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-SCHEDULES = ("onecycle", "cosine", "constant")
-DISTRIBUTIONS = ("auto", "none", "mirrored", "data-parallel")
 
-
-class TrainingError(RuntimeError):
+class TrainingError(CheckFailed):
     """The run started but cannot finish (diverged, ...): exit status 1."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything one training run needs. Defaults: the paper's CIFAR-10 recipe
-    (ConvMixer-256/8, batch 512, AdamW lr 0.05 wd 0.005, one-cycle, clip 1.0, 25 epochs).
-
-    Args:
-        variant: architecture from the variant table (ignored with `init`).
-        init: a `.keras` ConvMixer to start from (e.g. a converted checkpoint); its head
-            is replaced when the dataset has another number of classes.
-        dataset / data_dir / tfds_data_dir / manual_dir / offline / train_split /
-            val_split / val_fraction: the data, see `convmixer_tf.data.open_dataset`.
-        image_size: training resolution; default the variant's (or the init model's).
-        epochs, batch_size: global batch size, split over devices.
-        steps_per_epoch, val_steps: cap the steps (quick runs); default whole epochs.
-        lr, weight_decay, schedule, warmup_epochs, clip_norm, label_smoothing: the
-            optimiser (AdamW, global-norm clipping) and its learning rate over time.
-        backbone_lr_mult: learning-rate factor for every layer but the head.
-        freeze_backbone: train the head only (BatchNorm statistics frozen too).
-        augment: see `AugmentConfig`.
-        precision: "fp32", "bf16" or "fp16" (mixed; the head stays float32).
-        jit_compile: "auto" (Keras decides: off on CPU), True or False.
-        distribute: "auto", "none", "mirrored" (TensorFlow backend) or "data-parallel"
-            (JAX backend, keras.distribution).
-        output: the run's folder; force=True starts it over.
-    """
-
-    variant: str = "convmixer_256_8"
-    init: Optional[str] = None
-    dataset: Optional[str] = None
-    data_dir: Optional[str] = None
-    tfds_data_dir: Optional[str] = None
-    manual_dir: Optional[str] = None
-    offline: bool = False
-    train_split: Optional[str] = None
-    val_split: Optional[str] = None
-    val_fraction: float = 0.1
-    image_size: Optional[int] = None
-    epochs: int = 25
-    batch_size: int = 512
-    steps_per_epoch: Optional[int] = None
-    val_steps: Optional[int] = None
-    lr: float = 0.05
-    weight_decay: float = 0.005
-    schedule: str = "onecycle"
-    warmup_epochs: float = 0.0
-    clip_norm: Optional[float] = 1.0
-    label_smoothing: float = 0.0
-    backbone_lr_mult: float = 1.0
-    freeze_backbone: bool = False
-    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
-    precision: str = "fp32"
-    jit_compile: object = "auto"
-    distribute: str = "auto"
-    seed: int = 0
-    output: str = "runs/convmixer"
-    force: bool = False
-    tensorboard: bool = True
-    verbose: int = 1
-
-    def validate(self):
-        if self.init is None:
-            get_variant(self.variant)
-        elif not os.path.isfile(self.init):
-            raise ValueError(f"--init model not found: {self.init}")
-        for field in ("epochs", "batch_size"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)}")
-        for field in ("steps_per_epoch", "val_steps", "image_size"):
-            value = getattr(self, field)
-            if value is not None and value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.distribute not in DISTRIBUTIONS:
-            raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribute!r}")
-        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
-            raise ValueError("need lr > 0, weight_decay >= 0 and 0 <= label_smoothing < 1")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {self.clip_norm}")
-        if not 0 < self.backbone_lr_mult <= 1e3:
-            raise ValueError(f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------------------
@@ -259,26 +170,24 @@ def training_copy(source: keras.Model, num_classes: Optional[int] = None, image_
     preprocessing layer gets one with `preprocessing`'s mean and std.
     """
     arch = config_from_model(source)
-    layers = {layer.name: layer for layer in source.layers}
-    if "preprocessing" in layers:
-        norm = _layer_mean_std(layers["preprocessing"])
-    else:
-        preprocessing = preprocessing or Preprocessing()
-        norm = dict(mean=preprocessing.mean, std=preprocessing.std)
+    preprocessing = preprocessing or contract.info_of(source).preprocessing
+    norm = contract.preprocessing_mean_std(source) or dict(mean=preprocessing.mean, std=preprocessing.std)
     num_classes = num_classes or arch.num_classes
     size = image_size or source.input_shape[1]
     model = ConvMixer(**dict(arch.to_dict(), num_classes=num_classes), input_shape=(size, size, 3),
                       include_preprocessing=True, name=source.name, **norm)
     if keras.config.dtype_policy().name != "float32" or sync_batch_norm:
         model = _retyped(model, sync_batch_norm)
+    layers = contract.layers_by_name(source)
     for layer in model.layers:
         old = layers.get(layer.name)
         if old is None or not layer.weights:
             continue
-        if layer.name == "head" and num_classes != arch.num_classes:
+        if layer.name == contract.HEAD and num_classes != arch.num_classes:
             continue  # a new head, freshly initialised
         layer.set_weights(old.get_weights())
-    return model
+    info = contract.ModelInfo(arch.replace(num_classes=num_classes), dataclasses.replace(preprocessing, **norm))
+    return contract.attach(model, info)
 
 
 def _retyped(model, sync_batch_norm):
@@ -286,7 +195,7 @@ def _retyped(model, sync_batch_norm):
     # synchronised BatchNorm exists as a constructor flag only, hence the clone.
     def clone(layer):
         config = layer.get_config()
-        if layer.name == "head" and keras.config.dtype_policy().name != "float32":
+        if layer.name == contract.HEAD and keras.config.dtype_policy().name != "float32":
             config["dtype"] = "float32"
         if sync_batch_norm and isinstance(layer, keras.layers.BatchNormalization):
             config["synchronized"] = True
@@ -301,14 +210,13 @@ def float32_copy(model: keras.Model) -> keras.Model:
     keras.config.set_dtype_policy("float32")
     try:
         arch = config_from_model(model)
-        layers = {layer.name: layer for layer in model.layers}
-        norm = _layer_mean_std(layers["preprocessing"])
         plain = ConvMixer(**arch.to_dict(), input_shape=model.input_shape[1:], include_preprocessing=True,
-                          name=model.name, **norm)
+                          name=model.name, **contract.preprocessing_mean_std(model))
+        layers = contract.layers_by_name(model)
         for layer in plain.layers:
             if layer.weights:
                 layer.set_weights([np.asarray(w, np.float32) for w in layers[layer.name].get_weights()])
-        return plain
+        return contract.attach(plain, contract.info_of(model))
     finally:
         keras.config.set_dtype_policy(previous)
 
@@ -316,15 +224,8 @@ def float32_copy(model: keras.Model) -> keras.Model:
 def starting_model(config: TrainConfig):
     """(model to copy from, its Preprocessing) for `config`: the init file or a fresh variant."""
     if config.init is not None:
-        try:
-            model = keras.models.load_model(config.init, compile=False)
-        except Exception as err:  # noqa: BLE001 - any reason the file does not load
-            raise ValueError(f"cannot load --init {config.init}: {str(err).splitlines()[0]}") from None
-        config_from_model(model)  # a ConvMixer, or a ValueError naming the problem
-        # A converted checkpoint is named after the released variant it matches: its
-        # mean/std then, else ImageNet's (used only when the model has no preprocessing layer).
-        known = VARIANTS.get(model.name)
-        return model, known.preprocessing if known else Preprocessing()
+        model = contract.load_model(config.init, role="--init")
+        return model, contract.info_of(model).preprocessing
     variant = get_variant(config.variant)
     size = variant.preprocessing.input_size
     model = ConvMixer(**variant.config.to_dict(), input_shape=(size, size, 3), include_preprocessing=True,
@@ -334,7 +235,7 @@ def starting_model(config: TrainConfig):
 
 def freeze_backbone(model: keras.Model):
     for layer in model.layers:
-        if layer.name != "head":
+        if layer.name != contract.HEAD:
             layer.trainable = False
 
 
@@ -421,12 +322,27 @@ def read_history(path) -> list:
 # The run
 
 
+# What a run folder holds; --force replaces only a folder of these (config.json marks it).
+RUN_FILES = ("config.json", "backup", "checkpoint.weights.h5", "history.csv", "logs", "model.keras", "metrics.json")
+
+
+def run_folder_kind() -> common.OutputKind:
+    return common.OutputKind("convmixer_tf.train", "config.json", lambda: RUN_FILES,
+                             lambda settings: isinstance(settings, dict) and {"epochs", "batch_size"} <= set(settings))
+
+
 def _prepare_output(config: TrainConfig, log) -> bool:
-    """Creates or checks the output folder; True when an interrupted run is resumed."""
-    out = config.output
+    """Creates or checks the output folder; True when an interrupted run is resumed.
+
+    --force starts over only in a run folder of ours that holds none of the run's inputs;
+    anything else is refused (exit 2) with the name of what would be lost.
+    """
+    out = os.path.abspath(config.output)
     settings = {k: v for k, v in config.to_dict().items() if k not in ("force", "verbose", "output")}
     settings_path = os.path.join(out, "config.json")
-    if config.force and os.path.exists(out):
+    if config.force and os.path.lexists(out):
+        inputs = [config.init, config.data_dir, config.tfds_data_dir, config.manual_dir]
+        common.check_replaceable(out, run_folder_kind(), True, inputs)
         shutil.rmtree(out)
     if os.path.exists(os.path.join(out, "metrics.json")):
         raise ValueError(f"{out} already holds a finished run; use --force to start over or another --output")
@@ -442,17 +358,10 @@ def _prepare_output(config: TrainConfig, log) -> bool:
             log(f"resuming the interrupted run in {out}")
         return resumed
     if os.path.exists(out) and os.listdir(out):
-        raise ValueError(f"output {out} exists and is not a training run; use --force or another --output")
+        raise ValueError(f"output {out} exists and is not a training run; use another --output")
     os.makedirs(out, exist_ok=True)
-    _write_json(settings_path, settings)
+    common.write_json_atomic(settings_path, settings)
     return False
-
-
-def _write_json(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optional[DataSource] = None) -> dict:
@@ -470,28 +379,53 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optio
     source = source or open_dataset(
         config.dataset, config.data_dir, tfds_data_dir=config.tfds_data_dir, manual_dir=config.manual_dir,
         offline=config.offline, train_split=config.train_split, val_split=config.val_split,
-        val_fraction=config.val_fraction, seed=config.seed)
+        val_fraction=config.val_fraction, seed=config.seed, strict_images=config.strict_images)
+    warn_skipped(source, log)
     keras.utils.set_random_seed(config.seed)
-
     initial, preprocessing = starting_model(config)
     size = config.image_size or initial.input_shape[1] or preprocessing.input_size
-    eval_preprocessing = dataclasses.replace(preprocessing, input_size=size)
-    if source.image_shape is not None and tuple(source.image_shape) == (size, size):
-        eval_preprocessing = dataclasses.replace(eval_preprocessing, crop_pct=1.0)
-
     scope, replicas, kind = distribution(config.distribute)
-    if config.batch_size % replicas:
-        raise ValueError(f"batch_size {config.batch_size} does not split over {replicas} devices")
-    steps = source.train_size // config.batch_size
-    if steps == 0:
-        raise ValueError(f"batch_size {config.batch_size} is larger than the training set ({source.train_size})")
-    steps = min(steps, config.steps_per_epoch or steps)
+    steps = _steps_per_epoch(config, source, replicas)
     log(f"{source.name}: {source.train_size} training / {source.val_size} validation images, "
         f"{source.num_classes} classes; {size} px, batch {config.batch_size}, {steps} steps per epoch, "
         f"{replicas} device(s) ({kind}), {config.precision}")
     # Only now, with the data, the model and the devices checked: a bad argument leaves no folder.
     resumed = _prepare_output(config, log)
+    model = _training_model(config, initial, source, size, scope, kind, preprocessing, steps)
+    del initial
+    eval_preprocessing = _eval_preprocessing(preprocessing, size, source)
+    progress = Progress(config.batch_size, log, config.verbose)
+    started = time.perf_counter()
+    model.fit(_train_data(config, source, size), epochs=config.epochs, steps_per_epoch=steps,
+              validation_data=_val_data(config, source, eval_preprocessing),
+              callbacks=_callbacks(config, progress, log), verbose=config.verbose, shuffle=False)
+    final = float32_copy(model)
+    info = contract.info_of(final).replace(preprocessing=eval_preprocessing, class_names=tuple(source.class_names))
+    contract.save_model(final, os.path.join(config.output, "model.keras"), info)
+    metrics = _metrics(config, model, source, progress, started, resumed, replicas, kind, size)
+    shutil.rmtree(os.path.join(config.output, "backup"), ignore_errors=True)
+    write_json_atomic(os.path.join(config.output, "metrics.json"), metrics)
+    return metrics
 
+
+def _steps_per_epoch(config: TrainConfig, source: DataSource, replicas: int) -> int:
+    if config.batch_size % replicas:
+        raise ValueError(f"batch_size {config.batch_size} does not split over {replicas} devices")
+    steps = source.train_size // config.batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the training set ({source.train_size})")
+    return min(steps, config.steps_per_epoch or steps)
+
+
+def _eval_preprocessing(preprocessing: Preprocessing, size: int, source: DataSource) -> Preprocessing:
+    """timm's eval transform at the training size; no crop for a set of images already that size."""
+    pre = dataclasses.replace(preprocessing, input_size=size)
+    if source.image_shape is not None and tuple(source.image_shape) == (size, size):
+        pre = dataclasses.replace(pre, crop_pct=1.0)
+    return pre
+
+
+def _training_model(config, initial, source, size, scope, kind, preprocessing, steps):
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[config.precision])
     try:
@@ -503,22 +437,27 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optio
             compile_model(model, config, steps)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    del initial
+    return model
 
+
+def _train_data(config: TrainConfig, source: DataSource, size: int):
     augmenter = Augmenter(config.augment, size, source.num_classes, seed=config.seed)
-    train_ds = train_pipeline(source, augmenter, config.batch_size, seed=config.seed).repeat()
-    val_ds = None
-    if source.val is not None and source.val_size:
-        val_ds = eval_pipeline(source.val, eval_preprocessing, config.batch_size, num_classes=source.num_classes,
-                               cache=source.image_shape is not None and source.val_size * size * size * 3 < 1 << 30)
-        if config.val_steps:
-            val_ds = val_ds.take(config.val_steps)
+    return train_pipeline(source, augmenter, config.batch_size, seed=config.seed).repeat()
 
+
+def _val_data(config: TrainConfig, source: DataSource, preprocessing: Preprocessing):
+    if source.val is None or not source.val_size:
+        return None
+    size = preprocessing.input_size
+    val_ds = eval_pipeline(source.val, preprocessing, config.batch_size, num_classes=source.num_classes,
+                           cache=source.image_shape is not None and source.val_size * size * size * 3 < 1 << 30)
+    return val_ds.take(config.val_steps) if config.val_steps else val_ds
+
+
+def _callbacks(config: TrainConfig, progress, log) -> list:
     out = config.output
-    nan_guard = StopOnNaN(out)
-    progress = Progress(config.batch_size, log, config.verbose)
     callbacks = [
-        nan_guard,
+        StopOnNaN(out),
         progress,
         # The history row first, then the backup: a kill between them re-trains that
         # epoch and read_history keeps its last row, so no finished epoch is lost.
@@ -530,15 +469,12 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optio
         log("TensorBoard is not installed (pip install tensorboard): no logs/ written")
     elif config.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs")))
+    return callbacks
 
-    started = time.perf_counter()
-    model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps, validation_data=val_ds,
-              callbacks=callbacks, verbose=config.verbose, shuffle=False)
 
-    final = float32_copy(model)
-    _save_model_atomic(final, os.path.join(out, "model.keras"))
-    history = read_history(os.path.join(out, "history.csv"))
-    metrics = {
+def _metrics(config, model, source, progress, started, resumed, replicas, kind, size) -> dict:
+    history = read_history(os.path.join(config.output, "history.csv"))
+    return {
         "epochs": len(history),
         "final": history[-1] if history else {},
         "history": history,
@@ -553,15 +489,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optio
         "dataset": source.name,
         "num_classes": source.num_classes,
         "class_names": source.class_names,
+        "skipped_images": [{"file": path, "reason": reason} for path, reason in source.skipped],
         "image_size": size,
-        "model": os.path.join(out, "model.keras"),
+        "model": os.path.join(config.output, "model.keras"),
     }
-    shutil.rmtree(os.path.join(out, "backup"), ignore_errors=True)
-    _write_json(os.path.join(out, "metrics.json"), metrics)
-    return metrics
-
-
-def _save_model_atomic(model, path):
-    tmp = path[: -len(".keras")] + ".partial.keras"
-    model.save(tmp)
-    os.replace(tmp, path)

@@ -33,3 +33,20 @@ def randomize_batchnorm(model, seed=0):
                 rng.uniform(0.5, 2.0, n).astype("float32"),
             ])
     return model
+
+
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+
+def write_folder(root, per_class=24, size=(40, 48), seed=0, classes=COLOURS, names=None):
+    """One sub-folder per class; each class a noisy colour (learnable whatever the crop)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, colour in enumerate(classes):
+        folder = os.path.join(root, names[c] if names else f"class{c}")
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            img = np.clip(rng.normal(colour, 45, size + (3,)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(folder, f"{i}.png"))
+    return str(root)

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from torch_helpers import (
     TINY,
     directory_entries,
@@ -15,9 +14,9 @@ from torch_helpers import (
     timm_convmixer,
     torch,
 )
+
 from weights_converter import (
     CheckpointError,
-    MappingError,
     convert_checkpoint,
     infer_config,
     keras_to_state_dict,
@@ -134,7 +133,6 @@ def test_even_kernel_same_padding_matches(tmp_path):
 
 @pytest.mark.parametrize("layout", ["timm", "sequential"])
 def test_round_trip_keras_to_pytorch_strict(tmp_path, layout):
-    import keras
 
     net = timm_convmixer(activation="relu")
     model = convert_checkpoint(save_checkpoint(net.state_dict(), tmp_path / "a.pth"), activation="relu")
@@ -197,8 +195,15 @@ def test_existing_output_needs_force(tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert main(["--torch-ckpt", str(path), "--output", str(out), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err and (out / "keep.txt").exists()
-    assert main(["--torch-ckpt", str(path), "--output", str(out), "--quiet", "--force"]) == 0
-    assert directory_entries(out) == ["model.keras", "report.json"]
+    # --force replaces only what the converter wrote: a folder of the user's stays.
+    assert main(["--torch-ckpt", str(path), "--output", str(out), "--quiet", "--force"]) == 2
+    assert "keep.txt" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    assert main(["--torch-ckpt", str(path), "--output", str(ours), "--quiet"]) == 0
+    assert main(["--torch-ckpt", str(path), "--output", str(ours), "--quiet"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["--torch-ckpt", str(path), "--output", str(ours), "--quiet", "--force"]) == 0
+    assert directory_entries(ours) == ["model.keras", "report.json"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left
 
 

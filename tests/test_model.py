@@ -6,11 +6,11 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import TINY, randomize_batchnorm
 
 import convmixer_tf
 from convmixer_tf import ConvMixer, create_model, list_variants
 from convmixer_tf.config import IMAGENET_MEAN, IMAGENET_STD
-from conftest import TINY, randomize_batchnorm
 
 # timm's parameter counts (parameters only; BN running statistics are buffers there).
 TIMM_PARAMS = {
@@ -110,7 +110,7 @@ def test_get_config_from_config_round_trip():
     model = randomize_batchnorm(ConvMixer(**TINY, input_shape=(32, 32, 3), include_preprocessing=True))
     clone = keras.Model.from_config(model.get_config())
     clone.set_weights(model.get_weights())
-    assert [l.name for l in clone.layers] == [l.name for l in model.layers]
+    assert [layer.name for layer in clone.layers] == [layer.name for layer in model.layers]
     x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(model(x)))
     assert convmixer_tf.config_from_model(clone) == convmixer_tf.ConvMixerConfig(**TINY)

@@ -8,11 +8,11 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 import tensorflow as tf
+from conftest import COLOURS, write_folder
 
 from convmixer_tf import ConvMixer
 from convmixer_tf.augment import AugmentConfig, Augmenter, random_resized_crop
@@ -20,25 +20,17 @@ from convmixer_tf.config import Preprocessing
 from convmixer_tf.data import load_eval_images, open_dataset
 from convmixer_tf.evaluation import evaluate
 from convmixer_tf.training import (
-    BackboneScaledAdamW, OneCycle, TrainConfig, TrainingError, read_history, train, training_copy,
+    BackboneScaledAdamW,
+    OneCycle,
+    TrainConfig,
+    TrainingError,
+    read_history,
+    train,
+    training_copy,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_AUG = AugmentConfig(randaugment_n=0, hflip=False)
-COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
-
-
-def write_folder(root, per_class=24, size=(40, 48), seed=0, classes=COLOURS):
-    """One sub-folder per class; each class a noisy colour (learnable whatever the crop)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c, colour in enumerate(classes):
-        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
-        for i in range(per_class):
-            img = np.clip(rng.normal(colour, 45, size + (3,)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(os.path.join(root, f"class{c}", f"{i}.png"))
-    return str(root)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """python -m weights_converter: PyTorch ConvMixer checkpoint -> Keras, with parity proven.
 
-Exit codes: 0 success, 1 parity (or an export's verification) failed, 2 bad input.
+Exit codes: 0 success, 1 parity (or an export's verification) failed, 2 bad input,
+3 internal error.
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from convmixer_tf import common
+from convmixer_tf.export import registry
+from convmixer_tf.export.calibration import CALIBRATION_COUNT
+from convmixer_tf.export.mobile import phone_summary, top1_text
+from weights_converter.parity import DEFAULT_TOLERANCE
 
-EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = (common.EXIT_OK, common.EXIT_FAILED, common.EXIT_BAD_INPUT,
+                                                       common.EXIT_INTERNAL)
 
 EPILOG = """\
 examples:
@@ -29,70 +35,75 @@ released variant the shapes match (convmixer_768_32 is ReLU, the others GELU).
 
 Writes DIR/model.keras and DIR/report.json (plus exported files), all at once at the
 end: a failure leaves nothing behind. When parity fails DIR holds report.json alone.
-exit codes: 0 ok, 1 parity or export verification failed, 2 bad input.
+--force replaces only an earlier output of the converter.
+exit codes: 0 ok, 1 parity or export verification failed, 2 bad input, 3 internal error.
+
+export formats:
+{formats}
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     from convmixer_tf.config import ACTIVATIONS, list_variants
 
-    parser = argparse.ArgumentParser(
+    parser = common.ArgumentParser(
         prog="python -m weights_converter",
         description="Convert a PyTorch ConvMixer checkpoint to Keras and prove the two compute the same thing.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG.format(formats=registry.help_text()), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--torch-ckpt", required=True, metavar="FILE", help="checkpoint to convert")
     parser.add_argument("--variant", choices=list_variants(), metavar="NAME",
-                        help="released variant the checkpoint must be (sets the activation); one of: " + ", ".join(list_variants()))
+                        help="released variant the checkpoint must be (sets the activation); one of: "
+                             + ", ".join(list_variants()))
     parser.add_argument("--activation", choices=ACTIVATIONS,
                         help="activation of the Keras model (default: the matched variant's, else gelu)")
-    parser.add_argument("--use-ema", action="store_true", help="take the EMA weights (state_dict_ema) of a timm training checkpoint")
-    parser.add_argument("--output", metavar="DIR", help="output directory (default: next to the checkpoint, NAME_keras)")
+    parser.add_argument("--use-ema", action="store_true",
+                        help="take the EMA weights (state_dict_ema) of a timm training checkpoint")
+    parser.add_argument("--output", metavar="DIR",
+                        help="output directory (default: next to the checkpoint, NAME_keras)")
     parser.add_argument("--export", nargs="+", default=[], metavar="FORMAT",
-                        help="also write and verify: saved_model, tflite, tflite_float16, tflite_dynamic, tflite_int8, onnx, or all")
-    parser.add_argument("--calibration-data", metavar="DIR|tfds:NAME",
+                        help=f"also write and verify: {', '.join(registry.names())}, or all")
+    parser.add_argument("--labels", metavar="FILE",
+                        help="class names, one per line, in output order, stored with the model and packed "
+                             "into TFLite files (default: ImageNet-1k's for a 1000-class released variant)")
+    parser.add_argument("--tflite-logits", action="store_true",
+                        help="TFLite files output logits (default: probabilities, a softmax at the end)")
+    parser.add_argument("--calibration-data", metavar="DIR|tfds:NAME[:SPLIT]",
                         help="images for int8 calibration (default: synthetic data, which the report flags)")
-    parser.add_argument("--calibration-count", type=int, default=64, metavar="N",
-                        help="int8 calibration images (default 64; calibration runs ~seconds per image on a large model)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference of float32 logits (default 1e-4)")
-    parser.add_argument("--parity-images", metavar="DIR", help="also compare on these images (timm's eval preprocessing)")
-    parser.add_argument("--skip-parity", action="store_true", help="convert without the PyTorch run (no proof; for machines without torch)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--calibration-count", type=common.positive(), default=CALIBRATION_COUNT, metavar="N",
+                        help=f"int8 calibration images (default {CALIBRATION_COUNT}; calibration runs ~seconds per "
+                             "image on a large model)")
+    parser.add_argument("--tolerance", type=common.positive(float), default=DEFAULT_TOLERANCE,
+                        help=f"max abs difference of float32 logits (default {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--parity-images", metavar="DIR|tfds:NAME[:SPLIT]",
+                        help="also compare on these images (timm's eval preprocessing)")
+    parser.add_argument("--skip-parity", action="store_true",
+                        help="convert without the PyTorch run (no proof; for machines without torch)")
+    parser.add_argument("--force", action="store_true", help="replace an earlier output of the converter")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    parser.add_argument("--verbose", action="store_true",
+                        help="let TensorFlow, LiteRT, torch and absl print their logs")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from convmixer_tf.export import cli
+    return common.run_command(lambda log, console: _convert(args, log), quiet=args.quiet, verbose=args.verbose)
 
-    log = cli.start(args.quiet)
-    from convmixer_tf.export.tflite import ExportError
-    from weights_converter.checkpoint import CheckpointError
-    from weights_converter.mapping import MappingError
+
+def _convert(args, log) -> int:
     from weights_converter.pipeline import convert_and_verify
 
-    if args.calibration_count < 1:
-        return _fail(f"--calibration-count must be >= 1, got {args.calibration_count}")
-    if args.tolerance <= 0:
-        return _fail(f"--tolerance must be > 0, got {args.tolerance}")
-    try:
-        report = convert_and_verify(
-            args.torch_ckpt, output=args.output, variant=args.variant, activation=args.activation,
-            use_ema=args.use_ema, exports=args.export, tolerance=args.tolerance,
-            parity_images=args.parity_images, force=args.force, skip_parity=args.skip_parity,
-            calibration_data=args.calibration_data, calibration_count=args.calibration_count, log=log,
-        )
-    except ExportError as err:
-        return _fail(str(err), EXIT_PARITY)
-    except (CheckpointError, MappingError, ValueError, OSError) as err:
-        return _fail(str(err))
-    except KeyboardInterrupt:
-        return _fail("interrupted; nothing was written", EXIT_INTERNAL)
-
+    report = convert_and_verify(
+        args.torch_ckpt, output=args.output, variant=args.variant, activation=args.activation,
+        use_ema=args.use_ema, exports=args.export, tolerance=args.tolerance,
+        parity_images=args.parity_images, force=args.force, skip_parity=args.skip_parity,
+        calibration_data=args.calibration_data, calibration_count=args.calibration_count, log=log,
+        labels=args.labels, tflite_output="logits" if args.tflite_logits else "probabilities",
+    )
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report, indent=2, default=common.jsonable))
     else:
         _print_summary(report)
     return EXIT_OK if report["status"] == "ok" else EXIT_PARITY
@@ -105,20 +116,18 @@ def _print_summary(report):
         extra = ""
         if "max_abs" in row:
             top1 = row.get("top1_agreement")
-            extra = f"  max|diff| {row['max_abs']:.2e}" + (f"  top-1 {top1:.1%}" if top1 is not None else "")
+            extra = f"  {row['output']}  max|diff| {row['max_abs']:.2e}" + (
+                f"  top-1 {top1_text(row)}" if top1 is not None else "")
             if row.get("latency_ms") is not None:
                 extra += f"  {row['latency_ms']:.1f} ms"
+            if "mediapipe" in row:
+                extra += f"  {phone_summary(row)}"
         print(f"  {row['format']:<15} {row['path']:<22} {row['bytes'] / 1e6:8.1f} MB{extra}")
     if status == "parity_failed":
         parity = report["parity"]
         print(f"parity FAILED: max |logit diff| {parity['max_abs']:.3g} > tolerance {parity['tolerance']:.0e}; "
               f"first diverging stage: {parity['first_divergent_stage']}; "
               f"details in {os.path.join(report['output'], 'report.json')}")
-
-
-def _fail(message, code=EXIT_BAD_INPUT) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def _read_torch(path):
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*Check the documentation", str(err), re.S)
         if detail:
             message = f"unpickling error: {' '.join(detail.group(1).split())}"
-        raise CheckpointError(f"cannot read torch checkpoint {path} (truncated or not a torch file?): {message[:300]}") from None
+        raise CheckpointError(
+            f"cannot read torch checkpoint {path} (truncated or not a torch file?): {message[:300]}") from None
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -155,11 +156,13 @@ def _unwrap(raw, use_ema, path):
     if not isinstance(raw, dict) or not raw:
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a dict of tensors")
     keys = [k for k in raw if isinstance(k, str)]
+    shown = [k if isinstance(k, str) else repr(k) for k in raw][:10]  # what a message names
     if use_ema:
         for key in EMA_KEYS:
             if _is_tensor_dict(raw.get(key)):
                 return raw[key], key, sorted(k for k in keys if k != key)
-        raise CheckpointError(f"--use-ema: {path} has no EMA weights (looked for {', '.join(EMA_KEYS)}); it holds {keys[:10]}")
+        raise CheckpointError(f"--use-ema: {path} has no EMA weights (looked for {', '.join(EMA_KEYS)}); "
+                              f"it holds {shown}")
     for key in WRAPPER_KEYS:
         if _is_tensor_dict(raw.get(key)):
             return raw[key], key, sorted(k for k in keys if k != key)
@@ -167,11 +170,13 @@ def _unwrap(raw, use_ema, path):
         return raw, None, []
     tensors = {k: v for k, v in raw.items() if isinstance(k, str) and hasattr(v, "shape")}
     if not tensors:
+        named = "" if len(keys) == len(raw) else " (a state dict is keyed by parameter names, strings)"
         raise CheckpointError(
-            f"{path} holds no state dict: top-level keys {keys[:10]}, none of "
-            f"{', '.join(WRAPPER_KEYS)} with tensors in it"
+            f"{path} holds no state dict: top-level keys {shown}, none of "
+            f"{', '.join(WRAPPER_KEYS)} with tensors in it{named}"
         )
-    raise CheckpointError(f"{path}: top-level dict mixes tensors with non-tensor entries {sorted(set(keys) - set(tensors))[:10]}")
+    others = sorted(set(keys) - set(tensors))[:10]
+    raise CheckpointError(f"{path}: top-level dict mixes tensors with non-tensor entries {others}")
 
 
 def _strip_prefixes(tensors):

@@ -25,9 +25,11 @@ class Conversion:
     unused_keys: List[str]
     copied: int
     checkpoint: Optional[Checkpoint] = None
+    class_names_source: str = "none"  # "labels file", "ImageNet-1k (timm)" or "none"
 
     def summary(self) -> dict:
         return {
+            "class_names": self.class_names_source,
             "checkpoint": self.checkpoint.summary() if self.checkpoint else None,
             "layout": self.layout,
             "config": self.config.to_dict(),
@@ -45,6 +47,7 @@ def convert_state_dict(
     activation: Optional[str] = None,
     input_shape: Optional[Sequence[Optional[int]]] = None,
     layout: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
 ) -> Conversion:
     """Builds the Keras ConvMixer that `state_dict` describes and fills every weight.
 
@@ -55,13 +58,17 @@ def convert_state_dict(
         activation: "gelu" or "relu"; weights cannot tell which one was trained.
         input_shape: Keras input shape; default (None, None, 3), any size.
         layout: force "timm" or "sequential" instead of detecting it.
+        class_names: one name per class, stored with the model; default ImageNet-1k's for
+            a 1000-class released variant (from timm, when it is installed).
 
     Every Keras weight is filled exactly once, every tensor is used or reported, every
     shape is checked before anything is copied; an unexpected tensor is an error.
     """
     import convmixer_tf
+    from convmixer_tf import contract
 
     canonical, layout = mapping.to_canonical(state_dict, layout)
+    mapping.check_finite(canonical)
     config = mapping.infer_config(canonical, activation)
     matched = mapping.match_variant(config)
     source = "flag" if activation else ("variant" if matched else "default")
@@ -79,14 +86,40 @@ def convert_state_dict(
     rows, unused = mapping.plan(canonical, config, include_top)
     if unused:
         more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
-        raise mapping.MappingError(f"unexpected key {unused[0]!r}{more}: not part of a ConvMixer-{config.dim}/{config.depth}")
+        raise mapping.MappingError(
+            f"unexpected key {unused[0]!r}{more}: not part of a ConvMixer-{config.dim}/{config.depth}")
 
     model = convmixer_tf.ConvMixer(
         **config.to_dict(), input_shape=input_shape, include_top=include_top,
         pooling="avg", name=matched or "convmixer",
     )
     copied = _fill(model, rows, canonical)
-    return Conversion(model, config, layout, matched, source, include_top, unused, copied)
+    info = contract.info_of(model)
+    if matched:
+        info = info.replace(preprocessing=convmixer_tf.get_variant(matched).preprocessing, variant=matched)
+    names, names_source = _class_names(class_names, matched, config, include_top)
+    contract.attach(model, info.replace(class_names=names))
+    return Conversion(model, config, layout, matched, source, include_top, unused, copied,
+                      class_names_source=names_source)
+
+
+def _class_names(given, matched, config, include_top):
+    """(names, where they came from): given ones, else ImageNet-1k's for a released variant's
+    1000-class head."""
+    import convmixer_tf
+    from convmixer_tf import contract
+
+    if given is not None:
+        if not include_top:
+            raise mapping.MappingError("class names were given, but the checkpoint has no classifier head")
+        contract.check_class_names(tuple(given), config.num_classes)
+        return tuple(given), "labels file"
+    released = matched is not None and convmixer_tf.get_variant(matched).timm_name is not None
+    if released and include_top and config.num_classes == 1000:
+        names = contract.imagenet_class_names()
+        if names is not None:
+            return names, "ImageNet-1k (timm)"
+    return None, "none"
 
 
 def convert_checkpoint(path, variant=None, activation=None, use_ema=False, input_shape=None):
@@ -99,10 +132,12 @@ def convert_checkpoint(path, variant=None, activation=None, use_ema=False, input
     return convert_file(path, variant, activation, use_ema, input_shape).model
 
 
-def convert_file(path, variant=None, activation=None, use_ema=False, input_shape=None) -> Conversion:
+def convert_file(path, variant=None, activation=None, use_ema=False, input_shape=None,
+                 class_names=None) -> Conversion:
     """Like `convert_checkpoint`, returning the full `Conversion` record."""
     checkpoint = read_checkpoint(path, use_ema=use_ema)
-    conversion = convert_state_dict(checkpoint.state_dict, variant, activation, input_shape)
+    conversion = convert_state_dict(checkpoint.state_dict, variant, activation, input_shape,
+                                    class_names=class_names)
     conversion.checkpoint = checkpoint
     return conversion
 
@@ -139,10 +174,10 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
         >>> sd = keras_to_state_dict(model, framework="torch")  # doctest: +SKIP
         >>> timm.create_model("convmixer_768_32").load_state_dict(sd, strict=True)  # doctest: +SKIP
     """
-    import convmixer_tf
+    from convmixer_tf import contract
 
-    config = convmixer_tf.config_from_model(model)
-    include_top = any(layer.name == "head" for layer in model.layers)
+    config = contract.info_of(model).config
+    include_top = contract.has_head(model)
     out = {}
     for row in mapping.weight_table(config, include_top):
         value = np.asarray(getattr(model.get_layer(row.layer), row.weight).numpy(), dtype=np.float32)

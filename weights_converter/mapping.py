@@ -9,11 +9,13 @@ directions reads that table and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
 
 LAYOUTS = ("timm", "sequential")
@@ -62,18 +64,21 @@ def weight_table(config: ConvMixerConfig, include_top: bool = True) -> List[Row]
 
     def bn(layer, key):
         # PyTorch weight/bias/running_mean/running_var == Keras gamma/beta/moving_mean/moving_variance.
-        pairs = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"), ("moving_variance", "running_var"))
+        pairs = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
+                 ("moving_variance", "running_var"))
         return [Row(layer, w, f"{key}.{t}", "identity") for w, t in pairs]
 
-    rows = conv("stem_conv", "stem.0") + bn("stem_bn", "stem.2")
+    rows = conv(contract.STEM_CONV, "stem.0") + bn(contract.STEM_BN, "stem.2")
     spatial = "depthwise" if config.depthwise else "conv"
     for i in range(config.depth):
-        rows += conv(f"block{i}_dw_conv", f"blocks.{i}.0.fn.0", spatial)
-        rows += bn(f"block{i}_dw_bn", f"blocks.{i}.0.fn.2")
-        rows += conv(f"block{i}_pw_conv", f"blocks.{i}.1")
-        rows += bn(f"block{i}_pw_bn", f"blocks.{i}.3")
+        layer = functools.partial(contract.block_layer, i)
+        rows += conv(layer("dw_conv"), f"blocks.{i}.0.fn.0", spatial)
+        rows += bn(layer("dw_bn"), f"blocks.{i}.0.fn.2")
+        rows += conv(layer("pw_conv"), f"blocks.{i}.1")
+        rows += bn(layer("pw_bn"), f"blocks.{i}.3")
     if include_top:
-        rows += [Row("head", "kernel", "head.weight", "linear"), Row("head", "bias", "head.bias", "identity")]
+        rows += [Row(contract.HEAD, "kernel", "head.weight", "linear"),
+                 Row(contract.HEAD, "bias", "head.bias", "identity")]
     return rows
 
 
@@ -145,6 +150,17 @@ def from_canonical(state_dict: Dict[str, np.ndarray], layout: str, depth: int) -
 
 # --- config from shapes ----------------------------------------------------------
 
+def check_finite(state_dict: Dict[str, np.ndarray]) -> None:
+    """MappingError (exit 2) naming the first tensor that holds NaN or Inf: such weights
+    are damaged input, not a parity question."""
+    for key, value in state_dict.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            kinds = "/".join(k for k, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(value).any())
+            raise MappingError(f"tensor {key!r} holds {bad} non-finite value(s) ({kinds}): the checkpoint is damaged "
+                               "or its training diverged; nothing was converted")
+
+
 def _need(sd, key):
     if key not in sd:
         raise MappingError(f"missing key {key!r}: the checkpoint is incomplete or not a ConvMixer")
@@ -180,7 +196,7 @@ def infer_config(state_dict: Dict[str, np.ndarray], activation: Optional[str] = 
         )
     depthwise = spatial.shape[1] == 1 and dim > 1
     head = sd.get("head.weight")
-    num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
+    num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 0  # 0: no head
     base = ConvMixerConfig(dim=dim, depth=depth, kernel_size=int(spatial.shape[2]), patch_size=patch,
                            num_classes=num_classes, depthwise=depthwise)
     match = match_variant(base)

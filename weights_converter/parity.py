@@ -14,13 +14,15 @@ from typing import List, Optional
 
 import numpy as np
 
+from convmixer_tf import contract
+from convmixer_tf.common import CheckFailed
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
 from weights_converter import mapping
 
 DEFAULT_TOLERANCE = 1e-4
 
 
-class ParityError(RuntimeError):
+class ParityError(CheckFailed):
     """Keras and PyTorch disagree beyond the tolerance (exit code 1)."""
 
 
@@ -53,7 +55,8 @@ class ParityReport:
         verdict = "PASSED" if self.passed else "FAILED"
         top1 = "n/a" if self.top1_agreement is None else f"{self.top1_agreement:.1%}"
         text = (f"parity {verdict}: max |logit diff| {self.max_abs:.2e} (tolerance {self.tolerance:.0e}), "
-                f"max rel {self.max_rel:.2e}, top-1 agreement {top1} on {self.num_inputs} inputs; reference {self.reference}")
+                f"max rel {self.max_rel:.2e}, top-1 agreement {top1} on {self.num_inputs} inputs; "
+                f"reference {self.reference}")
         if self.first_divergent_stage:
             stage = next(s for s in self.stages if s.name == self.first_divergent_stage)
             text += f"; first diverging stage: {stage.name} (max abs diff {stage.max_abs:.3g})"
@@ -141,8 +144,9 @@ def check_parity(torch_model, keras_model, inputs: Optional[np.ndarray] = None, 
             hook.remove()
 
     stage_names = [name for name, _ in stage_modules]
-    keras_layers = ["stem_bn"] + [f"block{i}_pw_bn" for i in range(len(stage_names) - 1)]
-    probe = keras.Model(keras_model.input, [keras_model.get_layer(n).output for n in keras_layers] + [keras_model.output])
+    keras_layers = contract.stage_layers(len(stage_names) - 1)
+    outputs = [keras_model.get_layer(n).output for n in keras_layers] + [keras_model.output]
+    probe = keras.Model(keras_model.input, outputs)
     keras_outs = [keras.ops.convert_to_numpy(t) for t in probe(inputs, training=False)]
 
     stages = []
@@ -154,11 +158,11 @@ def check_parity(torch_model, keras_model, inputs: Optional[np.ndarray] = None, 
     final.diverged = final.max_abs > tolerance
     stages.append(final)
     top1 = None
-    if keras_out.ndim == 2 and keras_out.shape[1] > 1 and _has_head(keras_model):
+    if keras_out.ndim == 2 and keras_out.shape[1] > 1 and contract.has_head(keras_model):
         top1 = float(np.mean(keras_out.argmax(1) == torch_out.argmax(1)))
     first = next((s.name for s in stages if s.diverged), None)
     return ParityReport(
-        passed=not final.diverged and np.isfinite(keras_out).all(),
+        passed=bool(not final.diverged and np.isfinite(keras_out).all()),
         tolerance=tolerance, max_abs=final.max_abs, max_rel=final.max_rel, top1_agreement=top1,
         num_inputs=int(inputs.shape[0]), input_shape=list(inputs.shape[1:]), inputs=input_sets or [],
         stages=stages, first_divergent_stage=first, reference=reference,
@@ -172,10 +176,6 @@ def _diff(name, value, ref, tolerance) -> StageDiff:
     scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
     rel = max_abs / scale
     return StageDiff(name, max_abs, rel, bool(rel > tolerance or not np.isfinite(max_abs)))
-
-
-def _has_head(keras_model) -> bool:
-    return any(layer.name == "head" for layer in keras_model.layers)
 
 
 def _capture(store, name):

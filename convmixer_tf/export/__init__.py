@@ -1,114 +1,125 @@
-"""Exporters: SavedModel, TFLite (float32/float16/dynamic/int8) and ONNX, each verified.
+"""Exporters: every format of `registry` (SavedModel, TFLite float32/float16/dynamic/int8,
+ONNX), each file verified.
 
 Every file is loaded back by its own runtime (tf.saved_model, LiteRT, onnxruntime)
-and compared with the Keras model before it counts as written.
+and compared with the Keras model before it counts as written. Importing this package
+loads no TensorFlow; the writers do, when called.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Optional, Sequence
 
-from convmixer_tf.export.saved_model import export_saved_model
-from convmixer_tf.export.tflite import ExportError, export_tflite, export_tflite_files, op_names
-from convmixer_tf.export.onnx import export_onnx
-from convmixer_tf.export.verify import TOLERANCES, Runner, verify
+from convmixer_tf.export import registry
+from convmixer_tf.export.calibration import CALIBRATION_COUNT, VERIFY_COUNT
+from convmixer_tf.export.registry import ExportError, ExportFormat, ExportJob
+from convmixer_tf.export.verify import Runner, verify
 
-# format -> file or directory name inside the output directory
-FORMATS = {
-    "saved_model": "saved_model",
-    "tflite": "model.tflite",
-    "tflite_float16": "model_float16.tflite",
-    "tflite_dynamic": "model_dynamic.tflite",
-    "tflite_int8": "model_int8.tflite",
-    "onnx": "model.onnx",
+_LAZY = {
+    "export_saved_model": "convmixer_tf.export.saved_model",
+    "export_tflite": "convmixer_tf.export.tflite",
+    "op_names": "convmixer_tf.export.tflite",
+    "export_onnx": "convmixer_tf.export.onnx",
 }
-CALIBRATION_COUNT = 64
-VERIFY_COUNT = 8
 
-__all__ = ["FORMATS", "ExportError", "Runner", "check_formats", "export_formats", "export_onnx",
-           "export_saved_model", "export_tflite", "op_names", "verify"]
+__all__ = ["CALIBRATION_COUNT", "FORMATS", "VERIFY_COUNT", "ExportError", "ExportFormat", "ExportJob", "Runner",
+           "check_formats", "export_formats", "export_onnx", "export_saved_model", "export_tflite", "op_names",
+           "registry", "verify"]
+
+
+def __getattr__(name):
+    if name == "FORMATS":  # format name -> file or folder name inside the output folder
+        return {fmt.name: fmt.filename for fmt in registry.formats()}
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_formats(formats: Sequence[str]) -> list:
     """Validates format names ("all" expands to every format); keeps order, drops repeats."""
-    out = []
-    for name in formats:
-        names = list(FORMATS) if name == "all" else [name]
-        for n in names:
-            if n not in FORMATS:
-                raise ValueError(f"unknown export format {n!r}; allowed values: {', '.join(FORMATS)}, all")
-            if n not in out:
-                out.append(n)
-    return out
+    return [fmt.name for fmt in registry.resolve(formats)]
 
 
 def export_formats(model, directory, formats: Sequence[str], calibration_data: Optional[str] = None,
                    preprocessing=None, raw_rgb: bool = True, nchw: bool = False, opset: Optional[int] = None,
                    log: Callable[[str], None] = lambda m: None, calibration_count: int = CALIBRATION_COUNT,
-                   verify_count: int = VERIFY_COUNT, latency_runs: int = 10) -> list:
+                   verify_count: int = VERIFY_COUNT, latency_runs: int = 10, class_names=None,
+                   tflite_output: str = "probabilities") -> list:
     """Writes each format into `directory`, verifies it, returns one row per file.
 
     Args:
         model: a Keras ConvMixer (any input size: fixed to the preprocessing size here).
         directory: existing output directory.
-        formats: names from FORMATS (or "all").
+        formats: registered format names (or "all").
         calibration_data: image folder or "tfds:NAME[:SPLIT]" for int8 calibration and
             the held-out check images; None uses synthetic images (flagged in rows).
-        preprocessing: a `convmixer_tf.Preprocessing` (input size, mean/std).
+        preprocessing: a `convmixer_tf.Preprocessing` (input size, mean/std); default
+            the one stored with the model.
         raw_rgb: put (x/255 - mean)/std in every exported graph, so apps feed raw RGB.
         nchw: ONNX input as [N, 3, H, W].
+        class_names: the labels of TFLite files and the report; default those stored with
+            the model.
+        tflite_output: "probabilities" (TFLite files end in a softmax) or "logits".
 
     Raises ExportError when a file cannot be made or fails verification; files
     already written stay in `directory` (the CLIs write into a staging directory).
     """
-    from convmixer_tf.config import Preprocessing
     from convmixer_tf.export.calibration import load_images
+    from convmixer_tf.export.verify import keras_outputs
+
+    chosen = registry.resolve(formats)
+    job = prepare_job(model, preprocessing, raw_rgb, class_names, nchw=nchw, opset=opset,
+                      tflite_output=tflite_output)
+    calibrated = any(fmt.calibrated for fmt in chosen)
+    count = verify_count + (calibration_count if calibrated else 0)
+    images, source = load_images(calibration_data, job.info.preprocessing, count, raw_rgb=job.raw_rgb)
+    if len(images) <= verify_count and calibrated:
+        raise ValueError(f"{source}: {len(images)} images; int8 needs more than {verify_count} "
+                         f"(the last {verify_count} are held out from calibration)")
+    held_out, job.calibration, job.calibration_source = images[-verify_count:], images[:-verify_count], source
+    reference = keras_outputs(job.model, held_out)
+    inputs = f"{source}, last {len(held_out)} (held out from calibration)" if calibrated else source
+    try:
+        return [_export_one(fmt, job, directory, held_out, reference, inputs, latency_runs, log) for fmt in chosen]
+    finally:
+        job.close()
+
+
+def prepare_job(model, preprocessing=None, raw_rgb: bool = True, class_names=None, **options) -> ExportJob:
+    """The model at its export size (raw RGB in, when `raw_rgb`) and what goes with it."""
+    from convmixer_tf import contract
     from convmixer_tf.model import rebuild
 
-    formats = check_formats(formats)
-    pre = preprocessing or Preprocessing()
+    info = contract.info_of(model)
+    pre = preprocessing or info.preprocessing
     shape = model.input_shape[1:]
     if shape[0] is not None and shape[1] is not None:
         if shape[0] != shape[1]:
             raise ValueError(f"export needs a square input, the model takes {shape[:2]}")
-        pre = Preprocessing(shape[0], pre.crop_pct, pre.interpolation, pre.mean, pre.std)
+        pre = dataclasses.replace(pre, input_size=shape[0])
     size = pre.input_size
     export_model = rebuild(model, (size, size, 3), preprocessing=(pre.mean, pre.std) if raw_rgb else None)
-    raw = any(layer.name == "preprocessing" for layer in export_model.layers)
+    info = info.replace(preprocessing=pre, class_names=tuple(class_names) if class_names else info.class_names)
+    contract.attach(export_model, info)
+    return ExportJob(export_model, info, raw_rgb=contract.has_preprocessing(export_model), **options)
 
-    needs_calibration = "tflite_int8" in formats
-    count = verify_count + (calibration_count if needs_calibration else 0)
-    images, source = load_images(calibration_data, pre, count, raw_rgb=raw)
-    if len(images) <= verify_count and needs_calibration:
-        raise ValueError(f"{source}: {len(images)} images; int8 needs more than {verify_count} "
-                         f"(the last {verify_count} are held out from calibration)")
-    held_out, calibration = images[-verify_count:], images[:-verify_count]
-    reference = export_model.predict(held_out, verbose=0)
 
-    tflite_targets = {os.path.join(os.fspath(directory), FORMATS[n]): (None if n == "tflite" else n.split("_", 1)[1])
-                      for n in formats if n.startswith("tflite")}
-    rows = []
-    for name in formats:
-        path = os.path.join(os.fspath(directory), FORMATS[name])
-        log(f"  {name} -> {FORMATS[name]}")
-        if name == "saved_model":
-            export_saved_model(export_model, path)
-        elif name == "onnx":
-            export_onnx(export_model, path, nchw=nchw, **({"opset": opset} if opset else {}))
-        elif tflite_targets:  # every TFLite file from one traced graph, on the first TFLite format
-            export_tflite_files(export_model, tflite_targets,
-                                representative_data=lambda: (img[None] for img in calibration))
-            tflite_targets = {}
-        row = verify(path, export_model, held_out, tolerance=TOLERANCES.get(name), name=name,
-                     latency_runs=latency_runs, reference=reference)
-        row["path"] = FORMATS[name]
-        row["inputs"] = f"{source}, last {len(held_out)} (held out from calibration)" if needs_calibration else source
-        row["input"] = "raw RGB 0-255" if raw else "normalised"
-        if name.startswith("tflite"):
-            row["ops"] = op_names(path)
-        rows.append(row)
-        if not row["passed"]:
-            raise ExportError(f"{name}: {FORMATS[name]} differs from Keras by {row['max_abs']:.3g} "
-                              f"(tolerance {row['tolerance']})")
-    return rows
+def _export_one(fmt: ExportFormat, job: ExportJob, directory, held_out, reference, inputs, latency_runs, log) -> dict:
+    path = os.path.join(os.fspath(directory), fmt.filename)
+    log(f"  {fmt.name} -> {fmt.filename}")
+    fmt.write(job, path)
+    row = verify(path, job.model, held_out, tolerance=fmt.tolerance, name=fmt.name, latency_runs=latency_runs,
+                 reference=reference, job=job)
+    row["path"] = fmt.filename
+    row["inputs"] = inputs
+    row["input"] = "raw RGB 0-255" if job.raw_rgb else "normalised"
+    if row.get("problem"):
+        raise ExportError(f"{fmt.name}: {fmt.filename}: {row['problem']}")
+    if not row["passed"]:
+        raise ExportError(f"{fmt.name}: {fmt.filename} differs from Keras by {row['max_abs']:.3g} "
+                          f"(tolerance {row['tolerance']})")
+    return row

@@ -12,41 +12,34 @@ import numpy as np
 
 from convmixer_tf.config import Preprocessing
 
+# How many images int8 formats are calibrated on by default, and how many more are held
+# out to check every file (never used for calibration).
+CALIBRATION_COUNT = 64
+VERIFY_COUNT = 8
+
 
 def load_images(source: Optional[str], preprocessing: Preprocessing, count: int, raw_rgb: bool,
                 seed: int = 0) -> Tuple[np.ndarray, str]:
     """Returns (NHWC float32 images, description of where they came from).
 
     Args:
-        source: an image folder, "tfds:NAME" or "tfds:NAME:SPLIT", or None for
-            synthetic images (smooth random colour fields; fine for checking a file,
-            not for judging quantisation accuracy, and the description says so).
+        source: an image folder, "tfds:NAME" or "tfds:NAME:SPLIT" (see
+            `convmixer_tf.data.parse_source`), or None for synthetic images (smooth random
+            colour fields; fine for checking a file, not for judging quantisation
+            accuracy, and the description says so).
         preprocessing: input size, crop and mean/std of the model.
         count: how many images.
         raw_rgb: return 0-255 pixels instead of normalised ones.
     """
-    from convmixer_tf.data import eval_transform, load_eval_images
+    from convmixer_tf.data import parse_source, read_images
 
     if source is None:
         images = synthetic_images(count, preprocessing.input_size, seed)
         if not raw_rgb:
             images = (images / 255.0 - np.array(preprocessing.mean)) / np.array(preprocessing.std)
         return images.astype(np.float32), f"synthetic ({count} smooth random images, seed {seed})"
-    if source.startswith("tfds:"):
-        import tensorflow_datasets as tfds
-
-        _, name, *rest = source.split(":")
-        split = rest[0] if rest else "validation"
-        try:
-            ds = tfds.load(name, split=split, shuffle_files=False, download=False)
-        except Exception as err:
-            raise ValueError(f"cannot load {source}: {' '.join(str(err).split())[:200]} "
-                             "(prepare it with tfds first; nothing is downloaded here)") from None
-        images = [eval_transform(ex["image"], preprocessing, normalize=not raw_rgb).numpy()
-                  for ex in ds.take(count)]
-        return np.stack(images).astype(np.float32), f"{source} (first {len(images)})"
-    images, paths = load_eval_images(source, preprocessing, limit=count, normalize=not raw_rgb)
-    return images, f"{source} ({len(paths)} images)"
+    images, _, description = read_images(parse_source(source), preprocessing, count, normalize=not raw_rgb)
+    return images, description
 
 
 def synthetic_images(count: int, size: int, seed: int = 0) -> np.ndarray:

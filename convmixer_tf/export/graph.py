@@ -8,25 +8,55 @@ file made from it is run in its own runtime and compared with the Keras model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-from convmixer_tf.model import BN_EPSILON, config_from_model
+from convmixer_tf import contract
 
-# LiteRT's XNNPACK runs a depthwise kernel of up to 9 taps in one pass at memory
-# speed; 10-25 taps take a slower kernel, and more than 25 a multi-pass one that is
-# slower still (one 7x7 on 1x32x32x768, 2 threads: 7.6 ms, where the six tiles of
-# `tile_plan(7)` summed take 1.3 ms). Kernels larger than 5x5 are emitted as tiles.
+# LiteRT's XNNPACK runs a depthwise kernel of up to 9 taps in one pass; 10-25 taps take
+# a slower kernel, and more than 25 a multi-pass one that is slower still. Kernels
+# larger than 5x5 are therefore emitted as tiles of at most MAX_TILE_TAPS taps each
+# (bench_export and the README give the timings).
 FAST_DEPTHWISE_MAX = 5
 MAX_TILE_TAPS = 9
 
 
-def _bn_affine(layer):
+@dataclasses.dataclass
+class Conv:
+    kernel: object
+    bias: object
+
+
+@dataclasses.dataclass
+class Affine:
+    """What is left of a BatchNorm after its activation: x * scale + shift (None: skipped)."""
+
+    scale: object
+    shift: object
+
+
+@dataclasses.dataclass
+class Block:
+    """One mixer block. With a tile plan, dw.kernel is [group][tile] kernels and dw.bias,
+    dw_bn.scale are per channel group."""
+
+    dw: Conv
+    dw_bn: Affine
+    pw: Conv
+    pw_bn: Affine
+
+
+def _bn_affine(layer) -> Affine:
     gamma, beta, mean, var = (np.asarray(w, np.float64) for w in layer.get_weights())
     scale = gamma / np.sqrt(var + layer.epsilon)
-    return scale.astype(np.float32), (beta - mean * scale).astype(np.float32)
+    return Affine(scale.astype(np.float32), (beta - mean * scale).astype(np.float32))
+
+
+def _conv(layer) -> Conv:
+    return Conv(*(np.asarray(w, np.float32) for w in layer.get_weights()))
 
 
 class InferenceGraph:
@@ -49,57 +79,43 @@ class InferenceGraph:
             (Mul / Add) or "conv" (a 1x1 depthwise conv with bias). onnxruntime keeps
             a 1x1 grouped Conv in its blocked NCHWc layout and fuses the residual Add into
             it, while a broadcast Add sends every block back to NCHW and out again.
+        probabilities: end in softmax (unless the head already does).
     """
 
     def __init__(self, model, preprocessing: Optional[Sequence[Sequence[float]]] = None,
                  depthwise: str = "native", gelu: str = "builtin", variables: bool = False,
-                 affine: str = "ops", channel_groups: int = 1, tile_taps: int = MAX_TILE_TAPS):
+                 affine: str = "ops", channel_groups: int = 1, tile_taps: int = MAX_TILE_TAPS,
+                 probabilities: bool = False):
         if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf") or affine not in ("ops", "conv"):
             raise ValueError(f"depthwise must be native|tiled, gelu builtin|erf, affine ops|conv; "
                              f"got {depthwise!r}, {gelu!r}, {affine!r}")
-        self.affine = affine
-        self.config = config_from_model(model)
-        self.depthwise, self.gelu = depthwise, gelu
+        self.config = contract.info_of(model).config
+        self.depthwise, self.gelu, self.affine = depthwise, gelu, affine
         if channel_groups < 1 or self.config.dim % channel_groups:
             raise ValueError(f"channel_groups must divide the width {self.config.dim}, got {channel_groups}")
         self.input_shape = tuple(model.input_shape[1:])
-        layer = {l.name: l for l in model.layers}
-        self.pre = None
-        if "preprocessing" in layer:
-            pre = layer["preprocessing"]
-            self.pre = (np.asarray(pre.scale, np.float32).reshape(-1), np.asarray(pre.offset, np.float32).reshape(-1))
-        elif preprocessing is not None:
-            mean, std = (np.asarray(v, np.float64) for v in preprocessing)
-            self.pre = ((1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32))
+        self.pre = _input_affine(model, preprocessing)
         self.raw_rgb = self.pre is not None
-        w = lambda name: [np.asarray(v, np.float32) for v in layer[name].get_weights()]
-        self.stem = w("stem_conv") + list(_bn_affine(layer["stem_bn"]))  # kernel, bias, bn scale, bn shift
-        self.blocks = []
-        for i in range(self.config.depth):
-            self.blocks.append(w(f"block{i}_dw_conv") + list(_bn_affine(layer[f"block{i}_dw_bn"]))
-                               + w(f"block{i}_pw_conv") + list(_bn_affine(layer[f"block{i}_pw_bn"])))
-        self.pooling = "max" if "max_pool" in layer else ("avg" if "avg_pool" in layer else None)
-        self.head = w("head") if "head" in layer else None
-        self.head_activation = layer["head"].get_config()["activation"] if self.head else "linear"
+        layer = contract.layers_by_name(model)
+        self.stem, self.stem_bn = _conv(layer[contract.STEM_CONV]), _bn_affine(layer[contract.STEM_BN])
+        self.blocks = [Block(_conv(layer[contract.block_layer(i, "dw_conv")]),
+                             _bn_affine(layer[contract.block_layer(i, "dw_bn")]),
+                             _conv(layer[contract.block_layer(i, "pw_conv")]),
+                             _bn_affine(layer[contract.block_layer(i, "pw_bn")])) for i in range(self.config.depth)]
+        self.pooling = contract.pooling_of(model)
+        head = layer.get(contract.HEAD)
+        self.head = _conv(head) if head is not None else None
+        self.head_activation = head.get_config()["activation"] if head is not None else "linear"
+        if self.head_activation not in (None, "linear", "softmax"):
+            raise ValueError(f"classifier activation {self.head_activation!r} is not exportable")
+        self.softmax = self.head is not None and (probabilities or self.head_activation == "softmax")
         self._fold_batchnorm()
         self.plan = None
         if self.depthwise == "tiled" and self.config.depthwise and self.config.kernel_size > FAST_DEPTHWISE_MAX:
             self.plan = tile_plan(self.config.kernel_size, tile_taps)
-            split = lambda a: None if a is None else np.split(a, channel_groups, axis=-1)
-            for block in self.blocks:  # kernel, bias, scale: per channel group, the kernel per tile
-                block[0] = [_kernel_tiles(part, self.plan) for part in np.split(block[0], channel_groups, axis=2)]
-                block[1], block[2] = split(block[1]), split(block[2])
+            self.blocks = [_tiled(block, self.plan, channel_groups) for block in self.blocks]
         if variables:
-            # Weights as variables keep the traced graph small: a SavedModel of it saves
-            # and converts in seconds instead of serialising every weight into the GraphDef.
-            import tensorflow as tf
-
-            def wrap(a):
-                if isinstance(a, (list, tuple)):
-                    return type(a)(wrap(t) for t in a)
-                return None if a is None else tf.Variable(a, trainable=False)
-
-            self.stem, self.blocks, self.head, self.pre = wrap(self.stem), wrap(self.blocks), wrap(self.head), wrap(self.pre)
+            self._to_variables()
 
     def _fold_batchnorm(self):
         """Moves BatchNorm arithmetic into neighbouring convolutions where that is exact.
@@ -114,72 +130,97 @@ class InferenceGraph:
         """
         relu = self.config.activation == "relu"
 
-        def scale_into(kernel, bias, scale, channel_axis):
-            if not relu or scale is None or not np.all(scale > 0):
-                return kernel, bias, scale
-            shape = [1] * kernel.ndim
+        def scale_into(conv: Conv, bn: Affine, channel_axis: int):
+            if not relu or not np.all(bn.scale > 0):
+                return conv, bn
+            shape = [1] * conv.kernel.ndim
             shape[channel_axis] = -1
-            return (kernel.astype(np.float64) * scale.reshape(shape)).astype(np.float32), \
-                (bias.astype(np.float64) * scale).astype(np.float32), None
+            scale = bn.scale.astype(np.float64)
+            return (Conv((conv.kernel.astype(np.float64) * scale.reshape(shape)).astype(np.float32),
+                         (conv.bias.astype(np.float64) * scale).astype(np.float32)), Affine(None, bn.shift))
 
-        k, b, s, t = self.stem
-        self.stem = [*scale_into(k, b, s, 3), t]
+        self.stem, self.stem_bn = scale_into(self.stem, self.stem_bn, 3)
         depthwise_axis = 2 if self.config.depthwise else 3
-        for block in self.blocks:
-            dk, db, ds, dt, pk, pb, ps, pt = block
-            pb = (pb.astype(np.float64) + dt.astype(np.float64) @ pk[0, 0].astype(np.float64)).astype(np.float32)
-            dk, db, ds = scale_into(dk, db, ds, depthwise_axis)
-            pk, pb, ps = scale_into(pk, pb, ps, 3)
-            block[:] = [dk, db, ds, None, pk, pb, ps, pt]
+        for i, b in enumerate(self.blocks):
+            moved = b.dw_bn.shift.astype(np.float64) @ b.pw.kernel[0, 0].astype(np.float64)
+            pw = Conv(b.pw.kernel, (b.pw.bias.astype(np.float64) + moved).astype(np.float32))
+            dw, dw_bn = scale_into(b.dw, Affine(b.dw_bn.scale, None), depthwise_axis)
+            pw, pw_bn = scale_into(pw, b.pw_bn, 3)
+            self.blocks[i] = Block(dw, dw_bn, pw, pw_bn)
+
+    def _to_variables(self):
+        # Weights as variables keep the traced graph small: a SavedModel of it saves
+        # and converts in seconds instead of serialising every weight into the GraphDef.
+        import tensorflow as tf
+
+        self._variables = []
+
+        def wrap(value):
+            if isinstance(value, np.ndarray):
+                self._variables.append(tf.Variable(value, trainable=False))
+                return self._variables[-1]
+            if isinstance(value, list):
+                return [wrap(v) for v in value]
+            if dataclasses.is_dataclass(value):
+                return type(value)(*(wrap(getattr(value, f.name)) for f in dataclasses.fields(value)))
+            return value
+
+        self.stem, self.stem_bn, self.blocks, self.head, self.pre = (
+            wrap(self.stem), wrap(self.stem_bn), wrap(self.blocks), wrap(self.head), wrap(self.pre))
 
     @property
     def tf_variables(self) -> list:
-        import tensorflow as tf
-
-        def flat(a):
-            return [v for t in a for v in flat(t)] if isinstance(a, (list, tuple)) else [a]
-
-        return [v for v in flat([self.stem, self.blocks, self.head or [], self.pre or []]) if isinstance(v, tf.Variable)]
+        return list(getattr(self, "_variables", []))
 
     def __call__(self, x):
         import tensorflow as tf
 
-        c = lambda a: tf.constant(a) if isinstance(a, np.ndarray) else a
         if self.pre is not None:
-            x = x * c(self.pre[0]) + c(self.pre[1])
-
-        def affine(x, scale, shift):  # what is left of a BatchNorm after _fold_batchnorm
-            if self.affine == "conv" and (scale is not None or shift is not None):
-                kernel = tf.ones([1, 1, self.config.dim, 1]) if scale is None else tf.reshape(c(scale), [1, 1, -1, 1])
-                x = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")
-                return x if shift is None else tf.nn.bias_add(x, c(shift))
-            x = x if scale is None else x * c(scale)
-            return x if shift is None else x + c(shift)
-
-        k, b, s, t = self.stem
+            x = x * _c(self.pre.scale) + _c(self.pre.shift)
         p = self.config.patch_size
         # bias_add right after a conv, then the activation: the converter fuses both into it.
-        x = affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, c(k), p, "VALID"), c(b))), s, t)
-        for dk, db, ds, dt, pk, pb, ps, pt in self.blocks:
-            if self.plan is None:
-                x = x + affine(self._act(self._spatial(x, dk, db, c)), ds, dt)
-            else:  # dt is None here: _fold_batchnorm moved it into the 1x1 conv's bias
-                xp, width = _pad_same(x, self.config.kernel_size), self.config.dim // len(dk)
-                parts = [affine(self._act(_tiled_depthwise(xp, [c(t) for t in tiles], self.plan, g * width, c(db[g]))),
-                                None if ds is None else ds[g], None) for g, tiles in enumerate(dk)]
-                x = x + (parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1))
-            x = affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, c(pk), 1, "VALID"), c(pb))), ps, pt)
+        x = self._affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, _c(self.stem.kernel), p, "VALID"),
+                                                  _c(self.stem.bias))), self.stem_bn)
+        for block in self.blocks:
+            x = x + self._depthwise_branch(x, block)
+            pw = tf.nn.bias_add(tf.nn.conv2d(x, _c(block.pw.kernel), 1, "VALID"), _c(block.pw.bias))
+            x = self._affine(self._act(pw), block.pw_bn)
         if self.pooling == "avg":
             x = tf.reduce_mean(x, axis=[1, 2])
         elif self.pooling == "max":
             x = tf.reduce_max(x, axis=[1, 2])
         if self.head is not None:
-            x = tf.matmul(x, c(self.head[0])) + c(self.head[1])
-            if self.head_activation == "softmax":
+            x = tf.matmul(x, _c(self.head.kernel)) + _c(self.head.bias)
+            if self.softmax:
                 x = tf.nn.softmax(x)
-            elif self.head_activation not in (None, "linear"):
-                raise ValueError(f"classifier activation {self.head_activation!r} is not exportable")
         return x
+
+    def _depthwise_branch(self, x, block: Block):
+        import tensorflow as tf
+
+        if self.plan is None:
+            return self._affine(self._act(self._spatial(x, block.dw)), block.dw_bn)
+        # block.dw_bn.shift is None here: _fold_batchnorm moved it into the 1x1 conv's bias.
+        xp, width = _pad_same(x, self.config.kernel_size), self.config.dim // len(block.dw.kernel)
+        scales = block.dw_bn.scale
+        parts = [self._affine(self._act(_tiled_depthwise(xp, [_c(t) for t in tiles], self.plan, g * width,
+                                                          _c(block.dw.bias[g]))),
+                              Affine(None if scales is None else scales[g], None))
+                 for g, tiles in enumerate(block.dw.kernel)]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+
+    def _affine(self, x, bn: Affine):
+        import tensorflow as tf
+
+        if bn.scale is None and bn.shift is None:
+            return x
+        if self.affine == "conv":
+            channels = int(x.shape[-1])
+            kernel = tf.ones([1, 1, channels, 1]) if bn.scale is None else tf.reshape(_c(bn.scale), [1, 1, -1, 1])
+            x = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")
+            return x if bn.shift is None else tf.nn.bias_add(x, _c(bn.shift))
+        x = x if bn.scale is None else x * _c(bn.scale)
+        return x if bn.shift is None else x + _c(bn.shift)
 
     def _act(self, x):
         import tensorflow as tf
@@ -187,17 +228,44 @@ class InferenceGraph:
         if self.config.activation == "relu":
             return tf.nn.relu(x)
         if self.gelu == "erf":
-            # x / sqrt(2) as a Div: the pattern onnxruntime fuses into one Gelu kernel (with
-            # x * (1 / sqrt 2) it ran five elementwise ops, each leaving its NCHWc layout).
+            # x / sqrt(2) as a Div: the pattern onnxruntime fuses into one Gelu kernel (a
+            # multiplication by 1 / sqrt 2 is not matched, and each of the five unfused
+            # elementwise ops leaves its blocked NCHWc layout).
             return 0.5 * x * (1.0 + tf.math.erf(x / math.sqrt(2.0)))
         return tf.nn.gelu(x, approximate=False)
 
-    def _spatial(self, x, kernel, bias, c):
+    def _spatial(self, x, conv: Conv):
         import tensorflow as tf
 
         if not self.config.depthwise:
-            return tf.nn.bias_add(tf.nn.conv2d(x, c(kernel), 1, "SAME"), c(bias))
-        return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, c(kernel), [1, 1, 1, 1], "SAME"), c(bias))
+            return tf.nn.bias_add(tf.nn.conv2d(x, _c(conv.kernel), 1, "SAME"), _c(conv.bias))
+        return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, _c(conv.kernel), [1, 1, 1, 1], "SAME"), _c(conv.bias))
+
+
+def _c(value):
+    import tensorflow as tf
+
+    return tf.constant(value) if isinstance(value, np.ndarray) else value
+
+
+def _input_affine(model, preprocessing) -> Optional[Affine]:
+    """(x/255 - mean)/std as x * scale + shift: the model's own layer, else `preprocessing`."""
+    layer = contract.layers_by_name(model).get(contract.PREPROCESSING)
+    if layer is not None:
+        return Affine(np.asarray(layer.scale, np.float32).reshape(-1), np.asarray(layer.offset, np.float32).reshape(-1))
+    if preprocessing is None:
+        return None
+    mean, std = (np.asarray(v, np.float64) for v in preprocessing)
+    return Affine((1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32))
+
+
+def _tiled(block: Block, plan, groups: int) -> Block:
+    """The block with its depthwise kernel cut into the tiles of `plan`, per channel group."""
+    def split(a):
+        return None if a is None else np.split(a, groups, axis=-1)
+
+    kernels = [_kernel_tiles(part, plan) for part in np.split(block.dw.kernel, groups, axis=2)]
+    return Block(Conv(kernels, split(block.dw.bias)), Affine(split(block.dw_bn.scale), None), block.pw, block.pw_bn)
 
 
 def tile_plan(k: int, max_taps: int = MAX_TILE_TAPS) -> list:
@@ -219,7 +287,7 @@ def tile_plan(k: int, max_taps: int = MAX_TILE_TAPS) -> list:
     return plan
 
 
-def _kernel_tiles(kernel, plan):
+def _kernel_tiles(kernel, plan) -> List[np.ndarray]:
     """The sub-kernels of a (k, k, C, 1) depthwise kernel for the rectangles of `plan`."""
     return [np.ascontiguousarray(kernel[r:r + h, c:c + w]) for r, c, h, w in plan]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from convmixer_tf.export.registry import ExportFormat
+
 
 def export_saved_model(model, path, preprocessing=None) -> str:
     """Writes `model` as a TensorFlow SavedModel directory.
@@ -37,3 +39,28 @@ def export_saved_model(model, path, preprocessing=None) -> str:
     module.serving = serving
     tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": signature})
     return os.fspath(path)
+
+
+class SavedModelRunner:
+    output = "logits"
+
+    def __init__(self, path, threads: int = 2):
+        import tensorflow as tf
+
+        self._fn = tf.saved_model.load(os.fspath(path)).signatures["serving_default"]
+
+    def __call__(self, images):
+        return self._fn(images=images)["logits"].numpy()
+
+
+def _recognises(path) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb"))
+
+
+FORMATS = [
+    ExportFormat(
+        name="saved_model", filename="saved_model", aliases=("savedmodel",),
+        summary="TensorFlow SavedModel, signature serving_default: images -> logits, dynamic batch",
+        write=lambda job, path: export_saved_model(job.model, path), load=SavedModelRunner,
+        tolerance=1e-4, recognises=_recognises),
+]

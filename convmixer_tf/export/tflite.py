@@ -9,6 +9,7 @@ cannot run. The op list of every file is checked.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -16,56 +17,70 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from convmixer_tf.export.graph import InferenceGraph
-from convmixer_tf.model import config_from_model
+from convmixer_tf.common import write_atomic
+from convmixer_tf.export.metadata import Metadata, with_metadata
+from convmixer_tf.export.registry import ExportError, ExportFormat
 
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
 # How the tiled depthwise branch is laid out (InferenceGraph), by file type:
-# (channel groups, most taps per tile). Float files take 3x3-sized tiles (XNNPACK's
-# fastest depthwise kernel) in channel groups: 768/32 took 125 ms with 1 group, 114 with
-# 2, 112 with 4, 122 with 8 (1536/20: 324, 267 with 4, 280 with 8). int8 activations are
-# a quarter the size and stay in cache without groups; int8 files take tiles of up to 25
-# taps, as fast there (768/32: 47.1 ms vs 47.2 ms) in half as many convolutions, each of
-# which stores per-channel scales and zero points for its kernel and bias
-# (768/32: 23.4 MB instead of 25.3 MB).
+# (channel groups, most taps per tile). Float activations of a whole block overflow a
+# core's cache, so float files run the branch on channel slices small enough to stay in
+# it, with tiles XNNPACK runs in one pass (<= 9 taps). int8 activations are a quarter the
+# size and need no slicing; there, tiles of up to 25 taps run as fast and, being half as
+# many, store half the per-channel quantisation parameters. bench_export measures both.
 TILING = {"float": (4, 9), "int8": (1, 25)}
-
-
-class ExportError(RuntimeError):
-    """An export produced no valid file (the message says why)."""
+# What a file's metadata says of the weights' terms: this code is Apache-2.0; the weights are not ours.
+LICENSE = "code: Apache-2.0 (convmixer-tf); weights: the licence of the checkpoint they come from"
+# The output of full-integer files: quantised uint8, which MediaPipe reads with the file's
+# scale and zero point (it refuses int8 outputs).
+INT8_OUTPUT = "uint8"
 
 
 def export_tflite(model, path, quantization: Optional[str] = None,
                   representative_data: Optional[Callable[[], Iterable[np.ndarray]]] = None,
-                  preprocessing=None, batch_size: int = 1, tiled_depthwise: bool = True) -> str:
-    """Converts `model` to a .tflite file of builtin ops.
+                  preprocessing=None, batch_size: int = 1, tiled_depthwise: bool = True,
+                  output: str = "probabilities", class_names=None) -> str:
+    """Converts `model` to a .tflite file of builtin ops, with TFLite metadata.
 
     Args:
         model: a Keras ConvMixer with a fixed input size.
         path: file to write.
         quantization: None (float32), "float16", "dynamic" (int8 weights) or "int8"
             (full integer: int8 weights and activations, uint8 input when the graph
-            takes raw pixels, int8 otherwise; int8 output).
+            takes raw pixels, int8 otherwise; uint8 output).
         representative_data: for "int8": a callable returning an iterable of single
             NHWC float32 samples (batch 1) in the file's input space.
         preprocessing: (mean, std) to bake raw 0-255 RGB -> normalised input into the graph.
         batch_size: fixed batch of the file.
         tiled_depthwise: emit k x k depthwise convolutions (k > 5) as the small tiles of
             `graph.tile_plan` (XNNPACK is slow on large depthwise kernels).
+        output: "probabilities" (a softmax at the end, what apps show) or "logits".
+        class_names: the labels packed into the file; default those stored with the model.
 
     Example:
         >>> export_tflite(model, "model.tflite")  # doctest: +SKIP
     """
     return export_tflite_files(model, {path: quantization}, representative_data, preprocessing,
-                               batch_size, tiled_depthwise)[0]
+                               batch_size, tiled_depthwise, output, class_names)[0]
 
 
 def export_tflite_files(model, targets, representative_data=None, preprocessing=None, batch_size: int = 1,
-                        tiled_depthwise: bool = True) -> list:
-    """Writes several .tflite files ({path: quantization}), tracing the graph once per tile size."""
-    import tensorflow as tf
+                        tiled_depthwise: bool = True, output: str = "probabilities", class_names=None) -> list:
+    """Writes several .tflite files ({path: quantization}), tracing the graph once per tile layout."""
+    _check_targets(model, targets.values(), representative_data)
+    traces = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, quantization in targets.items():
+            layout = _tiling(model, quantization)
+            if layout not in traces:
+                traces[layout] = trace(model, os.path.join(tmp, str(len(traces))), layout, preprocessing,
+                                       batch_size, tiled_depthwise, output, class_names)
+            write_file(path, traces[layout], quantization, representative_data)
+    return [os.fspath(path) for path in targets]
 
-    for quantization in targets.values():
+
+def _check_targets(model, quantizations, representative_data):
+    for quantization in quantizations:
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         if quantization == "int8" and representative_data is None:
@@ -74,28 +89,73 @@ def export_tflite_files(model, targets, representative_data=None, preprocessing=
     if None in shape:
         raise ValueError(f"TFLite export needs a fixed input size; the model takes {shape}: "
                          "rebuild it with input_shape=(H, W, 3)")
-    written = []
-    dim = config_from_model(model).dim
 
-    def tiling(quantization):
-        groups, taps = TILING["int8" if quantization == "int8" else "float"]
-        return math.gcd(dim, groups), taps
 
-    for groups, taps in sorted({tiling(q) for q in targets.values()}):  # one traced graph per layout
-        group = {p: q for p, q in targets.items() if tiling(q) == (groups, taps)}
-        graph = InferenceGraph(model, preprocessing, depthwise="tiled" if tiled_depthwise else "native",
-                               variables=True, channel_groups=groups, tile_taps=taps)
-        fn = tf.function(graph, input_signature=[tf.TensorSpec([batch_size, *shape], tf.float32, name="images")])
-        with tempfile.TemporaryDirectory() as tmp:
-            module = tf.Module()
-            module.weights = graph.tf_variables
-            tf.saved_model.save(module, tmp, signatures={"serving_default": _named_output(fn)})
-            for path, quantization in group.items():
-                flatbuffer = _convert(tmp, quantization, representative_data, graph.raw_rgb)
-                check_builtin_ops(flatbuffer)
-                _write_atomic(path, flatbuffer)
-                written.append(os.fspath(path))
-    return written
+def _tiling(model, quantization) -> tuple:
+    from convmixer_tf.model import config_from_model
+
+    groups, taps = TILING["int8" if quantization == "int8" else "float"]
+    return math.gcd(config_from_model(model).dim, groups), taps
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """A traced inference graph, ready for the converter, and what its files say of it."""
+
+    directory: str
+    raw_rgb: bool
+    metadata: Metadata
+
+
+def trace(model, directory, layout, preprocessing=None, batch_size=1, tiled_depthwise=True,
+          output="probabilities", class_names=None) -> Traced:
+    """Saves the inference graph of `model` (tile layout (groups, taps)) as a SavedModel in
+    `directory`, the converter's input."""
+    import tensorflow as tf
+
+    from convmixer_tf.export.graph import InferenceGraph
+
+    groups, taps = layout
+    graph = InferenceGraph(model, preprocessing, depthwise="tiled" if tiled_depthwise else "native",
+                           variables=True, channel_groups=groups, tile_taps=taps,
+                           probabilities=output == "probabilities")
+    output = "probabilities" if graph.softmax else "logits"
+    fn = tf.function(graph, input_signature=[tf.TensorSpec([batch_size, *model.input_shape[1:]], tf.float32,
+                                                           name="images")])
+    module = tf.Module()
+    module.weights = graph.tf_variables
+    tf.saved_model.save(module, directory, signatures={"serving_default": _named_output(fn, output)})
+    return Traced(directory, graph.raw_rgb, file_metadata(model, graph.raw_rgb, preprocessing, output, class_names))
+
+
+def file_metadata(model, raw_rgb, preprocessing=None, output="probabilities", class_names=None) -> Metadata:
+    """The metadata of a TFLite file of `model`: its facts (contract.info_of), the input
+    normalisation a client applies, and the class names (given, else stored)."""
+    import convmixer_tf
+    from convmixer_tf import contract
+
+    info = contract.info_of(model)
+    names = tuple(class_names) if class_names is not None else info.class_names
+    if names is not None:
+        contract.check_class_names(names, info.config.num_classes)
+    mean, std = (0.0,) * 3, (1.0,) * 3  # raw 0-255 RGB in: nothing for the client to do
+    if not raw_rgb:
+        mean, std = preprocessing if preprocessing is not None else (info.preprocessing.mean, info.preprocessing.std)
+        mean, std = tuple(255.0 * m for m in mean), tuple(255.0 * s for s in std)
+    c = info.config
+    description = (f"ConvMixer-{c.dim}/{c.depth} (kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}) "
+                   f"image classifier, {c.num_classes} classes, {output}; input {model.input_shape[1]} px RGB")
+    return Metadata(name=info.variant or model.name, description=description,
+                    version=f"convmixer-tf {convmixer_tf.__version__}", license=LICENSE,
+                    size=int(model.input_shape[1]), mean=mean, std=std, output=output, class_names=names)
+
+
+def write_file(path, traced: Traced, quantization, representative_data=None) -> str:
+    """Converts a `trace` to one .tflite file of builtin ops, with metadata, written atomically."""
+    flatbuffer = _convert(traced.directory, quantization, representative_data, traced.raw_rgb)
+    check_builtin_ops(flatbuffer)
+    write_atomic(path, with_metadata(flatbuffer, traced.metadata))
+    return os.fspath(path)
 
 
 def _convert(saved_model_dir, quantization, representative_data, raw_rgb) -> bytes:
@@ -110,22 +170,33 @@ def _convert(saved_model_dir, quantization, representative_data, raw_rgb) -> byt
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif quantization == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([np.asarray(s, np.float32)] for s in representative_data())
+        converter.representative_dataset = lambda: _calibration_samples(representative_data, raw_rgb)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8 if raw_rgb else tf.int8
-        converter.inference_output_type = tf.int8
+        converter.inference_output_type = getattr(tf, INT8_OUTPUT)
     try:
         return converter.convert()
     except Exception as err:
         raise ExportError(f"TFLite conversion failed: {' '.join(str(err).split())[:500]}") from None
 
 
-def _named_output(fn):
+def _calibration_samples(representative_data, raw_rgb):
+    """The converter's representative dataset. With raw RGB in, the first sample gets one
+    black and one white pixel: the input's quantisation is then exactly scale 1, zero
+    point 0, so an app's raw uint8 pixels are what the model expects."""
+    for i, sample in enumerate(representative_data()):
+        sample = np.array(sample, np.float32)
+        if raw_rgb and i == 0:
+            sample[0, 0, 0, :], sample[0, 0, 1, :] = 0.0, 255.0
+        yield [sample]
+
+
+def _named_output(fn, output="logits"):
     import tensorflow as tf
 
     @tf.function(input_signature=fn.input_signature)
     def serving(images):
-        return {"logits": fn(images)}
+        return {output: fn(images)}
 
     return serving.get_concrete_function()
 
@@ -147,13 +218,84 @@ def check_builtin_ops(flatbuffer) -> None:
         raise ExportError(f"the TFLite file would need ops plain LiteRT cannot run: {', '.join(flex)}")
 
 
-def _write_atomic(path, data: bytes):
-    path = os.fspath(path)
-    tmp = f"{path}.partial"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+class TFLiteRunner:
+    """Runs a .tflite file in LiteRT on float32 NHWC batches; quantised inputs and
+    outputs are (de)quantised with the file's own parameters."""
+
+    def __init__(self, path, threads: int = 2):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(model_path=os.fspath(path), num_threads=threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        signatures = self._interpreter.get_signature_list()
+        outputs = next(iter(signatures.values()), {}).get("outputs", []) if signatures else []
+        self.output = "probabilities" if outputs == ["probabilities"] else "logits"
+        self.output_step = float(self._output["quantization"][0])  # 0 for a float output
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        batch = int(self._input["shape"][0])
+        return np.concatenate([self._run(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+    def _run(self, x):
+        dtype = self._input["dtype"]
+        if dtype != np.float32:  # quantised input: q = x / scale + zero_point
+            scale, zero = self._input["quantization"]
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+        self._interpreter.set_tensor(self._input["index"], x)
+        self._interpreter.invoke()
+        y = self._interpreter.get_tensor(self._output["index"])
+        if self._output["dtype"] != np.float32:
+            scale, zero = self._output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y
+
+
+def _writer(quantization):
+    def write(job, path):
+        _check_targets(job.model, [quantization], job.calibration_samples)
+        layout = _tiling(job.model, quantization)
+        traced = job.shared(("tflite", layout), lambda: trace(
+            job.model, os.path.join(job.scratch(), f"tflite-{layout[0]}-{layout[1]}"), layout,
+            output=job.tflite_output))
+        return write_file(path, traced, quantization, job.calibration_samples if quantization == "int8" else None)
+
+    return write
+
+
+def _describe(path, check=None) -> dict:
+    """Its ops, its labels, whether the GPU delegate takes it, and what MediaPipe makes of it."""
+    from convmixer_tf.export.metadata import packed_labels, read_metadata
+    from convmixer_tf.export.mobile import gpu_compatibility, mediapipe_check
+
+    labels = packed_labels(path)
+    row = {"ops": op_names(path), "metadata": read_metadata(path) is not None,
+           "labels": len(labels) if labels is not None else None, "gpu_delegate": gpu_compatibility(path)}
+    if check is not None:
+        pre = check.info.preprocessing
+        row["mediapipe"] = mediapipe_check(path, check.runner, check.model, check.inputs, check.raw_rgb,
+                                           check.tolerance, check.info.class_names, (pre.mean, pre.std))
+        if "problem" in row["mediapipe"]:
+            row["problem"] = row["mediapipe"]["problem"]
+    return row
+
+
+def _format(name, filename, quantization, summary, tolerance=None, aliases=()):
+    return ExportFormat(name=name, filename=filename, summary=summary, write=_writer(quantization),
+                        load=TFLiteRunner, tolerance=tolerance, aliases=aliases, calibrated=quantization == "int8",
+                        describe=_describe, recognises=lambda path: os.fspath(path).endswith(".tflite"),
+                        quantize=quantization)
+
+
+FORMATS = [
+    _format("tflite", "model.tflite", None, "TFLite float32, builtin ops only (LiteRT; XNNPACK on CPU)",
+            tolerance=1e-4, aliases=("tflite_float32",)),
+    _format("tflite_float16", "model_float16.tflite", "float16", "TFLite with float16 weights", tolerance=1e-2,
+            aliases=("tflite_fp16",)),
+    _format("tflite_dynamic", "model_dynamic.tflite", "dynamic",
+            "TFLite dynamic-range: int8 weights, float activations"),
+    _format("tflite_int8", "model_int8.tflite", "int8",
+            "TFLite full integer: int8 weights and activations, uint8 raw-RGB input (calibrated)"),
+]

@@ -47,5 +47,6 @@ print(json.dumps({
     "loss_single": single_loss,
     "loss_multi": multi_loss,
     "max_weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(single, multi)),
-    "max_weight_change": max(float(np.max(np.abs(a - np.asarray(w)))) for a, w in zip(single, training_copy(source).get_weights())),
+    "max_weight_change": max(float(np.max(np.abs(a - np.asarray(w))))
+                             for a, w in zip(single, training_copy(source).get_weights())),
 }))

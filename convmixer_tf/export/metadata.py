@@ -1,0 +1,165 @@
+"""TFLite Model Metadata: what MediaPipe Tasks and the TFLite Support library read to use
+a .tflite file as it is (the image input and its normalisation, the output's scores and
+their class names).
+
+The metadata is a flatbuffer of the published schema (`metadata_schema.fbs`, file
+identifier "M001", the schema that ships with MediaPipe and TFLite Support), written
+here with `flatbuffers` field by field; field numbers are the schema's, in its order.
+It goes into the model as a buffer named "TFLITE_METADATA", and the class names as
+`labels.txt`, a TENSOR_AXIS_LABELS file packed in a zip archive appended to the model,
+which is where both readers look for associated files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import zipfile
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+METADATA_NAME = "TFLITE_METADATA"
+LABELS_FILE = "labels.txt"
+MIN_PARSER_VERSION = "1.0.0"  # no field here needs a newer parser
+
+# Enum and union values of metadata_schema.fbs.
+_FEATURE_PROPERTIES, _IMAGE_PROPERTIES = 1, 2  # union ContentProperties
+_NORMALIZATION_OPTIONS = 1  # union ProcessUnitOptions
+_RGB = 1  # enum ColorSpaceType
+_TENSOR_AXIS_LABELS = 2  # enum AssociatedFileType
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """What the metadata of one image-classifier file says.
+
+    Attributes:
+        name, description, version, license: shown by model viewers and stores.
+        size: input height and width.
+        mean, std: the normalisation a client applies to 0-255 pixels before feeding the
+            model, (pixel - mean) / std per channel; mean 0, std 1 when the graph takes
+            raw RGB.
+        output: "probabilities" or "logits".
+        class_names: one per output class, or None (no labels file).
+    """
+
+    name: str
+    description: str
+    version: str
+    license: str
+    size: int
+    mean: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    output: str = "probabilities"
+    class_names: Optional[Sequence[str]] = None
+
+
+class _Builder:
+    """Tables of the schema, built bottom-up (children before their parents)."""
+
+    def __init__(self):
+        import flatbuffers
+
+        self.b = flatbuffers.Builder(1024)
+
+    def table(self, *fields):
+        """fields[i] is slot i: None (absent), ("offset", o), ("int8", v) or ("uint32", v)."""
+        b = self.b
+        b.StartObject(len(fields))
+        for slot, field in enumerate(fields):
+            if field is None:
+                continue
+            kind, value = field
+            if kind == "offset":
+                b.PrependUOffsetTRelativeSlot(slot, value, 0)
+            elif kind == "int8":
+                b.PrependInt8Slot(slot, value, 0)
+            else:
+                b.PrependUint32Slot(slot, value, 0)
+        return b.EndObject()
+
+    def string(self, text):
+        return ("offset", self.b.CreateString(text))
+
+    def floats(self, values):
+        return ("offset", self.b.CreateNumpyVector(np.asarray(values, np.float32)))
+
+    def vector(self, offsets):
+        self.b.StartVector(4, len(offsets), 4)
+        for offset in reversed(offsets):
+            self.b.PrependUOffsetTRelative(offset)
+        return ("offset", self.b.EndVector())
+
+    def finish(self, root) -> bytes:
+        self.b.Finish(root, file_identifier=b"M001")
+        return bytes(self.b.Output())
+
+
+def metadata_flatbuffer(meta: Metadata) -> bytes:
+    """The ModelMetadata flatbuffer of `meta`."""
+    w = _Builder()
+    image = w.table(("int8", _RGB), ("offset", w.table(("uint32", meta.size), ("uint32", meta.size))))
+    norm = w.table(w.floats(meta.mean), w.floats(meta.std))
+    low = [(0.0 - m) / s for m, s in zip(meta.mean, meta.std)]
+    high = [(255.0 - m) / s for m, s in zip(meta.mean, meta.std)]
+    inp = w.table(w.string("image"), w.string(f"RGB image, {meta.size}x{meta.size}, pixels 0-255"), None,
+                  ("offset", w.table(("int8", _IMAGE_PROPERTIES), ("offset", image))),
+                  w.vector([w.table(("int8", _NORMALIZATION_OPTIONS), ("offset", norm))]),
+                  ("offset", w.table(w.floats(high), w.floats(low))))
+    labels = None
+    if meta.class_names is not None:
+        labels = w.vector([w.table(w.string(LABELS_FILE), w.string("class names, one per line, in output order"),
+                                   ("int8", _TENSOR_AXIS_LABELS))])
+    probabilities = meta.output == "probabilities"
+    out = w.table(w.string("probability" if probabilities else "logits"),
+                  w.string("probability of each class" if probabilities else "score (logit) of each class"), None,
+                  ("offset", w.table(("int8", _FEATURE_PROPERTIES), ("offset", w.table()))), None,
+                  ("offset", w.table(w.floats([1.0]), w.floats([0.0]))) if probabilities else None, labels)
+    subgraph = w.table(w.string("image_classifier"), None, w.vector([inp]), w.vector([out]))
+    root = w.table(w.string(meta.name), w.string(meta.description), w.string(meta.version), w.vector([subgraph]),
+                   w.string("convmixer-tf"), w.string(meta.license), None, w.string(MIN_PARSER_VERSION))
+    return w.finish(root)
+
+
+def with_metadata(model: bytes, meta: Metadata) -> bytes:
+    """`model` (a .tflite flatbuffer) with `meta` in it and its labels file packed."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
+    tflite.metadata = [m for m in (tflite.metadata or []) if m.name.decode() != METADATA_NAME]
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(metadata_flatbuffer(meta), np.uint8)
+    tflite.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME.encode(), len(tflite.buffers) - 1
+    tflite.metadata.append(entry)
+    data = flatbuffer_utils.convert_object_to_bytearray(tflite)
+    if meta.class_names is None:
+        return data
+    packed = io.BytesIO(data)
+    with zipfile.ZipFile(packed, "a", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(LABELS_FILE, "".join(f"{name}\n" for name in meta.class_names))
+    return packed.getvalue()
+
+
+def read_metadata(path) -> Optional[bytes]:
+    """The metadata flatbuffer inside a .tflite file, or None for a file without one."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    with open(path, "rb") as f:
+        tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(f.read()))
+    for entry in tflite.metadata or []:
+        if entry.name.decode() == METADATA_NAME:
+            return bytes(np.asarray(tflite.buffers[entry.buffer].data, np.uint8))
+    return None
+
+
+def packed_labels(path) -> Optional[list]:
+    """The class names packed in a .tflite file, or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(LABELS_FILE).decode("utf-8").splitlines()
+    except (zipfile.BadZipFile, KeyError):
+        return None

@@ -1,0 +1,163 @@
+"""What a phone app sees of a TFLite file: MediaPipe Tasks' ImageClassifier (the C++ task
+graph Android, iOS and web apps run) loads it and classifies images with it, and
+TFLite's analyser says whether the GPU delegate can take it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from typing import Optional
+
+import numpy as np
+
+MEDIAPIPE_MISSING = "not installed (pip install 'convmixer-tf[mobile]')"
+
+
+def gpu_compatibility(path) -> str:
+    """"compatible", or "incompatible: " and the analyser's first complaint, for TFLite's
+    GPU delegate (tf.lite.experimental.Analyzer with gpu_compatibility=True)."""
+    import tensorflow as tf
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        tf.lite.experimental.Analyzer.analyze(model_path=str(path), gpu_compatibility=True)
+    lines = printed.getvalue().splitlines()
+    warnings = [line.strip() for line in lines if "GPU COMPATIBILITY WARNING" in line]
+    if warnings:
+        return "incompatible: " + warnings[0].split("WARNING:", 1)[-1].strip()
+    if any("looks compatible with GPU delegate" in line for line in lines):
+        return "compatible"
+    return "unknown: the analyser gave no verdict"
+
+
+def pixels(images: np.ndarray, raw_rgb: bool, mean=None, std=None) -> np.ndarray:
+    """The uint8 RGB images an app would hand over, from a file's float inputs (raw 0-255,
+    or normalised with mean/std)."""
+    x = np.asarray(images, np.float64)
+    if not raw_rgb:
+        x = (x * np.asarray(std) + np.asarray(mean)) * 255.0
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def open_classifier(path, num_classes: int, logits: bool = False):
+    """MediaPipe's ImageClassifier for a .tflite file, every class in each result."""
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    options = vision.ImageClassifierOptions(
+        base_options=BaseOptions(model_asset_path=str(path)), max_results=num_classes,
+        score_threshold=-1e30 if logits else 0.0)  # logits may be negative: keep every class
+    return vision.ImageClassifier.create_from_options(options)
+
+
+def frame(image: np.ndarray):
+    """A uint8 (H, W, 3) RGB array as MediaPipe's Image."""
+    import mediapipe as mp
+
+    return mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image, dtype=np.uint8))
+
+
+def classify(path, images: np.ndarray, num_classes: int, logits: bool = False, timed: int = 0):
+    """Runs MediaPipe's ImageClassifier on uint8 images at the model's input size.
+
+    Returns (scores [N, num_classes] by class index, category names by index, median ms
+    of `timed` classify() calls on the first image, or None).
+    """
+    scores = np.full((len(images), num_classes), np.nan, np.float32)
+    names = [""] * num_classes
+    frames = [frame(image) for image in images]
+    with open_classifier(path, num_classes, logits) as classifier:
+        for i, each in enumerate(frames):
+            for category in classifier.classify(each).classifications[0].categories:
+                scores[i, category.index] = category.score
+                names[category.index] = category.category_name or ""
+        latency = None
+        if timed:
+            classifier.classify(frames[0])
+            times = []
+            for _ in range(timed):
+                start = time.perf_counter()
+                classifier.classify(frames[0])
+                times.append(time.perf_counter() - start)
+            latency = float(np.median(times) * 1e3)
+    return scores, names, latency
+
+
+def mediapipe_check(path, runner, model, inputs, raw_rgb: bool, tolerance: Optional[float],
+                    class_names=None, mean_std=None, timed: int = 0) -> dict:
+    """Loads `path` in MediaPipe's ImageClassifier and compares what it gives with Keras.
+
+    The images are `inputs` as the uint8 pixels an app would pass, at the model's input
+    size (MediaPipe's own resizing would blur the comparison). Float files must match
+    Keras (softmaxed when the file gives probabilities) within `tolerance`; a quantised
+    file (tolerance None) must give what LiteRT gives on the same file (one
+    quantisation step) and reports its top-1 agreement with Keras. Category names must
+    be `class_names`.
+
+    Returns a dict for the report row; "problem" says why the check failed, if it did.
+    """
+    from convmixer_tf.export.metadata import read_metadata
+    from convmixer_tf.export.verify import as_output
+
+    try:
+        import mediapipe  # noqa: F401
+    except ImportError:
+        return {"status": MEDIAPIPE_MISSING}
+    if read_metadata(path) is None:
+        return {"status": "skipped: the file has no metadata (written before files carried it)"}
+    if not raw_rgb and any(len(set(values)) > 1 for values in mean_std):
+        # MediaPipe refuses "Per-channel image normalization"; the file is right for others.
+        return {"status": "not for MediaPipe: the file takes per-channel normalised input, which MediaPipe "
+                          "cannot give it (files that take raw RGB, the default, work there)"}
+    images = pixels(inputs, raw_rgb, *(mean_std or (None, None)))
+    fed = images.astype(np.float32)
+    if not raw_rgb:
+        mean, std = mean_std
+        fed = ((fed / 255.0 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
+    reference = as_output(model, np.asarray(model.predict(fed, verbose=0)), runner.output)
+    try:
+        open_classifier(path, reference.shape[1], runner.output == "logits").close()
+    except (RuntimeError, ValueError) as err:  # MediaPipe refusing the file is the finding
+        return {"status": "refused", "problem": f"MediaPipe refused the file: {' '.join(str(err).split())[:300]}"}
+    scores, names, latency = classify(path, images, reference.shape[1], runner.output == "logits", timed)
+    row = {"status": "ok", "images": int(len(images)), "max_abs": float(np.nanmax(np.abs(scores - reference))),
+           "top1_agreement": float(np.mean(scores.argmax(1) == reference.argmax(1))),
+           "classify_ms": latency, "labels": "none in the file" if not any(names) else "packed"}
+    problems = []
+    if np.isnan(scores).any():
+        problems.append("MediaPipe left classes without a score")
+    if tolerance is not None and row["max_abs"] > tolerance:
+        problems.append(f"its scores differ from Keras by {row['max_abs']:.3g} (tolerance {tolerance})")
+    if tolerance is None:
+        litert = runner(fed)
+        step = getattr(runner, "output_step", 0.0)
+        row["max_abs_vs_litert"] = float(np.max(np.abs(scores - litert)))
+        if row["max_abs_vs_litert"] > max(step, 1e-6) * 1.01:
+            problems.append(f"its scores differ from LiteRT's on the same file by {row['max_abs_vs_litert']:.3g}")
+    if class_names is not None and tuple(names) != tuple(class_names):
+        first = next(i for i, (a, b) in enumerate(zip(names, class_names)) if a != b)
+        problems.append(f"category {first} is named {names[first]!r}, expected {class_names[first]!r}")
+    if problems:
+        row["problem"] = "MediaPipe: " + "; ".join(problems)
+    return row
+
+
+def top1_text(row) -> str:
+    """A row's top-1 agreement, with the share of images whose top scores tie."""
+    if row.get("top1_agreement") is None:
+        return "n/a"
+    tied = row.get("top1_tied") or 0.0
+    return f"{row['top1_agreement']:.1%}" + (f" ({tied:.0%} tied)" if tied else "")
+
+
+def phone_summary(row) -> str:
+    """What a TFLite row says of MediaPipe and the GPU delegate, in a few words."""
+    if "mediapipe" not in row:
+        return ""
+    mp = row["mediapipe"]
+    if mp.get("status") != "ok":
+        text = f"MediaPipe {mp.get('status')}"
+    else:
+        labels = f"{row['labels']} labels" if row.get("labels") else "no labels"
+        text = f"MediaPipe ok ({labels}, top-1 {mp['top1_agreement']:.0%}, max|diff| {mp['max_abs']:.1e})"
+    return f"{text}; GPU {row.get('gpu_delegate', 'n/a')}"

@@ -1,0 +1,301 @@
+"""Nothing of the user's is lost, nothing is misreported: --force, racing writers, class
+identity, bad pixels, bad weights, staging leftovers, and the small cases. Each test is
+a repro of what a careless or hostile user did, then what survives and the exit code."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import write_folder
+
+import convmixer_tf
+from convmixer_tf import common, contract
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=REPO)
+
+
+def checksums(root):
+    """{relative path: sha256} of every file under root (what must survive)."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from torch_helpers import save_checkpoint, timm_convmixer
+
+    d = tmp_path_factory.mktemp("ckpt")
+    return save_checkpoint(timm_convmixer().state_dict(), d / "good.pth")
+
+
+@pytest.fixture(scope="module")
+def tiny_keras(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    convmixer_tf.save_model(convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
+                                                   input_shape=(32, 32, 3), include_preprocessing=True), path)
+    return str(path)
+
+
+def convert(*argv):
+    from weights_converter.__main__ import main
+
+    return main([*map(str, argv), "--quiet"])
+
+
+# ---------------------------------------------------------------- 1. --force and inputs
+
+def test_converter_force_never_deletes_its_input_or_the_users_files(tmp_path, checkpoint, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "good.pth").write_bytes(open(checkpoint, "rb").read())
+    (d / "notes.txt").write_text("my notes")
+    before = checksums(d)
+    assert convert("--torch-ckpt", d / "good.pth", "--output", d, "--force") == 2
+    assert "contains the input" in one_error_line(capsys)
+    assert convert("--torch-ckpt", d / "good.pth", "--output", tmp_path, "--force") == 2  # a parent folder
+    one_error_line(capsys)
+    os.symlink(d, tmp_path / "link")  # the same folder through a link
+    assert convert("--torch-ckpt", d / "good.pth", "--output", tmp_path / "link", "--force") == 2
+    one_error_line(capsys)
+    assert checksums(d) == before
+
+
+def test_export_force_never_deletes_the_model(tmp_path, tiny_keras, capsys):
+    from convmixer_tf.export.__main__ import main
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "model.keras").write_bytes(open(tiny_keras, "rb").read())
+    before = checksums(d)
+    assert main(["--model", str(d / "model.keras"), "--output", str(d), "--force", "--quiet"]) == 2
+    assert "contains the input" in one_error_line(capsys)
+    assert checksums(d) == before
+
+
+def test_train_force_replaces_only_its_own_run_folders(tmp_path, tiny_keras, capsys):
+    from convmixer_tf.train import main
+
+    data = write_folder(tmp_path / "data", per_class=4)
+    thesis = tmp_path / "mine"
+    thesis.mkdir()
+    (thesis / "thesis.txt").write_text("three years of work")
+    before_data, before_thesis = checksums(data), checksums(thesis)
+    common_args = ["--init", tiny_keras, "--epochs", "1", "--batch-size", "4", "--no-tensorboard", "--quiet"]
+    assert main(["--data-dir", data, "--output", data, "--force", *common_args]) == 2
+    assert "is the input" in one_error_line(capsys)
+    assert main(["--data-dir", data, "--output", str(thesis), "--force", *common_args]) == 2
+    assert "thesis.txt" in one_error_line(capsys)
+    assert checksums(data) == before_data and checksums(thesis) == before_thesis
+    # A run folder of ours is replaced, unless it holds an input (here the --init model).
+    run = tmp_path / "run"
+    assert main(["--data-dir", data, "--output", str(run), *common_args]) == 0
+    assert main(["--data-dir", data, "--output", str(run), "--force", *common_args]) == 0
+    inside = run / "model.keras"
+    assert main(["--init", str(inside), "--data-dir", data, "--output", str(run), "--force", "--epochs", "1",
+                 "--batch-size", "4", "--no-tensorboard", "--quiet"]) == 2
+    assert "contains the input" in one_error_line(capsys) and inside.exists()
+
+
+# ---------------------------------------------------------------- 2. racing writers
+
+def _race(tmp_path, checkpoint, out, *extra):
+    command = [sys.executable, "-m", "weights_converter", "--torch-ckpt", str(checkpoint), "--output", str(out),
+               "--export", "tflite", "onnx", "--json", "--quiet", *extra]
+    procs = [subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    deadline = time.time() + 120
+    staged = set()
+    while len(staged) < 2 and time.time() < deadline and all(p.poll() is None for p in procs):
+        staged |= {e for e in os.listdir(tmp_path) if e.startswith(f".{out.name}.partial-")}
+        time.sleep(0.05)
+    results = [(p.wait(timeout=300),) + p.communicate() for p in procs]
+    assert len(staged) == 2, "the two writers did not overlap"
+    return results
+
+
+def test_two_converters_racing_to_one_new_output(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    results = _race(tmp_path, checkpoint, out)
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, _, err in results if code == 2)
+    assert "appeared while this run was writing it" in loser and len(loser.strip().splitlines()) == 1
+    winner = json.loads(next(out_ for code, out_, _ in results if code == 0))
+    assert json.load(open(out / "report.json")) == winner and "replaced" not in winner
+    assert not [e for e in os.listdir(tmp_path) if ".partial" in e]
+
+
+def test_with_force_the_last_writer_wins_and_says_so(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    results = _race(tmp_path, checkpoint, out, "--force")
+    assert [code for code, _, _ in results] == [0, 0], results
+    reports = [json.loads(stdout) for _, stdout, _ in results]
+    assert sorted(r.get("replaced", "") for r in reports) == ["", "output written meanwhile by another run"]
+    assert json.load(open(out / "report.json"))["replaced"] == "output written meanwhile by another run"
+    assert not [e for e in os.listdir(tmp_path) if ".partial" in e]
+
+
+# ---------------------------------------------------------------- 3. bad pixels
+
+def _damage(folder):
+    png = os.path.join(folder, "class0", "0.png")
+    data = open(png, "rb").read()
+    with open(png, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with open(os.path.join(folder, "class1", "broken.jpg"), "w") as f:
+        f.write("<html>404 not found</html>")
+    return png
+
+
+def test_train_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_keras, capsys):
+    from convmixer_tf.train import main
+
+    data = write_folder(tmp_path / "data", per_class=5)
+    truncated = _damage(data)
+    args = ["--init", tiny_keras, "--data-dir", data, "--epochs", "1", "--batch-size", "4", "--no-tensorboard"]
+    assert main([*args, "--output", str(tmp_path / "strict"), "--strict-images", "--quiet"]) == 2
+    line = one_error_line(capsys)
+    assert "unreadable image" in line and "(and 1 more)" in line and ".png" in line
+    assert not (tmp_path / "strict").exists()
+    assert main([*args, "--output", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert f"left out unreadable image {truncated}" in err and "broken.jpg" in err and "Traceback" not in err
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert sorted(os.path.basename(s["file"]) for s in metrics["skipped_images"]) == ["0.png", "broken.jpg"]
+
+
+def test_evaluate_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_keras, capsys):
+    from convmixer_tf.evaluate import main
+
+    data = write_folder(tmp_path / "data", per_class=3)
+    _damage(data)
+    assert main(["--model", tiny_keras, "--data-dir", data, "--strict-images", "--quiet"]) == 2
+    assert "unreadable image" in one_error_line(capsys)
+    assert main(["--model", tiny_keras, "--data-dir", data, "--json"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)
+    assert metrics["count"] == 8 and len(metrics["skipped_images"]) == 2
+    assert "2 unreadable images left out" in captured.err
+
+
+# ---------------------------------------------------------------- 4. class identity
+
+def test_evaluate_refuses_a_dataset_of_other_classes(tmp_path, capsys):
+    from convmixer_tf.evaluate import main
+
+    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
+                                   input_shape=(32, 32, 3), include_preprocessing=True)
+    trained = convmixer_tf.save_model(model, tmp_path / "pets.keras",
+                                      contract.info_of(model).replace(class_names=("cat", "dog", "eel")))
+    fruit = write_folder(tmp_path / "fruit", per_class=2, names=["apple", "banana", "cherry"])
+    pets = write_folder(tmp_path / "pets", per_class=2, names=["cat", "dog", "eel"])
+    assert main(["--model", str(trained), "--data-dir", fruit, "--quiet"]) == 2
+    assert "class 0 is 'cat' in the model and 'apple' in the dataset" in one_error_line(capsys)
+    assert main(["--model", str(trained), "--data-dir", fruit, "--allow-class-mismatch", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"].startswith("class mismatch allowed")
+    assert main(["--model", str(trained), "--data-dir", pets, "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"] == "the dataset's classes are the model's"
+    # A model without stored names: the count is checked, and a warning says the rest is assumed.
+    ten = tmp_path / "ten.keras"
+    convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10,
+                           input_shape=(32, 32, 3)).save(ten)
+    assert main(["--model", str(ten), "--data-dir", fruit, "--quiet"]) == 2
+    assert "the model has 10 classes, the dataset 3" in one_error_line(capsys)
+    old = tmp_path / "old.keras"
+    model.save(old)
+    assert main(["--model", str(old), "--data-dir", fruit]) == 0
+    assert "warning: the model stores no class names" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 5, 6. foreign models, bad weights
+
+def test_export_of_a_model_that_is_not_a_convmixer(tmp_path, capsys):
+    import keras
+
+    from convmixer_tf.export.__main__ import main
+
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(tmp_path / "dense.keras")
+    assert main(["--model", str(tmp_path / "dense.keras"), "--quiet"]) == 2
+    assert "is not a ConvMixer" in one_error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["dense.keras"]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_bad_input_not_a_parity_failure(tmp_path, capsys, value):
+    from torch_helpers import save_checkpoint, timm_convmixer
+
+    sd = timm_convmixer().state_dict()
+    sd["blocks.1.1.weight"][0, 0, 0, 0] = float(value)
+    path = save_checkpoint(sd, tmp_path / "bad.pth")
+    assert convert("--torch-ckpt", path) == 2
+    line = one_error_line(capsys)
+    assert "'blocks.1.1.weight' holds 1 non-finite value" in line and "parity" not in line
+    assert sorted(os.listdir(tmp_path)) == ["bad.pth"]
+
+
+# ---------------------------------------------------------------- 7. staging leftovers
+
+def test_force_over_a_plain_file_is_refused_and_leaves_nothing(tmp_path, checkpoint, capsys):
+    target = tmp_path / "out"
+    target.write_text("a file of mine")
+    assert convert("--torch-ckpt", checkpoint, "--output", target, "--force") == 2
+    assert "is a file" in one_error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and target.read_text() == "a file of mine"
+
+
+def test_staging_of_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stale = tmp_path / f".out{common.STAGING_INFIX}{dead.pid}-{common.process_start_time(dead.pid)}-abc"
+    live = tmp_path / f".out{common.STAGING_INFIX}{os.getpid()}-{common.process_start_time(os.getpid())}-def"
+    stale.mkdir()
+    live.mkdir()
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    assert convert("--torch-ckpt", checkpoint, "--output", out) == 0
+    assert not stale.exists() and live.exists()
+    assert sorted(os.listdir(out)) == ["model.keras", "report.json"]
+
+
+# ---------------------------------------------------------------- 8. small ones
+
+def test_small_cases_get_one_line_and_exit_2(tmp_path, checkpoint, tiny_keras, capsys):
+    from convmixer_tf.export.__main__ import main as export_main
+
+    with pytest.raises(SystemExit) as code:
+        export_main(["--model", tiny_keras, "--image-size", "0"])
+    assert code.value.code == 2 and "--image-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as code:
+        convert("--torch-ckpt", checkpoint, "--calibration-count", "0")
+    assert code.value.code == 2 and "--calibration-count: must be a positive number" in capsys.readouterr().err
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(open(tiny_keras, "rb").read()[:3000])
+    assert export_main(["--model", str(truncated), "--quiet"]) == 2
+    assert "truncated or corrupt" in one_error_line(capsys)
+    started = time.perf_counter()
+    assert convert("--torch-ckpt", checkpoint, "--output", "/proc/no/such/place") == 2
+    assert "cannot write output /proc/no/such/place" in one_error_line(capsys)
+    assert time.perf_counter() - started < 5  # before reading, mapping or parity
+    import torch
+
+    torch.save({0: torch.zeros(2), 1: torch.ones(2)}, tmp_path / "intkeys.pth")
+    assert convert("--torch-ckpt", tmp_path / "intkeys.pth") == 2
+    assert "top-level keys ['0', '1']" in one_error_line(capsys)
