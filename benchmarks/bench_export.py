@@ -94,6 +94,7 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
     from convmixer_tf import export as exporters
     from convmixer_tf.export import mobile
     from convmixer_tf.export.calibration import synthetic_images
+    from convmixer_tf.export.onnx_int8 import export_onnx_int8
     from convmixer_tf.export.verify import as_output
 
     mediapipe_installed = importlib.util.find_spec("mediapipe") is not None
@@ -164,6 +165,10 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
             classifier = classifiers.enter_context(mobile.open_classifier(path, expected.shape[1]))
             calls[label + ", MediaPipe classify()"] = lambda: classifier.classify(image)
             rows.append(("ours", label + ", MediaPipe classify()", "", None))
+            # MediaPipe's Python API sets no thread count: its own inference runs on one.
+            single = exporters.Runner(path, threads=1)
+            calls[label + ", 1 thread"] = lambda: single(raw)
+            rows.append(("ours", label + ", 1 thread", "", None))
 
     classifiers = contextlib.ExitStack()
     sm = exporters.export_saved_model(app, os.path.join(tmp, f"{name}_sm"))
@@ -176,9 +181,42 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
     ours("TFLite int8", exporters.export_tflite(app, os.path.join(tmp, f"{name}_int8.tflite"), quantization="int8",
                                                 representative_data=lambda: (c[None] for c in calibration)))
     ours("ONNX on onnxruntime", exporters.export_onnx(app, os.path.join(tmp, f"{name}.onnx")))
+    int8_onnx = export_onnx_int8(app, os.path.join(tmp, f"{name}_int8.onnx"), calibration)
+    ours("ONNX int8 on onnxruntime", int8_onnx)
     with classifiers:
         medians = turns_median_ms(calls, runs)
-    return [(side, key, note, medians.get(key), size) for side, key, note, size in rows]
+    profiles = {"ONNX int8 on onnxruntime": onnx_op_profile(int8_onnx, raw)}
+    if os.path.exists(onnx_path):
+        profiles["onnxruntime on torch.onnx.export"] = onnx_op_profile(onnx_path, x_nchw.numpy())
+    return [(side, key, note, medians.get(key), size) for side, key, note, size in rows], profiles
+
+
+def onnx_op_profile(path, image, runs=10, top=8) -> str:
+    """onnxruntime's own profile (SessionOptions.enable_profiling): kernel ms per run by op type."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.gettempdir(), "convmixer-ort-profile")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: image}
+    for _ in range(runs):
+        session.run(None, feed)
+    trace = session.end_profiling()
+    with open(trace) as f:
+        events = json.load(f)
+    os.remove(trace)
+    by_op = collections.defaultdict(float)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"] / 1e3 / runs
+    total = sum(by_op.values())
+    shown = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+    return f"{total:.1f} ms of kernels: " + ", ".join(f"{op} {ms:.1f}" for op, ms in shown)
 
 
 def _size(path):
@@ -207,7 +245,7 @@ def main(argv=None):
     tf.config.threading.set_inter_op_parallelism_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
-            rows = bench_variant(name, args.runs, tmp, args.calibration_count, args.litert_torch_python)
+            rows, profile = bench_variant(name, args.runs, tmp, args.calibration_count, args.litert_torch_python)
             by = {key: ms for _, key, _, ms, _ in rows}
             print(f"\n{name}: batch 1, 224 px, {THREADS} threads, median of {args.runs}; {cpu_description()}")
             for side, key, note, ms, size in rows:
@@ -217,11 +255,19 @@ def main(argv=None):
             ort_ms = by.get("onnxruntime on torch.onnx.export")
             tfl, tfl_plain = by.get("TFLite float32 (ours)"), by.get("TFLite float32, plain graph")
             int8, onnx_ours = by.get("TFLite int8"), by.get("ONNX on onnxruntime")
-            print("  ratios:")
             sizes = {key: size for _, key, _, _, size in rows}
+            print("  ratios:")
+            onnx_int8 = by.get("ONNX int8 on onnxruntime")
             if ort_ms:
                 print(f"    our TFLite float32 / onnxruntime(torch.onnx) = {tfl / ort_ms:.2f} (target <= 1.0)")
                 print(f"    our ONNX / onnxruntime(torch.onnx)           = {onnx_ours / ort_ms:.2f} (target <= 1.0)")
+                print(f"    onnxruntime(torch.onnx) / our int8 ONNX      = {ort_ms / onnx_int8:.2f} "
+                      "(speed-up; target >= 2.5 on convmixer_768_32)")
+                if ort_ms / onnx_int8 < 2.0:  # where the time goes, from onnxruntime's profiler
+                    for key in ("onnxruntime on torch.onnx.export", "ONNX int8 on onnxruntime"):
+                        print(f"      profile, {key}: {profile.get(key, 'n/a')}")
+            print(f"    int8 ONNX file / float ONNX file              = "
+                  f"{sizes['ONNX int8 on onnxruntime'] / sizes['ONNX on onnxruntime']:.1%} (target <= 27%)")
             if by.get("litert-torch TFLite"):
                 print(f"    our TFLite float32 / litert-torch TFLite      = {tfl / by['litert-torch TFLite']:.2f} "
                       "(target <= 0.7)")
@@ -231,10 +277,10 @@ def main(argv=None):
             print(f"    int8 file / float32 file                      = "
                   f"{sizes['TFLite int8'] / sizes['TFLite float32 (ours)']:.1%} (target <= 27%)")
             for key in ("TFLite float32 (ours)", "TFLite dynamic-range", "TFLite int8"):
-                app_ms = by.get(f"{key}, MediaPipe classify()")
+                app_ms, one = by.get(f"{key}, MediaPipe classify()"), by.get(f"{key}, 1 thread")
                 if app_ms:
-                    print(f"    MediaPipe classify() / bare LiteRT, {key:<21} = {app_ms / by[key]:.2f} "
-                          f"({app_ms - by[key]:+.1f} ms)")
+                    print(f"    MediaPipe classify() / bare LiteRT, {key:<21} = {app_ms / by[key]:.2f} with 2 threads, "
+                          f"{app_ms / one:.2f} with 1 ({app_ms - one:+.1f} ms)")
         print("\nnote: int8 top-1 agreement above is on synthetic images with random weights, whose logits are "
               "nearly tied; it says little about agreement on real images with trained weights.")
     return 0

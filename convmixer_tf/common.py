@@ -67,32 +67,41 @@ NATIVE_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "3", "ABSL_MI
 
 
 @contextlib.contextmanager
-def _quiet_native_output(console):
-    """Sends fd 2 and sys.stderr to /dev/null; `console` keeps reaching the user."""
-    saved_fd = os.dup(2)
+def _quiet_native_output():
+    """Sends what native code prints, on fd 1 and fd 2 (C++ logs, gloo's printf), and
+    Python's own stderr to /dev/null for the duration; sys.stdout keeps reaching the
+    user's stdout (results, --json). The user's stderr is `_user_stream(2)`."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    saved_stderr = sys.stderr
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    saved_streams = sys.stdout, sys.stderr
+    stdout, owned = _user_stream(sys.stdout, 1)
     sink = open(os.devnull, "w")
     try:
-        os.dup2(devnull, 2)
-        sys.stderr = sink
+        sys.stdout.flush()
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        sys.stdout, sys.stderr = stdout, sink
         yield
     finally:
-        sys.stderr = saved_stderr
-        os.dup2(saved_fd, 2)
-        for fd in (saved_fd, devnull):
-            os.close(fd)
+        sys.stdout.flush()
+        sys.stdout, sys.stderr = saved_streams
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
         sink.close()
+        if owned:
+            stdout.close()
 
 
-def _console_stream():
-    """A stream to the user's stderr that stays open when fd 2 is silenced."""
+def _user_stream(stream, fd):
+    """A stream to what `stream` (fd `fd`) reaches now, that stays open when fd is silenced."""
     try:
-        if sys.stderr.fileno() == 2:
-            return os.fdopen(os.dup(2), "w", buffering=1), True
+        if stream.fileno() == fd:
+            return os.fdopen(os.dup(fd), "w", buffering=1), True
     except (AttributeError, OSError, ValueError):  # pytest's capture, a notebook, ...
         pass
-    return sys.stderr, False
+    return stream, False
 
 
 def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: bool = False,
@@ -109,7 +118,7 @@ def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: b
         for key, value in NATIVE_LOG_ENV.items():
             os.environ.setdefault(key, value)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    console, owned = _console_stream()
+    console, owned = _user_stream(sys.stderr, 2)
 
     def log(message):
         if not quiet:
@@ -118,7 +127,7 @@ def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: b
     try:
         with contextlib.ExitStack() as stack:
             if not verbose:
-                stack.enter_context(_quiet_native_output(console))
+                stack.enter_context(_quiet_native_output())
                 stack.enter_context(_quiet_python_logging())
             try:
                 return job(log, console)

@@ -139,6 +139,14 @@ def _tfds_split(name, split):
 VAL_SPLIT_NAMES = ("validation", "val", "test")
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's place among the processes that train one model together."""
+
+    index: int = 0
+    count: int = 1
+
+
 @dataclasses.dataclass
 class DataSource:
     """One dataset, opened: its splits as unbatched (image, label) datasets.
@@ -151,6 +159,8 @@ class DataSource:
         class_names: label names in label order.
         image_shape: (H, W) when every image has that size (such sets are cached), else None.
         skipped: (file, reason) of the images that could not be decoded and were left out.
+        train_files: (paths, labels) of an image folder's training images, which
+            `train_pipeline` shuffles and shards by index.
     """
 
     name: str
@@ -161,6 +171,7 @@ class DataSource:
     class_names: List[str]
     image_shape: Optional[Tuple[int, int]] = None
     skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    train_files: Optional[Tuple[List[str], List[int]]] = None
 
     @property
     def num_classes(self) -> int:
@@ -170,7 +181,7 @@ class DataSource:
 def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=None,
                  manual_dir=None, offline: bool = False, train_split: Optional[str] = None,
                  val_split: Optional[str] = None, val_fraction: float = 0.1,
-                 seed: int = 0, strict_images: bool = False) -> DataSource:
+                 seed: int = 0, strict_images: bool = False, shard: Shard = Shard()) -> DataSource:
     """Opens a tensorflow-datasets set by name, or an image folder (one folder per class).
 
     Args:
@@ -186,6 +197,8 @@ def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=
         strict_images: an image folder's files are all decoded once before use; one
             that cannot be is left out (`DataSource.skipped`), or, with strict_images,
             a ValueError naming it. tfds sets were decoded when tfds prepared them.
+        shard: this process's place when several train together (a tfds training split
+            is opened as its even share; a folder is sharded by `train_pipeline`).
 
     Example:
         >>> source = open_dataset(data_dir="flowers/")           # doctest: +SKIP
@@ -197,7 +210,8 @@ def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=
         dataset if str(dataset).startswith(TFDS_PREFIX) else TFDS_PREFIX + dataset)
     if source.folder is not None:
         return _open_folder(source.folder, val_fraction, seed, strict_images)
-    return _open_tfds(source.tfds_name, tfds_data_dir, manual_dir, offline, train_split or source.split, val_split)
+    return _open_tfds(source.tfds_name, tfds_data_dir, manual_dir, offline, train_split or source.split, val_split,
+                      shard)
 
 
 def _class_folders(directory):
@@ -262,6 +276,7 @@ def _open_folder(directory, val_fraction, seed, strict_images=False):
         train=files_dataset(train_paths, train_labels),
         val=files_dataset(val_paths, val_labels) if val_paths else None,
         train_size=len(train_paths), val_size=len(val_paths), class_names=classes, skipped=skipped,
+        train_files=(train_paths, train_labels),
     )
 
 
@@ -317,7 +332,7 @@ def _decode_file(path, label):
     return image, label
 
 
-def _open_tfds(name, data_dir, manual_dir, offline, train_split, val_split):
+def _open_tfds(name, data_dir, manual_dir, offline, train_split, val_split, shard=Shard()):
     import tensorflow_datasets as tfds
 
     try:
@@ -345,7 +360,10 @@ def _open_tfds(name, data_dir, manual_dir, offline, train_split, val_split):
             raise ValueError(f"dataset {name!r} has no split {split!r}; it has {', '.join(splits)}")
 
     def load(split):
-        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=split == train_split)
+        train = split == train_split
+        if train and shard.count > 1:  # this process's even share, as tfds.split_for_jax_process gives
+            split = tfds.even_splits(split, n=shard.count, drop_remainder=True)[shard.index]
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=train)
         return ds.map(_int32_label)
 
     def size(split, ds):
@@ -381,25 +399,68 @@ def _cacheable(source: DataSource, size: int) -> bool:
     return size * h * w * 3 <= CACHE_LIMIT_BYTES
 
 
-def train_pipeline(source: DataSource, augmenter, batch_size: int, *, seed: int = 0,
-                   shuffle_buffer: int = 10_000, cache: Optional[bool] = None):
-    """Shuffled, augmented, batched training data: (float32 0-255 images, one-hot labels).
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of a training set's examples in one epoch: the same in every process."""
+    return np.random.default_rng([seed, int(epoch)]).permutation(count)
 
-    Decoding and augmentation run in parallel (AUTOTUNE), batches are prefetched, and
-    small fixed-size sets are cached decoded. The last partial batch is dropped, so every
-    step has the same shape (and splits evenly over devices when batch_size does).
+
+def shard_of_epoch(order: np.ndarray, global_batch: int, shard: Shard) -> np.ndarray:
+    """The examples one process trains on in an epoch of `order`: in each global batch, its
+    own run of global_batch / count places. Only whole global batches are used (like
+    drop_remainder), so the processes' shards are disjoint, equal, and together they are
+    exactly the batches a single process would train on, in the same order."""
+    local = global_batch // shard.count
+    places = np.arange(len(order) // global_batch * global_batch)
+    return order[places[(places // local) % shard.count == shard.index]]
+
+
+def train_pipeline(source: DataSource, augmenter, batch_size: int, *, seed: int = 0,
+                   shuffle_buffer: int = 10_000, cache: Optional[bool] = None, shard: Shard = Shard()):
+    """Shuffled, augmented, batched training data: (float32 0-255 images, one-hot labels),
+    in batches of batch_size / shard.count (this process's share of the global batch).
+
+    An image folder is reshuffled every epoch by index (`epoch_order`) and only this
+    process's examples are decoded (`shard_of_epoch`); a tfds set (opened with the same
+    shard: its own even split) is shuffled through a buffer. Decoding and augmentation
+    run in parallel, batches are prefetched, small fixed-size sets are cached decoded.
+    The last partial batch is dropped, so every step has the same shape.
     """
     import tensorflow as tf
 
-    ds = source.train
-    if cache if cache is not None else _cacheable(source, source.train_size):
-        ds = ds.cache()
-    ds = ds.shuffle(min(shuffle_buffer, max(source.train_size, 1)), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(augmenter.image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
+    if batch_size % shard.count:
+        raise ValueError(f"batch_size {batch_size} does not split over {shard.count} processes")
+    if source.train_files is not None:
+        ds = _folder_epochs(source.train_files, batch_size, shard, seed)
+    else:
+        ds = source.train
+        if cache if cache is not None else _cacheable(source, source.train_size):
+            ds = ds.cache()
+        ds = ds.shuffle(min(shuffle_buffer, max(source.train_size, 1)), seed=seed, reshuffle_each_iteration=True)
+    ordered = source.train_files is not None  # keeps each epoch's examples in their epoch
+    ds = ds.map(augmenter.image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
+    ds = ds.batch(batch_size // shard.count, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
     if augmenter.config.mixes:
         ds = ds.map(augmenter.batch, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _folder_epochs(files, batch_size, shard, seed):
+    """Decoded (image, label) pairs of this process's share of every epoch, epoch after epoch."""
+    import tensorflow as tf
+
+    paths, labels = tf.constant(files[0]), tf.constant(np.asarray(files[1], np.int32))
+    count = len(files[0])
+
+    def indices(epoch):
+        return shard_of_epoch(epoch_order(count, seed, epoch), batch_size, shard).astype(np.int64)
+
+    def epoch_dataset(epoch):
+        chosen = tf.ensure_shape(tf.numpy_function(indices, [epoch], tf.int64), [None])
+        return tf.data.Dataset.from_tensor_slices(chosen)
+
+    ds = tf.data.Dataset.range(1 << 62).flat_map(epoch_dataset)
+    return ds.map(lambda i: _decode_file(tf.gather(paths, i), tf.gather(labels, i)),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def eval_pipeline(dataset, preprocessing: Preprocessing, batch_size: int, *, num_classes: Optional[int] = None,
@@ -412,12 +473,41 @@ def eval_pipeline(dataset, preprocessing: Preprocessing, batch_size: int, *, num
     """
     import tensorflow as tf
 
+    ds = dataset.cache() if cache else dataset
+    ds = ds.map(_eval_example(preprocessing, normalize, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _eval_example(preprocessing, normalize, num_classes):
+    import tensorflow as tf
+
     def transform(image, label):
         x = eval_transform(image, preprocessing, normalize)
         size = preprocessing.input_size
         x.set_shape([size, size, 3])
         return x, (tf.one_hot(label, num_classes) if num_classes else label)
 
-    ds = dataset.cache() if cache else dataset
-    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return transform
+
+
+def sharded_eval_pipeline(dataset, size: int, preprocessing: Preprocessing, batch_size: int, num_classes: int,
+                          shard: Shard, cache: bool = False):
+    """This process's share of a validation set, for a global batch of `batch_size`:
+    every example exactly once over all processes, each process the same number of
+    equal batches (collectives need them), the difference made up by examples of
+    weight 0. Yields (images, one-hot labels, sample weights)."""
+    import math
+
+    import tensorflow as tf
+
+    local = batch_size // shard.count
+    mine = len(range(shard.index, size, shard.count))
+    padded = math.ceil(math.ceil(size / shard.count) / local) * local
+    ds = dataset.shard(shard.count, shard.index)
+    ds = ds.cache() if cache else ds
+    transform = _eval_example(preprocessing, False, num_classes)
+    ds = ds.map(lambda image, label: (*transform(image, label), tf.constant(1.0)), num_parallel_calls=tf.data.AUTOTUNE)
+    s = preprocessing.input_size
+    blank = (tf.zeros([s, s, 3]), tf.zeros([num_classes]), tf.constant(0.0))
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padded - mine))
+    return ds.batch(local).prefetch(tf.data.AUTOTUNE)

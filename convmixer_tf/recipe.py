@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from typing import Optional
 
 from convmixer_tf.augment import GROUP as AUGMENT_GROUP
@@ -18,7 +19,7 @@ from convmixer_tf.config import get_variant, list_variants
 
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 SCHEDULES = ("onecycle", "cosine", "constant")
-DISTRIBUTIONS = ("auto", "none", "mirrored", "data-parallel")
+DISTRIBUTIONS = ("auto", "none", "mirrored", "data-parallel", "multi-process")
 # Option groups of the train command, in --help order.
 DATA, RUN, DEVICES = "model and data", "schedule and optimiser", "devices and output"
 OPTION_GROUPS = (DATA, RUN, AUGMENT_GROUP, DEVICES)
@@ -95,8 +96,16 @@ class TrainConfig:
                             choices=tuple(PRECISIONS), group=DEVICES)
     jit_compile: object = option("auto", "XLA; auto leaves it off on CPU, where it is slower", type=_jit,
                                  choices=("auto", True, False), metavar="auto|on|off", group=DEVICES)
-    distribute: str = option("auto", "mirrored: tf.distribute (TensorFlow backend); data-parallel: "
-                             "keras.distribution (JAX backend)", choices=DISTRIBUTIONS, group=DEVICES)
+    distribute: str = option("auto", "mirrored: tf.distribute over one host's devices (TensorFlow backend); "
+                             "data-parallel: keras.distribution over one process's devices (JAX backend); "
+                             "multi-process: keras.distribution over every device of several processes or "
+                             "hosts (JAX backend, JAX's distributed runtime)", choices=DISTRIBUTIONS, group=DEVICES)
+    coordinator: Optional[str] = option(None, "multi-process: process 0's HOST:PORT, which every process connects "
+                                        "to (not needed under SLURM or Open MPI)", metavar="HOST:PORT", group=DEVICES)
+    num_processes: Optional[int] = option(None, "multi-process: how many processes train together", group=DEVICES)
+    process_id: Optional[int] = option(None, "multi-process: this process's index, 0 to N-1", group=DEVICES)
+    heartbeat_timeout: int = option(60, "multi-process: seconds after which a process that stopped answering counts "
+                                    "as dead, and the others stop with an error", group=DEVICES)
     seed: int = option(0, group=DEVICES)
     output: str = option("runs/convmixer", "run folder (default runs/<variant or init>_<dataset>)", metavar="DIR",
                          by_hand=True)
@@ -123,12 +132,30 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.distribute not in DISTRIBUTIONS:
             raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribute!r}")
+        self._validate_processes()
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
             raise ValueError("need lr > 0, weight_decay >= 0 and 0 <= label_smoothing < 1")
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {self.clip_norm}")
         if not 0 < self.backbone_lr_mult <= 1e3:
             raise ValueError(f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}")
+
+    def _validate_processes(self):
+        given = [v is not None for v in (self.coordinator, self.num_processes, self.process_id)]
+        if any(given) and self.distribute != "multi-process":
+            raise ValueError("--coordinator, --num-processes and --process-id go with --distribute multi-process")
+        if any(given) and not all(given):
+            raise ValueError("give all of --coordinator, --num-processes and --process-id, or none of them "
+                             "(under SLURM or Open MPI JAX finds them itself)")
+        if all(given) and not (self.num_processes >= 1 and 0 <= self.process_id < self.num_processes):
+            raise ValueError(f"--process-id must be in 0..{self.num_processes - 1}, got {self.process_id}")
+        if self.coordinator is not None and not re.fullmatch(r"[^\s:]+:\d+", self.coordinator):
+            raise ValueError(f"--coordinator must be HOST:PORT, got {self.coordinator!r}")
+        if self.heartbeat_timeout < 1:
+            raise ValueError(f"heartbeat_timeout must be >= 1 second, got {self.heartbeat_timeout}")
+
+    # What may differ between the processes of one run, or between a run and its resumption.
+    PER_PROCESS = ("coordinator", "process_id", "heartbeat_timeout", "force", "verbose", "output")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -63,8 +63,20 @@ def config_from_args(args) -> TrainConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return common.run_command(lambda log, console: _train(args, log, console), quiet=args.quiet,
+    code = common.run_command(lambda log, console: _train(args, log, console), quiet=args.quiet,
                               verbose=args.verbose)
+    if code != common.EXIT_OK and _joined_other_processes():
+        # A failed process of a multi-process run leaves at once: JAX's exit handler would
+        # wait for the others at a shutdown barrier, and abort when they do not come.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _joined_other_processes() -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
 
 
 def _train(args, log, console) -> int:

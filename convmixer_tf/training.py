@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -32,7 +33,15 @@ from convmixer_tf import common, contract
 from convmixer_tf.augment import Augmenter
 from convmixer_tf.common import CheckFailed, write_json_atomic
 from convmixer_tf.config import Preprocessing, get_variant
-from convmixer_tf.data import DataSource, eval_pipeline, open_dataset, train_pipeline, warn_skipped
+from convmixer_tf.data import (
+    DataSource,
+    Shard,
+    eval_pipeline,
+    open_dataset,
+    sharded_eval_pipeline,
+    train_pipeline,
+    warn_skipped,
+)
 from convmixer_tf.model import ConvMixer, config_from_model
 from convmixer_tf.recipe import DISTRIBUTIONS, PRECISIONS, TrainConfig  # noqa: F401  (TrainConfig: public here too)
 
@@ -115,13 +124,56 @@ def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int):
 # Devices
 
 
+MULTI_PROCESS_ON_TENSORFLOW = (
+    "--distribute multi-process needs the JAX backend (KERAS_BACKEND=jax): TensorFlow's "
+    "MultiWorkerMirroredStrategy does not work with Keras 3's fit (keras-team/keras#20585; see the README)")
+
+
+def start_processes(config: TrainConfig) -> Shard:
+    """Joins the processes of a multi-process run (JAX's distributed runtime, through
+    keras.distribution.initialize); returns this process's place. Call before anything
+    touches JAX. Other runs: Shard(0, 1).
+
+    The coordinator, the process count and this process's index come from the config,
+    or from SLURM / Open MPI, which JAX reads itself. CPU collectives go through gloo. A
+    process that stops answering for config.heartbeat_timeout seconds counts as dead,
+    and the runtime stops the others.
+    """
+    if config.distribute != "multi-process":
+        return Shard()
+    if keras.backend.backend() != "jax":
+        raise ValueError(MULTI_PROCESS_ON_TENSORFLOW)
+    import jax
+
+    if not jax.distributed.is_initialized():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # keras.distribution.initialize passes no timeouts on to jax.distributed.initialize
+        # (whose heartbeat default is 100 s): they are bound here for the duration of the call.
+        original = jax.distributed.initialize
+        jax.distributed.initialize = functools.partial(original, heartbeat_timeout_seconds=config.heartbeat_timeout)
+        try:
+            keras.distribution.initialize(config.coordinator, config.num_processes, config.process_id)
+        finally:
+            jax.distributed.initialize = original
+    return Shard(jax.process_index(), jax.process_count())
+
+
+def sync(shard: Shard, name: str) -> None:
+    """Waits until every process of the run gets here (nothing to wait for alone)."""
+    if shard.count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def distribution(kind: str = "auto"):
     """(context manager to build and compile in, number of replicas) for `kind`.
 
     "mirrored": tf.distribute.MirroredStrategy over the GPUs, or the (logical) CPUs
     when there is no GPU; BatchNorm is synchronised over replicas so the numbers do not
     depend on the device count. "data-parallel": keras.distribution.DataParallel over
-    all JAX devices (batch split, global BatchNorm statistics). "auto" picks one of
+    all JAX devices (batch split, global BatchNorm statistics); "multi-process" the same
+    over the devices of every process (after `start_processes`). "auto" picks one of
     them when the backend sees several accelerators, else "none".
     """
     backend = keras.backend.backend()
@@ -147,11 +199,14 @@ def distribution(kind: str = "auto"):
             d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices)
         return strategy.scope(), strategy.num_replicas_in_sync, kind
-    if kind == "data-parallel":
+    if kind in ("data-parallel", "multi-process"):
         if backend != "jax":
-            raise ValueError(f"--distribute data-parallel needs the JAX backend (KERAS_BACKEND is {backend})")
-        devices = keras.distribution.list_devices()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+            raise ValueError(f"--distribute {kind} needs the JAX backend (KERAS_BACKEND is {backend})")
+        devices = keras.distribution.list_devices()  # every process's, after start_processes
+        # Several processes: each feeds its own shard (data.train_pipeline), not Keras' auto-shard,
+        # which would have every process decode and augment the whole set.
+        keras.distribution.set_distribution(keras.distribution.DataParallel(
+            devices=devices, auto_shard_dataset=kind != "multi-process"))
         return contextlib.nullcontext(), len(devices), kind
     raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}")
 
@@ -247,8 +302,11 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int)
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
     model.compile(
         optimizer=make_optimizer(config, config.epochs * steps_per_epoch, steps_per_epoch),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
-        metrics=metrics,
+        # Weighted mean: the padding that evens out several processes' validation shards has
+        # weight 0 (data.sharded_eval_pipeline); without weights it is the plain mean.
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing,
+                                                  reduction="mean_with_sample_weight"),
+        weighted_metrics=metrics,  # weighted: the padding's weight 0 keeps it out of the accuracies
         jit_compile=config.jit_compile,
     )
 
@@ -278,6 +336,49 @@ class StopOnNaN(keras.callbacks.Callback):
             raise TrainingError(
                 f"loss became {float(loss)} at epoch {self._epoch + 1}, step {batch + 1}: training stopped "
                 f"(lower --lr, keep --clip-norm, or use --precision fp32); {kept}")
+
+
+@contextlib.contextmanager
+def _one_process_alone():
+    """Runs a block as this process's own business: Keras saving creates throwaway objects
+    whose variables, under a multi-process distribution, every process would have to
+    create together (a collective), which one process saving alone never does."""
+    current = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)
+
+
+class LocalModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    def _save_model(self, *args, **kwargs):
+        with _one_process_alone():
+            return super()._save_model(*args, **kwargs)
+
+
+class LocalBackupAndRestore(keras.callbacks.BackupAndRestore):
+    def _save_model(self, *args, **kwargs):
+        with _one_process_alone():
+            return super()._save_model(*args, **kwargs)
+
+
+class SameEpochEverywhere(keras.callbacks.Callback):
+    """After BackupAndRestore, checks that every process resumes at the same epoch (a kill
+    that lands between two processes' backups would leave them one epoch apart)."""
+
+    def __init__(self, shard: Shard):
+        super().__init__()
+        self.shard = shard
+
+    def on_train_begin(self, logs=None):
+        from jax.experimental import multihost_utils
+
+        epoch = np.asarray([self.model._initial_epoch or 0], np.int32)
+        epochs = np.asarray(multihost_utils.process_allgather(epoch)).reshape(-1).tolist()
+        if len(set(epochs)) > 1:
+            raise TrainingError(f"the processes' backups are at different epochs ({epochs}): the run cannot resume "
+                                "in step; start over with --force")
 
 
 class Progress(keras.callbacks.Callback):
@@ -331,21 +432,37 @@ def run_folder_kind() -> common.OutputKind:
                              lambda settings: isinstance(settings, dict) and {"epochs", "batch_size"} <= set(settings))
 
 
-def _prepare_output(config: TrainConfig, log) -> bool:
+def _prepare_output(config: TrainConfig, log, shard: Shard = Shard()) -> bool:
     """Creates or checks the output folder; True when an interrupted run is resumed.
 
     --force starts over only in a run folder of ours that holds none of the run's inputs;
-    anything else is refused (exit 2) with the name of what would be lost.
+    anything else is refused (exit 2) with the name of what would be lost. Every process
+    of a run checks the same folder (it must reach it: one host, or a shared file
+    system) before process 0 writes anything.
     """
     out = os.path.abspath(config.output)
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("force", "verbose", "output")}
-    settings_path = os.path.join(out, "config.json")
-    if config.force and os.path.lexists(out):
+    settings = {k: v for k, v in config.to_dict().items() if k not in TrainConfig.PER_PROCESS}
+    fresh = config.force and os.path.lexists(out)
+    if fresh:
         inputs = [config.init, config.data_dir, config.tfds_data_dir, config.manual_dir]
         common.check_replaceable(out, run_folder_kind(), True, inputs)
-        shutil.rmtree(out)
+    resumed = False if fresh else _existing_run(out, settings, log)
+    sync(shard, "output checked")
+    if shard.index == 0:
+        if fresh:
+            shutil.rmtree(out)
+        if not os.path.exists(os.path.join(out, "config.json")):
+            os.makedirs(out, exist_ok=True)
+            common.write_json_atomic(os.path.join(out, "config.json"), settings)
+    sync(shard, "output ready")
+    return resumed
+
+
+def _existing_run(out, settings, log) -> bool:
+    """For an output that exists: True to resume it, or a ValueError saying why not."""
     if os.path.exists(os.path.join(out, "metrics.json")):
         raise ValueError(f"{out} already holds a finished run; use --force to start over or another --output")
+    settings_path = os.path.join(out, "config.json")
     if os.path.exists(settings_path):
         with open(settings_path) as f:
             before = json.load(f)
@@ -359,8 +476,6 @@ def _prepare_output(config: TrainConfig, log) -> bool:
         return resumed
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"output {out} exists and is not a training run; use another --output")
-    os.makedirs(out, exist_ok=True)
-    common.write_json_atomic(settings_path, settings)
     return False
 
 
@@ -376,10 +491,12 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optio
         ...                             output="runs/c10"))     # doctest: +SKIP
     """
     config.validate()
+    shard = start_processes(config)  # before anything touches JAX
+    log = log if shard.index == 0 else (lambda message: None)  # the run speaks through process 0
     source = source or open_dataset(
         config.dataset, config.data_dir, tfds_data_dir=config.tfds_data_dir, manual_dir=config.manual_dir,
         offline=config.offline, train_split=config.train_split, val_split=config.val_split,
-        val_fraction=config.val_fraction, seed=config.seed, strict_images=config.strict_images)
+        val_fraction=config.val_fraction, seed=config.seed, strict_images=config.strict_images, shard=shard)
     warn_skipped(source, log)
     keras.utils.set_random_seed(config.seed)
     initial, preprocessing = starting_model(config)
@@ -388,24 +505,47 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optio
     steps = _steps_per_epoch(config, source, replicas)
     log(f"{source.name}: {source.train_size} training / {source.val_size} validation images, "
         f"{source.num_classes} classes; {size} px, batch {config.batch_size}, {steps} steps per epoch, "
-        f"{replicas} device(s) ({kind}), {config.precision}")
+        f"{replicas} device(s) in {shard.count} process(es) ({kind}), {config.precision}")
     # Only now, with the data, the model and the devices checked: a bad argument leaves no folder.
-    resumed = _prepare_output(config, log)
+    resumed = _prepare_output(config, log, shard)
     model = _training_model(config, initial, source, size, scope, kind, preprocessing, steps)
     del initial
     eval_preprocessing = _eval_preprocessing(preprocessing, size, source)
     progress = Progress(config.batch_size, log, config.verbose)
     started = time.perf_counter()
-    model.fit(_train_data(config, source, size), epochs=config.epochs, steps_per_epoch=steps,
-              validation_data=_val_data(config, source, eval_preprocessing),
-              callbacks=_callbacks(config, progress, log), verbose=config.verbose, shuffle=False)
-    final = float32_copy(model)
-    info = contract.info_of(final).replace(preprocessing=eval_preprocessing, class_names=tuple(source.class_names))
-    contract.save_model(final, os.path.join(config.output, "model.keras"), info)
+    with _losing_a_process_is_fatal(shard):
+        model.fit(_train_data(config, source, size, shard), epochs=config.epochs, steps_per_epoch=steps,
+                  validation_data=_val_data(config, source, eval_preprocessing, shard, kind),
+                  callbacks=_callbacks(config, progress, log, shard),
+                  verbose=config.verbose if shard.index == 0 else 0, shuffle=False)
     metrics = _metrics(config, model, source, progress, started, resumed, replicas, kind, size)
-    shutil.rmtree(os.path.join(config.output, "backup"), ignore_errors=True)
-    write_json_atomic(os.path.join(config.output, "metrics.json"), metrics)
+    sync(shard, "trained")
+    if shard.count > 1:
+        keras.distribution.set_distribution(None)  # the copy below is one process's, not the run's
+    if shard.index == 0:  # one writer of the results
+        final = float32_copy(model)
+        info = contract.info_of(final).replace(preprocessing=eval_preprocessing, class_names=tuple(source.class_names))
+        contract.save_model(final, os.path.join(config.output, "model.keras"), info)
+        shutil.rmtree(os.path.join(config.output, "backup"), ignore_errors=True)
+        write_json_atomic(os.path.join(config.output, "metrics.json"), metrics)
+    sync(shard, "saved")
     return metrics
+
+
+@contextlib.contextmanager
+def _losing_a_process_is_fatal(shard: Shard):
+    """A collective that fails in a multi-process run (another process died or stopped
+    answering) becomes a TrainingError that says so."""
+    try:
+        yield
+    except (TrainingError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - the runtime's errors come as many types
+        if shard.count == 1:
+            raise
+        raise TrainingError(f"process {shard.index} of {shard.count} lost the run ({common.one_line(err)[:300]}); "
+                            "another process stopped. Start every process again with the same command to resume "
+                            "from the last finished epoch") from None
 
 
 def _steps_per_epoch(config: TrainConfig, source: DataSource, replicas: int) -> int:
@@ -440,36 +580,52 @@ def _training_model(config, initial, source, size, scope, kind, preprocessing, s
     return model
 
 
-def _train_data(config: TrainConfig, source: DataSource, size: int):
-    augmenter = Augmenter(config.augment, size, source.num_classes, seed=config.seed)
-    return train_pipeline(source, augmenter, config.batch_size, seed=config.seed).repeat()
+def _train_data(config: TrainConfig, source: DataSource, size: int, shard: Shard = Shard()):
+    augmenter = Augmenter(config.augment, size, source.num_classes, seed=config.seed + shard.index)
+    return train_pipeline(source, augmenter, config.batch_size, seed=config.seed, shard=shard).repeat()
 
 
-def _val_data(config: TrainConfig, source: DataSource, preprocessing: Preprocessing):
+def _val_data(config: TrainConfig, source: DataSource, preprocessing: Preprocessing, shard: Shard = Shard(),
+              kind: str = "none"):
     if source.val is None or not source.val_size:
         return None
     size = preprocessing.input_size
-    val_ds = eval_pipeline(source.val, preprocessing, config.batch_size, num_classes=source.num_classes,
-                           cache=source.image_shape is not None and source.val_size * size * size * 3 < 1 << 30)
+    cache = source.image_shape is not None and source.val_size * size * size * 3 < 1 << 30
+    if kind in ("data-parallel", "multi-process"):  # every batch whole: keras.distribution splits it over devices
+        val_ds = sharded_eval_pipeline(source.val, source.val_size, preprocessing, config.batch_size,
+                                       source.num_classes, shard, cache=cache)
+    else:
+        val_ds = eval_pipeline(source.val, preprocessing, config.batch_size, num_classes=source.num_classes,
+                               cache=cache)
     return val_ds.take(config.val_steps) if config.val_steps else val_ds
 
 
-def _callbacks(config: TrainConfig, progress, log) -> list:
+def _callbacks(config: TrainConfig, progress, log, shard: Shard = Shard()) -> list:
     out = config.output
-    callbacks = [
-        StopOnNaN(out),
-        progress,
+    backup = os.path.join(out, "backup", f"process{shard.index}") if shard.count > 1 else os.path.join(out, "backup")
+    callbacks = [StopOnNaN(out), progress]
+    if shard.index == 0:  # what the run writes once
         # The history row first, then the backup: a kill between them re-trains that
         # epoch and read_history keeps its last row, so no finished epoch is lost.
-        keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
-        keras.callbacks.ModelCheckpoint(os.path.join(out, "checkpoint.weights.h5"), save_weights_only=True),
-        keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), delete_checkpoint=False),
-    ]
+        callbacks.append(keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True))
+    callbacks.append(LocalBackupAndRestore(backup, delete_checkpoint=False))  # every process its own
+    if shard.index == 0:
+        callbacks.append(LocalModelCheckpoint(os.path.join(out, "checkpoint.weights.h5"), save_weights_only=True))
+    if shard.count > 1:
+        callbacks.append(SameEpochEverywhere(shard))
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         log("TensorBoard is not installed (pip install tensorboard): no logs/ written")
-    elif config.tensorboard:
+    elif config.tensorboard and shard.index == 0:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "logs")))
     return callbacks
+
+
+def jax_process_count() -> int:
+    if keras.backend.backend() != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
 
 
 def _metrics(config, model, source, progress, started, resumed, replicas, kind, size) -> dict:
@@ -484,6 +640,7 @@ def _metrics(config, model, source, progress, started, resumed, replicas, kind, 
         "epochs_this_session": progress.epochs,
         "optimizer_steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "devices": replicas,
+        "processes": jax_process_count(),
         "distribution": kind,
         "backend": keras.backend.backend(),
         "dataset": source.name,

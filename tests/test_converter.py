@@ -309,7 +309,7 @@ def test_export_from_the_converter(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     names = [row["path"] for row in report["files"]]
     assert names == ["model.keras", "saved_model", "model.tflite", "model_float16.tflite", "model_dynamic.tflite",
-                     "model_int8.tflite", "model.onnx"]
+                     "model_int8.tflite", "model.onnx", "model_int8.onnx"]
     assert sorted(os.listdir(out)) == sorted(names + ["report.json"])
     assert json.load(open(out / "report.json"))["files"] == report["files"]
 

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import STRIPE_SIZE, stripe_images, train_on_stripes
 
 import convmixer_tf
 from convmixer_tf import contract
@@ -16,37 +17,19 @@ from convmixer_tf.export.verify import softmax
 
 pytest.importorskip("mediapipe")
 
-SIZE = 32
+SIZE = STRIPE_SIZE
 CLASSES = ("horizontal", "diagonal up", "vertical", "diagonal down")
 
 
 def stripes(count, seed):
-    """Noisy images whose class is the orientation of their stripes."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    labels = rng.integers(0, len(CLASSES), count)
-    images = np.empty((count, SIZE, SIZE, 3), np.float32)
-    for i, c in enumerate(labels):
-        angle = np.pi * (c + rng.uniform(-0.15, 0.15)) / len(CLASSES)
-        wave = 60 * np.sin((xx * np.sin(angle) + yy * np.cos(angle)) / 1.5 + rng.uniform(0, 2 * np.pi))
-        images[i] = np.clip(rng.uniform(60, 190, 3) + wave[..., None] + rng.normal(0, 25, (SIZE, SIZE, 3)), 0, 255)
-    return np.round(images), labels
+    return stripe_images(count, seed, classes=len(CLASSES), size=SIZE)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small ConvMixer trained on stripe images, saved with its class names."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    model = convmixer_tf.ConvMixer(dim=24, depth=2, kernel_size=7, patch_size=2, num_classes=len(CLASSES),
-                                   input_shape=(SIZE, SIZE, 3), include_preprocessing=True)
-    x, y = stripes(768, seed=0)
-    model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(True),
-                  metrics=["accuracy"])
-    model.fit(x, y, batch_size=64, epochs=5, verbose=0)
+    model = train_on_stripes(dim=24, depth=2, count=768, epochs=5, classes=len(CLASSES))
     test_x, test_y = stripes(64, seed=1)
-    assert np.mean(model.predict(test_x, verbose=0).argmax(1) == test_y) >= 0.9  # it learned the task
     path = tmp_path_factory.mktemp("trained") / "model.keras"
     convmixer_tf.save_model(model, path, contract.info_of(model).replace(class_names=CLASSES))
     images = tmp_path_factory.mktemp("images")

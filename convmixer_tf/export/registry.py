@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 from convmixer_tf.common import CheckFailed
 
 # One line per format module (convmixer_tf.export.<name>), in the order of "all".
-BUILTIN_MODULES = ("saved_model", "tflite", "onnx")
+BUILTIN_MODULES = ("saved_model", "tflite", "onnx", "onnx_int8")
 
 OUTPUTS = ("logits", "probabilities")
 
