@@ -42,10 +42,10 @@ class AugmentConfig:
     ratio: Tuple[float, float] = option((1.0, 1.0), "RandomResizedCrop aspect ratios", type=floats(2),
                                         metavar="MIN,MAX", group=GROUP)
     hflip: bool = option(True, "no random horizontal flips", flag="--no-flip", group=GROUP)
-    randaugment_n: int = option(2, "RandAugment ops per image (0: off)", flag="--ra-n", group=GROUP)
-    randaugment_m: int = option(12, "RandAugment magnitude, 0-30", flag="--ra-m", group=GROUP)
+    randaugment_n: int = option(2, "RandAugment ops per image (0: off)", flag="--ra-n", metavar="N", group=GROUP)
+    randaugment_m: int = option(12, "RandAugment magnitude, 0-30", flag="--ra-m", metavar="M", group=GROUP)
     jitter: float = option(0.0, "colour jitter strength", group=GROUP)
-    erasing: float = option(0.0, "random erasing probability", flag="--reprob", group=GROUP)
+    erasing: float = option(0.0, "random erasing probability", flag="--reprob", metavar="P", group=GROUP)
     mixup: float = option(0.0, "mixup alpha (0: off)", group=GROUP)
     cutmix: float = option(0.0, "cutmix alpha (0: off)", group=GROUP)
 

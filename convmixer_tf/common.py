@@ -473,6 +473,15 @@ def option(default=None, help: str = "", *, default_factory=None, **argparse_kwa
     return dataclasses.field(default=default, metadata=meta)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not for on/off flags or options without one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):  # 0 == False: test the type
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line (`error: ...`, exit 2), like
     every other bad input here."""

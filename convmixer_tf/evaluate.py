@@ -9,7 +9,6 @@ Exit status: 0 done, 2 bad arguments or data, 3 internal error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ def build_parser():
         description="Top-1 / top-5 accuracy and cross-entropy of a .keras model with timm's evaluation "
                     "transform (resize the shorter side to size/crop_pct, centre crop, mean/std). The "
                     "transform is the variant's when the model is named after one (or --preset).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="MODEL.keras")
     data = p.add_mutually_exclusive_group(required=True)

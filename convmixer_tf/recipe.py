@@ -78,17 +78,17 @@ class TrainConfig:
     image_size: Optional[int] = option(None, "training resolution (default: the variant's)", group=DATA)
     strict_images: bool = option(False, "an image that does not decode is an error (default: it is left out, "
                                  "with a warning naming it, and counted in metrics.json)", group=DATA)
-    epochs: int = option(25, group=RUN)
+    epochs: int = option(25, "training epochs", group=RUN)
     batch_size: int = option(512, "global batch, split over devices", group=RUN)
     steps_per_epoch: Optional[int] = option(None, "cap on steps per epoch (quick runs)", group=RUN)
     val_steps: Optional[int] = option(None, "cap on validation batches", group=RUN)
     lr: float = option(0.05, "peak learning rate", group=RUN)
     weight_decay: float = option(0.005, "AdamW decoupled weight decay", group=RUN)
-    schedule: str = option("onecycle", choices=SCHEDULES, group=RUN)
+    schedule: str = option("onecycle", "learning rate over time", choices=SCHEDULES, group=RUN)
     warmup_epochs: float = option(0.0, "linear warmup of the cosine schedule", group=RUN)
     clip_norm: Optional[float] = option(1.0, "global gradient-norm clipping (0 turns it off)", type=float,
                                         to_field=lambda value: value or None, group=RUN)
-    label_smoothing: float = option(0.0, group=RUN)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", group=RUN)
     backbone_lr_mult: float = option(1.0, "learning-rate factor for all layers but the head", group=RUN)
     freeze_backbone: bool = option(False, "train the head only", group=RUN)
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
@@ -106,7 +106,7 @@ class TrainConfig:
     process_id: Optional[int] = option(None, "multi-process: this process's index, 0 to N-1", group=DEVICES)
     heartbeat_timeout: int = option(60, "multi-process: seconds after which a process that stopped answering counts "
                                     "as dead, and the others stop with an error", group=DEVICES)
-    seed: int = option(0, group=DEVICES)
+    seed: int = option(0, "seed of the data order, augmentation and new weights", group=DEVICES)
     output: str = option("runs/convmixer", "run folder (default runs/<variant or init>_<dataset>)", metavar="DIR",
                          by_hand=True)
     force: bool = option(False, "start over, deleting an earlier run in --output (never a folder of "

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "AdamW lr 0.05 wd 0.005, one-cycle, RandAugment 2/12). The output folder gets "
                     "model.keras (float32, stock layers, class names inside), metrics.json, history.csv, "
                     "TensorBoard logs and a backup: the same command resumes a killed run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     groups = {name: p.add_argument_group(name) for name in OPTION_GROUPS}
     data = groups[OPTION_GROUPS[0]].add_mutually_exclusive_group(required=True)

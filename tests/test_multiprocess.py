@@ -127,9 +127,15 @@ def test_two_processes_train_what_one_process_trains(tmp_path, setup):
     two, devices, one = (_weights(tmp_path / n) for n in ("two_processes", "two_devices", "one_device"))
     start = [np.asarray(w) for w in randomize_batchnorm(
         convmixer_tf.create_model("convmixer_256_8", num_classes=3), seed=5).get_weights()]
-    assert _max_diff(one, start) > 1e-3  # the steps moved the weights
-    assert _max_diff(two, devices) < 1e-5 and _max_diff(two, one) < 1e-5, (_max_diff(two, devices),
-                                                                           _max_diff(two, one))
+    moved = _max_diff(one, start)
+    assert moved > 1e-3  # the steps moved the weights
+    # Two processes run the two-device program: the same sums in the same order.
+    assert _max_diff(two, devices) == 0.0
+    # One device adds the halves of each batch in another order, and Adam scales the rounding up on weights
+    # whose gradients are near zero (measured: 7.5e-6 of how far the weights moved). A wrong shard moves
+    # them apart by most of that distance, so the same bound tells the two apart below.
+    bound = 1e-4 * moved
+    assert _max_diff(two, one) < bound, (_max_diff(two, one), moved)
     metrics = [json.load(open(tmp_path / n / "metrics.json")) for n in ("two_processes", "one_device")]
     assert metrics[0]["processes"] == 2 and metrics[0]["devices"] == 2
     for key in ("val_accuracy", "val_loss"):  # the whole validation set, once
@@ -139,7 +145,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, setup):
                                                                 "history.csv", "metrics.json", "model.keras"]
     # The check can fail: both processes training on process 0's shard.
     _two_processes(setup, tmp_path / "wrong_shard", WRONG_SHARD, *steps)
-    assert _max_diff(_weights(tmp_path / "wrong_shard"), one) > 1e-4
+    assert _max_diff(_weights(tmp_path / "wrong_shard"), one) > bound
 
 
 @pytest.mark.slow
