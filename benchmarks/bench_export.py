@@ -243,6 +243,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.litert_torch_python is None and os.path.exists(LITERT_TORCH_VENV_PYTHON):
         args.litert_torch_python = LITERT_TORCH_VENV_PYTHON
+    if len(args.variants) > 1:  # a process each: 1536/20 alone peaks at 23 GiB, which the next must not inherit
+        for name in args.variants:
+            child = [sys.executable, os.path.abspath(__file__), "--variants", name, "--runs", str(args.runs),
+                     "--calibration-count", str(args.calibration_count)]
+            if args.litert_torch_python:
+                child += ["--litert-torch-python", args.litert_torch_python]
+            if subprocess.call(child) != 0:
+                return 1
+        return 0
 
     import tensorflow as tf
 
