@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import randomize_batchnorm
+from conftest import randomize_batchnorm, stripe_images
 
 import convmixer_tf
 from convmixer_tf import export as exporters
@@ -279,20 +279,6 @@ def test_full_size_float_exports(tmp_path, name):
         assert row["top1_agreement"] == 1.0
 
 
-def _stripe_images(count, size, num_classes, seed):
-    """Noisy images whose class is the orientation of their stripes (learnable, not trivial)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    labels = rng.integers(0, num_classes, count)
-    images = np.empty((count, size, size, 3), np.float32)
-    for i, c in enumerate(labels):
-        angle = np.pi * (c + rng.uniform(-0.2, 0.2)) / num_classes
-        phase = rng.uniform(0, 2 * np.pi)
-        stripes = 60 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / 1.5 + phase)
-        images[i] = np.clip(rng.uniform(60, 190, 3) + stripes[..., None] + rng.normal(0, 30, (size, size, 3)), 0, 255)
-    return images, labels
-
-
 def test_tflite_int8_of_a_trained_model_agrees_with_float_on_held_out_images(tmp_path):
     # Random weights give nearly tied logits, where any rounding flips the top-1; a trained
     # model has real margins, so >= 97% agreement on images it never saw is a fair bar.
@@ -301,9 +287,9 @@ def test_tflite_int8_of_a_trained_model_agrees_with_float_on_held_out_images(tmp
     keras.utils.set_random_seed(0)
     model = convmixer_tf.ConvMixer(dim=32, depth=3, kernel_size=7, patch_size=2, num_classes=6,
                                    input_shape=(SIZE, SIZE, 3), include_preprocessing=True)
-    train_x, train_y = _stripe_images(1024, SIZE, 6, seed=0)
-    test_x, test_y = _stripe_images(200, SIZE, 6, seed=1)
-    calib = _stripe_images(64, SIZE, 6, seed=2)[0]
+    train_x, train_y = stripe_images(1024, seed=0, classes=6, size=SIZE)
+    test_x, test_y = stripe_images(200, seed=1, classes=6, size=SIZE)
+    calib = stripe_images(64, seed=2, classes=6, size=SIZE)[0]
     model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(True),
                   metrics=["accuracy"])
     model.fit(train_x, train_y, batch_size=64, epochs=6, verbose=0)
