@@ -166,9 +166,10 @@ def _quiet_python_logging():
 # --------------------------------------------------------------------------------------
 # Writing files
 
-def write_atomic(path, data) -> str:
+def write_atomic(path, data, exclusive: bool = False) -> str:
     """Writes bytes or text to `path` through a temporary file beside it and a rename:
-    readers see the old file or the new one, never half of it."""
+    readers see the old file or the new one, never half of it. With `exclusive`, a file
+    that exists at `path` by the time of the rename is left alone (OutputExistsError)."""
     path = os.fspath(path)
     mode = "wb" if isinstance(data, (bytes, bytearray, memoryview)) else "w"
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial",
@@ -176,7 +177,13 @@ def write_atomic(path, data) -> str:
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
-        os.replace(tmp, path)
+        if exclusive:
+            try:
+                _rename_noreplace(tmp, path)
+            except FileExistsError:
+                raise OutputExistsError(f"{path} appeared while this run was working; it was not replaced") from None
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -184,8 +191,8 @@ def write_atomic(path, data) -> str:
     return path
 
 
-def write_json_atomic(path, data) -> str:
-    return write_atomic(path, json.dumps(data, indent=2, default=jsonable) + "\n")
+def write_json_atomic(path, data, exclusive: bool = False) -> str:
+    return write_atomic(path, json.dumps(data, indent=2, default=jsonable) + "\n", exclusive)
 
 
 def jsonable(value):
@@ -358,6 +365,7 @@ class Staging:
         self.replaced = None  # None, "existing output" or "output written meanwhile by another run"
         self._before_commit = []
         self._created_parents = []
+        self._existed = False
 
     def before_commit(self, callback: Callable[["Staging"], None]) -> None:
         """Calls `callback(staging)` just before the move (self.replaced is then known)."""
@@ -391,27 +399,25 @@ class Staging:
             self._created_parents.append(folder)
 
     def commit(self) -> None:
-        existed = os.path.lexists(self.output)
-        if existed:  # written meanwhile, or replaced on purpose: the same rule applies
-            check_replaceable(self.output, self.kind, True, self.inputs)
-            if not self.force:
-                raise OutputExistsError(f"output {self.output} appeared while this run was writing it "
-                                        "(another run?); nothing was replaced: pass --force to replace it")
-            self.replaced = "existing output" if self._existed else "output written meanwhile by another run"
-        for callback in self._before_commit:
-            callback(self)
-        if not existed:
+        if not os.path.lexists(self.output):
+            self._call_before_commit()
             try:
                 _rename_noreplace(self.path, self.output)
                 return
             except FileExistsError:
-                if not self.force:
-                    raise OutputExistsError(f"output {self.output} appeared while this run was writing it "
-                                            "(another run?); nothing was replaced") from None
-                self.replaced = "output written meanwhile by another run"
-                for callback in self._before_commit:
-                    callback(self)
+                pass  # created since the look above: the rule below applies to it too
+        # Replaced on purpose, or written meanwhile: either way only an output of this tool goes.
+        check_replaceable(self.output, self.kind, True, self.inputs)
+        if not self.force:
+            raise OutputExistsError(f"output {self.output} appeared while this run was writing it "
+                                    "(another run?); nothing was replaced: pass --force to replace it")
+        self.replaced = "existing output" if self._existed else "output written meanwhile by another run"
+        self._call_before_commit()
         self._replace()
+
+    def _call_before_commit(self):
+        for callback in self._before_commit:
+            callback(self)
 
     def _replace(self):
         old = self.path + ".old"

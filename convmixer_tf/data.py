@@ -98,16 +98,9 @@ def read_images(source: ImageSource, preprocessing: Preprocessing, count: Option
     A folder's images are taken recursively in sorted order; a tfds split (default
     `default_split`) in its own order. Nothing is downloaded.
     """
-    import tensorflow as tf
-
     if source.folder is not None:
         paths = list_images(source.folder)[:count]
-        raws = []
-        for path in paths:
-            try:
-                raws.append(tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False))
-            except tf.errors.OpError as err:
-                raise ValueError(f"cannot decode image {path}: {err.message.splitlines()[0]}") from None
+        raws = [decode_image_file(path) for path in paths]
         names, description = paths, f"{source.folder} ({len(paths)} images)"
     else:
         split = source.split or default_split
@@ -312,16 +305,32 @@ def _unreadable_images(paths, strict: bool) -> List[Tuple[str, str]]:
     return bad
 
 
-def _decode_error(path) -> Optional[Tuple[str, str]]:
+class UnreadableImage(ValueError):
+    """An image file that does not decode (bad input: exit 2); `reason` is TensorFlow's."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"cannot decode image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def decode_image_file(path):
+    """The image in file `path` (uint8, H x W x 3); UnreadableImage when it does not decode."""
     import tensorflow as tf
 
     try:
-        tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return None
+        return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     except tf.errors.OpError as err:
         # "{{function_node ...}} Invalid PNG data, size 1234 [Op:DecodeImage]" -> the middle
-        message = err.message.splitlines()[0].split("}} ")[-1].split(" [Op:")[0]
-        return path, message or type(err).__name__
+        reason = err.message.splitlines()[0].split("}} ")[-1].split(" [Op:")[0]
+        raise UnreadableImage(path, reason or type(err).__name__) from None
+
+
+def _decode_error(path) -> Optional[Tuple[str, str]]:
+    try:
+        decode_image_file(path)
+        return None
+    except UnreadableImage as err:
+        return path, err.reason
 
 
 def _decode_file(path, label):

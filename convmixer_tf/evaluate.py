@@ -83,22 +83,23 @@ def _evaluate(args, log) -> int:
     skipped = f", {len(source.skipped)} unreadable images left out" if source.skipped else ""
     log(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  "
         f"({metrics['count']} images{skipped}, {metrics['seconds']} s)")
-    if args.output:
-        common.write_json_atomic(args.output, metrics)
+    if args.output:  # looked at again: what is there now must still be ours to replace
+        earlier = check_metrics_output(args.output, inputs=[args.model, args.data_dir])
+        common.write_json_atomic(args.output, metrics, exclusive=not earlier)
     if args.json:
         print(json.dumps(metrics, indent=2))
     return common.EXIT_OK
 
 
-def check_metrics_output(path, inputs=()):
+def check_metrics_output(path, inputs=()) -> bool:
     """--output may be a new file, or an earlier metrics file of this command (replaced);
-    anything else is refused (exit 2) before any work."""
+    anything else is refused (exit 2) before any work. True when it is an earlier one."""
     common.check_inputs_outside(path, inputs)
     if not os.path.lexists(path):
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             raise ValueError(f"cannot write --output {path}: {parent} is not a writable folder")
-        return
+        return False
     try:
         with open(path) as f:
             earlier = json.load(f)
@@ -107,6 +108,7 @@ def check_metrics_output(path, inputs=()):
     if os.path.islink(path) or not (isinstance(earlier, dict) and {"top1", "top5", "count"} <= set(earlier)):
         raise ValueError(f"--output {path} exists and is not an earlier metrics file of this command; "
                          "it is not replaced: choose another --output")
+    return True
 
 
 def _dataset(args):

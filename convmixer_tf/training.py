@@ -351,16 +351,20 @@ def _one_process_alone():
         keras.distribution.set_distribution(current)
 
 
-class LocalModelCheckpoint(keras.callbacks.ModelCheckpoint):
+class _SavesAlone:
+    """A saving callback whose saves are this process's own business (see above)."""
+
     def _save_model(self, *args, **kwargs):
         with _one_process_alone():
             return super()._save_model(*args, **kwargs)
 
 
-class LocalBackupAndRestore(keras.callbacks.BackupAndRestore):
-    def _save_model(self, *args, **kwargs):
-        with _one_process_alone():
-            return super()._save_model(*args, **kwargs)
+class LocalModelCheckpoint(_SavesAlone, keras.callbacks.ModelCheckpoint):
+    pass
+
+
+class LocalBackupAndRestore(_SavesAlone, keras.callbacks.BackupAndRestore):
+    pass
 
 
 class SameEpochEverywhere(keras.callbacks.Callback):
@@ -518,7 +522,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, source: Optio
                   validation_data=_val_data(config, source, eval_preprocessing, shard, kind),
                   callbacks=_callbacks(config, progress, log, shard),
                   verbose=config.verbose if shard.index == 0 else 0, shuffle=False)
-    metrics = _metrics(config, model, source, progress, started, resumed, replicas, kind, size)
+    metrics = _metrics(config, model, source, progress, started, resumed, replicas, kind, size, shard)
     sync(shard, "trained")
     if shard.count > 1:
         keras.distribution.set_distribution(None)  # the copy below is one process's, not the run's
@@ -620,15 +624,7 @@ def _callbacks(config: TrainConfig, progress, log, shard: Shard = Shard()) -> li
     return callbacks
 
 
-def jax_process_count() -> int:
-    if keras.backend.backend() != "jax":
-        return 1
-    import jax
-
-    return jax.process_count()
-
-
-def _metrics(config, model, source, progress, started, resumed, replicas, kind, size) -> dict:
+def _metrics(config, model, source, progress, started, resumed, replicas, kind, size, shard: Shard) -> dict:
     history = read_history(os.path.join(config.output, "history.csv"))
     return {
         "epochs": len(history),
@@ -640,7 +636,7 @@ def _metrics(config, model, source, progress, started, resumed, replicas, kind, 
         "epochs_this_session": progress.epochs,
         "optimizer_steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "devices": replicas,
-        "processes": jax_process_count(),
+        "processes": shard.count,
         "distribution": kind,
         "backend": keras.backend.backend(),
         "dataset": source.name,

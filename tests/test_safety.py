@@ -153,6 +153,35 @@ def test_with_force_the_last_writer_wins_and_says_so(tmp_path, checkpoint):
     assert not [e for e in os.listdir(tmp_path) if ".partial" in e]
 
 
+def test_a_folder_made_in_the_last_instant_is_never_replaced(tmp_path, monkeypatch):
+    """The user's folder appears between the last look and the final rename: even with
+    --force it is refused, not moved aside and removed."""
+    kind = common.OutputKind("tool", "report.json", lambda: {"model.keras"}, lambda report: True)
+    out = tmp_path / "out"
+    real_rename = common._rename_noreplace
+
+    def user_gets_there_first(src, dst):
+        if os.fspath(dst) == os.fspath(out) and not out.exists():
+            out.mkdir()
+            (out / "thesis.txt").write_text("mine")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(common, "_rename_noreplace", user_gets_there_first)
+    with pytest.raises(common.OutputExistsError, match="thesis.txt"):
+        with common.staged_output(out, kind, force=True) as staging:
+            open(os.path.join(staging.path, "report.json"), "w").write("{}")
+    assert sorted(os.listdir(out)) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "mine"
+    assert [e for e in os.listdir(tmp_path) if ".partial" in e] == []
+
+
+def test_evaluate_output_written_meanwhile_is_not_replaced(tmp_path):
+    path = tmp_path / "metrics.json"
+    common.write_json_atomic(path, {"top1": 1.0}, exclusive=True)  # a new file: written
+    with pytest.raises(common.OutputExistsError, match="appeared while this run was working"):
+        common.write_json_atomic(path, {"top1": 0.5}, exclusive=True)
+    assert json.load(open(path)) == {"top1": 1.0} and os.listdir(tmp_path) == ["metrics.json"]
+
+
 # ---------------------------------------------------------------- 3. bad pixels
 
 def _damage(folder):

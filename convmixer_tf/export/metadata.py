@@ -145,14 +145,16 @@ def with_metadata(model: bytes, meta: Metadata) -> bytes:
 
 
 def read_metadata(path) -> Optional[bytes]:
-    """The metadata flatbuffer inside a .tflite file, or None for a file without one."""
-    from tensorflow.lite.tools import flatbuffer_utils
+    """The metadata flatbuffer inside a .tflite file, or None for a file without one.
+    Reads the flatbuffer in place (only the metadata entries), never unpacking the model."""
+    from tensorflow.lite.python import schema_py_generated as schema
 
     with open(path, "rb") as f:
-        tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(f.read()))
-    for entry in tflite.metadata or []:
-        if entry.name.decode() == METADATA_NAME:
-            return bytes(np.asarray(tflite.buffers[entry.buffer].data, np.uint8))
+        model = schema.Model.GetRootAs(f.read(), 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name().decode() == METADATA_NAME:
+            return model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
     return None
 
 

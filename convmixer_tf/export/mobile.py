@@ -63,28 +63,32 @@ def classify(path, images: np.ndarray, num_classes: int, logits: bool = False, t
     Returns (scores [N, num_classes] by class index, category names by index, median ms
     of `timed` classify() calls on the first image, or None).
     """
+    with open_classifier(path, num_classes, logits) as classifier:
+        return _classify_with(classifier, images, num_classes, timed)
+
+
+def _classify_with(classifier, images, num_classes, timed):
     scores = np.full((len(images), num_classes), np.nan, np.float32)
     names = [""] * num_classes
     frames = [frame(image) for image in images]
-    with open_classifier(path, num_classes, logits) as classifier:
-        for i, each in enumerate(frames):
-            for category in classifier.classify(each).classifications[0].categories:
-                scores[i, category.index] = category.score
-                names[category.index] = category.category_name or ""
-        latency = None
-        if timed:
+    for i, each in enumerate(frames):
+        for category in classifier.classify(each).classifications[0].categories:
+            scores[i, category.index] = category.score
+            names[category.index] = category.category_name or ""
+    latency = None
+    if timed:
+        classifier.classify(frames[0])
+        times = []
+        for _ in range(timed):
+            start = time.perf_counter()
             classifier.classify(frames[0])
-            times = []
-            for _ in range(timed):
-                start = time.perf_counter()
-                classifier.classify(frames[0])
-                times.append(time.perf_counter() - start)
-            latency = float(np.median(times) * 1e3)
+            times.append(time.perf_counter() - start)
+        latency = float(np.median(times) * 1e3)
     return scores, names, latency
 
 
 def mediapipe_check(path, runner, model, inputs, raw_rgb: bool, tolerance: Optional[float],
-                    class_names=None, mean_std=None, timed: int = 0) -> dict:
+                    class_names=None, mean_std=None, timed: int = 0, has_metadata: Optional[bool] = None) -> dict:
     """Loads `path` in MediaPipe's ImageClassifier and compares what it gives with Keras.
 
     The images are `inputs` as the uint8 pixels an app would pass, at the model's input
@@ -95,6 +99,7 @@ def mediapipe_check(path, runner, model, inputs, raw_rgb: bool, tolerance: Optio
     be `class_names`.
 
     Returns a dict for the report row; "problem" says why the check failed, if it did.
+    `has_metadata`: whether the file carries metadata, when the caller has read it.
     """
     from convmixer_tf.export.metadata import read_metadata
     from convmixer_tf.export.verify import as_output
@@ -103,7 +108,7 @@ def mediapipe_check(path, runner, model, inputs, raw_rgb: bool, tolerance: Optio
         import mediapipe  # noqa: F401
     except ImportError:
         return {"status": MEDIAPIPE_MISSING}
-    if read_metadata(path) is None:
+    if not (has_metadata if has_metadata is not None else read_metadata(path) is not None):
         return {"status": "skipped: the file has no metadata (written before files carried it)"}
     if not raw_rgb and any(len(set(values)) > 1 for values in mean_std):
         # MediaPipe refuses "Per-channel image normalization"; the file is right for others.
@@ -116,10 +121,11 @@ def mediapipe_check(path, runner, model, inputs, raw_rgb: bool, tolerance: Optio
         fed = ((fed / 255.0 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
     reference = as_output(model, np.asarray(model.predict(fed, verbose=0)), runner.output)
     try:
-        open_classifier(path, reference.shape[1], runner.output == "logits").close()
+        classifier = open_classifier(path, reference.shape[1], runner.output == "logits")
     except (RuntimeError, ValueError) as err:  # MediaPipe refusing the file is the finding
         return {"status": "refused", "problem": f"MediaPipe refused the file: {' '.join(str(err).split())[:300]}"}
-    scores, names, latency = classify(path, images, reference.shape[1], runner.output == "logits", timed)
+    with classifier:
+        scores, names, latency = _classify_with(classifier, images, reference.shape[1], timed)
     row = {"status": "ok", "images": int(len(images)), "max_abs": float(np.nanmax(np.abs(scores - reference))),
            "top1_agreement": float(np.mean(scores.argmax(1) == reference.argmax(1))),
            "classify_ms": latency, "labels": "none in the file" if not any(names) else "packed"}

@@ -146,8 +146,19 @@ class OnnxRunner:
         return self._session.run([self._output], {self._input: np.ascontiguousarray(x)})[0]
 
 
+def float_onnx(job) -> str:
+    """The job's float ONNX file, converted once per run: the onnx and onnx_int8 formats
+    both start from it."""
+    def convert():
+        path = os.path.join(job.scratch(), f"float-{'nchw' if job.nchw else 'nhwc'}.onnx")
+        return export_onnx(job.model, path, nchw=job.nchw, **({"opset": job.opset} if job.opset else {}))
+
+    return job.shared(("onnx", job.nchw, job.opset), convert)
+
+
 def _write(job, path):
-    export_onnx(job.model, path, nchw=job.nchw, **({"opset": job.opset} if job.opset else {}))
+    with open(float_onnx(job), "rb") as f:
+        write_atomic(path, f.read())
 
 
 FORMATS = [

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from convmixer_tf.common import write_atomic
-from convmixer_tf.export.onnx import DEFAULT_OPSET, OnnxRunner, check_onnx, export_onnx
+from convmixer_tf.export.onnx import DEFAULT_OPSET, OnnxRunner, check_onnx, export_onnx, float_onnx
 from convmixer_tf.export.registry import ExportError, ExportFormat
 
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -37,7 +37,8 @@ FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 
 def export_onnx_int8(model, path, calibration: np.ndarray, nchw: bool = False, opset: int = DEFAULT_OPSET,
                      method: str = CALIBRATION_METHOD, per_channel: bool = PER_CHANNEL,
-                     reduce_range: bool = REDUCE_RANGE, float_ops: Sequence[str] = FLOAT_OPS) -> str:
+                     reduce_range: bool = REDUCE_RANGE, float_ops: Sequence[str] = FLOAT_OPS,
+                     float_path: Optional[str] = None) -> str:
     """Writes `model` as a statically quantised (QDQ, int8 weights, uint8 activations) ONNX file.
 
     Args:
@@ -50,6 +51,8 @@ def export_onnx_int8(model, path, calibration: np.ndarray, nchw: bool = False, o
         per_channel: one weight scale per output channel (else per tensor).
         reduce_range: 7-bit weights (see REDUCE_RANGE).
         float_ops: op types left in float.
+        float_path: the float ONNX file of `model` (same nchw and opset), when already
+            written; else it is converted here.
 
     Example:
         >>> export_onnx_int8(model, "model_int8.onnx", calibration=images)  # doctest: +SKIP
@@ -62,8 +65,9 @@ def export_onnx_int8(model, path, calibration: np.ndarray, nchw: bool = False, o
     if calibration is None or not len(calibration):
         raise ValueError("int8 ONNX needs calibration images")
     with tempfile.TemporaryDirectory() as tmp:
-        float_path, ready, quantised = (os.path.join(tmp, name) for name in ("float.onnx", "pre.onnx", "int8.onnx"))
-        export_onnx(model, float_path, opset=opset, nchw=nchw)
+        ready, quantised = os.path.join(tmp, "pre.onnx"), os.path.join(tmp, "int8.onnx")
+        if float_path is None:
+            float_path = export_onnx(model, os.path.join(tmp, "float.onnx"), opset=opset, nchw=nchw)
         quant_pre_process(float_path, ready, skip_symbolic_shape=True)
         try:
             quantize_static(
@@ -71,10 +75,7 @@ def export_onnx_int8(model, path, calibration: np.ndarray, nchw: bool = False, o
                 reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=getattr(CalibrationMethod, method),
                 nodes_to_exclude=_nodes_of(ready, float_ops),
-                # One image at a time (strided calibration): onnxruntime would otherwise keep
-                # every activation of every calibration image in memory (tens of GB on 1536/20).
-                extra_options={"OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS),
-                               "CalibStridedMinMax": 1})
+                extra_options={"OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS)})
         except Exception as err:  # noqa: BLE001 - onnxruntime raises many kinds
             raise ExportError(f"onnxruntime quantisation failed: {' '.join(str(err).split())[:400]}") from None
         import onnx
@@ -86,29 +87,19 @@ def export_onnx_int8(model, path, calibration: np.ndarray, nchw: bool = False, o
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader over an array of images, one per call, with the
-    length and ranges its strided calibration asks for."""
+    """onnxruntime's CalibrationDataReader over an array of images, one per call."""
 
     def __init__(self, images, nchw):
         self._images = np.asarray(images, np.float32)
         self._nchw = nchw
-        self.set_range(0, len(self._images))
-
-    def __len__(self):
-        return len(self._images)
-
-    def set_range(self, start_index: int, end_index: int):
-        self._next, self._end = start_index, end_index
+        self._next = 0
 
     def get_next(self) -> Optional[dict]:
-        if self._next >= self._end:
+        if self._next >= len(self._images):
             return None
         x = self._images[self._next][None]
         self._next += 1
         return {"images": np.ascontiguousarray(x.transpose(0, 3, 1, 2) if self._nchw else x)}
-
-    def __iter__(self):
-        return iter(self.get_next, None)
 
 
 def _nodes_of(path, op_types) -> list:
@@ -133,7 +124,8 @@ def _nodes_of(path, op_types) -> list:
 
 
 def _write(job, path):
-    export_onnx_int8(job.model, path, job.calibration, nchw=job.nchw, **({"opset": job.opset} if job.opset else {}))
+    export_onnx_int8(job.model, path, job.calibration, nchw=job.nchw, float_path=float_onnx(job),
+                     **({"opset": job.opset} if job.opset else {}))
 
 
 def _describe(path, check=None) -> dict:

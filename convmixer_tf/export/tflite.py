@@ -276,7 +276,8 @@ def _describe(path, check=None) -> dict:
     if check is not None:
         pre = check.info.preprocessing
         row["mediapipe"] = mediapipe_check(path, check.runner, check.model, check.inputs, check.raw_rgb,
-                                           check.tolerance, check.info.class_names, (pre.mean, pre.std))
+                                           check.tolerance, check.info.class_names, (pre.mean, pre.std),
+                                           has_metadata=row["metadata"])
         if "problem" in row["mediapipe"]:
             row["problem"] = row["mediapipe"]["problem"]
     return row
