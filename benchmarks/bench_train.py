@@ -8,7 +8,7 @@ devices against two processes with one device each (JAX's distributed runtime).
     python benchmarks/bench_train.py --multi-process --model convmixer_256_8 --image-size 32 --batch-size 32 \
         --precision fp32 --steps 20                       # on the CPU: 2 devices in 1 process vs 2 processes
 
-Ours: convmixer_tf.training (AdamW, global-norm clipping 1.0, label-smoothed cross-entropy,
+Ours: convmixer_tf.train (AdamW, global-norm clipping 1.0, label-smoothed cross-entropy,
 the float32 head) compiled with XLA on the Keras JAX backend, mixed_bfloat16.
 Peer: timm's model, torch.autocast(bfloat16), channels_last, torch.optim.AdamW with
 clip_grad_norm_(1.0). Both train on one fixed random batch that stays on the device, so
@@ -46,8 +46,10 @@ def keras_jax(args, distribute="none", process_id=None, coordinator=None, batch=
     import keras
     import numpy as np
 
-    from convmixer_tf import create_model
-    from convmixer_tf.training import TrainConfig, compile_model, distribution, start_processes, training_copy
+    from convmixer_tf import create_model, rebuild
+    from convmixer_tf.processes import distribution, start_processes
+    from convmixer_tf.train import TrainConfig
+    from convmixer_tf.train.optim import compile_model
 
     config = TrainConfig(variant=args.model, epochs=1, batch_size=args.batch_size, lr=1e-3, schedule="constant",
                          jit_compile=True, distribute=distribute, coordinator=coordinator,
@@ -55,11 +57,10 @@ def keras_jax(args, distribute="none", process_id=None, coordinator=None, batch=
     shard = start_processes(config)  # before anything touches JAX
     import jax
 
-    keras.config.set_dtype_policy("mixed_bfloat16" if args.precision == "bf16" else "float32")
     scope, devices, _ = distribution(distribute)
     source = create_model(args.model, input_shape=(args.image_size, args.image_size, 3))
     with scope:
-        model = training_copy(source, image_size=args.image_size)
+        model = rebuild(source, raw_rgb=True, dtype_policy="mixed_bfloat16" if args.precision == "bf16" else "float32")
         compile_model(model, config, steps_per_epoch=args.steps + args.warmup)
     classes = model.output_shape[-1]
     rng = np.random.default_rng(shard.index)

@@ -1,6 +1,6 @@
 """Training augmentation: the paper's recipe, with Keras 3's own layers where they exist.
 
-Images stay raw 0-255 float32 throughout (the model normalises inside its graph).
+Images stay raw float32 pixels throughout (the model normalises inside its graph).
 Keras has no RandomResizedCrop, so that one is written here with TensorFlow ops,
 following torchvision's sampling (ten tries at a random area and log-uniform aspect
 ratio, then a centre crop).
@@ -12,9 +12,7 @@ import dataclasses
 import math
 from typing import Tuple
 
-from convmixer_tf.common import floats, option
-
-GROUP = "augmentation"  # of the train command's options
+from convmixer_tf.config import PIXEL_MAX
 
 # torchvision's RandAugment spreads magnitudes over 31 bins (0..30); Keras' factor is
 # the fraction of the strongest setting.
@@ -37,17 +35,15 @@ class AugmentConfig:
             one of them with equal probability (timm's switch_prob 0.5).
     """
 
-    scale: Tuple[float, float] = option((1.0, 1.0), "RandomResizedCrop area range", type=floats(2),
-                                        metavar="MIN,MAX", group=GROUP)
-    ratio: Tuple[float, float] = option((1.0, 1.0), "RandomResizedCrop aspect ratios", type=floats(2),
-                                        metavar="MIN,MAX", group=GROUP)
-    hflip: bool = option(True, "no random horizontal flips", flag="--no-flip", group=GROUP)
-    randaugment_n: int = option(2, "RandAugment ops per image (0: off)", flag="--ra-n", metavar="N", group=GROUP)
-    randaugment_m: int = option(12, "RandAugment magnitude, 0-30", flag="--ra-m", metavar="M", group=GROUP)
-    jitter: float = option(0.0, "colour jitter strength", group=GROUP)
-    erasing: float = option(0.0, "random erasing probability", flag="--reprob", metavar="P", group=GROUP)
-    mixup: float = option(0.0, "mixup alpha (0: off)", group=GROUP)
-    cutmix: float = option(0.0, "cutmix alpha (0: off)", group=GROUP)
+    scale: Tuple[float, float] = (1.0, 1.0)
+    ratio: Tuple[float, float] = (1.0, 1.0)
+    hflip: bool = True
+    randaugment_n: int = 2
+    randaugment_m: int = 12
+    jitter: float = 0.0
+    erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
 
     def __post_init__(self):
         lo, hi = self.scale
@@ -105,7 +101,7 @@ class Augmenter:
     call, so it is called on single images (the map runs them in parallel).
     """
 
-    def __init__(self, config: AugmentConfig, size: int, num_classes: int, seed: int = 0):
+    def __init__(self, config: AugmentConfig, size: int, num_classes: int, *, seed: int = 0):
         import keras
 
         self.config, self.size, self.num_classes = config, size, num_classes
@@ -114,16 +110,17 @@ class Augmenter:
             layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
         if config.randaugment_n > 0 and config.randaugment_m > 0:
             layers.append(keras.layers.RandAugment(
-                value_range=(0, 255), num_ops=config.randaugment_n,
+                value_range=(0, PIXEL_MAX), num_ops=config.randaugment_n,
                 factor=config.randaugment_m / RANDAUGMENT_BINS, seed=seed + 1))
         if config.jitter > 0:
             j = config.jitter
             layers.append(keras.layers.RandomColorJitter(
-                value_range=(0, 255), brightness_factor=j, contrast_factor=j, saturation_factor=j, seed=seed + 2))
+                value_range=(0, PIXEL_MAX), brightness_factor=j, contrast_factor=j, saturation_factor=j, seed=seed + 2))
         if config.erasing > 0:
             # (p, p): erase with probability exactly p; grey is about the ImageNet mean.
             layers.append(keras.layers.RandomErasing(
-                factor=(config.erasing, config.erasing), fill_value=127.0, value_range=(0, 255), seed=seed + 3))
+                factor=(config.erasing, config.erasing), fill_value=PIXEL_MAX / 2, value_range=(0, PIXEL_MAX),
+                seed=seed + 3))
         self.image_layers = layers
         self.mixers = []
         if config.mixup > 0:
@@ -132,13 +129,13 @@ class Augmenter:
             self.mixers.append(keras.layers.CutMix(factor=config.cutmix, seed=seed + 5))
 
     def image(self, image, label):
-        """One (H, W, 3) uint8 image -> (size, size, 3) float32 0-255, one-hot label."""
+        """One (H, W, 3) uint8 image -> (size, size, 3) float32 raw pixels, one-hot label."""
         import tensorflow as tf
 
         x = random_resized_crop(image, self.size, self.config.scale, self.config.ratio)
         for layer in self.image_layers:
             x = layer(x, training=True)
-        x = tf.clip_by_value(tf.cast(x, tf.float32), 0.0, 255.0)
+        x = tf.clip_by_value(tf.cast(x, tf.float32), 0.0, PIXEL_MAX)
         x.set_shape([self.size, self.size, 3])
         return x, tf.one_hot(label, self.num_classes)
 

@@ -1,4 +1,5 @@
-"""ConvMixer configurations: one dataclass and one table of named variants.
+"""ConvMixer configurations: the architecture, the input preprocessing (and its maths),
+and one table of named variants.
 
 Variants are data. The released ImageNet models keep timm's names (which is what
 checkpoints and users call them); the CIFAR-10 rows are the paper's small models.
@@ -10,11 +11,15 @@ import dataclasses
 from typing import Optional, Tuple
 
 ACTIVATIONS = ("gelu", "relu")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "area")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+# Raw RGB pixels run from 0 to PIXEL_MAX: what apps hand over and what every graph here
+# that "takes raw RGB" expects.
+PIXEL_MAX = 255.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +32,7 @@ class ConvMixerConfig:
         kernel_size: spatial (depthwise) kernel k.
         patch_size: stem kernel and stride p.
         activation: "gelu" (exact, erf form) or "relu".
-        num_classes: classifier outputs; 0 for a network without a classifier head
-            (a feature extractor, as timm's num_classes=0).
+        num_classes: classifier outputs; 0 for a network without a classifier head.
         depthwise: True for the released models (groups=dim); False for the network
             printed in the paper's code listing, which has a full k x k conv there.
     """
@@ -48,9 +52,7 @@ class ConvMixerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{field} must be {words}, got {value!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"
-            )
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
     def replace(self, **changes) -> "ConvMixerConfig":
         return dataclasses.replace(self, **changes)
@@ -61,13 +63,54 @@ class ConvMixerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """How the weights of a variant expect their input (timm's pretrained cfg)."""
+    """How a model's inputs are made (timm's pretrained cfg): the evaluation transform
+    (resize by crop_pct, centre crop) and the normalisation (pixels / PIXEL_MAX - mean) / std.
+
+    The normalisation is defined here and nowhere else: the model's layer, evaluation,
+    calibration, exported graphs, TFLite metadata and MediaPipe's pixels all call these
+    methods.
+    """
 
     input_size: int = 224
     crop_pct: float = 0.96
     interpolation: str = "bicubic"
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got mean={self.mean!r}, std={self.std!r}")
+        if not self.crop_pct > 0 or self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"need crop_pct > 0 and interpolation in {INTERPOLATIONS}; "
+                             f"got {self.crop_pct!r}, {self.interpolation!r}")
+
+    def replace(self, **changes) -> "Preprocessing":
+        return dataclasses.replace(self, **changes)
+
+    def scale_offset(self) -> Tuple[tuple, tuple]:
+        """The normalisation as one multiply-add per channel: raw * scale + offset."""
+        scale = tuple(1.0 / (PIXEL_MAX * s) for s in self.std)
+        return scale, tuple(-m / s for m, s in zip(self.mean, self.std))
+
+    def normalize(self, pixels):
+        """Raw RGB (numpy or TensorFlow, channels last) -> what the network sees."""
+        scale, offset = self.scale_offset()
+        return pixels * scale + offset
+
+    def denormalize(self, x):
+        """The inverse: normalised input -> raw RGB pixel values (not rounded)."""
+        scale, offset = self.scale_offset()
+        return (x - offset) / scale
+
+    def pixel_mean_std(self) -> Tuple[tuple, tuple]:
+        """Mean and std in pixel units, for a client that computes (pixel - mean) / std."""
+        return tuple(PIXEL_MAX * m for m in self.mean), tuple(PIXEL_MAX * s for s in self.std)
+
+    @staticmethod
+    def mean_std_of(scale, offset) -> dict:
+        """{"mean", "std"} of a raw * scale + offset normalisation (a saved layer's weights)."""
+        std = tuple(1.0 / (PIXEL_MAX * float(s)) for s in scale)
+        return {"mean": tuple(-float(o) * s for o, s in zip(offset, std)), "std": std}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +122,7 @@ class Variant:
 
 
 _IMAGENET = Preprocessing()
-_CIFAR10 = Preprocessing(
-    input_size=32, crop_pct=1.0, interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD
-)
+_CIFAR10 = Preprocessing(input_size=32, crop_pct=1.0, interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 VARIANTS = {
     # Released ImageNet-1k models (timm names; 81.37 / 80.16 / 76.94 top-1).
@@ -115,6 +156,4 @@ def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown variant {name!r}; allowed values: {', '.join(VARIANTS)}"
-        ) from None
+        raise ValueError(f"unknown variant {name!r}; allowed values: {', '.join(VARIANTS)}") from None

@@ -1,20 +1,23 @@
 """What a ConvMixer model is, in one place: the layer names every reader relies on, and
-the facts that travel with the model (architecture, preprocessing, class names).
+the facts that travel with the model (architecture, how it was built, preprocessing,
+class names, where its weights came from).
 
 The facts are a `ModelInfo`. A model built here carries one (`info_of(model)`), and
-`save_model` stores it inside the `.keras` file as an extra member, `convmixer.json`,
-beside Keras' own: plain `keras.models.load_model` still loads the file (it reads only
-its own members), and `load_model` here reads the facts back. Files saved before this
-existed are read from their layers, so they keep working.
+`save_model` stores it inside the `.keras` file as an extra member, `convmixer.json`:
+plain `keras.models.load_model` still loads the file (it reads only its own members),
+and `load_model` here reads the facts back and checks them against the layers. Files
+saved by earlier versions are read in one function, `_legacy_info`.
 
-Nothing here imports Keras: it only looks at models it is given.
+Nothing here imports Keras at import time.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
+import unicodedata
 import zipfile
 from typing import Optional, Sequence, Tuple
 
@@ -43,41 +46,12 @@ def stage_layers(depth: int) -> list:
     return [STEM_BN] + [block_layer(i, "pw_bn") for i in range(depth)]
 
 
-def layers_by_name(model) -> dict:
-    return {layer.name: layer for layer in model.layers}
-
-
-def pooling_of(model) -> Optional[str]:
-    names = layers_by_name(model)
-    return next((kind for kind, name in POOLING_LAYERS.items() if name in names), None)
-
-
-def has_head(model) -> bool:
-    return HEAD in layers_by_name(model)
-
-
-def has_preprocessing(model) -> bool:
-    return PREPROCESSING in layers_by_name(model)
-
-
-def preprocessing_mean_std(model) -> Optional[dict]:
-    """{"mean", "std"} of the model's preprocessing layer (x/255 - mean)/std, or None."""
-    import numpy as np
-
-    layer = layers_by_name(model).get(PREPROCESSING)
-    if layer is None:
-        return None
-    scale = np.asarray(layer.scale, np.float64).reshape(-1)
-    offset = np.asarray(layer.offset, np.float64).reshape(-1)
-    std = 1.0 / (255.0 * scale)
-    return dict(mean=tuple(float(v) for v in -offset * std), std=tuple(float(v) for v in std))
-
-
 # --------------------------------------------------------------------------------------
 # The facts stored with a model
 
 INFO_MEMBER = "convmixer.json"
-INFO_VERSION = 1
+INFO_VERSION = 2
+POOLINGS = ("avg", "max", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,65 +63,107 @@ class ModelInfo:
         preprocessing: how its inputs are made (size, crop, interpolation, mean, std):
             what evaluation applies and exports write into their metadata.
         class_names: one name per output class, in output order, or None when unknown.
-        variant: the released variant whose weights these are, if any.
+        variant: the released variant whose architecture (and weights) these are, if any.
+        raw_rgb: the graph starts with the normalisation (a `preprocessing` layer with
+            the preprocessing's mean and std) and takes raw RGB pixels.
+        pooling: "avg", "max" or None (feature map out) before the head.
+        classifier_activation: the head's activation (None: logits).
+        source: where the weights came from (file, repo, revision, licence), or None.
     """
 
     config: ConvMixerConfig
     preprocessing: Preprocessing = Preprocessing()
     class_names: Optional[Tuple[str, ...]] = None
     variant: Optional[str] = None
+    raw_rgb: bool = False
+    pooling: Optional[str] = "avg"
+    classifier_activation: Optional[str] = None
+    source: Optional[dict] = None
 
     def __post_init__(self):
         if self.class_names is not None:
-            names = tuple(str(n) for n in self.class_names)
-            object.__setattr__(self, "class_names", names)
-            check_class_names(names, self.config.num_classes)
+            object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
+            check_class_names(self.class_names, self.config.num_classes)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def replace(self, **changes) -> "ModelInfo":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {"version": INFO_VERSION, "config": self.config.to_dict(),
-                "preprocessing": dataclasses.asdict(self.preprocessing),
-                "class_names": list(self.class_names) if self.class_names is not None else None,
-                "variant": self.variant}
+        data = dataclasses.asdict(self)
+        data["class_names"] = list(self.class_names) if self.class_names is not None else None
+        return {"version": INFO_VERSION, **data}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelInfo":
-        if not isinstance(data, dict) or data.get("version") != INFO_VERSION:
-            version = data.get("version") if isinstance(data, dict) else "?"
-            raise ValueError(f"unsupported {INFO_MEMBER} (version {version})")
-        pre = dict(data["preprocessing"])
-        pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
-        names = data.get("class_names")
-        return cls(ConvMixerConfig(**data["config"]), Preprocessing(**pre),
-                   tuple(names) if names is not None else None, data.get("variant"))
+    def from_dict(cls, data) -> "ModelInfo":
+        """The facts of a stored dict (this version's); ValueError naming a malformed field."""
+        fields = {"config": (dict,), "preprocessing": (dict,), "class_names": (list, type(None)),
+                  "variant": (str, type(None)), "raw_rgb": (bool,), "pooling": (str, type(None)),
+                  "classifier_activation": (str, type(None)), "source": (dict, type(None))}
+        for key, kinds in fields.items():
+            if not isinstance(data.get(key), kinds):
+                wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise ValueError(f"'{key}' must be {wanted}, got {json.dumps(data.get(key))[:60]}")
+        try:
+            pre = dict(data["preprocessing"], mean=tuple(data["preprocessing"]["mean"]),
+                       std=tuple(data["preprocessing"]["std"]))
+            return cls(**dict({k: data[k] for k in fields}, config=ConvMixerConfig(**data["config"]),
+                              preprocessing=Preprocessing(**pre)))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"'config' or 'preprocessing' has missing or unknown fields ({err})") from None
+
+
+_FORBIDDEN = ("Cc", "Zl", "Zp")  # control characters and line / paragraph separators
+
+
+def _bad_character(name: str) -> Optional[str]:
+    """U+XXXX of the first character of `name` that no single-line label may hold."""
+    bad = next((c for c in name if unicodedata.category(c) in _FORBIDDEN or c == "\ufeff"), None)
+    return None if bad is None else f"U+{ord(bad):04X}"
 
 
 def check_class_names(names: Sequence[str], num_classes: int) -> None:
-    """ValueError (exit 2) unless there is one non-empty, single-line name per class."""
+    """ValueError (exit 2) unless there is one non-empty, printable single-line name per class."""
     if num_classes == 0:
         raise ValueError("class names were given, but the model has no classifier head")
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a model with {num_classes} classes")
-    bad = next((n for n in names if not n.strip() or "\n" in n or "\r" in n), None)
-    if bad is not None:
-        raise ValueError(f"class names must be non-empty single lines, got {bad!r}")
+    for i, name in enumerate(names):
+        bad = _bad_character(name)
+        if not name.strip() or bad:
+            why = f"holds the control character {bad}" if bad else "is empty"
+            raise ValueError(f"class name {i} ({name!r}) {why}: class names must be printable single lines")
 
 
-def read_labels(path) -> Tuple[str, ...]:
-    """Class names from a text file, one per line (blank lines at the end are ignored)."""
+def read_labels(path, allow_duplicates: bool = False) -> Tuple[str, ...]:
+    """Class names from a text file, one per line ("\\n" or "\\r\\n"; a leading UTF-8 BOM
+    and blank lines at the end are ignored). A control character, an empty line or,
+    unless `allow_duplicates`, a repeated name is a ValueError naming the line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else err
         raise ValueError(f"cannot read labels file {path}: {reason}") from None
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.removeprefix("\ufeff").split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
         raise ValueError(f"labels file {path} is empty")
-    return tuple(line.strip() for line in lines)
+    for number, line in enumerate(lines, 1):
+        bad = _bad_character(line)
+        if bad or not line.strip():
+            why = f"holds the control character {bad}" if bad else "is empty"
+            raise ValueError(f"labels file {path}, line {number} {why} ({line!r}): one printable name per line")
+    names = tuple(line.strip() for line in lines)
+    repeated = {name: [i + 1 for i, n in enumerate(names) if n == name]
+                for name, count in collections.Counter(names).items() if count > 1}
+    if repeated and not allow_duplicates:
+        shown = "; ".join(f"{name!r} on lines {', '.join(map(str, at))}" for name, at in list(repeated.items())[:3])
+        raise ValueError(f"labels file {path} repeats names ({shown}): an app could not tell those classes "
+                         "apart; pass --allow-duplicate-labels to keep them")
+    return names
 
 
 def imagenet_class_names() -> Optional[Tuple[str, ...]]:
@@ -178,14 +194,15 @@ def attach(model, info: ModelInfo):
 
 
 def info_of(model) -> ModelInfo:
-    """The facts of `model`: the ones stored with it, or, for a model saved before they
-    were, what its layers tell (architecture, mean/std of its preprocessing layer)."""
+    """The facts of `model`: those it carries, or, for a model loaded by plain Keras from a
+    file without them, what an earlier version would have stored (`_legacy_info`)."""
     info = getattr(model, "convmixer_info", None)
-    return info if isinstance(info, ModelInfo) else _info_from_layers(model)
+    return info if isinstance(info, ModelInfo) else _legacy_info(model)
 
 
-def _info_from_layers(model) -> ModelInfo:
-    layers = layers_by_name(model)
+def _layer_facts(model) -> dict:
+    """What the layers of a ConvMixer built here say about it."""
+    layers = {layer.name: layer for layer in model.layers}
     try:
         stem, spatial = layers[STEM_CONV], layers[block_layer(0, "dw_conv")]
         activation = layers[STEM_ACT].get_config()["activation"]
@@ -197,27 +214,66 @@ def _info_from_layers(model) -> ModelInfo:
         dim=stem.filters, depth=sum(1 for name in layers if name.endswith("_pw_conv")),
         kernel_size=spatial.kernel_size[0], patch_size=stem.kernel_size[0], activation=activation,
         num_classes=head.units if head is not None else 0, depthwise=type(spatial).__name__ == "DepthwiseConv2D")
-    # Files saved before the facts were stored: a converted released model was named after
-    # its variant, whose transform it needs; anything else gets ImageNet's.
+    norm = layers.get(PREPROCESSING)
+    return {"config": config, "raw_rgb": norm is not None,
+            "pooling": next((kind for kind, name in POOLING_LAYERS.items() if name in layers), None),
+            "classifier_activation": head.get_config()["activation"] if head is not None else None,
+            "normalisation": None if norm is None else Preprocessing.mean_std_of(
+                [float(v) for v in _flat(norm.scale)], [float(v) for v in _flat(norm.offset)])}
+
+
+def _flat(value):
+    import numpy as np
+
+    return np.asarray(value, np.float64).reshape(-1)
+
+
+def _legacy_info(model, stored: Optional[dict] = None) -> ModelInfo:
+    """The facts of a model saved by an earlier version: its version-1 `stored` facts
+    (config, preprocessing, class names, variant), or none at all, completed from its layers."""
+    facts = _layer_facts(model)
+    linear = facts["classifier_activation"] in (None, "linear")
+    built = dict(raw_rgb=facts["raw_rgb"], pooling=facts["pooling"],
+                 classifier_activation=None if linear else facts["classifier_activation"])
+    if stored is not None:
+        info = ModelInfo.from_dict(dict(stored, **built, source=None))
+        return info if not facts["raw_rgb"] else info.replace(preprocessing=info.preprocessing.replace(
+            **facts["normalisation"]))
+    # No facts at all: a converted released model was named after its variant, whose
+    # transform it needs; anything else gets ImageNet's.
     variant = model.name if model.name in VARIANTS else None
     pre = VARIANTS[variant].preprocessing if variant else Preprocessing()
-    mean_std = preprocessing_mean_std(model)
-    if mean_std:
-        pre = dataclasses.replace(pre, **mean_std)
+    pre = pre.replace(**facts["normalisation"]) if facts["normalisation"] else pre
     size = model.input_shape[1]
     if size and model.input_shape[2] == size:
-        pre = dataclasses.replace(pre, input_size=int(size))
-    return ModelInfo(config, pre, None, variant)
+        pre = pre.replace(input_size=int(size))
+    return ModelInfo(facts["config"], pre, None, variant, **built)
 
 
-def stored_info(path) -> Optional[ModelInfo]:
-    """The ModelInfo inside a .keras file, or None for a file saved without one."""
+def _check_agrees(model, info: ModelInfo, path) -> None:
+    """ValueError naming the file when its stored facts and its layers disagree."""
+    facts = _layer_facts(model)
+    found = {"architecture": facts["config"], "preprocessing layer": facts["raw_rgb"], "pooling": facts["pooling"]}
+    stored = {"architecture": info.config, "preprocessing layer": info.raw_rgb, "pooling": info.pooling}
+    wrong = [f"{key}: the layers say {found[key]}, {INFO_MEMBER} says {stored[key]}"
+             for key in found if found[key] != stored[key]]
+    if wrong:
+        raise ValueError(f"{path}: its stored facts do not match its layers ({'; '.join(wrong)}); "
+                         "the file was edited or is damaged")
+
+
+def stored_info(path, model=None) -> Optional[ModelInfo]:
+    """The ModelInfo inside a .keras file (`model`: the file's model, needed for files of
+    an earlier version), or None for a file saved without one."""
     try:
         with zipfile.ZipFile(path) as archive:
             if INFO_MEMBER not in archive.namelist():
                 return None
-            return ModelInfo.from_dict(json.loads(archive.read(INFO_MEMBER)))
-    except (zipfile.BadZipFile, KeyError, TypeError, ValueError) as err:
+            data = json.loads(archive.read(INFO_MEMBER))
+        if not isinstance(data, dict) or data.get("version") not in (1, INFO_VERSION):
+            raise ValueError(f"unsupported version {data.get('version') if isinstance(data, dict) else '?'}")
+        return ModelInfo.from_dict(data) if data["version"] == INFO_VERSION else _legacy_info(model, data)
+    except (zipfile.BadZipFile, ValueError) as err:
         raise ValueError(f"{path}: cannot read {INFO_MEMBER}: {err}") from None
 
 
@@ -251,6 +307,8 @@ def load_model(path, role: str = "model"):
     import keras
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{role} {path} is a folder, not a .keras file")
     if not os.path.isfile(path):
         raise ValueError(f"{role} not found: {path}")
     if not zipfile.is_zipfile(path):
@@ -260,6 +318,8 @@ def load_model(path, role: str = "model"):
         model = keras.models.load_model(path, compile=False)
     except Exception as err:  # noqa: BLE001 - any reason the file does not load
         raise ValueError(f"cannot load {role} {path}: {' '.join(str(err).split())[:300]}") from None
-    info = stored_info(path)
-    attach(model, info if info is not None else _info_from_layers(model))
-    return model
+    info = stored_info(path, model)
+    if info is None:
+        info = _legacy_info(model)
+    _check_agrees(model, info, path)
+    return attach(model, info)

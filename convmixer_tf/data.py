@@ -1,4 +1,6 @@
-"""Input pipelines and preprocessing (TensorFlow ops; no torch)."""
+"""Where images come from (folders, tfds sets), and the pipelines that turn them into
+training and evaluation batches (TensorFlow ops; no torch). Several processes' shares
+of the data are `convmixer_tf.processes`'."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from convmixer_tf.config import Preprocessing
+from convmixer_tf.config import PIXEL_MAX, Preprocessing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -29,8 +31,8 @@ def list_images(directory) -> List[str]:
 def eval_transform(image, preprocessing: Preprocessing, normalize: bool = True):
     """timm's evaluation transform: resize the shorter side to size/crop_pct, centre crop.
 
-    `image` is an (H, W, 3) uint8 or 0-255 float tensor; returns float32 (size, size, 3),
-    normalised with the preprocessing mean/std unless normalize=False (raw 0-255).
+    `image` is an (H, W, 3) tensor of raw pixels; returns float32 (size, size, 3),
+    normalised (`Preprocessing.normalize`) unless normalize=False (raw pixels).
     """
     import tensorflow as tf
 
@@ -44,10 +46,8 @@ def eval_transform(image, preprocessing: Preprocessing, normalize: bool = True):
     new_h, new_w = tf.maximum(new_h, size), tf.maximum(new_w, size)
     image = tf.image.resize(image, (new_h, new_w), method=preprocessing.interpolation, antialias=True)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    image = tf.clip_by_value(image[top:top + size, left:left + size, :], 0.0, 255.0)
-    if normalize:
-        image = (image / 255.0 - tf.constant(preprocessing.mean)) / tf.constant(preprocessing.std)
-    return image
+    image = tf.clip_by_value(image[top:top + size, left:left + size, :], 0.0, PIXEL_MAX)
+    return preprocessing.normalize(image) if normalize else image
 
 
 def load_eval_images(directory, preprocessing: Preprocessing, limit: Optional[int] = None,
@@ -126,18 +126,10 @@ def _tfds_split(name, split):
 # --------------------------------------------------------------------------------------
 # Training and evaluation datasets: tensorflow-datasets names or image folders.
 # Every source yields unbatched (uint8 HxWx3 image, int32 label) pairs; the pipelines
-# below turn them into batches of raw 0-255 float32 images, because every model trained
+# below turn them into batches of raw float32 pixels, because every model trained
 # here normalises inside its graph (the `preprocessing` layer).
 
 VAL_SPLIT_NAMES = ("validation", "val", "test")
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """This process's place among the processes that train one model together."""
-
-    index: int = 0
-    count: int = 1
 
 
 @dataclasses.dataclass
@@ -174,7 +166,7 @@ class DataSource:
 def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=None,
                  manual_dir=None, offline: bool = False, train_split: Optional[str] = None,
                  val_split: Optional[str] = None, val_fraction: float = 0.1,
-                 seed: int = 0, strict_images: bool = False, shard: Shard = Shard()) -> DataSource:
+                 seed: int = 0, strict_images: bool = False, shard=None) -> DataSource:
     """Opens a tensorflow-datasets set by name, or an image folder (one folder per class).
 
     Args:
@@ -190,8 +182,9 @@ def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=
         strict_images: an image folder's files are all decoded once before use; one
             that cannot be is left out (`DataSource.skipped`), or, with strict_images,
             a ValueError naming it. tfds sets were decoded when tfds prepared them.
-        shard: this process's place when several train together (a tfds training split
-            is opened as its even share; a folder is sharded by `train_pipeline`).
+        shard: this process's place (`processes.Shard`) when several train together: a
+            tfds training split is opened as its even share; a folder is sharded by
+            `train_pipeline`.
 
     Example:
         >>> source = open_dataset(data_dir="flowers/")           # doctest: +SKIP
@@ -341,7 +334,7 @@ def _decode_file(path, label):
     return image, label
 
 
-def _open_tfds(name, data_dir, manual_dir, offline, train_split, val_split, shard=Shard()):
+def _open_tfds(name, data_dir, manual_dir, offline, train_split, val_split, shard=None):
     import tensorflow_datasets as tfds
 
     try:
@@ -370,7 +363,7 @@ def _open_tfds(name, data_dir, manual_dir, offline, train_split, val_split, shar
 
     def load(split):
         train = split == train_split
-        if train and shard.count > 1:  # this process's even share, as tfds.split_for_jax_process gives
+        if train and shard is not None and shard.count > 1:  # its even share, as tfds.split_for_jax_process
             split = tfds.even_splits(split, n=shard.count, drop_remainder=True)[shard.index]
         ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=train)
         return ds.map(_int32_label)
@@ -408,44 +401,32 @@ def _cacheable(source: DataSource, size: int) -> bool:
     return size * h * w * 3 <= CACHE_LIMIT_BYTES
 
 
-def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of a training set's examples in one epoch: the same in every process."""
-    return np.random.default_rng([seed, int(epoch)]).permutation(count)
-
-
-def shard_of_epoch(order: np.ndarray, global_batch: int, shard: Shard) -> np.ndarray:
-    """The examples one process trains on in an epoch of `order`: in each global batch, its
-    own run of global_batch / count places. Only whole global batches are used (like
-    drop_remainder), so the processes' shards are disjoint, equal, and together they are
-    exactly the batches a single process would train on, in the same order."""
-    local = global_batch // shard.count
-    places = np.arange(len(order) // global_batch * global_batch)
-    return order[places[(places // local) % shard.count == shard.index]]
-
-
 def train_pipeline(source: DataSource, augmenter, batch_size: int, *, seed: int = 0,
-                   shuffle_buffer: int = 10_000, cache: Optional[bool] = None, shard: Shard = Shard()):
-    """Shuffled, augmented, batched training data: (float32 0-255 images, one-hot labels),
+                   shuffle_buffer: int = 10_000, cache: Optional[bool] = None, shard=None):
+    """Shuffled, augmented, batched training data: (float32 raw pixels, one-hot labels),
     in batches of batch_size / shard.count (this process's share of the global batch).
 
-    An image folder is reshuffled every epoch by index (`epoch_order`) and only this
-    process's examples are decoded (`shard_of_epoch`); a tfds set (opened with the same
-    shard: its own even split) is shuffled through a buffer. Decoding and augmentation
+    An image folder is reshuffled every epoch by index and only this process's (`shard`,
+    a `processes.Shard`) examples are decoded (`processes.folder_epochs`); a tfds set
+    (opened with the same shard: its own even split) is shuffled through a buffer. Decoding and augmentation
     run in parallel, batches are prefetched, small fixed-size sets are cached decoded.
     The last partial batch is dropped, so every step has the same shape.
     """
     import tensorflow as tf
 
+    from convmixer_tf.processes import Shard, folder_epochs
+
+    shard = shard or Shard()
     if batch_size % shard.count:
         raise ValueError(f"batch_size {batch_size} does not split over {shard.count} processes")
-    if source.train_files is not None:
-        ds = _folder_epochs(source.train_files, batch_size, shard, seed)
+    ordered = source.train_files is not None  # keeps each epoch's examples in their epoch
+    if ordered:
+        ds = folder_epochs(source.train_files, batch_size, shard, seed, _decode_file)
     else:
         ds = source.train
         if cache if cache is not None else _cacheable(source, source.train_size):
             ds = ds.cache()
         ds = ds.shuffle(min(shuffle_buffer, max(source.train_size, 1)), seed=seed, reshuffle_each_iteration=True)
-    ordered = source.train_files is not None  # keeps each epoch's examples in their epoch
     ds = ds.map(augmenter.image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
     ds = ds.batch(batch_size // shard.count, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
     if augmenter.config.mixes:
@@ -453,70 +434,28 @@ def train_pipeline(source: DataSource, augmenter, batch_size: int, *, seed: int 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _folder_epochs(files, batch_size, shard, seed):
-    """Decoded (image, label) pairs of this process's share of every epoch, epoch after epoch."""
-    import tensorflow as tf
-
-    paths, labels = tf.constant(files[0]), tf.constant(np.asarray(files[1], np.int32))
-    count = len(files[0])
-
-    def indices(epoch):
-        return shard_of_epoch(epoch_order(count, seed, epoch), batch_size, shard).astype(np.int64)
-
-    def epoch_dataset(epoch):
-        chosen = tf.ensure_shape(tf.numpy_function(indices, [epoch], tf.int64), [None])
-        return tf.data.Dataset.from_tensor_slices(chosen)
-
-    ds = tf.data.Dataset.range(1 << 62).flat_map(epoch_dataset)
-    return ds.map(lambda i: _decode_file(tf.gather(paths, i), tf.gather(labels, i)),
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
 def eval_pipeline(dataset, preprocessing: Preprocessing, batch_size: int, *, num_classes: Optional[int] = None,
-                  normalize: bool = False, cache: bool = False):
+                  normalize: bool = False, cache: bool = False, shard=None, size: Optional[int] = None):
     """Batched evaluation data with timm's transform (resize by crop_pct, centre crop).
 
-    Yields (float32 images, labels): raw 0-255 unless normalize=True (for a model
+    Yields (float32 images, labels): raw pixels unless normalize=True (for a model
     without its own preprocessing layer); labels one-hot when num_classes is given,
-    else int32.
+    else int32. With `shard` (several processes, `size` examples), this process's
+    share, evened out with examples of weight 0 (`processes.sharded_eval_pipeline`).
     """
     import tensorflow as tf
 
-    ds = dataset.cache() if cache else dataset
-    ds = ds.map(_eval_example(preprocessing, normalize, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def _eval_example(preprocessing, normalize, num_classes):
-    import tensorflow as tf
+    side = preprocessing.input_size
 
     def transform(image, label):
         x = eval_transform(image, preprocessing, normalize)
-        size = preprocessing.input_size
-        x.set_shape([size, size, 3])
+        x.set_shape([side, side, 3])
         return x, (tf.one_hot(label, num_classes) if num_classes else label)
 
-    return transform
+    if shard is not None:
+        from convmixer_tf.processes import sharded_eval_pipeline
 
-
-def sharded_eval_pipeline(dataset, size: int, preprocessing: Preprocessing, batch_size: int, num_classes: int,
-                          shard: Shard, cache: bool = False):
-    """This process's share of a validation set, for a global batch of `batch_size`:
-    every example exactly once over all processes, each process the same number of
-    equal batches (collectives need them), the difference made up by examples of
-    weight 0. Yields (images, one-hot labels, sample weights)."""
-    import math
-
-    import tensorflow as tf
-
-    local = batch_size // shard.count
-    mine = len(range(shard.index, size, shard.count))
-    padded = math.ceil(math.ceil(size / shard.count) / local) * local
-    ds = dataset.shard(shard.count, shard.index)
-    ds = ds.cache() if cache else ds
-    transform = _eval_example(preprocessing, False, num_classes)
-    ds = ds.map(lambda image, label: (*transform(image, label), tf.constant(1.0)), num_parallel_calls=tf.data.AUTOTUNE)
-    s = preprocessing.input_size
-    blank = (tf.zeros([s, s, 3]), tf.zeros([num_classes]), tf.constant(0.0))
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padded - mine))
-    return ds.batch(local).prefetch(tf.data.AUTOTUNE)
+        blank = (tf.zeros([side, side, 3]), tf.zeros([num_classes]))
+        return sharded_eval_pipeline(dataset, size, transform, batch_size, blank, shard, cache=cache)
+    ds = dataset.cache() if cache else dataset
+    return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -63,9 +63,9 @@ def test_a_new_format_is_one_registration(tmp_path):
     assert "keras_copy" not in registry.names() and "keras_copy" not in export_parser().format_help()
 
 
-def test_readme_format_table_is_the_registry():
-    readme = open(os.path.join(REPO, "README.md")).read()
-    assert registry.markdown_table() in readme
+def test_the_documented_format_table_is_the_list_of_formats():
+    page = open(os.path.join(REPO, "docs", "export.md")).read()
+    assert registry.markdown_table() in page
 
 
 # Lines TensorFlow, LiteRT, XNNPACK, absl, tf2onnx and Python's warnings write on their own.
@@ -131,3 +131,4 @@ def test_one_image_source_parser():
                                                                           split="validation[:50]")
     with pytest.raises(ValueError, match=r"DIR\|tfds:NAME\[:SPLIT\]"):
         parse_source("tfds:")
+

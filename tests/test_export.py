@@ -232,9 +232,9 @@ def test_cli_all_formats(tmp_path, tiny, capsys):
                  "--output", str(out), "--quiet", "--json"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["format"] for r in rows] == list(exporters.FORMATS)
+    assert [r["format"] for r in rows] == [f.name for f in exporters.FORMATS]
     assert all(r["passed"] for r in rows)
-    assert sorted(os.listdir(out)) == sorted(list(exporters.FORMATS.values()) + ["export_report.json"])
+    assert sorted(os.listdir(out)) == sorted([f.filename for f in exporters.FORMATS] + ["export_report.json"])
     for r in rows:
         assert r["input"] == "raw RGB 0-255" and r["latency_ms"] > 0
         if r["format"] in ("saved_model", "tflite", "onnx"):

@@ -2,8 +2,10 @@
 (CPU, one device each, gloo collectives), against one process with two devices and one
 process with one device."""
 
+import dataclasses
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,7 +18,8 @@ from conftest import randomize_batchnorm
 
 import convmixer_tf
 from convmixer_tf.augment import AugmentConfig, Augmenter
-from convmixer_tf.data import Shard, epoch_order, open_dataset, shard_of_epoch, train_pipeline
+from convmixer_tf.data import open_dataset, train_pipeline
+from convmixer_tf.processes import Shard, epoch_order, shard_of_epoch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRONG_SHARD = os.path.join(REPO, "tests", "scripts", "train_wrong_shard.py")
@@ -69,6 +72,41 @@ def test_multi_process_on_tensorflow_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------ real processes
+
+def readme_commands(doc="docs/several-machines.md"):
+    """The commands of "Training on several machines" for two processes, as written there
+    (continuation lines joined), without their environment assignment."""
+    text = open(os.path.join(REPO, doc)).read()
+    lines = text[text.index("# host A (process 0"):].split("\n\n")[0].replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line) for line in lines if "convmixer_tf.train" in line]
+    assert len(commands) == 2 and all(c[0] == "KERAS_BACKEND=jax" for c in commands), commands
+    return [c[1:] for c in commands]
+
+
+def test_the_readmes_two_process_command_with_the_default_recipe(tmp_path):
+    """The README's command, as written (augmentation and every other default on), only
+    pointed at a small folder here and made short: two real processes train together."""
+    from conftest import write_folder
+
+    data = write_folder(tmp_path / "flowers", per_class=12, size=(36, 36))
+    port = free_port()
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = []
+    for command in readme_commands():
+        command = [sys.executable if word == "python" else word.replace("/shared/flowers", data).replace(
+            "/shared/runs/flowers", str(tmp_path / "run")).replace("hostA:12355", f"127.0.0.1:{port}")
+            for word in command]
+        short = ["--epochs", "1", "--batch-size", "8", "--steps-per-epoch", "2", "--image-size", "32", "--json"]
+        procs.append(subprocess.Popen(command + short, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    metrics = json.loads(results[0][0])
+    assert metrics["processes"] == 2 and np.isfinite(metrics["final"]["loss"])
+    settings = json.load(open(tmp_path / "run" / "config.json"))
+    assert settings["augment"] == json.loads(json.dumps(dataclasses.asdict(AugmentConfig())))  # the default recipe
+    assert settings["augment"]["randaugment_n"] > 0 and settings["augment"]["hflip"]
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -15,7 +15,7 @@ import pytest
 from conftest import write_folder
 
 import convmixer_tf
-from convmixer_tf import common, contract
+from convmixer_tf import contract, outputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO)
@@ -91,7 +91,7 @@ def test_export_force_never_deletes_the_model(tmp_path, tiny_keras, capsys):
 
 
 def test_train_force_replaces_only_its_own_run_folders(tmp_path, tiny_keras, capsys):
-    from convmixer_tf.train import main
+    from convmixer_tf.train.__main__ import main
 
     data = write_folder(tmp_path / "data", per_class=4)
     thesis = tmp_path / "mine"
@@ -156,9 +156,9 @@ def test_with_force_the_last_writer_wins_and_says_so(tmp_path, checkpoint):
 def test_a_folder_made_in_the_last_instant_is_never_replaced(tmp_path, monkeypatch):
     """The user's folder appears between the last look and the final rename: even with
     --force it is refused, not moved aside and removed."""
-    kind = common.OutputKind("tool", "report.json", lambda: {"model.keras"}, lambda report: True)
+    kind = outputs.Output("tool", "report.json", lambda report: True, ("report.json", "model.keras"))
     out = tmp_path / "out"
-    real_rename = common._rename_noreplace
+    real_rename = outputs._move
 
     def user_gets_there_first(src, dst):
         if os.fspath(dst) == os.fspath(out) and not out.exists():
@@ -166,9 +166,9 @@ def test_a_folder_made_in_the_last_instant_is_never_replaced(tmp_path, monkeypat
             (out / "thesis.txt").write_text("mine")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(common, "_rename_noreplace", user_gets_there_first)
-    with pytest.raises(common.OutputExistsError, match="thesis.txt"):
-        with common.staged_output(out, kind, force=True) as staging:
+    monkeypatch.setattr(outputs, "_move", user_gets_there_first)
+    with pytest.raises(outputs.OutputExistsError, match="thesis.txt"):
+        with outputs.staged(out, kind, force=True) as staging:
             open(os.path.join(staging.path, "report.json"), "w").write("{}")
     assert sorted(os.listdir(out)) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "mine"
     assert [e for e in os.listdir(tmp_path) if ".partial" in e] == []
@@ -176,9 +176,9 @@ def test_a_folder_made_in_the_last_instant_is_never_replaced(tmp_path, monkeypat
 
 def test_evaluate_output_written_meanwhile_is_not_replaced(tmp_path):
     path = tmp_path / "metrics.json"
-    common.write_json_atomic(path, {"top1": 1.0}, exclusive=True)  # a new file: written
-    with pytest.raises(common.OutputExistsError, match="appeared while this run was working"):
-        common.write_json_atomic(path, {"top1": 0.5}, exclusive=True)
+    outputs.write_json_atomic(path, {"top1": 1.0}, exclusive=True)  # a new file: written
+    with pytest.raises(outputs.OutputExistsError, match="appeared while this run was working"):
+        outputs.write_json_atomic(path, {"top1": 0.5}, exclusive=True)
     assert json.load(open(path)) == {"top1": 1.0} and os.listdir(tmp_path) == ["metrics.json"]
 
 
@@ -195,7 +195,7 @@ def _damage(folder):
 
 
 def test_train_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_keras, capsys):
-    from convmixer_tf.train import main
+    from convmixer_tf.train.__main__ import main
 
     data = write_folder(tmp_path / "data", per_class=5)
     truncated = _damage(data)
@@ -212,7 +212,7 @@ def test_train_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_keras
 
 
 def test_evaluate_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_keras, capsys):
-    from convmixer_tf.evaluate import main
+    from convmixer_tf.evaluate.__main__ import main
 
     data = write_folder(tmp_path / "data", per_class=3)
     _damage(data)
@@ -228,7 +228,7 @@ def test_evaluate_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_ke
 # ---------------------------------------------------------------- 4. class identity
 
 def test_evaluate_refuses_a_dataset_of_other_classes(tmp_path, capsys):
-    from convmixer_tf.evaluate import main
+    from convmixer_tf.evaluate.__main__ import main
 
     model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
                                    input_shape=(32, 32, 3), include_preprocessing=True)
@@ -293,8 +293,8 @@ def test_force_over_a_plain_file_is_refused_and_leaves_nothing(tmp_path, checkpo
 def test_staging_of_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path, checkpoint):
     out = tmp_path / "out"
     dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    stale = tmp_path / f".out{common.STAGING_INFIX}{dead.pid}-{common.process_start_time(dead.pid)}-abc"
-    live = tmp_path / f".out{common.STAGING_INFIX}{os.getpid()}-{common.process_start_time(os.getpid())}-def"
+    stale = tmp_path / f".out{outputs.STAGING_INFIX}{dead.pid}-{outputs.process_start_time(dead.pid)}-abc"
+    live = tmp_path / f".out{outputs.STAGING_INFIX}{os.getpid()}-{outputs.process_start_time(os.getpid())}-def"
     stale.mkdir()
     live.mkdir()
     dead.send_signal(signal.SIGKILL)
@@ -328,3 +328,193 @@ def test_small_cases_get_one_line_and_exit_2(tmp_path, checkpoint, tiny_keras, c
     torch.save({0: torch.zeros(2), 1: torch.ones(2)}, tmp_path / "intkeys.pth")
     assert convert("--torch-ckpt", tmp_path / "intkeys.pth") == 2
     assert "top-level keys ['0', '1']" in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------- 9. second round: nested files
+
+def test_force_refuses_a_users_file_anywhere_inside_the_output(tmp_path, checkpoint, tiny_keras, capsys):
+    from convmixer_tf.export.__main__ import main as export_main
+
+    converted, exported = tmp_path / "converted", tmp_path / "exported"
+    assert convert("--torch-ckpt", checkpoint, "--output", converted, "--export", "saved_model") == 0
+    assert export_main(["--model", tiny_keras, "--formats", "saved_model", "--output", str(exported), "--quiet"]) == 0
+    for out, run in ((converted, lambda: convert("--torch-ckpt", checkpoint, "--output", converted, "--export",
+                                                  "saved_model", "--force")),
+                     (exported, lambda: export_main(["--model", tiny_keras, "--formats", "saved_model", "--output",
+                                                     str(exported), "--force", "--quiet"]))):
+        for mine in (out / "saved_model" / "mine.txt", out / "saved_model" / "variables" / "notes" / "x.txt"):
+            mine.parent.mkdir(exist_ok=True)
+            mine.write_text("mine")
+            before = checksums(out)
+            assert run() == 2
+            assert str(mine.relative_to(out)) in one_error_line(capsys)
+            assert checksums(out) == before
+            mine.unlink()
+        (out / "saved_model" / "variables" / "notes").rmdir()
+        assert run() == 0  # without them, the earlier output is replaced
+
+
+def test_train_force_refuses_a_users_file_in_logs_or_backup(tmp_path, tiny_keras, capsys):
+    from convmixer_tf.train.__main__ import main
+
+    data = write_folder(tmp_path / "data", per_class=4)
+    run = tmp_path / "run"
+    args = ["--init", tiny_keras, "--data-dir", data, "--epochs", "1", "--batch-size", "4", "--output", str(run),
+            "--quiet"]
+    assert main(args) == 0 and (run / "logs" / "train").is_dir()
+    for mine in (run / "logs" / "train" / "mine.txt", run / "backup" / "mine.txt"):
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("mine")
+        before = checksums(run)
+        assert main([*args, "--force"]) == 2
+        assert str(mine.relative_to(run)) in one_error_line(capsys) and checksums(run) == before
+        mine.unlink()
+
+
+# ---------------------------------------------------------------- 10. a finished run survives a failed --force run
+
+@pytest.fixture
+def finished_run(tmp_path, tiny_keras):
+    data = write_folder(tmp_path / "data", per_class=8)
+    run = tmp_path / "run"
+    args = ["--init", tiny_keras, "--data-dir", data, "--batch-size", "4", "--output", str(run), "--quiet"]
+    from convmixer_tf.train.__main__ import main
+
+    assert main([*args, "--epochs", "1"]) == 0 and (run / "metrics.json").exists()
+    return run, args, checksums(run)
+
+
+def test_a_finished_run_survives_a_diverging_force_run(finished_run, capsys):
+    from convmixer_tf.train.__main__ import main
+
+    run, args, before = finished_run
+    assert main([*args, "--epochs", "2", "--lr", "1e30", "--clip-norm", "0", "--force"]) == 1
+    assert "loss became" in one_error_line(capsys)
+    assert checksums(run) == before and not [e for e in os.listdir(run.parent) if ".partial" in e]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_finished_run_survives_an_interrupted_force_run(finished_run, signum):
+    run, args, before = finished_run
+    proc = subprocess.Popen([sys.executable, "-m", "convmixer_tf.train", *args, "--epochs", "50", "--force"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not any(  # training, in its staging folder
+            os.path.exists(os.path.join(run.parent, e, "history.csv")) for e in os.listdir(run.parent)
+            if ".partial" in e):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == 128 + signum
+    assert checksums(run) == before and not [e for e in os.listdir(run.parent) if ".partial" in e]
+
+
+def test_a_force_run_replaces_the_finished_run_once_it_has_finished(finished_run):
+    from convmixer_tf.train.__main__ import main
+
+    run, args, before = finished_run
+    assert main([*args, "--epochs", "2", "--force"]) == 0
+    assert json.load(open(run / "metrics.json"))["epochs"] == 2 and checksums(run) != before
+
+
+# ---------------------------------------------------------------- 11. labels
+
+@pytest.mark.parametrize("text, words", [
+    ("cat\nx\x00y\ndog\n", "line 2 holds the control character U+0000"),
+    ("cat\ndog\x0bbird\neel\n", "line 2 holds the control character U+000B"),
+    ("cat\ndog\u2028bird\n\n", "line 2 holds the control character U+2028"),
+    ("cat\nbird\u2029\neel\n", "line 2 holds the control character U+2029"),
+    ("a\na\nb\n", "repeats names ('a' on lines 1, 2)"),
+    ("a\n\nb\n", "line 2 is empty"),
+])
+def test_bad_labels_are_refused_before_any_work(tmp_path, tiny_keras, capsys, text, words):
+    from convmixer_tf.export.__main__ import main
+
+    (tmp_path / "labels.txt").write_text(text, encoding="utf-8", newline="")
+    before = sorted(os.listdir(tmp_path))
+    started = time.perf_counter()
+    assert main(["--model", tiny_keras, "--formats", "tflite", "--labels", str(tmp_path / "labels.txt"),
+                 "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    assert words in one_error_line(capsys) and sorted(os.listdir(tmp_path)) == before
+    assert time.perf_counter() - started < 20  # before any export
+
+
+def test_labels_without_their_bom_and_duplicates_when_asked(tmp_path, tiny_keras):
+    from convmixer_tf.export import metadata
+    from convmixer_tf.export.__main__ import main
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffcat\r\ndog\r\neel\r\n".encode())
+    assert contract.read_labels(tmp_path / "bom.txt") == ("cat", "dog", "eel")
+    (tmp_path / "twice.txt").write_text("cat\ncat\neel\n")
+    assert main(["--model", tiny_keras, "--formats", "tflite", "--labels", str(tmp_path / "twice.txt"),
+                 "--allow-duplicate-labels", "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    assert metadata.packed_labels(tmp_path / "out" / "model.tflite") == ["cat", "cat", "eel"]
+
+
+# ---------------------------------------------------------------- 12. file modes
+
+def test_written_files_follow_the_umask(tmp_path, checkpoint):
+    previous = os.umask(0o022)
+    try:
+        assert convert("--torch-ckpt", checkpoint, "--output", tmp_path / "out", "--export", "tflite", "onnx",
+                       "saved_model") == 0
+    finally:
+        os.umask(previous)
+    modes = {os.path.relpath(os.path.join(folder, name), tmp_path): os.stat(os.path.join(folder, name)).st_mode & 0o777
+             for folder, dirs, files in os.walk(tmp_path / "out") for name in dirs + files}
+    assert modes and all(mode == (0o755 if os.path.isdir(tmp_path / path) else 0o644)
+                         for path, mode in modes.items()), modes
+
+
+# ---------------------------------------------------------------- 13. messages that say what is wrong
+
+def test_messages_name_the_real_problem(tmp_path, checkpoint, tiny_keras, capsys):
+    from convmixer_tf.export.__main__ import main as export_main
+
+    assert export_main(["--model", str(tmp_path), "--quiet"]) == 2
+    assert "is a folder, not a .keras file" in one_error_line(capsys)
+    assert convert("--torch-ckpt", tmp_path) == 2
+    assert "is a folder, not a checkpoint file" in one_error_line(capsys)
+    os.symlink("loop", tmp_path / "loop")
+    assert convert("--torch-ckpt", checkpoint, "--output", tmp_path / "loop" / "out") == 2
+    assert "symbolic link that leads nowhere" in one_error_line(capsys)
+    long_name = tmp_path / ("o" * 240)
+    assert convert("--torch-ckpt", checkpoint, "--output", long_name) == 0 and (long_name / "model.keras").exists()
+    import zipfile
+
+    for change, words in ((lambda facts: dict(facts, config=None), "'config' must be dict, got null"),
+                          (lambda facts: dict(facts, config=dict(facts["config"], num_classes=10)),
+                           "its stored facts do not match its layers")):
+        edited = tmp_path / "edited.keras"
+        with zipfile.ZipFile(tiny_keras) as src, zipfile.ZipFile(edited, "w") as dst:
+            for item in src.namelist():
+                data = src.read(item)
+                if item == contract.INFO_MEMBER:
+                    data = json.dumps(change(json.loads(data)))
+                dst.writestr(item, data)
+        assert export_main(["--model", str(edited), "--output", str(tmp_path / "x"), "--quiet"]) == 2
+        line = one_error_line(capsys)
+        assert words in line and str(edited) in line, line
+
+
+# ---------------------------------------------------------------- 14. tolerances that scale
+
+def test_large_logits_export_and_a_wrong_activation_still_fails(tmp_path):
+    from convmixer_tf import export as exporters
+
+    model = convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=7, patch_size=2, num_classes=10,
+                                   input_shape=(32, 32, 3), include_preprocessing=True)
+    head = model.get_layer("head")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel * 2000, bias])  # logits in the hundreds, as after a short run on a small set
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    assert np.abs(model.predict(x, verbose=0)).max() > 100
+    rows = exporters.export_formats(model, tmp_path, ["saved_model", "tflite", "onnx"], latency_runs=1,
+                                    tflite_output="logits")
+    assert all(r["passed"] and r["allowed"] > r["tolerance"] for r in rows), rows
+    relu = convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=7, patch_size=2, num_classes=10, activation="relu",
+                                  input_shape=(32, 32, 3), include_preprocessing=True)
+    relu.set_weights(model.get_weights())
+    for row in rows:
+        wrong = exporters.verify(tmp_path / row["path"], relu, x, tolerance=row["tolerance"], latency_runs=0)
+        assert not wrong["passed"] and wrong["max_abs"] > 10 * wrong["allowed"], wrong

@@ -18,16 +18,10 @@ from convmixer_tf import ConvMixer
 from convmixer_tf.augment import AugmentConfig, Augmenter, random_resized_crop
 from convmixer_tf.config import Preprocessing
 from convmixer_tf.data import load_eval_images, open_dataset
-from convmixer_tf.evaluation import evaluate
-from convmixer_tf.training import (
-    BackboneScaledAdamW,
-    OneCycle,
-    TrainConfig,
-    TrainingError,
-    read_history,
-    train,
-    training_copy,
-)
+from convmixer_tf.evaluate import evaluate
+from convmixer_tf.model import rebuild
+from convmixer_tf.train.optim import BackboneScaledAdamW, OneCycle
+from convmixer_tf.train.run import TrainConfig, TrainingError, read_history, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_AUG = AugmentConfig(randaugment_n=0, hflip=False)
@@ -208,7 +202,7 @@ def test_fine_tune_new_head_with_frozen_backbone(tmp_path, tiny_file, folder):
 
 def test_backbone_learning_rate_multiplier():
     source = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3, input_shape=(16, 16, 3))
-    model = training_copy(source)
+    model = rebuild(source)
     model.compile(optimizer=BackboneScaledAdamW(backbone_lr_mult=1e-3, learning_rate=0.1, weight_decay=0.0),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     before = {w.path: np.array(w) for w in model.trainable_weights}
@@ -224,7 +218,7 @@ def test_mixed_precision_keeps_logits_float32(tiny_file):
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        model = training_copy(keras.models.load_model(tiny_file))
+        model = rebuild(keras.models.load_model(tiny_file))
     finally:
         keras.config.set_dtype_policy(previous)
     assert model.get_layer("block0_pw_conv").compute_dtype == "bfloat16"
@@ -233,12 +227,12 @@ def test_mixed_precision_keeps_logits_float32(tiny_file):
 
 
 def test_fp16_gets_loss_scaling(tiny_file):
-    from convmixer_tf.training import compile_model
+    from convmixer_tf.train.optim import compile_model
 
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        model = training_copy(keras.models.load_model(tiny_file))
+        model = rebuild(keras.models.load_model(tiny_file))
         compile_model(model, TrainConfig(), steps_per_epoch=10)
     finally:
         keras.config.set_dtype_policy(previous)
@@ -295,7 +289,7 @@ def test_killed_run_resumes_and_loses_no_finished_epoch(tmp_path, tiny_file, fol
 
 
 def test_train_cli_bad_input_exit_2(tmp_path, folder, capsys):
-    from convmixer_tf.train import main
+    from convmixer_tf.train.__main__ import main
 
     assert main(["--dataset", "no_such_set", "--output", str(tmp_path / "a"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -361,7 +355,7 @@ def test_evaluation_equals_a_hand_computation(tmp_path):
 
 
 def test_evaluate_cli(tmp_path, folder, capsys):
-    from convmixer_tf.evaluate import main
+    from convmixer_tf.evaluate.__main__ import main
 
     model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3, input_shape=(32, 32, 3),
                       include_preprocessing=True)

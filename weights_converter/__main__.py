@@ -6,19 +6,14 @@ Exit codes: 0 success, 1 parity (or an export's verification) failed, 2 bad inpu
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
-from convmixer_tf import common
+from convmixer_tf import cli
 from convmixer_tf.export import registry
 from convmixer_tf.export.calibration import CALIBRATION_COUNT
-from convmixer_tf.export.mobile import phone_summary, top1_text
+from convmixer_tf.outputs import jsonable
 from weights_converter.parity import DEFAULT_TOLERANCE
-
-EXIT_OK, EXIT_PARITY, EXIT_BAD_INPUT, EXIT_INTERNAL = (common.EXIT_OK, common.EXIT_FAILED, common.EXIT_BAD_INPUT,
-                                                       common.EXIT_INTERNAL)
 
 EPILOG = """\
 examples:
@@ -36,21 +31,20 @@ released variant the shapes match (convmixer_768_32 is ReLU, the others GELU).
 Writes DIR/model.keras and DIR/report.json (plus exported files), all at once at the
 end: a failure leaves nothing behind. When parity fails DIR holds report.json alone.
 --force replaces only an earlier output of the converter.
-exit codes: 0 ok, 1 parity or export verification failed, 2 bad input, 3 internal error.
+exit codes: 0 ok, 1 parity or export verification failed, 2 bad input, 3 internal error,
+130/143 interrupted.
 
 export formats:
 {formats}
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     from convmixer_tf.config import ACTIVATIONS, list_variants
 
-    parser = common.ArgumentParser(
-        prog="python -m weights_converter",
-        description="Convert a PyTorch ConvMixer checkpoint to Keras and prove the two compute the same thing.",
-        epilog=EPILOG.format(formats=registry.help_text()), formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.ArgumentParser(
+        prog="python -m weights_converter", epilog=EPILOG.format(formats=registry.help_text()),
+        description="Convert a PyTorch ConvMixer checkpoint to Keras and prove the two compute the same thing.")
     parser.add_argument("--torch-ckpt", required=True, metavar="FILE", help="checkpoint to convert")
     parser.add_argument("--variant", choices=list_variants(), metavar="NAME",
                         help="released variant the checkpoint must be (sets the activation); one of: "
@@ -66,69 +60,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", metavar="FILE",
                         help="class names, one per line, in output order, stored with the model and packed "
                              "into TFLite files (default: ImageNet-1k's for a 1000-class released variant)")
+    parser.add_argument("--allow-duplicate-labels", action="store_true",
+                        help="accept a labels file that names two classes alike")
     parser.add_argument("--tflite-logits", action="store_true",
                         help="TFLite files output logits (default: probabilities, a softmax at the end)")
     parser.add_argument("--calibration-data", metavar="DIR|tfds:NAME[:SPLIT]",
                         help="images for int8 calibration (default: synthetic data, which the report flags)")
-    parser.add_argument("--calibration-count", type=common.positive(), default=CALIBRATION_COUNT, metavar="N",
-                        help=f"int8 calibration images (default {CALIBRATION_COUNT}; calibration runs ~seconds per "
-                             "image on a large model)")
-    parser.add_argument("--tolerance", type=common.positive(float), default=DEFAULT_TOLERANCE,
-                        help=f"max abs difference of float32 logits (default {DEFAULT_TOLERANCE:g})")
+    parser.add_argument("--calibration-count", type=cli.positive(), default=CALIBRATION_COUNT, metavar="N",
+                        help="int8 calibration images (calibration runs ~seconds per image on a large model)")
+    parser.add_argument("--tolerance", type=cli.positive(float), default=DEFAULT_TOLERANCE,
+                        help="max abs difference of float32 logits")
     parser.add_argument("--parity-images", metavar="DIR|tfds:NAME[:SPLIT]",
                         help="also compare on these images (timm's eval preprocessing)")
     parser.add_argument("--skip-parity", action="store_true",
                         help="convert without the PyTorch run (no proof; for machines without torch)")
     parser.add_argument("--force", action="store_true", help="replace an earlier output of the converter")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    parser.add_argument("--quiet", action="store_true", help="no progress messages")
-    parser.add_argument("--verbose", action="store_true",
-                        help="let TensorFlow, LiteRT, torch and absl print their logs")
+    parser.add_console_options(noisy="TensorFlow, LiteRT, torch and absl")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return common.run_command(lambda log, console: _convert(args, log), quiet=args.quiet, verbose=args.verbose)
+    return cli.run_command(lambda log, console: _convert(args, log), quiet=args.quiet, verbose=args.verbose)
 
 
 def _convert(args, log) -> int:
+    from convmixer_tf.export import format_rows
     from weights_converter.pipeline import convert_and_verify
 
     report = convert_and_verify(
-        args.torch_ckpt, output=args.output, variant=args.variant, activation=args.activation,
-        use_ema=args.use_ema, exports=args.export, tolerance=args.tolerance,
-        parity_images=args.parity_images, force=args.force, skip_parity=args.skip_parity,
-        calibration_data=args.calibration_data, calibration_count=args.calibration_count, log=log,
-        labels=args.labels, tflite_output="logits" if args.tflite_logits else "probabilities",
-    )
+        args.torch_ckpt, args.output, variant=args.variant, activation=args.activation, use_ema=args.use_ema,
+        exports=args.export, tolerance=args.tolerance, parity_images=args.parity_images, force=args.force,
+        skip_parity=args.skip_parity, calibration_data=args.calibration_data, log=log,
+        calibration_count=args.calibration_count, labels=args.labels,
+        allow_duplicate_labels=args.allow_duplicate_labels,
+        tflite_output="logits" if args.tflite_logits else "probabilities")
     if args.json:
-        print(json.dumps(report, indent=2, default=common.jsonable))
+        print(json.dumps(report, indent=2, default=jsonable))
     else:
-        _print_summary(report)
-    return EXIT_OK if report["status"] == "ok" else EXIT_PARITY
-
-
-def _print_summary(report):
-    status = report["status"]
-    print(f"{status}: {report['output']}")
-    for row in report.get("files", []):
-        extra = ""
-        if "max_abs" in row:
-            top1 = row.get("top1_agreement")
-            extra = f"  {row['output']}  max|diff| {row['max_abs']:.2e}" + (
-                f"  top-1 {top1_text(row)}" if top1 is not None else "")
-            if row.get("latency_ms") is not None:
-                extra += f"  {row['latency_ms']:.1f} ms"
-            if "mediapipe" in row:
-                extra += f"  {phone_summary(row)}"
-        print(f"  {row['format']:<15} {row['path']:<22} {row['bytes'] / 1e6:8.1f} MB{extra}")
-    if status == "parity_failed":
+        print(f"{report['status']}: {report['output']}")
+        if report.get("files"):
+            print(format_rows(report["files"]))
+    if report["status"] == "parity_failed":
         parity = report["parity"]
         print(f"parity FAILED: max |logit diff| {parity['max_abs']:.3g} > tolerance {parity['tolerance']:.0e}; "
               f"first diverging stage: {parity['first_divergent_stage']}; "
               f"details in {os.path.join(report['output'], 'report.json')}")
+    return cli.EXIT_OK if report["status"] == "ok" else cli.EXIT_FAILED
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

@@ -81,6 +81,8 @@ def load_state_dict(path, use_ema: bool = False) -> Dict[str, np.ndarray]:
 def read_checkpoint(path, use_ema: bool = False) -> Checkpoint:
     """Like `load_state_dict`, keeping what was learned about the file on the way."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:

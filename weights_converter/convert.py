@@ -41,14 +41,9 @@ class Conversion:
         }
 
 
-def convert_state_dict(
-    state_dict: Dict[str, np.ndarray],
-    variant: Optional[str] = None,
-    activation: Optional[str] = None,
-    input_shape: Optional[Sequence[Optional[int]]] = None,
-    layout: Optional[str] = None,
-    class_names: Optional[Sequence[str]] = None,
-) -> Conversion:
+def convert_state_dict(state_dict: Dict[str, np.ndarray], variant: Optional[str] = None, *,
+                       activation: Optional[str] = None, input_shape: Optional[Sequence[Optional[int]]] = None,
+                       layout: Optional[str] = None, class_names: Optional[Sequence[str]] = None) -> Conversion:
     """Builds the Keras ConvMixer that `state_dict` describes and fills every weight.
 
     Args:
@@ -89,10 +84,8 @@ def convert_state_dict(
         raise mapping.MappingError(
             f"unexpected key {unused[0]!r}{more}: not part of a ConvMixer-{config.dim}/{config.depth}")
 
-    model = convmixer_tf.ConvMixer(
-        **config.to_dict(), input_shape=input_shape, include_top=include_top,
-        pooling="avg", name=matched or "convmixer",
-    )
+    model = convmixer_tf.ConvMixer(**config.to_dict(), input_shape=input_shape, include_top=include_top,
+                                   name=matched or "convmixer")
     copied = _fill(model, rows, canonical)
     info = contract.info_of(model)
     if matched:
@@ -122,21 +115,21 @@ def _class_names(given, matched, config, include_top):
     return None, "none"
 
 
-def convert_checkpoint(path, variant=None, activation=None, use_ema=False, input_shape=None):
+def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False, input_shape=None):
     """Reads a PyTorch ConvMixer checkpoint file and returns the Keras model.
 
     Example:
         >>> model = convert_checkpoint("convmixer_768_32.pth.tar")  # doctest: +SKIP
         >>> model.save("convmixer_768_32.keras")  # doctest: +SKIP
     """
-    return convert_file(path, variant, activation, use_ema, input_shape).model
+    return convert_file(path, variant, activation=activation, use_ema=use_ema, input_shape=input_shape).model
 
 
-def convert_file(path, variant=None, activation=None, use_ema=False, input_shape=None,
+def convert_file(path, variant=None, *, activation=None, use_ema=False, input_shape=None,
                  class_names=None) -> Conversion:
     """Like `convert_checkpoint`, returning the full `Conversion` record."""
     checkpoint = read_checkpoint(path, use_ema=use_ema)
-    conversion = convert_state_dict(checkpoint.state_dict, variant, activation, input_shape,
+    conversion = convert_state_dict(checkpoint.state_dict, variant, activation=activation, input_shape=input_shape,
                                     class_names=class_names)
     conversion.checkpoint = checkpoint
     return conversion
@@ -177,7 +170,7 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
     from convmixer_tf import contract
 
     config = contract.info_of(model).config
-    include_top = contract.has_head(model)
+    include_top = config.num_classes > 0
     out = {}
     for row in mapping.weight_table(config, include_top):
         value = np.asarray(getattr(model.get_layer(row.layer), row.weight).numpy(), dtype=np.float32)

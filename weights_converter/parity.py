@@ -15,7 +15,7 @@ from typing import List, Optional
 import numpy as np
 
 from convmixer_tf import contract
-from convmixer_tf.common import CheckFailed
+from convmixer_tf.cli import CheckFailed
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
 from weights_converter import mapping
 
@@ -63,7 +63,7 @@ class ParityReport:
         return text
 
 
-def reference_model(config: ConvMixerConfig, include_top: bool = True, variant: Optional[str] = None,
+def reference_model(config: ConvMixerConfig, include_top: bool = True, variant: Optional[str] = None, *,
                     prefer_timm: bool = True):
     """Builds the PyTorch ConvMixer for `config`; returns (module, description, layout).
 
@@ -108,9 +108,9 @@ def seeded_inputs(batch_size: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch_size, size, size, 3)).astype(np.float32)
 
 
-def check_parity(torch_model, keras_model, inputs: Optional[np.ndarray] = None, tolerance: float = DEFAULT_TOLERANCE,
-                 batch_size: int = 2, image_size: int = 224, seed: int = 0, input_sets: Optional[List[dict]] = None,
-                 reference: str = "") -> ParityReport:
+def check_parity(torch_model, keras_model, inputs: Optional[np.ndarray] = None, *,
+                 tolerance: float = DEFAULT_TOLERANCE, batch_size: int = 2, image_size: int = 224, seed: int = 0,
+                 input_sets: Optional[List[dict]] = None, reference: str = "") -> ParityReport:
     """Compares a PyTorch ConvMixer and its Keras conversion on the same NHWC batch.
 
     Args:
@@ -158,7 +158,7 @@ def check_parity(torch_model, keras_model, inputs: Optional[np.ndarray] = None, 
     final.diverged = final.max_abs > tolerance
     stages.append(final)
     top1 = None
-    if keras_out.ndim == 2 and keras_out.shape[1] > 1 and contract.has_head(keras_model):
+    if keras_out.ndim == 2 and keras_out.shape[1] > 1 and contract.info_of(keras_model).config.num_classes:
         top1 = float(np.mean(keras_out.argmax(1) == torch_out.argmax(1)))
     first = next((s.name for s in stages if s.diverged), None)
     return ParityReport(

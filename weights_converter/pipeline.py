@@ -12,7 +12,7 @@ import os
 import time
 from typing import Callable, Optional, Sequence
 
-from convmixer_tf import common
+from convmixer_tf import outputs
 from convmixer_tf.export.calibration import CALIBRATION_COUNT
 from weights_converter import mapping
 from weights_converter.convert import convert_file
@@ -23,12 +23,13 @@ REPORT = "report.json"
 MODEL = "model.keras"
 
 
-def output_kind() -> common.OutputKind:
+def output_kind() -> outputs.Output:
     """What the converter writes: a folder with report.json, model.keras and exported files."""
     from convmixer_tf.export import registry
 
-    return common.OutputKind("weights_converter", REPORT, lambda: {MODEL} | registry.filenames(),
-                             lambda report: isinstance(report, dict) and "conversion" in report)
+    return outputs.Output("weights_converter", REPORT,
+                          lambda report: isinstance(report, dict) and "conversion" in report,
+                          (REPORT, MODEL, *registry.file_patterns()))
 
 
 def default_output_dir(checkpoint_path) -> str:
@@ -42,23 +43,13 @@ def default_output_dir(checkpoint_path) -> str:
     return os.path.join(os.path.dirname(path), f"{base}_keras")
 
 
-def convert_and_verify(
-    torch_ckpt,
-    output: Optional[str] = None,
-    variant: Optional[str] = None,
-    activation: Optional[str] = None,
-    use_ema: bool = False,
-    exports: Sequence[str] = (),
-    tolerance: float = DEFAULT_TOLERANCE,
-    parity_images: Optional[str] = None,
-    force: bool = False,
-    skip_parity: bool = False,
-    calibration_data: Optional[str] = None,
-    calibration_count: int = CALIBRATION_COUNT,
-    log: Callable[[str], None] = lambda message: None,
-    labels: Optional[str] = None,
-    tflite_output: str = "probabilities",
-) -> dict:
+def convert_and_verify(torch_ckpt, output: Optional[str] = None, *, variant: Optional[str] = None,
+                       activation: Optional[str] = None, use_ema: bool = False, exports: Sequence[str] = (),
+                       tolerance: float = DEFAULT_TOLERANCE, parity_images: Optional[str] = None, force: bool = False,
+                       skip_parity: bool = False, calibration_data: Optional[str] = None,
+                       calibration_count: int = CALIBRATION_COUNT, log: Callable[[str], None] = lambda message: None,
+                       labels: Optional[str] = None, allow_duplicate_labels: bool = False,
+                       tflite_output: str = "probabilities") -> dict:
     """Converts a checkpoint, proves parity, exports; returns the report (also in report.json).
 
     Raises CheckpointError / MappingError / OutputExistsError / ValueError on bad input.
@@ -75,8 +66,8 @@ def convert_and_verify(
 
     exports = exporters.check_formats(exports) if exports else []
     inputs = [torch_ckpt, parity_images, calibration_data, labels]
-    class_names = contract.read_labels(labels) if labels else None
-    with common.staged_output(output or default_output_dir(torch_ckpt), output_kind(), force, inputs) as staging:
+    class_names = contract.read_labels(labels, allow_duplicate_labels) if labels else None
+    with outputs.staged(output or default_output_dir(torch_ckpt), output_kind(), force, inputs) as staging:
         report = {"status": "ok", "output": staging.output}
         conversion = _convert(torch_ckpt, variant, activation, use_ema, class_names, report, log)
         if skip_parity:
@@ -137,7 +128,7 @@ def _export(conversion, directory, exports, calibration_data, calibration_count,
 def _write_report(staging, report):
     if staging.replaced:
         report["replaced"] = staging.replaced
-    common.write_json_atomic(os.path.join(staging.path, REPORT), report)
+    outputs.write_json_atomic(os.path.join(staging.path, REPORT), report)
 
 
 def _parity(conversion, tolerance, parity_images):

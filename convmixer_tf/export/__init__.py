@@ -1,42 +1,29 @@
-"""Exporters: every format of `registry` (SavedModel, TFLite float32/float16/dynamic/int8,
-ONNX), each file verified.
+"""Exporters: every format of `registry.FORMATS` (SavedModel, TFLite float32 / float16 /
+dynamic / int8, ONNX float and int8), each file verified.
 
-Every file is loaded back by its own runtime (tf.saved_model, LiteRT, onnxruntime)
-and compared with the Keras model before it counts as written. Importing this package
-loads no TensorFlow; the writers do, when called.
+Every file is loaded back by its own runtime (tf.saved_model, LiteRT and MediaPipe,
+onnxruntime) and compared with the Keras model before it counts as written. Importing
+this package loads no TensorFlow; the writers do, when called.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Callable, Optional, Sequence
 
+from convmixer_tf import contract
 from convmixer_tf.export import registry
+from convmixer_tf.export.base import ExportError, ExportFormat, ExportJob
 from convmixer_tf.export.calibration import CALIBRATION_COUNT, VERIFY_COUNT
-from convmixer_tf.export.registry import ExportError, ExportFormat, ExportJob
+from convmixer_tf.export.onnx import export_onnx
+from convmixer_tf.export.registry import FORMATS
+from convmixer_tf.export.saved_model import export_saved_model
+from convmixer_tf.export.tflite import export_tflite, op_names
 from convmixer_tf.export.verify import Runner, verify
 
-_LAZY = {
-    "export_saved_model": "convmixer_tf.export.saved_model",
-    "export_tflite": "convmixer_tf.export.tflite",
-    "op_names": "convmixer_tf.export.tflite",
-    "export_onnx": "convmixer_tf.export.onnx",
-}
-
 __all__ = ["CALIBRATION_COUNT", "FORMATS", "VERIFY_COUNT", "ExportError", "ExportFormat", "ExportJob", "Runner",
-           "check_formats", "export_formats", "export_onnx", "export_saved_model", "export_tflite", "op_names",
-           "registry", "verify"]
-
-
-def __getattr__(name):
-    if name == "FORMATS":  # format name -> file or folder name inside the output folder
-        return {fmt.name: fmt.filename for fmt in registry.formats()}
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+           "check_formats", "export_formats", "export_onnx", "export_saved_model", "export_tflite", "format_rows",
+           "op_names", "prepare_job", "registry", "verify"]
 
 
 def check_formats(formats: Sequence[str]) -> list:
@@ -44,7 +31,7 @@ def check_formats(formats: Sequence[str]) -> list:
     return [fmt.name for fmt in registry.resolve(formats)]
 
 
-def export_formats(model, directory, formats: Sequence[str], calibration_data: Optional[str] = None,
+def export_formats(model, directory, formats: Sequence[str], *, calibration_data: Optional[str] = None,
                    preprocessing=None, raw_rgb: bool = True, nchw: bool = False, opset: Optional[int] = None,
                    log: Callable[[str], None] = lambda m: None, calibration_count: int = CALIBRATION_COUNT,
                    verify_count: int = VERIFY_COUNT, latency_runs: int = 10, class_names=None,
@@ -59,7 +46,7 @@ def export_formats(model, directory, formats: Sequence[str], calibration_data: O
             the held-out check images; None uses synthetic images (flagged in rows).
         preprocessing: a `convmixer_tf.Preprocessing` (input size, mean/std); default
             the one stored with the model.
-        raw_rgb: put (x/255 - mean)/std in every exported graph, so apps feed raw RGB.
+        raw_rgb: put the normalisation in every exported graph, so apps feed raw RGB.
         nchw: ONNX input as [N, 3, H, W].
         class_names: the labels of TFLite files and the report; default those stored with
             the model.
@@ -69,10 +56,9 @@ def export_formats(model, directory, formats: Sequence[str], calibration_data: O
     already written stay in `directory` (the CLIs write into a staging directory).
     """
     from convmixer_tf.export.calibration import load_images
-    from convmixer_tf.export.verify import keras_outputs
 
     chosen = registry.resolve(formats)
-    job = prepare_job(model, preprocessing, raw_rgb, class_names, nchw=nchw, opset=opset,
+    job = prepare_job(model, preprocessing, raw_rgb=raw_rgb, class_names=class_names, nchw=nchw, opset=opset,
                       tflite_output=tflite_output)
     calibrated = any(fmt.calibrated for fmt in chosen)
     count = verify_count + (calibration_count if calibrated else 0)
@@ -81,45 +67,87 @@ def export_formats(model, directory, formats: Sequence[str], calibration_data: O
         raise ValueError(f"{source}: {len(images)} images; int8 needs more than {verify_count} "
                          f"(the last {verify_count} are held out from calibration)")
     held_out, job.calibration, job.calibration_source = images[-verify_count:], images[:-verify_count], source
-    reference = keras_outputs(job.model, held_out)
+    reference = job.model.predict(held_out, verbose=0, batch_size=8)
     inputs = f"{source}, last {len(held_out)} (held out from calibration)" if calibrated else source
     try:
-        return [_export_one(fmt, job, directory, held_out, reference, inputs, latency_runs, log) for fmt in chosen]
+        rows = []
+        for fmt in chosen:
+            path = os.path.join(os.fspath(directory), fmt.filename)
+            log(f"  {fmt.name} -> {fmt.filename}")
+            fmt.write(job, path)
+            row = verify(path, job.model, held_out, tolerance=fmt.tolerance, name=fmt.name, latency_runs=latency_runs,
+                         reference=reference, info=job.info)
+            rows.append(dict(row, path=fmt.filename, inputs=inputs,
+                             input="raw RGB 0-255" if job.raw_rgb else "normalised"))
+            _check(fmt, rows[-1])
+        return rows
     finally:
         job.close()
 
 
-def prepare_job(model, preprocessing=None, raw_rgb: bool = True, class_names=None, **options) -> ExportJob:
+def _check(fmt, row):
+    if row.get("problem"):
+        raise ExportError(f"{fmt.name}: {fmt.filename}: {row['problem']}")
+    if not row["passed"]:
+        raise ExportError(f"{fmt.name}: {fmt.filename} differs from Keras by {row['max_abs']:.3g} (allowed "
+                          f"{row['allowed']:.3g}: tolerance {row['tolerance']} x the largest output, at least 1)")
+
+
+def prepare_job(model, preprocessing=None, *, raw_rgb: bool = True, class_names=None, **options) -> ExportJob:
     """The model at its export size (raw RGB in, when `raw_rgb`) and what goes with it."""
-    from convmixer_tf import contract
     from convmixer_tf.model import rebuild
 
     info = contract.info_of(model)
     pre = preprocessing or info.preprocessing
-    shape = model.input_shape[1:]
-    if shape[0] is not None and shape[1] is not None:
-        if shape[0] != shape[1]:
-            raise ValueError(f"export needs a square input, the model takes {shape[:2]}")
-        pre = dataclasses.replace(pre, input_size=shape[0])
+    h, w = model.input_shape[1:3]
+    if h is not None and w is not None:
+        if h != w:
+            raise ValueError(f"export needs a square input, the model takes {(h, w)}")
+        pre = pre.replace(input_size=h)
     size = pre.input_size
-    export_model = rebuild(model, (size, size, 3), preprocessing=(pre.mean, pre.std) if raw_rgb else None)
-    info = info.replace(preprocessing=pre, class_names=tuple(class_names) if class_names else info.class_names)
-    contract.attach(export_model, info)
-    return ExportJob(export_model, info, raw_rgb=contract.has_preprocessing(export_model), **options)
+    export_model = rebuild(model, (size, size, 3), pre, raw_rgb=True if raw_rgb else info.raw_rgb)
+    info = contract.info_of(export_model)
+    if class_names:
+        info = info.replace(class_names=tuple(class_names))
+    return ExportJob(contract.attach(export_model, info), info, **options)
 
 
-def _export_one(fmt: ExportFormat, job: ExportJob, directory, held_out, reference, inputs, latency_runs, log) -> dict:
-    path = os.path.join(os.fspath(directory), fmt.filename)
-    log(f"  {fmt.name} -> {fmt.filename}")
-    fmt.write(job, path)
-    row = verify(path, job.model, held_out, tolerance=fmt.tolerance, name=fmt.name, latency_runs=latency_runs,
-                 reference=reference, job=job)
-    row["path"] = fmt.filename
-    row["inputs"] = inputs
-    row["input"] = "raw RGB 0-255" if job.raw_rgb else "normalised"
-    if row.get("problem"):
-        raise ExportError(f"{fmt.name}: {fmt.filename}: {row['problem']}")
-    if not row["passed"]:
-        raise ExportError(f"{fmt.name}: {fmt.filename} differs from Keras by {row['max_abs']:.3g} "
-                          f"(tolerance {row['tolerance']})")
-    return row
+def top1_text(row) -> str:
+    """A row's agreement with Keras' top class, in words where scores tie."""
+    if row.get("top1_agreement") is None:
+        return "n/a"
+    tied = row.get("top1_tied") or 0.0
+    if not tied:
+        return f"{row['top1_agreement']:.1%}"
+    return f"{row.get('top1_among_best', row['top1_agreement']):.1%} among its best ({tied:.0%} tied)"
+
+
+def phone_summary(row) -> str:
+    """What a TFLite row says of MediaPipe and the GPU delegate, in a few words."""
+    if "mediapipe" not in row:
+        return ""
+    mp = row["mediapipe"]
+    if mp.get("status") != "ok":
+        text = f"MediaPipe {mp.get('status')}"
+    else:
+        labels = f"{row['labels']} labels" if row.get("labels") else "no labels"
+        text = f"MediaPipe ok ({labels}, top-1 {top1_text(mp)}, max|diff| {mp['max_abs']:.1e})"
+    return f"{text}; GPU {row.get('gpu_delegate', 'n/a')}"
+
+
+def format_rows(rows, output=None) -> str:
+    """The table both command lines print: one row per written file (after "wrote OUTPUT")."""
+    lines = [f"wrote {output}"] if output else []
+    lines += [f"  {'format':<15} {'file':<22} {'size':>9} {'output':>13} {'max|diff|':>10} {'top-1':>7} "
+             f"{'latency':>10}  phone (MediaPipe, GPU delegate)"]
+    for r in rows:
+        if "max_abs" not in r:  # a file that is not an export (the converter's model.keras)
+            lines.append(f"  {r['format']:<15} {r['path']:<22} {r['bytes'] / 1e6:7.1f}MB")
+            continue
+        latency = f"{r['latency_ms']:8.1f}ms" if r.get("latency_ms") is not None else f"{'':>10}"
+        lines.append(f"  {r['format']:<15} {r['path']:<22} {r['bytes'] / 1e6:7.1f}MB {r['output']:>13} "
+                     f"{r['max_abs']:10.2e} {top1_text(r):>7} {latency}  {phone_summary(r)}")
+    checked = next((r for r in rows if "inputs" in r), None)
+    if checked:
+        lines.append(f"  checked on: {checked['inputs']} ({checked['input']})")
+    return "\n".join(lines)

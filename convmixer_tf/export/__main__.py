@@ -2,18 +2,17 @@
 
 Exit codes: 0 every file verified, 1 an export failed or did not match Keras,
 2 bad input (missing model, unknown format, non-float32 model, existing output),
-3 internal error.
+3 internal error, 130/143 interrupted.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
-from convmixer_tf import common
-from convmixer_tf.export import mobile, registry
+from convmixer_tf import cli, outputs
+from convmixer_tf.config import list_variants
+from convmixer_tf.export import registry
 from convmixer_tf.export.calibration import CALIBRATION_COUNT
 
 DEFAULT_FORMATS = ["saved_model", "tflite", "onnx"]
@@ -28,86 +27,82 @@ examples:
   python -m convmixer_tf.export --model model.keras --formats tflite --quantize int8 --calibration-data images/
   python -m convmixer_tf.export --model model.keras --formats onnx --nchw --output out/ --force
 
-Every file is loaded back by its own runtime (tf.saved_model, LiteRT, onnxruntime),
-compared with the Keras model on held-out images, and timed (batch 1, 2 threads).
-By default the graphs take raw 0-255 RGB (mean/std inside); --no-preprocessing keeps
-the model's own input. TFLite files hold builtin ops only. Output is written at the
-end, all at once: a failure leaves nothing behind. --force replaces only an earlier
-output of this command.
+Every file is loaded back by its own runtime (tf.saved_model, LiteRT and MediaPipe,
+onnxruntime), compared with the Keras model on held-out images, and timed (batch 1,
+2 threads). By default the graphs take raw RGB pixels (mean/std inside);
+--no-preprocessing keeps the model's own input. TFLite files hold builtin ops only.
+Output is written at the end, all at once: a failure leaves nothing behind. --force
+replaces only an earlier output of this command.
 """
 
 
-def build_parser():
-    from convmixer_tf.config import list_variants
+def output_kind() -> outputs.Output:
+    """What this command writes: a folder with export_report.json and the format files."""
+    return outputs.Output("convmixer_tf.export", REPORT,
+                          lambda report: isinstance(report, list) and all("format" in r for r in report),
+                          (REPORT, *registry.file_patterns()))
 
-    quantizations = [fmt.quantize for fmt in registry.formats() if fmt.quantize]
-    parser = common.ArgumentParser(prog="python -m convmixer_tf.export", description=__doc__.splitlines()[0],
-                                     epilog=EPILOG.format(formats=registry.help_text()),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser():
+    parser = cli.ArgumentParser(prog="python -m convmixer_tf.export", description=__doc__.splitlines()[0],
+                                epilog=EPILOG.format(formats=registry.help_text()))
     parser.add_argument("--model", required=True, metavar="FILE", help="a .keras ConvMixer")
     parser.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS, metavar="FORMAT",
-                        help=f"any of: {', '.join(registry.names())}, all (default: {' '.join(DEFAULT_FORMATS)})")
-    parser.add_argument("--quantize", choices=quantizations,
+                        help=f"any of: {', '.join(registry.names())}, all")
+    parser.add_argument("--quantize", choices=[fmt.quantize for fmt in registry.FORMATS if fmt.quantize],
                         help="also write this quantised TFLite file")
     parser.add_argument("--calibration-data", metavar="DIR|tfds:NAME[:SPLIT]",
                         help="images for int8 calibration and held-out checks (default: synthetic images)")
-    parser.add_argument("--calibration-count", type=common.positive(), default=CALIBRATION_COUNT, metavar="N",
-                        help=f"int8 calibration images (default {CALIBRATION_COUNT}; about seconds per image "
-                             "on a large model)")
+    parser.add_argument("--calibration-count", type=cli.positive(), default=CALIBRATION_COUNT, metavar="N",
+                        help="int8 calibration images (about seconds per image on a large model)")
     parser.add_argument("--variant", choices=list_variants(), metavar="NAME",
                         help="take input size, mean and std from this variant (default: those stored with the model)")
-    parser.add_argument("--image-size", type=common.positive(), help="input size for models saved with a dynamic size")
+    parser.add_argument("--image-size", type=cli.positive(), help="input size for models saved with a dynamic size")
     parser.add_argument("--no-preprocessing", action="store_true", help="files take normalised input, like the model")
     parser.add_argument("--labels", metavar="FILE",
                         help="class names, one per line, in output order (default: those stored with the model)")
+    parser.add_argument("--allow-duplicate-labels", action="store_true",
+                        help="accept a labels file that names two classes alike")
     parser.add_argument("--tflite-logits", action="store_true",
                         help="TFLite files output logits (default: probabilities, a softmax at the end)")
     parser.add_argument("--nchw", action="store_true", help="ONNX input as [N, 3, H, W] (PyTorch order)")
     parser.add_argument("--opset", type=int, help="ONNX opset (13-18, default 17)")
     parser.add_argument("--output", metavar="DIR", help="output directory (default: MODEL_export next to the model)")
     parser.add_argument("--force", action="store_true", help="replace an earlier output of this command")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress messages")
-    parser.add_argument("--verbose", action="store_true", help="let TensorFlow, LiteRT and absl print their logs")
+    parser.add_console_options()
     return parser
-
-
-def output_kind() -> common.OutputKind:
-    """What this command writes: a folder with export_report.json and the format files."""
-    return common.OutputKind("convmixer_tf.export", REPORT, registry.filenames,
-                             lambda report: isinstance(report, list) and all("format" in r for r in report))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return common.run_command(lambda log, console: _export(args, log), quiet=args.quiet, verbose=args.verbose)
+    return cli.run_command(lambda log, console: _export(args, log), quiet=args.quiet, verbose=args.verbose)
 
 
 def _export(args, log) -> int:
     from convmixer_tf import contract
     from convmixer_tf import export as exporters
+    from convmixer_tf.config import get_variant
 
     formats = exporters.check_formats(args.formats + ([f"tflite_{args.quantize}"] if args.quantize else []))
     output = args.output or os.path.splitext(os.path.abspath(args.model))[0] + "_export"
     inputs = [args.model, args.calibration_data, args.labels]
-    common.check_replaceable(output, output_kind(), args.force, inputs)
-    labels = contract.read_labels(args.labels) if args.labels else None
+    outputs.check_replaceable(output, output_kind(), args.force, inputs)
+    labels = contract.read_labels(args.labels, args.allow_duplicate_labels) if args.labels else None
     model = load_float32_model(args.model)
+    info = contract.info_of(model)
     if labels is not None:
-        contract.check_class_names(labels, contract.info_of(model).config.num_classes)
-    preprocessing = _preprocessing(args, contract.info_of(model).preprocessing)
-    with common.staged_output(output, output_kind(), args.force, inputs) as staging:
+        contract.check_class_names(labels, info.config.num_classes)
+    pre = get_variant(args.variant).preprocessing if args.variant else info.preprocessing
+    pre = pre.replace(input_size=args.image_size) if args.image_size else pre
+    with outputs.staged(output, output_kind(), args.force, inputs) as staging:
         rows = exporters.export_formats(model, staging.path, formats, calibration_data=args.calibration_data,
-                                        preprocessing=preprocessing, raw_rgb=not args.no_preprocessing,
+                                        preprocessing=pre, raw_rgb=not args.no_preprocessing,
                                         nchw=args.nchw, opset=args.opset, log=log,
                                         calibration_count=args.calibration_count, class_names=labels,
                                         tflite_output="logits" if args.tflite_logits else "probabilities")
-        common.write_json_atomic(os.path.join(staging.path, REPORT), rows)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(format_rows(rows, staging.output))
-    return common.EXIT_OK
+        outputs.write_json_atomic(os.path.join(staging.path, REPORT), rows)
+    print(json.dumps(rows, indent=2) if args.json else exporters.format_rows(rows, staging.output))
+    return cli.EXIT_OK
 
 
 def load_float32_model(path):
@@ -121,28 +116,5 @@ def load_float32_model(path):
     return model
 
 
-def _preprocessing(args, stored):
-    import dataclasses
-
-    from convmixer_tf.config import get_variant
-
-    pre = get_variant(args.variant).preprocessing if args.variant else stored
-    if args.image_size:
-        pre = dataclasses.replace(pre, input_size=args.image_size)
-    return pre
-
-
-def format_rows(rows, output) -> str:
-    lines = [f"wrote {output}",
-             f"  {'format':<15} {'file':<22} {'size':>9} {'output':>13} {'max|diff|':>10} {'top-1':>7} "
-             f"{'latency':>10}  phone (MediaPipe, GPU delegate)"]
-    for r in rows:
-        top1 = mobile.top1_text(r)
-        lines.append(f"  {r['format']:<15} {r['path']:<22} {r['bytes'] / 1e6:7.1f}MB {r['output']:>13} "
-                     f"{r['max_abs']:10.2e} {top1:>7} {r['latency_ms']:8.1f}ms  {mobile.phone_summary(r)}")
-    lines.append(f"  checked on: {rows[0]['inputs']} ({rows[0]['input']})" if rows else "")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

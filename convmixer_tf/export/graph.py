@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional, Sequence
+from typing import List
 
 import numpy as np
 
@@ -63,9 +63,8 @@ class InferenceGraph:
     """A ConvMixer forward pass as a tf.function over constants.
 
     Args:
-        model: a Keras ConvMixer built by convmixer_tf.
-        preprocessing: (mean, std) to put raw 0-255 RGB -> normalised input in the graph
-            (ignored when the model has its own preprocessing layer).
+        model: a Keras ConvMixer built by convmixer_tf; a model that takes raw RGB gives a
+            graph that does (its normalisation as one multiply-add).
         depthwise: "native" (one DEPTHWISE_CONV_2D) or "tiled" (k x k, k > 5, as a sum
             of the small tiles of `tile_plan(k)`, for LiteRT/XNNPACK).
         channel_groups: with "tiled", the depthwise branch (tiles, activation, BatchNorm)
@@ -82,33 +81,30 @@ class InferenceGraph:
         probabilities: end in softmax (unless the head already does).
     """
 
-    def __init__(self, model, preprocessing: Optional[Sequence[Sequence[float]]] = None,
-                 depthwise: str = "native", gelu: str = "builtin", variables: bool = False,
+    def __init__(self, model, *, depthwise: str = "native", gelu: str = "builtin", variables: bool = False,
                  affine: str = "ops", channel_groups: int = 1, tile_taps: int = MAX_TILE_TAPS,
                  probabilities: bool = False):
         if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf") or affine not in ("ops", "conv"):
             raise ValueError(f"depthwise must be native|tiled, gelu builtin|erf, affine ops|conv; "
                              f"got {depthwise!r}, {gelu!r}, {affine!r}")
-        self.config = contract.info_of(model).config
+        info = contract.info_of(model)
+        self.config, self.pooling, self.raw_rgb = info.config, info.pooling, info.raw_rgb
         self.depthwise, self.gelu, self.affine = depthwise, gelu, affine
         if channel_groups < 1 or self.config.dim % channel_groups:
             raise ValueError(f"channel_groups must divide the width {self.config.dim}, got {channel_groups}")
         self.input_shape = tuple(model.input_shape[1:])
-        self.pre = _input_affine(model, preprocessing)
-        self.raw_rgb = self.pre is not None
-        layer = contract.layers_by_name(model)
+        self.pre = Affine(*(np.asarray(v, np.float32) for v in info.preprocessing.scale_offset())) \
+            if info.raw_rgb else None
+        layer = {layer.name: layer for layer in model.layers}
         self.stem, self.stem_bn = _conv(layer[contract.STEM_CONV]), _bn_affine(layer[contract.STEM_BN])
         self.blocks = [Block(_conv(layer[contract.block_layer(i, "dw_conv")]),
                              _bn_affine(layer[contract.block_layer(i, "dw_bn")]),
                              _conv(layer[contract.block_layer(i, "pw_conv")]),
                              _bn_affine(layer[contract.block_layer(i, "pw_bn")])) for i in range(self.config.depth)]
-        self.pooling = contract.pooling_of(model)
-        head = layer.get(contract.HEAD)
-        self.head = _conv(head) if head is not None else None
-        self.head_activation = head.get_config()["activation"] if head is not None else "linear"
-        if self.head_activation not in (None, "linear", "softmax"):
-            raise ValueError(f"classifier activation {self.head_activation!r} is not exportable")
-        self.softmax = self.head is not None and (probabilities or self.head_activation == "softmax")
+        self.head = _conv(layer[contract.HEAD]) if self.config.num_classes else None
+        if info.classifier_activation not in (None, "linear", "softmax"):
+            raise ValueError(f"classifier activation {info.classifier_activation!r} is not exportable")
+        self.softmax = self.head is not None and (probabilities or info.classifier_activation == "softmax")
         self._fold_batchnorm()
         self.plan = None
         if self.depthwise == "tiled" and self.config.depthwise and self.config.kernel_size > FAST_DEPTHWISE_MAX:
@@ -246,17 +242,6 @@ def _c(value):
     import tensorflow as tf
 
     return tf.constant(value) if isinstance(value, np.ndarray) else value
-
-
-def _input_affine(model, preprocessing) -> Optional[Affine]:
-    """(x/255 - mean)/std as x * scale + shift: the model's own layer, else `preprocessing`."""
-    layer = contract.layers_by_name(model).get(contract.PREPROCESSING)
-    if layer is not None:
-        return Affine(np.asarray(layer.scale, np.float32).reshape(-1), np.asarray(layer.offset, np.float32).reshape(-1))
-    if preprocessing is None:
-        return None
-    mean, std = (np.asarray(v, np.float64) for v in preprocessing)
-    return Affine((1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32))
 
 
 def _tiled(block: Block, plan, groups: int) -> Block:

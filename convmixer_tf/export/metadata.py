@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from convmixer_tf.config import PIXEL_MAX
+
 METADATA_NAME = "TFLITE_METADATA"
 LABELS_FILE = "labels.txt"
 MIN_PARSER_VERSION = "1.0.0"  # no field here needs a newer parser
@@ -37,7 +39,7 @@ class Metadata:
     Attributes:
         name, description, version, license: shown by model viewers and stores.
         size: input height and width.
-        mean, std: the normalisation a client applies to 0-255 pixels before feeding the
+        mean, std: the normalisation a client applies to raw pixels before feeding the
             model, (pixel - mean) / std per channel; mean 0, std 1 when the graph takes
             raw RGB.
         output: "probabilities" or "logits".
@@ -102,8 +104,8 @@ def metadata_flatbuffer(meta: Metadata) -> bytes:
     image = w.table(("int8", _RGB), ("offset", w.table(("uint32", meta.size), ("uint32", meta.size))))
     norm = w.table(w.floats(meta.mean), w.floats(meta.std))
     low = [(0.0 - m) / s for m, s in zip(meta.mean, meta.std)]
-    high = [(255.0 - m) / s for m, s in zip(meta.mean, meta.std)]
-    inp = w.table(w.string("image"), w.string(f"RGB image, {meta.size}x{meta.size}, pixels 0-255"), None,
+    high = [(PIXEL_MAX - m) / s for m, s in zip(meta.mean, meta.std)]
+    inp = w.table(w.string("image"), w.string(f"RGB image, {meta.size}x{meta.size}, pixels 0-{PIXEL_MAX:.0f}"), None,
                   ("offset", w.table(("int8", _IMAGE_PROPERTIES), ("offset", image))),
                   w.vector([w.table(("int8", _NORMALIZATION_OPTIONS), ("offset", norm))]),
                   ("offset", w.table(w.floats(high), w.floats(low))))

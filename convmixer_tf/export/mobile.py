@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from convmixer_tf.config import PIXEL_MAX
+
 MEDIAPIPE_MISSING = "not installed (pip install 'convmixer-tf[mobile]')"
 
 
@@ -31,13 +33,13 @@ def gpu_compatibility(path) -> str:
     return "unknown: the analyser gave no verdict"
 
 
-def pixels(images: np.ndarray, raw_rgb: bool, mean=None, std=None) -> np.ndarray:
-    """The uint8 RGB images an app would hand over, from a file's float inputs (raw 0-255,
-    or normalised with mean/std)."""
+def pixels(images: np.ndarray, info=None) -> np.ndarray:
+    """The uint8 RGB images an app would hand over, from a file's float inputs: raw RGB,
+    or normalised ones (for a model whose `info` says it does not take raw RGB)."""
     x = np.asarray(images, np.float64)
-    if not raw_rgb:
-        x = (x * np.asarray(std) + np.asarray(mean)) * 255.0
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+    if info is not None and not info.raw_rgb:
+        x = info.preprocessing.denormalize(x)
+    return np.clip(np.round(x), 0, PIXEL_MAX).astype(np.uint8)
 
 
 def open_classifier(path, num_classes: int, logits: bool = False):
@@ -87,22 +89,22 @@ def _classify_with(classifier, images, num_classes, timed):
     return scores, names, latency
 
 
-def mediapipe_check(path, runner, model, inputs, raw_rgb: bool, tolerance: Optional[float],
-                    class_names=None, mean_std=None, timed: int = 0, has_metadata: Optional[bool] = None) -> dict:
+def mediapipe_check(path, check, *, timed: int = 0, has_metadata: Optional[bool] = None) -> dict:
     """Loads `path` in MediaPipe's ImageClassifier and compares what it gives with Keras.
 
-    The images are `inputs` as the uint8 pixels an app would pass, at the model's input
-    size (MediaPipe's own resizing would blur the comparison). Float files must match
-    Keras (softmaxed when the file gives probabilities) within `tolerance`; a quantised
-    file (tolerance None) must give what LiteRT gives on the same file (one
-    quantisation step) and reports its top-1 agreement with Keras. Category names must
-    be `class_names`.
+    `check` (a `verify.Check`) holds the file's LiteRT runner, the Keras model, the
+    held-out inputs, the tolerance and the model's facts. The images are the inputs as
+    the uint8 pixels an app would pass, at the model's input size (MediaPipe's own
+    resizing would blur the comparison). Float files must match Keras (softmaxed when the
+    file gives probabilities) within the tolerance; a quantised file must give what
+    LiteRT gives on the same file (one quantisation step) and reports its agreement
+    with Keras. Category names must be the model's class names.
 
     Returns a dict for the report row; "problem" says why the check failed, if it did.
     `has_metadata`: whether the file carries metadata, when the caller has read it.
     """
     from convmixer_tf.export.metadata import read_metadata
-    from convmixer_tf.export.verify import as_output
+    from convmixer_tf.export.verify import agreement, as_output
 
     try:
         import mediapipe  # noqa: F401
@@ -110,16 +112,16 @@ def mediapipe_check(path, runner, model, inputs, raw_rgb: bool, tolerance: Optio
         return {"status": MEDIAPIPE_MISSING}
     if not (has_metadata if has_metadata is not None else read_metadata(path) is not None):
         return {"status": "skipped: the file has no metadata (written before files carried it)"}
-    if not raw_rgb and any(len(set(values)) > 1 for values in mean_std):
+    info, runner = check.info, check.runner
+    if not info.raw_rgb and any(len(set(values)) > 1 for values in (info.preprocessing.mean, info.preprocessing.std)):
         # MediaPipe refuses "Per-channel image normalization"; the file is right for others.
         return {"status": "not for MediaPipe: the file takes per-channel normalised input, which MediaPipe "
                           "cannot give it (files that take raw RGB, the default, work there)"}
-    images = pixels(inputs, raw_rgb, *(mean_std or (None, None)))
+    images = pixels(check.inputs, info)
     fed = images.astype(np.float32)
-    if not raw_rgb:
-        mean, std = mean_std
-        fed = ((fed / 255.0 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
-    reference = as_output(model, np.asarray(model.predict(fed, verbose=0)), runner.output)
+    if not info.raw_rgb:
+        fed = info.preprocessing.normalize(fed).astype(np.float32)
+    reference = as_output(info, np.asarray(check.model.predict(fed, verbose=0)), runner.output)
     try:
         classifier = open_classifier(path, reference.shape[1], runner.output == "logits")
     except (RuntimeError, ValueError) as err:  # MediaPipe refusing the file is the finding
@@ -127,22 +129,23 @@ def mediapipe_check(path, runner, model, inputs, raw_rgb: bool, tolerance: Optio
     with classifier:
         scores, names, latency = _classify_with(classifier, images, reference.shape[1], timed)
     row = {"status": "ok", "images": int(len(images)), "max_abs": float(np.nanmax(np.abs(scores - reference))),
-           "top1_agreement": float(np.mean(scores.argmax(1) == reference.argmax(1))),
-           "classify_ms": latency, "labels": "none in the file" if not any(names) else "packed"}
+           **agreement(scores, reference), "classify_ms": latency,
+           "labels": "none in the file" if not any(names) else "packed"}
     problems = []
     if np.isnan(scores).any():
         problems.append("MediaPipe left classes without a score")
-    if tolerance is not None and row["max_abs"] > tolerance:
-        problems.append(f"its scores differ from Keras by {row['max_abs']:.3g} (tolerance {tolerance})")
-    if tolerance is None:
+    allowed = None if check.tolerance is None else check.tolerance * max(1.0, float(np.abs(reference).max()))
+    if allowed is not None and row["max_abs"] > allowed:
+        problems.append(f"its scores differ from Keras by {row['max_abs']:.3g} (allowed {allowed:.3g})")
+    if check.tolerance is None:
         litert = runner(fed)
         step = getattr(runner, "output_step", 0.0)
         row["max_abs_vs_litert"] = float(np.max(np.abs(scores - litert)))
         if row["max_abs_vs_litert"] > max(step, 1e-6) * 1.01:
             problems.append(f"its scores differ from LiteRT's on the same file by {row['max_abs_vs_litert']:.3g}")
-    if class_names is not None and tuple(names) != tuple(class_names):
-        first = next(i for i, (a, b) in enumerate(zip(names, class_names)) if a != b)
-        problems.append(f"category {first} is named {names[first]!r}, expected {class_names[first]!r}")
+    if info.class_names is not None and tuple(names) != tuple(info.class_names):
+        first = next(i for i, (a, b) in enumerate(zip(names, info.class_names)) if a != b)
+        problems.append(f"category {first} is named {names[first]!r}, expected {info.class_names[first]!r}")
     if problems:
         row["problem"] = "MediaPipe: " + "; ".join(problems)
     return row

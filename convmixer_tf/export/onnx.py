@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 
-from convmixer_tf.common import write_atomic
-from convmixer_tf.export.registry import ExportError, ExportFormat
+from convmixer_tf.export.base import ExportError, ExportFormat
+from convmixer_tf.outputs import write_atomic
 
 DEFAULT_OPSET = 17
 MAX_OPSET = 18  # tf2onnx 1.17
 GELU_FORM = "erf"
 
 
-def export_onnx(model, path, opset: int = DEFAULT_OPSET, nchw: bool = False, preprocessing=None,
+def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, nchw: bool = False, preprocessing=None,
                 dynamic_batch: bool = True) -> str:
     """Converts `model` to ONNX; input `images` (NHWC, or NCHW with nchw=True), output `logits`.
 
@@ -33,7 +33,11 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET, nchw: bool = False, pre
 
     if not 13 <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be between 13 and {MAX_OPSET} (tf2onnx 1.17), got {opset}")
-    graph = InferenceGraph(model, preprocessing, depthwise="native", gelu=GELU_FORM, variables=True, affine="conv")
+    if preprocessing is not None:
+        from convmixer_tf.model import rebuild
+
+        model = rebuild(model, preprocessing=preprocessing)
+    graph = InferenceGraph(model, depthwise="native", gelu=GELU_FORM, variables=True, affine="conv")
     shape = [None if dynamic_batch else 1, *model.input_shape[1:]]
     spec = (tf.TensorSpec(shape, tf.float32, name="images"),)
 
@@ -161,10 +165,8 @@ def _write(job, path):
         write_atomic(path, f.read())
 
 
-FORMATS = [
-    ExportFormat(
-        name="onnx", filename="model.onnx",
-        summary="ONNX for onnxruntime and other runtimes (exact GELU as erf); NHWC input, NCHW with --nchw",
-        write=_write, load=OnnxRunner, tolerance=1e-4,
-        recognises=lambda path: os.fspath(path).endswith(".onnx") and not os.fspath(path).endswith("_int8.onnx")),
-]
+FORMAT = ExportFormat(
+    name="onnx", filename="model.onnx",
+    summary="ONNX for onnxruntime and other runtimes (exact GELU as erf); NHWC input, NCHW with --nchw",
+    write=_write, load=OnnxRunner, tolerance=1e-4,
+    recognises=lambda path: os.fspath(path).endswith(".onnx") and not os.fspath(path).endswith("_int8.onnx"))

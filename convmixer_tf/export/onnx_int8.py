@@ -10,14 +10,13 @@ scales, MinMax calibration, every op quantised, float logits.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 
-from convmixer_tf.common import write_atomic
+from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.onnx import DEFAULT_OPSET, OnnxRunner, check_onnx, export_onnx, float_onnx
-from convmixer_tf.export.registry import ExportError, ExportFormat
+from convmixer_tf.outputs import temporary_folder, write_atomic
 
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
 CALIBRATION_METHOD = "MinMax"
@@ -35,7 +34,7 @@ FLOAT_OPS = ()
 FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 
 
-def export_onnx_int8(model, path, calibration: np.ndarray, nchw: bool = False, opset: int = DEFAULT_OPSET,
+def export_onnx_int8(model, path, calibration: np.ndarray, *, nchw: bool = False, opset: int = DEFAULT_OPSET,
                      method: str = CALIBRATION_METHOD, per_channel: bool = PER_CHANNEL,
                      reduce_range: bool = REDUCE_RANGE, float_ops: Sequence[str] = FLOAT_OPS,
                      float_path: Optional[str] = None) -> str:
@@ -64,7 +63,7 @@ def export_onnx_int8(model, path, calibration: np.ndarray, nchw: bool = False, o
         raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     if calibration is None or not len(calibration):
         raise ValueError("int8 ONNX needs calibration images")
-    with tempfile.TemporaryDirectory() as tmp:
+    with temporary_folder() as tmp:
         ready, quantised = os.path.join(tmp, "pre.onnx"), os.path.join(tmp, "int8.onnx")
         if float_path is None:
             float_path = export_onnx(model, os.path.join(tmp, "float.onnx"), opset=opset, nchw=nchw)
@@ -136,10 +135,8 @@ def _describe(path, check=None) -> dict:
                             f"calibration; float logits" + (f"; {', '.join(FLOAT_OPS)} in float" if FLOAT_OPS else "")}
 
 
-FORMATS = [
-    ExportFormat(
-        name="onnx_int8", filename="model_int8.onnx", aliases=("onnx_quantized",),
-        summary="ONNX, int8 (onnxruntime static quantisation, QDQ) for CPU servers (calibrated)",
-        write=_write, load=OnnxRunner, calibrated=True, describe=_describe,
-        recognises=lambda path: os.fspath(path).endswith("_int8.onnx")),
-]
+FORMAT = ExportFormat(
+    name="onnx_int8", filename="model_int8.onnx", aliases=("onnx_quantized",),
+    summary="ONNX, int8 (onnxruntime static quantisation, QDQ) for CPU servers (calibrated)",
+    write=_write, load=OnnxRunner, calibrated=True, describe=_describe,
+    recognises=lambda path: os.fspath(path).endswith("_int8.onnx"))

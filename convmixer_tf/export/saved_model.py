@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from convmixer_tf.export.registry import ExportFormat
+from convmixer_tf.export.base import ExportFormat
 
 
 def export_saved_model(model, path, preprocessing=None) -> str:
@@ -12,7 +12,7 @@ def export_saved_model(model, path, preprocessing=None) -> str:
 
     The `serving_default` signature takes `images` (float32, [batch, H, W, 3], batch
     dynamic) and returns {"logits": ...}. With `preprocessing=(mean, std)` the
-    signature takes raw 0-255 RGB.
+    signature takes raw RGB pixels.
 
     Example:
         >>> export_saved_model(model, "out/saved_model")  # doctest: +SKIP
@@ -20,10 +20,10 @@ def export_saved_model(model, path, preprocessing=None) -> str:
     """
     import tensorflow as tf
 
-    from convmixer_tf.model import with_preprocessing
+    from convmixer_tf.model import rebuild
 
     if preprocessing is not None:
-        model = with_preprocessing(model, *preprocessing)
+        model = rebuild(model, preprocessing=preprocessing)
     shape = [None] + list(model.input_shape[1:])
 
     @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
@@ -53,14 +53,10 @@ class SavedModelRunner:
         return self._fn(images=images)["logits"].numpy()
 
 
-def _recognises(path) -> bool:
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb"))
-
-
-FORMATS = [
-    ExportFormat(
-        name="saved_model", filename="saved_model", aliases=("savedmodel",),
-        summary="TensorFlow SavedModel, signature serving_default: images -> logits, dynamic batch",
-        write=lambda job, path: export_saved_model(job.model, path), load=SavedModelRunner,
-        tolerance=1e-4, recognises=_recognises),
-]
+FORMAT = ExportFormat(
+    name="saved_model", filename="saved_model", aliases=("savedmodel",),
+    summary="TensorFlow SavedModel, signature serving_default: images -> logits, dynamic batch",
+    write=lambda job, path: export_saved_model(job.model, path), load=SavedModelRunner, tolerance=1e-4,
+    recognises=lambda path: os.path.isfile(os.path.join(path, "saved_model.pb")),
+    files=("saved_model/saved_model.pb", "saved_model/fingerprint.pb", "saved_model/variables/variables.*",
+           "saved_model/assets/"))

@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from convmixer_tf.common import write_atomic
+from convmixer_tf import contract, outputs
+from convmixer_tf.config import PIXEL_MAX
+from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.metadata import Metadata, with_metadata
-from convmixer_tf.export.registry import ExportError, ExportFormat
 
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
 # How the tiled depthwise branch is laid out (InferenceGraph), by file type:
@@ -36,7 +36,7 @@ LICENSE = "code: Apache-2.0 (convmixer-tf); weights: the licence of the checkpoi
 INT8_OUTPUT = "uint8"
 
 
-def export_tflite(model, path, quantization: Optional[str] = None,
+def export_tflite(model, path, quantization: Optional[str] = None, *,
                   representative_data: Optional[Callable[[], Iterable[np.ndarray]]] = None,
                   preprocessing=None, batch_size: int = 1, tiled_depthwise: bool = True,
                   output: str = "probabilities", class_names=None) -> str:
@@ -50,7 +50,7 @@ def export_tflite(model, path, quantization: Optional[str] = None,
             takes raw pixels, int8 otherwise; uint8 output).
         representative_data: for "int8": a callable returning an iterable of single
             NHWC float32 samples (batch 1) in the file's input space.
-        preprocessing: (mean, std) to bake raw 0-255 RGB -> normalised input into the graph.
+        preprocessing: (mean, std) to put the normalisation of raw RGB into the graph.
         batch_size: fixed batch of the file.
         tiled_depthwise: emit k x k depthwise convolutions (k > 5) as the small tiles of
             `graph.tile_plan` (XNNPACK is slow on large depthwise kernels).
@@ -60,23 +60,15 @@ def export_tflite(model, path, quantization: Optional[str] = None,
     Example:
         >>> export_tflite(model, "model.tflite")  # doctest: +SKIP
     """
-    return export_tflite_files(model, {path: quantization}, representative_data, preprocessing,
-                               batch_size, tiled_depthwise, output, class_names)[0]
+    if preprocessing is not None:
+        from convmixer_tf.model import rebuild
 
-
-def export_tflite_files(model, targets, representative_data=None, preprocessing=None, batch_size: int = 1,
-                        tiled_depthwise: bool = True, output: str = "probabilities", class_names=None) -> list:
-    """Writes several .tflite files ({path: quantization}), tracing the graph once per tile layout."""
-    _check_targets(model, targets.values(), representative_data)
-    traces = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for path, quantization in targets.items():
-            layout = _tiling(model, quantization)
-            if layout not in traces:
-                traces[layout] = trace(model, os.path.join(tmp, str(len(traces))), layout, preprocessing,
-                                       batch_size, tiled_depthwise, output, class_names)
-            write_file(path, traces[layout], quantization, representative_data)
-    return [os.fspath(path) for path in targets]
+        model = rebuild(model, preprocessing=preprocessing)
+    _check_targets(model, [quantization], representative_data)
+    with outputs.temporary_folder() as tmp:
+        traced = trace(model, tmp, _tiling(model, quantization), batch_size=batch_size, tiled_depthwise=tiled_depthwise,
+                       output=output, class_names=class_names)
+        return write_file(path, traced, quantization, representative_data)
 
 
 def _check_targets(model, quantizations, representative_data):
@@ -92,10 +84,8 @@ def _check_targets(model, quantizations, representative_data):
 
 
 def _tiling(model, quantization) -> tuple:
-    from convmixer_tf.model import config_from_model
-
     groups, taps = TILING["int8" if quantization == "int8" else "float"]
-    return math.gcd(config_from_model(model).dim, groups), taps
+    return math.gcd(contract.info_of(model).config.dim, groups), taps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +97,8 @@ class Traced:
     metadata: Metadata
 
 
-def trace(model, directory, layout, preprocessing=None, batch_size=1, tiled_depthwise=True,
-          output="probabilities", class_names=None) -> Traced:
+def trace(model, directory, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities",
+          class_names=None) -> Traced:
     """Saves the inference graph of `model` (tile layout (groups, taps)) as a SavedModel in
     `directory`, the converter's input."""
     import tensorflow as tf
@@ -116,7 +106,7 @@ def trace(model, directory, layout, preprocessing=None, batch_size=1, tiled_dept
     from convmixer_tf.export.graph import InferenceGraph
 
     groups, taps = layout
-    graph = InferenceGraph(model, preprocessing, depthwise="tiled" if tiled_depthwise else "native",
+    graph = InferenceGraph(model, depthwise="tiled" if tiled_depthwise else "native",
                            variables=True, channel_groups=groups, tile_taps=taps,
                            probabilities=output == "probabilities")
     output = "probabilities" if graph.softmax else "logits"
@@ -125,36 +115,31 @@ def trace(model, directory, layout, preprocessing=None, batch_size=1, tiled_dept
     module = tf.Module()
     module.weights = graph.tf_variables
     tf.saved_model.save(module, directory, signatures={"serving_default": _named_output(fn, output)})
-    return Traced(directory, graph.raw_rgb, file_metadata(model, graph.raw_rgb, preprocessing, output, class_names))
-
-
-def file_metadata(model, raw_rgb, preprocessing=None, output="probabilities", class_names=None) -> Metadata:
-    """The metadata of a TFLite file of `model`: its facts (contract.info_of), the input
-    normalisation a client applies, and the class names (given, else stored)."""
-    import convmixer_tf
-    from convmixer_tf import contract
-
     info = contract.info_of(model)
-    names = tuple(class_names) if class_names is not None else info.class_names
-    if names is not None:
-        contract.check_class_names(names, info.config.num_classes)
-    mean, std = (0.0,) * 3, (1.0,) * 3  # raw 0-255 RGB in: nothing for the client to do
-    if not raw_rgb:
-        mean, std = preprocessing if preprocessing is not None else (info.preprocessing.mean, info.preprocessing.std)
-        mean, std = tuple(255.0 * m for m in mean), tuple(255.0 * s for s in std)
+    if class_names is not None:
+        info = info.replace(class_names=tuple(class_names))
+    return Traced(directory, graph.raw_rgb, file_metadata(info, int(model.input_shape[1]), output, model.name))
+
+
+def file_metadata(info, size: int, output: str = "probabilities", name: str = "convmixer") -> Metadata:
+    """The metadata of a TFLite file of a model with facts `info`: what it is, the input
+    normalisation a client applies (none for a graph taking raw RGB), the class names."""
+    import convmixer_tf
+
+    mean, std = info.preprocessing.pixel_mean_std() if not info.raw_rgb else ((0.0,) * 3, (1.0,) * 3)
     c = info.config
     description = (f"ConvMixer-{c.dim}/{c.depth} (kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}) "
-                   f"image classifier, {c.num_classes} classes, {output}; input {model.input_shape[1]} px RGB")
-    return Metadata(name=info.variant or model.name, description=description,
+                   f"image classifier, {c.num_classes} classes, {output}; input {size} px RGB")
+    return Metadata(name=info.variant or name, description=description,
                     version=f"convmixer-tf {convmixer_tf.__version__}", license=LICENSE,
-                    size=int(model.input_shape[1]), mean=mean, std=std, output=output, class_names=names)
+                    size=size, mean=mean, std=std, output=output, class_names=info.class_names)
 
 
 def write_file(path, traced: Traced, quantization, representative_data=None) -> str:
     """Converts a `trace` to one .tflite file of builtin ops, with metadata, written atomically."""
     flatbuffer = _convert(traced.directory, quantization, representative_data, traced.raw_rgb)
     check_builtin_ops(flatbuffer)
-    write_atomic(path, with_metadata(flatbuffer, traced.metadata))
+    outputs.write_atomic(path, with_metadata(flatbuffer, traced.metadata))
     return os.fspath(path)
 
 
@@ -187,7 +172,7 @@ def _calibration_samples(representative_data, raw_rgb):
     for i, sample in enumerate(representative_data()):
         sample = np.array(sample, np.float32)
         if raw_rgb and i == 0:
-            sample[0, 0, 0, :], sample[0, 0, 1, :] = 0.0, 255.0
+            sample[0, 0, 0, :], sample[0, 0, 1, :] = 0.0, PIXEL_MAX
         yield [sample]
 
 
@@ -259,7 +244,7 @@ def _writer(quantization):
         layout = _tiling(job.model, quantization)
         traced = job.shared(("tflite", layout), lambda: trace(
             job.model, os.path.join(job.scratch(), f"tflite-{layout[0]}-{layout[1]}"), layout,
-            output=job.tflite_output))
+            output=job.tflite_output, class_names=job.info.class_names))
         return write_file(path, traced, quantization, job.calibration_samples if quantization == "int8" else None)
 
     return write
@@ -274,10 +259,7 @@ def _describe(path, check=None) -> dict:
     row = {"ops": op_names(path), "metadata": read_metadata(path) is not None,
            "labels": len(labels) if labels is not None else None, "gpu_delegate": gpu_compatibility(path)}
     if check is not None:
-        pre = check.info.preprocessing
-        row["mediapipe"] = mediapipe_check(path, check.runner, check.model, check.inputs, check.raw_rgb,
-                                           check.tolerance, check.info.class_names, (pre.mean, pre.std),
-                                           has_metadata=row["metadata"])
+        row["mediapipe"] = mediapipe_check(path, check, has_metadata=row["metadata"])
         if "problem" in row["mediapipe"]:
             row["problem"] = row["mediapipe"]["problem"]
     return row

@@ -13,17 +13,6 @@ from convmixer_tf import contract
 from convmixer_tf.export import registry
 
 
-def file_kind(path) -> str:
-    """The registered format name of an exported file."""
-    return registry.recognise(path).name
-
-
-def __getattr__(name):
-    if name == "TOLERANCES":  # float formats: the largest max-abs difference from Keras
-        return {f.name: f.tolerance for f in registry.formats() if f.tolerance is not None}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class Runner:
     """Runs one exported file on NHWC float32 batches (raw or normalised, as exported).
 
@@ -61,90 +50,96 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def keras_outputs(model, inputs, output: str = "logits") -> np.ndarray:
     """What `model` computes on `inputs`, as `output` ("logits" or "probabilities")."""
-    return as_output(model, np.asarray(model.predict(inputs, verbose=0, batch_size=8)), output)
+    return as_output(contract.info_of(model), np.asarray(model.predict(inputs, verbose=0, batch_size=8)), output)
 
 
-def as_output(model, computed: np.ndarray, output: str) -> np.ndarray:
-    """`model`'s outputs `computed`, turned into probabilities when `output` asks for them
-    and the model's head gives logits."""
-    head = contract.layers_by_name(model).get(contract.HEAD)
-    linear = head is not None and head.get_config()["activation"] in (None, "linear")
+def as_output(info, computed: np.ndarray, output: str) -> np.ndarray:
+    """A model's outputs `computed`, as probabilities when `output` asks for them and the
+    model (facts `info`) gives logits."""
+    linear = info.config.num_classes and info.classifier_activation in (None, "linear")
     return softmax(computed) if output == "probabilities" and linear else computed
 
 
-def verify(path, model, inputs: np.ndarray, tolerance: Optional[float] = None, name: Optional[str] = None,
-           latency_runs: int = 10, threads: int = 2, reference: Optional[np.ndarray] = None, job=None) -> dict:
+def agreement(out: np.ndarray, reference: np.ndarray) -> dict:
+    """How a file's class scores `out` agree with Keras' `reference`, image by image.
+
+    top1_agreement: the same top class (the first, where several tie); top1_tied: the
+    share of images whose top score several classes share (quantised probabilities of
+    an unsure model); top1_among_best: Keras' top class is one of the file's best-scoring
+    classes, the figure that still means something when scores tie.
+    """
+    if reference.ndim != 2 or reference.shape[1] < 2:
+        return {"top1_agreement": None, "top1_tied": None, "top1_among_best": None}
+    best = out == out.max(-1, keepdims=True)
+    expected = reference.argmax(-1)
+    return {"top1_agreement": float(np.mean(out.argmax(-1) == expected)),
+            "top1_tied": float(np.mean(best.sum(-1) > 1)),
+            "top1_among_best": float(np.mean(best[np.arange(len(expected)), expected]))}
+
+
+@dataclasses.dataclass
+class Check:
+    """What a format's own checks (its `describe`) get to see: the file's runner, the Keras
+    model taking the file's inputs, the held-out inputs, the tolerance, the model's facts."""
+
+    runner: Runner
+    model: object
+    inputs: np.ndarray
+    tolerance: Optional[float]
+    info: object
+
+
+def verify(path, model, inputs: np.ndarray, *, tolerance: Optional[float] = None, name: Optional[str] = None,
+           latency_runs: int = 10, threads: int = 2, reference: Optional[np.ndarray] = None, info=None) -> dict:
     """Runs `path` in its own runtime on `inputs` and compares with `model` (Keras).
 
     `inputs` are what the exported file takes (raw RGB when preprocessing is in its
     graph); `model` must take the same. A file that outputs probabilities is compared
-    with the Keras logits after a softmax. For float files `passed` means max abs
-    difference <= tolerance; quantised files (tolerance None) pass when they run and
-    give finite outputs, and report their top-1 agreement with Keras.
+    with the Keras logits after a softmax. A float file passes when its max abs
+    difference is within `tolerance` times the largest reference output (or 1, if that
+    is smaller): float32 rounding grows with the outputs' scale, a wrong network does
+    not hide in it. A quantised file (tolerance None) passes when it runs and gives
+    finite outputs; its row reports how it agrees with Keras (`agreement`).
 
     Args:
         name: the registered format (default: recognised from the file).
         reference: Keras' logits on `inputs`, when already computed.
+        info: the model's facts, when the caller holds them.
 
-    Returns a row: format, path, bytes, output, max_abs, max_rel, top1_agreement,
-    tolerance, num_inputs, latency_ms, passed, plus what the format adds (its own checks:
-    a "problem" there fails the row).
+    Returns a row: format, path, bytes, output, max_abs, max_rel, the agreement figures,
+    tolerance, allowed, num_inputs, latency_ms, passed, plus what the format adds (its
+    own checks: a "problem" there fails the row).
     """
+    info = info or contract.info_of(model)
     runner = Runner(path, threads, name if name in registry.names() else None)
     if reference is None:
-        reference = keras_outputs(model, inputs)
-    reference = as_output(model, reference, runner.output)
+        reference = np.asarray(model.predict(inputs, verbose=0, batch_size=8))
+    reference = as_output(info, reference, runner.output)
     out = runner(inputs)
     if out.shape != reference.shape:
         raise ValueError(f"{path}: output shape {out.shape} != Keras {reference.shape}")
-    diff = np.abs(out.astype(np.float64) - reference)
-    max_abs = float(diff.max())
-    classes = reference.ndim == 2 and reference.shape[1] > 1
-    top1 = float(np.mean(out.argmax(-1) == reference.argmax(-1))) if classes else None
-    # Quantised probabilities of a near-uniform output (random weights, many classes) tie
-    # at the top, where argmax picks the first class: the agreement then says little.
-    tied = float(np.mean((out == out.max(-1, keepdims=True)).sum(-1) > 1)) if classes else None
-    finite = bool(np.isfinite(out).all())
-    check = Check(runner, model, np.asarray(inputs, np.float32), tolerance, job)
+    max_abs = float(np.abs(out.astype(np.float64) - reference).max())
+    scale = float(np.abs(reference).max())
+    allowed = None if tolerance is None else tolerance * max(1.0, scale)
     row = {
         "format": name or runner.kind,
         "path": os.fspath(path),
         "bytes": _size(path),
         "output": runner.output,
         "max_abs": max_abs,
-        "max_rel": max_abs / max(1e-12, float(np.abs(reference).max())),
-        "top1_agreement": top1,
-        "top1_tied": tied,
+        "max_rel": max_abs / max(1e-12, scale),
+        **agreement(out, reference),
         "tolerance": tolerance,
+        "allowed": allowed,
         "num_inputs": int(len(inputs)),
         "latency_ms": runner.latency_ms(inputs, latency_runs) if latency_runs else None,
-        "passed": finite and (tolerance is None or max_abs <= tolerance),
+        "passed": bool(np.isfinite(out).all()) and (allowed is None or max_abs <= allowed),
     }
     if runner.format.describe is not None:
-        row.update(runner.format.describe(path, check))
+        row.update(runner.format.describe(path, Check(runner, model, np.asarray(inputs, np.float32), tolerance, info)))
     if row.get("problem"):
         row["passed"] = False
     return row
-
-
-@dataclasses.dataclass
-class Check:
-    """What a format's own checks (its `describe`) get to see: the file's runner, the Keras
-    model taking the file's inputs, the held-out inputs, the tolerance, the export job."""
-
-    runner: Runner
-    model: object
-    inputs: np.ndarray
-    tolerance: Optional[float]
-    job: object = None
-
-    @property
-    def info(self):
-        return self.job.info if self.job is not None else contract.info_of(self.model)
-
-    @property
-    def raw_rgb(self) -> bool:
-        return self.job.raw_rgb if self.job is not None else contract.has_preprocessing(self.model)
 
 
 def _size(path) -> int:

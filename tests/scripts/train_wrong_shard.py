@@ -4,11 +4,12 @@ to fail when the sharding is wrong."""
 
 import sys
 
-import convmixer_tf.data as data
+import convmixer_tf.processes as processes
 
-right = data.shard_of_epoch
-data.shard_of_epoch = lambda order, global_batch, shard: right(order, global_batch, data.Shard(0, shard.count))
+right = processes.shard_of_epoch
+processes.shard_of_epoch = lambda order, global_batch, shard: right(order, global_batch,
+                                                                    processes.Shard(0, shard.count))
 
-from convmixer_tf.train import main  # noqa: E402
+from convmixer_tf.train.__main__ import main  # noqa: E402
 
 sys.exit(main())

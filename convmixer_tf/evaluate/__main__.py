@@ -1,30 +1,28 @@
-"""Command line: top-1 / top-5 and loss of a model on a dataset (logic: convmixer_tf.evaluation).
+"""python -m convmixer_tf.evaluate: top-1 / top-5 and loss of a model on a dataset
+(the job: convmixer_tf.evaluate).
 
     python -m convmixer_tf.evaluate --model converted/model.keras --dataset imagenet2012 \\
         --manual-dir ~/imagenet --offline
     python -m convmixer_tf.evaluate --model runs/c10/model.keras --dataset cifar10 --json
 
-Exit status: 0 done, 2 bad arguments or data, 3 internal error.
+Exit status: 0 done, 2 bad arguments or data, 3 internal error, 130/143 interrupted.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 
-from convmixer_tf import common
-from convmixer_tf.config import list_variants
+from convmixer_tf import cli, outputs
+from convmixer_tf.config import INTERPOLATIONS, list_variants
+from convmixer_tf.evaluate import is_metrics
 
 
 def build_parser():
-    p = common.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m convmixer_tf.evaluate",
         description="Top-1 / top-5 accuracy and cross-entropy of a .keras model with timm's evaluation "
-                    "transform (resize the shorter side to size/crop_pct, centre crop, mean/std). The "
-                    "transform is the variant's when the model is named after one (or --preset).",
-        formatter_class=common.HelpFormatter,
-    )
+                    "transform (resize the shorter side to size/crop_pct, centre crop, mean/std): the one "
+                    "stored with the model, or a variant's (--preset), or given piece by piece.")
     p.add_argument("--model", required=True, metavar="MODEL.keras")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset", metavar="NAME", help="tensorflow-datasets name (cifar10, imagenet2012, ...)")
@@ -37,35 +35,34 @@ def build_parser():
     p.add_argument("--preset", choices=list_variants(), metavar="VARIANT", help="take this variant's transform")
     p.add_argument("--input-size", type=int)
     p.add_argument("--crop-pct", type=float)
-    p.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest", "area"))
-    p.add_argument("--mean", type=common.floats(3), metavar="R,G,B", help="for a model without a preprocessing layer")
-    p.add_argument("--std", type=common.floats(3), metavar="R,G,B")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS)
+    p.add_argument("--mean", type=cli.floats(3), metavar="R,G,B", help="for a model without a preprocessing layer")
+    p.add_argument("--std", type=cli.floats(3), metavar="R,G,B")
     p.add_argument("--allow-class-mismatch", action="store_true",
                    help="score even when the dataset's classes are not the model's (said in the output)")
     p.add_argument("--strict-images", action="store_true",
                    help="an image that does not decode is an error (default: left out with a warning, and counted)")
-    p.add_argument("--batch-size", type=common.positive(), default=64)
-    p.add_argument("--limit", type=common.positive(), help="only the first N images")
+    p.add_argument("--batch-size", type=cli.positive(), default=64)
+    p.add_argument("--limit", type=cli.positive(), help="only the first N images")
     p.add_argument("--output", metavar="FILE.json",
                    help="also write the metrics here (a new file, or an earlier one of this command)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON on stdout")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--verbose", action="store_true", help="let TensorFlow and absl print their logs")
+    p.add_console_options(noisy="TensorFlow and absl")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return common.run_command(lambda log, console: _evaluate(args, log), quiet=args.quiet, verbose=args.verbose)
+    return cli.run_command(lambda log, console: _evaluate(args, log), quiet=args.quiet, verbose=args.verbose)
 
 
 def _evaluate(args, log) -> int:
     from convmixer_tf import contract
     from convmixer_tf.data import warn_skipped
-    from convmixer_tf.evaluation import check_classes, evaluate, preprocessing_for
+    from convmixer_tf.evaluate import check_classes, evaluate, preprocessing_for
 
+    inputs = [args.model, args.data_dir]
     if args.output:
-        check_metrics_output(args.output, inputs=[args.model, args.data_dir])
+        outputs.check_file(args.output, is_metrics, inputs)
     model = contract.load_model(args.model, role="--model")
     preprocessing = preprocessing_for(
         model, args.preset, input_size=args.input_size, crop_pct=args.crop_pct,
@@ -84,31 +81,11 @@ def _evaluate(args, log) -> int:
     log(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  "
         f"({metrics['count']} images{skipped}, {metrics['seconds']} s)")
     if args.output:  # looked at again: what is there now must still be ours to replace
-        earlier = check_metrics_output(args.output, inputs=[args.model, args.data_dir])
-        common.write_json_atomic(args.output, metrics, exclusive=not earlier)
+        earlier = outputs.check_file(args.output, is_metrics, inputs)
+        outputs.write_json_atomic(args.output, metrics, exclusive=not earlier)
     if args.json:
         print(json.dumps(metrics, indent=2))
-    return common.EXIT_OK
-
-
-def check_metrics_output(path, inputs=()) -> bool:
-    """--output may be a new file, or an earlier metrics file of this command (replaced);
-    anything else is refused (exit 2) before any work. True when it is an earlier one."""
-    common.check_inputs_outside(path, inputs)
-    if not os.path.lexists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise ValueError(f"cannot write --output {path}: {parent} is not a writable folder")
-        return False
-    try:
-        with open(path) as f:
-            earlier = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError):
-        earlier = None
-    if os.path.islink(path) or not (isinstance(earlier, dict) and {"top1", "top5", "count"} <= set(earlier)):
-        raise ValueError(f"--output {path} exists and is not an earlier metrics file of this command; "
-                         "it is not replaced: choose another --output")
-    return True
+    return cli.EXIT_OK
 
 
 def _dataset(args):
@@ -126,4 +103,4 @@ def _dataset(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

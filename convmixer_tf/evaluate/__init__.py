@@ -1,5 +1,6 @@
 """Top-1 / top-5 accuracy and cross-entropy of a ConvMixer on a labelled dataset, with
-timm's evaluation transform, so a converted ImageNet model scores as it does in timm."""
+timm's evaluation transform, so a converted ImageNet model scores as it does in timm.
+`python -m convmixer_tf.evaluate` is the command line. Importing this loads no Keras."""
 
 from __future__ import annotations
 
@@ -7,15 +8,13 @@ import dataclasses
 import time
 from typing import Callable, Optional
 
-import keras
 import numpy as np
 
 from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, Preprocessing
-from convmixer_tf.data import eval_pipeline
 
 
-def preprocessing_for(model: keras.Model, preset: Optional[str] = None, **overrides) -> Preprocessing:
+def preprocessing_for(model, preset: Optional[str] = None, **overrides) -> Preprocessing:
     """The evaluation transform for `model`: a variant's (by `preset`), else the one stored
     with the model; then `overrides` (input_size, crop_pct, interpolation, mean, std)
     where not None."""
@@ -25,7 +24,7 @@ def preprocessing_for(model: keras.Model, preset: Optional[str] = None, **overri
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def check_classes(model: keras.Model, class_names, allow_mismatch: bool = False) -> str:
+def check_classes(model, class_names, allow_mismatch: bool = False) -> str:
     """Checks that the dataset's classes are the model's, in the same order; returns what
     was found, for the report. ValueError (exit 2) on a mismatch unless `allow_mismatch`.
 
@@ -64,10 +63,6 @@ def _difference(model_names, data_names) -> str:
             + ("" if set(model_names) != set(data_names) else " (same names, another order)"))
 
 
-def has_preprocessing(model: keras.Model) -> bool:
-    return contract.has_preprocessing(model)
-
-
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
     """Summed cross-entropy, top-1 and top-5 hits of one batch of logits (float64 math)."""
     logits = np.asarray(logits, np.float64)
@@ -84,7 +79,7 @@ def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
-def evaluate(model: keras.Model, dataset, preprocessing: Optional[Preprocessing] = None, *,
+def evaluate(model, dataset, preprocessing: Optional[Preprocessing] = None, *,
              batch_size: int = 64, limit: Optional[int] = None,
              log: Callable[[str], None] = lambda message: None) -> dict:
     """Scores `model` on an unbatched dataset of (uint8 image, int label) pairs.
@@ -99,10 +94,14 @@ def evaluate(model: keras.Model, dataset, preprocessing: Optional[Preprocessing]
         >>> source = open_dataset(data_dir="val_images/")       # doctest: +SKIP
         >>> evaluate(model, source.train)["top1"]                # doctest: +SKIP
     """
+    import keras
+
+    from convmixer_tf.data import eval_pipeline
+
     preprocessing = preprocessing or preprocessing_for(model)
     if limit is not None:
         dataset = dataset.take(limit)
-    batches = eval_pipeline(dataset, preprocessing, batch_size, normalize=not has_preprocessing(model))
+    batches = eval_pipeline(dataset, preprocessing, batch_size, normalize=not contract.info_of(model).raw_rgb)
     num_classes = model.output_shape[-1]
     total = {"loss_sum": 0.0, "top1": 0, "top5": 0, "count": 0}
     started = time.perf_counter()
@@ -120,3 +119,9 @@ def evaluate(model: keras.Model, dataset, preprocessing: Optional[Preprocessing]
     n = total["count"]
     return {"top1": total["top1"] / n, "top5": total["top5"] / n, "loss": total["loss_sum"] / n,
             "count": n, "seconds": round(time.perf_counter() - started, 2)}
+
+
+
+def is_metrics(data) -> bool:
+    """True for the JSON of an earlier metrics file of this command."""
+    return isinstance(data, dict) and {"top1", "top5", "count"} <= set(data)

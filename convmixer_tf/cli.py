@@ -1,0 +1,229 @@
+"""What the four command lines share at start-up: exit codes, signals, a quiet console,
+and argparse with one-line errors.
+
+Exit codes (README, "Exit codes"):
+    0  done
+    1  the job ran and its result failed a check (parity, an exported file's
+       verification, a loss that stopped being finite)
+    2  bad input: arguments, files, data (one line naming the problem)
+    3  internal error: a bug (the traceback is printed)
+    128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM); staging is removed first
+
+Nothing here imports TensorFlow: the start-up must be done before it loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import traceback
+from typing import Callable
+
+from convmixer_tf import outputs
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class CheckFailed(RuntimeError):
+    """The job ran and its result failed a check (exit code 1)."""
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit code the README promises for an exception raised by a job."""
+    if isinstance(err, CheckFailed):
+        return EXIT_FAILED
+    if isinstance(err, (ValueError, OSError)):
+        return EXIT_BAD_INPUT
+    if isinstance(err, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) else EXIT_INTERNAL
+    return EXIT_INTERNAL
+
+
+def one_line(err) -> str:
+    """An exception's message on one line (tracebacks and wrapped messages folded)."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+# TensorFlow, LiteRT, XNNPACK and absl log from C++ straight to file descriptor 2, some of
+# it before any Python setting can reach them; the environment handles what it can.
+NATIVE_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "3", "ABSL_MIN_LOG_LEVEL": "3",
+                  "GRPC_VERBOSITY": "ERROR"}
+
+
+def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: bool = False,
+                verbose: bool = False) -> int:
+    """Runs a command-line job and turns its outcome into an exit code.
+
+    `job(log, console)` does the work: `log` prints progress (nothing with `quiet`),
+    `console` is the user's stderr. Unless `verbose`, TensorFlow's, LiteRT's and absl's
+    own output is silenced for the duration. Errors print one line, `error: ...`; an
+    unexpected exception prints its traceback (exit 3).
+
+    SIGINT and SIGTERM stop the process at once, whatever it is doing: what this run was
+    staging is removed and it exits 128 + the signal. Nothing is raised into the job,
+    so no library code can swallow the signal and go on to report success.
+    """
+    if not verbose:
+        for key, value in NATIVE_LOG_ENV.items():
+            os.environ.setdefault(key, value)
+    console, owned = _user_stream(sys.stderr, 2)
+
+    def interrupted(signum, frame):
+        if outputs.interrupt(signum):  # False: the output is being moved into place, or is
+            sys.stdout.flush()
+            print("error: interrupted", file=console, flush=True)
+            os._exit(128 + signum)
+
+    outputs.begin_command()
+    previous = {signum: signal.signal(signum, interrupted) for signum in SIGNALS}
+
+    def log(message):
+        if not quiet:
+            print(message, file=console, flush=True)
+
+    try:
+        with contextlib.ExitStack() as stack:
+            if not verbose:
+                stack.enter_context(_quiet_native_output())
+                stack.enter_context(_quiet_python_logging())
+            try:
+                return job(log, console)
+            except BaseException as err:  # noqa: BLE001 - every outcome becomes an exit code
+                code = exit_code(err)
+                if code == EXIT_INTERNAL:
+                    print("error: internal error (a bug; please report it with this traceback):", file=console)
+                    traceback.print_exception(err, file=console)
+                elif code in (EXIT_FAILED, EXIT_BAD_INPUT):
+                    print(f"error: {one_line(err)}", file=console, flush=True)
+                return code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        console.flush()
+        if owned:
+            console.close()
+
+
+def exit(code: int):
+    """Ends a command-line process with `code`; a signal during the interpreter's own
+    shutdown (the work is done, the output in place) no longer changes it."""
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def _quiet_native_output():
+    """Sends what native code prints on fd 1 and fd 2 (C++ logs, gloo's printf), and
+    Python's own stderr, to /dev/null for the duration; sys.stdout keeps reaching the
+    user's stdout (results, --json)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    saved_streams = sys.stdout, sys.stderr
+    stdout, owned = _user_stream(sys.stdout, 1)
+    sink = open(os.devnull, "w")
+    try:
+        sys.stdout.flush()
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        sys.stdout, sys.stderr = stdout, sink
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout, sys.stderr = saved_streams
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+        sink.close()
+        if owned:
+            stdout.close()
+
+
+def _user_stream(stream, fd):
+    """A stream to what `stream` (fd `fd`) reaches now, that stays open when fd is silenced."""
+    try:
+        if stream.fileno() == fd:
+            return os.fdopen(os.dup(fd), "w", buffering=1), True
+    except (AttributeError, OSError, ValueError):  # pytest's capture, a notebook, ...
+        pass
+    return stream, False
+
+
+@contextlib.contextmanager
+def _quiet_python_logging():
+    import logging
+    import warnings
+
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.disable(level)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, but not for on/off flags or options without one; keeps the epilog's lines."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors are one line (`error: ...`, exit 2), like
+    every other bad input here."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+    def add_console_options(self, group=None, noisy: str = "TensorFlow, LiteRT and absl"):
+        """--json, --quiet and --verbose, the same in every command."""
+        target = group or self
+        target.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        target.add_argument("--quiet", action="store_true", help="no progress messages")
+        target.add_argument("--verbose", action="store_true", help=f"let {noisy} print their logs")
+
+
+def floats(count: int):
+    """An argparse type: `count` comma-separated numbers, as a tuple."""
+    def parse(text):
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}")
+        return values
+
+    parse.__name__ = f"{count} numbers"
+    return parse
+
+
+def positive(kind=int):
+    """An argparse type: a number > 0."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse

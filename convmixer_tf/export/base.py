@@ -1,0 +1,120 @@
+"""The shape every export format shares: what it is (`ExportFormat`), what the writers of
+one run share (`ExportJob`), and how a failed file is reported (`ExportError`)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import tempfile
+from typing import Callable, Dict, Iterable, Optional
+
+from convmixer_tf import outputs
+from convmixer_tf.cli import CheckFailed
+
+OUTPUTS = ("logits", "probabilities")
+
+
+class ExportError(CheckFailed):
+    """An export produced no valid file, or one that does not match Keras (exit code 1)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFormat:
+    """One export format.
+
+    Attributes:
+        name: what --formats / --export take.
+        filename: the file (or folder) it writes inside the output folder.
+        summary: one line for --help and the README.
+        write: `write(job, path)` writes the file; raises ExportError when it cannot.
+        load: `load(path, threads)` returns a runner: NHWC float32 images (in the file's
+            input space) -> outputs, with an `output` attribute ("logits" or "probabilities").
+        tolerance: max abs difference from Keras for a float file, relative to the largest
+            output when that is above 1; None for a quantised file (judged by top-1).
+        aliases: other accepted names.
+        calibrated: it needs calibration images.
+        describe: `describe(path, check)` -> what its report row adds (`verify.Check`); a
+            "problem" in it fails the file.
+        recognises: `recognises(path)` -> True for a file of this format (verify of a path).
+        quantize: the value of the export CLI's --quantize that adds this format.
+        files: glob patterns of what it writes, when `filename` is a folder.
+    """
+
+    name: str
+    filename: str
+    summary: str
+    write: Callable
+    load: Callable
+    tolerance: Optional[float] = None
+    aliases: tuple = ()
+    calibrated: bool = False
+    describe: Optional[Callable] = None
+    recognises: Optional[Callable] = None
+    quantize: Optional[str] = None
+    files: tuple = ()
+
+    @property
+    def patterns(self) -> tuple:
+        return self.files or (self.filename,)
+
+
+@dataclasses.dataclass
+class ExportJob:
+    """What the writers of one export run share.
+
+    Attributes:
+        model: the Keras graph the files are made from (fixed input size; raw RGB in when
+            `info.raw_rgb`).
+        info: its `ModelInfo` (preprocessing, class names).
+        nchw: ONNX input as [N, 3, H, W].
+        opset: ONNX opset, None for the default.
+        tflite_output: "probabilities" (softmax at the end, what phone apps show) or "logits".
+        calibration: images in the files' input space for calibrated formats (never
+            the images a file is checked on).
+        calibration_source: where they came from, for the report.
+    """
+
+    model: object
+    info: object
+    nchw: bool = False
+    opset: Optional[int] = None
+    tflite_output: str = "probabilities"
+    calibration: Optional[object] = None
+    calibration_source: str = ""
+    _shared: Dict[object, object] = dataclasses.field(default_factory=dict)
+    _scratch: Optional[str] = None
+    _cleanup: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
+
+    def __post_init__(self):
+        if self.tflite_output not in OUTPUTS:
+            raise ValueError(f"tflite_output must be one of {OUTPUTS}, got {self.tflite_output!r}")
+
+    @property
+    def raw_rgb(self) -> bool:
+        return self.info.raw_rgb
+
+    def shared(self, key, make: Callable[[], object]):
+        """`make()` once per key for the whole run (a traced graph several files come from)."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
+
+    def scratch(self) -> str:
+        """A temporary folder that lives as long as the job (see `close`)."""
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="convmixer-export-")
+            self._cleanup.enter_context(outputs.removed_on_interrupt(self._scratch))
+        return self._scratch
+
+    def calibration_samples(self) -> Iterable:
+        if self.calibration is None or not len(self.calibration):
+            raise ValueError("this format needs calibration images")
+        return (image[None] for image in self.calibration)
+
+    def close(self):
+        self._shared.clear()
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+        self._cleanup.close()

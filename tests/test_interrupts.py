@@ -1,0 +1,107 @@
+"""SIGTERM and SIGINT at any moment of a command: exit 128 + the signal, the earlier output
+byte-identical, nothing of the run left (staging, temporary folders). Real processes,
+signalled at moments spread over a run's own measured length, so the sweep holds
+whatever else the machine is doing."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_safety import checksums
+
+import convmixer_tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What others leave in TMPDIR: onnxruntime's session id (written at import), and
+# TensorFlow autograph's generated code (removed only at a normal interpreter exit).
+FOREIGN = re.compile(r"^(\.ses|__autograph_generated_file\w+\.py)$")
+
+
+def handles(pid, signum=signal.SIGTERM) -> bool:
+    """True once process `pid` catches `signum` (its SigCgt mask in /proc): the command
+    line's start-up is done. Python itself catches SIGINT from the start, not SIGTERM."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(line for line in f if line.startswith("SigCgt:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def start(command, tmp):
+    env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(tmp))
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not handles(proc.pid) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    return proc
+
+
+def sweep(command, out, tmp_path, fractions, signum=signal.SIGTERM):
+    """Runs `command` once to the end (the earlier output, and how long a run takes), then
+    once per fraction, signalled that far into a run. A run stopped by the signal must
+    exit 128 + signum and leave the earlier output as it was; one the signal reached only
+    after its final move (the end of its work) must exit 0 with its new output. Returns
+    how many runs the signal stopped."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    started = time.time()
+    first = start(command, tmp)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    length = time.time() - started
+    before, stopped = checksums(out), 0
+    for fraction in fractions:
+        proc = start(command, tmp)
+        time.sleep(fraction * length)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode in (0, 128 + signum), (fraction, proc.returncode, err[-3000:])
+        if proc.returncode == 0:  # signalled after its final move: its output is the earlier one now
+            before = checksums(out)
+            continue
+        stopped += 1
+        assert err.strip().splitlines()[-1] == "error: interrupted", err[-2000:]
+        assert checksums(out) == before, fraction
+        assert not [e for e in os.listdir(out.parent) if ".partial" in e], fraction
+        assert [e for e in os.listdir(tmp) if not FOREIGN.match(e)] == [], (fraction, os.listdir(tmp))
+    return stopped
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    convmixer_tf.save_model(convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=7, patch_size=4, num_classes=3,
+                                                   input_shape=(32, 32, 3), include_preprocessing=True), path)
+    return path
+
+
+def test_sigterm_at_any_moment_of_an_export(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "convmixer_tf.export", "--model", str(tiny_model), "--formats", "all",
+               "--calibration-count", "4", "--output", str(out), "--force", "--quiet"]
+    fractions = [i / 16 for i in range(15)]  # 0: the moment start-up is done
+    assert sweep(command, out, tmp_path, fractions) >= len(fractions) - 2
+
+
+def test_sigint_mid_export(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "convmixer_tf.export", "--model", str(tiny_model), "--formats", "tflite", "onnx",
+               "--output", str(out), "--force", "--quiet"]
+    assert sweep(command, out, tmp_path, (0.4,), signal.SIGINT) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_at_any_moment_of_a_conversion(tmp_path):
+    from torch_helpers import save_checkpoint, timm_convmixer
+
+    ckpt = save_checkpoint(timm_convmixer(kernel_size=7).state_dict(), tmp_path / "m.pth")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "weights_converter", "--torch-ckpt", str(ckpt), "--export", "all",
+               "--calibration-count", "4", "--output", str(out), "--force", "--quiet"]
+    fractions = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75)
+    assert sweep(command, out, tmp_path, fractions) >= len(fractions) - 2
