@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import sys
+import textwrap
 import traceback
 from typing import Callable
 
@@ -176,8 +177,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows defaults, but not for on/off flags or options without one; keeps the epilog's lines."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS:
+        if action.default in (None, [], argparse.SUPPRESS) or isinstance(action.default, bool):
             return action.help
+        if isinstance(action.default, list):
+            return f"{action.help} (default: {' '.join(action.default)})"
         return super()._get_help_string(action)
 
 
@@ -185,8 +188,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line (`error: ...`, exit 2), like
     every other bad input here."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+    def __init__(self, *, description: str = "", **kwargs):
+        # The epilogs keep their own lines; a one-paragraph description is wrapped.
+        super().__init__(description=textwrap.fill(description, 80), formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")

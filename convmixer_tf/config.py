@@ -60,6 +60,11 @@ class ConvMixerConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def describe(self) -> str:
+        """"ConvMixer-768/32 k7 p7" (and what sets a non-depthwise network apart)."""
+        kind = "" if self.depthwise else ", full (non-depthwise) k x k conv"
+        return f"ConvMixer-{self.dim}/{self.depth} k{self.kernel_size} p{self.patch_size}{kind}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:

@@ -1,14 +1,11 @@
 """What a ConvMixer model is, in one place: the layer names every reader relies on, and
-the facts that travel with the model (architecture, how it was built, preprocessing,
-class names, where its weights came from).
+the facts that travel with the model (`ModelInfo`: architecture, how it was built,
+preprocessing, class names, where its weights came from).
 
-The facts are a `ModelInfo`. A model built here carries one (`info_of(model)`), and
-`save_model` stores it inside the `.keras` file as an extra member, `convmixer.json`:
-plain `keras.models.load_model` still loads the file (it reads only its own members),
-and `load_model` here reads the facts back and checks them against the layers. Files
-saved by earlier versions are read in one function, `_legacy_info`.
-
-Nothing here imports Keras at import time.
+A model built here carries its facts (`info_of`); `save_model` stores them in the `.keras`
+file as an extra member, `convmixer.json`, which plain `keras.models.load_model` ignores,
+and `load_model` reads them back and checks them against the layers. Files saved by
+earlier versions are read in one function, `_legacy_info`. No Keras import at import time.
 """
 
 from __future__ import annotations
@@ -21,11 +18,11 @@ import unicodedata
 import zipfile
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
+
 from convmixer_tf.config import VARIANTS, ConvMixerConfig, Preprocessing
 
-# --------------------------------------------------------------------------------------
 # Layer names (a mapping table, a parity probe or an exporter finds layers by these)
-
 INPUT = "images"
 PREPROCESSING = "preprocessing"
 STEM_CONV, STEM_ACT, STEM_BN = "stem_conv", "stem_act", "stem_bn"
@@ -46,10 +43,8 @@ def stage_layers(depth: int) -> list:
     return [STEM_BN] + [block_layer(i, "pw_bn") for i in range(depth)]
 
 
-# --------------------------------------------------------------------------------------
-# The facts stored with a model
-
 INFO_MEMBER = "convmixer.json"
+HUB_SCHEME = "hf://"
 INFO_VERSION = 2
 POOLINGS = ("avg", "max", None)
 
@@ -166,25 +161,16 @@ def read_labels(path, allow_duplicates: bool = False) -> Tuple[str, ...]:
     return names
 
 
-def imagenet_class_names() -> Optional[Tuple[str, ...]]:
-    """ImageNet-1k class names in label order ("tench", "goldfish", ...): the first words
-    of timm's offline copy of the descriptions; None when timm is not installed."""
-    info = _imagenet_info()
-    return None if info is None else tuple(d.split(",")[0].strip() for d in info.label_descriptions())
-
-
-def imagenet_class_ids() -> Optional[Tuple[str, ...]]:
-    """ImageNet-1k WordNet ids in label order ("n01440764", ...), as tfds names them."""
-    info = _imagenet_info()
-    return None if info is None else tuple(info.label_names())
-
-
-def _imagenet_info():
+def imagenet_class_names(ids: bool = False) -> Optional[Tuple[str, ...]]:
+    """ImageNet-1k class names in label order, from timm's offline table: the first words
+    of the descriptions ("tench", "goldfish", ...), or with `ids` the WordNet ids tfds
+    uses ("n01440764", ...); None when timm is not installed."""
     try:
         from timm.data import ImageNetInfo
     except Exception:  # timm missing, or torchvision broken beside this torch build
         return None
-    return ImageNetInfo()
+    info = ImageNetInfo()
+    return tuple(info.label_names()) if ids else tuple(d.split(",")[0].strip() for d in info.label_descriptions())
 
 
 def attach(model, info: ModelInfo):
@@ -219,13 +205,7 @@ def _layer_facts(model) -> dict:
             "pooling": next((kind for kind, name in POOLING_LAYERS.items() if name in layers), None),
             "classifier_activation": head.get_config()["activation"] if head is not None else None,
             "normalisation": None if norm is None else Preprocessing.mean_std_of(
-                [float(v) for v in _flat(norm.scale)], [float(v) for v in _flat(norm.offset)])}
-
-
-def _flat(value):
-    import numpy as np
-
-    return np.asarray(value, np.float64).reshape(-1)
+                np.ravel(np.asarray(norm.scale, np.float64)), np.ravel(np.asarray(norm.offset, np.float64)))}
 
 
 def _legacy_info(model, stored: Optional[dict] = None) -> ModelInfo:
@@ -263,13 +243,20 @@ def _check_agrees(model, info: ModelInfo, path) -> None:
 
 
 def stored_info(path, model=None) -> Optional[ModelInfo]:
-    """The ModelInfo inside a .keras file (`model`: the file's model, needed for files of
-    an earlier version), or None for a file saved without one."""
+    """The ModelInfo inside a .keras file, or beside Keras' unzipped layout in a folder
+    (`model`: the file's model, needed for files of an earlier version); None for a file
+    saved without one."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            if INFO_MEMBER not in archive.namelist():
+        if os.path.isdir(path):
+            if not os.path.exists(os.path.join(path, INFO_MEMBER)):
                 return None
-            data = json.loads(archive.read(INFO_MEMBER))
+            with open(os.path.join(path, INFO_MEMBER)) as f:
+                data = json.load(f)
+        else:
+            with zipfile.ZipFile(path) as archive:
+                if INFO_MEMBER not in archive.namelist():
+                    return None
+                data = json.loads(archive.read(INFO_MEMBER))
         if not isinstance(data, dict) or data.get("version") not in (1, INFO_VERSION):
             raise ValueError(f"unsupported version {data.get('version') if isinstance(data, dict) else '?'}")
         return ModelInfo.from_dict(data) if data["version"] == INFO_VERSION else _legacy_info(model, data)
@@ -278,9 +265,20 @@ def stored_info(path, model=None) -> Optional[ModelInfo]:
 
 
 def save_model(model, path, info: Optional[ModelInfo] = None) -> str:
-    """Saves `model` as a .keras file with its ModelInfo inside, atomically (a reader
-    sees no file or the whole one). Plain `keras.models.load_model` loads it."""
+    """Saves `model` with its facts: as a .keras file with them inside, written atomically
+    (a reader sees no file or the whole one), or, for `hf://OWNER/NAME`, as Keras' own Hub
+    layout with them beside it and a model card, uploaded. Plain Keras loads either."""
     info = info or info_of(model)
+    if str(path).startswith(HUB_SCHEME):
+        from huggingface_hub import HfApi
+
+        from convmixer_tf.outputs import temporary_folder
+
+        with temporary_folder() as folder:
+            write_hub_folder(model, os.path.join(folder, "model"), info)
+            repo = HfApi().create_repo(str(path)[len(HUB_SCHEME):], exist_ok=True).repo_id
+            HfApi().upload_folder(repo_id=repo, folder_path=os.path.join(folder, "model"))
+        return str(path)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.partial.keras")
@@ -295,9 +293,37 @@ def save_model(model, path, info: Optional[ModelInfo] = None) -> str:
     return path
 
 
+def write_hub_folder(model, folder, info: Optional[ModelInfo] = None) -> str:
+    """Keras' unzipped layout of `model` in `folder` (what `model.save("hf://...")` uploads:
+    config.json, metadata.json, model.weights.h5), its facts beside it, and a model card."""
+    from convmixer_tf.card import model_card
+
+    info = info or info_of(model)
+    model.save(folder, zipped=False)
+    with open(os.path.join(folder, INFO_MEMBER), "w") as f:
+        json.dump(info.to_dict(), f, indent=2)
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(model_card(info))
+    return folder
+
+
+def _hub_folder(path) -> str:
+    """The local folder of `hf://OWNER/NAME[@REVISION]`: downloaded, or from the cache."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo, _, revision = path[len(HUB_SCHEME):].partition("@")
+    try:
+        return snapshot_download(repo, revision=revision or None)
+    except LocalEntryNotFoundError:
+        raise ValueError(f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+                         f"cannot be reached; fetch it where it can: hf download {repo}") from None
+
+
 def load_model(path, role: str = "model"):
-    """Loads a .keras ConvMixer with its facts attached; ValueError (exit 2) naming the
-    problem for a missing, truncated or foreign file.
+    """Loads a ConvMixer with its facts attached: a .keras file, a folder in Keras' unzipped
+    layout, or `hf://OWNER/NAME[@REVISION]` (either, from the Hub or its cache).
+    ValueError (exit 2) naming the problem for a missing, truncated or foreign file.
 
     Example:
         >>> model = load_model("convmixer_768_32_keras/model.keras")   # doctest: +SKIP
@@ -306,12 +332,15 @@ def load_model(path, role: str = "model"):
     """
     import keras
 
-    path = os.fspath(path)
-    if os.path.isdir(path):
+    path = _hub_folder(str(path)) if str(path).startswith(HUB_SCHEME) else os.fspath(path)
+    if os.path.isfile(os.path.join(path, "model.keras")):  # a converted output folder, as uploaded
+        path = os.path.join(path, "model.keras")
+    keras_folder = os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(path)
+    if os.path.isdir(path) and not keras_folder:
         raise ValueError(f"{role} {path} is a folder, not a .keras file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ValueError(f"{role} not found: {path}")
-    if not zipfile.is_zipfile(path):
+    if not keras_folder and not zipfile.is_zipfile(path):
         raise ValueError(f"cannot load {role} {path}: not a .keras file (a .keras file is a zip archive; "
                          "is it truncated or corrupt?)")
     try:

@@ -1,16 +1,11 @@
 """Writing outputs so that nothing is half-written and nothing of the user's is lost.
 
 - `write_atomic`: a file appears whole or not at all, with the umask's mode.
-- `Output`: what one command writes (a marker file and the patterns of every file),
-  so `--force` can tell, all the way down, an earlier output of that command from a
-  folder holding anything else.
-- `staged`: an output folder is built in a staging folder beside it and moved into place
-  by one rename at the end. rename(2) never replaces a non-empty folder, so of two runs
-  racing to one new output exactly one wins.
-- `interrupt`: what the command lines' SIGINT / SIGTERM handler calls: it removes what
-  this process was writing and lets it stop, except during or after the final move, which
-  is the end of the command's work: the signal then waits, or is let go, and the command
-  finishes with its new output.
+- `Output`: what one command writes (a marker file and the patterns of every file), so
+  `--force` tells, all the way down, an earlier output of that command from anything else.
+- `staged`: an output folder is built beside its place and moved there by one rename at
+  the end; rename(2) never replaces a non-empty folder, so of two racing runs one wins.
+- `interrupt`: what the command lines' SIGINT / SIGTERM handler calls.
 """
 
 from __future__ import annotations
@@ -32,7 +27,7 @@ class OutputExistsError(ValueError):
 
 
 # --------------------------------------------------------------------------------------
-# Interrupts: what to remove, and the moments that must not be cut short
+# Interrupts: what to remove, and the moment that must not be cut short
 
 _removable = []  # paths this process is writing; removed when a signal stops it
 _state = {"moving": False, "pending": None, "done": False}
@@ -50,13 +45,11 @@ def removed_on_interrupt(path):
 
 
 def interrupt(signum) -> bool:
-    """Removes what this process was writing and returns True (stop now). During a final
-    move it only remembers `signum` (re-sent once the move is done), and after one it lets
-    the signal go: both return False (finish)."""
-    if _state["moving"]:
-        _state["pending"] = signum
-        return False
-    if _state["done"]:
+    """Removes what this process was writing and returns True (stop now). During the final
+    move it only remembers `signum` (re-sent once the move is done), and after it lets the
+    signal go: the command's work is done. Both return False (finish)."""
+    if _state["moving"] or _state["done"]:
+        _state["pending"] = signum if _state["moving"] else None
         return False
     for path in reversed(_removable):
         for _ in range(3):  # a writer thread may add a file while the folder goes
@@ -67,15 +60,16 @@ def interrupt(signum) -> bool:
 
 
 def begin_command() -> None:
-    """A command line starts: nothing of it is moved into place yet."""
+    """A command line starts: nothing of it is in place yet."""
     _state.update(moving=False, pending=None, done=False)
 
 
 @contextlib.contextmanager
-def _uninterrupted():
+def _final_move():
     _state["moving"] = True
     try:
         yield
+        _state["done"] = True
     finally:
         _state["moving"] = False
         pending, _state["pending"] = _state["pending"], None
@@ -103,14 +97,14 @@ def write_atomic(path, data, exclusive: bool = False) -> str:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the mode
             with os.fdopen(fd, "wb" if isinstance(data, (bytes, bytearray, memoryview)) else "w") as f:
                 f.write(data)
-            if exclusive:
+            if not exclusive:
+                os.replace(tmp, path)
+            else:
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
                     raise OutputExistsError(f"{path} appeared while this run was working; "
                                             "it was not replaced") from None
-            else:
-                os.replace(tmp, path)
         finally:
             _remove(tmp)
     return path
@@ -122,8 +116,6 @@ def write_json_atomic(path, data, exclusive: bool = False) -> str:
 
 def jsonable(value):
     """json.dumps default= for numpy scalars and arrays."""
-    if hasattr(value, "item") and getattr(value, "size", 1) == 1:
-        return value.item()
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
@@ -141,12 +133,7 @@ def temporary_folder(prefix: str = "convmixer-"):
 
 
 # --------------------------------------------------------------------------------------
-# Output folders: what --force may replace
-
-def _temporary(name: str) -> bool:
-    # ".NAME.<...>.partial": write_atomic's temporary files, left by a kill mid-write.
-    return name.startswith(".") and ".partial" in name
-
+# What --force may replace
 
 @dataclasses.dataclass(frozen=True)
 class Output:
@@ -175,38 +162,37 @@ class Output:
         return False
 
     def foreign(self, root) -> list:
-        """Paths under `root` (relative) that this command did not write, sorted: files,
-        links, and folders it does not make that hold nothing else."""
+        """What under `root` this command did not write (relative paths): files, links, and
+        folders it does not make that hold nothing else. ".NAME...partial" files are
+        write_atomic's, left by a kill mid-write."""
         found = []
         for folder, dirs, files in os.walk(root):
             rel_folder = os.path.relpath(folder, root).replace(os.sep, "/")
-            if rel_folder != "." and not dirs and not files and not self._folder_ok(rel_folder):
+            prefix = "" if rel_folder == "." else rel_folder + "/"
+            if prefix and not dirs and not files and not self._folder_ok(rel_folder):
                 found.append(rel_folder)
-            for name in sorted(dirs + files):
-                rel = name if rel_folder == "." else f"{rel_folder}/{name}"
-                path = os.path.join(folder, name)
-                if os.path.islink(path) or (name in files and not _temporary(name) and not (
+            for name in dirs + files:
+                path, rel = os.path.join(folder, name), prefix + name
+                ours_temporary = name.startswith(".") and ".partial" in name
+                if os.path.islink(path) or (name in files and not ours_temporary and not (
                         os.path.isfile(path) and any(fnmatch.fnmatchcase(rel, p) for p in self.files))):
                     found.append(rel)
         return sorted(found)
 
     def earlier_output(self, folder) -> Optional[list]:
-        """None when `folder` is empty or an output of this command; else what in it is
-        not (for messages)."""
+        """None when `folder` is empty or an output of this command; else what in it is not."""
         try:
             with open(os.path.join(folder, self.marker)) as f:
                 ours = self.is_ours(json.load(f))
         except (OSError, ValueError):
             ours = False
         foreign = self.foreign(folder)
-        if not os.listdir(folder) or (ours and not foreign):
-            return None
-        return foreign or [f"{self.marker} missing"]
+        return None if not os.listdir(folder) or (ours and not foreign) else foreign or [f"{self.marker} missing"]
 
 
 def check_inputs_outside(output, inputs: Sequence = ()) -> str:
     """OutputExistsError (exit 2) when `output` is, contains, or leads through a link to
-    one of `inputs` (files or folders; None, tfds: and hf-hub: names are skipped)."""
+    one of `inputs` (files or folders; None, tfds: and hub names are skipped)."""
     output = os.path.abspath(os.fspath(output))
     real = os.path.realpath(output)
     for given in inputs:
@@ -247,8 +233,7 @@ def check_replaceable(output, kind: Output, force: bool, inputs: Sequence = ()) 
 
 def check_file(path, is_ours: Callable[[object], bool], inputs: Sequence = (), option: str = "--output") -> bool:
     """A file output may be new, or an earlier one of this command (`is_ours` of its JSON),
-    which is replaced; anything else is refused (exit 2) before any work. True when it
-    is an earlier one."""
+    which is replaced; anything else is refused (exit 2). True when it is an earlier one."""
     check_inputs_outside(path, inputs)
     if not os.path.lexists(path):
         parent = os.path.dirname(os.path.abspath(path))
@@ -257,10 +242,10 @@ def check_file(path, is_ours: Callable[[object], bool], inputs: Sequence = (), o
         return False
     try:
         with open(path) as f:
-            ours = is_ours(json.load(f))
+            ours = is_ours(json.load(f)) and not os.path.islink(path)
     except (OSError, ValueError, UnicodeDecodeError):
         ours = False
-    if os.path.islink(path) or not ours:
+    if not ours:
         raise OutputExistsError(f"{option} {path} exists and is not an earlier output of this command; "
                                 f"it is not replaced: choose another {option}")
     return True
@@ -289,8 +274,7 @@ def _alive(pid: int, start: str) -> bool:
         return False
     except PermissionError:
         return True
-    now = process_start_time(pid)
-    return now is None or now == start
+    return process_start_time(pid) in (None, start)
 
 
 def _staging_prefix(output) -> Tuple[str, str]:
@@ -299,8 +283,8 @@ def _staging_prefix(output) -> Tuple[str, str]:
 
 
 def remove_stale_staging(output) -> list:
-    """Removes staging folders of `output` left by writers that are gone (a kill -9);
-    a live writer's staging folder is left alone. Returns what was removed."""
+    """Removes staging folders of `output` left by writers that are gone (a kill -9); a
+    live writer's is left alone. Returns what was removed."""
     parent, prefix = _staging_prefix(output)
     removed = []
     with contextlib.suppress(OSError):
@@ -327,10 +311,10 @@ def _make_parents(parent) -> list:
     """Creates the missing folders above an output; returns them (removed again on failure)."""
     missing = []
     while parent and not os.path.isdir(parent):
-        if os.path.lexists(parent) and not os.path.exists(parent):
-            raise OSError(errno.ELOOP, "a symbolic link that leads nowhere (a loop or a missing target)", parent)
         if os.path.lexists(parent):
-            raise OSError(errno.ENOTDIR, "not a folder", parent)
+            reason = "not a folder" if os.path.exists(parent) else \
+                "a symbolic link that leads nowhere (a loop or a missing target)"
+            raise OSError(errno.ENOTDIR, reason, parent)
         missing.append(parent)
         parent = os.path.dirname(parent)
     for folder in reversed(missing):
@@ -339,20 +323,14 @@ def _make_parents(parent) -> list:
 
 
 class Staging:
-    """A staging folder for one output; see `staged`."""
+    """A staging folder for one output; see `staged`. `on_commit(staging)`, when set, is
+    called just before the final move, when `replaced` is known: None, "existing output"
+    or "output written meanwhile by another run"."""
 
     def __init__(self, output, kind: Output, force: bool, inputs: Sequence = ()):
         self.output, self.kind, self.force, self.inputs = output, kind, force, tuple(inputs)
-        self.path = None
-        self.replaced = None  # None, "existing output" or "output written meanwhile by another run"
-        self._before_commit = []
-        self._created = []
-        self._existed = False
-        self._registration = contextlib.ExitStack()
-
-    def before_commit(self, callback: Callable[["Staging"], None]) -> None:
-        """Calls `callback(staging)` just before the move (self.replaced is then known)."""
-        self._before_commit.append(callback)
+        self.path, self.replaced, self.on_commit = None, None, None
+        self._created, self._existed, self._registration = [], False, contextlib.ExitStack()
 
     def open(self) -> "Staging":
         self.output = check_replaceable(self.output, self.kind, self.force, self.inputs)
@@ -374,22 +352,19 @@ class Staging:
         return self
 
     def commit(self) -> None:
-        with _uninterrupted():
+        with _final_move():
             if not os.path.lexists(self.output):
-                self._call_before_commit()
-                try:
+                with contextlib.suppress(FileExistsError):  # created since: the rule below applies to it too
+                    self.on_commit and self.on_commit(self)
                     _move(self.path, self.output)
-                    _state["done"] = True
                     return self._registration.close()
-                except FileExistsError:
-                    pass  # created since the look above: the rule below applies to it too
             # Replaced on purpose, or written meanwhile: either way only an output of this command goes.
             check_replaceable(self.output, self.kind, True, self.inputs)
             if not self.force:
                 raise OutputExistsError(f"output {self.output} appeared while this run was writing it "
                                         "(another run?); nothing was replaced: pass --force to replace it")
             self.replaced = "existing output" if self._existed else "output written meanwhile by another run"
-            self._call_before_commit()
+            self.on_commit and self.on_commit(self)
             aside = self.path + ".old"
             os.rename(self.output, aside)
             try:
@@ -398,13 +373,8 @@ class Staging:
                 with contextlib.suppress(OSError):
                     os.rename(aside, self.output)
                 raise
-            _state["done"] = True
             shutil.rmtree(aside, ignore_errors=True)
             self._registration.close()
-
-    def _call_before_commit(self):
-        for callback in self._before_commit:
-            callback(self)
 
     def discard(self) -> None:
         if self.path:
@@ -422,8 +392,8 @@ def staged(output, kind: Output, force: bool = False, inputs: Sequence = ()):
 
     Checked before anything is written (`check_replaceable`), so an unwritable or
     forbidden output fails before any heavy work. The final move is exclusive: when
-    another run created `output` meanwhile, this one fails (exit 2) unless `force`,
-    and then `staging.replaced` says so. On any exception, and on SIGINT / SIGTERM in a
+    another run created `output` meanwhile, this one fails (exit 2) unless `force`, and
+    then `staging.replaced` says so. On any exception, and on SIGINT / SIGTERM in a
     command line, the staging folder (and any parent folder made for it) is removed and
     an existing output is left as it was. Staging folders of killed runs are removed.
     """
@@ -434,4 +404,3 @@ def staged(output, kind: Output, force: bool = False, inputs: Sequence = ()):
     except BaseException:
         staging.discard()
         raise
-

@@ -207,7 +207,7 @@ def folder_epochs(files, batch_size: int, shard: Shard, seed: int, decode):
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def sharded_eval_pipeline(dataset, size: int, transform, batch_size: int, blank, shard: Shard, cache: bool = False):
+def sharded_eval_pipeline(dataset, size: int, transform, batch_size: int, *, blank, shard: Shard, cache: bool = False):
     """This process's share of a validation set of `size` examples, for a global batch of
     `batch_size`: every example exactly once over all processes, each process the same
     number of equal batches (collectives need them), the difference made up by `blank`

@@ -132,3 +132,149 @@ def test_one_image_source_parser():
     with pytest.raises(ValueError, match=r"DIR\|tfds:NAME\[:SPLIT\]"):
         parse_source("tfds:")
 
+
+
+# ------------------------------------------------------------------ each fact in one place
+
+LIBRARY = [os.path.join(folder, name) for package in ("convmixer_tf", "weights_converter")
+           for folder, _, names in os.walk(os.path.join(REPO, package)) for name in names if name.endswith(".py")]
+
+
+def _functions(tree):
+    import ast
+
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def _code_lines(source_lines, node):
+    """Lines of a function's body that hold code (its docstring, comments and blanks aside)."""
+    import ast
+
+    body = node.body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and len(body) > 1:
+        body = body[1:]
+    text = source_lines[body[0].lineno - 1:node.end_lineno]
+    return sum(1 for line in text if line.strip() and not line.strip().startswith("#"))
+
+
+def test_the_library_stays_small_and_plain():
+    import ast
+
+    total, problems = 0, []
+    for path in LIBRARY:
+        source = open(path).read()
+        lines = source.splitlines()
+        total += len(lines)
+        name = os.path.relpath(path, REPO)
+        if len(lines) > 400:
+            problems.append(f"{name}: {len(lines)} lines")
+        tree = ast.parse(source)
+        for node in _functions(tree):
+            positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+            if len(positional) > 5:
+                problems.append(f"{name}: {node.name} takes {len(positional)} positional arguments")
+            if _code_lines(lines, node) > 40:
+                problems.append(f"{name}: {node.name} has {_code_lines(lines, node)} lines of code")
+        if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body):
+            problems.append(f"{name}: a module-level __getattr__")
+        if "importlib" in source:
+            problems.append(f"{name}: importlib")
+    assert total <= 5000 and not problems, (total, problems)
+
+
+def test_pixel_scale_arithmetic_lives_in_one_module():
+    hits = []
+    for path in LIBRARY:
+        for number, line in enumerate(open(path), 1):
+            code = re.sub(r"(\"[^\"]*\"|'[^']*'|#.*)", "", line)  # strings and comments aside
+            if re.search(r"\b255\b", code):
+                hits.append(f"{os.path.relpath(path, REPO)}:{number}")
+    assert hits == ["convmixer_tf/config.py:" + str(next(
+        i for i, line in enumerate(open(os.path.join(REPO, "convmixer_tf", "config.py")), 1)
+        if line.startswith("PIXEL_MAX")))], hits
+
+
+def test_formats_are_one_explicit_list_that_both_command_lines_offer():
+    import ast
+
+    from convmixer_tf.export.__main__ import build_parser as export_parser
+    from weights_converter.__main__ import build_parser as converter_parser
+
+    source = open(os.path.join(REPO, "convmixer_tf", "export", "registry.py")).read()
+    listed = next(node.value for node in ast.parse(source).body if isinstance(node, ast.AnnAssign)
+                  and getattr(node.target, "id", None) == "FORMATS")
+    assert isinstance(listed, ast.List)  # a literal list: grep finds every format
+    names = [f.name for f in registry.FORMATS]
+    assert exporters.check_formats(["all"]) == names and len(listed.elts) <= len(names)
+    for parser in (export_parser(), converter_parser()):
+        shown = parser.format_help()
+        assert all(re.search(rf"\b{name}\b", shown) for name in names), shown
+    quantize = next(a for a in export_parser()._actions if a.dest == "quantize")
+    assert set(quantize.choices) == {f.quantize for f in registry.FORMATS if f.quantize}
+
+
+def test_the_normalisation_has_one_definition(tmp_path):
+    """The model's layer, the eval transform, calibration, an exported graph, TFLite
+    metadata and MediaPipe's pixels all give what Preprocessing.normalize gives."""
+    import tensorflow as tf
+
+    from convmixer_tf.config import Preprocessing
+    from convmixer_tf.data import eval_transform
+    from convmixer_tf.export import calibration, mobile, tflite
+    from convmixer_tf.export.graph import InferenceGraph
+
+    pre = Preprocessing(input_size=16, crop_pct=1.0, mean=(0.1, 0.5, 0.9), std=(0.2, 0.3, 0.4))
+    raw = np.round(calibration.synthetic_images(2, 16, seed=1))
+    expected = pre.normalize(raw)
+    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
+                                   input_shape=(16, 16, 3), include_preprocessing=True, mean=pre.mean, std=pre.std)
+    layer = __import__("keras").Model(model.input, model.get_layer("preprocessing").output)
+    np.testing.assert_allclose(layer(raw), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(eval_transform(tf.constant(raw[0]), pre), expected[0], rtol=1e-5, atol=1e-5)
+    normalised, _ = calibration.load_images(None, pre, 2, raw_rgb=False, seed=1)
+    np.testing.assert_allclose(normalised, pre.normalize(calibration.synthetic_images(2, 16, seed=1)), atol=1e-5)
+    graph = InferenceGraph(model)
+    np.testing.assert_allclose(raw * graph.pre.scale + graph.pre.shift, expected, rtol=1e-5, atol=1e-5)
+    info = convmixer_tf.info_of(model).replace(raw_rgb=False)
+    meta = tflite.file_metadata(info, 16)
+    np.testing.assert_allclose((raw - np.array(meta.mean)) / np.array(meta.std), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(mobile.pixels(expected, info), raw.astype(np.uint8))
+
+
+def test_a_checkpoint_flows_one_way(tmp_path):
+    """Traced calls from --torch-ckpt to the written files: read (checkpoint, hub), map
+    (mapping, convert), check (parity), save, export. Once a later step has begun, no
+    earlier step's module is entered again. (The model's facts, its builder and the
+    output rules are the library every step uses, not steps.)"""
+    import sys
+
+    from torch_helpers import save_checkpoint, timm_convmixer
+
+    from weights_converter.__main__ import main
+
+    # The list of formats (export.registry, of export.base's entries) is a table the command
+    # consults while it checks its arguments and its output, before any work: not a step.
+    stages = {"weights_converter.hub": 0, "weights_converter.checkpoint": 0, "weights_converter.mapping": 1,
+              "weights_converter.convert": 1, "weights_converter.parity": 2,
+              "convmixer_tf.contract.save_model": 3, "convmixer_tf.export": 4}
+    ckpt = save_checkpoint(timm_convmixer(kernel_size=7).state_dict(), tmp_path / "m.pth")
+    visits = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            module = frame.f_globals.get("__name__", "")
+            name = f"{module}.{frame.f_code.co_name}"
+            stage = next((s for prefix, s in stages.items() if name == prefix or module.startswith(prefix)), None)
+            stage = None if module in ("convmixer_tf.export.registry", "convmixer_tf.export.base") else stage
+            if stage is not None and (not visits or visits[-1] != (stage, module)):
+                visits.append((stage, module))
+
+    sys.setprofile(profile)
+    try:
+        assert main(["--torch-ckpt", str(ckpt), "--export", "tflite", "onnx", "--quiet"]) == 0
+    finally:
+        sys.setprofile(None)
+    order = [stage for stage, _ in visits]
+    assert sorted(set(order)) == [0, 1, 2, 3, 4]
+    backward = [(visits[i - 1], visits[i]) for i in range(1, len(visits)) if order[i] < order[i - 1]]
+    assert backward == [], backward[:5]

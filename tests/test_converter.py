@@ -53,7 +53,7 @@ def test_every_layout_wrapper_and_torch_format(tmp_path, layout, wrapper, suffix
     assert report["conversion"]["layout"] == ("timm" if layout == "timm" else "sequential")
     assert report["conversion"]["config"]["depthwise"] == (layout != "sequential_full_conv")
     out = default_output_dir(path)
-    assert directory_entries(out) == ["model.keras", "report.json"]
+    assert directory_entries(out) == ["README.md", "model.keras", "report.json"]
     # The converted file, on its own, computes what the PyTorch network computes.
     import keras
 
@@ -203,7 +203,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert main(["--torch-ckpt", str(path), "--output", str(ours), "--quiet"]) == 2
     assert "pass --force" in capsys.readouterr().err
     assert main(["--torch-ckpt", str(path), "--output", str(ours), "--quiet", "--force"]) == 0
-    assert directory_entries(ours) == ["model.keras", "report.json"]
+    assert directory_entries(ours) == ["README.md", "model.keras", "report.json"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left
 
 
@@ -310,7 +310,7 @@ def test_export_from_the_converter(tmp_path, capsys):
     names = [row["path"] for row in report["files"]]
     assert names == ["model.keras", "saved_model", "model.tflite", "model_float16.tflite", "model_dynamic.tflite",
                      "model_int8.tflite", "model.onnx", "model_int8.onnx"]
-    assert sorted(os.listdir(out)) == sorted(names + ["report.json"])
+    assert sorted(os.listdir(out)) == sorted(names + ["README.md", "report.json"])
     assert json.load(open(out / "report.json"))["files"] == report["files"]
 
 
@@ -339,7 +339,7 @@ def test_without_torch_parity_is_a_clear_error_or_skipped(tmp_path):
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "error: parity needs the PyTorch network" in proc.stderr
-    assert directory_entries(tmp_path / "w_keras") == ["model.keras", "report.json"]
+    assert directory_entries(tmp_path / "w_keras") == ["README.md", "model.keras", "report.json"]
 
 
 def test_sigterm_mid_export_leaves_nothing(tmp_path):

@@ -301,7 +301,7 @@ def test_staging_of_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path, check
     dead.wait()
     assert convert("--torch-ckpt", checkpoint, "--output", out) == 0
     assert not stale.exists() and live.exists()
-    assert sorted(os.listdir(out)) == ["model.keras", "report.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "model.keras", "report.json"]
 
 
 # ---------------------------------------------------------------- 8. small ones

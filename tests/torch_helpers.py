@@ -9,7 +9,7 @@ import weights_converter  # noqa: F401  (keeps triton out before TensorFlow load
 torch = __import__("pytest").importorskip("torch")
 
 from weights_converter.demo import randomize_batchnorm  # noqa: E402
-from weights_converter.reference import paper_convmixer  # noqa: E402
+from weights_converter.parity import paper_convmixer  # noqa: E402
 
 TINY = dict(dim=16, depth=2, kernel_size=5, patch_size=2, num_classes=10)
 
@@ -29,7 +29,7 @@ def sequential_convmixer(activation="gelu", depthwise=True, seed=0, **overrides)
     cfg = dict(TINY, **overrides)
     torch.manual_seed(seed)
     model = paper_convmixer(cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"], cfg["num_classes"],
-                            activation, depthwise)
+                            activation=activation, depthwise=depthwise)
     return randomize_batchnorm(model, seed).eval()
 
 

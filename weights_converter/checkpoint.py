@@ -46,10 +46,6 @@ class Checkpoint:
     def __post_init__(self):
         self.num_tensors = len(self.state_dict)
 
-    def release(self) -> None:
-        """Drops the tensors (memory-mapped file pages included) once they are copied."""
-        self.state_dict.clear()
-
     def summary(self) -> dict:
         return {
             "path": self.path,

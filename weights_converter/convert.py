@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -14,7 +14,8 @@ from weights_converter.checkpoint import Checkpoint, read_checkpoint
 
 @dataclasses.dataclass
 class Conversion:
-    """A converted Keras model and the account of how it was made."""
+    """A converted Keras model and the account of how it was made. `state_dicts` holds the
+    tensors under each layout's names, for the PyTorch reference to load."""
 
     model: object  # keras.Model
     config: ConvMixerConfig
@@ -22,28 +23,29 @@ class Conversion:
     matched_variant: Optional[str]
     activation_source: str  # "flag", "variant", "variant name" or "default"
     include_top: bool
-    unused_keys: List[str]
     copied: int
+    state_dicts: Dict[str, Dict[str, np.ndarray]]
     checkpoint: Optional[Checkpoint] = None
-    class_names_source: str = "none"  # "labels file", "ImageNet-1k (timm)" or "none"
+    class_names_source: str = "none"  # "labels file", "ImageNet-1k (timm)", the hub's config or "none"
 
     def summary(self) -> dict:
-        return {
-            "class_names": self.class_names_source,
-            "checkpoint": self.checkpoint.summary() if self.checkpoint else None,
-            "layout": self.layout,
-            "config": self.config.to_dict(),
-            "include_top": self.include_top,
-            "matched_variant": self.matched_variant,
-            "activation_source": self.activation_source,
-            "weights_copied": self.copied,
-            "unused_keys": self.unused_keys,
-        }
+        return {"class_names": self.class_names_source,
+                "checkpoint": self.checkpoint.summary() if self.checkpoint else None, "layout": self.layout,
+                "config": self.config.to_dict(), "include_top": self.include_top,
+                "matched_variant": self.matched_variant, "activation_source": self.activation_source,
+                "weights_copied": self.copied, "unused_keys": []}
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"{c.describe()}, {c.activation} ({self.activation_source}), "
+                f"{c.num_classes if self.include_top else 'no'} classes (names: {self.class_names_source}), "
+                f"layout {self.layout}, matches {self.matched_variant or 'no released variant'}")
 
 
 def convert_state_dict(state_dict: Dict[str, np.ndarray], variant: Optional[str] = None, *,
                        activation: Optional[str] = None, input_shape: Optional[Sequence[Optional[int]]] = None,
-                       layout: Optional[str] = None, class_names: Optional[Sequence[str]] = None) -> Conversion:
+                       layout: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
+                       facts: Optional[dict] = None) -> Conversion:
     """Builds the Keras ConvMixer that `state_dict` describes and fills every weight.
 
     Args:
@@ -55,8 +57,10 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], variant: Optional[str]
         layout: force "timm" or "sequential" instead of detecting it.
         class_names: one name per class, stored with the model; default ImageNet-1k's for
             a 1000-class released variant (from timm, when it is installed).
+        facts: what the weights' source says of them (`hub.Source.facts`): preprocessing,
+            class names, where they came from.
 
-    Every Keras weight is filled exactly once, every tensor is used or reported, every
+    Every Keras weight is filled exactly once, every tensor is used or named, every
     shape is checked before anything is copied; an unexpected tensor is an error.
     """
     import convmixer_tf
@@ -70,53 +74,48 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], variant: Optional[str]
     if variant is not None:
         ref = convmixer_tf.get_variant(variant).config
         if mapping.architecture(ref) != mapping.architecture(config):
-            raise mapping.MappingError(
-                f"--variant {variant} is {mapping.describe(ref)}, but the checkpoint is {mapping.describe(config)}"
-            )
+            raise mapping.MappingError(f"--variant {variant} is {ref.describe()}, "
+                                       f"but the checkpoint is {config.describe()}")
         matched = variant
         if activation is None:
-            config = config.replace(activation=ref.activation)
-            source = "variant name"
+            config, source = config.replace(activation=ref.activation), "variant name"
     include_top = mapping.has_head(canonical)
-    rows, unused = mapping.plan(canonical, config, include_top)
-    if unused:
-        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
-        raise mapping.MappingError(
-            f"unexpected key {unused[0]!r}{more}: not part of a ConvMixer-{config.dim}/{config.depth}")
-
+    rows = mapping.plan(canonical, config, include_top)
     model = convmixer_tf.ConvMixer(**config.to_dict(), input_shape=input_shape, include_top=include_top,
                                    name=matched or "convmixer")
-    copied = _fill(model, rows, canonical)
+    _fill(model, rows, canonical)
+    facts = dict(facts or {})
     info = contract.info_of(model)
     if matched:
         info = info.replace(preprocessing=convmixer_tf.get_variant(matched).preprocessing, variant=matched)
-    names, names_source = _class_names(class_names, matched, config, include_top)
-    contract.attach(model, info.replace(class_names=names))
-    return Conversion(model, config, layout, matched, source, include_top, unused, copied,
+    if facts.get("preprocessing"):
+        info = info.replace(preprocessing=facts["preprocessing"])
+    names, names_source = _class_names(class_names, facts.get("class_names"), matched, config, include_top)
+    contract.attach(model, info.replace(class_names=names, source=facts.get("source")))
+    state_dicts = {name: mapping.from_canonical(canonical, name, config.depth) for name in mapping.LAYOUTS}
+    return Conversion(model, config, layout, matched, source, include_top, len(rows), state_dicts,
                       class_names_source=names_source)
 
 
-def _class_names(given, matched, config, include_top):
-    """(names, where they came from): given ones, else ImageNet-1k's for a released variant's
-    1000-class head."""
+def _class_names(given, from_source, matched, config, include_top):
+    """(names, where they came from): given ones, else the source's (a hub config), else
+    ImageNet-1k's for a released variant's 1000-class head."""
     import convmixer_tf
     from convmixer_tf import contract
 
-    if given is not None:
+    if given is not None or from_source is not None:
         if not include_top:
             raise mapping.MappingError("class names were given, but the checkpoint has no classifier head")
-        contract.check_class_names(tuple(given), config.num_classes)
-        return tuple(given), "labels file"
+        contract.check_class_names(tuple(given or from_source), config.num_classes)
+        return tuple(given or from_source), "labels file" if given is not None else "the hub's config.json"
     released = matched is not None and convmixer_tf.get_variant(matched).timm_name is not None
-    if released and include_top and config.num_classes == 1000:
-        names = contract.imagenet_class_names()
-        if names is not None:
-            return names, "ImageNet-1k (timm)"
-    return None, "none"
+    names = contract.imagenet_class_names() if released and include_top and config.num_classes == 1000 else None
+    return names, "ImageNet-1k (timm)" if names is not None else "none"
 
 
 def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False, input_shape=None):
-    """Reads a PyTorch ConvMixer checkpoint file and returns the Keras model.
+    """Reads a PyTorch ConvMixer checkpoint file (or `hf-hub:OWNER/NAME[@REV]`) and returns
+    the Keras model.
 
     Example:
         >>> model = convert_checkpoint("convmixer_768_32.pth.tar")  # doctest: +SKIP
@@ -128,30 +127,29 @@ def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False, in
 def convert_file(path, variant=None, *, activation=None, use_ema=False, input_shape=None,
                  class_names=None) -> Conversion:
     """Like `convert_checkpoint`, returning the full `Conversion` record."""
-    checkpoint = read_checkpoint(path, use_ema=use_ema)
+    from weights_converter import hub
+
+    source = hub.resolve(path)
+    checkpoint = read_checkpoint(source.path, use_ema=use_ema)
     conversion = convert_state_dict(checkpoint.state_dict, variant, activation=activation, input_shape=input_shape,
-                                    class_names=class_names)
+                                    class_names=class_names, facts=source.facts())
     conversion.checkpoint = checkpoint
     return conversion
 
 
-def _fill(model, rows, state_dict) -> int:
+def _fill(model, rows, state_dict) -> None:
     filled = set()
     for row in rows:
         variable = getattr(model.get_layer(row.layer), row.weight)
         value = mapping.TRANSFORMS[row.transform].to_keras(state_dict[row.key])
         if tuple(variable.shape) != value.shape:
-            raise mapping.MappingError(
-                f"{row.key} -> {row.layer}.{row.weight}: shape {value.shape} after {row.transform}, "
-                f"Keras expects {tuple(variable.shape)}"
-            )
+            raise mapping.MappingError(f"{row.key} -> {row.layer}.{row.weight}: shape {value.shape} after "
+                                       f"{row.transform}, Keras expects {tuple(variable.shape)}")
         variable.assign(np.ascontiguousarray(value, dtype=np.float32))
         filled.add(id(variable))
-    expected = {id(w) for w in model.weights}
-    if filled != expected:  # a Keras weight the table does not cover would keep its random init
-        names = [w.path for w in model.weights if id(w) not in filled]
-        raise AssertionError(f"weights not filled by the table: {names[:5]}")
-    return len(rows)
+    missed = [w.path for w in model.weights if id(w) not in filled]  # would keep their random init
+    if missed:
+        raise AssertionError(f"weights not filled by the table: {missed}")
 
 
 def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -> dict:
@@ -169,10 +167,11 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
     """
     from convmixer_tf import contract
 
+    if framework not in ("numpy", "torch"):
+        raise ValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
     config = contract.info_of(model).config
-    include_top = config.num_classes > 0
     out = {}
-    for row in mapping.weight_table(config, include_top):
+    for row in mapping.weight_table(config, config.num_classes > 0):
         value = np.asarray(getattr(model.get_layer(row.layer), row.weight).numpy(), dtype=np.float32)
         out[row.key] = np.ascontiguousarray(mapping.TRANSFORMS[row.transform].to_torch(value))
     # BatchNorm's counter: not a weight, but part of a strict PyTorch state dict.
@@ -183,6 +182,4 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
         import torch
 
         return {k: torch.from_numpy(v) for k, v in out.items()}
-    if framework != "numpy":
-        raise ValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
     return out

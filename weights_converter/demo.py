@@ -35,12 +35,12 @@ def write_demo_checkpoint(path, variant: str = "convmixer_768_32", seed: int = 0
     import torch
 
     from convmixer_tf.config import get_variant
-    from weights_converter.reference import paper_convmixer
+    from weights_converter.parity import paper_convmixer
 
     cfg = get_variant(variant).config
     torch.manual_seed(seed)
     model = paper_convmixer(cfg.dim, cfg.depth, cfg.kernel_size, cfg.patch_size, cfg.num_classes,
-                            cfg.activation, cfg.depthwise)
+                            activation=cfg.activation, depthwise=cfg.depthwise)
     randomize_batchnorm(model, seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.partial"

@@ -216,11 +216,6 @@ def architecture(config: ConvMixerConfig) -> tuple:
     return (config.dim, config.depth, config.kernel_size, config.patch_size, config.depthwise)
 
 
-def describe(config: ConvMixerConfig) -> str:
-    kind = "" if config.depthwise else ", full (non-depthwise) k x k conv"
-    return f"ConvMixer-{config.dim}/{config.depth} k{config.kernel_size} p{config.patch_size}{kind}"
-
-
 def match_variant(config: ConvMixerConfig) -> Optional[str]:
     """The name of the table variant whose architecture (activation aside) is `config`'s."""
     for name, variant in VARIANTS.items():
@@ -230,24 +225,24 @@ def match_variant(config: ConvMixerConfig) -> Optional[str]:
 
 
 def plan(state_dict: Dict[str, np.ndarray], config: ConvMixerConfig, include_top: bool = True):
-    """Checks every row of the table against the tensors before anything is copied.
-
-    Returns (rows, unused keys). Raises MappingError naming the first missing key,
-    wrong shape or unexpected key.
-    """
+    """Checks every row of the table against the tensors before anything is copied; returns
+    the rows. Raises MappingError naming the first missing key, wrong shape or unexpected key."""
     rows = weight_table(config, include_top)
     wanted = {row.key for row in rows}
     missing = [row.key for row in rows if row.key not in state_dict]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise MappingError(f"missing key {missing[0]!r}{more} for a {describe(config)}")
+        raise MappingError(f"missing key {missing[0]!r}{more} for a {config.describe()}")
     for row in rows:
         got = tuple(state_dict[row.key].shape)
         expected = expected_torch_shape(row, config)
         if got != expected:
-            raise MappingError(f"wrong shape for {row.key!r}: {got}, expected {expected} for a {describe(config)}")
+            raise MappingError(f"wrong shape for {row.key!r}: {got}, expected {expected} for a {config.describe()}")
     unused = sorted(k for k in state_dict if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
-    return rows, unused
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise MappingError(f"unexpected key {unused[0]!r}{more}: not part of a ConvMixer-{config.dim}/{config.depth}")
+    return rows
 
 
 def expected_torch_shape(row: Row, config: ConvMixerConfig) -> tuple:

@@ -2,9 +2,9 @@
 
 The reference is timm's ConvMixer when timm is installed (timm.create_model for a
 released variant, timm's ConvMixer class for any other size), otherwise the paper's
-nn.Sequential kept in `weights_converter.reference`. Both run in eval mode on the
-same inputs; the report gives logit differences, top-1 agreement, and the difference
-after the stem and after every block, naming the first stage that diverges.
+nn.Sequential (`paper_convmixer`). Both run in eval mode on the same inputs; the report
+gives logit differences, top-1 agreement, and the difference after the stem and after
+every block, naming the first stage that diverges.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 from convmixer_tf import contract
 from convmixer_tf.cli import CheckFailed
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
-from weights_converter import mapping
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -52,15 +51,39 @@ class ParityReport:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
-        verdict = "PASSED" if self.passed else "FAILED"
         top1 = "n/a" if self.top1_agreement is None else f"{self.top1_agreement:.1%}"
-        text = (f"parity {verdict}: max |logit diff| {self.max_abs:.2e} (tolerance {self.tolerance:.0e}), "
-                f"max rel {self.max_rel:.2e}, top-1 agreement {top1} on {self.num_inputs} inputs; "
-                f"reference {self.reference}")
+        text = (f"parity {'PASSED' if self.passed else 'FAILED'}: max |logit diff| {self.max_abs:.2e} (tolerance "
+                f"{self.tolerance:.0e}), max rel {self.max_rel:.2e}, top-1 agreement {top1} on {self.num_inputs} "
+                f"inputs; reference {self.reference}")
         if self.first_divergent_stage:
             stage = next(s for s in self.stages if s.name == self.first_divergent_stage)
             text += f"; first diverging stage: {stage.name} (max abs diff {stage.max_abs:.3g})"
         return text
+
+
+def paper_convmixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, *, activation="gelu", depthwise=True):
+    """The paper's ConvMixer as an nn.Sequential (the authors' convmixer.py; exact GELU),
+    with the two knobs the released code and the paper's listing differ on: the
+    activation and groups=dim. Its state dict uses the paper's keys (0.weight, 3.0.fn.0.weight, ...)."""
+    import torch.nn as nn
+
+    class Residual(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x):
+            return self.fn(x) + x
+
+    act = {"gelu": nn.GELU, "relu": nn.ReLU}[activation]
+    return nn.Sequential(
+        nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size), act(), nn.BatchNorm2d(dim),
+        *[nn.Sequential(
+            Residual(nn.Sequential(nn.Conv2d(dim, dim, kernel_size, groups=dim if depthwise else 1, padding="same"),
+                                   act(), nn.BatchNorm2d(dim))),
+            nn.Conv2d(dim, dim, kernel_size=1), act(), nn.BatchNorm2d(dim),
+        ) for _ in range(depth)],
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, n_classes))
 
 
 def reference_model(config: ConvMixerConfig, include_top: bool = True, variant: Optional[str] = None, *,
@@ -75,32 +98,30 @@ def reference_model(config: ConvMixerConfig, include_top: bool = True, variant: 
     num_classes = config.num_classes if include_top else 0
     timm = _import_timm() if prefer_timm else None
     if timm is not None and config.depthwise:
-        registered = variant if variant in VARIANTS and VARIANTS[variant].timm_name else None
-        if registered:
-            model = timm.create_model(VARIANTS[registered].timm_name, pretrained=False, num_classes=num_classes)
-            return model.eval(), f"timm.create_model({registered!r}, num_classes={num_classes})", "timm"
+        if variant in VARIANTS and VARIANTS[variant].timm_name:
+            model = timm.create_model(VARIANTS[variant].timm_name, pretrained=False, num_classes=num_classes)
+            return model.eval(), f"timm.create_model({variant!r}, num_classes={num_classes})", "timm"
         from timm.models.convmixer import ConvMixer
 
         act = {"gelu": nn.GELU, "relu": nn.ReLU}[config.activation]
         model = ConvMixer(config.dim, config.depth, kernel_size=config.kernel_size, patch_size=config.patch_size,
                           num_classes=num_classes, act_layer=act)
-        return model.eval(), f"timm ConvMixer({mapping.describe(config)}, {config.activation})", "timm"
-    from weights_converter.reference import paper_convmixer
-
-    model = paper_convmixer(config.dim, config.depth, config.kernel_size, config.patch_size,
-                            max(num_classes, 1), config.activation, config.depthwise)
+        return model.eval(), f"timm ConvMixer({config.describe()}, {config.activation})", "timm"
+    model = paper_convmixer(config.dim, config.depth, config.kernel_size, config.patch_size, max(num_classes, 1),
+                            activation=config.activation, depthwise=config.depthwise)
     if not include_top:
         model = nn.Sequential(*list(model)[:-1])
-    return model.eval(), f"paper nn.Sequential({mapping.describe(config)}, {config.activation})", "sequential"
+    return model.eval(), f"paper nn.Sequential({config.describe()}, {config.activation})", "sequential"
 
 
-def load_reference(torch_model, layout: str, canonical_state_dict, depth: int):
-    """Loads canonical numpy tensors into the reference module, strictly."""
+def reference(config: ConvMixerConfig, state_dicts, variant: Optional[str] = None):
+    """The reference network for `config` with its layout's tensors (`state_dicts`, by
+    layout) loaded strictly; returns (module, description)."""
     import torch
 
-    sd = mapping.from_canonical(canonical_state_dict, layout, depth)
-    torch_model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, strict=True)
-    return torch_model
+    model, description, layout = reference_model(config, config.num_classes > 0, variant)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dicts[layout].items()}, strict=True)
+    return model, description
 
 
 def seeded_inputs(batch_size: int, size: int, seed: int = 0) -> np.ndarray:
@@ -125,72 +146,63 @@ def check_parity(torch_model, keras_model, inputs: Optional[np.ndarray] = None, 
         >>> report.passed, report.first_divergent_stage  # doctest: +SKIP
         (True, None)
     """
-    import keras
-    import torch
-
     if inputs is None:
         inputs = seeded_inputs(batch_size, image_size, seed)
         input_sets = [{"source": f"seeded standard normal (seed {seed})", "count": batch_size}]
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    stage_modules = _torch_stages(torch_model)
-    captured = {}
-    hooks = [module.register_forward_hook(_capture(captured, name)) for name, module in stage_modules]
-    try:
-        torch_model.eval()
-        with torch.no_grad():
-            torch_out = torch_model(torch.from_numpy(inputs.transpose(0, 3, 1, 2).copy())).numpy()
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    stage_names = [name for name, _ in stage_modules]
-    keras_layers = contract.stage_layers(len(stage_names) - 1)
-    outputs = [keras_model.get_layer(n).output for n in keras_layers] + [keras_model.output]
-    probe = keras.Model(keras_model.input, outputs)
-    keras_outs = [keras.ops.convert_to_numpy(t) for t in probe(inputs, training=False)]
-
-    stages = []
-    for name, keras_value in zip(stage_names, keras_outs[:-1]):
-        ref = captured[name].transpose(0, 2, 3, 1)
-        stages.append(_diff(name, keras_value, ref, tolerance))
-    keras_out = keras_outs[-1]
-    final = _diff("output", keras_out, torch_out, tolerance)
+    torch_outs = _torch_stages(torch_model, inputs)
+    keras_outs = _keras_stages(keras_model, inputs, len(torch_outs) - 2)
+    stages = [_diff(name, keras_out, ref, tolerance) for (name, ref), keras_out in zip(torch_outs, keras_outs)]
+    final = stages[-1]
     final.diverged = final.max_abs > tolerance
-    stages.append(final)
+    keras_out, torch_out = keras_outs[-1], torch_outs[-1][1]
     top1 = None
     if keras_out.ndim == 2 and keras_out.shape[1] > 1 and contract.info_of(keras_model).config.num_classes:
         top1 = float(np.mean(keras_out.argmax(1) == torch_out.argmax(1)))
-    first = next((s.name for s in stages if s.diverged), None)
     return ParityReport(
-        passed=bool(not final.diverged and np.isfinite(keras_out).all()),
-        tolerance=tolerance, max_abs=final.max_abs, max_rel=final.max_rel, top1_agreement=top1,
-        num_inputs=int(inputs.shape[0]), input_shape=list(inputs.shape[1:]), inputs=input_sets or [],
-        stages=stages, first_divergent_stage=first, reference=reference,
-    )
+        passed=bool(not final.diverged and np.isfinite(keras_out).all()), tolerance=tolerance,
+        max_abs=final.max_abs, max_rel=final.max_rel, top1_agreement=top1, num_inputs=int(inputs.shape[0]),
+        input_shape=list(inputs.shape[1:]), inputs=input_sets or [], stages=stages,
+        first_divergent_stage=next((s.name for s in stages if s.diverged), None), reference=reference)
+
+
+def _torch_stages(torch_model, inputs) -> list:
+    """(name, NHWC output) after the stem, each block, and at the end of the PyTorch model."""
+    import torch
+
+    if hasattr(torch_model, "stem") and hasattr(torch_model, "blocks"):
+        modules = [("stem", torch_model.stem)] + [(f"block{i}", b) for i, b in enumerate(torch_model.blocks)]
+    else:
+        layers = list(torch_model)
+        depth = sum(1 for m in layers[3:] if type(m).__name__ == "Sequential")
+        modules = [("stem", layers[2])] + [(f"block{i}", layers[3 + i]) for i in range(depth)]
+    captured = {}
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(
+        name, out.detach().numpy().transpose(0, 2, 3, 1))) for name, module in modules]
+    try:
+        torch_model.eval()
+        with torch.no_grad():
+            out = torch_model(torch.from_numpy(inputs.transpose(0, 3, 1, 2).copy())).numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [(name, captured[name]) for name, _ in modules] + [("output", out)]
+
+
+def _keras_stages(keras_model, inputs, depth) -> list:
+    import keras
+
+    layers = contract.stage_layers(depth)
+    probe = keras.Model(keras_model.input, [keras_model.get_layer(n).output for n in layers] + [keras_model.output])
+    return [keras.ops.convert_to_numpy(t) for t in probe(inputs, training=False)]
 
 
 def _diff(name, value, ref, tolerance) -> StageDiff:
     if value.shape != ref.shape:
         raise ParityError(f"{name}: Keras shape {value.shape} != PyTorch shape {ref.shape}")
     max_abs = float(np.max(np.abs(value.astype(np.float64) - ref))) if value.size else 0.0
-    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
-    rel = max_abs / scale
+    rel = max_abs / (max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0)
     return StageDiff(name, max_abs, rel, bool(rel > tolerance or not np.isfinite(max_abs)))
-
-
-def _capture(store, name):
-    def hook(module, args, output):
-        store[name] = output.detach().numpy()
-    return hook
-
-
-def _torch_stages(torch_model):
-    """(name, module) whose outputs match Keras' stem_bn and block{i}_pw_bn."""
-    if hasattr(torch_model, "stem") and hasattr(torch_model, "blocks"):
-        return [("stem", torch_model.stem)] + [(f"block{i}", b) for i, b in enumerate(torch_model.blocks)]
-    modules = list(torch_model)
-    depth = sum(1 for m in modules[3:] if type(m).__name__ == "Sequential")
-    return [("stem", modules[2])] + [(f"block{i}", modules[3 + i]) for i in range(depth)]
 
 
 def _import_timm():

@@ -1,4 +1,5 @@
-"""The whole job: checkpoint file -> Keras model -> parity report -> exported files.
+"""The whole job, in one direction: read the checkpoint, map it into Keras, check it
+against the PyTorch network, save it, export it.
 
 Everything is written into a staging folder beside the output (made first, so an
 unwritable output fails before any work) and moved into place at the very end, so a
@@ -14,13 +15,13 @@ from typing import Callable, Optional, Sequence
 
 from convmixer_tf import outputs
 from convmixer_tf.export.calibration import CALIBRATION_COUNT
-from weights_converter import mapping
-from weights_converter.convert import convert_file
 from weights_converter.parity import DEFAULT_TOLERANCE
 
 PARITY_BATCH = 2
 REPORT = "report.json"
 MODEL = "model.keras"
+CARD = "README.md"
+SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
 def output_kind() -> outputs.Output:
@@ -29,17 +30,18 @@ def output_kind() -> outputs.Output:
 
     return outputs.Output("weights_converter", REPORT,
                           lambda report: isinstance(report, dict) and "conversion" in report,
-                          (REPORT, MODEL, *registry.file_patterns()))
+                          (REPORT, MODEL, CARD, *registry.file_patterns()))
 
 
 def default_output_dir(checkpoint_path) -> str:
-    """`dir/name.pth.tar` -> `dir/name_keras`."""
+    """`dir/name.pth.tar` -> `dir/name_keras`; `hf-hub:owner/name` -> `./name_keras`."""
+    from weights_converter import hub
+
+    if hub.is_hub_id(checkpoint_path):
+        return os.path.abspath(hub.parse(checkpoint_path)[0].split("/")[1] + "_keras")
     path = os.path.abspath(os.fspath(checkpoint_path))
     base = os.path.basename(path)
-    for suffix in (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
+    base = next((base[: -len(s)] for s in SUFFIXES if base.endswith(s)), base)
     return os.path.join(os.path.dirname(path), f"{base}_keras")
 
 
@@ -63,75 +65,63 @@ def convert_and_verify(torch_ckpt, output: Optional[str] = None, *, variant: Opt
     """
     from convmixer_tf import contract
     from convmixer_tf import export as exporters
+    from convmixer_tf.export import registry
+    from weights_converter import hub
+    from weights_converter.checkpoint import read_checkpoint
+    from weights_converter.convert import convert_state_dict
 
-    exports = exporters.check_formats(exports) if exports else []
+    exports = [fmt.name for fmt in registry.resolve(exports)]
     inputs = [torch_ckpt, parity_images, calibration_data, labels]
     class_names = contract.read_labels(labels, allow_duplicate_labels) if labels else None
     with outputs.staged(output or default_output_dir(torch_ckpt), output_kind(), force, inputs) as staging:
-        report = {"status": "ok", "output": staging.output}
-        conversion = _convert(torch_ckpt, variant, activation, use_ema, class_names, report, log)
+        report = {"status": "ok", "output": staging.output, "timings_s": {}}
+        with _step(log, "reading and mapping the checkpoint", report, "convert"):
+            source = hub.resolve(torch_ckpt)
+            checkpoint = read_checkpoint(source.path, use_ema=use_ema)
+            facts, read = source.facts(), checkpoint.summary()
+            conversion = convert_state_dict(checkpoint.state_dict, variant, activation=activation,
+                                            class_names=class_names, facts=facts)
+        report["conversion"] = dict(conversion.summary(), checkpoint=read)
+        log("  " + conversion.describe())
         if skip_parity:
             report["parity"] = {"skipped": True}
         else:
-            _prove_parity(conversion, tolerance, parity_images, report, log)
-        conversion.checkpoint.release()  # the Keras model holds its own copy now
+            with _step(log, "running the PyTorch reference and the Keras model side by side", report, "parity"):
+                parity = _parity(conversion, tolerance, parity_images)
+            report["parity"] = parity.to_dict()
+            report["status"] = "ok" if parity.passed else "parity_failed"
+            log("  " + parity.describe())
+        checkpoint.state_dict.clear()  # the Keras model holds its own copy now (file pages released too)
+        conversion.state_dicts.clear()
         if report["status"] == "ok":
-            _write_model(conversion, staging.path, report, log)
-            if exports:
-                _export(conversion, staging.path, exports, calibration_data, calibration_count, tflite_output,
-                        report, log)
-        staging.before_commit(lambda staged: _write_report(staged, report))
+            with _step(log, f"saving {MODEL}", report, "save"):
+                contract.save_model(conversion.model, os.path.join(staging.path, MODEL))
+            report["files"] = [{"format": "keras", "path": MODEL,
+                                "bytes": os.path.getsize(os.path.join(staging.path, MODEL))}]
+        if report["status"] == "ok" and exports:
+            with _step(log, f"exporting and verifying {', '.join(exports)}", report, "export"):
+                report["files"] += exporters.export_formats(
+                    conversion.model, staging.path, exports, calibration_data=calibration_data,
+                    calibration_count=calibration_count, log=log, tflite_output=tflite_output)
+        staging.on_commit = lambda staged: _write_report(staged, report, conversion.model)
     return report
 
 
-def _convert(torch_ckpt, variant, activation, use_ema, class_names, report, log):
-    with _step(log, "reading and mapping the checkpoint") as timing:
-        conversion = convert_file(torch_ckpt, variant=variant, activation=activation, use_ema=use_ema,
-                                  class_names=class_names)
-    report["conversion"] = conversion.summary()
-    report["timings_s"] = {"convert": timing["s"]}
-    config = conversion.config
-    log(f"  {mapping.describe(config)}, {config.activation} ({conversion.activation_source}), "
-        f"{config.num_classes if conversion.include_top else 'no'} classes (names: {conversion.class_names_source}), "
-        f"layout {conversion.layout}, matches {conversion.matched_variant or 'no released variant'}")
-    return conversion
-
-
-def _prove_parity(conversion, tolerance, parity_images, report, log):
-    with _step(log, "running the PyTorch reference and the Keras model side by side") as timing:
-        parity = _parity(conversion, tolerance, parity_images)
-    report["timings_s"]["parity"] = timing["s"]
-    report["parity"] = parity.to_dict()
-    log("  " + parity.describe())
-    if not parity.passed:
-        report["status"] = "parity_failed"
-
-
-def _write_model(conversion, directory, report, log):
+def _write_report(staging, report, model):
+    """report.json, and with a model the model card that lets the folder go to the Hub as it is."""
     from convmixer_tf import contract
+    from convmixer_tf.card import model_card
 
-    with _step(log, f"saving {MODEL}"):
-        contract.save_model(conversion.model, os.path.join(directory, MODEL))
-    report["files"] = [{"format": "keras", "path": MODEL, "bytes": os.path.getsize(os.path.join(directory, MODEL))}]
-
-
-def _export(conversion, directory, exports, calibration_data, calibration_count, tflite_output, report, log):
-    from convmixer_tf import export as exporters
-
-    with _step(log, f"exporting and verifying {', '.join(exports)}") as timing:
-        report["files"] += exporters.export_formats(
-            conversion.model, directory, exports, calibration_data=calibration_data,
-            calibration_count=calibration_count, log=log, tflite_output=tflite_output)
-    report["timings_s"]["export"] = timing["s"]
-
-
-def _write_report(staging, report):
     if staging.replaced:
         report["replaced"] = staging.replaced
     outputs.write_json_atomic(os.path.join(staging.path, REPORT), report)
+    if report["status"] == "ok":
+        outputs.write_atomic(os.path.join(staging.path, CARD), model_card(contract.info_of(model), report))
 
 
 def _parity(conversion, tolerance, parity_images):
+    """The parity report of a conversion: the PyTorch reference loaded with the same
+    tensors, on a seeded batch and on `parity_images` (timm's eval transform)."""
     import numpy as np
 
     try:
@@ -142,18 +132,15 @@ def _parity(conversion, tolerance, parity_images):
     from convmixer_tf import contract
     from weights_converter import parity
 
-    torch_model, description, layout = parity.reference_model(
-        conversion.config, conversion.include_top, conversion.matched_variant)
-    canonical, _ = mapping.to_canonical(conversion.checkpoint.state_dict)
-    parity.load_reference(torch_model, layout, canonical, conversion.config.depth)
+    torch_model, description = parity.reference(conversion.config, conversion.state_dicts, conversion.matched_variant)
     pre = contract.info_of(conversion.model).preprocessing
     inputs = parity.seeded_inputs(PARITY_BATCH, pre.input_size)
     sets = [{"source": "seeded standard normal (seed 0)", "count": PARITY_BATCH}]
     if parity_images:
         from convmixer_tf.data import parse_source, read_images
 
-        images, names, description_ = read_images(parse_source(parity_images), pre)
-        inputs = np.concatenate([inputs, images])
+        images, names, _ = read_images(parse_source(parity_images), pre)
+        inputs = np.concatenate([inputs, images])  # normalised, as the network sees them
         source = parity_images if parity_images.startswith("tfds:") else os.path.abspath(parity_images)
         transform = f"resize {pre.interpolation} to {pre.input_size}/{pre.crop_pct}, centre crop {pre.input_size}"
         sets.append({"source": source, "count": len(names), "transform": transform})
@@ -162,10 +149,9 @@ def _parity(conversion, tolerance, parity_images):
 
 
 @contextlib.contextmanager
-def _step(log, what):
+def _step(log, what, report, key):
     log(f"{what} ...")
-    timing = {}
     start = time.perf_counter()
-    yield timing
-    timing["s"] = round(time.perf_counter() - start, 3)
-    log(f"  done in {timing['s']:.1f} s")
+    yield
+    report["timings_s"][key] = round(time.perf_counter() - start, 3)
+    log(f"  done in {report['timings_s'][key]:.1f} s")

@@ -51,7 +51,7 @@ def _same_classes(model_names, data_names) -> bool:
     if tuple(model_names) == tuple(data_names):
         return True
     # tfds' imagenet2012 names its classes by WordNet id (n01440764), a model by word (tench).
-    ids, words = contract.imagenet_class_ids(), contract.imagenet_class_names()
+    ids, words = contract.imagenet_class_names(ids=True), contract.imagenet_class_names()
     return ids is not None and tuple(data_names) == ids and tuple(model_names) == words
 
 
@@ -85,7 +85,7 @@ def evaluate(model, dataset, preprocessing: Optional[Preprocessing] = None, *,
     """Scores `model` on an unbatched dataset of (uint8 image, int label) pairs.
 
     Images get timm's evaluation transform (`convmixer_tf.data.eval_transform`); a model
-    with its own preprocessing layer is fed raw 0-255 pixels, another one normalised ones.
+    with its own preprocessing layer is fed raw pixels, another one normalised ones.
 
     Returns:
         {"top1", "top5" (fractions), "loss" (mean cross-entropy), "count", "seconds"}.

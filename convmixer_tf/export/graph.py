@@ -81,7 +81,7 @@ class InferenceGraph:
         probabilities: end in softmax (unless the head already does).
     """
 
-    def __init__(self, model, *, depthwise: str = "native", gelu: str = "builtin", variables: bool = False,
+    def __init__(self, model, *, depthwise: str = "native", gelu: str = "builtin",
                  affine: str = "ops", channel_groups: int = 1, tile_taps: int = MAX_TILE_TAPS,
                  probabilities: bool = False):
         if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf") or affine not in ("ops", "conv"):
@@ -110,8 +110,7 @@ class InferenceGraph:
         if self.depthwise == "tiled" and self.config.depthwise and self.config.kernel_size > FAST_DEPTHWISE_MAX:
             self.plan = tile_plan(self.config.kernel_size, tile_taps)
             self.blocks = [_tiled(block, self.plan, channel_groups) for block in self.blocks]
-        if variables:
-            self._to_variables()
+        self._to_variables()
 
     def _fold_batchnorm(self):
         """Moves BatchNorm arithmetic into neighbouring convolutions where that is exact.
@@ -166,27 +165,27 @@ class InferenceGraph:
 
     @property
     def tf_variables(self) -> list:
-        return list(getattr(self, "_variables", []))
+        return list(self._variables)
 
     def __call__(self, x):
         import tensorflow as tf
 
         if self.pre is not None:
-            x = x * _c(self.pre.scale) + _c(self.pre.shift)
+            x = x * self.pre.scale + self.pre.shift
         p = self.config.patch_size
         # bias_add right after a conv, then the activation: the converter fuses both into it.
-        x = self._affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, _c(self.stem.kernel), p, "VALID"),
-                                                  _c(self.stem.bias))), self.stem_bn)
+        x = self._affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, self.stem.kernel, p, "VALID"),
+                                                  self.stem.bias)), self.stem_bn)
         for block in self.blocks:
             x = x + self._depthwise_branch(x, block)
-            pw = tf.nn.bias_add(tf.nn.conv2d(x, _c(block.pw.kernel), 1, "VALID"), _c(block.pw.bias))
+            pw = tf.nn.bias_add(tf.nn.conv2d(x, block.pw.kernel, 1, "VALID"), block.pw.bias)
             x = self._affine(self._act(pw), block.pw_bn)
         if self.pooling == "avg":
             x = tf.reduce_mean(x, axis=[1, 2])
         elif self.pooling == "max":
             x = tf.reduce_max(x, axis=[1, 2])
         if self.head is not None:
-            x = tf.matmul(x, _c(self.head.kernel)) + _c(self.head.bias)
+            x = tf.matmul(x, self.head.kernel) + self.head.bias
             if self.softmax:
                 x = tf.nn.softmax(x)
         return x
@@ -199,8 +198,8 @@ class InferenceGraph:
         # block.dw_bn.shift is None here: _fold_batchnorm moved it into the 1x1 conv's bias.
         xp, width = _pad_same(x, self.config.kernel_size), self.config.dim // len(block.dw.kernel)
         scales = block.dw_bn.scale
-        parts = [self._affine(self._act(_tiled_depthwise(xp, [_c(t) for t in tiles], self.plan, g * width,
-                                                          _c(block.dw.bias[g]))),
+        parts = [self._affine(self._act(_tiled_depthwise(xp, tiles, self.plan, g * width,
+                                                          block.dw.bias[g])),
                               Affine(None if scales is None else scales[g], None))
                  for g, tiles in enumerate(block.dw.kernel)]
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
@@ -212,11 +211,11 @@ class InferenceGraph:
             return x
         if self.affine == "conv":
             channels = int(x.shape[-1])
-            kernel = tf.ones([1, 1, channels, 1]) if bn.scale is None else tf.reshape(_c(bn.scale), [1, 1, -1, 1])
+            kernel = tf.ones([1, 1, channels, 1]) if bn.scale is None else tf.reshape(bn.scale, [1, 1, -1, 1])
             x = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")
-            return x if bn.shift is None else tf.nn.bias_add(x, _c(bn.shift))
-        x = x if bn.scale is None else x * _c(bn.scale)
-        return x if bn.shift is None else x + _c(bn.shift)
+            return x if bn.shift is None else tf.nn.bias_add(x, bn.shift)
+        x = x if bn.scale is None else x * bn.scale
+        return x if bn.shift is None else x + bn.shift
 
     def _act(self, x):
         import tensorflow as tf
@@ -234,14 +233,8 @@ class InferenceGraph:
         import tensorflow as tf
 
         if not self.config.depthwise:
-            return tf.nn.bias_add(tf.nn.conv2d(x, _c(conv.kernel), 1, "SAME"), _c(conv.bias))
-        return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, _c(conv.kernel), [1, 1, 1, 1], "SAME"), _c(conv.bias))
-
-
-def _c(value):
-    import tensorflow as tf
-
-    return tf.constant(value) if isinstance(value, np.ndarray) else value
+            return tf.nn.bias_add(tf.nn.conv2d(x, conv.kernel, 1, "SAME"), conv.bias)
+        return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, conv.kernel, [1, 1, 1, 1], "SAME"), conv.bias)
 
 
 def _tiled(block: Block, plan, groups: int) -> Block:

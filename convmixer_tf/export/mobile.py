@@ -28,9 +28,8 @@ def gpu_compatibility(path) -> str:
     warnings = [line.strip() for line in lines if "GPU COMPATIBILITY WARNING" in line]
     if warnings:
         return "incompatible: " + warnings[0].split("WARNING:", 1)[-1].strip()
-    if any("looks compatible with GPU delegate" in line for line in lines):
-        return "compatible"
-    return "unknown: the analyser gave no verdict"
+    return "compatible" if any("looks compatible with GPU delegate" in line for line in lines) else \
+        "unknown: the analyser gave no verdict"
 
 
 def pixels(images: np.ndarray, info=None) -> np.ndarray:
@@ -69,27 +68,22 @@ def classify(path, images: np.ndarray, num_classes: int, logits: bool = False, t
         return _classify_with(classifier, images, num_classes, timed)
 
 
-def _classify_with(classifier, images, num_classes, timed):
+def _classify_with(classifier, images, num_classes, timed=0):
     scores = np.full((len(images), num_classes), np.nan, np.float32)
     names = [""] * num_classes
     frames = [frame(image) for image in images]
     for i, each in enumerate(frames):
         for category in classifier.classify(each).classifications[0].categories:
-            scores[i, category.index] = category.score
-            names[category.index] = category.category_name or ""
-    latency = None
-    if timed:
+            scores[i, category.index], names[category.index] = category.score, category.category_name or ""
+    times = []
+    for _ in range(timed + 1 if timed else 0):  # the first call warms up
+        start = time.perf_counter()
         classifier.classify(frames[0])
-        times = []
-        for _ in range(timed):
-            start = time.perf_counter()
-            classifier.classify(frames[0])
-            times.append(time.perf_counter() - start)
-        latency = float(np.median(times) * 1e3)
-    return scores, names, latency
+        times.append(time.perf_counter() - start)
+    return scores, names, float(np.median(times[1:]) * 1e3) if timed else None
 
 
-def mediapipe_check(path, check, *, timed: int = 0, has_metadata: Optional[bool] = None) -> dict:
+def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict:
     """Loads `path` in MediaPipe's ImageClassifier and compares what it gives with Keras.
 
     `check` (a `verify.Check`) holds the file's LiteRT runner, the Keras model, the
@@ -98,10 +92,8 @@ def mediapipe_check(path, check, *, timed: int = 0, has_metadata: Optional[bool]
     resizing would blur the comparison). Float files must match Keras (softmaxed when the
     file gives probabilities) within the tolerance; a quantised file must give what
     LiteRT gives on the same file (one quantisation step) and reports its agreement
-    with Keras. Category names must be the model's class names.
-
-    Returns a dict for the report row; "problem" says why the check failed, if it did.
-    `has_metadata`: whether the file carries metadata, when the caller has read it.
+    with Keras. Category names must be the model's class names. Returns a dict for the
+    report row; "problem" says why the check failed, if it did.
     """
     from convmixer_tf.export.metadata import read_metadata
     from convmixer_tf.export.verify import agreement, as_output
@@ -118,55 +110,32 @@ def mediapipe_check(path, check, *, timed: int = 0, has_metadata: Optional[bool]
         return {"status": "not for MediaPipe: the file takes per-channel normalised input, which MediaPipe "
                           "cannot give it (files that take raw RGB, the default, work there)"}
     images = pixels(check.inputs, info)
-    fed = images.astype(np.float32)
-    if not info.raw_rgb:
-        fed = info.preprocessing.normalize(fed).astype(np.float32)
+    fed = images.astype(np.float32) if info.raw_rgb else info.preprocessing.normalize(images).astype(np.float32)
     reference = as_output(info, np.asarray(check.model.predict(fed, verbose=0)), runner.output)
     try:
         classifier = open_classifier(path, reference.shape[1], runner.output == "logits")
     except (RuntimeError, ValueError) as err:  # MediaPipe refusing the file is the finding
         return {"status": "refused", "problem": f"MediaPipe refused the file: {' '.join(str(err).split())[:300]}"}
     with classifier:
-        scores, names, latency = _classify_with(classifier, images, reference.shape[1], timed)
+        scores, names, _ = _classify_with(classifier, images, reference.shape[1])
     row = {"status": "ok", "images": int(len(images)), "max_abs": float(np.nanmax(np.abs(scores - reference))),
-           **agreement(scores, reference), "classify_ms": latency,
-           "labels": "none in the file" if not any(names) else "packed"}
-    problems = []
-    if np.isnan(scores).any():
-        problems.append("MediaPipe left classes without a score")
-    allowed = None if check.tolerance is None else check.tolerance * max(1.0, float(np.abs(reference).max()))
-    if allowed is not None and row["max_abs"] > allowed:
-        problems.append(f"its scores differ from Keras by {row['max_abs']:.3g} (allowed {allowed:.3g})")
+           **agreement(scores, reference), "labels": "none in the file" if not any(names) else "packed"}
     if check.tolerance is None:
-        litert = runner(fed)
-        step = getattr(runner, "output_step", 0.0)
-        row["max_abs_vs_litert"] = float(np.max(np.abs(scores - litert)))
-        if row["max_abs_vs_litert"] > max(step, 1e-6) * 1.01:
-            problems.append(f"its scores differ from LiteRT's on the same file by {row['max_abs_vs_litert']:.3g}")
-    if info.class_names is not None and tuple(names) != tuple(info.class_names):
-        first = next(i for i, (a, b) in enumerate(zip(names, info.class_names)) if a != b)
-        problems.append(f"category {first} is named {names[first]!r}, expected {info.class_names[first]!r}")
-    if problems:
-        row["problem"] = "MediaPipe: " + "; ".join(problems)
-    return row
+        row["max_abs_vs_litert"] = float(np.max(np.abs(scores - runner(fed))))
+    problems = _problems(row, scores, names, check, reference)
+    return dict(row, problem="MediaPipe: " + "; ".join(problems)) if problems else row
 
 
-def top1_text(row) -> str:
-    """A row's top-1 agreement, with the share of images whose top scores tie."""
-    if row.get("top1_agreement") is None:
-        return "n/a"
-    tied = row.get("top1_tied") or 0.0
-    return f"{row['top1_agreement']:.1%}" + (f" ({tied:.0%} tied)" if tied else "")
-
-
-def phone_summary(row) -> str:
-    """What a TFLite row says of MediaPipe and the GPU delegate, in a few words."""
-    if "mediapipe" not in row:
-        return ""
-    mp = row["mediapipe"]
-    if mp.get("status") != "ok":
-        text = f"MediaPipe {mp.get('status')}"
-    else:
-        labels = f"{row['labels']} labels" if row.get("labels") else "no labels"
-        text = f"MediaPipe ok ({labels}, top-1 {mp['top1_agreement']:.0%}, max|diff| {mp['max_abs']:.1e})"
-    return f"{text}; GPU {row.get('gpu_delegate', 'n/a')}"
+def _problems(row, scores, names, check, reference) -> list:
+    problems = ["MediaPipe left classes without a score"] if np.isnan(scores).any() else []
+    if check.tolerance is not None:
+        allowed = check.tolerance * max(1.0, float(np.abs(reference).max()))
+        if row["max_abs"] > allowed:
+            problems.append(f"its scores differ from Keras by {row['max_abs']:.3g} (allowed {allowed:.3g})")
+    elif row["max_abs_vs_litert"] > max(getattr(check.runner, "output_step", 0.0), 1e-6) * 1.01:
+        problems.append(f"its scores differ from LiteRT's on the same file by {row['max_abs_vs_litert']:.3g}")
+    expected = check.info.class_names
+    if expected is not None and tuple(names) != tuple(expected):
+        first = next(i for i, (a, b) in enumerate(zip(names, expected)) if a != b)
+        problems.append(f"category {first} is named {names[first]!r}, expected {expected[first]!r}")
+    return problems

@@ -37,7 +37,7 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, nchw: bool = False, 
         from convmixer_tf.model import rebuild
 
         model = rebuild(model, preprocessing=preprocessing)
-    graph = InferenceGraph(model, depthwise="native", gelu=GELU_FORM, variables=True, affine="conv")
+    graph = InferenceGraph(model, depthwise="native", gelu=GELU_FORM, affine="conv")
     shape = [None if dynamic_batch else 1, *model.input_shape[1:]]
     spec = (tf.TensorSpec(shape, tf.float32, name="images"),)
 

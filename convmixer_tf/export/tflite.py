@@ -106,9 +106,8 @@ def trace(model, directory, layout, *, batch_size=1, tiled_depthwise=True, outpu
     from convmixer_tf.export.graph import InferenceGraph
 
     groups, taps = layout
-    graph = InferenceGraph(model, depthwise="tiled" if tiled_depthwise else "native",
-                           variables=True, channel_groups=groups, tile_taps=taps,
-                           probabilities=output == "probabilities")
+    graph = InferenceGraph(model, depthwise="tiled" if tiled_depthwise else "native", channel_groups=groups,
+                           tile_taps=taps, probabilities=output == "probabilities")
     output = "probabilities" if graph.softmax else "logits"
     fn = tf.function(graph, input_signature=[tf.TensorSpec([batch_size, *model.input_shape[1:]], tf.float32,
                                                            name="images")])
@@ -265,7 +264,7 @@ def _describe(path, check=None) -> dict:
     return row
 
 
-def _format(name, filename, quantization, summary, tolerance=None, aliases=()):
+def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()):
     return ExportFormat(name=name, filename=filename, summary=summary, write=_writer(quantization),
                         load=TFLiteRunner, tolerance=tolerance, aliases=aliases, calibrated=quantization == "int8",
                         describe=_describe, recognises=lambda path: os.fspath(path).endswith(".tflite"),

@@ -41,6 +41,12 @@ def build_parser():
                     "AdamW lr 0.05 wd 0.005, one-cycle, RandAugment 2/12). The output folder gets "
                     "model.keras (float32, stock layers, class names inside), metrics.json, history.csv, "
                     "TensorBoard logs and a backup: the same command resumes a killed run.")
+    for add_group in (_data_options, _optimiser_options, _augment_options, _device_options):
+        add_group(p)
+    return p
+
+
+def _data_options(p):
     g = p.add_argument_group("model and data")
     data = g.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset", metavar="NAME",
@@ -64,6 +70,8 @@ def build_parser():
                    help="an image that does not decode is an error (default: it is left out, with a warning naming "
                         "it, and counted in metrics.json)")
 
+
+def _optimiser_options(p):
     g = p.add_argument_group("schedule and optimiser")
     g.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="training epochs")
     g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="global batch, split over devices")
@@ -82,6 +90,8 @@ def build_parser():
                    help="learning-rate factor for all layers but the head")
     g.add_argument("--freeze-backbone", action="store_true", help="train the head only")
 
+
+def _augment_options(p):
     g = p.add_argument_group("augmentation")
     g.add_argument("--scale", type=cli.floats(2), default=AUGMENT.scale, metavar="MIN,MAX",
                    help="RandomResizedCrop area range")
@@ -98,6 +108,8 @@ def build_parser():
     g.add_argument("--mixup", type=float, default=AUGMENT.mixup, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=AUGMENT.cutmix, help="cutmix alpha (0: off)")
 
+
+def _device_options(p):
     g = p.add_argument_group("devices and output")
     g.add_argument("--precision", default=DEFAULTS.precision, choices=tuple(PRECISIONS),
                    help="mixed precision compute (the head and the saved model stay float32)")
@@ -124,7 +136,6 @@ def build_parser():
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard logs")
     g.add_argument("--output", metavar="DIR", help="run folder (default runs/<variant or init>_<dataset>)")
     p.add_console_options(g, noisy="TensorFlow, JAX and absl")
-    return p
 
 
 def config_from_args(args) -> TrainConfig:
