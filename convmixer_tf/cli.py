@@ -1,32 +1,31 @@
 """What the four command lines share at start-up: exit codes, signals, a quiet console,
-and argparse with one-line errors.
-
-Exit codes (README, "Exit codes"):
-    0  done
-    1  the job ran and its result failed a check (parity, an exported file's
-       verification, a loss that stopped being finite)
-    2  bad input: arguments, files, data (one line naming the problem)
-    3  internal error: a bug (the traceback is printed)
-    128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM); staging is removed first
-
-Nothing here imports TensorFlow: the start-up must be done before it loads.
+and argparse with one-line errors. Exit codes (docs/commands.md): 0 done; 1 the job ran
+and its result failed a check; 2 bad input, one line naming it; 3 a bug, with its
+traceback; 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM), staging removed first.
+Nothing here imports TensorFlow: the start-up is done before it loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
 import textwrap
 import traceback
+import warnings
 from typing import Callable
 
 from convmixer_tf import outputs
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# TensorFlow, LiteRT, XNNPACK and absl log from C++ straight to file descriptor 2, some of
+# it before any Python setting can reach them; the environment handles what it can.
+NATIVE_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "3", "ABSL_MIN_LOG_LEVEL": "3",
+                  "GRPC_VERBOSITY": "ERROR"}
 
 
 class CheckFailed(RuntimeError):
@@ -48,14 +47,7 @@ def exit_code(err: BaseException) -> int:
 
 def one_line(err) -> str:
     """An exception's message on one line (tracebacks and wrapped messages folded)."""
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
-
-
-# TensorFlow, LiteRT, XNNPACK and absl log from C++ straight to file descriptor 2, some of
-# it before any Python setting can reach them; the environment handles what it can.
-NATIVE_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "3", "ABSL_MIN_LOG_LEVEL": "3",
-                  "GRPC_VERBOSITY": "ERROR"}
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: bool = False,
@@ -84,26 +76,17 @@ def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: b
 
     outputs.begin_command()
     previous = {signum: signal.signal(signum, interrupted) for signum in SIGNALS}
-
-    def log(message):
-        if not quiet:
-            print(message, file=console, flush=True)
-
     try:
-        with contextlib.ExitStack() as stack:
-            if not verbose:
-                stack.enter_context(_quiet_native_output())
-                stack.enter_context(_quiet_python_logging())
-            try:
-                return job(log, console)
-            except BaseException as err:  # noqa: BLE001 - every outcome becomes an exit code
-                code = exit_code(err)
-                if code == EXIT_INTERNAL:
-                    print("error: internal error (a bug; please report it with this traceback):", file=console)
-                    traceback.print_exception(err, file=console)
-                elif code in (EXIT_FAILED, EXIT_BAD_INPUT):
-                    print(f"error: {one_line(err)}", file=console, flush=True)
-                return code
+        with _quiet() if not verbose else contextlib.nullcontext():
+            return job(lambda message: None if quiet else print(message, file=console, flush=True), console)
+    except BaseException as err:  # noqa: BLE001 - every outcome becomes an exit code
+        code = exit_code(err)
+        if code == EXIT_INTERNAL:
+            print("error: internal error (a bug; please report it with this traceback):", file=console)
+            traceback.print_exception(err, file=console)
+        elif code in (EXIT_FAILED, EXIT_BAD_INPUT):
+            print(f"error: {one_line(err)}", file=console, flush=True)
+        return code
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -121,13 +104,13 @@ def exit(code: int):
 
 
 @contextlib.contextmanager
-def _quiet_native_output():
-    """Sends what native code prints on fd 1 and fd 2 (C++ logs, gloo's printf), and
-    Python's own stderr, to /dev/null for the duration; sys.stdout keeps reaching the
-    user's stdout (results, --json)."""
+def _quiet():
+    """Sends what native code prints on fd 1 and fd 2 (C++ logs, gloo's printf), Python's
+    own stderr, its warnings and log records below errors to /dev/null for the duration;
+    sys.stdout keeps reaching the user's stdout (results, --json)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    saved_streams = sys.stdout, sys.stderr
+    saved_streams, level = (sys.stdout, sys.stderr), logging.root.manager.disable
     stdout, owned = _user_stream(sys.stdout, 1)
     sink = open(os.devnull, "w")
     try:
@@ -135,10 +118,14 @@ def _quiet_native_output():
         for fd in (1, 2):
             os.dup2(devnull, fd)
         sys.stdout, sys.stderr = stdout, sink
-        yield
+        logging.disable(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         sys.stdout.flush()
         sys.stdout, sys.stderr = saved_streams
+        logging.disable(level)
         for fd, copy in saved.items():
             os.dup2(copy, fd)
             os.close(copy)
@@ -156,21 +143,6 @@ def _user_stream(stream, fd):
     except (AttributeError, OSError, ValueError):  # pytest's capture, a notebook, ...
         pass
     return stream, False
-
-
-@contextlib.contextmanager
-def _quiet_python_logging():
-    import logging
-    import warnings
-
-    level = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            logging.disable(level)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -124,6 +124,7 @@ class Variant:
     preprocessing: Preprocessing
     description: str
     timm_name: Optional[str] = None
+    hub_id: Optional[str] = None  # where its released weights are: hf-hub:<hub_id>
 
 
 _IMAGENET = Preprocessing()
@@ -133,14 +134,15 @@ VARIANTS = {
     # Released ImageNet-1k models (timm names; 81.37 / 80.16 / 76.94 top-1).
     "convmixer_1536_20": Variant(
         ConvMixerConfig(dim=1536, depth=20, kernel_size=9, patch_size=7),
-        _IMAGENET, "ImageNet-1k, 51.6M params, 81.37% top-1", "convmixer_1536_20"),
+        _IMAGENET, "ImageNet-1k, 51.6M params, 81.37% top-1", "convmixer_1536_20", "timm/convmixer_1536_20.in1k"),
     # The only released model with ReLU; nothing in its weights says so.
     "convmixer_768_32": Variant(
         ConvMixerConfig(dim=768, depth=32, kernel_size=7, patch_size=7, activation="relu"),
-        _IMAGENET, "ImageNet-1k, 21.1M params, 80.16% top-1", "convmixer_768_32"),
+        _IMAGENET, "ImageNet-1k, 21.1M params, 80.16% top-1", "convmixer_768_32", "timm/convmixer_768_32.in1k"),
     "convmixer_1024_20_ks9_p14": Variant(
         ConvMixerConfig(dim=1024, depth=20, kernel_size=9, patch_size=14),
-        _IMAGENET, "ImageNet-1k, 24.4M params, 76.94% top-1", "convmixer_1024_20_ks9_p14"),
+        _IMAGENET, "ImageNet-1k, 24.4M params, 76.94% top-1", "convmixer_1024_20_ks9_p14",
+        "timm/convmixer_1024_20_ks9_p14.in1k"),
     # CIFAR-10 models of the paper (convmixer-cifar10 recipe: 92.6% in 25 epochs).
     "convmixer_256_8": Variant(
         ConvMixerConfig(dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10),

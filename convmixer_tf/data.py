@@ -174,7 +174,8 @@ def open_dataset(dataset: Optional[str] = None, data_dir=None, *, tfds_data_dir=
     if source.folder is not None:
         return _open_folder(source.folder, val_fraction, seed, strict_images)
     splits = (train_split or source.split or "train", val_split)
-    return _open_tfds(source.tfds_name, tfds_data_dir, manual_dir, offline, splits, shard)
+    return _open_tfds(source.tfds_name, splits, data_dir=tfds_data_dir, manual_dir=manual_dir, offline=offline,
+                      shard=shard)
 
 
 def _open_folder(directory, val_fraction, seed, strict_images):
@@ -273,7 +274,7 @@ def _decode_file(path, label):
     return image, label
 
 
-def _open_tfds(name, data_dir, manual_dir, offline, splits, shard):
+def _open_tfds(name, splits, *, data_dir, manual_dir, offline, shard):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 

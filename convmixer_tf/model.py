@@ -105,18 +105,29 @@ def build(info: ModelInfo, input_shape=None, *, name: str = "convmixer", synchro
     return contract.attach(model, info.replace(preprocessing=pre))
 
 
-def create_model(name: str, **overrides):
+def create_model(name: str, *, pretrained=False, **overrides):
     """Builds a named variant (see `list_variants()`), with any builder argument overridden.
 
     The input size defaults to the variant's training resolution (224 for ImageNet,
     32 for CIFAR-10) and the normalisation (with include_preprocessing) is the variant's.
 
+    Args:
+        pretrained: True for the variant's released weights (timm's Hub repo), or an
+            `hf-hub:OWNER/NAME[@REVISION]` id, or a checkpoint file. The first call
+            converts them with the converter (`weights_converter`, which needs torch for
+            its proof of parity) and caches the result in Keras' cache folder, keyed by
+            the weights' content; later calls load that. Then only input_shape,
+            num_classes (a new head) and include_preprocessing may be overridden.
+
     Example:
         >>> model = create_model("convmixer_768_32", num_classes=10)
         >>> model.get_layer("stem_act").get_config()["activation"]
         'relu'
+        >>> model = create_model("convmixer_768_32", pretrained=True)  # doctest: +SKIP
     """
     variant = get_variant(name)
+    if pretrained:
+        return _pretrained(name, pretrained, overrides)
     pre = variant.preprocessing
     kwargs = dict(variant.config.to_dict(), input_shape=(pre.input_size, pre.input_size, 3), mean=pre.mean,
                   std=pre.std, name=name)
@@ -126,6 +137,22 @@ def create_model(name: str, **overrides):
     pre = pre.replace(mean=tuple(kwargs["mean"]), std=tuple(kwargs["std"]), input_size=h if h and h == w else
                       pre.input_size)
     return contract.attach(model, contract.info_of(model).replace(preprocessing=pre, variant=name))
+
+
+def _pretrained(name, pretrained, overrides):
+    from weights_converter.pipeline import pretrained as converted  # only this needs the converter
+
+    variant = get_variant(name)
+    if pretrained is True and not variant.hub_id:
+        raise ValueError(f"{variant.config.describe()} has no released weights: pass pretrained=FILE or hf-hub:ID")
+    unknown = sorted(set(overrides) - {"input_shape", "num_classes", "include_preprocessing"})
+    if unknown:
+        raise ValueError(f"a pretrained model takes input_shape, num_classes and include_preprocessing, not {unknown}")
+    model = converted(f"hf-hub:{variant.hub_id}" if pretrained is True else pretrained, name)
+    if not overrides:
+        return model
+    return rebuild(model, overrides.get("input_shape"), num_classes=overrides.get("num_classes"),
+                   raw_rgb=overrides.get("include_preprocessing"))
 
 
 def config_from_model(model) -> ConvMixerConfig:

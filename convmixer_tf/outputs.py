@@ -26,9 +26,7 @@ class OutputExistsError(ValueError):
     """The output exists and may not be replaced (bad input: exit code 2)."""
 
 
-# --------------------------------------------------------------------------------------
 # Interrupts: what to remove, and the moment that must not be cut short
-
 _removable = []  # paths this process is writing; removed when a signal stops it
 _state = {"moving": False, "pending": None, "done": False}
 
@@ -82,9 +80,6 @@ def _remove(path):
         os.remove(path)
 
 
-# --------------------------------------------------------------------------------------
-# Files
-
 def write_atomic(path, data, exclusive: bool = False) -> str:
     """Writes bytes or text to `path` through a temporary file beside it: readers see the
     old file or the new one, never half of it. With `exclusive`, a file that exists at
@@ -116,9 +111,7 @@ def write_json_atomic(path, data, exclusive: bool = False) -> str:
 
 def jsonable(value):
     """json.dumps default= for numpy scalars and arrays."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 @contextlib.contextmanager
@@ -131,9 +124,6 @@ def temporary_folder(prefix: str = "convmixer-"):
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
-
-# --------------------------------------------------------------------------------------
-# What --force may replace
 
 @dataclasses.dataclass(frozen=True)
 class Output:
@@ -251,9 +241,6 @@ def check_file(path, is_ours: Callable[[object], bool], inputs: Sequence = (), o
     return True
 
 
-# --------------------------------------------------------------------------------------
-# Staging: build the output beside it, move it into place at the end
-
 STAGING_INFIX = ".partial-"
 _NAME_KEPT = 120  # of the output's name in its staging folder's (file names stop at 255 bytes)
 
@@ -270,10 +257,10 @@ def process_start_time(pid: int) -> Optional[str]:
 def _alive(pid: int, start: str) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
     except PermissionError:
         return True
+    except ProcessLookupError:
+        return False
     return process_start_time(pid) in (None, start)
 
 

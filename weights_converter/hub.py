@@ -87,16 +87,27 @@ def resolve(checkpoint) -> Source:
             continue
         except RepositoryNotFoundError:
             raise ValueError(f"no repo {repo} on the Hugging Face Hub (or it is private)") from None
-    if path is None and uncached:
+    if path is None and uncached and not _cached_snapshot(repo, revision):
         how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
         raise ValueError(f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
                          f"({constants.HF_HUB_CACHE}) and {how}; fetch it where the Hub is reachable: "
                          f"hf download {repo}{' --revision ' + revision if revision else ''}")
     if path is None:
-        raise ValueError(f"{repo} holds no ConvMixer weights: neither {' nor '.join(WEIGHT_FILES)}")
+        where = " in the cache (hf download fetches all of a repo)" if uncached else ""
+        raise ValueError(f"{repo} holds no ConvMixer weights{where}: neither {' nor '.join(WEIGHT_FILES)}")
     config = _optional_json(hf_hub_download, repo, revision)
     commit = os.path.basename(os.path.dirname(path)) if "snapshots" in path else None
     return Source(path, repo, revision, commit, config)
+
+
+def _cached_snapshot(repo, revision) -> Optional[str]:
+    """The cached snapshot folder of `repo` at `revision`, when there is one."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, in any of the ways it can say so
+        return None
 
 
 def _optional_json(download, repo, revision) -> Optional[dict]:

@@ -9,6 +9,7 @@ failure at any step leaves no half-written output.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -71,8 +72,8 @@ def convert_and_verify(torch_ckpt, output: Optional[str] = None, *, variant: Opt
     from weights_converter.convert import convert_state_dict
 
     exports = [fmt.name for fmt in registry.resolve(exports)]
-    inputs = [torch_ckpt, parity_images, calibration_data, labels]
     class_names = contract.read_labels(labels, allow_duplicate_labels) if labels else None
+    inputs = [torch_ckpt, parity_images, calibration_data, labels]
     with outputs.staged(output or default_output_dir(torch_ckpt), output_kind(), force, inputs) as staging:
         report = {"status": "ok", "output": staging.output, "timings_s": {}}
         with _step(log, "reading and mapping the checkpoint", report, "convert"):
@@ -83,16 +84,8 @@ def convert_and_verify(torch_ckpt, output: Optional[str] = None, *, variant: Opt
                                             class_names=class_names, facts=facts)
         report["conversion"] = dict(conversion.summary(), checkpoint=read)
         log("  " + conversion.describe())
-        if skip_parity:
-            report["parity"] = {"skipped": True}
-        else:
-            with _step(log, "running the PyTorch reference and the Keras model side by side", report, "parity"):
-                parity = _parity(conversion, tolerance, parity_images)
-            report["parity"] = parity.to_dict()
-            report["status"] = "ok" if parity.passed else "parity_failed"
-            log("  " + parity.describe())
+        _check(conversion, report, log, tolerance=tolerance, parity_images=parity_images, skip=skip_parity)
         checkpoint.state_dict.clear()  # the Keras model holds its own copy now (file pages released too)
-        conversion.state_dicts.clear()
         if report["status"] == "ok":
             with _step(log, f"saving {MODEL}", report, "save"):
                 contract.save_model(conversion.model, os.path.join(staging.path, MODEL))
@@ -105,6 +98,19 @@ def convert_and_verify(torch_ckpt, output: Optional[str] = None, *, variant: Opt
                     calibration_count=calibration_count, log=log, tflite_output=tflite_output)
         staging.on_commit = lambda staged: _write_report(staged, report, conversion.model)
     return report
+
+
+def _check(conversion, report, log, *, tolerance, parity_images, skip) -> None:
+    """Parity into the report (its status), unless skipped."""
+    if skip:
+        report["parity"] = {"skipped": True}
+    else:
+        with _step(log, "running the PyTorch reference and the Keras model side by side", report, "parity"):
+            parity = _parity(conversion, tolerance, parity_images)
+        report["parity"] = parity.to_dict()
+        report["status"] = "ok" if parity.passed else "parity_failed"
+        log("  " + parity.describe())
+    conversion.state_dicts.clear()
 
 
 def _write_report(staging, report, model):
@@ -155,3 +161,43 @@ def _step(log, what, report, key):
     yield
     report["timings_s"][key] = round(time.perf_counter() - start, 3)
     log(f"  done in {report['timings_s'][key]:.1f} s")
+
+
+def cache_folder() -> str:
+    """Where converted pretrained models are kept: Keras' cache folder (KERAS_HOME, or ~/.keras)."""
+    return os.path.join(os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras"),
+                        "models", "convmixer_tf")
+
+
+def pretrained(checkpoint, variant: Optional[str] = None, log: Callable[[str], None] = lambda message: None):
+    """The Keras model of a checkpoint (`hf-hub:OWNER/NAME[@REV]` or a file): converted here
+    with parity against the PyTorch network and cached under the content hash of the
+    weights (and the repo's config.json), or the cached one, converting nothing.
+
+    Example:
+        >>> model = pretrained("hf-hub:timm/convmixer_768_32.in1k")  # doctest: +SKIP
+    """
+    from convmixer_tf import contract
+    from weights_converter import hub
+    from weights_converter.checkpoint import read_checkpoint
+    from weights_converter.convert import convert_state_dict
+    from weights_converter.parity import ParityError
+
+    source = hub.resolve(checkpoint)
+    digest = hashlib.sha256()
+    with open(source.path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(repr((source.config, variant)).encode())
+    cached = os.path.join(cache_folder(), f"{digest.hexdigest()}.keras")
+    if os.path.isfile(cached):
+        return contract.load_model(cached)
+    log(f"converting {checkpoint} (once: the result is kept in {cached}) ...")
+    weights = read_checkpoint(source.path)
+    conversion = convert_state_dict(weights.state_dict, variant, facts=source.facts())
+    parity = _parity(conversion, DEFAULT_TOLERANCE, None)
+    if not parity.passed:
+        raise ParityError(parity.describe())
+    os.makedirs(cache_folder(), exist_ok=True)
+    contract.save_model(conversion.model, cached)
+    return conversion.model

@@ -1,0 +1,176 @@
+"""Pretrained weights from the Hugging Face Hub's cache, offline: a cache written here in
+huggingface_hub's own layout (blobs, refs, snapshots), which timm itself reads, then our
+converter, create_model(pretrained=...) and hf:// loading on the same cache."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from torch_helpers import timm_convmixer, torch
+
+import convmixer_tf
+from convmixer_tf import contract
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITS = ("1" * 40, "2" * 40)
+
+
+def hub_cache(root, repo, files, commit=COMMITS[0], ref="main"):
+    """Writes `files` ({name: bytes}) as `commit` of `repo` into a Hugging Face cache at
+    `root`, the way huggingface_hub does, and points `ref` at it."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    for name, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = folder / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / ref).write_text(commit)
+    return root
+
+
+def safetensors_bytes(module):
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in module.state_dict().items()})
+
+
+def offline_env(cache):
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), PYTHONPATH=REPO)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """This process reading `tmp_path / "hub"` offline (huggingface_hub reads its settings at import)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    return tmp_path / "hub"
+
+
+TIMM_CONFIG = {  # timm's config.json for its ConvMixer repos, with a crop and names of its own
+    "architecture": "convmixer_768_32", "num_classes": 1000, "num_features": 768,
+    "label_names": [f"label {i}" for i in range(1000)],
+    "pretrained_cfg": {"tag": "in1k", "input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.9,
+                       "crop_mode": "center", "mean": [0.5, 0.45, 0.4], "std": [0.25, 0.2, 0.3],
+                       "num_classes": 1000, "first_conv": "stem.0", "classifier": "head", "license": "mit"}}
+
+
+def test_timm_reads_the_cache_and_the_converter_matches_it(tmp_path):
+    import timm
+
+    from weights_converter.demo import randomize_batchnorm
+
+    net = randomize_batchnorm(timm.create_model("convmixer_768_32", pretrained=False), seed=4).eval()
+    cache = hub_cache(tmp_path / "hub", "timm/convmixer_768_32.in1k",
+                      {"model.safetensors": safetensors_bytes(net), "config.json": json.dumps(TIMM_CONFIG).encode()})
+    x = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np, timm, torch\n"
+              "m = timm.create_model('hf-hub:timm/convmixer_768_32.in1k', pretrained=True).eval()\n"
+              "x = torch.from_numpy(np.load(sys.argv[1]).transpose(0, 3, 1, 2).copy())\n"
+              "np.save(sys.argv[2], m(x).detach().numpy())\n"
+              "print(m.pretrained_cfg['crop_pct'])\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "timm.npy")],
+                         env=offline_env(cache), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "0.9", run.stderr[-3000:]  # timm read this cache
+    out = tmp_path / "converted"
+    run = subprocess.run([sys.executable, "-m", "weights_converter", "--torch-ckpt", "hf-hub:timm/convmixer_768_32.in1k",
+                          "--output", str(out), "--json", "--quiet"], env=offline_env(cache), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert report["parity"]["passed"] and report["conversion"]["matched_variant"] == "convmixer_768_32"
+    model = convmixer_tf.load_model(out / "model.keras")
+    np.testing.assert_allclose(model.predict(x, verbose=0), np.load(tmp_path / "timm.npy"), atol=1e-4)
+    info = convmixer_tf.info_of(model)
+    cfg = TIMM_CONFIG["pretrained_cfg"]
+    assert (info.preprocessing.crop_pct, info.preprocessing.mean, info.preprocessing.std) == (
+        cfg["crop_pct"], tuple(cfg["mean"]), tuple(cfg["std"]))
+    assert info.class_names == tuple(TIMM_CONFIG["label_names"]) and info.source["license"] == "mit"
+    card = (out / "README.md").read_text()
+    assert "base_model: timm/convmixer_768_32.in1k" in card and "license: mit" in card
+
+
+def tiny(seed):
+    """A ConvMixer of convmixer_256_8's shape (the paper's CIFAR-10 model), random weights."""
+    return timm_convmixer(seed=seed, dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10)
+
+
+def test_a_pinned_revision_a_missing_id_and_a_repo_without_weights(tmp_path):
+    cache = tmp_path / "hub"
+    for commit, seed in reversed(list(zip(COMMITS, (1, 2)))):  # main: the first (written last); the other pinned
+        hub_cache(cache, "someone/cifar-convmixer", {"pytorch_model.bin": _torch_bytes(tiny(seed))}, commit=commit)
+    hub_cache(cache, "someone/notes", {"README.md": b"no weights here"})
+
+    def convert(ckpt, out):
+        return subprocess.run([sys.executable, "-m", "weights_converter", "--torch-ckpt", ckpt, "--output",
+                               str(out), "--json", "--quiet"], env=offline_env(cache), capture_output=True, text=True,
+                              timeout=600)
+
+    pinned = convert(f"hf-hub:someone/cifar-convmixer@{COMMITS[1]}", tmp_path / "pinned")
+    assert pinned.returncode == 0, pinned.stderr[-3000:]
+    source = convmixer_tf.info_of(convmixer_tf.load_model(tmp_path / "pinned" / "model.keras")).source
+    assert source["commit"] == COMMITS[1] and source["repo"] == "someone/cifar-convmixer"
+    weights = convmixer_tf.load_model(tmp_path / "pinned" / "model.keras").get_layer("stem_conv").get_weights()[0]
+    assert np.allclose(weights, tiny(2).stem[0].weight.detach().numpy().transpose(2, 3, 1, 0))
+    for ckpt, words in (("hf-hub:nobody/missing", "is not in the Hugging Face cache"),
+                        ("hf-hub:someone/notes", "holds no ConvMixer weights")):
+        before = sorted(os.listdir(tmp_path))
+        run = convert(ckpt, tmp_path / "out")
+        assert run.returncode == 2 and run.stderr.startswith("error: ") and words in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and sorted(os.listdir(tmp_path)) == before
+    assert "hf download nobody/missing" in convert("hf-hub:nobody/missing", tmp_path / "out").stderr
+
+
+def _torch_bytes(module):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def test_pretrained_converts_once_and_a_copy_fetches_nothing(offline, monkeypatch):
+    import keras
+
+    from weights_converter import convert, hub
+
+    hub_cache(offline, "someone/cifar-convmixer", {"model.safetensors": safetensors_bytes(tiny(3))})
+    conversions = []
+    real = convert.convert_state_dict
+    monkeypatch.setattr(convert, "convert_state_dict", lambda *a, **k: conversions.append(1) or real(*a, **k))
+    first = convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
+    second = convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
+    assert len(conversions) == 1 and os.listdir(os.environ["KERAS_HOME"] + "/models/convmixer_tf")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(first.predict(x, verbose=0), second.predict(x, verbose=0))
+    with pytest.raises(ValueError, match="convmixer_768_32"):  # the weights must be the named variant's
+        convmixer_tf.create_model("convmixer_768_32", pretrained="hf-hub:someone/cifar-convmixer")
+    monkeypatch.setattr(hub, "resolve", lambda *a: pytest.fail("a copy fetched weights"))
+    copy = keras.Model.from_config(second.get_config())
+    copy.set_weights(second.get_weights())
+    tuned = convmixer_tf.rebuild(second, num_classes=3)
+    assert tuned.output_shape == (None, 3) and copy.output_shape == second.output_shape
+
+
+def test_hf_layout_keeps_the_models_facts(offline, tmp_path):
+    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
+                                   input_shape=(32, 32, 3), include_preprocessing=True, mean=(0.1, 0.2, 0.3))
+    info = contract.info_of(model).replace(class_names=("cat", "dog", "eel"))
+    folder = contract.write_hub_folder(model, tmp_path / "keras_layout", info)
+    assert {"config.json", "model.weights.h5", "metadata.json", "convmixer.json", "README.md"} <= set(os.listdir(folder))
+    hub_cache(offline, "someone/pets", {name: (folder / name).read_bytes() for name in os.listdir(folder)
+                                        if (folder / name).is_file()})
+    loaded = convmixer_tf.load_model("hf://someone/pets")
+    assert convmixer_tf.info_of(loaded) == info
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
