@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 
 def main(argv=None):
@@ -32,9 +33,12 @@ def main(argv=None):
     net.eval()
     sample = (torch.zeros(1, 3, args.image_size, args.image_size),)
     tmp = f"{args.output}.partial"
+    start = time.perf_counter()
     litert_torch.convert(net, sample).export(tmp)
+    seconds = time.perf_counter() - start
     os.replace(tmp, args.output)
     print(f"litert-torch {getattr(litert_torch, '__version__', '')}: wrote {args.output}")
+    print(f"conversion seconds: {seconds:.2f}")
     return 0
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import textwrap
 import traceback
 import warnings
@@ -77,7 +78,7 @@ def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: b
     outputs.begin_command()
     previous = {signum: signal.signal(signum, interrupted) for signum in SIGNALS}
     try:
-        with _quiet() if not verbose else contextlib.nullcontext():
+        with _temporary_files(), _quiet() if not verbose else contextlib.nullcontext():
             return job(lambda message: None if quiet else print(message, file=console, flush=True), console)
     except BaseException as err:  # noqa: BLE001 - every outcome becomes an exit code
         code = exit_code(err)
@@ -93,6 +94,20 @@ def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: b
         console.flush()
         if owned:
             console.close()
+
+
+@contextlib.contextmanager
+def _temporary_files():
+    """Every temporary file of the command and its child processes (ours, TensorFlow's,
+    Keras', autograph's) goes into one folder, removed at the end and on an interrupt."""
+    before = tempfile.tempdir, os.environ.get("TMPDIR")
+    with outputs.temporary_folder() as folder:
+        tempfile.tempdir = os.environ["TMPDIR"] = folder
+        try:
+            yield
+        finally:
+            tempfile.tempdir = before[0]
+            os.environ.pop("TMPDIR") if before[1] is None else os.environ.update(TMPDIR=before[1])
 
 
 def exit(code: int):

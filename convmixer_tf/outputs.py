@@ -26,34 +26,42 @@ class OutputExistsError(ValueError):
     """The output exists and may not be replaced (bad input: exit code 2)."""
 
 
-# Interrupts: what to remove, and the moment that must not be cut short
-_removable = []  # paths this process is writing; removed when a signal stops it
+# Interrupts: what to undo, and the moment that must not be cut short
+_undo = []  # callables, newest last: what a signal that stops this process undoes first
 _state = {"moving": False, "pending": None, "done": False}
 
 
 @contextlib.contextmanager
+def on_interrupt(undo: Callable[[], object]):
+    """Registers `undo` (a child process to kill, a path to remove) for `interrupt` while
+    the block runs."""
+    _undo.append(undo)
+    try:
+        yield
+    finally:
+        _undo.remove(undo)
+
+
 def removed_on_interrupt(path):
     """Registers `path` (a staging folder, a temporary file or folder) for `interrupt`."""
-    _removable.append(os.fspath(path))
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(ValueError):
-            _removable.remove(os.fspath(path))
-
-
-def interrupt(signum) -> bool:
-    """Removes what this process was writing and returns True (stop now). During the final
-    move it only remembers `signum` (re-sent once the move is done), and after it lets the
-    signal go: the command's work is done. Both return False (finish)."""
-    if _state["moving"] or _state["done"]:
-        _state["pending"] = signum if _state["moving"] else None
-        return False
-    for path in reversed(_removable):
+    def remove(path=os.fspath(path)):
         for _ in range(3):  # a writer thread may add a file while the folder goes
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _remove(path)
             if not os.path.lexists(path):
                 break
+    return on_interrupt(remove)
+
+
+def interrupt(signum) -> bool:
+    """Undoes what this process was doing (newest first) and returns True (stop now).
+    During the final move it only remembers `signum` (re-sent once the move is done), and
+    after it lets the signal go: the command's work is done. Both return False (finish)."""
+    if _state["moving"] or _state["done"]:
+        _state["pending"] = signum if _state["moving"] else None
+        return False
+    for undo in reversed(_undo):
+        with contextlib.suppress(Exception):
+            undo()
     return True
 
 
@@ -92,14 +100,10 @@ def write_atomic(path, data, exclusive: bool = False) -> str:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the mode
             with os.fdopen(fd, "wb" if isinstance(data, (bytes, bytearray, memoryview)) else "w") as f:
                 f.write(data)
-            if not exclusive:
-                os.replace(tmp, path)
-            else:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise OutputExistsError(f"{path} appeared while this run was working; "
-                                            "it was not replaced") from None
+            try:
+                os.link(tmp, path) if exclusive else os.replace(tmp, path)
+            except FileExistsError:  # only link(2) raises it
+                raise OutputExistsError(f"{path} appeared while this run was working; it was not replaced") from None
         finally:
             _remove(tmp)
     return path
@@ -109,8 +113,7 @@ def write_json_atomic(path, data, exclusive: bool = False) -> str:
     return write_atomic(path, json.dumps(data, indent=2, default=jsonable) + "\n", exclusive)
 
 
-def jsonable(value):
-    """json.dumps default= for numpy scalars and arrays."""
+def jsonable(value):  # json.dumps' default= for numpy scalars and arrays
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
@@ -257,10 +260,10 @@ def process_start_time(pid: int) -> Optional[str]:
 def _alive(pid: int, start: str) -> bool:
     try:
         os.kill(pid, 0)
-    except PermissionError:
-        return True
     except ProcessLookupError:
         return False
+    except PermissionError:
+        pass
     return process_start_time(pid) in (None, start)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from torch_helpers import (
     TINY,
+    WITHOUT_TORCH,
     directory_entries,
     keras_input_to_torch,
     save_checkpoint,
@@ -262,10 +263,10 @@ def test_bad_checkpoints_exit_2_with_one_line_and_no_output(tmp_path, capsys):
 def test_safetensors_converts_without_torch(tmp_path):
     path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "w.safetensors")
     script = (
-        "import sys; sys.modules['torch'] = None\n"  # any torch import now fails
+        WITHOUT_TORCH +
         "from weights_converter import convert_checkpoint\n"
         f"m = convert_checkpoint({str(path)!r})\n"
-        "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n"
+        "assert 'torch' not in sys.modules\n"
         "print(m.count_params())\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -328,7 +329,7 @@ def test_failed_export_exits_1_and_leaves_nothing(tmp_path, capsys, monkeypatch)
 def test_without_torch_parity_is_a_clear_error_or_skipped(tmp_path):
     path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "w.safetensors")
     script = (
-        "import sys; sys.modules['torch'] = None\n"
+        WITHOUT_TORCH +
         "from weights_converter.__main__ import main\n"
         f"code = main(['--torch-ckpt', {str(path)!r}, '--quiet'])\n"
         "assert code == 2, code\n"

@@ -300,3 +300,75 @@ def test_tflite_int8_of_a_trained_model_agrees_with_float_on_held_out_images(tmp
     assert "DEPTHWISE_CONV_2D" in exporters.op_names(path)
     row = exporters.verify(path, model, test_x, latency_runs=0)
     assert row["top1_agreement"] >= 0.97, row
+    assert exporters.top1_text(row, short=True) == f"{row['top1_agreement']:.1%}"  # its real agreement, no tie
+
+
+def _outputs(path_or_bytes, images):
+    from ai_edge_litert.interpreter import Interpreter
+
+    kind = "model_content" if isinstance(path_or_bytes, (bytes, bytearray)) else "model_path"
+    interpreter = Interpreter(**{kind: path_or_bytes if kind == "model_content" else str(path_or_bytes)})
+    interpreter.allocate_tensors()
+    index, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    results = []
+    for image in images:
+        interpreter.set_tensor(index["index"], image[None].astype(index["dtype"]))
+        interpreter.invoke()
+        results.append(interpreter.get_tensor(out["index"]).astype(np.float64))
+    return np.concatenate(results)
+
+
+def test_one_run_writes_the_tflite_files_separate_conversions_would(tmp_path, tiny):
+    """The files of one run (one trace per layout, float16 derived from the float32 file,
+    int8 in a process of its own) against each converted on its own, and the float16 file
+    against the converter's own float16 quantisation: the same ops, the same outputs."""
+    import tensorflow as tf
+
+    from convmixer_tf.export import tflite
+    from convmixer_tf.export.calibration import synthetic_images
+
+    app = convmixer_tf.rebuild(tiny, preprocessing=(IMAGENET_MEAN, IMAGENET_STD))
+    images = synthetic_images(12, SIZE, seed=0)  # what the run calibrates on (8) and checks with (4)
+    calib, held_out = images[:8], images[8:]
+    names = ["tflite", "tflite_float16", "tflite_dynamic", "tflite_int8"]
+    (tmp_path / "run").mkdir()
+    exporters.export_formats(app, tmp_path / "run", names, calibration_count=8, verify_count=4, processes=2)
+    for name in names:
+        fmt = exporters.registry.get(name)
+        alone = exporters.export_tflite(app, tmp_path / fmt.filename, quantization=fmt.quantize,
+                                        representative_data=lambda: (im[None] for im in calib))
+        shared = tmp_path / "run" / fmt.filename
+        assert exporters.op_names(shared) == exporters.op_names(alone), name
+        np.testing.assert_allclose(_outputs(shared, held_out), _outputs(alone, held_out), atol=1e-6, err_msg=name)
+    traced = tflite.trace(app, tflite._tiling(app, "float16"))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([traced.function], traced.module)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+    converter.target_spec._experimental_supported_accumulation_type = tf.float16  # "fp16 inference is fine"
+    own = converter.convert()
+    ours = tflite.float16_weights(tflite.convert(traced))
+    assert exporters.op_names(ours) == exporters.op_names(own)
+    np.testing.assert_allclose(_outputs(ours, held_out), _outputs(own, held_out), atol=1e-6)
+    assert _metadata(ours)["reduced_precision_support"] == _metadata(own)["reduced_precision_support"] == b"fp16accfp16"
+
+
+def _metadata(flatbuffer) -> dict:
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    return {m.name.decode(): bytes(model.buffers[m.buffer].data) for m in model.metadata or []}
+
+
+def test_quantised_rows_say_something_when_scores_tie():
+    from convmixer_tf.export.verify import agreement
+
+    reference = np.random.default_rng(0).normal(size=(4, 1000))
+    tied = exporters.format_rows([dict(format="tflite_int8", path="model_int8.tflite", bytes=1, output="probabilities",
+                                       max_abs=1e-3, latency_ms=1.0, **agreement(np.zeros((4, 1000)), reference))])
+    assert "0.0%" not in tied and "all 1000 scores round to the same uint8 value on this model" in tied
+    some = np.zeros((4, 1000))
+    some[np.arange(4), reference.argmax(1)] = 1 / 256
+    some[:2, 0] = 1 / 256  # two images where Keras' class shares the top with another
+    row = agreement(some, reference)
+    assert row["top1_tied"] == 0.5 and row["top1_all_tied"] == 0.0 and row["top1_among_best"] == 1.0
+    assert "100.0% among its best (50% tied)" in exporters.top1_text(row)

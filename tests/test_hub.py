@@ -83,9 +83,9 @@ def test_timm_reads_the_cache_and_the_converter_matches_it(tmp_path):
                          env=offline_env(cache), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip() == "0.9", run.stderr[-3000:]  # timm read this cache
     out = tmp_path / "converted"
-    run = subprocess.run([sys.executable, "-m", "weights_converter", "--torch-ckpt", "hf-hub:timm/convmixer_768_32.in1k",
-                          "--output", str(out), "--json", "--quiet"], env=offline_env(cache), capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "weights_converter", "--torch-ckpt",
+                          "hf-hub:timm/convmixer_768_32.in1k", "--output", str(out), "--json", "--quiet"],
+                         env=offline_env(cache), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
     assert report["parity"]["passed"] and report["conversion"]["matched_variant"] == "convmixer_768_32"
@@ -167,7 +167,8 @@ def test_hf_layout_keeps_the_models_facts(offline, tmp_path):
                                    input_shape=(32, 32, 3), include_preprocessing=True, mean=(0.1, 0.2, 0.3))
     info = contract.info_of(model).replace(class_names=("cat", "dog", "eel"))
     folder = contract.write_hub_folder(model, tmp_path / "keras_layout", info)
-    assert {"config.json", "model.weights.h5", "metadata.json", "convmixer.json", "README.md"} <= set(os.listdir(folder))
+    written = set(os.listdir(folder))
+    assert {"config.json", "model.weights.h5", "metadata.json", "convmixer.json", "README.md"} <= written
     hub_cache(offline, "someone/pets", {name: (folder / name).read_bytes() for name in os.listdir(folder)
                                         if (folder / name).is_file()})
     loaded = convmixer_tf.load_model("hf://someone/pets")

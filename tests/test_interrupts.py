@@ -16,9 +16,9 @@ from test_safety import checksums
 import convmixer_tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# What others leave in TMPDIR: onnxruntime's session id (written at import), and
-# TensorFlow autograph's generated code (removed only at a normal interpreter exit).
-FOREIGN = re.compile(r"^(\.ses|__autograph_generated_file\w+\.py)$")
+# What others leave in TMPDIR: onnxruntime's session id (written at import, which may
+# come before the command starts).
+FOREIGN = re.compile(r"^\.ses$")
 
 
 def handles(pid, signum=signal.SIGTERM) -> bool:

@@ -133,9 +133,9 @@ def test_files_without_metadata_still_verify(tmp_path):
 
     model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
                                    input_shape=(SIZE, SIZE, 3), include_preprocessing=True)
-    traced = tflite.trace(model, str(tmp_path / "sm"), (1, 9), output="logits")
+    traced = tflite.trace(model, (1, 9), output="logits")
     path = tmp_path / "old.tflite"
-    path.write_bytes(tflite._convert(traced.directory, None, None, traced.raw_rgb))
+    path.write_bytes(tflite.convert(traced))
     assert metadata.read_metadata(path) is None
     x = np.random.default_rng(0).uniform(0, 255, (3, SIZE, SIZE, 3)).astype("float32")
     row = exporters.verify(path, model, x, tolerance=1e-4)

@@ -14,6 +14,19 @@ from weights_converter.parity import paper_convmixer  # noqa: E402
 TINY = dict(dim=16, depth=2, kernel_size=5, patch_size=2, num_classes=10)
 
 
+# A script prelude that makes torch absent, as on a machine without it: importing it
+# raises ModuleNotFoundError and sys.modules never holds it (libraries that probe
+# sys.modules for torch, such as scipy's array API helpers, see no torch at all).
+WITHOUT_TORCH = (
+    "import sys\n"
+    "class _NoTorch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == 'torch':\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, _NoTorch())\n"
+)
+
+
 def timm_convmixer(activation="gelu", seed=0, **overrides):
     from timm.models.convmixer import ConvMixer
 

@@ -18,7 +18,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")

@@ -39,6 +39,8 @@ class ExportFormat:
         recognises: `recognises(path)` -> True for a file of this format (verify of a path).
         quantize: the value of the export CLI's --quantize that adds this format.
         files: glob patterns of what it writes, when `filename` is a folder.
+        group: formats that share work (a traced graph, a converted file) are written by
+            one process when the formats of a run are written in parallel.
     """
 
     name: str
@@ -53,6 +55,7 @@ class ExportFormat:
     recognises: Optional[Callable] = None
     quantize: Optional[str] = None
     files: tuple = ()
+    group: str = "main"
 
     @property
     def patterns(self) -> tuple:

@@ -111,7 +111,8 @@ def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict
                           "cannot give it (files that take raw RGB, the default, work there)"}
     images = pixels(check.inputs, info)
     fed = images.astype(np.float32) if info.raw_rgb else info.preprocessing.normalize(images).astype(np.float32)
-    reference = as_output(info, np.asarray(check.model.predict(fed, verbose=0)), runner.output)
+    logits = check.shared(("keras", "app pixels"), lambda: np.asarray(check.model.predict(fed, verbose=0)))
+    reference = as_output(info, logits, runner.output)
     try:
         classifier = open_classifier(path, reference.shape[1], runner.output == "logits")
     except (RuntimeError, ValueError) as err:  # MediaPipe refusing the file is the finding

@@ -1,10 +1,11 @@
 """TFLite files (float32, float16, dynamic-range, full int8) with builtin ops only.
 
 The graph is `InferenceGraph` with large depthwise kernels tiled (LiteRT's XNNPACK is
-slow on them) and, in float files, the depthwise branch run in channel groups. It goes
-through a SavedModel and TFLiteConverter with builtin ops only, so an op without a
-builtin fails the conversion instead of silently becoming a Flex op that plain LiteRT
-cannot run. The op list of every file is checked.
+slow on them). It is traced once per tile layout and converted by TFLiteConverter with
+builtin ops only, so an op without a builtin fails the conversion instead of silently
+becoming a Flex op that plain LiteRT cannot run; the op list of every file is checked.
+The float16 file is the float32 file with its weights stored in float16 (what the
+converter's float16 quantisation writes), made from it without a second conversion.
 """
 
 from __future__ import annotations
@@ -22,18 +23,23 @@ from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.metadata import Metadata, with_metadata
 
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
-# How the tiled depthwise branch is laid out (InferenceGraph), by file type:
-# (channel groups, most taps per tile). Float activations of a whole block overflow a
-# core's cache, so float files run the branch on channel slices small enough to stay in
-# it, with tiles XNNPACK runs in one pass (<= 9 taps). int8 activations are a quarter the
-# size and need no slicing; there, tiles of up to 25 taps run as fast and, being half as
-# many, store half the per-channel quantisation parameters. bench_export measures both.
-TILING = {"float": (4, 9), "int8": (1, 25)}
+# The tiled depthwise branch's layout (channel groups, most taps per tile), by file. Float
+# activations of a whole block overflow a core's cache, so float files run the branch on
+# channel slices small enough to stay in it, with tiles XNNPACK runs in one pass (<= 9
+# taps). Quantised files (int8 activations a quarter the size; dynamic-range hybrid
+# kernels, which XNNPACK does not run) gain nothing from slices and lose on every extra
+# op: one group, tiles of up to 25 taps, half the per-channel parameters. bench_export
+# measures both.
+TILING = {"float": (4, 9), "quantized": (1, 25)}
 # What a file's metadata says of the weights' terms: this code is Apache-2.0; the weights are not ours.
 LICENSE = "code: Apache-2.0 (convmixer-tf); weights: the licence of the checkpoint they come from"
 # The output of full-integer files: quantised uint8, which MediaPipe reads with the file's
 # scale and zero point (it refuses int8 outputs).
 INT8_OUTPUT = "uint8"
+# The float16 file's reduced-precision metadata, as the converter writes it when told
+# that float16 accumulation is acceptable: delegates that compute in float16 (XNNPACK on
+# ARMv8.2, GPUs) may then run the whole network in it.
+FLOAT16_PRECISION = b"fp16accfp16"
 
 
 def export_tflite(model, path, quantization: Optional[str] = None, *,
@@ -64,43 +70,42 @@ def export_tflite(model, path, quantization: Optional[str] = None, *,
         from convmixer_tf.model import rebuild
 
         model = rebuild(model, preprocessing=preprocessing)
-    _check_targets(model, [quantization], representative_data)
-    with outputs.temporary_folder() as tmp:
-        traced = trace(model, tmp, _tiling(model, quantization), batch_size=batch_size, tiled_depthwise=tiled_depthwise,
-                       output=output, class_names=class_names)
-        return write_file(path, traced, quantization, representative_data)
+    _check(model, quantization, representative_data)
+    traced = trace(model, _tiling(model, quantization), batch_size=batch_size, tiled_depthwise=tiled_depthwise,
+                   output=output, class_names=class_names)
+    return write_file(path, traced, convert(traced, quantization, representative_data))
 
 
-def _check_targets(model, quantizations, representative_data):
-    for quantization in quantizations:
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-        if quantization == "int8" and representative_data is None:
-            raise ValueError("int8 quantization needs representative_data (calibration images)")
-    shape = model.input_shape[1:]
-    if None in shape:
-        raise ValueError(f"TFLite export needs a fixed input size; the model takes {shape}: "
+def _check(model, quantization, representative_data):
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "int8" and representative_data is None:
+        raise ValueError("int8 quantization needs representative_data (calibration images)")
+    if None in model.input_shape[1:]:
+        raise ValueError(f"TFLite export needs a fixed input size; the model takes {model.input_shape[1:]}: "
                          "rebuild it with input_shape=(H, W, 3)")
 
 
 def _tiling(model, quantization) -> tuple:
-    groups, taps = TILING["int8" if quantization == "int8" else "float"]
+    groups, taps = TILING["float" if quantization in (None, "float16") else "quantized"]
     return math.gcd(contract.info_of(model).config.dim, groups), taps
 
 
 @dataclasses.dataclass(frozen=True)
 class Traced:
-    """A traced inference graph, ready for the converter, and what its files say of it."""
+    """A traced inference graph (its concrete function and the variables it reads), and
+    what its files say of it."""
 
-    directory: str
+    function: object
+    module: object
     raw_rgb: bool
+    output: str
     metadata: Metadata
 
 
-def trace(model, directory, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities",
-          class_names=None) -> Traced:
-    """Saves the inference graph of `model` (tile layout (groups, taps)) as a SavedModel in
-    `directory`, the converter's input."""
+def trace(model, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities", class_names=None) -> Traced:
+    """The inference graph of `model` with tile layout (groups, taps), traced once: every
+    file of that layout is converted from it."""
     import tensorflow as tf
 
     from convmixer_tf.export.graph import InferenceGraph
@@ -109,15 +114,14 @@ def trace(model, directory, layout, *, batch_size=1, tiled_depthwise=True, outpu
     graph = InferenceGraph(model, depthwise="tiled" if tiled_depthwise else "native", channel_groups=groups,
                            tile_taps=taps, probabilities=output == "probabilities")
     output = "probabilities" if graph.softmax else "logits"
-    fn = tf.function(graph, input_signature=[tf.TensorSpec([batch_size, *model.input_shape[1:]], tf.float32,
-                                                           name="images")])
+    spec = tf.TensorSpec([batch_size, *model.input_shape[1:]], tf.float32, name="images")
+    serving = tf.function(lambda images: {output: graph(images)}, input_signature=[spec])
     module = tf.Module()
     module.weights = graph.tf_variables
-    tf.saved_model.save(module, directory, signatures={"serving_default": _named_output(fn, output)})
     info = contract.info_of(model)
-    if class_names is not None:
-        info = info.replace(class_names=tuple(class_names))
-    return Traced(directory, graph.raw_rgb, file_metadata(info, int(model.input_shape[1]), output, model.name))
+    info = info.replace(class_names=tuple(class_names)) if class_names is not None else info
+    return Traced(serving.get_concrete_function(), module, graph.raw_rgb, output,
+                  file_metadata(info, int(model.input_shape[1]), output, model.name))
 
 
 def file_metadata(info, size: int, output: str = "probabilities", name: str = "convmixer") -> Metadata:
@@ -134,34 +138,87 @@ def file_metadata(info, size: int, output: str = "probabilities", name: str = "c
                     size=size, mean=mean, std=std, output=output, class_names=info.class_names)
 
 
-def write_file(path, traced: Traced, quantization, representative_data=None) -> str:
-    """Converts a `trace` to one .tflite file of builtin ops, with metadata, written atomically."""
-    flatbuffer = _convert(traced.directory, quantization, representative_data, traced.raw_rgb)
+def write_file(path, traced: Traced, flatbuffer: bytes) -> str:
+    """Writes a converted flatbuffer as a .tflite file, with metadata, atomically, once
+    its op list holds builtin ops only."""
     check_builtin_ops(flatbuffer)
     outputs.write_atomic(path, with_metadata(flatbuffer, traced.metadata))
     return os.fspath(path)
 
 
-def _convert(saved_model_dir, quantization, representative_data, raw_rgb) -> bytes:
+def convert(traced: Traced, quantization=None, representative_data=None, float32: Optional[bytes] = None) -> bytes:
+    """The flatbuffer of `traced` (builtin ops only): float32, "dynamic", "int8" (calibrated
+    on `representative_data`), or "float16": the float32 one (`float32`, or converted
+    here) with its weights in float16."""
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantization == "float16":
+        return float16_weights(float32 or convert(traced))
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([traced.function], traced.module)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization in ("dynamic", "int8"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif quantization == "dynamic":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif quantization == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: _calibration_samples(representative_data, raw_rgb)
+    if quantization == "int8":
+        converter.representative_dataset = lambda: _calibration_samples(representative_data, traced.raw_rgb)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8 if raw_rgb else tf.int8
+        converter.inference_input_type = tf.uint8 if traced.raw_rgb else tf.int8
         converter.inference_output_type = getattr(tf, INT8_OUTPUT)
     try:
         return converter.convert()
     except Exception as err:
         raise ExportError(f"TFLite conversion failed: {' '.join(str(err).split())[:500]}") from None
+
+
+def float16_weights(flatbuffer: bytes) -> bytes:
+    """A float32 .tflite flatbuffer with every float32 constant stored in float16 and read
+    through a DEQUANTIZE op at the start, as the converter's float16 quantisation writes
+    it (the same ops, the same rounding), plus its reduced-precision metadata."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    graph = model.subgraphs[0]
+    dequantize = _opcode(model, schema.BuiltinOperator.DEQUANTIZE)
+    front, halves = [], {}  # float32 buffer -> its float16 copy (the converter shares equal buffers)
+    for index, tensor in enumerate(list(graph.tensors)):
+        data = model.buffers[tensor.buffer].data
+        if tensor.type != schema.TensorType.FLOAT32 or data is None or not len(data):
+            continue
+        if tensor.buffer not in halves:
+            model.buffers.append(schema.BufferT())
+            model.buffers[-1].data = np.frombuffer(np.frombuffer(bytes(data), np.float32).astype(np.float16).tobytes(),
+                                                   np.uint8)
+            halves[tensor.buffer] = len(model.buffers) - 1
+        half = schema.TensorT()
+        half.name, half.shape, half.type = tensor.name, tensor.shape, schema.TensorType.FLOAT16
+        half.buffer, tensor.buffer = halves[tensor.buffer], 0  # buffer 0: empty; filled at run time
+        graph.tensors.append(half)
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = dequantize, [len(graph.tensors) - 1], [index]
+        front.append(op)
+    still_read = {tensor.buffer for tensor in graph.tensors}  # equal bytes of another type share a buffer
+    for old in set(halves) - still_read:
+        model.buffers[old].data = None
+    graph.operators = front + list(graph.operators)
+    entry = schema.MetadataT()
+    model.buffers.append(schema.BufferT())
+    model.buffers[-1].data = np.frombuffer(FLOAT16_PRECISION, np.uint8)
+    entry.name, entry.buffer = b"reduced_precision_support", len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name != entry.name] + [entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _opcode(model, builtin) -> int:
+    """The index of `builtin`'s operator code in `model`, added when it has none."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+            return i
+    code = schema.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, builtin, 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
 
 
 def _calibration_samples(representative_data, raw_rgb):
@@ -173,16 +230,6 @@ def _calibration_samples(representative_data, raw_rgb):
         if raw_rgb and i == 0:
             sample[0, 0, 0, :], sample[0, 0, 1, :] = 0.0, PIXEL_MAX
         yield [sample]
-
-
-def _named_output(fn, output="logits"):
-    import tensorflow as tf
-
-    @tf.function(input_signature=fn.input_signature)
-    def serving(images):
-        return {output: fn(images)}
-
-    return serving.get_concrete_function()
 
 
 def op_names(flatbuffer_or_path) -> list:
@@ -214,8 +261,8 @@ class TFLiteRunner:
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         signatures = self._interpreter.get_signature_list()
-        outputs = next(iter(signatures.values()), {}).get("outputs", []) if signatures else []
-        self.output = "probabilities" if outputs == ["probabilities"] else "logits"
+        outputs_ = next(iter(signatures.values()), {}).get("outputs", []) if signatures else []
+        self.output = "probabilities" if outputs_ == ["probabilities"] else "logits"
         self.output_step = float(self._output["quantization"][0])  # 0 for a float output
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -239,12 +286,14 @@ class TFLiteRunner:
 
 def _writer(quantization):
     def write(job, path):
-        _check_targets(job.model, [quantization], job.calibration_samples)
+        _check(job.model, quantization, job.calibration_samples)
         layout = _tiling(job.model, quantization)
-        traced = job.shared(("tflite", layout), lambda: trace(
-            job.model, os.path.join(job.scratch(), f"tflite-{layout[0]}-{layout[1]}"), layout,
-            output=job.tflite_output, class_names=job.info.class_names))
-        return write_file(path, traced, quantization, job.calibration_samples if quantization == "int8" else None)
+        traced = job.shared(("tflite", layout), lambda: trace(job.model, layout, output=job.tflite_output,
+                                                               class_names=job.info.class_names))
+        float32 = job.shared(("tflite", layout, None), lambda: convert(traced)) if quantization in (
+            None, "float16") else None
+        return write_file(path, traced, float32 if quantization is None else convert(
+            traced, quantization, job.calibration_samples, float32))
 
     return write
 
@@ -264,18 +313,25 @@ def _describe(path, check=None) -> dict:
     return row
 
 
+# Which process writes each file when a run's files are written side by side: the float
+# files share a traced graph and a conversion; the int8 file's calibration (single-threaded,
+# seconds per image) is the longest task of all and gets a process to itself; the
+# dynamic-range file (a short conversion) joins the main process's formats.
+GROUPS = {None: "tflite-float", "float16": "tflite-float", "dynamic": "main", "int8": "tflite-int8"}
+
+
 def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()):
     return ExportFormat(name=name, filename=filename, summary=summary, write=_writer(quantization),
                         load=TFLiteRunner, tolerance=tolerance, aliases=aliases, calibrated=quantization == "int8",
                         describe=_describe, recognises=lambda path: os.fspath(path).endswith(".tflite"),
-                        quantize=quantization)
+                        quantize=quantization, group=GROUPS[quantization])
 
 
 FORMATS = [
     _format("tflite", "model.tflite", None, "TFLite float32, builtin ops only (LiteRT; XNNPACK on CPU)",
             tolerance=1e-4, aliases=("tflite_float32",)),
-    _format("tflite_float16", "model_float16.tflite", "float16", "TFLite with float16 weights", tolerance=1e-2,
-            aliases=("tflite_fp16",)),
+    _format("tflite_float16", "model_float16.tflite", "float16",
+            "TFLite with float16 weights, marked for float16 inference", tolerance=1e-2, aliases=("tflite_fp16",)),
     _format("tflite_dynamic", "model_dynamic.tflite", "dynamic",
             "TFLite dynamic-range: int8 weights, float activations"),
     _format("tflite_int8", "model_int8.tflite", "int8",

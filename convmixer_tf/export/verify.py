@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -31,11 +31,12 @@ class Runner:
         return self._run(np.asarray(images, np.float32))
 
     def latency_ms(self, image: np.ndarray, runs: int = 10) -> float:
-        """Median wall time of one single-image call, after one warm-up call."""
+        """Median wall time of one single-image call, after one warm-up call: up to `runs`
+        calls, fewer once three agree within 10% (the figure is then stable)."""
         image = np.asarray(image[:1], np.float32)
         self(image)
         times = []
-        for _ in range(runs):
+        while len(times) < runs and not (len(times) >= 3 and np.ptp(times[-3:]) <= 0.1 * np.median(times[-3:])):
             start = time.perf_counter()
             self(image)
             times.append(time.perf_counter() - start)
@@ -46,11 +47,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, np.float64)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def keras_outputs(model, inputs, output: str = "logits") -> np.ndarray:
-    """What `model` computes on `inputs`, as `output` ("logits" or "probabilities")."""
-    return as_output(contract.info_of(model), np.asarray(model.predict(inputs, verbose=0, batch_size=8)), output)
 
 
 def as_output(info, computed: np.ndarray, output: str) -> np.ndarray:
@@ -65,32 +61,39 @@ def agreement(out: np.ndarray, reference: np.ndarray) -> dict:
 
     top1_agreement: the same top class (the first, where several tie); top1_tied: the
     share of images whose top score several classes share (quantised probabilities of
-    an unsure model); top1_among_best: Keras' top class is one of the file's best-scoring
-    classes, the figure that still means something when scores tie.
+    an unsure model); top1_all_tied: the share where every class has the same score
+    (nothing to compare); top1_among_best: over the other images, Keras' top class is
+    one of the file's best-scoring classes, the figure that still means something when
+    scores tie (None when every image is all tied).
     """
     if reference.ndim != 2 or reference.shape[1] < 2:
-        return {"top1_agreement": None, "top1_tied": None, "top1_among_best": None}
+        return {"top1_agreement": None, "top1_tied": None, "top1_all_tied": None, "top1_among_best": None}
     best = out == out.max(-1, keepdims=True)
     expected = reference.argmax(-1)
+    ranked = best.sum(-1) < best.shape[1]
     return {"top1_agreement": float(np.mean(out.argmax(-1) == expected)),
-            "top1_tied": float(np.mean(best.sum(-1) > 1)),
-            "top1_among_best": float(np.mean(best[np.arange(len(expected)), expected]))}
+            "top1_tied": float(np.mean(best.sum(-1) > 1)), "top1_all_tied": float(np.mean(~ranked)),
+            "top1_among_best": float(np.mean(best[ranked, expected[ranked]])) if ranked.any() else None,
+            "classes": int(best.shape[1])}
 
 
 @dataclasses.dataclass
 class Check:
     """What a format's own checks (its `describe`) get to see: the file's runner, the Keras
-    model taking the file's inputs, the held-out inputs, the tolerance, the model's facts."""
+    model taking the file's inputs, the held-out inputs, the tolerance, the model's facts,
+    and `shared(key, make)`: `make()` once for all the files of a run."""
 
     runner: Runner
     model: object
     inputs: np.ndarray
     tolerance: Optional[float]
     info: object
+    shared: Callable = lambda key, make: make()
 
 
 def verify(path, model, inputs: np.ndarray, *, tolerance: Optional[float] = None, name: Optional[str] = None,
-           latency_runs: int = 10, threads: int = 2, reference: Optional[np.ndarray] = None, info=None) -> dict:
+           latency_runs: int = 10, threads: int = 2, reference: Optional[np.ndarray] = None, info=None,
+           shared: Optional[Callable] = None, runner: Optional[Runner] = None) -> dict:
     """Runs `path` in its own runtime on `inputs` and compares with `model` (Keras).
 
     `inputs` are what the exported file takes (raw RGB when preprocessing is in its
@@ -105,13 +108,15 @@ def verify(path, model, inputs: np.ndarray, *, tolerance: Optional[float] = None
         name: the registered format (default: recognised from the file).
         reference: Keras' logits on `inputs`, when already computed.
         info: the model's facts, when the caller holds them.
+        shared: a run's `ExportJob.shared`, for what several files' checks compute alike.
+        runner: the file's `Runner`, when the caller holds one.
 
     Returns a row: format, path, bytes, output, max_abs, max_rel, the agreement figures,
     tolerance, allowed, num_inputs, latency_ms, passed, plus what the format adds (its
     own checks: a "problem" there fails the row).
     """
     info = info or contract.info_of(model)
-    runner = Runner(path, threads, name if name in registry.names() else None)
+    runner = runner or Runner(path, threads, name if name in registry.names() else None)
     if reference is None:
         reference = np.asarray(model.predict(inputs, verbose=0, batch_size=8))
     reference = as_output(info, reference, runner.output)
@@ -136,7 +141,8 @@ def verify(path, model, inputs: np.ndarray, *, tolerance: Optional[float] = None
         "passed": bool(np.isfinite(out).all()) and (allowed is None or max_abs <= allowed),
     }
     if runner.format.describe is not None:
-        row.update(runner.format.describe(path, Check(runner, model, np.asarray(inputs, np.float32), tolerance, info)))
+        check = Check(runner, model, np.asarray(inputs, np.float32), tolerance, info)
+        row.update(runner.format.describe(path, dataclasses.replace(check, shared=shared) if shared else check))
     if row.get("problem"):
         row["passed"] = False
     return row

@@ -1,0 +1,161 @@
+"""Writing the formats of one run in several processes: each group of formats that share
+work (`ExportFormat.group`: a traced graph, a converted file) is written and checked by a
+process of its own, side by side, and the files are timed afterwards, one process after
+the other, so that no latency figure is taken while another process computes.
+
+A worker is `python -m convmixer_tf.export.parallel SPEC.json`: a fresh interpreter (it
+imports nothing of the caller's script), which reports on its stdout in lines that start
+with MARK. It costs the start of a Python with TensorFlow (a few seconds) and earns a
+core: conversions and checks are mostly single-threaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from convmixer_tf import contract, outputs
+from convmixer_tf.export.base import ExportError, ExportJob
+
+MARK = "@convmixer-export "
+ERRORS = {1: ExportError, 2: ValueError}  # a worker's failure raised again here, by its exit code
+
+
+# Peak memory of a run written side by side (benchmarks/bench_export_time.py, the summed
+# memory of its processes): 11.1 GiB for convmixer_768_32 (85 MB of weights), 19.1 GiB for
+# convmixer_1536_20 (207 MB); about 5.5 GiB plus 66 times the weights' bytes.
+MEMORY = (5.5 * 2**30, 66)
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def memory_allows(model) -> bool:
+    """True when the memory available now (Linux's MemAvailable) covers a run of `model`
+    written side by side, with a tenth to spare; False where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return available >= 1.1 * (MEMORY[0] + MEMORY[1] * 4 * model.count_params())
+
+
+def write_in_processes(groups: dict, job: ExportJob, directory, checks: dict, log) -> dict:
+    """{format name: row} of every format of `groups` ({group: [ExportFormat]}): the first
+    group written here, each other one by a worker process. `checks` holds the held-out
+    images, Keras' outputs on them and `latency_runs`."""
+    from convmixer_tf.export import write_and_check
+
+    spec = _spec(job, directory, checks)
+    with contextlib.ExitStack() as stack:
+        workers = []
+        for name, formats in list(groups.items())[1:]:
+            path = os.path.join(job.scratch(), f"{name}.json")
+            with open(path, "w") as f:
+                json.dump(dict(spec, names=[fmt.name for fmt in formats]), f)
+            process = subprocess.Popen([sys.executable, "-m", "convmixer_tf.export.parallel", path], text=True,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            workers.append(stack.enter_context(_worker(process)))
+        here = write_and_check(list(groups.values())[0], job, directory, checks, log)
+        rows = {name: row for name, (row, _) in here.items()}
+        for worker in workers:
+            rows.update(_receive(worker, "written", log))
+        for row, runner in here.values():
+            row["latency_ms"] = runner.latency_ms(checks["held_out"], checks["latency_runs"])
+        for worker in workers:  # one at a time: a quiet machine for each figure
+            worker.stdin.write("time\n")
+            worker.stdin.flush()
+            rows.update(_receive(worker, "timed", log))
+            worker.wait()  # its exit (TensorFlow's teardown) is over before the next one times
+    return rows
+
+
+@contextlib.contextmanager
+def _worker(process):
+    """A started worker: killed on an interrupt, or when this process fails meanwhile;
+    else waited for (it ends once it has reported its timings)."""
+    with process, outputs.on_interrupt(lambda: (process.kill(), process.wait(5))):
+        try:
+            yield process
+        except BaseException:
+            process.kill()
+            raise
+
+
+def _spec(job: ExportJob, directory, checks) -> dict:
+    """What a worker needs to rebuild the job: the export model as a .keras file, its
+    facts, the images and Keras' outputs as one .npz, the options."""
+    model_path = os.path.join(job.scratch(), "export.keras")
+    job.model.save(model_path)
+    arrays = os.path.join(job.scratch(), "checks.npz")
+    np.savez(arrays, held_out=checks["held_out"], reference=checks["reference"],
+             calibration=job.calibration if job.calibration is not None else np.zeros((0,)))
+    return {"model": model_path, "info": job.info.to_dict(), "arrays": arrays, "directory": os.fspath(directory),
+            "nchw": job.nchw, "opset": job.opset, "tflite_output": job.tflite_output,
+            "source": job.calibration_source, "latency_runs": checks["latency_runs"]}
+
+
+def _receive(worker, kind, log) -> dict:
+    """The worker's `kind` report (logging what it says meanwhile); its failure is raised
+    here, and its end without a report too."""
+    for line in worker.stdout:
+        if not line.startswith(MARK):
+            continue  # what a library printed on its own
+        what, payload = json.loads(line[len(MARK):])
+        if what == "log":
+            log(payload)
+        elif what == "error":
+            code, message = payload
+            raise ERRORS.get(code, RuntimeError)(message)
+        elif what == kind:
+            return payload
+    raise RuntimeError(f"an export worker ended without a report (exit code {worker.wait()})")
+
+
+def _report(what, payload) -> None:
+    print(MARK + json.dumps([what, payload], default=outputs.jsonable), flush=True)
+
+
+def main(spec_path) -> int:
+    """A worker: writes and checks its formats, reports, waits for its turn, times its
+    files, reports again."""
+    from convmixer_tf.cli import exit_code, one_line
+    from convmixer_tf.export import registry, write_and_check
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    try:
+        import keras
+
+        info = contract.ModelInfo.from_dict(spec["info"])
+        model = contract.attach(keras.saving.load_model(spec["model"]), info)
+        arrays = np.load(spec["arrays"])
+        calibration = arrays["calibration"] if arrays["calibration"].ndim == 4 else None
+        job = ExportJob(model, info, nchw=spec["nchw"], opset=spec["opset"],
+                        tflite_output=spec["tflite_output"], calibration=calibration, calibration_source=spec["source"])
+        done = write_and_check([registry.get(name) for name in spec["names"]], job, spec["directory"],
+                               {"held_out": arrays["held_out"], "reference": arrays["reference"]},
+                               lambda message: _report("log", message))
+    except BaseException as err:  # noqa: BLE001 - reported to the process that waits for it
+        code = exit_code(err)
+        _report("error", [code, one_line(err) if code in ERRORS else f"{type(err).__name__}: {one_line(err)}"])
+        return code
+    _report("written", {name: row for name, (row, _) in done.items()})
+    job.close()
+    sys.stdin.readline()  # its turn to time
+    for row, runner in done.values():
+        row["latency_ms"] = runner.latency_ms(arrays["held_out"], spec["latency_runs"])
+    _report("timed", {name: row for name, (row, _) in done.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
