@@ -372,3 +372,4 @@ def test_quantised_rows_say_something_when_scores_tie():
     row = agreement(some, reference)
     assert row["top1_tied"] == 0.5 and row["top1_all_tied"] == 0.0 and row["top1_among_best"] == 1.0
     assert "100.0% among its best (50% tied)" in exporters.top1_text(row)
+    assert row["top1_best_classes"] == 2 and "on 50% of the images (a median of 2 of 1000)" in exporters.tie_note(row)

@@ -156,8 +156,9 @@ def tie_note(row) -> str:
     if row.get("top1_all_tied") == 1.0:
         return (f"all {row['classes']} scores round to the same uint8 value on this model, so its top-1 says "
                 "nothing here (an unsure model; trained models' int8 files are checked in the tests)")
-    return (f"several classes share the file's top score on {row['top1_tied']:.0%} of the images; Keras' top "
-            f"class is among them on {row['top1_among_best']:.1%}")
+    size = f" (a median of {row['top1_best_classes']:g} of {row['classes']})" if row.get("top1_best_classes") else ""
+    return (f"several classes share the file's top score on {row['top1_tied']:.0%} of the images{size}; Keras' "
+            f"top class is among them on {row['top1_among_best']:.1%}")
 
 
 def phone_summary(row) -> str:

@@ -64,17 +64,19 @@ def agreement(out: np.ndarray, reference: np.ndarray) -> dict:
     an unsure model); top1_all_tied: the share where every class has the same score
     (nothing to compare); top1_among_best: over the other images, Keras' top class is
     one of the file's best-scoring classes, the figure that still means something when
-    scores tie (None when every image is all tied).
+    scores tie (None when every image is all tied); top1_best_classes: over the images
+    with ties, the median number of classes sharing the top score (what "among" weighs).
     """
     if reference.ndim != 2 or reference.shape[1] < 2:
         return {"top1_agreement": None, "top1_tied": None, "top1_all_tied": None, "top1_among_best": None}
     best = out == out.max(-1, keepdims=True)
     expected = reference.argmax(-1)
     ranked = best.sum(-1) < best.shape[1]
+    sharing = best.sum(-1)[ranked & (best.sum(-1) > 1)]
     return {"top1_agreement": float(np.mean(out.argmax(-1) == expected)),
             "top1_tied": float(np.mean(best.sum(-1) > 1)), "top1_all_tied": float(np.mean(~ranked)),
             "top1_among_best": float(np.mean(best[ranked, expected[ranked]])) if ranked.any() else None,
-            "classes": int(best.shape[1])}
+            "top1_best_classes": float(np.median(sharing)) if sharing.size else None, "classes": int(best.shape[1])}
 
 
 @dataclasses.dataclass
