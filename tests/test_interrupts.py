@@ -105,3 +105,54 @@ def test_sigterm_at_any_moment_of_a_conversion(tmp_path):
                "--calibration-count", "4", "--output", str(out), "--force", "--quiet"]
     fractions = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75)
     assert sweep(command, out, tmp_path, fractions) >= len(fractions) - 2
+
+
+def workers_of(pid) -> list:
+    """The export worker processes whose parent is `pid` (from /proc), zombies aside."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue
+        if "convmixer_tf.export.parallel" in command and int(parent) == pid and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def alive(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_9_of_an_export_ends_its_workers(tmp_path, tiny_model):
+    """kill -9 reaches no handler: the workers writing formats side by side must not go on
+    computing without their parent (an orphan would go on until its next report: 7 s
+    here for this tiny model, tens of seconds for a released one). Signalled once a worker
+    has TensorFlow loaded (so it has started), it is gone at once."""
+    command = [sys.executable, "-m", "convmixer_tf.export", "--model", str(tiny_model), "--formats", "all",
+               "--calibration-count", "4", "--output", str(tmp_path / "out"), "--quiet"]
+    from convmixer_tf.export import parallel
+
+    if parallel.cores() < 2 or not parallel.memory_allows(convmixer_tf.load_model(tiny_model)):
+        pytest.skip("this machine writes the formats in one process: no worker to end")
+    proc = start(command, tmp_path)
+    deadline, workers = time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None:
+        workers = [w for w in workers_of(proc.pid) if "libtensorflow" in open(f"/proc/{w}/maps").read()]
+        if workers:
+            break
+        time.sleep(0.05)
+    assert workers, "no export worker started"
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 2
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(w) for w in workers)

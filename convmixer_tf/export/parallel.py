@@ -12,8 +12,10 @@ core: conversions and checks are mostly single-threaded.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -100,7 +102,7 @@ def _spec(job: ExportJob, directory, checks) -> dict:
              calibration=job.calibration if job.calibration is not None else np.zeros((0,)))
     return {"model": model_path, "info": job.info.to_dict(), "arrays": arrays, "directory": os.fspath(directory),
             "nchw": job.nchw, "opset": job.opset, "tflite_output": job.tflite_output,
-            "source": job.calibration_source, "latency_runs": checks["latency_runs"]}
+            "source": job.calibration_source, "latency_runs": checks["latency_runs"], "parent": os.getpid()}
 
 
 def _receive(worker, kind, log) -> dict:
@@ -124,6 +126,15 @@ def _report(what, payload) -> None:
     print(MARK + json.dumps([what, payload], default=outputs.jsonable), flush=True)
 
 
+def _end_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the process that started it ends, even by
+    kill -9 (which no handler sees), so no orphan goes on computing. Elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before that took effect
+        os._exit(1)
+
+
 def main(spec_path) -> int:
     """A worker: writes and checks its formats, reports, waits for its turn, times its
     files, reports again."""
@@ -132,6 +143,7 @@ def main(spec_path) -> int:
 
     with open(spec_path) as f:
         spec = json.load(f)
+    _end_with_parent(spec["parent"])
     try:
         import keras
 
