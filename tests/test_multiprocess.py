@@ -124,6 +124,10 @@ def _train(setup, out, *extra, backend="jax", devices=1, script=None, processes=
     init, data = setup
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=REPO,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    # Augmentation off: test_two_processes_train_what_one_process_trains compares two processes'
+    # weights with one process's, and each process draws its own flips and RandAugment ops; the
+    # other tests share these settings to stay short. The default recipe, augmentation on, is
+    # test_the_readmes_two_process_command_with_the_default_recipe.
     args = ["--init", init, "--data-dir", data, "--val-fraction", "0.097", "--epochs", "2", "--batch-size", "8",
             "--steps-per-epoch", "3", "--ra-n", "0", "--no-flip", "--lr", "0.01", "--output", str(out),
             "--no-tensorboard", "--quiet", *extra]
