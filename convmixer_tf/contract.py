@@ -112,10 +112,11 @@ class ModelInfo:
 _FORBIDDEN = ("Cc", "Zl", "Zp")  # control characters and line / paragraph separators
 
 
-def _bad_character(name: str) -> Optional[str]:
-    """U+XXXX of the first character of `name` that no single-line label may hold."""
+def _unprintable(name: str) -> Optional[str]:
+    """Why `name` cannot be a single-line label ("is empty", "holds the control character
+    U+XXXX"), or None."""
     bad = next((c for c in name if unicodedata.category(c) in _FORBIDDEN or c == "\ufeff"), None)
-    return None if bad is None else f"U+{ord(bad):04X}"
+    return f"holds the control character U+{ord(bad):04X}" if bad else None if name.strip() else "is empty"
 
 
 def check_class_names(names: Sequence[str], num_classes: int) -> None:
@@ -125,9 +126,8 @@ def check_class_names(names: Sequence[str], num_classes: int) -> None:
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a model with {num_classes} classes")
     for i, name in enumerate(names):
-        bad = _bad_character(name)
-        if not name.strip() or bad:
-            why = f"holds the control character {bad}" if bad else "is empty"
+        why = _unprintable(name)
+        if why:
             raise ValueError(f"class name {i} ({name!r}) {why}: class names must be printable single lines")
 
 
@@ -147,9 +147,8 @@ def read_labels(path, allow_duplicates: bool = False) -> Tuple[str, ...]:
     if not lines:
         raise ValueError(f"labels file {path} is empty")
     for number, line in enumerate(lines, 1):
-        bad = _bad_character(line)
-        if bad or not line.strip():
-            why = f"holds the control character {bad}" if bad else "is empty"
+        why = _unprintable(line)
+        if why:
             raise ValueError(f"labels file {path}, line {number} {why} ({line!r}): one printable name per line")
     names = tuple(line.strip() for line in lines)
     repeated = {name: [i + 1 for i, n in enumerate(names) if n == name]

@@ -104,17 +104,13 @@ def write_and_check(formats, job: ExportJob, directory, checks: dict, log) -> di
         runner = Runner(path, name=fmt.name)
         row = verify(path, job.model, checks["held_out"], tolerance=fmt.tolerance, name=fmt.name, latency_runs=0,
                      reference=checks["reference"], info=job.info, shared=job.shared, runner=runner)
-        _check(fmt, row)
+        if row.get("problem"):
+            raise ExportError(f"{fmt.name}: {fmt.filename}: {row['problem']}")
+        if not row["passed"]:
+            raise ExportError(f"{fmt.name}: {fmt.filename} differs from Keras by {row['max_abs']:.3g} (allowed "
+                              f"{row['allowed']:.3g}: tolerance {row['tolerance']} x the largest output, at least 1)")
         done[fmt.name] = (dict(row, seconds=time.perf_counter() - start), runner)
     return done
-
-
-def _check(fmt, row):
-    if row.get("problem"):
-        raise ExportError(f"{fmt.name}: {fmt.filename}: {row['problem']}")
-    if not row["passed"]:
-        raise ExportError(f"{fmt.name}: {fmt.filename} differs from Keras by {row['max_abs']:.3g} (allowed "
-                          f"{row['allowed']:.3g}: tolerance {row['tolerance']} x the largest output, at least 1)")
 
 
 def prepare_job(model, preprocessing=None, *, raw_rgb: bool = True, class_names=None, **options) -> ExportJob:

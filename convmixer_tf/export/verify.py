@@ -128,20 +128,11 @@ def verify(path, model, inputs: np.ndarray, *, tolerance: Optional[float] = None
     max_abs = float(np.abs(out.astype(np.float64) - reference).max())
     scale = float(np.abs(reference).max())
     allowed = None if tolerance is None else tolerance * max(1.0, scale)
-    row = {
-        "format": name or runner.kind,
-        "path": os.fspath(path),
-        "bytes": _size(path),
-        "output": runner.output,
-        "max_abs": max_abs,
-        "max_rel": max_abs / max(1e-12, scale),
-        **agreement(out, reference),
-        "tolerance": tolerance,
-        "allowed": allowed,
-        "num_inputs": int(len(inputs)),
-        "latency_ms": runner.latency_ms(inputs, latency_runs) if latency_runs else None,
-        "passed": bool(np.isfinite(out).all()) and (allowed is None or max_abs <= allowed),
-    }
+    row = {"format": name or runner.kind, "path": os.fspath(path), "bytes": _size(path), "output": runner.output,
+           "max_abs": max_abs, "max_rel": max_abs / max(1e-12, scale), **agreement(out, reference),
+           "tolerance": tolerance, "allowed": allowed, "num_inputs": int(len(inputs)),
+           "latency_ms": runner.latency_ms(inputs, latency_runs) if latency_runs else None,
+           "passed": bool(np.isfinite(out).all()) and (allowed is None or max_abs <= allowed)}
     if runner.format.describe is not None:
         check = Check(runner, model, np.asarray(inputs, np.float32), tolerance, info)
         row.update(runner.format.describe(path, dataclasses.replace(check, shared=shared) if shared else check))
