@@ -303,19 +303,8 @@ def test_tflite_int8_of_a_trained_model_agrees_with_float_on_held_out_images(tmp
     assert exporters.top1_text(row, short=True) == f"{row['top1_agreement']:.1%}"  # its real agreement, no tie
 
 
-def _outputs(path_or_bytes, images):
-    from ai_edge_litert.interpreter import Interpreter
-
-    kind = "model_content" if isinstance(path_or_bytes, (bytes, bytearray)) else "model_path"
-    interpreter = Interpreter(**{kind: path_or_bytes if kind == "model_content" else str(path_or_bytes)})
-    interpreter.allocate_tensors()
-    index, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    results = []
-    for image in images:
-        interpreter.set_tensor(index["index"], image[None].astype(index["dtype"]))
-        interpreter.invoke()
-        results.append(interpreter.get_tensor(out["index"]).astype(np.float64))
-    return np.concatenate(results)
+def _outputs(path, images):
+    return exporters.Runner(path)(images)  # the runner verification uses (uint8 outputs dequantised)
 
 
 def test_one_run_writes_the_tflite_files_separate_conversions_would(tmp_path, tiny):
@@ -345,17 +334,18 @@ def test_one_run_writes_the_tflite_files_separate_conversions_would(tmp_path, ti
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]
     converter.target_spec._experimental_supported_accumulation_type = tf.float16  # "fp16 inference is fine"
-    own = converter.convert()
-    ours = tflite.float16_weights(tflite.convert(traced))
+    own, ours = tmp_path / "own.tflite", tmp_path / "ours.tflite"
+    own.write_bytes(converter.convert())
+    ours.write_bytes(tflite.float16_weights(tflite.convert(traced)))
     assert exporters.op_names(ours) == exporters.op_names(own)
     np.testing.assert_allclose(_outputs(ours, held_out), _outputs(own, held_out), atol=1e-6)
     assert _metadata(ours)["reduced_precision_support"] == _metadata(own)["reduced_precision_support"] == b"fp16accfp16"
 
 
-def _metadata(flatbuffer) -> dict:
+def _metadata(path) -> dict:
     from tensorflow.lite.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(path.read_bytes()))
     return {m.name.decode(): bytes(model.buffers[m.buffer].data) for m in model.metadata or []}
 
 

@@ -146,14 +146,13 @@ def write_file(path, traced: Traced, flatbuffer: bytes) -> str:
     return os.fspath(path)
 
 
-def convert(traced: Traced, quantization=None, representative_data=None, float32: Optional[bytes] = None) -> bytes:
+def convert(traced: Traced, quantization=None, representative_data=None) -> bytes:
     """The flatbuffer of `traced` (builtin ops only): float32, "dynamic", "int8" (calibrated
-    on `representative_data`), or "float16": the float32 one (`float32`, or converted
-    here) with its weights in float16."""
+    on `representative_data`), or "float16": the float32 one with its weights in float16."""
     import tensorflow as tf
 
     if quantization == "float16":
-        return float16_weights(float32 or convert(traced))
+        return float16_weights(convert(traced))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([traced.function], traced.module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantization in ("dynamic", "int8"):
@@ -261,8 +260,8 @@ class TFLiteRunner:
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         signatures = self._interpreter.get_signature_list()
-        outputs_ = next(iter(signatures.values()), {}).get("outputs", []) if signatures else []
-        self.output = "probabilities" if outputs_ == ["probabilities"] else "logits"
+        names = next(iter(signatures.values()), {}).get("outputs", []) if signatures else []
+        self.output = "probabilities" if names == ["probabilities"] else "logits"
         self.output_step = float(self._output["quantization"][0])  # 0 for a float output
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -290,10 +289,10 @@ def _writer(quantization):
         layout = _tiling(job.model, quantization)
         traced = job.shared(("tflite", layout), lambda: trace(job.model, layout, output=job.tflite_output,
                                                                class_names=job.info.class_names))
-        float32 = job.shared(("tflite", layout, None), lambda: convert(traced)) if quantization in (
-            None, "float16") else None
-        return write_file(path, traced, float32 if quantization is None else convert(
-            traced, quantization, job.calibration_samples, float32))
+        if quantization in (None, "float16"):  # one float32 conversion for both files
+            float32 = job.shared(("tflite", layout, None), lambda: convert(traced))
+            return write_file(path, traced, float32 if quantization is None else float16_weights(float32))
+        return write_file(path, traced, convert(traced, quantization, job.calibration_samples))
 
     return write
 

@@ -70,13 +70,13 @@ def agreement(out: np.ndarray, reference: np.ndarray) -> dict:
     if reference.ndim != 2 or reference.shape[1] < 2:
         return {"top1_agreement": None, "top1_tied": None, "top1_all_tied": None, "top1_among_best": None}
     best = out == out.max(-1, keepdims=True)
-    expected = reference.argmax(-1)
-    ranked = best.sum(-1) < best.shape[1]
-    sharing = best.sum(-1)[ranked & (best.sum(-1) > 1)]
+    expected, sharing = reference.argmax(-1), best.sum(-1)  # how many classes share each top score
+    ranked = sharing < best.shape[1]
+    tied = sharing[ranked & (sharing > 1)]
     return {"top1_agreement": float(np.mean(out.argmax(-1) == expected)),
-            "top1_tied": float(np.mean(best.sum(-1) > 1)), "top1_all_tied": float(np.mean(~ranked)),
+            "top1_tied": float(np.mean(sharing > 1)), "top1_all_tied": float(np.mean(~ranked)),
             "top1_among_best": float(np.mean(best[ranked, expected[ranked]])) if ranked.any() else None,
-            "top1_best_classes": float(np.median(sharing)) if sharing.size else None, "classes": int(best.shape[1])}
+            "top1_best_classes": float(np.median(tied)) if tied.size else None, "classes": int(best.shape[1])}
 
 
 @dataclasses.dataclass
