@@ -6,10 +6,10 @@ lines answer --help and check their arguments at once.
 
 from convmixer_tf.config import VARIANTS, ConvMixerConfig, Preprocessing, Variant, get_variant, list_variants
 from convmixer_tf.contract import ModelInfo, info_of, load_model, save_model
-from convmixer_tf.model import ConvMixer, build, config_from_model, create_model, rebuild, with_preprocessing
+from convmixer_tf.model import ConvMixer, build, config_from_model, create_model, rebuild
 
 __version__ = "0.1.0"
 
 __all__ = ["VARIANTS", "ConvMixer", "ConvMixerConfig", "ModelInfo", "Preprocessing", "Variant", "build",
            "config_from_model", "create_model", "get_variant", "info_of", "list_variants", "load_model", "rebuild",
-           "save_model", "with_preprocessing"]
+           "save_model"]

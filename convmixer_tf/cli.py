@@ -1,8 +1,6 @@
-"""What the four command lines share at start-up: exit codes, signals, a quiet console,
-and argparse with one-line errors. Exit codes (docs/commands.md): 0 done; 1 the job ran
-and its result failed a check; 2 bad input, one line naming it; 3 a bug, with its
-traceback; 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM), staging removed first.
-Nothing here imports TensorFlow: the start-up is done before it loads.
+"""What the four command lines share at start-up: exit codes (`convmixer_tf.errors`),
+signals, a quiet console, and argparse with one-line errors. Nothing here imports
+TensorFlow: the start-up is done before it loads.
 """
 
 from __future__ import annotations
@@ -18,37 +16,16 @@ import textwrap
 import traceback
 import warnings
 from typing import Callable
+from unittest import mock
 
 from convmixer_tf import outputs
+from convmixer_tf.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, exit_code, one_line
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # TensorFlow, LiteRT, XNNPACK and absl log from C++ straight to file descriptor 2, some of
 # it before any Python setting can reach them; the environment handles what it can.
 NATIVE_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "3", "ABSL_MIN_LOG_LEVEL": "3",
                   "GRPC_VERBOSITY": "ERROR"}
-
-
-class CheckFailed(RuntimeError):
-    """The job ran and its result failed a check (exit code 1)."""
-
-
-def exit_code(err: BaseException) -> int:
-    """The exit code the README promises for an exception raised by a job."""
-    if isinstance(err, CheckFailed):
-        return EXIT_FAILED
-    if isinstance(err, (ValueError, OSError)):
-        return EXIT_BAD_INPUT
-    if isinstance(err, KeyboardInterrupt):
-        return 128 + signal.SIGINT
-    if isinstance(err, SystemExit):
-        return err.code if isinstance(err.code, int) else EXIT_INTERNAL
-    return EXIT_INTERNAL
-
-
-def one_line(err) -> str:
-    """An exception's message on one line (tracebacks and wrapped messages folded)."""
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: bool = False,
@@ -100,14 +77,9 @@ def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: b
 def _temporary_files():
     """Every temporary file of the command and its child processes (ours, TensorFlow's,
     Keras', autograph's) goes into one folder, removed at the end and on an interrupt."""
-    before = tempfile.tempdir, os.environ.get("TMPDIR")
-    with outputs.temporary_folder() as folder:
-        tempfile.tempdir = os.environ["TMPDIR"] = folder
-        try:
-            yield
-        finally:
-            tempfile.tempdir = before[0]
-            os.environ.pop("TMPDIR") if before[1] is None else os.environ.update(TMPDIR=before[1])
+    with outputs.temporary_folder() as folder, mock.patch.dict(os.environ, TMPDIR=folder), \
+            mock.patch.object(tempfile, "tempdir", folder):
+        yield
 
 
 def exit(code: int):

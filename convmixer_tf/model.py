@@ -220,11 +220,6 @@ def _dtype_policy(name: Optional[str]):
         keras.config.set_dtype_policy(previous)
 
 
-def with_preprocessing(model, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-    """The same network taking raw RGB pixels (see `rebuild`)."""
-    return rebuild(model, preprocessing=(mean, std))
-
-
 def _check_input_shape(input_shape, patch_size):
     if input_shape is None:
         return (None, None, 3)

@@ -160,7 +160,7 @@ class SameEpochEverywhere(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         from jax.experimental import multihost_utils
 
-        from convmixer_tf.cli import CheckFailed
+        from convmixer_tf.errors import CheckFailed
 
         epoch = np.asarray([self.model._initial_epoch or 0], np.int32)
         epochs = np.asarray(multihost_utils.process_allgather(epoch)).reshape(-1).tolist()

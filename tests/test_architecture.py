@@ -158,9 +158,9 @@ def _code_lines(source_lines, node):
 
 
 # A ratchet, not a goal: the goal was 5,000 lines; the library stood at 6,488 before its
-# restructuring and at 6,853 after it and the Hub weights, the model card and parallel
+# restructuring and at 6,848 after it and the Hub weights, the model card and parallel
 # export. Lower it whenever the library shrinks; it never goes up.
-MOST_LINES = 6860
+MOST_LINES = 6848
 
 
 def test_the_library_stays_small_and_plain():
@@ -185,6 +185,9 @@ def test_the_library_stays_small_and_plain():
             problems.append(f"{name}: a module-level __getattr__")
         if "importlib" in source:
             problems.append(f"{name}: importlib")
+        command_line = name.endswith(("__main__.py", "cli.py"))
+        if not command_line and re.search(r"^\s*from convmixer_tf(\.cli import| import .*\bcli\b)", source, re.M):
+            problems.append(f"{name}: library code imports command-line code")
     assert total <= MOST_LINES and not problems, (total, problems)
 
 

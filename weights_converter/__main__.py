@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from convmixer_tf import cli
+from convmixer_tf import cli, errors
 from convmixer_tf.export import registry
 from convmixer_tf.export.calibration import CALIBRATION_COUNT
 from convmixer_tf.outputs import jsonable
@@ -106,7 +106,7 @@ def _convert(args, log) -> int:
         print(f"parity FAILED: max |logit diff| {parity['max_abs']:.3g} > tolerance {parity['tolerance']:.0e}; "
               f"first diverging stage: {parity['first_divergent_stage']}; "
               f"details in {os.path.join(report['output'], 'report.json')}")
-    return cli.EXIT_OK if report["status"] == "ok" else cli.EXIT_FAILED
+    return errors.EXIT_OK if report["status"] == "ok" else errors.EXIT_FAILED
 
 
 if __name__ == "__main__":

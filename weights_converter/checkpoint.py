@@ -18,6 +18,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from convmixer_tf.errors import one_line
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
@@ -108,7 +110,7 @@ def _read_safetensors(path):
     try:
         return load_file(path)
     except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"cannot read safetensors file {path}: {_one_line(err)}") from None
+        raise CheckpointError(f"cannot read safetensors file {path}: {one_line(err, named=True)}") from None
 
 
 def _read_torch(path):
@@ -129,7 +131,7 @@ def _read_torch(path):
                 return torch.load(path, mmap=True, **kwargs)
             return torch.load(path, **kwargs)
     except Exception as err:
-        message = _one_line(err)
+        message = one_line(err, named=True)
         found = re.search(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)", message)
         if "Weights only load failed" in message and found:
             raise CheckpointError(
@@ -206,8 +208,3 @@ def _torch_float32():
     import torch
 
     return torch.float32
-
-
-def _one_line(err) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__

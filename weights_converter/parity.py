@@ -15,8 +15,8 @@ from typing import List, Optional
 import numpy as np
 
 from convmixer_tf import contract
-from convmixer_tf.cli import CheckFailed
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
+from convmixer_tf.errors import CheckFailed
 
 DEFAULT_TOLERANCE = 1e-4
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from convmixer_tf import cli, outputs
+from convmixer_tf import cli, errors, outputs
 from convmixer_tf.config import INTERPOLATIONS, list_variants
 from convmixer_tf.evaluate import is_metrics
 
@@ -85,7 +85,7 @@ def _evaluate(args, log) -> int:
         outputs.write_json_atomic(args.output, metrics, exclusive=not earlier)
     if args.json:
         print(json.dumps(metrics, indent=2))
-    return cli.EXIT_OK
+    return errors.EXIT_OK
 
 
 def _dataset(args):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from convmixer_tf import cli, outputs
+from convmixer_tf import cli, errors, outputs
 from convmixer_tf.config import list_variants
 from convmixer_tf.export import registry
 from convmixer_tf.export.calibration import CALIBRATION_COUNT
@@ -102,7 +102,7 @@ def _export(args, log) -> int:
                                         tflite_output="logits" if args.tflite_logits else "probabilities")
         outputs.write_json_atomic(os.path.join(staging.path, REPORT), rows)
     print(json.dumps(rows, indent=2) if args.json else exporters.format_rows(rows, staging.output))
-    return cli.EXIT_OK
+    return errors.EXIT_OK
 
 
 def load_float32_model(path):

@@ -10,7 +10,7 @@ import tempfile
 from typing import Callable, Dict, Iterable, Optional
 
 from convmixer_tf import outputs
-from convmixer_tf.cli import CheckFailed
+from convmixer_tf.errors import CheckFailed
 
 OUTPUTS = ("logits", "probabilities")
 

@@ -9,6 +9,7 @@ both accepted it.
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.outputs import write_atomic
@@ -48,16 +49,12 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, nchw: bool = False, 
     # Any value of TF2ONNX_CATCH_ERRORS turns off tf2onnx's habit of deep-copying the whole
     # graph, weights included, before each of its optimisers (to undo one that fails): an
     # optimiser that fails fails the export here, and the file is checked anyway.
-    previous = os.environ.get("TF2ONNX_CATCH_ERRORS")
-    os.environ["TF2ONNX_CATCH_ERRORS"] = "false"
     try:
-        proto, _ = tf2onnx.convert.from_function(
-            serving, input_signature=spec, opset=opset, inputs_as_nchw=["images"] if nchw else None)
+        with mock.patch.dict(os.environ, TF2ONNX_CATCH_ERRORS="false"):
+            proto, _ = tf2onnx.convert.from_function(
+                serving, input_signature=spec, opset=opset, inputs_as_nchw=["images"] if nchw else None)
     except Exception as err:
         raise ExportError(f"ONNX conversion failed: {' '.join(str(err).split())[:500]}") from None
-    finally:
-        os.environ.pop("TF2ONNX_CATCH_ERRORS") if previous is None else os.environ.update(
-            TF2ONNX_CATCH_ERRORS=previous)
     _gelu_in_fusable_form(proto)
     check_onnx(proto)
     write_atomic(path, proto.SerializeToString())

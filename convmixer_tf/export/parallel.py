@@ -138,7 +138,7 @@ def _end_with_parent(parent: int) -> None:
 def main(spec_path) -> int:
     """A worker: writes and checks its formats, reports, waits for its turn, times its
     files, reports again."""
-    from convmixer_tf.cli import exit_code, one_line
+    from convmixer_tf.errors import exit_code, one_line
     from convmixer_tf.export import registry, write_and_check
 
     with open(spec_path) as f:
@@ -158,7 +158,7 @@ def main(spec_path) -> int:
                                lambda message: _report("log", message))
     except BaseException as err:  # noqa: BLE001 - reported to the process that waits for it
         code = exit_code(err)
-        _report("error", [code, one_line(err) if code in ERRORS else f"{type(err).__name__}: {one_line(err)}"])
+        _report("error", [code, one_line(err, named=code not in ERRORS)])
         return code
     _report("written", {name: row for name, (row, _) in done.items()})
     job.close()

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from convmixer_tf import cli
+from convmixer_tf import cli, errors
 from convmixer_tf.augment import AugmentConfig
 from convmixer_tf.config import list_variants
 from convmixer_tf.train.recipe import DISTRIBUTIONS, PRECISIONS, SCHEDULES, TrainConfig
@@ -153,7 +153,7 @@ def config_from_args(args) -> TrainConfig:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     code = cli.run_command(lambda log, console: _train(args, log, console), quiet=args.quiet, verbose=args.verbose)
-    if code != cli.EXIT_OK and _joined_other_processes():
+    if code != errors.EXIT_OK and _joined_other_processes():
         # A failed process of a multi-process run leaves at once: JAX's exit handler would
         # wait for the others at a shutdown barrier, and abort when they do not come.
         sys.stdout.flush()
@@ -179,7 +179,7 @@ def _train(args, log, console) -> int:
         f"model in {metrics['model']}")
     if args.json:
         print(json.dumps(metrics, indent=2))
-    return cli.EXIT_OK
+    return errors.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import keras
 
 from convmixer_tf import contract, outputs
 from convmixer_tf.augment import Augmenter
-from convmixer_tf.cli import CheckFailed, one_line
 from convmixer_tf.data import DataSource, eval_pipeline, open_dataset, train_pipeline, warn_skipped
+from convmixer_tf.errors import CheckFailed, one_line
 from convmixer_tf.model import create_model, rebuild
 from convmixer_tf.processes import (
     LocalBackupAndRestore,

@@ -1,0 +1,34 @@
+"""The kinds of failure and the exit code each gets (docs/commands.md): 0 done; 1 the job
+ran and its result failed a check; 2 bad input, one line naming it; 3 a bug, with its
+traceback; 128+N stopped by signal N. Library code raises them; the command lines only
+turn them into exit codes."""
+
+from __future__ import annotations
+
+import signal
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class CheckFailed(RuntimeError):
+    """The job ran and its result failed a check (exit code 1)."""
+
+
+def exit_code(err: BaseException) -> int:
+    """The exit code promised for an exception raised by a job."""
+    if isinstance(err, CheckFailed):
+        return EXIT_FAILED
+    if isinstance(err, (ValueError, OSError)):
+        return EXIT_BAD_INPUT
+    if isinstance(err, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) else EXIT_INTERNAL
+    return EXIT_INTERNAL
+
+
+def one_line(err, *, named: bool = False) -> str:
+    """An exception's message on one line (tracebacks and wrapped messages folded), after
+    its kind's name with `named`."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if named and text else text or type(err).__name__
