@@ -73,8 +73,9 @@ def turns_median_ms(calls, runs, turn=4):
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def litert_torch_file(net, name, tmp, python):
-    """litert-torch's .tflite of `net` (same weights), written by its own environment."""
+def litert_torch_file(net, name, tmp, python, seconds=None):
+    """litert-torch's .tflite of `net` (same weights), written by its own environment; with
+    `seconds` (a dict), its conversion's seconds, timed inside that process, go in it."""
     import torch
 
     weights = os.path.join(tmp, f"{name}_timm.pth")
@@ -85,6 +86,8 @@ def litert_torch_file(net, name, tmp, python):
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"litert-torch conversion failed: {last[:120]}")
+    if seconds is not None:
+        seconds["conversion"] = float(done.stdout.split("conversion seconds:")[1].split()[0])
     return out
 
 

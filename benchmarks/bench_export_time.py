@@ -21,6 +21,7 @@ The headline is "ours, every file" / "litert-torch, float32 only".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -32,7 +33,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from bench_export import LITERT_TORCH_VENV_PYTHON, cpu_description  # noqa: E402
+from bench_export import LITERT_TORCH_VENV_PYTHON, cpu_description, litert_torch_file  # noqa: E402
 
 TARGET = 7.0  # ours, every file / litert-torch, float32 only
 
@@ -47,11 +48,9 @@ def peak_memory(process, interval=0.2) -> dict:
     def sample():
         root = psutil.Process(process.pid)
         while process.poll() is None:
-            try:
+            with contextlib.suppress(psutil.Error):  # a child that ended while being read
                 total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-            except psutil.Error:
-                continue
-            found["peak_gb"] = max(found["peak_gb"], total / 2**30)
+                found["peak_gb"] = max(found["peak_gb"], total / 2**30)
             time.sleep(interval)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -89,20 +88,6 @@ def serial_stages(model_path, calibration_count) -> list:
     return stages
 
 
-def litert_torch_seconds(net, name, tmp, python):
-    import torch
-
-    weights = os.path.join(tmp, f"{name}_timm.pth")
-    torch.save(net.state_dict(), weights)
-    done = subprocess.run([python, os.path.join(REPO, "benchmarks", "litert_torch_peer.py"), "--variant", name,
-                           "--state-dict", weights, "--output", os.path.join(tmp, "peer.tflite")],
-                          capture_output=True, text=True)
-    line = [each for each in done.stdout.splitlines() if each.startswith("conversion seconds:")]
-    if done.returncode != 0 or not line:
-        raise RuntimeError((done.stderr.strip().splitlines() or ["no output"])[-1][:200])
-    return float(line[0].split(":")[1])
-
-
 def bench_variant(name, calibration_count, litert_python) -> dict:
     import timm
 
@@ -120,7 +105,9 @@ def bench_variant(name, calibration_count, litert_python) -> dict:
                   "stages": serial_stages(model_path, calibration_count), "litert_torch_s": None}
         if litert_python:
             try:
-                result["litert_torch_s"] = litert_torch_seconds(net, name, tmp, litert_python)
+                seconds = {}
+                litert_torch_file(net, name, tmp, litert_python, seconds)
+                result["litert_torch_s"] = seconds["conversion"]
             except RuntimeError as err:
                 result["litert_torch_error"] = str(err)
     return result

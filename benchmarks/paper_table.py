@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from convmixer_tf.export.parallel import cores  # the cores this process may use
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -83,10 +85,6 @@ class Settings:
     @classmethod
     def quick(cls) -> "Settings":
         return cls(size=32, batch=4, runs=2, calibration=2)
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def timed(call, runs: int) -> float:

@@ -123,6 +123,15 @@ def workers_of(pid) -> list:
     return found
 
 
+def mapped(pid) -> str:
+    """What process `pid` has mapped ("" once it has ended: it may end between listing and reading)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def alive(pid) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -145,7 +154,7 @@ def test_kill_9_of_an_export_ends_its_workers(tmp_path, tiny_model):
     proc = start(command, tmp_path)
     deadline, workers = time.time() + 300, []
     while time.time() < deadline and proc.poll() is None:
-        workers = [w for w in workers_of(proc.pid) if "libtensorflow" in open(f"/proc/{w}/maps").read()]
+        workers = [w for w in workers_of(proc.pid) if "libtensorflow" in mapped(w)]
         if workers:
             break
         time.sleep(0.05)

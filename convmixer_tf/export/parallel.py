@@ -149,7 +149,7 @@ def main(spec_path) -> int:
 
         info = contract.ModelInfo.from_dict(spec["info"])
         model = contract.attach(keras.saving.load_model(spec["model"]), info)
-        arrays = np.load(spec["arrays"])
+        arrays = dict(np.load(spec["arrays"]))  # each array read once (an .npz reads on every access)
         calibration = arrays["calibration"] if arrays["calibration"].ndim == 4 else None
         job = ExportJob(model, info, nchw=spec["nchw"], opset=spec["opset"],
                         tflite_output=spec["tflite_output"], calibration=calibration, calibration_source=spec["source"])

@@ -99,7 +99,6 @@ class Traced:
     function: object
     module: object
     raw_rgb: bool
-    output: str
     metadata: Metadata
 
 
@@ -120,7 +119,7 @@ def trace(model, layout, *, batch_size=1, tiled_depthwise=True, output="probabil
     module.weights = graph.tf_variables
     info = contract.info_of(model)
     info = info.replace(class_names=tuple(class_names)) if class_names is not None else info
-    return Traced(serving.get_concrete_function(), module, graph.raw_rgb, output,
+    return Traced(serving.get_concrete_function(), module, graph.raw_rgb,
                   file_metadata(info, int(model.input_shape[1]), output, model.name))
 
 

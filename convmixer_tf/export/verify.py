@@ -90,7 +90,7 @@ class Check:
     inputs: np.ndarray
     tolerance: Optional[float]
     info: object
-    shared: Callable = lambda key, make: make()
+    shared: Callable
 
 
 def verify(path, model, inputs: np.ndarray, *, tolerance: Optional[float] = None, name: Optional[str] = None,
@@ -134,8 +134,8 @@ def verify(path, model, inputs: np.ndarray, *, tolerance: Optional[float] = None
            "latency_ms": runner.latency_ms(inputs, latency_runs) if latency_runs else None,
            "passed": bool(np.isfinite(out).all()) and (allowed is None or max_abs <= allowed)}
     if runner.format.describe is not None:
-        check = Check(runner, model, np.asarray(inputs, np.float32), tolerance, info)
-        row.update(runner.format.describe(path, dataclasses.replace(check, shared=shared) if shared else check))
+        row.update(runner.format.describe(path, Check(runner, model, np.asarray(inputs, np.float32), tolerance, info,
+                                                      shared or (lambda key, make: make()))))
     if row.get("problem"):
         row["passed"] = False
     return row
