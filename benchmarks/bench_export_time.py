@@ -35,6 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from bench_export import LITERT_TORCH_VENV_PYTHON, cpu_description, litert_torch_file  # noqa: E402
 
+from convmixer_tf import outputs  # noqa: E402
+
 TARGET = 7.0  # ours, every file / litert-torch, float32 only
 
 
@@ -141,6 +143,11 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one variant, JSON out
     args = parser.parse_args(argv)
+    if args.json:  # an earlier file of this benchmark may be replaced, nothing else (exit 2 at once)
+        try:
+            outputs.check_file(args.json, is_ours, option="--json")
+        except ValueError as err:
+            parser.exit(2, f"error: {err}\n")
     if args.litert_torch_python is None and os.path.exists(LITERT_TORCH_VENV_PYTHON):
         args.litert_torch_python = LITERT_TORCH_VENV_PYTHON
     if args.one:
@@ -161,9 +168,14 @@ def main(argv=None):
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         show(results[-1], args.calibration_count)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        outputs.write_json_atomic(args.json, results, exclusive=not outputs.check_file(args.json, is_ours,
+                                                                                          option="--json"))
     return 0
+
+
+def is_ours(data) -> bool:
+    """An earlier --json file of this benchmark."""
+    return isinstance(data, list) and all(isinstance(r, dict) and "whole_export_s" in r for r in data)
 
 
 if __name__ == "__main__":

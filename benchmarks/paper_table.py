@@ -24,19 +24,24 @@ the paper's GPU ratio.
     python benchmarks/paper_table.py                 # 224 px, batch 64 (tens of minutes on 2 cores)
     python benchmarks/paper_table.py --quick         # 32 px, batch 4, 2 runs: a smoke run, not figures
     python benchmarks/paper_table.py --output-dir out   # also writes paper_table.md and .json
+
+--output-dir follows the commands' rule (docs/commands.md): a new folder, or one holding
+an earlier table and nothing else, which is replaced once the new table is written;
+anything else is refused at once (exit 2), before the measuring starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 
+from convmixer_tf import outputs
 from convmixer_tf.export.parallel import cores  # the cores this process may use
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -283,19 +288,31 @@ def main(argv=None) -> int:
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
-    rows = [measure_network(net, settings, log) for net in PAPER if net.name in args.networks]
-    result = {"machine": cpu_description(), "cores": cores(), "quick": args.quick,
-              "settings": dataclasses.asdict(settings), "rows": rows,
-              "ratios": [dict(zip(("convmixer", "runtime", "measured", "paper"), r)) for r in ratios(rows)]}
-    text = markdown(result)
-    print(text)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "paper_table.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.output_dir, "paper_table.json"), "w") as f:
-            json.dump(result, f, indent=2)
+    with contextlib.ExitStack() as stack:
+        staging = args.output_dir and _staged(stack, args.output_dir, parser)
+        rows = [measure_network(net, settings, log) for net in PAPER if net.name in args.networks]
+        result = {"machine": cpu_description(), "cores": cores(), "quick": args.quick,
+                  "settings": dataclasses.asdict(settings), "rows": rows,
+                  "ratios": [dict(zip(("convmixer", "runtime", "measured", "paper"), r)) for r in ratios(rows)]}
+        text = markdown(result)
+        print(text)
+        if staging:
+            outputs.write_atomic(os.path.join(staging.path, "paper_table.md"), text + "\n")
+            outputs.write_json_atomic(os.path.join(staging.path, "paper_table.json"), result)
     return 0
+
+
+TABLE = outputs.Output("benchmarks/paper_table.py", "paper_table.json",
+                       lambda data: isinstance(data, dict) and {"rows", "ratios"} <= set(data),
+                       ("paper_table.md", "paper_table.json"))
+
+
+def _staged(stack, output_dir, parser):
+    """A staging folder that becomes `output_dir` once the table is written (see the top)."""
+    try:
+        return stack.enter_context(outputs.staged(output_dir, TABLE, force=True))
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,20 @@ def test_the_paper_table_in_quick_mode(tmp_path):
             expected = base["PyTorch eager"]["throughput"] / row["runtimes"]["PyTorch eager"]["throughput"]
             assert ratio["measured"] == pytest.approx(expected)
             assert ratio["paper"] == pytest.approx(rows[2]["paper"]["throughput"] / row["paper"]["throughput"])
+
+
+def test_benchmarks_never_write_over_a_users_files(tmp_path):
+    """--output-dir of the table and --json of the export-time benchmark follow the commands'
+    rule: a user's file there is refused at once (exit 2, one line), before any measuring,
+    and left as it was."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "paper_table.md").write_text("my notes")
+    mine = tmp_path / "figures.json"
+    mine.write_text('{"mine": true}')
+    for script, option, target in (("paper_table.py", "--output-dir", notes), ("bench_export_time.py", "--json", mine)):
+        done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), option, str(target)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stdout == "", (script, done.stderr)
+    assert (notes / "paper_table.md").read_text() == "my notes" and os.listdir(notes) == ["paper_table.md"]
+    assert mine.read_text() == '{"mine": true}' and sorted(os.listdir(tmp_path)) == ["figures.json", "notes"]
