@@ -16,7 +16,6 @@ import textwrap
 import traceback
 import warnings
 from typing import Callable
-from unittest import mock
 
 from convmixer_tf import outputs
 from convmixer_tf.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, exit_code, one_line
@@ -77,6 +76,8 @@ def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: b
 def _temporary_files():
     """Every temporary file of the command and its child processes (ours, TensorFlow's,
     Keras', autograph's) goes into one folder, removed at the end and on an interrupt."""
+    from unittest import mock  # it imports asyncio: kept off the path of --help
+
     with outputs.temporary_folder() as folder, mock.patch.dict(os.environ, TMPDIR=folder), \
             mock.patch.object(tempfile, "tempdir", folder):
         yield

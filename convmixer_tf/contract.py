@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from convmixer_tf.config import VARIANTS, ConvMixerConfig, Preprocessing
+from convmixer_tf.errors import one_line
 
 # Layer names (a mapping table, a parity probe or an exporter finds layers by these)
 INPUT = "images"
@@ -345,7 +346,7 @@ def load_model(path, role: str = "model"):
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as err:  # noqa: BLE001 - any reason the file does not load
-        raise ValueError(f"cannot load {role} {path}: {' '.join(str(err).split())[:300]}") from None
+        raise ValueError(f"cannot load {role} {path}: {one_line(err)[:300]}") from None
     info = stored_info(path, model)
     if info is None:
         info = _legacy_info(model)

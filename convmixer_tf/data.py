@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from convmixer_tf.config import PIXEL_MAX, Preprocessing
+from convmixer_tf.errors import one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TFDS_PREFIX = "tfds:"
@@ -95,7 +96,7 @@ def read_images(source: ImageSource, preprocessing: Preprocessing, count: Option
         try:
             split_ds = tfds.load(source.tfds_name, split=split, shuffle_files=False, download=False)
         except Exception as err:  # noqa: BLE001 - tfds raises many kinds for an unprepared set
-            raise ValueError(f"cannot load {TFDS_PREFIX}{source.tfds_name}:{split}: {' '.join(str(err).split())[:200]}"
+            raise ValueError(f"cannot load {TFDS_PREFIX}{source.tfds_name}:{split}: {one_line(err)[:200]}"
                              " (prepare it with tfds first; nothing is downloaded here)") from None
         raws = [example["image"] for example in split_ds.take(count or -1)]
         names = [f"{source.tfds_name}:{split}[{i}]" for i in range(len(raws))]

@@ -158,9 +158,9 @@ def _code_lines(source_lines, node):
 
 
 # A ratchet, not a goal: the goal was 5,000 lines; the library stood at 6,488 before its
-# restructuring and at 6,847 after it and the Hub weights, the model card and parallel
+# restructuring and at 6,842 after it and the Hub weights, the model card and parallel
 # export. Lower it whenever the library shrinks; it never goes up.
-MOST_LINES = 6847
+MOST_LINES = 6842
 
 
 def test_the_library_stays_small_and_plain():

@@ -90,7 +90,7 @@ def read_checkpoint(path, use_ema: bool = False) -> Checkpoint:
         raw, fmt = _read_torch(path), "torch"
     tensors, wrapper, other = _unwrap(raw, use_ema, path)
     tensors, prefixes = _strip_prefixes(tensors)
-    state_dict = {key: _to_numpy(key, value, path) for key, value in tensors.items()}
+    state_dict = {key: _to_numpy(value) for key, value in tensors.items()}
     dtypes = sorted({str(value.dtype) for value in tensors.values() if hasattr(value, "dtype")})
     return Checkpoint(state_dict, path, fmt, wrapper, prefixes, other, dtypes)
 
@@ -191,20 +191,7 @@ def _strip_prefixes(tensors):
     return tensors, stripped
 
 
-def _to_numpy(key, value, path):
-    if isinstance(value, np.ndarray):
-        array = value
-    else:  # a torch tensor
-        value = value.detach()
-        if value.is_floating_point() and value.dtype != _torch_float32():
-            value = value.float()  # fp16/bf16 checkpoints: compute in float32
-        array = value.numpy()
-    if array.dtype.kind == "f" and array.dtype != np.float32:
-        array = array.astype(np.float32)
-    return array
-
-
-def _torch_float32():
-    import torch
-
-    return torch.float32
+def _to_numpy(value):
+    if not isinstance(value, np.ndarray):  # a torch tensor; fp16/bf16 computed in float32
+        value = (value.detach().float() if value.is_floating_point() else value.detach()).numpy()
+    return value.astype(np.float32) if value.dtype.kind == "f" and value.dtype != np.float32 else value

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from convmixer_tf.config import PIXEL_MAX
+from convmixer_tf.errors import one_line
 
 MEDIAPIPE_MISSING = "not installed (pip install 'convmixer-tf[mobile]')"
 
@@ -116,7 +117,7 @@ def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict
     try:
         classifier = open_classifier(path, reference.shape[1], runner.output == "logits")
     except (RuntimeError, ValueError) as err:  # MediaPipe refusing the file is the finding
-        return {"status": "refused", "problem": f"MediaPipe refused the file: {' '.join(str(err).split())[:300]}"}
+        return {"status": "refused", "problem": f"MediaPipe refused the file: {one_line(err)[:300]}"}
     with classifier:
         scores, names, _ = _classify_with(classifier, images, reference.shape[1])
     row = {"status": "ok", "images": int(len(images)), "max_abs": float(np.nanmax(np.abs(scores - reference))),

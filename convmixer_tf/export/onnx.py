@@ -9,8 +9,8 @@ both accepted it.
 from __future__ import annotations
 
 import os
-from unittest import mock
 
+from convmixer_tf.errors import one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.outputs import write_atomic
 
@@ -27,6 +27,8 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, nchw: bool = False, 
         >>> export_onnx(model, "model.onnx", nchw=True)  # doctest: +SKIP
         >>> onnxruntime.InferenceSession("model.onnx").run(["logits"], {"images": x_nchw})  # doctest: +SKIP
     """
+    from unittest import mock
+
     import tensorflow as tf
     import tf2onnx
 
@@ -54,7 +56,7 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, nchw: bool = False, 
             proto, _ = tf2onnx.convert.from_function(
                 serving, input_signature=spec, opset=opset, inputs_as_nchw=["images"] if nchw else None)
     except Exception as err:
-        raise ExportError(f"ONNX conversion failed: {' '.join(str(err).split())[:500]}") from None
+        raise ExportError(f"ONNX conversion failed: {one_line(err)[:500]}") from None
     _gelu_in_fusable_form(proto)
     check_onnx(proto)
     write_atomic(path, proto.SerializeToString())
@@ -125,11 +127,11 @@ def check_onnx(proto) -> None:
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
-        raise ExportError(f"onnx.checker rejected the model: {' '.join(str(err).split())[:300]}") from None
+        raise ExportError(f"onnx.checker rejected the model: {one_line(err)[:300]}") from None
     try:
         ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception as err:
-        raise ExportError(f"onnxruntime cannot load the model: {' '.join(str(err).split())[:300]}") from None
+        raise ExportError(f"onnxruntime cannot load the model: {one_line(err)[:300]}") from None
 
 
 class OnnxRunner:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from convmixer_tf.errors import one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.onnx import DEFAULT_OPSET, OnnxRunner, check_onnx, export_onnx, float_onnx
 from convmixer_tf.outputs import temporary_folder, write_atomic
@@ -76,7 +77,7 @@ def export_onnx_int8(model, path, calibration: np.ndarray, *, nchw: bool = False
                 nodes_to_exclude=_nodes_of(ready, float_ops),
                 extra_options={"OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS)})
         except Exception as err:  # noqa: BLE001 - onnxruntime raises many kinds
-            raise ExportError(f"onnxruntime quantisation failed: {' '.join(str(err).split())[:400]}") from None
+            raise ExportError(f"onnxruntime quantisation failed: {one_line(err)[:400]}") from None
         import onnx
 
         proto = onnx.load(quantised)

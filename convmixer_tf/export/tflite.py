@@ -19,6 +19,7 @@ import numpy as np
 
 from convmixer_tf import contract, outputs
 from convmixer_tf.config import PIXEL_MAX
+from convmixer_tf.errors import one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.metadata import Metadata, with_metadata
 
@@ -164,7 +165,7 @@ def convert(traced: Traced, quantization=None, representative_data=None) -> byte
     try:
         return converter.convert()
     except Exception as err:
-        raise ExportError(f"TFLite conversion failed: {' '.join(str(err).split())[:500]}") from None
+        raise ExportError(f"TFLite conversion failed: {one_line(err)[:500]}") from None
 
 
 def float16_weights(flatbuffer: bytes) -> bytes:
