@@ -15,12 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
+from convmixer_tf import cli
+from convmixer_tf.config import list_variants
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+DESCRIPTION, _, EPILOG = __doc__.partition("\n\n")
 
 
 def _status_kb(field):
@@ -52,11 +55,15 @@ def measure_once(ckpt, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="convmixer_1536_20")
+    parser = cli.ArgumentParser(prog="benchmarks/bench_convert.py", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--variant", default="convmixer_1536_20", choices=list_variants(), metavar="NAME")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    return cli.run_command(lambda log, console: _run(args), verbose=True)
+
+
+def _run(args) -> int:
     if args.child:
         seconds, extra_mb, base_mb = measure_once(*args.child)
         print(f"{seconds:.3f} {extra_mb:.1f} {base_mb:.1f}")
@@ -80,7 +87,7 @@ def main(argv=None):
         for i in range(args.repeat):
             out = os.path.join(tmp, f"out{i}")
             os.makedirs(out)
-            proc = subprocess.run([sys.executable, __file__, "--child", ckpt, out], capture_output=True, text=True)
+            proc = cli.run_child([sys.executable, __file__, "--child", ckpt, out])
             if proc.returncode:
                 print(proc.stderr[-3000:])
                 return 1
@@ -95,5 +102,6 @@ def main(argv=None):
     return 0
 
 
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

@@ -21,18 +21,20 @@ them, int8 top-1 agreement does (see the note printed).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import importlib.util
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
+from convmixer_tf import cli
+from convmixer_tf.config import list_variants
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+DESCRIPTION, _, EPILOG = __doc__.partition("\n\n")
 THREADS = 2
 # The TFLite files also timed through MediaPipe's ImageClassifier (and alone on one thread,
 # as MediaPipe's Python API runs them): the ones an app would ship.
@@ -81,8 +83,8 @@ def litert_torch_file(net, name, tmp, python, seconds=None):
     weights = os.path.join(tmp, f"{name}_timm.pth")
     torch.save(net.state_dict(), weights)
     out = os.path.join(tmp, f"{name}_litert_torch.tflite")
-    done = subprocess.run([python, os.path.join(REPO, "benchmarks", "litert_torch_peer.py"), "--variant", name,
-                           "--state-dict", weights, "--output", out], capture_output=True, text=True)
+    done = cli.run_child([python, os.path.join(REPO, "benchmarks", "litert_torch_peer.py"), "--variant", name,
+                          "--state-dict", weights, "--output", out])
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"litert-torch conversion failed: {last[:120]}")
@@ -236,14 +238,19 @@ def _size(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["convmixer_768_32", "convmixer_1536_20"])
+    parser = cli.ArgumentParser(prog="benchmarks/bench_export.py", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--variants", nargs="+", default=["convmixer_768_32", "convmixer_1536_20"],
+                        choices=list_variants(), metavar="NAME")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--calibration-count", type=int, default=16)
     parser.add_argument("--litert-torch-python", default=None,
                         help="python of an environment with litert-torch, timm and torch "
                              f"(default: {os.path.relpath(LITERT_TORCH_VENV_PYTHON, REPO)} when present)")
     args = parser.parse_args(argv)
+    return cli.run_command(lambda log, console: _run(args), verbose=True)
+
+
+def _run(args) -> int:
     if args.litert_torch_python is None and os.path.exists(LITERT_TORCH_VENV_PYTHON):
         args.litert_torch_python = LITERT_TORCH_VENV_PYTHON
     if len(args.variants) > 1:  # a process each: 1536/20 alone peaks at 23 GiB, which the next must not inherit
@@ -252,8 +259,9 @@ def main(argv=None):
                      "--calibration-count", str(args.calibration_count)]
             if args.litert_torch_python:
                 child += ["--litert-torch-python", args.litert_torch_python]
-            if subprocess.call(child) != 0:
-                return 1
+            with cli.child(child) as process:
+                if process.wait() != 0:
+                    return 1
         return 0
 
     import tensorflow as tf
@@ -305,5 +313,6 @@ def main(argv=None):
     return 0
 
 
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

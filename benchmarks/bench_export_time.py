@@ -35,7 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 from bench_export import LITERT_TORCH_VENV_PYTHON, cpu_description, litert_torch_file  # noqa: E402
 
-from convmixer_tf import outputs  # noqa: E402
+from convmixer_tf import cli, outputs  # noqa: E402
+from convmixer_tf.config import list_variants  # noqa: E402
 
 TARGET = 7.0  # ours, every file / litert-torch, float32 only
 
@@ -64,9 +65,9 @@ def whole_export(model_path, out, calibration_count):
     command = [sys.executable, "-m", "convmixer_tf.export", "--model", model_path, "--formats", "all",
                "--calibration-count", str(calibration_count), "--output", out, "--quiet"]
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    memory = peak_memory(process)
-    printed, errors = process.communicate()
+    with cli.child(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        memory = peak_memory(process)
+        printed, errors = process.communicate()
     if process.returncode != 0:
         raise RuntimeError(f"export failed: {errors.strip().splitlines()[-1:]}")
     return time.perf_counter() - start, memory["peak_gb"], printed
@@ -134,22 +135,25 @@ def show(result, calibration_count):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["convmixer_768_32", "convmixer_1536_20"])
-    parser.add_argument("--calibration-count", type=int, default=8, help="as make demo (default 8)")
+    parser = cli.ArgumentParser(prog="benchmarks/bench_export_time.py", description=__doc__.splitlines()[0],
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    parser.add_argument("--variants", nargs="+", default=["convmixer_768_32", "convmixer_1536_20"],
+                        choices=list_variants(), metavar="NAME", help=f"any of: {', '.join(list_variants())}")
+    parser.add_argument("--calibration-count", type=cli.positive(), default=8, help="as make demo")
     parser.add_argument("--litert-torch-python", default=None,
                         help="python of an environment with litert-torch, timm and torch "
                              f"(default: {os.path.relpath(LITERT_TORCH_VENV_PYTHON, REPO)} when present)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one variant, JSON out
     args = parser.parse_args(argv)
-    if args.json:  # an earlier file of this benchmark may be replaced, nothing else (exit 2 at once)
-        try:
-            outputs.check_file(args.json, is_ours, option="--json")
-        except ValueError as err:
-            parser.exit(2, f"error: {err}\n")
     if args.litert_torch_python is None and os.path.exists(LITERT_TORCH_VENV_PYTHON):
         args.litert_torch_python = LITERT_TORCH_VENV_PYTHON
+    return cli.run_command(lambda log, console: _run(args), verbose=True)
+
+
+def _run(args) -> int:
+    if args.json:  # an earlier file of this benchmark may be replaced, nothing else (exit 2 at once)
+        outputs.check_file(args.json, is_ours, option="--json")
     if args.one:
         import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
 
@@ -161,15 +165,15 @@ def main(argv=None):
                  "--calibration-count", str(args.calibration_count)]
         if args.litert_torch_python:
             child += ["--litert-torch-python", args.litert_torch_python]
-        done = subprocess.run(child, capture_output=True, text=True)
+        done = cli.run_child(child)
         if done.returncode != 0:
             print(done.stderr[-3000:], file=sys.stderr)
             return 1
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         show(results[-1], args.calibration_count)
     if args.json:
-        outputs.write_json_atomic(args.json, results, exclusive=not outputs.check_file(args.json, is_ours,
-                                                                                          option="--json"))
+        earlier = outputs.check_file(args.json, is_ours, option="--json")
+        outputs.write_json_atomic(args.json, results, exclusive=not earlier)
     return 0
 
 
@@ -179,4 +183,4 @@ def is_ours(data) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

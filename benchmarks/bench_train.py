@@ -31,12 +31,17 @@ rather than with JAX's profiler.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 
+from convmixer_tf import cli
+from convmixer_tf.config import list_variants
+
+DESCRIPTION, _, EPILOG = __doc__.partition("\n\n")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -124,8 +129,8 @@ def timm_torch(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="convmixer_768_32")
+    parser = cli.ArgumentParser(prog="benchmarks/bench_train.py", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--model", default="convmixer_768_32", choices=list_variants(), metavar="NAME")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
@@ -139,6 +144,10 @@ def main(argv=None):
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    return cli.run_command(lambda log, console: _run(args, argv), verbose=True)
+
+
+def _run(args, argv) -> int:
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     if args.only:
@@ -155,7 +164,7 @@ def main(argv=None):
     results = []
     for side in ("timm", "ours"):
         cmd = [sys.executable, os.path.abspath(__file__), "--only", side] + (argv if argv is not None else sys.argv[1:])
-        run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        run = cli.run_child(cmd, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         line = next((row for row in run.stdout.splitlines() if row.startswith("RESULT ")), None)
         if run.returncode != 0 or line is None:
             print(f"{side} failed:\n{run.stderr[-3000:]}", file=sys.stderr)
@@ -167,6 +176,7 @@ def main(argv=None):
         print(f"  {r['who']:<45} {r['images_per_second']:10.1f} images/s   on {r['device']}")
     print(f"  ratio ours / timm: {results[1]['images_per_second'] / results[0]['images_per_second']:.2f}")
     return 0
+
 
 
 def _result(run, side):
@@ -184,17 +194,19 @@ def multi_process(args, argv):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     results = {}
     for side, devices, pin in (("ours-1x2", 2, []), ("ours-half", 1, ["--cpu", "0"])):
-        run = subprocess.run(me + ["--only", side] + pin, capture_output=True, text=True,
-                             env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+        run = cli.run_child(me + ["--only", side] + pin,
+                            env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
         results[side] = _result(run, side)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(me + ["--only", "ours-2x1", "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}",
-                                    "--cpu", str(i % os.cpu_count())],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")) for i in range(2)]
-    outs = [p.communicate() for p in procs]
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(cli.child(
+            me + ["--only", "ours-2x1", "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}",
+                  "--cpu", str(i % os.cpu_count())],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1"))) for i in range(2)]
+        outs = [p.communicate() for p in procs]
     results["ours-2x1"] = _result(subprocess.CompletedProcess(procs[0].args, procs[0].returncode, *outs[0]), "2x1")
     print(f"{args.model}, {args.image_size} px, global batch {args.batch_size}, {args.precision}, "
           f"{args.steps} timed steps after {args.warmup}; CPU, {os.cpu_count()} cores")
@@ -211,4 +223,4 @@ def multi_process(args, argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

@@ -32,7 +32,6 @@ anything else is refused at once (exit 2), before the measuring starts.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -41,7 +40,7 @@ import sys
 import tempfile
 import time
 
-from convmixer_tf import outputs
+from convmixer_tf import cli, outputs
 from convmixer_tf.export.parallel import cores  # the cores this process may use
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -268,16 +267,19 @@ def markdown(result) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    description, _, epilog = __doc__.partition("\n\n")
+    parser = cli.ArgumentParser(prog="benchmarks/paper_table.py", description=description, epilog=epilog)
     parser.add_argument("--quick", action="store_true", help="32 px, batch 4, 2 runs, 2 calibration images")
     parser.add_argument("--networks", nargs="+", default=[net.name for net in PAPER], metavar="NAME",
-                        help="rows of the table to measure (default: all five)")
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per figure (default 3; quick 2)")
+                        choices=[net.name for net in PAPER], help="rows of the table to measure (default: all five)")
+    parser.add_argument("--runs", type=cli.positive(), default=None,
+                        help="timed runs per figure (default 3; quick 2)")
     parser.add_argument("--output-dir", default=None, help="write paper_table.md and paper_table.json there")
     args = parser.parse_args(argv)
-    unknown = set(args.networks) - {net.name for net in PAPER}
-    if unknown:
-        parser.error(f"unknown networks {sorted(unknown)}; the table has {[net.name for net in PAPER]}")
+    return cli.run_command(lambda log, console: _run(args, log), verbose=True)
+
+
+def _run(args, log) -> int:
     settings = Settings.quick() if args.quick else Settings()
     settings = dataclasses.replace(settings, runs=args.runs) if args.runs else settings
 
@@ -285,11 +287,10 @@ def main(argv=None) -> int:
 
     import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
 
-    def log(message):
-        print(message, file=sys.stderr, flush=True)
-
     with contextlib.ExitStack() as stack:
-        staging = args.output_dir and _staged(stack, args.output_dir, parser)
+        staging = None
+        if args.output_dir:  # a new folder, or one of an earlier table: checked before the measuring starts
+            staging = stack.enter_context(outputs.staged(args.output_dir, TABLE, force=True))
         rows = [measure_network(net, settings, log) for net in PAPER if net.name in args.networks]
         result = {"machine": cpu_description(), "cores": cores(), "quick": args.quick,
                   "settings": dataclasses.asdict(settings), "rows": rows,
@@ -304,17 +305,9 @@ def main(argv=None) -> int:
 
 TABLE = outputs.Output("benchmarks/paper_table.py", "paper_table.json",
                        lambda data: isinstance(data, dict) and {"rows", "ratios"} <= set(data),
-                       ("paper_table.md", "paper_table.json"))
-
-
-def _staged(stack, output_dir, parser):
-    """A staging folder that becomes `output_dir` once the table is written (see the top)."""
-    try:
-        return stack.enter_context(outputs.staged(output_dir, TABLE, force=True))
-    except ValueError as err:
-        parser.exit(2, f"error: {err}\n")
+                       outputs.exactly("paper_table.md", "paper_table.json"))
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    sys.exit(main())
+    cli.exit(main())

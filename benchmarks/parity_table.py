@@ -6,19 +6,25 @@ BatchNorm statistics) -> checkpoint file -> converter -> report, one row each.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 
+from convmixer_tf import cli
+from convmixer_tf.config import list_variants
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+DESCRIPTION, _, EPILOG = __doc__.partition("\n\n")
 VARIANTS = ["convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20_ks9_p14"]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=VARIANTS)
+    parser = cli.ArgumentParser(prog="benchmarks/parity_table.py", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=list_variants(), metavar="NAME")
     args = parser.parse_args(argv)
+    return cli.run_command(lambda log, console: _run(args), verbose=True)
+
+
+def _run(args) -> int:
 
     import timm
     import torch
@@ -42,5 +48,6 @@ def main(argv=None):
     return 0
 
 
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())

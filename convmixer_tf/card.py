@@ -4,6 +4,9 @@ the three uses. A folder with one can be uploaded to the Hub as it is."""
 
 from __future__ import annotations
 
+import html
+import re
+import urllib.parse
 from typing import Optional
 
 USES = """\
@@ -39,32 +42,92 @@ logits = onnxruntime.InferenceSession("model.onnx").run(["logits"], {{"images": 
 
 
 def model_card(info, report: Optional[dict] = None) -> str:
-    """README.md text for a model with facts `info` (and the converter's `report`)."""
+    """README.md text for a model with facts `info` (and the converter's `report`).
+
+    Text from outside (a Hub repo's config, a file name) reaches the card only as YAML
+    written by a YAML library (the front matter) or as escaped Markdown text (the body).
+    """
     source = info.source or {}
-    c, pre = info.config, info.preprocessing
-    front = ["---", "library_name: keras", "pipeline_tag: image-classification",
-             "tags: [convmixer, image-classification, keras, tflite, onnx]"]
-    front += [f"base_model: {source['repo']}"] if source.get("repo") else []
-    front += [f"license: {source['license']}"] if source.get("license") else []
-    lines = front + ["---", "", f"# ConvMixer-{c.dim}/{c.depth} ({info.variant or 'ConvMixer'}) for Keras 3", "",
-                     f"Kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}, {c.num_classes or 'no'} classes"
-                     f"{'' if info.class_names is None else ' (names inside)'}; input {pre.input_size} px, crop_pct "
-                     f"{pre.crop_pct}, {pre.interpolation}, mean {pre.mean}, std {pre.std}.", ""]
-    if source.get("repo"):
-        lines += [f"Weights: [{source['repo']}](https://huggingface.co/{source['repo']}) at "
-                  f"{source.get('commit') or source.get('revision')}, file {source.get('file')}.", ""]
-    elif source.get("file"):
-        lines += [f"Weights: {source['file']}.", ""]
-    parity = (report or {}).get("parity") or {}
-    if parity.get("max_abs") is not None:
-        top1 = "" if parity["top1_agreement"] is None else f", top-1 agreement {parity['top1_agreement']:.0%}"
-        lines += [f"Parity with the PyTorch network ({parity['reference']}): max |output difference| "
-                  f"{parity['max_abs']:.2e} on {parity['num_inputs']} inputs{top1}, every stage compared.", ""]
-    files = [row for row in (report or {}).get("files", []) if "max_abs" in row]
-    if files:
-        lines += ["| file | format | size | max abs diff vs Keras | checked |", "|---|---|---|---|---|"]
-        lines += [f"| `{r['path']}` | {r['format']} | {r['bytes'] / 1e6:.1f} MB | {r['max_abs']:.1e} | "
-                  f"{'passed' if r['passed'] else 'FAILED'} |" for r in files] + [""]
-    lines += ["Converted from the PyTorch weights with convmixer-tf; every file above was loaded back by its own "
-              "runtime and compared with the Keras model before it was written.", ""]
+    lines = ["---", front_matter(source).rstrip("\n"), "---", "", *_summary(info), ""]
+    lines += _weights(source)
+    lines += _parity((report or {}).get("parity") or {})
+    lines += _files((report or {}).get("files", []))
+    lines += [
+        "Converted from the PyTorch weights with convmixer-tf; every file above was loaded back by "
+        "its own runtime and compared with the Keras model before it was written.",
+        "",
+    ]
     return "\n".join(lines) + USES.format(keras="model.keras")
+
+
+def front_matter(source: dict) -> str:
+    """The Hub's front matter (YAML) of a model whose weights came from `source`."""
+    import yaml
+
+    fields = {
+        "library_name": "keras",
+        "pipeline_tag": "image-classification",
+        "tags": ["convmixer", "image-classification", "keras", "tflite", "onnx"],
+    }
+    if source.get("repo"):
+        fields["base_model"] = source["repo"]
+    if source.get("license"):
+        fields["license"] = source["license"]
+    return yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
+
+
+def text(value) -> str:
+    """`value` as Markdown text that renders as itself: on one line, HTML and Markdown
+    characters escaped (a file name or a repo's field can hold `<script>` or `](`)."""
+    plain = " ".join(str(value).split())
+    plain = html.escape(plain, quote=True)
+    return re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", plain)
+
+
+def _summary(info) -> list:
+    c, pre = info.config, info.preprocessing
+    names = "" if info.class_names is None else " (names inside)"
+    return [
+        f"# ConvMixer-{c.dim}/{c.depth} ({text(info.variant or 'ConvMixer')}) for Keras 3",
+        "",
+        f"Kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}, "
+        f"{c.num_classes or 'no'} classes{names}; input {pre.input_size} px, "
+        f"crop_pct {pre.crop_pct}, {pre.interpolation}, mean {pre.mean}, std {pre.std}.",
+    ]
+
+
+def _weights(source: dict) -> list:
+    if source.get("repo"):
+        at = text(source.get("commit") or source.get("revision"))
+        repo = source["repo"]  # OWNER/NAME, checked where it entered (weights_converter.hub)
+        link = f"[{text(repo)}](https://huggingface.co/{urllib.parse.quote(repo, safe='/')})"
+        return [f"Weights: {link} at {at}, file {text(source.get('file'))}.", ""]
+    if source.get("file"):
+        return [f"Weights: {text(source['file'])}.", ""]
+    return []
+
+
+def _parity(parity: dict) -> list:
+    if parity.get("max_abs") is None:
+        return []
+    top1 = ""
+    if parity["top1_agreement"] is not None:
+        top1 = f", top-1 agreement {parity['top1_agreement']:.0%}"
+    return [
+        f"Parity with the PyTorch network ({text(parity['reference'])}): max |output difference| "
+        f"{parity['max_abs']:.2e} on {parity['num_inputs']} inputs{top1}, every stage compared.",
+        "",
+    ]
+
+
+def _files(rows) -> list:
+    rows = [row for row in rows if "max_abs" in row]
+    if not rows:
+        return []
+    lines = ["| file | format | size | max abs diff vs Keras | checked |", "|---|---|---|---|---|"]
+    for r in rows:
+        verdict = "passed" if r["passed"] else "FAILED"
+        lines.append(
+            f"| `{r['path']}` | {r['format']} | {r['bytes'] / 1e6:.1f} MB | {r['max_abs']:.1e} | {verdict} |"
+        )
+    return [*lines, ""]

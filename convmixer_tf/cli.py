@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -17,7 +19,7 @@ import traceback
 import warnings
 from typing import Callable
 
-from convmixer_tf import outputs
+from convmixer_tf import interrupts, temporaries
 from convmixer_tf.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, exit_code, one_line
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -46,12 +48,12 @@ def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: b
     console, owned = _user_stream(sys.stderr, 2)
 
     def interrupted(signum, frame):
-        if outputs.interrupt(signum):  # False: the output is being moved into place, or is
+        if interrupts.interrupt(signum):  # False: the output is being moved into place, or is
             sys.stdout.flush()
             print("error: interrupted", file=console, flush=True)
             os._exit(128 + signum)
 
-    outputs.begin_command()
+    interrupts.begin_command()
     previous = {signum: signal.signal(signum, interrupted) for signum in SIGNALS}
     try:
         with _temporary_files(), _quiet() if not verbose else contextlib.nullcontext():
@@ -78,9 +80,29 @@ def _temporary_files():
     Keras', autograph's) goes into one folder, removed at the end and on an interrupt."""
     from unittest import mock  # it imports asyncio: kept off the path of --help
 
-    with outputs.temporary_folder() as folder, mock.patch.dict(os.environ, TMPDIR=folder), \
+    with temporaries.temporary_folder() as folder, mock.patch.dict(os.environ, TMPDIR=folder), \
             mock.patch.object(tempfile, "tempdir", folder):
         yield
+
+
+@contextlib.contextmanager
+def child(command, **popen):
+    """A child process (`subprocess.Popen(command, **popen)`) that ends with this command:
+    killed and reaped on SIGINT / SIGTERM, and when the block fails."""
+    process = subprocess.Popen(command, **popen)
+    with process, interrupts.on_interrupt(lambda: (process.kill(), process.wait(5))):
+        try:
+            yield process
+        except BaseException:
+            process.kill()
+            raise
+
+
+def run_child(command, **popen) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)` through `child`."""
+    with child(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen) as process:
+        out, err = process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def exit(code: int):
@@ -163,31 +185,47 @@ class ArgumentParser(argparse.ArgumentParser):
         target.add_argument("--verbose", action="store_true", help=f"let {noisy} print their logs")
 
 
-def floats(count: int):
-    """An argparse type: `count` comma-separated numbers, as a tuple."""
+def floats(count: int, *, positive: bool = False):
+    """An argparse type: `count` comma-separated finite numbers (each > 0 with `positive`), as a tuple."""
+    wanted = f"{count} comma-separated finite numbers" + (" > 0" if positive else "")
+
     def parse(text):
         try:
             values = tuple(float(v) for v in text.split(","))
         except ValueError:
             values = ()
-        if len(values) != count:
-            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}")
+        finite = len(values) == count and all(math.isfinite(v) for v in values)
+        if not finite or (positive and min(values) <= 0):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return values
 
     parse.__name__ = f"{count} numbers"
     return parse
 
 
-def positive(kind=int):
-    """An argparse type: a number > 0."""
+def positive(kind=int, *, most=None):
+    """An argparse type: a finite number > 0 (and at most `most`)."""
+    bound = f" and at most {most}" if most is not None else ""
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        if value is None or not 0 < value < math.inf or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"must be a positive number{bound}, got {text!r}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def fraction(text):
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value

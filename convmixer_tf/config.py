@@ -8,7 +8,11 @@ checkpoints and users call them); the CIFAR-10 rows are the paper's small models
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Optional, Tuple
+
+from convmixer_tf.errors import BadInput
 
 ACTIVATIONS = ("gelu", "relu")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "area")
@@ -20,6 +24,9 @@ CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 # Raw RGB pixels run from 0 to PIXEL_MAX: what apps hand over and what every graph here
 # that "takes raw RGB" expects.
 PIXEL_MAX = 255.0
+# The largest input side accepted anywhere (pixels): a larger one is refused before any
+# memory is reserved for it (the released models take 224).
+MAX_INPUT_SIZE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +57,9 @@ class ConvMixerConfig:
             value = getattr(self, field)
             least, words = (0, "an integer >= 0") if field == "num_classes" else (1, "a positive integer")
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{field} must be {words}, got {value!r}")
+                raise BadInput(f"{field} must be {words}, got {value!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise BadInput(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
     def replace(self, **changes) -> "ConvMixerConfig":
         return dataclasses.replace(self, **changes)
@@ -64,6 +71,27 @@ class ConvMixerConfig:
         """"ConvMixer-768/32 k7 p7" (and what sets a non-depthwise network apart)."""
         kind = "" if self.depthwise else ", full (non-depthwise) k x k conv"
         return f"ConvMixer-{self.dim}/{self.depth} k{self.kernel_size} p{self.patch_size}{kind}"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_size(field: str, value) -> int:
+    """`value` as an input side: an integer from 1 to MAX_INPUT_SIZE; BadInput naming `field`."""
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not integer or not 1 <= value <= MAX_INPUT_SIZE:
+        raise BadInput(f"{field} must be an integer from 1 to {MAX_INPUT_SIZE}, got {value!r}")
+    return value
+
+
+def check_numbers(field: str, values, *, positive: bool = False) -> tuple:
+    """`values` as 3 finite numbers (> 0 with `positive`); BadInput naming `field`."""
+    ok = isinstance(values, (tuple, list)) and len(values) == 3 and all(map(_is_number, values))
+    if not ok or (positive and min(values) <= 0):
+        wanted = "3 finite numbers > 0" if positive else "3 finite numbers"
+        raise BadInput(f"{field} must be {wanted}, got {values!r}")
+    return tuple(float(v) for v in values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +111,13 @@ class Preprocessing:
     std: Tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values each, std > 0; got mean={self.mean!r}, std={self.std!r}")
-        if not self.crop_pct > 0 or self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"need crop_pct > 0 and interpolation in {INTERPOLATIONS}; "
-                             f"got {self.crop_pct!r}, {self.interpolation!r}")
+        object.__setattr__(self, "input_size", int(check_size("input_size", self.input_size)))
+        object.__setattr__(self, "mean", check_numbers("mean", self.mean))
+        object.__setattr__(self, "std", check_numbers("std", self.std, positive=True))
+        if not _is_number(self.crop_pct) or not 0 < self.crop_pct <= 1:
+            raise BadInput(f"crop_pct must be a number in (0, 1], got {self.crop_pct!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise BadInput(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
     def replace(self, **changes) -> "Preprocessing":
         return dataclasses.replace(self, **changes)

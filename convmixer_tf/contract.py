@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from convmixer_tf.config import VARIANTS, ConvMixerConfig, Preprocessing
-from convmixer_tf.errors import one_line
+from convmixer_tf.errors import BadInput, one_line
 
 # Layer names (a mapping table, a parity probe or an exporter finds layers by these)
 INPUT = "images"
@@ -100,14 +100,14 @@ class ModelInfo:
         for key, kinds in fields.items():
             if not isinstance(data.get(key), kinds):
                 wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-                raise ValueError(f"'{key}' must be {wanted}, got {json.dumps(data.get(key))[:60]}")
+                raise BadInput(f"'{key}' must be {wanted}, got {json.dumps(data.get(key))[:60]}")
         try:
             pre = dict(data["preprocessing"], mean=tuple(data["preprocessing"]["mean"]),
                        std=tuple(data["preprocessing"]["std"]))
             return cls(**dict({k: data[k] for k in fields}, config=ConvMixerConfig(**data["config"]),
                               preprocessing=Preprocessing(**pre)))
         except (KeyError, TypeError) as err:
-            raise ValueError(f"'config' or 'preprocessing' has missing or unknown fields ({err})") from None
+            raise BadInput(f"'config' or 'preprocessing' has missing or unknown fields ({err})") from None
 
 
 _FORBIDDEN = ("Cc", "Zl", "Zp")  # control characters and line / paragraph separators
@@ -123,13 +123,13 @@ def _unprintable(name: str) -> Optional[str]:
 def check_class_names(names: Sequence[str], num_classes: int) -> None:
     """ValueError (exit 2) unless there is one non-empty, printable single-line name per class."""
     if num_classes == 0:
-        raise ValueError("class names were given, but the model has no classifier head")
+        raise BadInput("class names were given, but the model has no classifier head")
     if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names for a model with {num_classes} classes")
+        raise BadInput(f"{len(names)} class names for a model with {num_classes} classes")
     for i, name in enumerate(names):
         why = _unprintable(name)
         if why:
-            raise ValueError(f"class name {i} ({name!r}) {why}: class names must be printable single lines")
+            raise BadInput(f"class name {i} ({name!r}) {why}: class names must be printable single lines")
 
 
 def read_labels(path, allow_duplicates: bool = False) -> Tuple[str, ...]:
@@ -141,22 +141,22 @@ def read_labels(path, allow_duplicates: bool = False) -> Tuple[str, ...]:
             text = f.read()
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) else err
-        raise ValueError(f"cannot read labels file {path}: {reason}") from None
+        raise BadInput(f"cannot read labels file {path}: {reason}") from None
     lines = [line[:-1] if line.endswith("\r") else line for line in text.removeprefix("\ufeff").split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise ValueError(f"labels file {path} is empty")
+        raise BadInput(f"labels file {path} is empty")
     for number, line in enumerate(lines, 1):
         why = _unprintable(line)
         if why:
-            raise ValueError(f"labels file {path}, line {number} {why} ({line!r}): one printable name per line")
+            raise BadInput(f"labels file {path}, line {number} {why} ({line!r}): one printable name per line")
     names = tuple(line.strip() for line in lines)
     repeated = {name: [i + 1 for i, n in enumerate(names) if n == name]
                 for name, count in collections.Counter(names).items() if count > 1}
     if repeated and not allow_duplicates:
         shown = "; ".join(f"{name!r} on lines {', '.join(map(str, at))}" for name, at in list(repeated.items())[:3])
-        raise ValueError(f"labels file {path} repeats names ({shown}): an app could not tell those classes "
+        raise BadInput(f"labels file {path} repeats names ({shown}): an app could not tell those classes "
                          "apart; pass --allow-duplicate-labels to keep them")
     return names
 
@@ -193,7 +193,7 @@ def _layer_facts(model) -> dict:
         stem, spatial = layers[STEM_CONV], layers[block_layer(0, "dw_conv")]
         activation = layers[STEM_ACT].get_config()["activation"]
     except KeyError as missing:
-        raise ValueError(f"model {model.name!r} is not a ConvMixer built by convmixer_tf "
+        raise BadInput(f"model {model.name!r} is not a ConvMixer built by convmixer_tf "
                          f"(it has no layer {missing})") from None
     head = layers.get(HEAD)
     config = ConvMixerConfig(
@@ -238,7 +238,7 @@ def _check_agrees(model, info: ModelInfo, path) -> None:
     wrong = [f"{key}: the layers say {found[key]}, {INFO_MEMBER} says {stored[key]}"
              for key in found if found[key] != stored[key]]
     if wrong:
-        raise ValueError(f"{path}: its stored facts do not match its layers ({'; '.join(wrong)}); "
+        raise BadInput(f"{path}: its stored facts do not match its layers ({'; '.join(wrong)}); "
                          "the file was edited or is damaged")
 
 
@@ -258,10 +258,10 @@ def stored_info(path, model=None) -> Optional[ModelInfo]:
                     return None
                 data = json.loads(archive.read(INFO_MEMBER))
         if not isinstance(data, dict) or data.get("version") not in (1, INFO_VERSION):
-            raise ValueError(f"unsupported version {data.get('version') if isinstance(data, dict) else '?'}")
+            raise BadInput(f"unsupported version {data.get('version') if isinstance(data, dict) else '?'}")
         return ModelInfo.from_dict(data) if data["version"] == INFO_VERSION else _legacy_info(model, data)
-    except (zipfile.BadZipFile, ValueError) as err:
-        raise ValueError(f"{path}: cannot read {INFO_MEMBER}: {err}") from None
+    except (zipfile.BadZipFile, ValueError) as err:  # ValueError: JSON, or a stored value out of range
+        raise BadInput(f"{path}: cannot read {INFO_MEMBER}: {err}") from None
 
 
 def save_model(model, path, info: Optional[ModelInfo] = None) -> str:
@@ -272,16 +272,17 @@ def save_model(model, path, info: Optional[ModelInfo] = None) -> str:
     if str(path).startswith(HUB_SCHEME):
         from huggingface_hub import HfApi
 
-        from convmixer_tf.outputs import temporary_folder
+        from convmixer_tf.temporaries import temporary_folder
 
         with temporary_folder() as folder:
             write_hub_folder(model, os.path.join(folder, "model"), info)
             repo = HfApi().create_repo(str(path)[len(HUB_SCHEME):], exist_ok=True).repo_id
             HfApi().upload_folder(repo_id=repo, folder_path=os.path.join(folder, "model"))
         return str(path)
+    from convmixer_tf.temporaries import temporary_name
+
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.partial.keras")
+    tmp = temporary_name(path, suffix=".keras")  # Keras saves only to names ending in .keras
     try:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:
@@ -314,10 +315,19 @@ def _hub_folder(path) -> str:
 
     repo, _, revision = path[len(HUB_SCHEME):].partition("@")
     try:
-        return snapshot_download(repo, revision=revision or None)
+        folder = snapshot_download(repo, revision=revision or None)
     except LocalEntryNotFoundError:
-        raise ValueError(f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+        raise BadInput(f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
                          f"cannot be reached; fetch it where it can: hf download {repo}") from None
+    names = set(os.listdir(folder))
+    if "model.keras" in names or {"config.json", "model.weights.h5"} <= names:
+        return folder
+    torch_weights = sorted(names & {"model.safetensors", "pytorch_model.bin"})
+    if torch_weights:
+        raise BadInput(f"{path} holds PyTorch weights ({torch_weights[0]}), not a Keras model: convert them "
+                       f"with convmixer_tf.create_model(VARIANT, pretrained=\"hf-hub:{repo}\") or python -m "
+                       f"weights_converter --torch-ckpt hf-hub:{repo}")
+    raise BadInput(f"{path} holds no Keras model (neither model.keras nor Keras' config.json with model.weights.h5)")
 
 
 def load_model(path, role: str = "model"):
@@ -337,18 +347,21 @@ def load_model(path, role: str = "model"):
         path = os.path.join(path, "model.keras")
     keras_folder = os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(path)
     if os.path.isdir(path) and not keras_folder:
-        raise ValueError(f"{role} {path} is a folder, not a .keras file")
+        raise BadInput(f"{role} {path} is a folder, not a .keras file")
     if not os.path.exists(path):
-        raise ValueError(f"{role} not found: {path}")
+        raise BadInput(f"{role} not found: {path}")
     if not keras_folder and not zipfile.is_zipfile(path):
-        raise ValueError(f"cannot load {role} {path}: not a .keras file (a .keras file is a zip archive; "
+        raise BadInput(f"cannot load {role} {path}: not a .keras file (a .keras file is a zip archive; "
                          "is it truncated or corrupt?)")
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as err:  # noqa: BLE001 - any reason the file does not load
-        raise ValueError(f"cannot load {role} {path}: {one_line(err)[:300]}") from None
+        raise BadInput(f"cannot load {role} {path}: {one_line(err)[:300]}") from None
     info = stored_info(path, model)
     if info is None:
-        info = _legacy_info(model)
+        try:
+            info = _legacy_info(model)
+        except BadInput as err:  # a preprocessing layer of non-finite numbers, say
+            raise BadInput(f"{path}: {err}") from None
     _check_agrees(model, info, path)
     return attach(model, info)

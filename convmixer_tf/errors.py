@@ -14,6 +14,11 @@ class CheckFailed(RuntimeError):
     """The job ran and its result failed a check (exit code 1)."""
 
 
+class BadInput(ValueError):
+    """What the user gave (an argument, a file, a value inside one) is not usable (exit
+    code 2); the message names it, where it came from, and what is allowed."""
+
+
 def exit_code(err: BaseException) -> int:
     """The exit code promised for an exception raised by a job."""
     if isinstance(err, CheckFailed):

@@ -140,7 +140,7 @@ def create_model(name: str, *, pretrained=False, **overrides):
 
 
 def _pretrained(name, pretrained, overrides):
-    from weights_converter.pipeline import pretrained as converted  # only this needs the converter
+    from weights_converter.pretrained import pretrained as converted  # only this needs the converter
 
     variant = get_variant(name)
     if pretrained is True and not variant.hub_id:

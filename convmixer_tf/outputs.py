@@ -1,11 +1,10 @@
 """Writing outputs so that nothing is half-written and nothing of the user's is lost.
 
 - `write_atomic`: a file appears whole or not at all, with the umask's mode.
-- `Output`: what one command writes (a marker file and the patterns of every file), so
+- `Output`: what one command writes (a marker file and the exact paths of every file), so
   `--force` tells, all the way down, an earlier output of that command from anything else.
 - `staged`: an output folder is built beside its place and moved there by one rename at
   the end; rename(2) never replaces a non-empty folder, so of two racing runs one wins.
-- `interrupt`: what the command lines' SIGINT / SIGTERM handler calls.
 """
 
 from __future__ import annotations
@@ -13,79 +12,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fnmatch
+import functools
 import json
 import os
+import re
 import shutil
-import signal
 import tempfile
 from typing import Callable, Optional, Sequence, Tuple
 
+from convmixer_tf.errors import BadInput
+from convmixer_tf.interrupts import final_move, remove_file, removed_on_interrupt
+from convmixer_tf.temporaries import TEMPORARY, alive, temporary_name, writer_id
 
-class OutputExistsError(ValueError):
+
+class OutputExistsError(BadInput):
     """The output exists and may not be replaced (bad input: exit code 2)."""
-
-
-# Interrupts: what to undo, and the moment that must not be cut short
-_undo = []  # callables, newest last: what a signal that stops this process undoes first
-_state = {"moving": False, "pending": None, "done": False}
-
-
-@contextlib.contextmanager
-def on_interrupt(undo: Callable[[], object]):
-    """Registers `undo` (a child process to kill, a path to remove) for `interrupt` while
-    the block runs."""
-    _undo.append(undo)
-    try:
-        yield
-    finally:
-        _undo.remove(undo)
-
-
-def removed_on_interrupt(path):
-    """Registers `path` (a staging folder, a temporary file or folder) for `interrupt`."""
-    def remove(path=os.fspath(path)):
-        for _ in range(3):  # a writer thread may add a file while the folder goes
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _remove(path)
-            if not os.path.lexists(path):
-                break
-    return on_interrupt(remove)
-
-
-def interrupt(signum) -> bool:
-    """Undoes what this process was doing (newest first) and returns True (stop now).
-    During the final move it only remembers `signum` (re-sent once the move is done), and
-    after it lets the signal go: the command's work is done. Both return False (finish)."""
-    if _state["moving"] or _state["done"]:
-        _state["pending"] = signum if _state["moving"] else None
-        return False
-    for undo in reversed(_undo):
-        with contextlib.suppress(Exception):
-            undo()
-    return True
-
-
-def begin_command() -> None:
-    """A command line starts: nothing of it is in place yet."""
-    _state.update(moving=False, pending=None, done=False)
-
-
-@contextlib.contextmanager
-def _final_move():
-    _state["moving"] = True
-    try:
-        yield
-        _state["done"] = True
-    finally:
-        _state["moving"] = False
-        pending, _state["pending"] = _state["pending"], None
-        if pending is not None:
-            signal.raise_signal(pending)
-
-
-def _remove(path):
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
 
 
 def write_atomic(path, data, exclusive: bool = False) -> str:
@@ -93,8 +34,7 @@ def write_atomic(path, data, exclusive: bool = False) -> str:
     old file or the new one, never half of it. With `exclusive`, a file that exists at
     `path` by then is left alone (OutputExistsError): link(2) never replaces a file."""
     path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name[:200]}.{os.getpid()}.{os.urandom(4).hex()}.partial")
+    tmp = temporary_name(path)
     with removed_on_interrupt(tmp):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the mode
@@ -105,7 +45,7 @@ def write_atomic(path, data, exclusive: bool = False) -> str:
             except FileExistsError:  # only link(2) raises it
                 raise OutputExistsError(f"{path} appeared while this run was working; it was not replaced") from None
         finally:
-            _remove(tmp)
+            remove_file(tmp)
     return path
 
 
@@ -117,28 +57,41 @@ def jsonable(value):  # json.dumps' default= for numpy scalars and arrays
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
-@contextlib.contextmanager
-def temporary_folder(prefix: str = "convmixer-"):
-    """A temporary folder, removed on the way out and on an interrupt."""
-    path = tempfile.mkdtemp(prefix=prefix)
-    try:
-        with removed_on_interrupt(path):
-            yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def follow_umask(root) -> None:
+    """Gives every folder under `root` the mode the umask gives new folders (TensorFlow
+    makes its own 0755 whatever the umask)."""
+    mode = 0o777 & ~_umask()
+    for folder, dirs, _ in os.walk(root):
+        for name in dirs:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def exactly(*paths) -> tuple:
+    """`Output.files` entries for paths written under exactly these names."""
+    return tuple("/".join(re.escape(part) for part in path.split("/")) for path in paths)
 
 
 @dataclasses.dataclass(frozen=True)
 class Output:
-    """What one command writes as its output folder, and how to recognise one it wrote.
+    r"""What one command writes as its output folder, and how to recognise one it wrote.
 
     Args:
         tool: the command, for messages.
         marker: a file the command always writes there.
         is_ours: given the marker's parsed JSON, True when it is the command's.
-        files: glob patterns ("saved_model/variables/variables.*") of every file the
-            command may write there, relative and "/"-separated; "dir/" for a folder
-            that may stay empty. Anything else in the tree is the user's.
+        files: every path the command may write there, relative and "/"-separated, as one
+            regular expression per path segment, matched a segment at a time (never
+            across "/"): exact names (`exactly`), or the names a writer makes up
+            (r"variables\.data-\d{5}-of-\d{5}"); "dir/" for a folder that may stay empty.
+            Anything else anywhere in the tree is the user's.
     """
 
     tool: str
@@ -146,30 +99,45 @@ class Output:
     is_ours: Callable[[object], bool]
     files: Tuple[str, ...]
 
-    def _folder_ok(self, rel) -> bool:
-        for pattern in self.files:
-            parts = pattern.rstrip("/").split("/")
-            depth = len(parts) if pattern.endswith("/") else len(parts) - 1  # the folders a pattern implies
-            if any(fnmatch.fnmatchcase(rel, "/".join(parts[:k])) for k in range(1, depth + 1)):
-                return True
+    @functools.cached_property
+    def _patterns(self) -> tuple:
+        """(compiled segments, is a folder) of each entry of `files`."""
+        return tuple((tuple(re.compile(part) for part in entry.rstrip("/").split("/")), entry.endswith("/"))
+                     for entry in self.files)
+
+    def writes_file(self, parts: Sequence[str]) -> bool:
+        """True when the path of segments `parts` is a file this command writes."""
+        return any(not folder and _match(segments, parts) for segments, folder in self._patterns)
+
+    def writes_folder(self, parts: Sequence[str]) -> bool:
+        """True when `parts` is a folder this command writes into, or makes."""
+        for segments, folder in self._patterns:
+            if len(parts) < len(segments) or folder:
+                if _match(segments[:len(parts)], parts):
+                    return True
         return False
 
+    def _temporary_of_ours(self, parts: Sequence[str]) -> bool:
+        """A file of ours being written when its writer was killed (`temporary_name`)."""
+        match = TEMPORARY.fullmatch(parts[-1])
+        return match is not None and self.writes_file([*parts[:-1], match["name"]])
+
     def foreign(self, root) -> list:
-        """What under `root` this command did not write (relative paths): files, links, and
-        folders it does not make that hold nothing else. ".NAME...partial" files are
-        write_atomic's, left by a kill mid-write."""
+        """What under `root` this command did not write (relative paths): every file, link or
+        other entry whose path is not one of `files`, and empty folders it does not make."""
         found = []
         for folder, dirs, files in os.walk(root):
-            rel_folder = os.path.relpath(folder, root).replace(os.sep, "/")
-            prefix = "" if rel_folder == "." else rel_folder + "/"
-            if prefix and not dirs and not files and not self._folder_ok(rel_folder):
-                found.append(rel_folder)
+            rel = os.path.relpath(folder, root).replace(os.sep, "/")
+            parts = [] if rel == "." else rel.split("/")
+            if parts and not dirs and not files and not self.writes_folder(parts):
+                found.append(rel)
             for name in dirs + files:
-                path, rel = os.path.join(folder, name), prefix + name
-                ours_temporary = name.startswith(".") and ".partial" in name
-                if os.path.islink(path) or (name in files and not ours_temporary and not (
-                        os.path.isfile(path) and any(fnmatch.fnmatchcase(rel, p) for p in self.files))):
-                    found.append(rel)
+                path = os.path.join(folder, name)
+                if os.path.islink(path):
+                    found.append("/".join([*parts, name]))
+                elif name in files and not (os.path.isfile(path) and (
+                        self.writes_file([*parts, name]) or self._temporary_of_ours([*parts, name]))):
+                    found.append("/".join([*parts, name]))
         return sorted(found)
 
     def earlier_output(self, folder) -> Optional[list]:
@@ -180,7 +148,13 @@ class Output:
         except (OSError, ValueError):
             ours = False
         foreign = self.foreign(folder)
-        return None if not os.listdir(folder) or (ours and not foreign) else foreign or [f"{self.marker} missing"]
+        if not os.listdir(folder) or (ours and not foreign):
+            return None
+        return foreign or [f"{self.marker} missing"]
+
+
+def _match(segments, parts) -> bool:
+    return len(segments) == len(parts) and all(s.fullmatch(p) for s, p in zip(segments, parts))
 
 
 def check_inputs_outside(output, inputs: Sequence = ()) -> str:
@@ -248,25 +222,6 @@ STAGING_INFIX = ".partial-"
 _NAME_KEPT = 120  # of the output's name in its staging folder's (file names stop at 255 bytes)
 
 
-def process_start_time(pid: int) -> Optional[str]:
-    """The kernel's start time of process `pid` (tells a reused pid apart), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return process_start_time(pid) in (None, start)
-
-
 def _staging_prefix(output) -> Tuple[str, str]:
     parent, name = os.path.split(os.path.abspath(os.fspath(output)))
     return parent, f".{name[:_NAME_KEPT]}{STAGING_INFIX}"
@@ -280,7 +235,7 @@ def remove_stale_staging(output) -> list:
     with contextlib.suppress(OSError):
         for entry in os.listdir(parent):
             fields = entry[len(prefix):].split("-")
-            if entry.startswith(prefix) and len(fields) >= 3 and fields[0].isdigit() and not _alive(
+            if entry.startswith(prefix) and len(fields) >= 3 and fields[0].isdigit() and not alive(
                     int(fields[0]), fields[1]):
                 shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
                 removed.append(entry)
@@ -329,42 +284,52 @@ class Staging:
         try:
             self._created = _make_parents(parent)
             remove_stale_staging(self.output)
-            pid = os.getpid()
-            self.path = tempfile.mkdtemp(prefix=f"{prefix}{pid}-{process_start_time(pid) or 0}-", dir=parent)
+            self.path = tempfile.mkdtemp(prefix=f"{prefix}{writer_id()}-", dir=parent)
         except OSError as err:
             self.discard()
             where = f": {err.filename}" if err.filename else ""
             raise OutputExistsError(f"cannot write output {self.output}: {err.strerror or err}{where}") from None
         self._registration.enter_context(removed_on_interrupt(self.path))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(self.path, 0o777 & ~mask)  # mkdtemp makes it private; the output should not be
+        os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
         return self
 
     def commit(self) -> None:
-        with _final_move():
+        follow_umask(self.path)
+        with final_move():
             if not os.path.lexists(self.output):
                 with contextlib.suppress(FileExistsError):  # created since: the rule below applies to it too
-                    self.on_commit and self.on_commit(self)
+                    self._finish()
                     _move(self.path, self.output)
-                    return self._registration.close()
+                    self._registration.close()
+                    return
             # Replaced on purpose, or written meanwhile: either way only an output of this command goes.
             check_replaceable(self.output, self.kind, True, self.inputs)
             if not self.force:
                 raise OutputExistsError(f"output {self.output} appeared while this run was writing it "
                                         "(another run?); nothing was replaced: pass --force to replace it")
-            self.replaced = "existing output" if self._existed else "output written meanwhile by another run"
-            self.on_commit and self.on_commit(self)
-            aside = self.path + ".old"
-            os.rename(self.output, aside)
-            try:
-                _move(self.path, self.output)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.rename(aside, self.output)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
+            if self._existed:
+                self.replaced = "existing output"
+            else:
+                self.replaced = "output written meanwhile by another run"
+            self._finish()
+            self._swap()
             self._registration.close()
+
+    def _finish(self) -> None:
+        if self.on_commit is not None:
+            self.on_commit(self)
+
+    def _swap(self) -> None:
+        """Moves the earlier output aside, this one into place, and removes the earlier one."""
+        aside = self.path + ".old"
+        os.rename(self.output, aside)
+        try:
+            _move(self.path, self.output)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(aside, self.output)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
 
     def discard(self) -> None:
         if self.path:

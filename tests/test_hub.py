@@ -175,3 +175,74 @@ def test_hf_layout_keeps_the_models_facts(offline, tmp_path):
     assert convmixer_tf.info_of(loaded) == info
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_a_cache_entry_that_is_not_what_its_name_promises_is_converted_again(offline):
+    """The cache is ours: another model's valid .keras, or a truncated file, where a converted
+    model's name points is converted again and replaced; a killed conversion's temporary
+    file is removed by the next call, a live writer's kept."""
+    from weights_converter.pretrained import cache_folder
+
+    hub_cache(offline, "someone/cifar-convmixer", {"model.safetensors": safetensors_bytes(tiny(3))})
+    model = convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
+    (cached,) = [os.path.join(cache_folder(), name) for name in os.listdir(cache_folder())]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    other = convmixer_tf.ConvMixer(dim=64, depth=2, kernel_size=5, patch_size=2, num_classes=10,
+                                   input_shape=(32, 32, 3), include_preprocessing=True)
+    for entry in ("another model", "truncated"):
+        if entry == "another model":
+            convmixer_tf.save_model(other, cached)
+        else:
+            with open(cached, "r+b") as f:
+                f.truncate(2000)
+        again = convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
+        assert convmixer_tf.info_of(again).config.dim == 256, entry
+        np.testing.assert_allclose(again.predict(x, verbose=0), expected, atol=1e-6, err_msg=entry)
+        assert convmixer_tf.info_of(convmixer_tf.load_model(cached)).config.dim == 256, entry  # replaced
+    dead, live = _temporaries(cached)
+    os.remove(cached)
+    convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
+    assert not os.path.exists(dead) and os.path.exists(live)
+
+
+def _temporaries(cached):
+    """A temporary file of a conversion that was killed (kill -9 while saving), and one of a
+    live writer (this process), beside the cache entry."""
+    script = ("import os, sys\nfrom convmixer_tf import temporaries\n"
+              "path = temporaries.temporary_name(sys.argv[1], suffix='.keras')\n"
+              "open(path, 'w').write('half a model')\nprint(path, flush=True)\nos.kill(os.getpid(), 9)\n")
+    done = subprocess.run([sys.executable, "-c", script, cached], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    dead = done.stdout.strip()
+    assert done.returncode == -9 and os.path.exists(dead), done.stderr[-2000:]
+    from convmixer_tf import temporaries
+
+    live = temporaries.temporary_name(cached, suffix=".keras")
+    with open(live, "w") as f:
+        f.write("being written")
+    return dead, live
+
+
+def test_load_model_of_a_repo_of_pytorch_weights_says_what_to_do(offline):
+    hub_cache(offline, "timm/convmixer_768_32.in1k", {"model.safetensors": safetensors_bytes(tiny(1)),
+                                                      "config.json": json.dumps(TIMM_CONFIG).encode()})
+    with pytest.raises(ValueError, match=r"holds PyTorch weights \(model.safetensors\), not a Keras model") as err:
+        convmixer_tf.load_model("hf://timm/convmixer_768_32.in1k")
+    assert 'pretrained="hf-hub:timm/convmixer_768_32.in1k"' in str(err.value)
+    assert "weights_converter --torch-ckpt hf-hub:timm/convmixer_768_32.in1k" in str(err.value)
+
+
+def test_export_of_a_hub_model_writes_a_local_folder_by_default(offline, tmp_path, monkeypatch, capsys):
+    from convmixer_tf.export.__main__ import main
+
+    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
+                                   input_shape=(32, 32, 3), include_preprocessing=True)
+    folder = contract.write_hub_folder(model, tmp_path / "layout")
+    hub_cache(offline, "someone/pets", {name: (folder / name).read_bytes() for name in os.listdir(folder)
+                                        if (folder / name).is_file()})
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["--model", "hf://someone/pets", "--formats", "onnx", "--processes", "1", "--quiet"]) == 0
+    assert os.listdir(work) == ["pets_export"] and (work / "pets_export" / "model.onnx").is_file()

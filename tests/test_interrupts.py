@@ -165,3 +165,32 @@ def test_kill_9_of_an_export_ends_its_workers(tmp_path, tiny_model):
     while any(alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(alive(w) for w in workers)
+
+
+def test_the_temporary_folder_of_a_killed_command_is_removed_by_the_next(tmp_path, tiny_model):
+    """kill -9 reaches no handler: the command's temporary folder (a copy of the model, and
+    more) stays until the next command removes it; a live process's is left alone."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(tmp))
+    script = ("import time\nfrom convmixer_tf import temporaries\n"
+              "print(temporaries.make_temporary_folder(), flush=True)\ntime.sleep(300)\n")
+    live = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        live_folder = live.stdout.readline().strip()
+        killed = start([sys.executable, "-m", "convmixer_tf.export", "--model", str(tiny_model), "--formats", "tflite",
+                        "--output", str(tmp_path / "out"), "--processes", "1", "--quiet"], tmp)
+        deadline, left = time.time() + 60, []
+        while not left and time.time() < deadline:
+            left = [e for e in os.listdir(tmp) if e.startswith(f"convmixer-{killed.pid}-")]
+            time.sleep(0.01)
+        killed.kill()
+        killed.communicate(timeout=60)
+        assert len(left) == 1 and (tmp / left[0]).is_dir()  # left behind
+        again = subprocess.run([sys.executable, "-m", "convmixer_tf.export", "--model", str(tmp_path / "absent.keras")],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and "model not found" in again.stderr
+        assert not (tmp / left[0]).exists() and os.path.isdir(live_folder)
+    finally:
+        live.kill()
+        live.communicate()

@@ -3,8 +3,10 @@ in the runtimes that can run it, parameters as timm itself counts them."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -75,3 +77,70 @@ def test_benchmarks_never_write_over_a_users_files(tmp_path):
         assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stdout == "", (script, done.stderr)
     assert (notes / "paper_table.md").read_text() == "my notes" and os.listdir(notes) == ["paper_table.md"]
     assert mine.read_text() == '{"mine": true}' and sorted(os.listdir(tmp_path)) == ["figures.json", "notes"]
+
+
+def _children(pid) -> list:
+    """Live processes whose parent is `pid`, with their command lines."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if int(parent) == pid and state != "Z":
+            found.append((int(entry), command))
+    return found
+
+
+def _gone(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_benchmarks_keep_the_interrupt_rules(tmp_path):
+    """The benchmarks start like the commands: SIGTERM ends their children and removes what
+    they stage (exit 143), SIGINT is "error: interrupted" (130), not a traceback, and an
+    unknown name is one line (exit 2)."""
+    from test_interrupts import start
+
+    env = dict(os.environ, PYTHONPATH=REPO)
+    bench = [sys.executable, os.path.join(REPO, "benchmarks", "bench_export_time.py"), "--variants",
+             "convmixer_768_32"]
+    proc = start(bench, tmp_path)
+    deadline, child = time.time() + 120, None
+    while child is None and time.time() < deadline and proc.poll() is None:
+        child = next((pid for pid, command in _children(proc.pid) if "--one" in command), None)
+        time.sleep(0.05)
+    assert child is not None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1] == "error: interrupted"
+    deadline = time.time() + 5
+    while not _gone(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _gone(child), "the benchmark's child goes on without it"
+    table = [sys.executable, os.path.join(REPO, "benchmarks", "paper_table.py"), "--quick", "--networks",
+             "ResNet-152", "--output-dir", str(tmp_path / "table")]
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        proc = start(table, tmp_path)
+        deadline = time.time() + 60
+        while not [e for e in os.listdir(tmp_path) if e.startswith(".table.partial-")] and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signum and "Traceback" not in err, err[-2000:]
+        assert err.strip().splitlines()[-1] == "error: interrupted"
+        assert not [e for e in os.listdir(tmp_path) if "table" in e], os.listdir(tmp_path)
+    for script, option in (("bench_export_time.py", "--variants"), ("paper_table.py", "--networks"),
+                           ("bench_export.py", "--variants"), ("parity_table.py", "--variants")):
+        done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), option, "nope"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "invalid choice: 'nope'" in lines[0], (script, lines)

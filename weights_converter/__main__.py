@@ -74,6 +74,9 @@ def build_parser():
                         help="also compare on these images (timm's eval preprocessing)")
     parser.add_argument("--skip-parity", action="store_true",
                         help="convert without the PyTorch run (no proof; for machines without torch)")
+    parser.add_argument("--processes", type=cli.positive(), metavar="N",
+                        help="exports: 1 writes the files one after the other, in the least memory; default: "
+                             "side by side where cores and memory allow")
     parser.add_argument("--force", action="store_true", help="replace an earlier output of the converter")
     parser.add_console_options(noisy="TensorFlow, LiteRT, torch and absl")
     return parser
@@ -94,7 +97,7 @@ def _convert(args, log) -> int:
         skip_parity=args.skip_parity, calibration_data=args.calibration_data, log=log,
         calibration_count=args.calibration_count, labels=args.labels,
         allow_duplicate_labels=args.allow_duplicate_labels,
-        tflite_output="logits" if args.tflite_logits else "probabilities")
+        tflite_output="logits" if args.tflite_logits else "probabilities", processes=args.processes)
     if args.json:
         print(json.dumps(report, indent=2, default=jsonable))
     else:

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from convmixer_tf.errors import one_line
+from convmixer_tf.errors import BadInput, one_line
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
@@ -27,7 +27,7 @@ EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 STRIPPABLE_PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """The file is not a readable ConvMixer checkpoint (bad input: exit code 2)."""
 
 

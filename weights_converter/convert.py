@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from convmixer_tf.config import ConvMixerConfig
+from convmixer_tf.errors import BadInput
 from weights_converter import mapping
 from weights_converter.checkpoint import Checkpoint, read_checkpoint
 
@@ -90,27 +91,38 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], variant: Optional[str]
         info = info.replace(preprocessing=convmixer_tf.get_variant(matched).preprocessing, variant=matched)
     if facts.get("preprocessing"):
         info = info.replace(preprocessing=facts["preprocessing"])
-    names, names_source = _class_names(class_names, facts.get("class_names"), matched, config, include_top)
+    names, names_source = _class_names(class_names, facts, matched, config, include_top)
     contract.attach(model, info.replace(class_names=names, source=facts.get("source")))
     state_dicts = {name: mapping.from_canonical(canonical, name, config.depth) for name in mapping.LAYOUTS}
     return Conversion(model, config, layout, matched, source, include_top, len(rows), state_dicts,
                       class_names_source=names_source)
 
 
-def _class_names(given, from_source, matched, config, include_top):
+def _class_names(given, facts, matched, config, include_top):
     """(names, where they came from): given ones, else the source's (a hub config), else
     ImageNet-1k's for a released variant's 1000-class head."""
     import convmixer_tf
     from convmixer_tf import contract
 
-    if given is not None or from_source is not None:
-        if not include_top:
-            raise mapping.MappingError("class names were given, but the checkpoint has no classifier head")
-        contract.check_class_names(tuple(given or from_source), config.num_classes)
-        return tuple(given or from_source), "labels file" if given is not None else "the hub's config.json"
-    released = matched is not None and convmixer_tf.get_variant(matched).timm_name is not None
-    names = contract.imagenet_class_names() if released and include_top and config.num_classes == 1000 else None
-    return names, "ImageNet-1k (timm)" if names is not None else "none"
+    if given is not None:
+        names, origin = tuple(given), "labels file"
+    elif facts.get("class_names") is not None:
+        names, origin = tuple(facts["class_names"]), "the hub's config.json"
+    else:
+        released = matched is not None and convmixer_tf.get_variant(matched).timm_name is not None
+        names = None
+        if released and include_top and config.num_classes == 1000:
+            names = contract.imagenet_class_names()
+        return names, "ImageNet-1k (timm)" if names is not None else "none"
+    if origin != "labels file":
+        origin = f"label_names of config.json of hf-hub:{facts['source']['repo']}"
+    if not include_top:
+        raise mapping.MappingError(f"class names were given ({origin}), but the checkpoint has no classifier head")
+    try:
+        contract.check_class_names(names, config.num_classes)
+    except BadInput as err:
+        raise BadInput(f"{origin}: {err}") from None
+    return names, "labels file" if given is not None else "the hub's config.json"
 
 
 def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False, input_shape=None):
@@ -126,13 +138,14 @@ def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False, in
 
 def convert_file(path, variant=None, *, activation=None, use_ema=False, input_shape=None,
                  class_names=None) -> Conversion:
-    """Like `convert_checkpoint`, returning the full `Conversion` record."""
+    """Like `convert_checkpoint`, returning the full `Conversion` record (`path` may also be
+    a `hub.Source` already resolved)."""
     from weights_converter import hub
 
-    source = hub.resolve(path)
+    source = path if isinstance(path, hub.Source) else hub.resolve(path)
     checkpoint = read_checkpoint(source.path, use_ema=use_ema)
     conversion = convert_state_dict(checkpoint.state_dict, variant, activation=activation, input_shape=input_shape,
-                                    class_names=class_names, facts=source.facts())
+                                    class_names=class_names, facts=source.facts)
     conversion.checkpoint = checkpoint
     return conversion
 

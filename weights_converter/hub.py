@@ -13,9 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Optional
 
+from convmixer_tf.errors import BadInput
+
 PREFIX = "hf-hub:"
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # the Hub's OWNER/NAME
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's order: safetensors first
 
 
@@ -28,30 +32,78 @@ class Source:
     revision: Optional[str] = None
     commit: Optional[str] = None
     config: Optional[dict] = None
+    facts: dict = dataclasses.field(init=False, repr=False)
 
-    def facts(self) -> dict:
-        """What the source says of the weights: {"preprocessing", "class_names", "source"}."""
+    def __post_init__(self):
+        # What the source says of the weights ({"preprocessing", "class_names", "source"}),
+        # every value checked now, before any weights are read.
+        object.__setattr__(self, "facts", self._read_facts())
+
+    def _read_facts(self) -> dict:
         if self.repo is None:
             return {"source": {"file": os.path.basename(self.path)}}
-        cfg = dict(self.config or {})
-        pretrained = dict(cfg.get("pretrained_cfg") or {}) if "pretrained_cfg" in cfg else cfg
+        where = f"config.json of {PREFIX}{self.repo}"
+        facts = read_config(self.config or {}, where)
         source = {"repo": self.repo, "revision": self.revision or "main", "commit": self.commit,
-                  "file": os.path.basename(self.path), "license": pretrained.get("license"),
-                  "architecture": cfg.get("architecture")}
-        names = cfg.get("label_names") or pretrained.get("label_names")
-        return {"preprocessing": _preprocessing(pretrained), "class_names": tuple(names) if names else None,
-                "source": source}
+                  "file": os.path.basename(self.path), "license": facts.pop("license"),
+                  "architecture": facts.pop("architecture")}
+        return dict(facts, source=source)
 
 
-def _preprocessing(pretrained: dict):
+def read_config(config: dict, where: str) -> dict:
+    """The facts of a timm repo's config.json, every value checked as it enters:
+    {"preprocessing" (None without mean and std), "class_names", "license",
+    "architecture"}. BadInput names `where`, the field and what it may be."""
+    cfg = _field(config, "pretrained_cfg", (dict,), where, default=None)
+    pretrained, prefix = (config, "") if cfg is None else (cfg, "pretrained_cfg.")
+    names = _field(config, "label_names", (list,), where, default=None)
+    if names is None:
+        names = _field(pretrained, "label_names", (list,), where, prefix=prefix, default=None)
+        field = f"{prefix}label_names"
+    else:
+        field = "label_names"
+    if names is not None and not all(isinstance(name, str) for name in names):
+        raise BadInput(f"{where}: {field} must be a list of strings, got {_shown(names)}")
+    return {"preprocessing": _preprocessing(pretrained, where, prefix),
+            "class_names": tuple(names) if names else None,
+            "license": _field(pretrained, "license", (str,), where, prefix=prefix, default=None),
+            "architecture": _field(config, "architecture", (str,), where, default=None)}
+
+
+def _field(data: dict, key: str, kinds: tuple, where: str, *, prefix: str = "", default):
+    """data[key] when it is one of `kinds` (null or absent: `default`); BadInput otherwise."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        wanted = " or ".join("an object" if k is dict else f"a {k.__name__}" for k in kinds)
+        raise BadInput(f"{where}: {prefix}{key} must be {wanted}, got {_shown(value)}")
+    return value
+
+
+def _shown(value) -> str:
+    return json.dumps(value)[:60]
+
+
+def _preprocessing(pretrained: dict, where: str, prefix: str):
+    """The Preprocessing of timm's pretrained_cfg (input_size [3, H, H], crop_pct, interpolation,
+    mean, std), or None when it names no mean and std."""
     from convmixer_tf.config import Preprocessing
 
-    if not {"mean", "std"} <= set(pretrained):
+    if "mean" not in pretrained and "std" not in pretrained:
         return None
-    size = (pretrained.get("input_size") or [3, 224, 224])[-1]
-    return Preprocessing(input_size=int(size), crop_pct=float(pretrained.get("crop_pct", 0.875)),
-                         interpolation=pretrained.get("interpolation", "bicubic"),
-                         mean=tuple(map(float, pretrained["mean"])), std=tuple(map(float, pretrained["std"])))
+    size = pretrained.get("input_size", [3, 224, 224])
+    square = isinstance(size, list) and len(size) == 3 and size[0] == 3 and size[1] == size[2]
+    if not square:
+        raise BadInput(f"{where}: {prefix}input_size must be [3, SIZE, SIZE] (a square RGB input), "
+                       f"got {_shown(size)}")
+    values = {"input_size": size[2], "crop_pct": pretrained.get("crop_pct", 0.875),
+              "interpolation": pretrained.get("interpolation", "bicubic"),
+              "mean": pretrained.get("mean"), "std": pretrained.get("std")}
+    try:
+        return Preprocessing(**values)
+    except BadInput as err:
+        raise BadInput(f"{where}: {prefix}{err}") from None
 
 
 def is_hub_id(text) -> bool:
@@ -59,10 +111,10 @@ def is_hub_id(text) -> bool:
 
 
 def parse(text: str):
-    """`hf-hub:OWNER/NAME[@REVISION]` -> (repo, revision or None); ValueError otherwise."""
+    """`hf-hub:OWNER/NAME[@REVISION]` -> (repo, revision or None); BadInput otherwise."""
     repo, _, revision = text[len(PREFIX):].partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ValueError(f"a Hub id is {PREFIX}OWNER/NAME[@REVISION], got {text!r}")
+    if not REPO_ID.fullmatch(repo):
+        raise BadInput(f"a Hub id is {PREFIX}OWNER/NAME[@REVISION] (letters, digits, '-', '_', '.'), got {text!r}")
     return repo, revision or None
 
 
@@ -75,7 +127,7 @@ def resolve(checkpoint) -> Source:
         from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:
-        raise ValueError(f"{checkpoint} needs huggingface_hub: pip install huggingface_hub") from None
+        raise BadInput(f"{checkpoint} needs huggingface_hub: pip install huggingface_hub") from None
     path, uncached = None, False
     for name in WEIGHT_FILES:
         try:
@@ -86,15 +138,15 @@ def resolve(checkpoint) -> Source:
         except EntryNotFoundError:
             continue
         except RepositoryNotFoundError:
-            raise ValueError(f"no repo {repo} on the Hugging Face Hub (or it is private)") from None
+            raise BadInput(f"no repo {repo} on the Hugging Face Hub (or it is private)") from None
     if path is None and uncached and not _cached_snapshot(repo, revision):
         how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        raise ValueError(f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
+        raise BadInput(f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
                          f"({constants.HF_HUB_CACHE}) and {how}; fetch it where the Hub is reachable: "
                          f"hf download {repo}{' --revision ' + revision if revision else ''}")
     if path is None:
         where = " in the cache (hf download fetches all of a repo)" if uncached else ""
-        raise ValueError(f"{repo} holds no ConvMixer weights{where}: neither {' nor '.join(WEIGHT_FILES)}")
+        raise BadInput(f"{repo} holds no ConvMixer weights{where}: neither {' nor '.join(WEIGHT_FILES)}")
     config = _optional_json(hf_hub_download, repo, revision)
     commit = os.path.basename(os.path.dirname(path)) if "snapshots" in path else None
     return Source(path, repo, revision, commit, config)
@@ -111,11 +163,19 @@ def _cached_snapshot(repo, revision) -> Optional[str]:
 
 
 def _optional_json(download, repo, revision) -> Optional[dict]:
+    """The repo's config.json as a dict, None when it has none; BadInput when it is there but
+    is not a JSON object."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        with open(download(repo, "config.json", revision=revision)) as f:
-            data = json.load(f)
-    except (EntryNotFoundError, LocalEntryNotFoundError, ValueError):  # none (here), or not JSON: weights alone
+        path = download(repo, "config.json", revision=revision)
+    except (EntryNotFoundError, LocalEntryNotFoundError):  # none (here): the weights alone
         return None
-    return data if isinstance(data, dict) else None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise BadInput(f"config.json of {PREFIX}{repo} cannot be read as JSON ({err}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"config.json of {PREFIX}{repo} must be a JSON object, got {_shown(data)}")
+    return data

@@ -17,12 +17,13 @@ import numpy as np
 
 from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
+from convmixer_tf.errors import BadInput
 
 LAYOUTS = ("timm", "sequential")
 IGNORED_SUFFIXES = (".num_batches_tracked",)  # BatchNorm bookkeeping, not a weight
 
 
-class MappingError(ValueError):
+class MappingError(BadInput):
     """The tensors do not form a ConvMixer checkpoint (bad input: exit code 2)."""
 
 

@@ -10,15 +10,17 @@ every block, naming the first stage that diverges.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import List, Optional
 
 import numpy as np
 
 from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
-from convmixer_tf.errors import CheckFailed
+from convmixer_tf.errors import BadInput, CheckFailed
 
 DEFAULT_TOLERANCE = 1e-4
+SEEDED_BATCH = 2  # seeded inputs every conversion is checked on
 
 
 class ParityError(CheckFailed):
@@ -211,3 +213,33 @@ def _import_timm():
     except Exception:  # timm missing, or torchvision broken beside this torch build
         return None
     return timm
+
+
+def prove(conversion, tolerance: float = DEFAULT_TOLERANCE, images: Optional[str] = None) -> ParityReport:
+    """The parity report of a conversion (`weights_converter.convert.Conversion`): the PyTorch
+    reference loaded with the same tensors, on a seeded batch and on `images` (a folder or
+    tfds:NAME[:SPLIT], with timm's eval transform).
+
+    Example:
+        >>> prove(convert_file("convmixer_768_32.pth")).passed  # doctest: +SKIP
+        True
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise BadInput("parity needs the PyTorch network: pip install 'convmixer-tf[timm]' "
+                       "(or pass --skip-parity to convert without the proof)") from None
+    torch_model, description = reference(conversion.config, conversion.state_dicts, conversion.matched_variant)
+    pre = contract.info_of(conversion.model).preprocessing
+    inputs = seeded_inputs(SEEDED_BATCH, pre.input_size)
+    sets = [{"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH}]
+    if images:
+        from convmixer_tf.data import parse_source, read_images
+
+        pictures, names, _ = read_images(parse_source(images), pre)
+        inputs = np.concatenate([inputs, pictures])  # normalised, as the network sees them
+        where = images if images.startswith("tfds:") else os.path.abspath(images)
+        transform = f"resize {pre.interpolation} to {pre.input_size}/{pre.crop_pct}, centre crop {pre.input_size}"
+        sets.append({"source": where, "count": len(names), "transform": transform})
+    return check_parity(torch_model, conversion.model, inputs=inputs, tolerance=tolerance, input_sets=sets,
+                        reference=description)

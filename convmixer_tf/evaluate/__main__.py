@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from convmixer_tf import cli, errors, outputs
-from convmixer_tf.config import INTERPOLATIONS, list_variants
+from convmixer_tf.config import INTERPOLATIONS, MAX_INPUT_SIZE, list_variants
 from convmixer_tf.evaluate import is_metrics
 
 
@@ -33,11 +33,12 @@ def build_parser():
     p.add_argument("--manual-dir", metavar="DIR")
     p.add_argument("--offline", action="store_true", help="never download")
     p.add_argument("--preset", choices=list_variants(), metavar="VARIANT", help="take this variant's transform")
-    p.add_argument("--input-size", type=int)
-    p.add_argument("--crop-pct", type=float)
+    p.add_argument("--input-size", type=cli.positive(most=MAX_INPUT_SIZE), metavar="PIXELS",
+                   help="side of the centre crop the model sees")
+    p.add_argument("--crop-pct", type=cli.fraction, help="share of the resized image the crop keeps, in (0, 1]")
     p.add_argument("--interpolation", choices=INTERPOLATIONS)
     p.add_argument("--mean", type=cli.floats(3), metavar="R,G,B", help="for a model without a preprocessing layer")
-    p.add_argument("--std", type=cli.floats(3), metavar="R,G,B")
+    p.add_argument("--std", type=cli.floats(3, positive=True), metavar="R,G,B")
     p.add_argument("--allow-class-mismatch", action="store_true",
                    help="score even when the dataset's classes are not the model's (said in the output)")
     p.add_argument("--strict-images", action="store_true",

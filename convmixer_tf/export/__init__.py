@@ -77,7 +77,8 @@ def export_formats(model, directory, formats: Sequence[str], *, calibration_data
               "latency_runs": latency_runs}
     groups = {}
     for fmt in chosen:
-        groups.setdefault(fmt.group, []).append(fmt)
+        group = fmt.group if fmt in registry.BUILT_IN else "main"  # a worker knows the built-in formats only
+        groups.setdefault(group, []).append(fmt)
     groups = dict(sorted(groups.items(), key=lambda item: item[0] != "main"))  # this process: the main group
     try:
         if len(groups) > 1 and (processes > 1 if processes else cores() > 1 and memory_allows(job.model)):

@@ -11,7 +11,7 @@ import json
 import os
 
 from convmixer_tf import cli, errors, outputs
-from convmixer_tf.config import list_variants
+from convmixer_tf.config import MAX_INPUT_SIZE, list_variants
 from convmixer_tf.export import registry
 from convmixer_tf.export.calibration import CALIBRATION_COUNT
 
@@ -40,7 +40,7 @@ def output_kind() -> outputs.Output:
     """What this command writes: a folder with export_report.json and the format files."""
     return outputs.Output("convmixer_tf.export", REPORT,
                           lambda report: isinstance(report, list) and all("format" in r for r in report),
-                          (REPORT, *registry.file_patterns()))
+                          (*outputs.exactly(REPORT), *registry.file_patterns()))
 
 
 def build_parser():
@@ -57,7 +57,8 @@ def build_parser():
                         help="int8 calibration images (about seconds per image on a large model)")
     parser.add_argument("--variant", choices=list_variants(), metavar="NAME",
                         help="take input size, mean and std from this variant (default: those stored with the model)")
-    parser.add_argument("--image-size", type=cli.positive(), help="input size for models saved with a dynamic size")
+    parser.add_argument("--image-size", type=cli.positive(most=MAX_INPUT_SIZE), metavar="PIXELS",
+                        help="input size for models saved with a dynamic size")
     parser.add_argument("--no-preprocessing", action="store_true", help="files take normalised input, like the model")
     parser.add_argument("--labels", metavar="FILE",
                         help="class names, one per line, in output order (default: those stored with the model)")
@@ -67,6 +68,9 @@ def build_parser():
                         help="TFLite files output logits (default: probabilities, a softmax at the end)")
     parser.add_argument("--nchw", action="store_true", help="ONNX input as [N, 3, H, W] (PyTorch order)")
     parser.add_argument("--opset", type=int, help="ONNX opset (13-18, default 17)")
+    parser.add_argument("--processes", type=cli.positive(), metavar="N",
+                        help="1: write the files one after the other, in the least memory; default: formats that "
+                             "share no work side by side, in processes of their own, where cores and memory allow")
     parser.add_argument("--output", metavar="DIR", help="output directory (default: MODEL_export next to the model)")
     parser.add_argument("--force", action="store_true", help="replace an earlier output of this command")
     parser.add_console_options()
@@ -84,7 +88,7 @@ def _export(args, log) -> int:
     from convmixer_tf.config import get_variant
 
     formats = exporters.check_formats(args.formats + ([f"tflite_{args.quantize}"] if args.quantize else []))
-    output = args.output or os.path.splitext(os.path.abspath(args.model))[0] + "_export"
+    output = args.output or default_output(args.model)
     inputs = [args.model, args.calibration_data, args.labels]
     outputs.check_replaceable(output, output_kind(), args.force, inputs)
     labels = contract.read_labels(args.labels, args.allow_duplicate_labels) if args.labels else None
@@ -99,10 +103,21 @@ def _export(args, log) -> int:
                                         preprocessing=pre, raw_rgb=not args.no_preprocessing,
                                         nchw=args.nchw, opset=args.opset, log=log,
                                         calibration_count=args.calibration_count, class_names=labels,
-                                        tflite_output="logits" if args.tflite_logits else "probabilities")
+                                        tflite_output="logits" if args.tflite_logits else "probabilities",
+                                        processes=args.processes)
         outputs.write_json_atomic(os.path.join(staging.path, REPORT), rows)
     print(json.dumps(rows, indent=2) if args.json else exporters.format_rows(rows, staging.output))
     return errors.EXIT_OK
+
+
+def default_output(model) -> str:
+    """`dir/m.keras` -> `dir/m_export`; `hf://OWNER/NAME[@REVISION]` -> `./NAME_export`."""
+    from convmixer_tf.contract import HUB_SCHEME
+
+    if str(model).startswith(HUB_SCHEME):
+        name = str(model)[len(HUB_SCHEME):].partition("@")[0].rstrip("/").split("/")[-1]
+        return os.path.abspath(f"{name}_export")
+    return os.path.splitext(os.path.abspath(model))[0] + "_export"
 
 
 def load_float32_model(path):

@@ -6,10 +6,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import tempfile
 from typing import Callable, Dict, Iterable, Optional
 
-from convmixer_tf import outputs
+from convmixer_tf import interrupts, outputs, temporaries
 from convmixer_tf.errors import CheckFailed
 
 OUTPUTS = ("logits", "probabilities")
@@ -38,7 +37,8 @@ class ExportFormat:
             "problem" in it fails the file.
         recognises: `recognises(path)` -> True for a file of this format (verify of a path).
         quantize: the value of the export CLI's --quantize that adds this format.
-        files: glob patterns of what it writes, when `filename` is a folder.
+        files: what it writes, when `filename` is a folder (`outputs.Output.files`: a
+            regular expression per path segment).
         group: formats that share work (a traced graph, a converted file) are written by
             one process when the formats of a run are written in parallel.
     """
@@ -59,7 +59,7 @@ class ExportFormat:
 
     @property
     def patterns(self) -> tuple:
-        return self.files or (self.filename,)
+        return self.files or outputs.exactly(self.filename)
 
 
 @dataclasses.dataclass
@@ -106,8 +106,8 @@ class ExportJob:
     def scratch(self) -> str:
         """A temporary folder that lives as long as the job (see `close`)."""
         if self._scratch is None:
-            self._scratch = tempfile.mkdtemp(prefix="convmixer-export-")
-            self._cleanup.enter_context(outputs.removed_on_interrupt(self._scratch))
+            self._scratch = temporaries.make_temporary_folder()
+            self._cleanup.enter_context(interrupts.removed_on_interrupt(self._scratch))
         return self._scratch
 
     def calibration_samples(self) -> Iterable:

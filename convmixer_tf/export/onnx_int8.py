@@ -17,7 +17,8 @@ import numpy as np
 from convmixer_tf.errors import one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.onnx import DEFAULT_OPSET, OnnxRunner, check_onnx, export_onnx, float_onnx
-from convmixer_tf.outputs import temporary_folder, write_atomic
+from convmixer_tf.outputs import write_atomic
+from convmixer_tf.temporaries import temporary_folder
 
 CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
 CALIBRATION_METHOD = "MinMax"

@@ -15,17 +15,21 @@ import contextlib
 import ctypes
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 
-from convmixer_tf import contract, outputs
+from convmixer_tf import contract, interrupts, outputs
+from convmixer_tf.errors import BadInput
 from convmixer_tf.export.base import ExportError, ExportJob
 
 MARK = "@convmixer-export "
-ERRORS = {1: ExportError, 2: ValueError}  # a worker's failure raised again here, by its exit code
+ERRORS = {1: ExportError, 2: BadInput}  # a worker's failure raised again here, by its exit code
 
 
 # Peak memory of a run written side by side (benchmarks/bench_export_time.py, the summed
@@ -50,6 +54,18 @@ def memory_allows(model) -> bool:
     return available >= 1.1 * (MEMORY[0] + MEMORY[1] * 4 * model.count_params())
 
 
+def time_allowed(job: ExportJob, formats) -> float:
+    """Seconds a worker may take for one phase (writing and checking `formats`, or timing
+    them) before it is taken to hang: ten times an estimate from the work, the weights'
+    size and the calibration images (bench_export_time: 189 s for every file of
+    convmixer_1536_20's 207 MB of weights on 2 cores; calibration about a second an image)."""
+    megabytes = 4 * job.model.count_params() / 1e6
+    seconds = len(formats) * (60 + 2 * megabytes)
+    if any(fmt.calibrated for fmt in formats) and job.calibration is not None:
+        seconds += len(job.calibration) * (1 + 0.05 * megabytes)
+    return 10 * seconds
+
+
 def write_in_processes(groups: dict, job: ExportJob, directory, checks: dict, log) -> dict:
     """{format name: row} of every format of `groups` ({group: [ExportFormat]}): the first
     group written here, each other one by a worker process. `checks` holds the held-out
@@ -63,33 +79,91 @@ def write_in_processes(groups: dict, job: ExportJob, directory, checks: dict, lo
             path = os.path.join(job.scratch(), f"{name}.json")
             with open(path, "w") as f:
                 json.dump(dict(spec, names=[fmt.name for fmt in formats]), f)
-            process = subprocess.Popen([sys.executable, "-m", "convmixer_tf.export.parallel", path], text=True,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            workers.append(stack.enter_context(_worker(process)))
+            command = [sys.executable, "-m", "convmixer_tf.export.parallel", path]
+            process = subprocess.Popen(command, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            worker = Worker(process, [fmt.name for fmt in formats], time_allowed(job, formats))
+            workers.append(stack.enter_context(worker.running()))
         here = write_and_check(list(groups.values())[0], job, directory, checks, log)
         rows = {name: row for name, (row, _) in here.items()}
         for worker in workers:
-            rows.update(_receive(worker, "written", log))
+            rows.update(worker.receive("written", log))
         for row, runner in here.values():
             row["latency_ms"] = runner.latency_ms(checks["held_out"], checks["latency_runs"])
         for worker in workers:  # one at a time: a quiet machine for each figure
-            worker.stdin.write("time\n")
-            worker.stdin.flush()
-            rows.update(_receive(worker, "timed", log))
-            worker.wait()  # its exit (TensorFlow's teardown) is over before the next one times
+            worker.start_timing()
+            rows.update(worker.receive("timed", log))
+            worker.process.wait()  # its exit (TensorFlow's teardown) is over before the next one times
     return rows
 
 
-@contextlib.contextmanager
-def _worker(process):
-    """A started worker: killed on an interrupt, or when this process fails meanwhile;
-    else waited for (it ends once it has reported its timings)."""
-    with process, outputs.on_interrupt(lambda: (process.kill(), process.wait(5))):
-        try:
-            yield process
-        except BaseException:
-            process.kill()
-            raise
+class Worker:
+    """A worker process writing `names`, read line by line by a thread of its own, so that
+    a phase that runs past `seconds` (a hang) is noticed."""
+
+    def __init__(self, process, names, seconds: float):
+        self.process, self.names, self.seconds = process, names, seconds
+        self.deadline = time.monotonic() + seconds
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    @contextlib.contextmanager
+    def running(self):
+        """Killed on an interrupt, or when this process fails meanwhile; else waited for
+        (it ends once it has reported its timings)."""
+        with self.process, interrupts.on_interrupt(self._kill):
+            try:
+                yield self
+            except BaseException:
+                self._kill()
+                raise
+
+    def _kill(self):
+        self.process.kill()
+        self.process.wait(5)
+
+    def start_timing(self):
+        self.deadline = time.monotonic() + self.seconds
+        self.process.stdin.write("time\n")
+        self.process.stdin.flush()
+
+    def receive(self, kind, log) -> dict:
+        """Its `kind` report (logging what it says meanwhile); its failure, its death and its
+        silence past the deadline are raised here."""
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, self.deadline - time.monotonic()))
+            except queue.Empty:
+                self._kill()
+                raise ExportError(f"the process writing {', '.join(self.names)} did not finish within "
+                                  f"{self.seconds:.0f} s (ten times what the model's size and the formats "
+                                  "should take) and was stopped") from None
+            if line is None:
+                break
+            if not line.startswith(MARK):
+                continue  # what a library printed on its own
+            what, payload = json.loads(line[len(MARK):])
+            if what == "log":
+                log(payload)
+            elif what == "error":
+                code, message = payload
+                raise ERRORS.get(code, RuntimeError)(message)
+            elif what == kind:
+                return payload
+        raise self._ended()
+
+    def _ended(self) -> Exception:
+        code = self.process.wait()
+        if code >= 0:
+            return RuntimeError(f"an export worker ended without a report (exit code {code})")
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        return ExportError(f"the process writing {', '.join(self.names)} was killed by signal {-code} ({name}), "
+                           "most likely by the kernel for want of memory: pass --processes 1 (one file after "
+                           "the other, in less memory) or write fewer formats at once")
 
 
 def _spec(job: ExportJob, directory, checks) -> dict:
@@ -103,23 +177,6 @@ def _spec(job: ExportJob, directory, checks) -> dict:
     return {"model": model_path, "info": job.info.to_dict(), "arrays": arrays, "directory": os.fspath(directory),
             "nchw": job.nchw, "opset": job.opset, "tflite_output": job.tflite_output,
             "source": job.calibration_source, "latency_runs": checks["latency_runs"], "parent": os.getpid()}
-
-
-def _receive(worker, kind, log) -> dict:
-    """The worker's `kind` report (logging what it says meanwhile); its failure is raised
-    here, and its end without a report too."""
-    for line in worker.stdout:
-        if not line.startswith(MARK):
-            continue  # what a library printed on its own
-        what, payload = json.loads(line[len(MARK):])
-        if what == "log":
-            log(payload)
-        elif what == "error":
-            code, message = payload
-            raise ERRORS.get(code, RuntimeError)(message)
-        elif what == kind:
-            return payload
-    raise RuntimeError(f"an export worker ended without a report (exit code {worker.wait()})")
 
 
 def _report(what, payload) -> None:

@@ -11,10 +11,14 @@ import contextlib
 import os
 from typing import List, Sequence
 
+from convmixer_tf.errors import BadInput
 from convmixer_tf.export import onnx, onnx_int8, saved_model, tflite
 from convmixer_tf.export.base import ExportFormat
 
 FORMATS: List[ExportFormat] = [saved_model.FORMAT, *tflite.FORMATS, onnx.FORMAT, onnx_int8.FORMAT]
+# The formats every process knows: a worker process (a fresh interpreter) writes these only;
+# formats registered later (plug-ins) are written in the process that registered them.
+BUILT_IN = tuple(FORMATS)
 
 
 def names() -> List[str]:
@@ -25,7 +29,7 @@ def get(name: str) -> ExportFormat:
     for fmt in FORMATS:
         if name == fmt.name or name in fmt.aliases:
             return fmt
-    raise ValueError(f"unknown export format {name!r}; allowed values: {', '.join(names())}, all")
+    raise BadInput(f"unknown export format {name!r}; allowed values: {', '.join(names())}, all")
 
 
 def resolve(requested: Sequence[str]) -> List[ExportFormat]:
@@ -44,12 +48,12 @@ def recognise(path) -> ExportFormat:
     for fmt in FORMATS:
         if fmt.recognises is not None and fmt.recognises(path):
             return fmt
-    raise ValueError(f"cannot tell the format of {path}: expected one of "
+    raise BadInput(f"cannot tell the format of {path}: expected one of "
                      f"{', '.join(sorted({f.filename for f in FORMATS}))}")
 
 
 def file_patterns() -> tuple:
-    """What the formats write into an output folder (see `outputs.Output.files`)."""
+    """What the formats write into an output folder (`outputs.Output.files`)."""
     return tuple(pattern for fmt in FORMATS for pattern in fmt.patterns)
 
 

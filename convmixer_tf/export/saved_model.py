@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from convmixer_tf.export.base import ExportFormat
+from convmixer_tf.outputs import exactly, follow_umask
 
 
 def export_saved_model(model, path, preprocessing=None) -> str:
@@ -38,6 +39,7 @@ def export_saved_model(model, path, preprocessing=None) -> str:
     signature = serving.get_concrete_function()
     module.serving = serving
     tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": signature})
+    follow_umask(path)  # TensorFlow makes its folders 0755 whatever the umask
     return os.fspath(path)
 
 
@@ -58,5 +60,6 @@ FORMAT = ExportFormat(
     summary="TensorFlow SavedModel, signature serving_default: images -> logits, dynamic batch",
     write=lambda job, path: export_saved_model(job.model, path), load=SavedModelRunner, tolerance=1e-4,
     recognises=lambda path: os.path.isfile(os.path.join(path, "saved_model.pb")),
-    files=("saved_model/saved_model.pb", "saved_model/fingerprint.pb", "saved_model/variables/variables.*",
-           "saved_model/assets/"))
+    files=(*exactly("saved_model/saved_model.pb", "saved_model/fingerprint.pb",
+                    "saved_model/variables/variables.index", "saved_model/assets/"),
+           r"saved_model/variables/variables\.data-\d{5}-of-\d{5}"))

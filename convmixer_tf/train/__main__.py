@@ -19,7 +19,7 @@ import sys
 
 from convmixer_tf import cli, errors
 from convmixer_tf.augment import AugmentConfig
-from convmixer_tf.config import list_variants
+from convmixer_tf.config import MAX_INPUT_SIZE, list_variants
 from convmixer_tf.train.recipe import DISTRIBUTIONS, PRECISIONS, SCHEDULES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -65,7 +65,8 @@ def _data_options(p):
                    help="tfds split to validate on (default validation or test; 'none' skips)")
     g.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction,
                    help="held-out share of a folder without val/")
-    g.add_argument("--image-size", type=int, help="training resolution (default: the variant's)")
+    g.add_argument("--image-size", type=cli.positive(most=MAX_INPUT_SIZE), metavar="PIXELS",
+                   help="training resolution (default: the variant's)")
     g.add_argument("--strict-images", action="store_true",
                    help="an image that does not decode is an error (default: it is left out, with a warning naming "
                         "it, and counted in metrics.json)")

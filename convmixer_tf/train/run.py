@@ -44,10 +44,11 @@ from convmixer_tf.train.recipe import PRECISIONS, TrainConfig
 RUN = outputs.Output(
     "convmixer_tf.train", "config.json",
     lambda settings: isinstance(settings, dict) and {"epochs", "batch_size"} <= set(settings),
-    ("config.json", "history.csv", "metrics.json", "model.keras", "checkpoint.weights.h5", "backup/",
-     "backup/training_metadata.json", "backup/latest.weights.h5", "backup/process*/training_metadata.json",
-     "backup/process*/latest.weights.h5", "logs/train/events.out.tfevents.*",
-     "logs/validation/events.out.tfevents.*"))
+    (*outputs.exactly("config.json", "history.csv", "metrics.json", "model.keras", "checkpoint.weights.h5",
+                      "backup/", "backup/training_metadata.json", "backup/latest.weights.h5"),
+     r"backup/process\d+/training_metadata\.json", r"backup/process\d+/latest\.weights\.h5",
+     # TensorBoard's: events.out.tfevents.TIME.HOST.PID.N.v2
+     r"logs/train/events\.out\.tfevents\.\d+\..+\.v2", r"logs/validation/events\.out\.tfevents\.\d+\..+\.v2"))
 
 
 class TrainingError(CheckFailed):
@@ -219,6 +220,7 @@ def _fit_and_save(run: Run, model) -> dict:
         info = contract.info_of(final).replace(preprocessing=eval_pre, class_names=tuple(source.class_names))
         contract.save_model(final, os.path.join(run.folder, "model.keras"), info)
         shutil.rmtree(os.path.join(run.folder, "backup"), ignore_errors=True)
+        outputs.follow_umask(run.folder)  # TensorBoard makes its folders 0755 whatever the umask
         outputs.write_json_atomic(os.path.join(run.folder, "metrics.json"), metrics)
     return metrics
 

@@ -1,0 +1,76 @@
+"""What a SIGINT / SIGTERM undoes before the process stops, and the moment that must not
+be cut short: the command lines' handler calls `interrupt`; code that starts something to
+undo (a child process, a file or folder being written) registers it for the duration."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from typing import Callable
+
+# Interrupts: what to undo, and the moment that must not be cut short
+_undo = []  # callables, newest last: what a signal that stops this process undoes first
+_state = {"moving": False, "pending": None, "done": False}
+
+
+@contextlib.contextmanager
+def on_interrupt(undo: Callable[[], object]):
+    """Registers `undo` (a child process to kill, a path to remove) for `interrupt` while
+    the block runs."""
+    _undo.append(undo)
+    try:
+        yield
+    finally:
+        _undo.remove(undo)
+
+
+def removed_on_interrupt(path):
+    """Registers `path` (a staging folder, a temporary file or folder) for `interrupt`."""
+    def remove(path=os.fspath(path)):
+        for _ in range(3):  # a writer thread may add a file while the folder goes
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else remove_file(path)
+            if not os.path.lexists(path):
+                break
+    return on_interrupt(remove)
+
+
+def interrupt(signum) -> bool:
+    """Undoes what this process was doing (newest first) and returns True (stop now).
+    During the final move it only remembers `signum` (re-sent once the move is done), and
+    after it lets the signal go: the command's work is done. Both return False (finish)."""
+    if _state["moving"] or _state["done"]:
+        _state["pending"] = signum if _state["moving"] else None
+        return False
+    for undo in reversed(_undo):
+        with contextlib.suppress(Exception):
+            undo()
+    return True
+
+
+def begin_command() -> None:
+    """A command line starts: nothing of it is in place yet."""
+    _state.update(moving=False, pending=None, done=False)
+
+
+@contextlib.contextmanager
+def final_move():
+    _state["moving"] = True
+    try:
+        yield
+        _state["done"] = True
+    finally:
+        _state["moving"] = False
+        pending, _state["pending"] = _state["pending"], None
+        if pending is not None:
+            signal.raise_signal(pending)
+
+
+
+
+
+def remove_file(path) -> None:
+    """os.remove, where a file already gone is no error."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
