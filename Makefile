@@ -26,9 +26,13 @@ demo: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
+# The fast suite on two worker processes (pytest-xdist): most of its time is spent in
+# single-threaded work (imports, tracing, conversions) that two cores halve.
 test: install lint
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n 2
 
 test-slow: install
 	$(PY) -m pytest -m slow

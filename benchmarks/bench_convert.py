@@ -55,8 +55,12 @@ def measure_once(ckpt, out_dir):
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="benchmarks/bench_convert.py", description=DESCRIPTION, epilog=EPILOG)
-    parser.add_argument("--variant", default="convmixer_1536_20", choices=list_variants(), metavar="NAME")
+    parser = cli.ArgumentParser(
+        prog="benchmarks/bench_convert.py", description=DESCRIPTION, epilog=EPILOG
+    )
+    parser.add_argument(
+        "--variant", default="convmixer_1536_20", choices=list_variants(), metavar="NAME"
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -93,14 +97,17 @@ def _run(args) -> int:
                 return 1
             seconds, extra, base = map(float, proc.stdout.split()[-3:])
             runs.append((seconds, extra))
-            print(f"run {i + 1}: {seconds:.2f} s, peak extra memory {extra:.0f} MiB "
-                  f"({extra / size_mb:.2f}x checkpoint), RSS after imports {base:.0f} MiB")
+            print(
+                f"run {i + 1}: {seconds:.2f} s, peak extra memory {extra:.0f} MiB "
+                f"({extra / size_mb:.2f}x checkpoint), RSS after imports {base:.0f} MiB"
+            )
         med_s = statistics.median(r[0] for r in runs)
         med_mem = statistics.median(r[1] for r in runs)
-        print(f"median: {med_s:.2f} s (target <= 15 s), peak extra memory {med_mem:.0f} MiB = "
-              f"{med_mem / size_mb:.2f}x checkpoint (target <= 3x)")
+        print(
+            f"median: {med_s:.2f} s (target <= 15 s), peak extra memory {med_mem:.0f} MiB = "
+            f"{med_mem / size_mb:.2f}x checkpoint (target <= 3x)"
+        )
     return 0
-
 
 
 if __name__ == "__main__":

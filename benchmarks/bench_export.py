@@ -57,7 +57,11 @@ def cpu_description() -> str:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    isa = [name for name in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16") if name in flags]
+    isa = [
+        name
+        for name in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16")
+        if name in flags
+    ]
     return f"{model}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
 
 
@@ -83,8 +87,18 @@ def litert_torch_file(net, name, tmp, python, seconds=None):
     weights = os.path.join(tmp, f"{name}_timm.pth")
     torch.save(net.state_dict(), weights)
     out = os.path.join(tmp, f"{name}_litert_torch.tflite")
-    done = cli.run_child([python, os.path.join(REPO, "benchmarks", "litert_torch_peer.py"), "--variant", name,
-                          "--state-dict", weights, "--output", out])
+    done = cli.run_child(
+        [
+            python,
+            os.path.join(REPO, "benchmarks", "litert_torch_peer.py"),
+            "--variant",
+            name,
+            "--state-dict",
+            weights,
+            "--output",
+            out,
+        ]
+    )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"litert-torch conversion failed: {last[:120]}")
@@ -104,7 +118,7 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
     from convmixer_tf.export import mobile
     from convmixer_tf.export.calibration import synthetic_images
     from convmixer_tf.export.onnx_int8 import export_onnx_int8
-    from convmixer_tf.export.verify import as_output
+    from convmixer_tf.export.scores import as_output
 
     mediapipe_installed = importlib.util.find_spec("mediapipe") is not None
     from weights_converter.convert import convert_state_dict
@@ -126,8 +140,15 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
     rows.append(("peer", "timm PyTorch eager", "", None))
     onnx_path = os.path.join(tmp, f"{name}_torch.onnx")
     try:
-        torch.onnx.export(net, (x_nchw,), onnx_path, opset_version=17, dynamo=False,
-                          input_names=["images"], output_names=["logits"])
+        torch.onnx.export(
+            net,
+            (x_nchw,),
+            onnx_path,
+            opset_version=17,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = THREADS
         session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
@@ -145,16 +166,31 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
             with torch.no_grad():
                 diff = float(abs(runner(nchw) - net(x_nchw).numpy()).max())
             calls["litert-torch TFLite"] = lambda: runner(nchw)
-            rows.append(("peer", "litert-torch TFLite", f" (max|diff| vs timm {diff:.1e})", os.path.getsize(peer)))
+            rows.append(
+                (
+                    "peer",
+                    "litert-torch TFLite",
+                    f" (max|diff| vs timm {diff:.1e})",
+                    os.path.getsize(peer),
+                )
+            )
         except Exception as err:  # report, do not hide
             rows.append(("peer", "litert-torch TFLite", f": failed ({str(err)[:90]})", None))
     else:
-        rows.append(("peer", "litert-torch TFLite", ": not installed (bash benchmarks/setup_litert_torch.sh)", None))
+        rows.append(
+            (
+                "peer",
+                "litert-torch TFLite",
+                ": not installed (bash benchmarks/setup_litert_torch.sh)",
+                None,
+            )
+        )
 
     # Our files as the command lines write them: raw 0-255 RGB in (mean/std inside the
     # graph), TFLite files ending in a softmax, with metadata.
-    app = convmixer_tf.rebuild(model, preprocessing=(convmixer_tf.config.IMAGENET_MEAN,
-                                                     convmixer_tf.config.IMAGENET_STD))
+    app = convmixer_tf.rebuild(
+        model, preprocessing=(convmixer_tf.config.IMAGENET_MEAN, convmixer_tf.config.IMAGENET_STD)
+    )
     held_out = synthetic_images(16, 224, seed=99)
     reference = app.predict(held_out, verbose=0)
     calibration = synthetic_images(calibration_count, 224, seed=1)
@@ -168,9 +204,16 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
         agreement = float(np.mean(out.argmax(1) == expected.argmax(1)))
         max_abs = float(np.abs(out - expected).max())
         calls[label] = lambda: runner(raw)
-        rows.append(("ours", label, f" ({runner.output}, max|diff| {max_abs:.1e}, top-1 agree {agreement:.0%})",
-                     _size(path)))
-        if label in APP_ROWS and image is not None:  # what an app pays: MediaPipe's whole task graph
+        rows.append(
+            (
+                "ours",
+                label,
+                f" ({runner.output}, max|diff| {max_abs:.1e}, top-1 agree {agreement:.0%})",
+                _size(path),
+            )
+        )
+        # what an app pays: MediaPipe's whole task graph
+        if label in APP_ROWS and image is not None:
             classifier = classifiers.enter_context(mobile.open_classifier(path, expected.shape[1]))
             calls[label + ", MediaPipe classify()"] = lambda: classifier.classify(image)
             rows.append(("ours", label + ", MediaPipe classify()", "", None))
@@ -186,13 +229,28 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
     classifiers = contextlib.ExitStack()
     sm = exporters.export_saved_model(app, os.path.join(tmp, f"{name}_sm"))
     ours("SavedModel (TF)", sm)
-    ours("TFLite float32, plain graph", exporters.export_tflite(app, os.path.join(tmp, f"{name}_plain.tflite"),
-                                                                tiled_depthwise=False))
+    ours(
+        "TFLite float32, plain graph",
+        exporters.export_tflite(
+            app, os.path.join(tmp, f"{name}_plain.tflite"), tiled_depthwise=False
+        ),
+    )
     ours("TFLite float32 (ours)", exporters.export_tflite(app, os.path.join(tmp, f"{name}.tflite")))
-    ours("TFLite dynamic-range", exporters.export_tflite(app, os.path.join(tmp, f"{name}_dyn.tflite"),
-                                                         quantization="dynamic"))
-    ours("TFLite int8", exporters.export_tflite(app, os.path.join(tmp, f"{name}_int8.tflite"), quantization="int8",
-                                                representative_data=lambda: (c[None] for c in calibration)))
+    ours(
+        "TFLite dynamic-range",
+        exporters.export_tflite(
+            app, os.path.join(tmp, f"{name}_dyn.tflite"), quantization="dynamic"
+        ),
+    )
+    ours(
+        "TFLite int8",
+        exporters.export_tflite(
+            app,
+            os.path.join(tmp, f"{name}_int8.tflite"),
+            quantization="int8",
+            representative_data=lambda: (c[None] for c in calibration),
+        ),
+    )
     ours("ONNX on onnxruntime", exporters.export_onnx(app, os.path.join(tmp, f"{name}.onnx")))
     ours("ONNX int8 on onnxruntime", int8_onnx)
     with classifiers:
@@ -238,14 +296,24 @@ def _size(path):
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="benchmarks/bench_export.py", description=DESCRIPTION, epilog=EPILOG)
-    parser.add_argument("--variants", nargs="+", default=["convmixer_768_32", "convmixer_1536_20"],
-                        choices=list_variants(), metavar="NAME")
+    parser = cli.ArgumentParser(
+        prog="benchmarks/bench_export.py", description=DESCRIPTION, epilog=EPILOG
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["convmixer_768_32", "convmixer_1536_20"],
+        choices=list_variants(),
+        metavar="NAME",
+    )
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--calibration-count", type=int, default=16)
-    parser.add_argument("--litert-torch-python", default=None,
-                        help="python of an environment with litert-torch, timm and torch "
-                             f"(default: {os.path.relpath(LITERT_TORCH_VENV_PYTHON, REPO)} when present)")
+    parser.add_argument(
+        "--litert-torch-python",
+        default=None,
+        help="python of an environment with litert-torch, timm and torch "
+        f"(default: {os.path.relpath(LITERT_TORCH_VENV_PYTHON, REPO)} when present)",
+    )
     args = parser.parse_args(argv)
     return cli.run_command(lambda log, console: _run(args), verbose=True)
 
@@ -253,10 +321,19 @@ def main(argv=None):
 def _run(args) -> int:
     if args.litert_torch_python is None and os.path.exists(LITERT_TORCH_VENV_PYTHON):
         args.litert_torch_python = LITERT_TORCH_VENV_PYTHON
-    if len(args.variants) > 1:  # a process each: 1536/20 alone peaks at 23 GiB, which the next must not inherit
+    # a process each: 1536/20 alone peaks at 23 GiB, which the next must not inherit
+    if len(args.variants) > 1:
         for name in args.variants:
-            child = [sys.executable, os.path.abspath(__file__), "--variants", name, "--runs", str(args.runs),
-                     "--calibration-count", str(args.calibration_count)]
+            child = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--variants",
+                name,
+                "--runs",
+                str(args.runs),
+                "--calibration-count",
+                str(args.calibration_count),
+            ]
             if args.litert_torch_python:
                 child += ["--litert-torch-python", args.litert_torch_python]
             with cli.child(child) as process:
@@ -272,9 +349,13 @@ def _run(args) -> int:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.variants:
-            rows, profile = bench_variant(name, args.runs, tmp, args.calibration_count, args.litert_torch_python)
+            rows, profile = bench_variant(
+                name, args.runs, tmp, args.calibration_count, args.litert_torch_python
+            )
             by = {key: ms for _, key, _, ms, _ in rows}
-            print(f"\n{name}: batch 1, 224 px, {THREADS} threads, median of {args.runs}; {cpu_description()}")
+            print(
+                f"\n{name}: batch 1, 224 px, {THREADS} threads, median of {args.runs}; {cpu_description()}"
+            )
             for side, key, note, ms, size in rows:
                 ms_text = f"{ms:9.1f} ms" if ms is not None else "      n/a"
                 size_text = f"{size / 1e6:8.1f} MB" if size else ""
@@ -286,32 +367,51 @@ def _run(args) -> int:
             print("  ratios:")
             onnx_int8 = by.get("ONNX int8 on onnxruntime")
             if ort_ms:
-                print(f"    our TFLite float32 / onnxruntime(torch.onnx) = {tfl / ort_ms:.2f} (target <= 1.0)")
-                print(f"    our ONNX / onnxruntime(torch.onnx)           = {onnx_ours / ort_ms:.2f} (target <= 1.0)")
-                print(f"    onnxruntime(torch.onnx) / our int8 ONNX      = {ort_ms / onnx_int8:.2f} "
-                      "(speed-up; target >= 2.5 on convmixer_768_32)")
+                print(
+                    f"    our TFLite float32 / onnxruntime(torch.onnx) = {tfl / ort_ms:.2f} (target <= 1.0)"
+                )
+                print(
+                    f"    our ONNX / onnxruntime(torch.onnx)           = {onnx_ours / ort_ms:.2f} (target <= 1.0)"
+                )
+                print(
+                    f"    onnxruntime(torch.onnx) / our int8 ONNX      = {ort_ms / onnx_int8:.2f} "
+                    "(speed-up; target >= 2.5 on convmixer_768_32)"
+                )
                 if ort_ms / onnx_int8 < 2.0:  # where the time goes, from onnxruntime's profiler
                     for key in ("onnxruntime on torch.onnx.export", "ONNX int8 on onnxruntime"):
                         print(f"      profile, {key}: {profile.get(key, 'n/a')}")
-            print(f"    int8 ONNX file / float ONNX file              = "
-                  f"{sizes['ONNX int8 on onnxruntime'] / sizes['ONNX on onnxruntime']:.1%} (target <= 27%)")
+            print(
+                f"    int8 ONNX file / float ONNX file              = "
+                f"{sizes['ONNX int8 on onnxruntime'] / sizes['ONNX on onnxruntime']:.1%} (target <= 27%)"
+            )
             if by.get("litert-torch TFLite"):
-                print(f"    our TFLite float32 / litert-torch TFLite      = {tfl / by['litert-torch TFLite']:.2f} "
-                      "(target <= 0.7)")
-            print(f"    TFLite plain graph / ours                     = {tfl_plain / tfl:.2f} "
-                  "(speed-up of the tiled depthwise)")
-            print(f"    TFLite float32 / int8                         = {tfl / int8:.2f} (target >= 2.5)")
-            print(f"    int8 file / float32 file                      = "
-                  f"{sizes['TFLite int8'] / sizes['TFLite float32 (ours)']:.1%} (target <= 27%)")
+                print(
+                    f"    our TFLite float32 / litert-torch TFLite      = {tfl / by['litert-torch TFLite']:.2f} "
+                    "(target <= 0.7)"
+                )
+            print(
+                f"    TFLite plain graph / ours                     = {tfl_plain / tfl:.2f} "
+                "(speed-up of the tiled depthwise)"
+            )
+            print(
+                f"    TFLite float32 / int8                         = {tfl / int8:.2f} (target >= 2.5)"
+            )
+            print(
+                f"    int8 file / float32 file                      = "
+                f"{sizes['TFLite int8'] / sizes['TFLite float32 (ours)']:.1%} (target <= 27%)"
+            )
             for key in APP_ROWS:
                 app_ms, one = by.get(f"{key}, MediaPipe classify()"), by.get(f"{key}, 1 thread")
                 if app_ms:
-                    print(f"    MediaPipe classify() / bare LiteRT, {key:<21} = {app_ms / by[key]:.2f} with 2 threads, "
-                          f"{app_ms / one:.2f} with 1 ({app_ms - one:+.1f} ms)")
-        print("\nnote: int8 top-1 agreement above is on synthetic images with random weights, whose logits are "
-              "nearly tied; it says little about agreement on real images with trained weights.")
+                    print(
+                        f"    MediaPipe classify() / bare LiteRT, {key:<21} = {app_ms / by[key]:.2f} with 2 threads, "
+                        f"{app_ms / one:.2f} with 1 ({app_ms - one:+.1f} ms)"
+                    )
+        print(
+            "\nnote: int8 top-1 agreement above is on synthetic images with random weights, whose logits are "
+            "nearly tied; it says little about agreement on real images with trained weights."
+        )
     return 0
-
 
 
 if __name__ == "__main__":

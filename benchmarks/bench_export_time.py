@@ -62,10 +62,24 @@ def peak_memory(process, interval=0.2) -> dict:
 
 def whole_export(model_path, out, calibration_count):
     """Wall seconds and peak memory of the command line writing every format."""
-    command = [sys.executable, "-m", "convmixer_tf.export", "--model", model_path, "--formats", "all",
-               "--calibration-count", str(calibration_count), "--output", out, "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "convmixer_tf.export",
+        "--model",
+        model_path,
+        "--formats",
+        "all",
+        "--calibration-count",
+        str(calibration_count),
+        "--output",
+        out,
+        "--quiet",
+    ]
     start = time.perf_counter()
-    with cli.child(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+    with cli.child(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
         memory = peak_memory(process)
         printed, errors = process.communicate()
     if process.returncode != 0:
@@ -83,7 +97,10 @@ def serial_stages(model_path, calibration_count) -> list:
     stages.append(("load the .keras file", time.perf_counter() - start))
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        rows = export.export_formats(model, out, ["all"], calibration_count=calibration_count, processes=1)
+        options = export.ExportOptions(
+            formats=("all",), calibration_count=calibration_count, processes=1
+        )
+        rows = export.export_formats(model, out, options)
         total = time.perf_counter() - start
     stages += [(f"{row['format']}: write and check", row["seconds"]) for row in rows]
     timed = sum(row["seconds"] for row in rows)
@@ -101,11 +118,21 @@ def bench_variant(name, calibration_count, litert_python) -> dict:
     net = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=0).eval()
     with tempfile.TemporaryDirectory() as tmp:
         model_path = os.path.join(tmp, "model.keras")
-        convmixer_tf.save_model(convert_state_dict({k: v.numpy() for k, v in net.state_dict().items()}).model,
-                                model_path)
-        wall, peak_gb, printed = whole_export(model_path, os.path.join(tmp, "out"), calibration_count)
-        result = {"variant": name, "whole_export_s": wall, "peak_memory_gb": peak_gb, "report": printed,
-                  "stages": serial_stages(model_path, calibration_count), "litert_torch_s": None}
+        convmixer_tf.save_model(
+            convert_state_dict({k: v.numpy() for k, v in net.state_dict().items()}).model,
+            model_path,
+        )
+        wall, peak_gb, printed = whole_export(
+            model_path, os.path.join(tmp, "out"), calibration_count
+        )
+        result = {
+            "variant": name,
+            "whole_export_s": wall,
+            "peak_memory_gb": peak_gb,
+            "report": printed,
+            "stages": serial_stages(model_path, calibration_count),
+            "litert_torch_s": None,
+        }
         if litert_python:
             try:
                 seconds = {}
@@ -119,8 +146,10 @@ def bench_variant(name, calibration_count, litert_python) -> dict:
 def show(result, calibration_count):
     name, wall = result["variant"], result["whole_export_s"]
     print(f"\n{name}: every format, --calibration-count {calibration_count}; {cpu_description()}")
-    print(f"  whole export (command line, files written side by side): {wall:7.1f} s, "
-          f"peak memory {result['peak_memory_gb']:.1f} GiB")
+    print(
+        f"  whole export (command line, files written side by side): {wall:7.1f} s, "
+        f"peak memory {result['peak_memory_gb']:.1f} GiB"
+    )
     print("  one after the other, in one process:")
     for stage, seconds in result["stages"]:
         print(f"    {stage:<55} {seconds:7.1f} s")
@@ -128,23 +157,38 @@ def show(result, calibration_count):
     peer = result["litert_torch_s"]
     if peer:
         print(f"  peer: litert-torch, float32 TFLite only (conversion alone): {peer:7.1f} s")
-        print(f"  ours, every file / litert-torch, float32 only = {wall / peer:.1f}x (target <= {TARGET:.0f}x)")
+        print(
+            f"  ours, every file / litert-torch, float32 only = {wall / peer:.1f}x (target <= {TARGET:.0f}x)"
+        )
     else:
         missing = "not set up (bash benchmarks/setup_litert_torch.sh)"
         print("  peer: litert-torch", result.get("litert_torch_error", missing))
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="benchmarks/bench_export_time.py", description=__doc__.splitlines()[0],
-                                epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--variants", nargs="+", default=["convmixer_768_32", "convmixer_1536_20"],
-                        choices=list_variants(), metavar="NAME", help=f"any of: {', '.join(list_variants())}")
+    parser = cli.ArgumentParser(
+        prog="benchmarks/bench_export_time.py",
+        description=__doc__.splitlines()[0],
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["convmixer_768_32", "convmixer_1536_20"],
+        choices=list_variants(),
+        metavar="NAME",
+        help=f"any of: {', '.join(list_variants())}",
+    )
     parser.add_argument("--calibration-count", type=cli.positive(), default=8, help="as make demo")
-    parser.add_argument("--litert-torch-python", default=None,
-                        help="python of an environment with litert-torch, timm and torch "
-                             f"(default: {os.path.relpath(LITERT_TORCH_VENV_PYTHON, REPO)} when present)")
+    parser.add_argument(
+        "--litert-torch-python",
+        default=None,
+        help="python of an environment with litert-torch, timm and torch "
+        f"(default: {os.path.relpath(LITERT_TORCH_VENV_PYTHON, REPO)} when present)",
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one variant, JSON out
+    # a child: one variant, JSON out
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.litert_torch_python is None and os.path.exists(LITERT_TORCH_VENV_PYTHON):
         args.litert_torch_python = LITERT_TORCH_VENV_PYTHON
@@ -152,17 +196,29 @@ def main(argv=None):
 
 
 def _run(args) -> int:
-    if args.json:  # an earlier file of this benchmark may be replaced, nothing else (exit 2 at once)
+    # an earlier file of this benchmark may be replaced, nothing else (exit 2 at once)
+    if args.json:
         outputs.check_file(args.json, is_ours, option="--json")
     if args.one:
         import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
 
-        print(json.dumps(bench_variant(args.variants[0], args.calibration_count, args.litert_torch_python)))
+        print(
+            json.dumps(
+                bench_variant(args.variants[0], args.calibration_count, args.litert_torch_python)
+            )
+        )
         return 0
     results = []
     for name in args.variants:  # a process each, so that no variant inherits another's memory
-        child = [sys.executable, os.path.abspath(__file__), "--one", "--variants", name,
-                 "--calibration-count", str(args.calibration_count)]
+        child = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--one",
+            "--variants",
+            name,
+            "--calibration-count",
+            str(args.calibration_count),
+        ]
         if args.litert_torch_python:
             child += ["--litert-torch-python", args.litert_torch_python]
         done = cli.run_child(child)
@@ -179,7 +235,9 @@ def _run(args) -> int:
 
 def is_ours(data) -> bool:
     """An earlier --json file of this benchmark."""
-    return isinstance(data, list) and all(isinstance(r, dict) and "whole_export_s" in r for r in data)
+    return isinstance(data, list) and all(
+        isinstance(r, dict) and "whole_export_s" in r for r in data
+    )
 
 
 if __name__ == "__main__":

@@ -51,21 +51,34 @@ def keras_jax(args, distribute="none", process_id=None, coordinator=None, batch=
     import keras
     import numpy as np
 
-    from convmixer_tf import create_model, rebuild
-    from convmixer_tf.processes import distribution, start_processes
+    from convmixer_tf.model import build_variant, rebuild
     from convmixer_tf.train import TrainConfig
+    from convmixer_tf.train.distribute import distribution, start_processes
     from convmixer_tf.train.optim import compile_model
 
-    config = TrainConfig(variant=args.model, epochs=1, batch_size=args.batch_size, lr=1e-3, schedule="constant",
-                         jit_compile=True, distribute=distribute, coordinator=coordinator,
-                         num_processes=2 if coordinator else None, process_id=process_id)
+    config = TrainConfig(
+        variant=args.model,
+        epochs=1,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        schedule="constant",
+        jit_compile=True,
+        distribute=distribute,
+        coordinator=coordinator,
+        num_processes=2 if coordinator else None,
+        process_id=process_id,
+    )
     shard = start_processes(config)  # before anything touches JAX
     import jax
 
     scope, devices, _ = distribution(distribute)
-    source = create_model(args.model, input_shape=(args.image_size, args.image_size, 3))
+    source = build_variant(args.model, input_shape=(args.image_size, args.image_size, 3))
     with scope:
-        model = rebuild(source, raw_rgb=True, dtype_policy="mixed_bfloat16" if args.precision == "bf16" else "float32")
+        model = rebuild(
+            source,
+            raw_rgb=True,
+            dtype_policy="mixed_bfloat16" if args.precision == "bf16" else "float32",
+        )
         compile_model(model, config, steps_per_epoch=args.steps + args.warmup)
     classes = model.output_shape[-1]
     rng = np.random.default_rng(shard.index)
@@ -80,9 +93,15 @@ def keras_jax(args, distribute="none", process_id=None, coordinator=None, batch=
     for _ in range(args.steps):
         loss = model.train_on_batch(x, y)[0]  # host floats: the step has finished
     seconds = time.perf_counter() - start
-    return {"who": "ours: Keras (JAX backend, XLA)", "device": str(jax.devices()[0].device_kind),
-            "devices": devices, "processes": shard.count, "step_ms": seconds / args.steps * 1e3,
-            "images_per_second": local * shard.count * args.steps / seconds, "loss": float(loss)}
+    return {
+        "who": "ours: Keras (JAX backend, XLA)",
+        "device": str(jax.devices()[0].device_kind),
+        "devices": devices,
+        "processes": shard.count,
+        "step_ms": seconds / args.steps * 1e3,
+        "images_per_second": local * shard.count * args.steps / seconds,
+        "loss": float(loss),
+    }
 
 
 def timm_torch(args):
@@ -90,12 +109,18 @@ def timm_torch(args):
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = timm.create_model(args.model, pretrained=False).to(device).to(memory_format=torch.channels_last)
+    model = (
+        timm.create_model(args.model, pretrained=False)
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.005)
     loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(0)
-    x = (torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=gen) * 255).to(device)
+    x = (torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=gen) * 255).to(
+        device
+    )
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
@@ -124,22 +149,36 @@ def timm_torch(args):
     sync()
     seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    return {"who": "timm (PyTorch eager, AMP, channels_last)", "device": name,
-            "images_per_second": args.batch_size * args.steps / seconds, "loss": float(loss)}
+    return {
+        "who": "timm (PyTorch eager, AMP, channels_last)",
+        "device": name,
+        "images_per_second": args.batch_size * args.steps / seconds,
+        "loss": float(loss),
+    }
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="benchmarks/bench_train.py", description=DESCRIPTION, epilog=EPILOG)
-    parser.add_argument("--model", default="convmixer_768_32", choices=list_variants(), metavar="NAME")
+    parser = cli.ArgumentParser(
+        prog="benchmarks/bench_train.py", description=DESCRIPTION, epilog=EPILOG
+    )
+    parser.add_argument(
+        "--model", default="convmixer_768_32", choices=list_variants(), metavar="NAME"
+    )
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--multi-process", action="store_true",
-                        help="one process with two devices against two processes with one device each (CPU)")
-    parser.add_argument("--only", choices=("ours", "timm", "ours-1x2", "ours-2x1", "ours-half"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--multi-process",
+        action="store_true",
+        help="one process with two devices against two processes with one device each (CPU)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("ours", "timm", "ours-1x2", "ours-2x1", "ours-half"),
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
@@ -151,10 +190,13 @@ def _run(args, argv) -> int:
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     if args.only:
-        runs = {"ours": lambda: keras_jax(args), "timm": lambda: timm_torch(args),
-                "ours-1x2": lambda: keras_jax(args, "data-parallel"),
-                "ours-2x1": lambda: keras_jax(args, "multi-process", args.process_id, args.coordinator),
-                "ours-half": lambda: keras_jax(args, batch=args.batch_size // 2)}
+        runs = {
+            "ours": lambda: keras_jax(args),
+            "timm": lambda: timm_torch(args),
+            "ours-1x2": lambda: keras_jax(args, "data-parallel"),
+            "ours-2x1": lambda: keras_jax(args, "multi-process", args.process_id, args.coordinator),
+            "ours-half": lambda: keras_jax(args, batch=args.batch_size // 2),
+        }
         result = runs[args.only]()
         print("RESULT " + json.dumps(result))
         return 0
@@ -163,27 +205,32 @@ def _run(args, argv) -> int:
 
     results = []
     for side in ("timm", "ours"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--only", side] + (argv if argv is not None else sys.argv[1:])
+        cmd = [sys.executable, os.path.abspath(__file__), "--only", side] + (
+            argv if argv is not None else sys.argv[1:]
+        )
         run = cli.run_child(cmd, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         line = next((row for row in run.stdout.splitlines() if row.startswith("RESULT ")), None)
         if run.returncode != 0 or line is None:
             print(f"{side} failed:\n{run.stderr[-3000:]}", file=sys.stderr)
             return 1
-        results.append(json.loads(line[len("RESULT "):]))
-    print(f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
-          f"{args.steps} timed steps after {args.warmup}")
+        results.append(json.loads(line[len("RESULT ") :]))
+    print(
+        f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
+        f"{args.steps} timed steps after {args.warmup}"
+    )
     for r in results:
         print(f"  {r['who']:<45} {r['images_per_second']:10.1f} images/s   on {r['device']}")
-    print(f"  ratio ours / timm: {results[1]['images_per_second'] / results[0]['images_per_second']:.2f}")
+    print(
+        f"  ratio ours / timm: {results[1]['images_per_second'] / results[0]['images_per_second']:.2f}"
+    )
     return 0
-
 
 
 def _result(run, side):
     line = next((row for row in run.stdout.splitlines() if row.startswith("RESULT ")), None)
     if run.returncode != 0 or line is None:
         raise RuntimeError(f"{side} failed:\n{run.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def multi_process(args, argv):
@@ -194,31 +241,61 @@ def multi_process(args, argv):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     results = {}
     for side, devices, pin in (("ours-1x2", 2, []), ("ours-half", 1, ["--cpu", "0"])):
-        run = cli.run_child(me + ["--only", side] + pin,
-                            env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+        run = cli.run_child(
+            me + ["--only", side] + pin,
+            env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"),
+        )
         results[side] = _result(run, side)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with contextlib.ExitStack() as stack:
-        procs = [stack.enter_context(cli.child(
-            me + ["--only", "ours-2x1", "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}",
-                  "--cpu", str(i % os.cpu_count())],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1"))) for i in range(2)]
+        procs = [
+            stack.enter_context(
+                cli.child(
+                    me
+                    + [
+                        "--only",
+                        "ours-2x1",
+                        "--process-id",
+                        str(i),
+                        "--coordinator",
+                        f"127.0.0.1:{port}",
+                        "--cpu",
+                        str(i % os.cpu_count()),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                )
+            )
+            for i in range(2)
+        ]
         outs = [p.communicate() for p in procs]
-    results["ours-2x1"] = _result(subprocess.CompletedProcess(procs[0].args, procs[0].returncode, *outs[0]), "2x1")
-    print(f"{args.model}, {args.image_size} px, global batch {args.batch_size}, {args.precision}, "
-          f"{args.steps} timed steps after {args.warmup}; CPU, {os.cpu_count()} cores")
-    for side, label in (("ours-1x2", "1 process x 2 devices"), ("ours-2x1", "2 processes x 1 device, a core each"),
-                        ("ours-half", "1 process x 1 device, 1 core, half the batch (a process's work)")):
+    results["ours-2x1"] = _result(
+        subprocess.CompletedProcess(procs[0].args, procs[0].returncode, *outs[0]), "2x1"
+    )
+    print(
+        f"{args.model}, {args.image_size} px, global batch {args.batch_size}, {args.precision}, "
+        f"{args.steps} timed steps after {args.warmup}; CPU, {os.cpu_count()} cores"
+    )
+    for side, label in (
+        ("ours-1x2", "1 process x 2 devices"),
+        ("ours-2x1", "2 processes x 1 device, a core each"),
+        ("ours-half", "1 process x 1 device, 1 core, half the batch (a process's work)"),
+    ):
         r = results[side]
         print(f"  {label:<64} {r['images_per_second']:8.1f} images/s  {r['step_ms']:8.1f} ms/step")
     between = results["ours-2x1"]["step_ms"] - results["ours-half"]["step_ms"]
-    print(f"  ratio 2 processes / 1 process (images/s): "
-          f"{results['ours-2x1']['images_per_second'] / results['ours-1x2']['images_per_second']:.2f}")
-    print(f"  time the two processes spend on each other per step (2 x 1 minus half batch): {between:.1f} ms "
-          f"({between / results['ours-2x1']['step_ms']:.0%} of a step)")
+    print(
+        f"  ratio 2 processes / 1 process (images/s): "
+        f"{results['ours-2x1']['images_per_second'] / results['ours-1x2']['images_per_second']:.2f}"
+    )
+    print(
+        f"  time the two processes spend on each other per step (2 x 1 minus half batch): {between:.1f} ms "
+        f"({between / results['ours-2x1']['step_ms']:.0%} of a step)"
+    )
     return 0
 
 

@@ -17,7 +17,9 @@ import time
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variant", required=True, help="timm model name, e.g. convmixer_768_32")
     parser.add_argument("--state-dict", required=True, help="timm state_dict saved with torch.save")
     parser.add_argument("--output", required=True, help=".tflite file to write")
@@ -29,7 +31,9 @@ def main(argv=None):
     import torch
 
     net = timm.create_model(args.variant, pretrained=False)
-    net.load_state_dict(torch.load(args.state_dict, map_location="cpu", weights_only=True), strict=True)
+    net.load_state_dict(
+        torch.load(args.state_dict, map_location="cpu", weights_only=True), strict=True
+    )
     net.eval()
     sample = (torch.zeros(1, 3, args.image_size, args.image_size),)
     tmp = f"{args.output}.partial"

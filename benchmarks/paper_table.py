@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 
-from convmixer_tf import cli, outputs
+from convmixer_tf import cli, outputs, staging
 from convmixer_tf.export.parallel import cores  # the cores this process may use
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -126,7 +126,10 @@ def count(net: Network) -> dict:
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(torch.zeros(1, 3, 224, 224))
-    return {"params": int(sum(p.numel() for p in model.parameters())), "gmacs": counter.get_total_flops() / 2e9}
+    return {
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "gmacs": counter.get_total_flops() / 2e9,
+    }
 
 
 def torch_runtimes(model, images, settings: Settings, tmp: str, onnx: bool) -> dict:
@@ -139,13 +142,22 @@ def torch_runtimes(model, images, settings: Settings, tmp: str, onnx: bool) -> d
         def call():
             with torch.no_grad():
                 model(x[:n])
+
         return call
 
     found = {"PyTorch eager": measure(eager, eager(1), settings)}
     if onnx:
         path = os.path.join(tmp, "torch.onnx")
-        torch.onnx.export(model, (x[:1],), path, opset_version=17, dynamo=False, input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (x[:1],),
+            path,
+            opset_version=17,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
         found["ONNX fp32"] = measure(*onnx_calls(path, images), settings)
     return found
 
@@ -157,7 +169,9 @@ def onnx_calls(path, images):
     options.intra_op_num_threads = cores()
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return (lambda n: lambda: session.run(None, {name: images[:n]})), lambda: session.run(None, {name: images[:1]})
+    return (lambda n: lambda: session.run(None, {name: images[:n]})), lambda: session.run(
+        None, {name: images[:1]}
+    )
 
 
 def our_runtimes(timm_model, images, settings: Settings, tmp: str) -> dict:
@@ -177,20 +191,33 @@ def our_runtimes(timm_model, images, settings: Settings, tmp: str) -> dict:
     model = convmixer_tf.rebuild(model, input_shape=(settings.size, settings.size, 3))
     nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
     preprocessing = convmixer_tf.contract.info_of(model).preprocessing
-    calibration = preprocessing.normalize(synthetic_images(settings.calibration, settings.size, seed=1))
+    calibration = preprocessing.normalize(
+        synthetic_images(settings.calibration, settings.size, seed=1)
+    )
     found = {}
     onnx_path = export.export_onnx(model, os.path.join(tmp, "ours.onnx"), nchw=True)
     found["ONNX fp32"] = measure(*onnx_calls(onnx_path, images), settings)
-    int8_path = export_onnx_int8(model, os.path.join(tmp, "ours_int8.onnx"), calibration.astype(np.float32),
-                                 nchw=True, float_path=onnx_path)
+    int8_path = export_onnx_int8(
+        model,
+        os.path.join(tmp, "ours_int8.onnx"),
+        calibration.astype(np.float32),
+        nchw=True,
+        float_path=onnx_path,
+    )
     found["ONNX int8"] = measure(*onnx_calls(int8_path, images), settings)
     for runtime, quantization in (("TFLite fp32", None), ("TFLite int8", "int8")):
-        path = export.export_tflite(model, os.path.join(tmp, f"ours_{runtime[-4:]}.tflite"), quantization=quantization,
-                                    representative_data=lambda: (im[None] for im in calibration.astype(np.float32)))
+        path = export.export_tflite(
+            model,
+            os.path.join(tmp, f"ours_{runtime[-4:]}.tflite"),
+            quantization=quantization,
+            representative_data=lambda: (im[None] for im in calibration.astype(np.float32)),
+        )
         runner = TFLiteRunner(path, threads=cores())
 
         def batch(n, runner=runner):
-            return lambda: [runner(nhwc[i:i + 1]) for i in range(n)]  # one image per call, as the file takes
+            # one image per call, as the file takes
+            return lambda: [runner(nhwc[i : i + 1]) for i in range(n)]
+
         found[runtime] = measure(batch, batch(1), settings)
     return {"runtimes": found, "params_keras": params}
 
@@ -200,10 +227,19 @@ def measure_network(net: Network, settings: Settings, log) -> dict:
     import torch
 
     torch.set_num_threads(cores())
-    row = {"network": net.name, "timm": net.timm_name, "paper": dataclasses.asdict(net), **count(net)}
+    row = {
+        "network": net.name,
+        "timm": net.timm_name,
+        "paper": dataclasses.asdict(net),
+        **count(net),
+    }
     log(f"{net.name}: {row['params'] / 1e6:.1f} M parameters, {row['gmacs']:.2f} GMACs")
     model = timm_network(net, settings.size)
-    images = np.random.default_rng(0).normal(size=(settings.batch, 3, settings.size, settings.size)).astype(np.float32)
+    images = (
+        np.random.default_rng(0)
+        .normal(size=(settings.batch, 3, settings.size, settings.size))
+        .astype(np.float32)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         runtimes = torch_runtimes(model, images, settings, tmp, onnx=not net.convmixer)
         if net.convmixer:
@@ -227,7 +263,10 @@ def ratios(rows) -> list:
             continue
         paper = base["paper"]["throughput"] / row["paper"]["throughput"]
         for runtime in RUNTIMES:
-            ours, theirs = row["runtimes"][runtime].get("throughput"), base["runtimes"][runtime].get("throughput")
+            ours, theirs = (
+                row["runtimes"][runtime].get("throughput"),
+                base["runtimes"][runtime].get("throughput"),
+            )
             if ours and theirs:
                 found.append((row["network"], runtime, theirs / ours, paper))
         best_base = max(f["throughput"] for f in base["runtimes"].values() if "throughput" in f)
@@ -238,43 +277,86 @@ def ratios(rows) -> list:
 
 def markdown(result) -> str:
     rows, settings = result["rows"], result["settings"]
-    out = [f"Measured on {result['machine']}, {settings['size']} px, throughput at batch "
-           f"{settings['batch']}, median of {settings['runs']} runs; random weights."]
+    out = [
+        f"Measured on {result['machine']}, {settings['size']} px, throughput at batch "
+        f"{settings['batch']}, median of {settings['runs']} runs; random weights."
+    ]
     if result["quick"]:
-        out.append("Quick run (tiny inputs, few runs): the figures check the benchmark, they say nothing of speed.")
-    out += ["", "| network | patch | kernel | params (M), paper | params (M), timm | params (M), ours | GMACs "
-            "| throughput (img/s), paper's GPU | act | epochs | ImageNet top-1, paper |", "|---" * 11 + "|"]
+        out.append(
+            "Quick run (tiny inputs, few runs): the figures check the benchmark, they say nothing of speed."
+        )
+    out += [
+        "",
+        "| network | patch | kernel | params (M), paper | params (M), timm | params (M), ours | GMACs "
+        "| throughput (img/s), paper's GPU | act | epochs | ImageNet top-1, paper |",
+        "|---" * 11 + "|",
+    ]
     for row in rows:
         p = row["paper"]
         ours = f"{row['params_keras'] / 1e6:.1f}" if "params_keras" in row else "-"
-        out.append(f"| {row['network']} | {p['patch']} | {p['kernel']} | {p['params_m']} | {row['params'] / 1e6:.1f} "
-                   f"| {ours} | {row['gmacs']:.1f} | {p['throughput']} | {p['activation']} | {p['epochs']} "
-                   f"| {p['top1']} |")
-    for key, title, form in (("throughput", f"Throughput (img/s, batch {settings['batch']})", "{:.1f}"),
-                             ("latency_ms", "Latency (ms, one image)", "{:.1f}")):
-        out += ["", f"{title} on this machine:", "", "| network | " + " | ".join(RUNTIMES) + " |",
-                "|---" * (len(RUNTIMES) + 1) + "|"]
+        out.append(
+            f"| {row['network']} | {p['patch']} | {p['kernel']} | {p['params_m']} | {row['params'] / 1e6:.1f} "
+            f"| {ours} | {row['gmacs']:.1f} | {p['throughput']} | {p['activation']} | {p['epochs']} "
+            f"| {p['top1']} |"
+        )
+    for key, title, form in (
+        ("throughput", f"Throughput (img/s, batch {settings['batch']})", "{:.1f}"),
+        ("latency_ms", "Latency (ms, one image)", "{:.1f}"),
+    ):
+        out += [
+            "",
+            f"{title} on this machine:",
+            "",
+            "| network | " + " | ".join(RUNTIMES) + " |",
+            "|---" * (len(RUNTIMES) + 1) + "|",
+        ]
         for row in rows:
-            cells = [form.format(row["runtimes"][r][key]) if key in row["runtimes"][r] else "not measured"
-                     for r in RUNTIMES]
+            cells = [
+                form.format(row["runtimes"][r][key])
+                if key in row["runtimes"][r]
+                else "not measured"
+                for r in RUNTIMES
+            ]
             out.append(f"| {row['network']} | " + " | ".join(cells) + " |")
-    out += ["", f"{BASELINE}'s throughput over ConvMixer's, in the same runtime (the paper, on its GPU in "
-            "PyTorch: the last column):", "", "| ConvMixer | runtime | measured here | paper |", "|---|---|---|---|"]
+    out += [
+        "",
+        f"{BASELINE}'s throughput over ConvMixer's, in the same runtime (the paper, on its GPU in "
+        "PyTorch: the last column):",
+        "",
+        "| ConvMixer | runtime | measured here | paper |",
+        "|---|---|---|---|",
+    ]
     for name, runtime, measured, paper in ratios(rows):
         out.append(f"| {name} | {runtime} | {measured:.1f}x | {paper:.1f}x |")
-    out += ["", "\"not measured\": " + NOT_OURS + "."]
+    out += ["", '"not measured": ' + NOT_OURS + "."]
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     description, _, epilog = __doc__.partition("\n\n")
-    parser = cli.ArgumentParser(prog="benchmarks/paper_table.py", description=description, epilog=epilog)
-    parser.add_argument("--quick", action="store_true", help="32 px, batch 4, 2 runs, 2 calibration images")
-    parser.add_argument("--networks", nargs="+", default=[net.name for net in PAPER], metavar="NAME",
-                        choices=[net.name for net in PAPER], help="rows of the table to measure (default: all five)")
-    parser.add_argument("--runs", type=cli.positive(), default=None,
-                        help="timed runs per figure (default 3; quick 2)")
-    parser.add_argument("--output-dir", default=None, help="write paper_table.md and paper_table.json there")
+    parser = cli.ArgumentParser(
+        prog="benchmarks/paper_table.py", description=description, epilog=epilog
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="32 px, batch 4, 2 runs, 2 calibration images"
+    )
+    parser.add_argument(
+        "--networks",
+        nargs="+",
+        default=[net.name for net in PAPER],
+        metavar="NAME",
+        choices=[net.name for net in PAPER],
+        help="rows of the table to measure (default: all five)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=cli.positive(),
+        default=None,
+        help="timed runs per figure (default 3; quick 2)",
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help="write paper_table.md and paper_table.json there"
+    )
     args = parser.parse_args(argv)
     return cli.run_command(lambda log, console: _run(args, log), verbose=True)
 
@@ -288,24 +370,35 @@ def _run(args, log) -> int:
     import weights_converter  # noqa: F401  (keeps triton out before TensorFlow loads)
 
     with contextlib.ExitStack() as stack:
-        staging = None
-        if args.output_dir:  # a new folder, or one of an earlier table: checked before the measuring starts
-            staging = stack.enter_context(outputs.staged(args.output_dir, TABLE, force=True))
+        table = None
+        # a new folder, or one of an earlier table: checked before the measuring starts
+        if args.output_dir:
+            table = stack.enter_context(staging.staged(args.output_dir, TABLE, force=True))
         rows = [measure_network(net, settings, log) for net in PAPER if net.name in args.networks]
-        result = {"machine": cpu_description(), "cores": cores(), "quick": args.quick,
-                  "settings": dataclasses.asdict(settings), "rows": rows,
-                  "ratios": [dict(zip(("convmixer", "runtime", "measured", "paper"), r)) for r in ratios(rows)]}
+        result = {
+            "machine": cpu_description(),
+            "cores": cores(),
+            "quick": args.quick,
+            "settings": dataclasses.asdict(settings),
+            "rows": rows,
+            "ratios": [
+                dict(zip(("convmixer", "runtime", "measured", "paper"), r)) for r in ratios(rows)
+            ],
+        }
         text = markdown(result)
         print(text)
-        if staging:
-            outputs.write_atomic(os.path.join(staging.path, "paper_table.md"), text + "\n")
-            outputs.write_json_atomic(os.path.join(staging.path, "paper_table.json"), result)
+        if table:
+            outputs.write_atomic(os.path.join(table.path, "paper_table.md"), text + "\n")
+            outputs.write_json_atomic(os.path.join(table.path, "paper_table.json"), result)
     return 0
 
 
-TABLE = outputs.Output("benchmarks/paper_table.py", "paper_table.json",
-                       lambda data: isinstance(data, dict) and {"rows", "ratios"} <= set(data),
-                       outputs.exactly("paper_table.md", "paper_table.json"))
+TABLE = outputs.Output(
+    "benchmarks/paper_table.py",
+    "paper_table.json",
+    lambda data: isinstance(data, dict) and {"rows", "ratios"} <= set(data),
+    outputs.exactly("paper_table.md", "paper_table.json"),
+)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,35 @@ Importing the package loads no Keras: the builder imports it when called, so com
 lines answer --help and check their arguments at once.
 """
 
-from convmixer_tf.config import VARIANTS, ConvMixerConfig, Preprocessing, Variant, get_variant, list_variants
-from convmixer_tf.contract import ModelInfo, info_of, load_model, save_model
-from convmixer_tf.model import ConvMixer, build, config_from_model, create_model, rebuild
+from convmixer_tf.config import (
+    VARIANTS,
+    ConvMixerConfig,
+    Preprocessing,
+    Variant,
+    get_variant,
+    list_variants,
+)
+from convmixer_tf.contract import ModelInfo, info_of
+from convmixer_tf.factory import create_model
+from convmixer_tf.model import ConvMixer, build, config_from_model, rebuild
+from convmixer_tf.saving import load_model, save_model
+from convmixer_tf.version import __version__
 
-__version__ = "0.1.0"
-
-__all__ = ["VARIANTS", "ConvMixer", "ConvMixerConfig", "ModelInfo", "Preprocessing", "Variant", "build",
-           "config_from_model", "create_model", "get_variant", "info_of", "list_variants", "load_model", "rebuild",
-           "save_model"]
+__all__ = [
+    "VARIANTS",
+    "ConvMixer",
+    "ConvMixerConfig",
+    "ModelInfo",
+    "Preprocessing",
+    "Variant",
+    "__version__",
+    "build",
+    "config_from_model",
+    "create_model",
+    "get_variant",
+    "info_of",
+    "list_variants",
+    "load_model",
+    "rebuild",
+    "save_model",
+]

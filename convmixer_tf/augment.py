@@ -13,6 +13,7 @@ import math
 from typing import Tuple
 
 from convmixer_tf.config import PIXEL_MAX
+from convmixer_tf.errors import BadInput
 
 # torchvision's RandAugment spreads magnitudes over 31 bins (0..30); Keras' factor is
 # the fraction of the strongest setting.
@@ -48,17 +49,19 @@ class AugmentConfig:
     def __post_init__(self):
         lo, hi = self.scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise BadInput(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0.0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+            raise BadInput(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
         if not 0 <= self.randaugment_m <= RANDAUGMENT_BINS or self.randaugment_n < 0:
-            raise ValueError(f"randaugment needs n >= 0 and 0 <= m <= {RANDAUGMENT_BINS}, "
-                             f"got n={self.randaugment_n}, m={self.randaugment_m}")
+            raise BadInput(
+                f"randaugment needs n >= 0 and 0 <= m <= {RANDAUGMENT_BINS}, "
+                f"got n={self.randaugment_n}, m={self.randaugment_m}"
+            )
         for field in ("jitter", "erasing", "mixup", "cutmix"):
             if getattr(self, field) < 0:
-                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+                raise BadInput(f"{field} must be >= 0, got {getattr(self, field)}")
         if self.erasing > 1:
-            raise ValueError(f"erasing is a probability, got {self.erasing}")
+            raise BadInput(f"erasing is a probability, got {self.erasing}")
 
     @property
     def mixes(self) -> bool:
@@ -80,17 +83,30 @@ def random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
     ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
     # Fallback (no try fits): the largest centre crop with the ratio clamped to range.
     in_ratio = w / h
-    fb_w = tf.where(in_ratio < ratio[0], w, tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w))
+    fb_w = tf.where(
+        in_ratio < ratio[0], w, tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+    )
     fb_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
     first = tf.argmax(tf.cast(ok, tf.int32))
     found = tf.reduce_any(ok)
     crop_w = tf.where(found, tf.gather(cw, first), fb_w)
     crop_h = tf.where(found, tf.gather(ch, first), fb_h)
-    top = tf.where(found, tf.floor(tf.random.uniform([], 0, 1) * (h - crop_h + 1)), tf.floor((h - crop_h) / 2))
-    left = tf.where(found, tf.floor(tf.random.uniform([], 0, 1) * (w - crop_w + 1)), tf.floor((w - crop_w) / 2))
+    top = tf.where(
+        found, tf.floor(tf.random.uniform([], 0, 1) * (h - crop_h + 1)), tf.floor((h - crop_h) / 2)
+    )
+    left = tf.where(
+        found, tf.floor(tf.random.uniform([], 0, 1) * (w - crop_w + 1)), tf.floor((w - crop_w) / 2)
+    )
     crop = tf.image.crop_to_bounding_box(
-        image, tf.cast(top, tf.int32), tf.cast(left, tf.int32), tf.cast(crop_h, tf.int32), tf.cast(crop_w, tf.int32))
-    return tf.image.resize(tf.cast(crop, tf.float32), (size, size), method="bilinear", antialias=True)
+        image,
+        tf.cast(top, tf.int32),
+        tf.cast(left, tf.int32),
+        tf.cast(crop_h, tf.int32),
+        tf.cast(crop_w, tf.int32),
+    )
+    return tf.image.resize(
+        tf.cast(crop, tf.float32), (size, size), method="bilinear", antialias=True
+    )
 
 
 class Augmenter:
@@ -104,24 +120,10 @@ class Augmenter:
     def __init__(self, config: AugmentConfig, size: int, num_classes: int, *, seed: int = 0):
         import keras
 
-        self.config, self.size, self.num_classes = config, size, num_classes
-        layers = []
-        if config.hflip:
-            layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-        if config.randaugment_n > 0 and config.randaugment_m > 0:
-            layers.append(keras.layers.RandAugment(
-                value_range=(0, PIXEL_MAX), num_ops=config.randaugment_n,
-                factor=config.randaugment_m / RANDAUGMENT_BINS, seed=seed + 1))
-        if config.jitter > 0:
-            j = config.jitter
-            layers.append(keras.layers.RandomColorJitter(
-                value_range=(0, PIXEL_MAX), brightness_factor=j, contrast_factor=j, saturation_factor=j, seed=seed + 2))
-        if config.erasing > 0:
-            # (p, p): erase with probability exactly p; grey is about the ImageNet mean.
-            layers.append(keras.layers.RandomErasing(
-                factor=(config.erasing, config.erasing), fill_value=PIXEL_MAX / 2, value_range=(0, PIXEL_MAX),
-                seed=seed + 3))
-        self.image_layers = layers
+        self.config = config
+        self.size = size
+        self.num_classes = num_classes
+        self.image_layers = _image_layers(config, seed)
         self.mixers = []
         if config.mixup > 0:
             self.mixers.append(keras.layers.MixUp(alpha=config.mixup, seed=seed + 4))
@@ -149,4 +151,48 @@ class Augmenter:
 
         if len(self.mixers) == 1:
             return apply(self.mixers[0])
-        return tf.cond(tf.random.uniform([]) < 0.5, lambda: apply(self.mixers[0]), lambda: apply(self.mixers[1]))
+        return tf.cond(
+            tf.random.uniform([]) < 0.5,
+            lambda: apply(self.mixers[0]),
+            lambda: apply(self.mixers[1]),
+        )
+
+
+def _image_layers(config: AugmentConfig, seed: int) -> list:
+    """The per-image random layers of `config`, in the order they apply: flip, RandAugment,
+    colour jitter, random erasing."""
+    import keras
+
+    layers = []
+    if config.hflip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if config.randaugment_n > 0 and config.randaugment_m > 0:
+        factor = config.randaugment_m / RANDAUGMENT_BINS
+        layers.append(
+            keras.layers.RandAugment(
+                value_range=(0, PIXEL_MAX),
+                num_ops=config.randaugment_n,
+                factor=factor,
+                seed=seed + 1,
+            )
+        )
+    if config.jitter > 0:
+        j = config.jitter
+        layers.append(
+            keras.layers.RandomColorJitter(
+                value_range=(0, PIXEL_MAX),
+                brightness_factor=j,
+                contrast_factor=j,
+                saturation_factor=j,
+                seed=seed + 2,
+            )
+        )
+    if config.erasing > 0:
+        # (p, p): erase with probability exactly p; grey is about the ImageNet mean.
+        erasing = (config.erasing, config.erasing)
+        layers.append(
+            keras.layers.RandomErasing(
+                factor=erasing, fill_value=PIXEL_MAX / 2, value_range=(0, PIXEL_MAX), seed=seed + 3
+            )
+        )
+    return layers

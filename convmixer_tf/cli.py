@@ -25,12 +25,20 @@ from convmixer_tf.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, exit
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # TensorFlow, LiteRT, XNNPACK and absl log from C++ straight to file descriptor 2, some of
 # it before any Python setting can reach them; the environment handles what it can.
-NATIVE_LOG_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "3", "ABSL_MIN_LOG_LEVEL": "3",
-                  "GRPC_VERBOSITY": "ERROR"}
+NATIVE_LOG_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "GLOG_minloglevel": "3",
+    "ABSL_MIN_LOG_LEVEL": "3",
+    "GRPC_VERBOSITY": "ERROR",
+}
 
 
-def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: bool = False,
-                verbose: bool = False) -> int:
+def run_command(
+    job: Callable[[Callable[[str], None], object], int],
+    *,
+    quiet: bool = False,
+    verbose: bool = False,
+) -> int:
     """Runs a command-line job and turns its outcome into an exit code.
 
     `job(log, console)` does the work: `log` prints progress (nothing with `quiet`),
@@ -57,11 +65,15 @@ def run_command(job: Callable[[Callable[[str], None], object], int], *, quiet: b
     previous = {signum: signal.signal(signum, interrupted) for signum in SIGNALS}
     try:
         with _temporary_files(), _quiet() if not verbose else contextlib.nullcontext():
-            return job(lambda message: None if quiet else print(message, file=console, flush=True), console)
+            return job(
+                lambda message: None if quiet else print(message, file=console, flush=True), console
+            )
     except BaseException as err:  # noqa: BLE001 - every outcome becomes an exit code
         code = exit_code(err)
         if code == EXIT_INTERNAL:
-            print("error: internal error (a bug; please report it with this traceback):", file=console)
+            print(
+                "error: internal error (a bug; please report it with this traceback):", file=console
+            )
             traceback.print_exception(err, file=console)
         elif code in (EXIT_FAILED, EXIT_BAD_INPUT):
             print(f"error: {one_line(err)}", file=console, flush=True)
@@ -80,8 +92,11 @@ def _temporary_files():
     Keras', autograph's) goes into one folder, removed at the end and on an interrupt."""
     from unittest import mock  # it imports asyncio: kept off the path of --help
 
-    with temporaries.temporary_folder() as folder, mock.patch.dict(os.environ, TMPDIR=folder), \
-            mock.patch.object(tempfile, "tempdir", folder):
+    with (
+        temporaries.temporary_folder() as folder,
+        mock.patch.dict(os.environ, TMPDIR=folder),
+        mock.patch.object(tempfile, "tempdir", folder),
+    ):
         yield
 
 
@@ -100,7 +115,9 @@ def child(command, **popen):
 
 def run_child(command, **popen) -> subprocess.CompletedProcess:
     """`subprocess.run(command, capture_output=True, text=True)` through `child`."""
-    with child(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen) as process:
+    with child(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    ) as process:
         out, err = process.communicate()
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
@@ -172,7 +189,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *, description: str = "", **kwargs):
         # The epilogs keep their own lines; a one-paragraph description is wrapped.
-        super().__init__(description=textwrap.fill(description, 80), formatter_class=HelpFormatter, **kwargs)
+        super().__init__(
+            description=textwrap.fill(description, 80), formatter_class=HelpFormatter, **kwargs
+        )
 
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
@@ -180,7 +199,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def add_console_options(self, group=None, noisy: str = "TensorFlow, LiteRT and absl"):
         """--json, --quiet and --verbose, the same in every command."""
         target = group or self
-        target.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        target.add_argument(
+            "--json", action="store_true", help="print the result as JSON on stdout"
+        )
         target.add_argument("--quiet", action="store_true", help="no progress messages")
         target.add_argument("--verbose", action="store_true", help=f"let {noisy} print their logs")
 

@@ -55,7 +55,9 @@ class ConvMixerConfig:
     def __post_init__(self):
         for field in ("dim", "depth", "kernel_size", "patch_size", "num_classes"):
             value = getattr(self, field)
-            least, words = (0, "an integer >= 0") if field == "num_classes" else (1, "a positive integer")
+            least, words = (
+                (0, "an integer >= 0") if field == "num_classes" else (1, "a positive integer")
+            )
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise BadInput(f"{field} must be {words}, got {value!r}")
         if self.activation not in ACTIVATIONS:
@@ -68,7 +70,7 @@ class ConvMixerConfig:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
-        """"ConvMixer-768/32 k7 p7" (and what sets a non-depthwise network apart)."""
+        """ "ConvMixer-768/32 k7 p7" (and what sets a non-depthwise network apart)."""
         kind = "" if self.depthwise else ", full (non-depthwise) k x k conv"
         return f"ConvMixer-{self.dim}/{self.depth} k{self.kernel_size} p{self.patch_size}{kind}"
 
@@ -117,10 +119,20 @@ class Preprocessing:
         if not _is_number(self.crop_pct) or not 0 < self.crop_pct <= 1:
             raise BadInput(f"crop_pct must be a number in (0, 1], got {self.crop_pct!r}")
         if self.interpolation not in INTERPOLATIONS:
-            raise BadInput(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+            raise BadInput(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
 
     def replace(self, **changes) -> "Preprocessing":
         return dataclasses.replace(self, **changes)
+
+    def for_input(self, input_shape) -> "Preprocessing":
+        """This preprocessing at the size a fixed square input (H, W, ...) sets; for any other
+        input shape, unchanged."""
+        height, width = tuple(input_shape)[:2]
+        if height and height == width:
+            return self.replace(input_size=int(height))
+        return self
 
     def scale_offset(self) -> Tuple[tuple, tuple]:
         """The normalisation as one multiply-add per channel: raw * scale + offset."""
@@ -158,28 +170,45 @@ class Variant:
 
 
 _IMAGENET = Preprocessing()
-_CIFAR10 = Preprocessing(input_size=32, crop_pct=1.0, interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD)
+_CIFAR10 = Preprocessing(
+    input_size=32, crop_pct=1.0, interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD
+)
 
 VARIANTS = {
     # Released ImageNet-1k models (timm names; 81.37 / 80.16 / 76.94 top-1).
     "convmixer_1536_20": Variant(
         ConvMixerConfig(dim=1536, depth=20, kernel_size=9, patch_size=7),
-        _IMAGENET, "ImageNet-1k, 51.6M params, 81.37% top-1", "convmixer_1536_20", "timm/convmixer_1536_20.in1k"),
+        _IMAGENET,
+        "ImageNet-1k, 51.6M params, 81.37% top-1",
+        "convmixer_1536_20",
+        "timm/convmixer_1536_20.in1k",
+    ),
     # The only released model with ReLU; nothing in its weights says so.
     "convmixer_768_32": Variant(
         ConvMixerConfig(dim=768, depth=32, kernel_size=7, patch_size=7, activation="relu"),
-        _IMAGENET, "ImageNet-1k, 21.1M params, 80.16% top-1", "convmixer_768_32", "timm/convmixer_768_32.in1k"),
+        _IMAGENET,
+        "ImageNet-1k, 21.1M params, 80.16% top-1",
+        "convmixer_768_32",
+        "timm/convmixer_768_32.in1k",
+    ),
     "convmixer_1024_20_ks9_p14": Variant(
         ConvMixerConfig(dim=1024, depth=20, kernel_size=9, patch_size=14),
-        _IMAGENET, "ImageNet-1k, 24.4M params, 76.94% top-1", "convmixer_1024_20_ks9_p14",
-        "timm/convmixer_1024_20_ks9_p14.in1k"),
+        _IMAGENET,
+        "ImageNet-1k, 24.4M params, 76.94% top-1",
+        "convmixer_1024_20_ks9_p14",
+        "timm/convmixer_1024_20_ks9_p14.in1k",
+    ),
     # CIFAR-10 models of the paper (convmixer-cifar10 recipe: 92.6% in 25 epochs).
     "convmixer_256_8": Variant(
         ConvMixerConfig(dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10),
-        _CIFAR10, "CIFAR-10, ConvMixer-256/8 k5 p2 (paper's recipe)"),
+        _CIFAR10,
+        "CIFAR-10, ConvMixer-256/8 k5 p2 (paper's recipe)",
+    ),
     "convmixer_256_16": Variant(
         ConvMixerConfig(dim=256, depth=16, kernel_size=9, patch_size=1, num_classes=10),
-        _CIFAR10, "CIFAR-10, ConvMixer-256/16 k9 p1"),
+        _CIFAR10,
+        "CIFAR-10, ConvMixer-256/16 k9 p1",
+    ),
 }
 
 
@@ -193,4 +222,4 @@ def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown variant {name!r}; allowed values: {', '.join(VARIANTS)}") from None
+        raise BadInput(f"unknown variant {name!r}; allowed values: {', '.join(VARIANTS)}") from None

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import signal
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
 
 
 class CheckFailed(RuntimeError):
@@ -20,10 +23,11 @@ class BadInput(ValueError):
 
 
 def exit_code(err: BaseException) -> int:
-    """The exit code promised for an exception raised by a job."""
+    """The exit code promised for an exception raised by a job: only the user's input (and a
+    file system that refuses, OSError) is exit 2; any other ValueError is a bug (exit 3)."""
     if isinstance(err, CheckFailed):
         return EXIT_FAILED
-    if isinstance(err, (ValueError, OSError)):
+    if isinstance(err, (BadInput, OSError)):
         return EXIT_BAD_INPUT
     if isinstance(err, KeyboardInterrupt):
         return 128 + signal.SIGINT
@@ -36,4 +40,6 @@ def one_line(err, *, named: bool = False) -> str:
     """An exception's message on one line (tracebacks and wrapped messages folded), after
     its kind's name with `named`."""
     text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if named and text else text or type(err).__name__
+    if named and text:
+        return f"{type(err).__name__}: {text}"
+    return text or type(err).__name__

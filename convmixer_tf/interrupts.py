@@ -28,11 +28,16 @@ def on_interrupt(undo: Callable[[], object]):
 
 def removed_on_interrupt(path):
     """Registers `path` (a staging folder, a temporary file or folder) for `interrupt`."""
+
     def remove(path=os.fspath(path)):
         for _ in range(3):  # a writer thread may add a file while the folder goes
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else remove_file(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                remove_file(path)
             if not os.path.lexists(path):
                 break
+
     return on_interrupt(remove)
 
 
@@ -65,9 +70,6 @@ def final_move():
         pending, _state["pending"] = _state["pending"], None
         if pending is not None:
             signal.raise_signal(pending)
-
-
-
 
 
 def remove_file(path) -> None:

@@ -1,4 +1,5 @@
-"""The functional ConvMixer builder, and the one way to derive a model from another.
+"""The functional ConvMixer builder, the named variants, and the one way to derive a model
+from another.
 
 Only stock Keras layers are used, so a saved `.keras` file loads with plain
 `keras.models.load_model` and the model runs on every Keras 3 backend. Layer names
@@ -12,19 +13,39 @@ import contextlib
 from typing import Optional, Sequence
 
 from convmixer_tf import contract
-from convmixer_tf.config import IMAGENET_MEAN, IMAGENET_STD, ConvMixerConfig, Preprocessing, get_variant
+from convmixer_tf.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ConvMixerConfig,
+    Preprocessing,
+    get_variant,
+)
 from convmixer_tf.contract import HEAD, INPUT, POOLING_LAYERS, PREPROCESSING, ModelInfo, block_layer
+from convmixer_tf.errors import BadInput
 
 # PyTorch BatchNorm2d defaults. Keras' own (1e-3, 0.99) would change the numbers.
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 
-def ConvMixer(dim: int = 768, depth: int = 32, kernel_size: int = 7, patch_size: int = 7, activation: str = "gelu", *,
-              num_classes: int = 1000, input_shape: Optional[Sequence[Optional[int]]] = None, include_top: bool = True,
-              pooling: Optional[str] = "avg", include_preprocessing: bool = False,
-              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-              classifier_activation: Optional[str] = None, depthwise: bool = True, name: str = "convmixer"):
+def ConvMixer(
+    dim: int = 768,
+    depth: int = 32,
+    kernel_size: int = 7,
+    patch_size: int = 7,
+    activation: str = "gelu",
+    *,
+    num_classes: int = 1000,
+    input_shape: Optional[Sequence[Optional[int]]] = None,
+    include_top: bool = True,
+    pooling: Optional[str] = "avg",
+    include_preprocessing: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    classifier_activation: Optional[str] = None,
+    depthwise: bool = True,
+    name: str = "convmixer",
+):
     """Builds a ConvMixer-h/d as a functional Keras model (channels last).
 
     Args:
@@ -47,18 +68,31 @@ def ConvMixer(dim: int = 768, depth: int = 32, kernel_size: int = 7, patch_size:
         (None, 10)
     """
     if include_top and num_classes == 0:
-        raise ValueError("num_classes=0 means no classifier head: pass include_top=False")
+        raise BadInput("num_classes=0 means no classifier head: pass include_top=False")
     if include_top and pooling is None:
-        raise ValueError("pooling=None needs include_top=False: the head takes pooled features")
-    config = ConvMixerConfig(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size,
-                             activation=activation, num_classes=num_classes if include_top else 0,
-                             depthwise=depthwise)
-    info = ModelInfo(config, Preprocessing(mean=tuple(mean), std=tuple(std)), raw_rgb=include_preprocessing,
-                     pooling=pooling, classifier_activation=classifier_activation if include_top else None)
+        raise BadInput("pooling=None needs include_top=False: the head takes pooled features")
+    config = ConvMixerConfig(
+        dim=dim,
+        depth=depth,
+        kernel_size=kernel_size,
+        patch_size=patch_size,
+        activation=activation,
+        num_classes=num_classes if include_top else 0,
+        depthwise=depthwise,
+    )
+    info = ModelInfo(
+        config,
+        Preprocessing(mean=tuple(mean), std=tuple(std)),
+        raw_rgb=include_preprocessing,
+        pooling=pooling,
+        classifier_activation=classifier_activation if include_top else None,
+    )
     return build(info, input_shape, name=name)
 
 
-def build(info: ModelInfo, input_shape=None, *, name: str = "convmixer", synchronized_bn: bool = False):
+def build(
+    info: ModelInfo, input_shape=None, *, name: str = "convmixer", synchronized_bn: bool = False
+):
     """The Keras model `info` describes (fresh weights), under the current dtype policy.
 
     A mixed-precision policy keeps the head in float32 (softmax and loss in full precision).
@@ -73,86 +107,105 @@ def build(info: ModelInfo, input_shape=None, *, name: str = "convmixer", synchro
     if info.raw_rgb:
         scale, offset = info.preprocessing.scale_offset()
         x = keras.layers.Rescaling(scale=list(scale), offset=list(offset), name=PREPROCESSING)(x)
+    x = keras.layers.Conv2D(c.dim, c.patch_size, strides=c.patch_size, name=contract.STEM_CONV)(x)
+    x = _activated(
+        x, c.activation, (contract.STEM_ACT, contract.STEM_BN), synchronized=synchronized_bn
+    )
+    for i in range(c.depth):
+        x = _block(x, i, c, synchronized=synchronized_bn)
+    x = _head(x, info)
+    model = keras.Model(inputs, x, name=name)
+    return contract.attach(
+        model, info.replace(preprocessing=info.preprocessing.for_input(input_shape))
+    )
 
-    def batch_norm(layer_name):
-        return keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=layer_name,
-                                               synchronized=synchronized_bn)
+
+def _activated(x, activation: str, names, *, synchronized: bool):
+    """The activation, then BatchNorm (PyTorch's epsilon and momentum); `names`: (act, bn)."""
+    import keras
 
     # Activation("gelu") is the exact erf form.
-    x = keras.layers.Conv2D(c.dim, c.patch_size, strides=c.patch_size, name=contract.STEM_CONV)(x)
-    x = batch_norm(contract.STEM_BN)(keras.layers.Activation(c.activation, name=contract.STEM_ACT)(x))
-    for i in range(c.depth):
-        shortcut = x
-        if c.depthwise:
-            x = keras.layers.DepthwiseConv2D(c.kernel_size, padding="same", name=block_layer(i, "dw_conv"))(x)
-        else:
-            x = keras.layers.Conv2D(c.dim, c.kernel_size, padding="same", name=block_layer(i, "dw_conv"))(x)
-        x = batch_norm(block_layer(i, "dw_bn"))(keras.layers.Activation(c.activation, name=block_layer(i, "dw_act"))(x))
-        x = keras.layers.Add(name=block_layer(i, "add"))([x, shortcut])
-        x = keras.layers.Conv2D(c.dim, 1, name=block_layer(i, "pw_conv"))(x)
-        x = batch_norm(block_layer(i, "pw_bn"))(keras.layers.Activation(c.activation, name=block_layer(i, "pw_act"))(x))
+    x = keras.layers.Activation(activation, name=names[0])(x)
+    return keras.layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=names[1], synchronized=synchronized
+    )(x)
+
+
+def _block(x, i: int, c: ConvMixerConfig, *, synchronized: bool):
+    """Mixer block `i`: a residual spatial (depthwise) convolution, then a 1x1 convolution."""
+    import keras
+
+    shortcut = x
+    if c.depthwise:
+        spatial = keras.layers.DepthwiseConv2D(
+            c.kernel_size, padding="same", name=block_layer(i, "dw_conv")
+        )
+    else:
+        spatial = keras.layers.Conv2D(
+            c.dim, c.kernel_size, padding="same", name=block_layer(i, "dw_conv")
+        )
+    x = spatial(x)
+    x = _activated(
+        x,
+        c.activation,
+        (block_layer(i, "dw_act"), block_layer(i, "dw_bn")),
+        synchronized=synchronized,
+    )
+    x = keras.layers.Add(name=block_layer(i, "add"))([x, shortcut])
+    x = keras.layers.Conv2D(c.dim, 1, name=block_layer(i, "pw_conv"))(x)
+    names = (block_layer(i, "pw_act"), block_layer(i, "pw_bn"))
+    return _activated(x, c.activation, names, synchronized=synchronized)
+
+
+def _head(x, info: ModelInfo):
+    """Global pooling (or none) and the classifier (or none); float32 under mixed precision."""
+    import keras
+
     if info.pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name=POOLING_LAYERS["avg"])(x)
     elif info.pooling == "max":
         x = keras.layers.GlobalMaxPooling2D(name=POOLING_LAYERS["max"])(x)
-    if c.num_classes:
-        mixed = keras.config.dtype_policy().name != "float32"
-        x = keras.layers.Dense(c.num_classes, activation=info.classifier_activation, name=HEAD,
-                               dtype="float32" if mixed else None)(x)
-    model = keras.Model(inputs, x, name=name)
-    h, w = input_shape[:2]
-    pre = info.preprocessing.replace(input_size=h) if h and h == w else info.preprocessing
-    return contract.attach(model, info.replace(preprocessing=pre))
+    if not info.config.num_classes:
+        return x
+    mixed = keras.config.dtype_policy().name != "float32"
+    head = keras.layers.Dense(
+        info.config.num_classes,
+        activation=info.classifier_activation,
+        name=HEAD,
+        dtype="float32" if mixed else None,
+    )
+    return head(x)
 
 
-def create_model(name: str, *, pretrained=False, **overrides):
-    """Builds a named variant (see `list_variants()`), with any builder argument overridden.
+def build_variant(name: str, **overrides):
+    """The Keras model of a named variant (see `list_variants()`), fresh weights, with any
+    `ConvMixer` argument overridden.
 
-    The input size defaults to the variant's training resolution (224 for ImageNet,
-    32 for CIFAR-10) and the normalisation (with include_preprocessing) is the variant's.
-
-    Args:
-        pretrained: True for the variant's released weights (timm's Hub repo), or an
-            `hf-hub:OWNER/NAME[@REVISION]` id, or a checkpoint file. The first call
-            converts them with the converter (`weights_converter`, which needs torch for
-            its proof of parity) and caches the result in Keras' cache folder, keyed by
-            the weights' content; later calls load that. Then only input_shape,
-            num_classes (a new head) and include_preprocessing may be overridden.
+    The input size defaults to the variant's training resolution (224 for ImageNet, 32 for
+    CIFAR-10); the preprocessing is the variant's, with any mean and std given.
 
     Example:
-        >>> model = create_model("convmixer_768_32", num_classes=10)
+        >>> model = build_variant("convmixer_768_32", num_classes=10)
         >>> model.get_layer("stem_act").get_config()["activation"]
         'relu'
-        >>> model = create_model("convmixer_768_32", pretrained=True)  # doctest: +SKIP
     """
     variant = get_variant(name)
-    if pretrained:
-        return _pretrained(name, pretrained, overrides)
     pre = variant.preprocessing
-    kwargs = dict(variant.config.to_dict(), input_shape=(pre.input_size, pre.input_size, 3), mean=pre.mean,
-                  std=pre.std, name=name)
-    kwargs.update(overrides)
-    model = ConvMixer(**kwargs)
-    h, w = model.input_shape[1:3]
-    pre = pre.replace(mean=tuple(kwargs["mean"]), std=tuple(kwargs["std"]), input_size=h if h and h == w else
-                      pre.input_size)
-    return contract.attach(model, contract.info_of(model).replace(preprocessing=pre, variant=name))
-
-
-def _pretrained(name, pretrained, overrides):
-    from weights_converter.pretrained import pretrained as converted  # only this needs the converter
-
-    variant = get_variant(name)
-    if pretrained is True and not variant.hub_id:
-        raise ValueError(f"{variant.config.describe()} has no released weights: pass pretrained=FILE or hf-hub:ID")
-    unknown = sorted(set(overrides) - {"input_shape", "num_classes", "include_preprocessing"})
-    if unknown:
-        raise ValueError(f"a pretrained model takes input_shape, num_classes and include_preprocessing, not {unknown}")
-    model = converted(f"hf-hub:{variant.hub_id}" if pretrained is True else pretrained, name)
-    if not overrides:
-        return model
-    return rebuild(model, overrides.get("input_shape"), num_classes=overrides.get("num_classes"),
-                   raw_rgb=overrides.get("include_preprocessing"))
+    arguments = dict(
+        variant.config.to_dict(),
+        input_shape=(pre.input_size, pre.input_size, 3),
+        mean=pre.mean,
+        std=pre.std,
+        name=name,
+    )
+    arguments.update(overrides)
+    model = ConvMixer(**arguments)
+    info = contract.info_of(model)
+    # the variant's transform
+    kept = pre.replace(mean=info.preprocessing.mean, std=info.preprocessing.std)
+    return contract.attach(
+        model, info.replace(preprocessing=kept.for_input(model.input_shape[1:]), variant=name)
+    )
 
 
 def config_from_model(model) -> ConvMixerConfig:
@@ -160,8 +213,16 @@ def config_from_model(model) -> ConvMixerConfig:
     return contract.info_of(model).config
 
 
-def rebuild(model, input_shape=None, preprocessing=None, *, num_classes: Optional[int] = None,
-            raw_rgb: Optional[bool] = None, dtype_policy: Optional[str] = None, synchronized_bn: bool = False):
+def rebuild(
+    model,
+    input_shape=None,
+    preprocessing=None,
+    *,
+    num_classes: Optional[int] = None,
+    raw_rgb: Optional[bool] = None,
+    dtype_policy: Optional[str] = None,
+    synchronized_bn: bool = False,
+):
     """The same network, changed: the one way to derive a model from another.
 
     Weights are copied layer by layer (by name) into a freshly built graph; what is stored
@@ -190,16 +251,24 @@ def rebuild(model, input_shape=None, preprocessing=None, *, num_classes: Optiona
             mean, std = preprocessing
             preprocessing = info.preprocessing.replace(mean=tuple(mean), std=tuple(std))
         if info.raw_rgb:
-            preprocessing = preprocessing.replace(mean=info.preprocessing.mean, std=info.preprocessing.std)
-        info = info.replace(preprocessing=preprocessing, raw_rgb=True if raw_rgb is None else raw_rgb)
+            preprocessing = preprocessing.replace(
+                mean=info.preprocessing.mean, std=info.preprocessing.std
+            )
+        info = info.replace(
+            preprocessing=preprocessing, raw_rgb=True if raw_rgb is None else raw_rgb
+        )
     elif raw_rgb is not None:
         info = info.replace(raw_rgb=raw_rgb)
     new_head = num_classes is not None and num_classes != info.config.num_classes
     if new_head:
         info = info.replace(config=info.config.replace(num_classes=num_classes), class_names=None)
     with _dtype_policy(dtype_policy):
-        rebuilt = build(info, input_shape or model.input_shape[1:], name=model.name,
-                        synchronized_bn=synchronized_bn)
+        rebuilt = build(
+            info,
+            input_shape or model.input_shape[1:],
+            name=model.name,
+            synchronized_bn=synchronized_bn,
+        )
     old = {layer.name: layer for layer in model.layers}
     for layer in rebuilt.layers:
         if layer.weights and layer.name in old and not (new_head and layer.name == HEAD):
@@ -225,9 +294,13 @@ def _check_input_shape(input_shape, patch_size):
         return (None, None, 3)
     input_shape = tuple(input_shape)
     if len(input_shape) != 3 or input_shape[-1] != 3:
-        raise ValueError(f"input_shape must be (height, width, 3) in channels-last order, got {input_shape!r}")
+        raise BadInput(
+            f"input_shape must be (height, width, 3) in channels-last order, got {input_shape!r}"
+        )
     for side in input_shape[:2]:
         if side is not None and (not isinstance(side, int) or side < patch_size):
-            raise ValueError(f"patch_size={patch_size} is larger than the input {input_shape[:2]}; "
-                             f"each side must be None or an integer >= patch_size")
+            raise BadInput(
+                f"patch_size={patch_size} is larger than the input {input_shape[:2]}; "
+                f"each side must be None or an integer >= patch_size"
+            )
     return input_shape

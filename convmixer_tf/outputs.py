@@ -3,26 +3,21 @@
 - `write_atomic`: a file appears whole or not at all, with the umask's mode.
 - `Output`: what one command writes (a marker file and the exact paths of every file), so
   `--force` tells, all the way down, an earlier output of that command from anything else.
-- `staged`: an output folder is built beside its place and moved there by one rename at
-  the end; rename(2) never replaces a non-empty folder, so of two racing runs one wins.
+- `staging.staged` builds an output folder beside its place and moves it there at the end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Callable, Optional, Sequence, Tuple
 
 from convmixer_tf.errors import BadInput
-from convmixer_tf.interrupts import final_move, remove_file, removed_on_interrupt
-from convmixer_tf.temporaries import TEMPORARY, alive, temporary_name, writer_id
+from convmixer_tf.interrupts import remove_file, removed_on_interrupt
+from convmixer_tf.temporaries import TEMPORARY, temporary_name
 
 
 class OutputExistsError(BadInput):
@@ -37,13 +32,21 @@ def write_atomic(path, data, exclusive: bool = False) -> str:
     tmp = temporary_name(path)
     with removed_on_interrupt(tmp):
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides the mode
-            with os.fdopen(fd, "wb" if isinstance(data, (bytes, bytearray, memoryview)) else "w") as f:
+            # the umask decides the mode
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(
+                fd, "wb" if isinstance(data, (bytes, bytearray, memoryview)) else "w"
+            ) as f:
                 f.write(data)
             try:
-                os.link(tmp, path) if exclusive else os.replace(tmp, path)
+                if exclusive:
+                    os.link(tmp, path)
+                else:
+                    os.replace(tmp, path)
             except FileExistsError:  # only link(2) raises it
-                raise OutputExistsError(f"{path} appeared while this run was working; it was not replaced") from None
+                raise OutputExistsError(
+                    f"{path} appeared while this run was working; it was not replaced"
+                ) from None
         finally:
             remove_file(tmp)
     return path
@@ -60,7 +63,7 @@ def jsonable(value):  # json.dumps' default= for numpy scalars and arrays
 def follow_umask(root) -> None:
     """Gives every folder under `root` the mode the umask gives new folders (TensorFlow
     makes its own 0755 whatever the umask)."""
-    mode = 0o777 & ~_umask()
+    mode = 0o777 & ~umask()
     for folder, dirs, _ in os.walk(root):
         for name in dirs:
             path = os.path.join(folder, name)
@@ -68,7 +71,8 @@ def follow_umask(root) -> None:
                 os.chmod(path, mode)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -102,8 +106,10 @@ class Output:
     @functools.cached_property
     def _patterns(self) -> tuple:
         """(compiled segments, is a folder) of each entry of `files`."""
-        return tuple((tuple(re.compile(part) for part in entry.rstrip("/").split("/")), entry.endswith("/"))
-                     for entry in self.files)
+        return tuple(
+            (tuple(re.compile(part) for part in entry.rstrip("/").split("/")), entry.endswith("/"))
+            for entry in self.files
+        )
 
     def writes_file(self, parts: Sequence[str]) -> bool:
         """True when the path of segments `parts` is a file this command writes."""
@@ -113,7 +119,7 @@ class Output:
         """True when `parts` is a folder this command writes into, or makes."""
         for segments, folder in self._patterns:
             if len(parts) < len(segments) or folder:
-                if _match(segments[:len(parts)], parts):
+                if _match(segments[: len(parts)], parts):
                     return True
         return False
 
@@ -135,8 +141,12 @@ class Output:
                 path = os.path.join(folder, name)
                 if os.path.islink(path):
                     found.append("/".join([*parts, name]))
-                elif name in files and not (os.path.isfile(path) and (
-                        self.writes_file([*parts, name]) or self._temporary_of_ours([*parts, name]))):
+                elif name in files and not (
+                    os.path.isfile(path)
+                    and (
+                        self.writes_file([*parts, name]) or self._temporary_of_ours([*parts, name])
+                    )
+                ):
                     found.append("/".join([*parts, name]))
         return sorted(found)
 
@@ -168,7 +178,9 @@ def check_inputs_outside(output, inputs: Sequence = ()) -> str:
         path = os.path.realpath(os.fspath(given))
         if path == real or path.startswith(real.rstrip(os.sep) + os.sep):
             what = "is" if path == real else "contains"
-            raise OutputExistsError(f"output {output} {what} the input {given}; choose another --output")
+            raise OutputExistsError(
+                f"output {output} {what} the input {given}; choose another --output"
+            )
     return output
 
 
@@ -186,26 +198,36 @@ def check_replaceable(output, kind: Output, force: bool, inputs: Sequence = ()) 
     if not os.path.lexists(output):
         return output
     if not os.path.isdir(output):
-        raise OutputExistsError(f"output {output} exists and is a file, not an output folder of {kind.tool}; "
-                                "choose another --output")
+        raise OutputExistsError(
+            f"output {output} exists and is a file, not an output folder of {kind.tool}; "
+            "choose another --output"
+        )
     foreign = kind.earlier_output(output)
     if foreign is not None:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputExistsError(f"output {output} exists and holds files {kind.tool} did not write ({shown}); "
-                                "it is never replaced, even with --force: choose another --output")
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise OutputExistsError(
+            f"output {output} exists and holds files {kind.tool} did not write ({shown}); "
+            "it is never replaced, even with --force: choose another --output"
+        )
     if not force:
         raise OutputExistsError(f"output {output} exists; pass --force to replace it")
     return output
 
 
-def check_file(path, is_ours: Callable[[object], bool], inputs: Sequence = (), option: str = "--output") -> bool:
+def check_file(
+    path, is_ours: Callable[[object], bool], inputs: Sequence = (), option: str = "--output"
+) -> bool:
     """A file output may be new, or an earlier one of this command (`is_ours` of its JSON),
     which is replaced; anything else is refused (exit 2). True when it is an earlier one."""
     check_inputs_outside(path, inputs)
     if not os.path.lexists(path):
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise OutputExistsError(f"cannot write {option} {path}: {parent} is not a writable folder")
+            raise OutputExistsError(
+                f"cannot write {option} {path}: {parent} is not a writable folder"
+            )
         return False
     try:
         with open(path) as f:
@@ -213,149 +235,8 @@ def check_file(path, is_ours: Callable[[object], bool], inputs: Sequence = (), o
     except (OSError, ValueError, UnicodeDecodeError):
         ours = False
     if not ours:
-        raise OutputExistsError(f"{option} {path} exists and is not an earlier output of this command; "
-                                f"it is not replaced: choose another {option}")
+        raise OutputExistsError(
+            f"{option} {path} exists and is not an earlier output of this command; "
+            f"it is not replaced: choose another {option}"
+        )
     return True
-
-
-STAGING_INFIX = ".partial-"
-_NAME_KEPT = 120  # of the output's name in its staging folder's (file names stop at 255 bytes)
-
-
-def _staging_prefix(output) -> Tuple[str, str]:
-    parent, name = os.path.split(os.path.abspath(os.fspath(output)))
-    return parent, f".{name[:_NAME_KEPT]}{STAGING_INFIX}"
-
-
-def remove_stale_staging(output) -> list:
-    """Removes staging folders of `output` left by writers that are gone (a kill -9); a
-    live writer's is left alone. Returns what was removed."""
-    parent, prefix = _staging_prefix(output)
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(parent):
-            fields = entry[len(prefix):].split("-")
-            if entry.startswith(prefix) and len(fields) >= 3 and fields[0].isdigit() and not alive(
-                    int(fields[0]), fields[1]):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-                removed.append(entry)
-    return removed
-
-
-def _move(src, dst) -> None:
-    """rename(2), which fails (FileExistsError) where `dst` is a non-empty folder or a file."""
-    try:
-        os.rename(src, dst)
-    except OSError as err:
-        if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-            raise FileExistsError(errno.EEXIST, "exists", dst) from None
-        raise
-
-
-def _make_parents(parent) -> list:
-    """Creates the missing folders above an output; returns them (removed again on failure)."""
-    missing = []
-    while parent and not os.path.isdir(parent):
-        if os.path.lexists(parent):
-            reason = "not a folder" if os.path.exists(parent) else \
-                "a symbolic link that leads nowhere (a loop or a missing target)"
-            raise OSError(errno.ENOTDIR, reason, parent)
-        missing.append(parent)
-        parent = os.path.dirname(parent)
-    for folder in reversed(missing):
-        os.mkdir(folder)
-    return missing
-
-
-class Staging:
-    """A staging folder for one output; see `staged`. `on_commit(staging)`, when set, is
-    called just before the final move, when `replaced` is known: None, "existing output"
-    or "output written meanwhile by another run"."""
-
-    def __init__(self, output, kind: Output, force: bool, inputs: Sequence = ()):
-        self.output, self.kind, self.force, self.inputs = output, kind, force, tuple(inputs)
-        self.path, self.replaced, self.on_commit = None, None, None
-        self._created, self._existed, self._registration = [], False, contextlib.ExitStack()
-
-    def open(self) -> "Staging":
-        self.output = check_replaceable(self.output, self.kind, self.force, self.inputs)
-        self._existed = os.path.lexists(self.output)
-        parent, prefix = _staging_prefix(self.output)
-        try:
-            self._created = _make_parents(parent)
-            remove_stale_staging(self.output)
-            self.path = tempfile.mkdtemp(prefix=f"{prefix}{writer_id()}-", dir=parent)
-        except OSError as err:
-            self.discard()
-            where = f": {err.filename}" if err.filename else ""
-            raise OutputExistsError(f"cannot write output {self.output}: {err.strerror or err}{where}") from None
-        self._registration.enter_context(removed_on_interrupt(self.path))
-        os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
-        return self
-
-    def commit(self) -> None:
-        follow_umask(self.path)
-        with final_move():
-            if not os.path.lexists(self.output):
-                with contextlib.suppress(FileExistsError):  # created since: the rule below applies to it too
-                    self._finish()
-                    _move(self.path, self.output)
-                    self._registration.close()
-                    return
-            # Replaced on purpose, or written meanwhile: either way only an output of this command goes.
-            check_replaceable(self.output, self.kind, True, self.inputs)
-            if not self.force:
-                raise OutputExistsError(f"output {self.output} appeared while this run was writing it "
-                                        "(another run?); nothing was replaced: pass --force to replace it")
-            if self._existed:
-                self.replaced = "existing output"
-            else:
-                self.replaced = "output written meanwhile by another run"
-            self._finish()
-            self._swap()
-            self._registration.close()
-
-    def _finish(self) -> None:
-        if self.on_commit is not None:
-            self.on_commit(self)
-
-    def _swap(self) -> None:
-        """Moves the earlier output aside, this one into place, and removes the earlier one."""
-        aside = self.path + ".old"
-        os.rename(self.output, aside)
-        try:
-            _move(self.path, self.output)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.rename(aside, self.output)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-
-    def discard(self) -> None:
-        if self.path:
-            shutil.rmtree(self.path, ignore_errors=True)
-        for folder in self._created:
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)  # only while empty
-        self._registration.close()
-
-
-@contextlib.contextmanager
-def staged(output, kind: Output, force: bool = False, inputs: Sequence = ()):
-    """Yields a `Staging` whose `.path` is a folder beside `output`; on success it becomes
-    `output`, in one rename.
-
-    Checked before anything is written (`check_replaceable`), so an unwritable or
-    forbidden output fails before any heavy work. The final move is exclusive: when
-    another run created `output` meanwhile, this one fails (exit 2) unless `force`, and
-    then `staging.replaced` says so. On any exception, and on SIGINT / SIGTERM in a
-    command line, the staging folder (and any parent folder made for it) is removed and
-    an existing output is left as it was. Staging folders of killed runs are removed.
-    """
-    staging = Staging(output, kind, force, inputs).open()
-    try:
-        yield staging
-        staging.commit()
-    except BaseException:
-        staging.discard()
-        raise

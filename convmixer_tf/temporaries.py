@@ -16,7 +16,9 @@ from convmixer_tf.interrupts import remove_file, removed_on_interrupt
 # (Keras saves only to names ending in .keras), "convmixer-PID-START-RANDOM" for folders.
 # PID-START (the writer's pid and the kernel's start time of that process) tells the
 # temporaries of a dead writer from a live one's, whose pid may be reused.
-TEMPORARY = re.compile(r"\.(?P<name>.{1,200})\.(?P<pid>\d+)-(?P<start>\d+)\.[0-9a-f]{8}\.partial(\.keras)?")
+TEMPORARY = re.compile(
+    r"\.(?P<name>.{1,200})\.(?P<pid>\d+)-(?P<start>\d+)\.[0-9a-f]{8}\.partial(\.keras)?"
+)
 TEMPORARY_FOLDER = re.compile(r"convmixer-(?P<pid>\d+)-(?P<start>\d+)-.+")
 
 
@@ -29,7 +31,9 @@ def writer_id() -> str:
 def temporary_name(path, suffix: str = "") -> str:
     """A name beside `path` for writing it (`TEMPORARY`), unique to this process and call."""
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(folder, f".{name[:200]}.{writer_id()}.{os.urandom(4).hex()}.partial{suffix}")
+    return os.path.join(
+        folder, f".{name[:200]}.{writer_id()}.{os.urandom(4).hex()}.partial{suffix}"
+    )
 
 
 def _dead(match) -> bool:
@@ -56,7 +60,12 @@ def make_temporary_folder() -> str:
     with contextlib.suppress(OSError):
         for entry in os.listdir(parent):
             path, match = os.path.join(parent, entry), TEMPORARY_FOLDER.fullmatch(entry)
-            if match and _dead(match) and os.path.isdir(path) and os.stat(path).st_uid == os.getuid():
+            if (
+                match
+                and _dead(match)
+                and os.path.isdir(path)
+                and os.stat(path).st_uid == os.getuid()
+            ):
                 shutil.rmtree(path, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"convmixer-{writer_id()}-")
 

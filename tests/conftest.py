@@ -26,12 +26,14 @@ def randomize_batchnorm(model, seed=0):
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             n = layer.gamma.shape[0]
-            layer.set_weights([
-                rng.uniform(0.5, 1.5, n).astype("float32"),
-                rng.normal(0, 0.2, n).astype("float32"),
-                rng.normal(0, 0.3, n).astype("float32"),
-                rng.uniform(0.5, 2.0, n).astype("float32"),
-            ])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, n).astype("float32"),
+                    rng.normal(0, 0.2, n).astype("float32"),
+                    rng.normal(0, 0.3, n).astype("float32"),
+                    rng.uniform(0.5, 2.0, n).astype("float32"),
+                ]
+            )
     return model
 
 
@@ -52,36 +54,76 @@ def write_folder(root, per_class=24, size=(40, 48), seed=0, classes=COLOURS, nam
     return str(root)
 
 
-STRIPE_SIZE = 32
+DIGIT_SIZE = 32
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def stripe_images(count, seed, classes=4, size=STRIPE_SIZE):
-    """Noisy images whose class is the orientation of their stripes (uint8 values, float32)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    labels = rng.integers(0, classes, count)
-    images = np.empty((count, size, size, 3), np.float32)
-    for i, c in enumerate(labels):
-        angle = np.pi * (c + rng.uniform(-0.15, 0.15)) / classes
-        wave = 60 * np.sin((xx * np.sin(angle) + yy * np.cos(angle)) / 1.5 + rng.uniform(0, 2 * np.pi))
-        images[i] = np.clip(rng.uniform(60, 190, 3) + wave[..., None] + rng.normal(0, 25, (size, size, 3)), 0, 255)
-    return np.round(images), labels
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's handwritten digits as raw RGB pixels at DIGIT_SIZE (their 8 x 8 grey
+    levels, 0-16, scaled to 0-255 and resized): real images, offline. A seeded split:
+    {"train": (images, labels), "calibration": images, "held_out": (images, labels)}."""
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    grey = data.images[..., None].astype(np.float32) * (255 / 16)
+    images = tf.image.resize(grey, (DIGIT_SIZE, DIGIT_SIZE), method="bilinear").numpy()
+    images = np.repeat(np.round(np.clip(images, 0, 255)), 3, axis=-1)
+    order = np.random.default_rng(0).permutation(len(images))
+    train, held_out = order[:1400], order[1400:]
+    return {
+        "train": (images[train], data.target[train]),
+        "calibration": images[train[:64]],
+        "held_out": (images[held_out], data.target[held_out]),
+    }
 
 
-def train_on_stripes(dim, depth, count, epochs, classes=4, activation="gelu"):
-    """A small ConvMixer (raw RGB in) trained on stripe images until it tells them apart:
-    real margins between classes, unlike random weights, for checks of quantised files."""
+@pytest.fixture(scope="session")
+def trained(digits, tmp_path_factory):
+    """The one trained model of a test session: a small ConvMixer (raw RGB in, GELU, k7)
+    trained on the digits until it tells them apart on images it never saw (real margins
+    between classes, unlike random weights: what checks of quantised files need), saved with
+    its class names. {"model", "path", "logits" on the held-out digits}. When the suite runs
+    in several worker processes (pytest -n), the first trains it and the others load it."""
+    from filelock import FileLock
+
+    import convmixer_tf
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's
+    path = shared / "trained" / "model.keras"
+    with FileLock(str(shared / "trained.lock")):
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            _train_on_digits(digits, path)
+    model = convmixer_tf.load_model(path)
+    images, labels = digits["held_out"]
+    logits = model.predict(images, verbose=0)
+    assert np.mean(logits.argmax(1) == labels) >= 0.95  # it learned the task
+    return {"model": model, "path": str(path), "logits": logits}
+
+
+def _train_on_digits(digits, path):
     import keras
 
     import convmixer_tf
 
     keras.utils.set_random_seed(0)
-    model = convmixer_tf.ConvMixer(dim=dim, depth=depth, kernel_size=7, patch_size=2, num_classes=classes,
-                                   activation=activation, input_shape=(STRIPE_SIZE, STRIPE_SIZE, 3),
-                                   include_preprocessing=True)
-    x, y = stripe_images(count, seed=0, classes=classes)
-    model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(True))
-    model.fit(x, y, batch_size=64, epochs=epochs, verbose=0)
-    test_x, test_y = stripe_images(64, seed=1, classes=classes)
-    assert np.mean(model.predict(test_x, verbose=0).argmax(1) == test_y) >= 0.9  # it learned the task
-    return model
+    model = convmixer_tf.ConvMixer(
+        dim=32,
+        depth=3,
+        kernel_size=7,
+        patch_size=2,
+        num_classes=10,
+        input_shape=(DIGIT_SIZE, DIGIT_SIZE, 3),
+        include_preprocessing=True,
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(True),
+    )
+    model.fit(*digits["train"], batch_size=64, epochs=6, verbose=0)
+    info = convmixer_tf.info_of(model).replace(class_names=DIGIT_NAMES)
+    convmixer_tf.save_model(model, path, info)

@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from weights_converter import (
     load_state_dict,
 )
 from weights_converter.__main__ import main
-from weights_converter.pipeline import convert_and_verify, default_output_dir
+from weights_converter.pipeline import ConvertOptions, convert_and_verify, default_output_dir
 
 LAYOUTS = {
     "timm": lambda: timm_convmixer(),
@@ -39,16 +40,33 @@ def _keras_logits(model, x):
     return np.asarray(model(x, training=False))
 
 
-@pytest.mark.parametrize("suffix", TORCH_FORMATS)
-@pytest.mark.parametrize("wrapper", WRAPPERS)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# Every combination runs in the slow set; the fast set runs five, among which every layout,
+# every wrapper and every file format appears.
+COVERING = {
+    ("timm", None, ".pth"),
+    ("sequential", "state_dict", ".pth.tar"),
+    ("sequential_full_conv", "state_dict_ema", ".pt"),
+    ("timm", "model", ".bin"),
+    ("sequential", "module_prefix", ".pth"),
+}
+COMBINATIONS = [
+    pytest.param(*case, marks=() if case in COVERING else pytest.mark.slow)
+    for case in itertools.product(LAYOUTS, WRAPPERS, TORCH_FORMATS)
+]
+
+
+@pytest.mark.parametrize("layout,wrapper,suffix", COMBINATIONS)
 def test_every_layout_wrapper_and_torch_format(tmp_path, layout, wrapper, suffix):
     net = LAYOUTS[layout]()
     prefix = "module." if wrapper == "module_prefix" else ""
-    path = save_checkpoint(net.state_dict(), tmp_path / f"ckpt{suffix}",
-                           wrapper=None if wrapper == "module_prefix" else wrapper, prefix=prefix,
-                           legacy=(suffix == ".bin"))
-    report = convert_and_verify(path, use_ema=(wrapper == "state_dict_ema"))
+    path = save_checkpoint(
+        net.state_dict(),
+        tmp_path / f"ckpt{suffix}",
+        wrapper=None if wrapper == "module_prefix" else wrapper,
+        prefix=prefix,
+        legacy=(suffix == ".bin"),
+    )
+    report = convert_and_verify(ConvertOptions(path, use_ema=(wrapper == "state_dict_ema")))
     assert report["status"] == "ok", report["parity"]
     assert report["parity"]["max_abs"] <= 1e-4
     assert report["conversion"]["layout"] == ("timm" if layout == "timm" else "sequential")
@@ -70,7 +88,7 @@ def test_every_layout_wrapper_and_torch_format(tmp_path, layout, wrapper, suffix
 def test_safetensors(tmp_path, layout, prefix):
     net = LAYOUTS[layout]()
     path = save_checkpoint(net.state_dict(), tmp_path / "w.safetensors", prefix=prefix)
-    report = convert_and_verify(path)
+    report = convert_and_verify(ConvertOptions(path))
     assert report["status"] == "ok"
     assert report["conversion"]["checkpoint"]["file_format"] == "safetensors"
 
@@ -89,7 +107,9 @@ def test_ema_weights_are_the_ones_taken(tmp_path):
     ema = load_state_dict(path, use_ema=True)
     live = load_state_dict(path)
     np.testing.assert_array_equal(ema["stem.0.weight"], net.state_dict()["stem.0.weight"].numpy())
-    np.testing.assert_array_equal(live["stem.0.weight"], net.state_dict()["stem.0.weight"].numpy() + 1.0)
+    np.testing.assert_array_equal(
+        live["stem.0.weight"], net.state_dict()["stem.0.weight"].numpy() + 1.0
+    )
     with pytest.raises(CheckpointError, match="no EMA weights"):
         load_state_dict(save_checkpoint(net.state_dict(), tmp_path / "plain.pth"), use_ema=True)
 
@@ -98,9 +118,15 @@ def test_timm_training_checkpoint_with_argparse_namespace(tmp_path):
     import argparse
 
     net = timm_convmixer()
-    torch.save({"state_dict": net.state_dict(), "args": argparse.Namespace(model="convmixer", lr=0.01),
-                "epoch": 10}, tmp_path / "last.pth.tar")
-    report = convert_and_verify(tmp_path / "last.pth.tar")
+    torch.save(
+        {
+            "state_dict": net.state_dict(),
+            "args": argparse.Namespace(model="convmixer", lr=0.01),
+            "epoch": 10,
+        },
+        tmp_path / "last.pth.tar",
+    )
+    report = convert_and_verify(ConvertOptions(tmp_path / "last.pth.tar"))
     assert report["status"] == "ok"
     assert report["conversion"]["checkpoint"]["other_keys"] == ["args", "epoch"]
 
@@ -109,7 +135,7 @@ def test_headless_checkpoint_converts_to_feature_extractor(tmp_path):
     net = timm_convmixer()
     net.reset_classifier(0)
     path = save_checkpoint(net.state_dict(), tmp_path / "features.pth")
-    report = convert_and_verify(path)
+    report = convert_and_verify(ConvertOptions(path))
     assert report["status"] == "ok" and report["conversion"]["include_top"] is False
 
 
@@ -118,17 +144,25 @@ def test_infer_config_and_variant_match():
 
     sd = {k: v.numpy() for k, v in timm.create_model("convmixer_768_32").state_dict().items()}
     cfg = infer_config(sd)
-    assert (cfg.dim, cfg.depth, cfg.kernel_size, cfg.patch_size, cfg.activation, cfg.num_classes) == (
-        768, 32, 7, 7, "relu", 1000)
+    assert (
+        cfg.dim,
+        cfg.depth,
+        cfg.kernel_size,
+        cfg.patch_size,
+        cfg.activation,
+        cfg.num_classes,
+    ) == (768, 32, 7, 7, "relu", 1000)
     assert infer_config(sd, activation="gelu").activation == "gelu"
-    tiny = infer_config({k: v.numpy() for k, v in timm_convmixer(kernel_size=8).state_dict().items()})
+    tiny = infer_config(
+        {k: v.numpy() for k, v in timm_convmixer(kernel_size=8).state_dict().items()}
+    )
     assert (tiny.kernel_size, tiny.activation, tiny.depthwise) == (8, "gelu", True)
 
 
 def test_even_kernel_same_padding_matches(tmp_path):
     net = timm_convmixer(kernel_size=8, patch_size=3)
     path = save_checkpoint(net.state_dict(), tmp_path / "even.pth")
-    report = convert_and_verify(path)
+    report = convert_and_verify(ConvertOptions(path))
     assert report["status"] == "ok", report["parity"]
 
 
@@ -136,13 +170,19 @@ def test_even_kernel_same_padding_matches(tmp_path):
 def test_round_trip_keras_to_pytorch_strict(tmp_path, layout):
 
     net = timm_convmixer(activation="relu")
-    model = convert_checkpoint(save_checkpoint(net.state_dict(), tmp_path / "a.pth"), activation="relu")
+    model = convert_checkpoint(
+        save_checkpoint(net.state_dict(), tmp_path / "a.pth"), activation="relu"
+    )
     # "Fine-tune" in Keras: change every weight so the round trip cannot pass by accident.
     rng = np.random.default_rng(7)
     for w in model.weights:
         w.assign(np.asarray(w) + rng.normal(0, 0.01, w.shape).astype("float32"))
     sd = keras_to_state_dict(model, layout=layout, framework="torch")
-    target = timm_convmixer(activation="relu", seed=1) if layout == "timm" else sequential_convmixer("relu", seed=1)
+    target = (
+        timm_convmixer(activation="relu", seed=1)
+        if layout == "timm"
+        else sequential_convmixer("relu", seed=1)
+    )
     target.load_state_dict(sd, strict=True)
     x = np.random.default_rng(8).normal(size=(2, 32, 32, 3)).astype("float32")
     with torch.no_grad():
@@ -151,6 +191,7 @@ def test_round_trip_keras_to_pytorch_strict(tmp_path, layout):
     assert not np.allclose(ref, net(keras_input_to_torch(x)).detach().numpy(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_activation_mismatch_fails_parity_and_names_the_block(tmp_path, capsys):
     import timm
 
@@ -220,7 +261,7 @@ def _bad_inputs(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"state_dict": good, "hook": Evil()}, evil)
-    raw = (tmp_path / "good.pth")
+    raw = tmp_path / "good.pth"
     save_checkpoint(good, raw)
     data = raw.read_bytes()
     (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
@@ -228,9 +269,15 @@ def _bad_inputs(tmp_path):
     (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))
     (tmp_path / "random.safetensors").write_bytes(np.random.default_rng(1).bytes(4096))
     save_checkpoint(torchvision.models.resnet18().state_dict(), tmp_path / "resnet.pth")
-    save_checkpoint({k: v for k, v in good.items() if k != "blocks.1.3.running_var"}, tmp_path / "missing.pth")
-    save_checkpoint(dict(good, **{"blocks.0.extra.weight": torch.zeros(3)}), tmp_path / "unexpected.pth")
-    save_checkpoint(dict(good, **{"blocks.1.1.weight": torch.zeros(16, 16, 3, 3)}), tmp_path / "shape.pth")
+    save_checkpoint(
+        {k: v for k, v in good.items() if k != "blocks.1.3.running_var"}, tmp_path / "missing.pth"
+    )
+    save_checkpoint(
+        dict(good, **{"blocks.0.extra.weight": torch.zeros(3)}), tmp_path / "unexpected.pth"
+    )
+    save_checkpoint(
+        dict(good, **{"blocks.1.1.weight": torch.zeros(16, 16, 3, 3)}), tmp_path / "shape.pth"
+    )
     torch.save([1, 2, 3], tmp_path / "list.pth")
     return marker, {
         "evil.pth": "posix.system",
@@ -263,14 +310,18 @@ def test_bad_checkpoints_exit_2_with_one_line_and_no_output(tmp_path, capsys):
 def test_safetensors_converts_without_torch(tmp_path):
     path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "w.safetensors")
     script = (
-        WITHOUT_TORCH +
-        "from weights_converter import convert_checkpoint\n"
+        WITHOUT_TORCH + "from weights_converter import convert_checkpoint\n"
         f"m = convert_checkpoint({str(path)!r})\n"
         "assert 'torch' not in sys.modules\n"
         "print(m.count_params())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -287,7 +338,9 @@ def test_mapping_table_covers_every_weight_once():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20_ks9_p14"])
+@pytest.mark.parametrize(
+    "name", ["convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20_ks9_p14"]
+)
 def test_full_size_released_variants_parity(tmp_path, name):
     import timm
 
@@ -295,7 +348,7 @@ def test_full_size_released_variants_parity(tmp_path, name):
 
     net = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=3).eval()
     path = save_checkpoint(net.state_dict(), tmp_path / f"{name}.pth.tar", wrapper="state_dict")
-    report = convert_and_verify(path)
+    report = convert_and_verify(ConvertOptions(path))
     assert report["conversion"]["matched_variant"] == name
     assert report["parity"]["max_abs"] <= 1e-4, report["parity"]
     assert report["parity"]["top1_agreement"] == 1.0
@@ -303,14 +356,37 @@ def test_full_size_released_variants_parity(tmp_path, name):
 
 
 def test_export_from_the_converter(tmp_path, capsys):
-    path = save_checkpoint(sequential_convmixer(kernel_size=7).state_dict(), tmp_path / "m.pth", wrapper="state_dict")
+    path = save_checkpoint(
+        sequential_convmixer(kernel_size=7).state_dict(), tmp_path / "m.pth", wrapper="state_dict"
+    )
     out = tmp_path / "out"
-    code = main(["--torch-ckpt", str(path), "--output", str(out), "--export", "all", "--quiet", "--json"])
+    code = main(
+        [
+            "--torch-ckpt",
+            str(path),
+            "--output",
+            str(out),
+            "--export",
+            "all",
+            "--processes",
+            "1",
+            "--quiet",
+            "--json",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     names = [row["path"] for row in report["files"]]
-    assert names == ["model.keras", "saved_model", "model.tflite", "model_float16.tflite", "model_dynamic.tflite",
-                     "model_int8.tflite", "model.onnx", "model_int8.onnx"]
+    assert names == [
+        "model.keras",
+        "saved_model",
+        "model.tflite",
+        "model_float16.tflite",
+        "model_dynamic.tflite",
+        "model_int8.tflite",
+        "model.onnx",
+        "model_int8.onnx",
+    ]
     assert sorted(os.listdir(out)) == sorted(names + ["README.md", "report.json"])
     assert json.load(open(out / "report.json"))["files"] == report["files"]
 
@@ -320,7 +396,20 @@ def test_failed_export_exits_1_and_leaves_nothing(tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(onnx_export, "GELU_FORM", "builtin")  # unconvertible Erfc
     path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
-    code = main(["--torch-ckpt", str(path), "--output", str(tmp_path / "out"), "--export", "tflite", "onnx", "--quiet"])
+    code = main(
+        [
+            "--torch-ckpt",
+            str(path),
+            "--output",
+            str(tmp_path / "out"),
+            "--export",
+            "tflite",
+            "onnx",
+            "--processes",
+            "1",
+            "--quiet",
+        ]
+    )
     assert code == 1
     assert "Erfc" in capsys.readouterr().err
     assert directory_entries(tmp_path) == ["m.pth"]
@@ -329,15 +418,19 @@ def test_failed_export_exits_1_and_leaves_nothing(tmp_path, capsys, monkeypatch)
 def test_without_torch_parity_is_a_clear_error_or_skipped(tmp_path):
     path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "w.safetensors")
     script = (
-        WITHOUT_TORCH +
-        "from weights_converter.__main__ import main\n"
+        WITHOUT_TORCH + "from weights_converter.__main__ import main\n"
         f"code = main(['--torch-ckpt', {str(path)!r}, '--quiet'])\n"
         "assert code == 2, code\n"
         f"code = main(['--torch-ckpt', {str(path)!r}, '--quiet', '--skip-parity'])\n"
         "assert code == 0, code\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "error: parity needs the PyTorch network" in proc.stderr
     assert directory_entries(tmp_path / "w_keras") == ["README.md", "model.keras", "report.json"]
@@ -349,11 +442,27 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
     import time
 
     path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
-    proc = subprocess.Popen([sys.executable, "-m", "weights_converter", "--torch-ckpt", str(path), "--export", "all",
-                             "--quiet"], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "weights_converter",
+            "--torch-ckpt",
+            str(path),
+            "--export",
+            "all",
+            "--quiet",
+        ],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
-    while not glob.glob(str(tmp_path / ".m_keras.partial-*")) and time.time() < deadline and proc.poll() is None:
+    while (
+        not glob.glob(str(tmp_path / ".m_keras.partial-*"))
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.2)
     assert proc.poll() is None, "finished before it could be interrupted"
     time.sleep(0.5)  # past the staging directory's creation, into the exports

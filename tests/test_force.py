@@ -28,8 +28,15 @@ SHAPES = {
 @pytest.fixture(scope="module")
 def tiny_keras(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
-                                   input_shape=(32, 32, 3), include_preprocessing=True)
+    model = convmixer_tf.ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=3,
+        patch_size=4,
+        num_classes=3,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
     return str(convmixer_tf.save_model(model, path))
 
 
@@ -57,26 +64,50 @@ def earlier(tmp_path_factory, tiny_keras):
     from torch_helpers import save_checkpoint, timm_convmixer
 
     from convmixer_tf.export.__main__ import output_kind
-    from convmixer_tf.train.run import RUN
+    from convmixer_tf.train.folder import RUN
     from weights_converter.pipeline import output_kind as converter_kind
 
     root = tmp_path_factory.mktemp("earlier")
     ckpt = save_checkpoint(timm_convmixer().state_dict(), root / "m.pth")
     data = write_folder(root / "data", per_class=4)
     runs = {
-        "converter": (converter_kind(), lambda out, *more: _convert(
-            "--torch-ckpt", ckpt, "--output", out, "--export", "saved_model", "tflite", *more)),
-        "export": (output_kind(), lambda out, *more: _export(
-            "--model", tiny_keras, "--formats", "saved_model", "onnx", "--output", out, *more)),
-        "train": (RUN, lambda out, *more: _train(
-            "--init", tiny_keras, "--data-dir", data, "--epochs", "1", "--batch-size", "4", "--output", out, *more)),
+        "converter": (
+            converter_kind(),
+            lambda out, *more: _convert(
+                "--torch-ckpt", ckpt, "--output", out, "--export", "saved_model", "tflite", *more
+            ),
+        ),
+        "export": (
+            output_kind(),
+            lambda out, *more: _export(
+                "--model", tiny_keras, "--formats", "saved_model", "onnx", "--output", out, *more
+            ),
+        ),
+        "train": (
+            RUN,
+            lambda out, *more: _train(
+                "--init",
+                tiny_keras,
+                "--data-dir",
+                data,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--output",
+                out,
+                *more,
+            ),
+        ),
     }
     made = {}
     for command, (kind, run) in runs.items():
         out = root / command
         assert run(out) == 0
         made[command] = (out, kind, run)
-    assert (made["train"][0] / "logs" / "train").is_dir()  # TensorBoard's folders are part of the tree
+    assert (
+        made["train"][0] / "logs" / "train"
+    ).is_dir()  # TensorBoard's folders are part of the tree
     return made
 
 
@@ -91,7 +122,8 @@ def _written(out):
 @pytest.mark.parametrize("command", ["converter", "export", "train"])
 def test_a_users_file_beside_any_written_path_is_refused(earlier, command):
     out, kind, _ = earlier[command]
-    assert outputs.check_replaceable(out, kind, force=True) == str(out)  # the output alone: replaceable
+    # the output alone: replaceable
+    assert outputs.check_replaceable(out, kind, force=True) == str(out)
     cases = 0
     for written in _written(out):
         folder, name = os.path.split(written)
@@ -105,15 +137,23 @@ def test_a_users_file_beside_any_written_path_is_refused(earlier, command):
             before = checksums(out)
             with pytest.raises(outputs.OutputExistsError, match="did not write") as refused:
                 outputs.check_replaceable(out, kind, force=True)
-            assert os.path.relpath(created, out).replace(os.sep, "/") in str(refused.value), (shape, written)
+            assert os.path.relpath(created, out).replace(os.sep, "/") in str(refused.value), (
+                shape,
+                written,
+            )
             assert checksums(out) == before
-            shutil.rmtree(removed) if os.path.isdir(removed) else os.remove(removed)
+            if os.path.isdir(removed):
+                shutil.rmtree(removed)
+            else:
+                os.remove(removed)
             cases += 1
     assert cases >= 5 * len(SHAPES)
     assert outputs.check_replaceable(out, kind, force=True) == str(out)  # nothing left behind
 
 
-def test_the_issues_repro_export_force_over_a_saved_model_with_a_users_files(tmp_path, tiny_keras, capsys):
+def test_the_issues_repro_export_force_over_a_saved_model_with_a_users_files(
+    tmp_path, tiny_keras, capsys
+):
     out = tmp_path / "out"
     assert _export("--model", tiny_keras, "--formats", "saved_model", "--output", out) == 0
     variables = out / "saved_model" / "variables"
@@ -129,8 +169,10 @@ def test_the_issues_repro_export_force_over_a_saved_model_with_a_users_files(tmp
 
 def test_train_force_refuses_a_users_folder_named_like_tensorboards_or_a_processs(earlier, capsys):
     out, _, rerun = earlier["train"]
-    for mine in (out / "logs" / "train" / "events.out.tfevents.1.host.1.0.v2" / "thesis.txt",
-                 out / "backup" / "process_old" / "latest.weights.h5"):
+    for mine in (
+        out / "logs" / "train" / "events.out.tfevents.1.host.1.0.v2" / "thesis.txt",
+        out / "backup" / "process_old" / "latest.weights.h5",
+    ):
         mine.parent.mkdir(parents=True)
         mine.write_text("mine")
         before = checksums(out)
@@ -152,12 +194,20 @@ def test_converter_force_refuses_a_users_copy_in_its_saved_model(earlier, capsys
 
 
 def test_a_killed_writers_temporary_file_is_ours_and_only_its(tmp_path):
-    kind = outputs.Output("tool", "report.json", lambda data: True, outputs.exactly("report.json", "model.keras"))
+    kind = outputs.Output(
+        "tool", "report.json", lambda data: True, outputs.exactly("report.json", "model.keras")
+    )
     (tmp_path / "report.json").write_text("{}")
-    temporary = os.path.basename(temporaries.temporary_name(tmp_path / "model.keras", suffix=".keras"))
+    temporary = os.path.basename(
+        temporaries.temporary_name(tmp_path / "model.keras", suffix=".keras")
+    )
     (tmp_path / temporary).write_text("half a model")
     assert kind.foreign(tmp_path) == []
-    for name in (".model.keras.partial", ".thesis.txt.123-456.deadbeef.partial", ".x.partial.keras"):
+    for name in (
+        ".model.keras.partial",
+        ".thesis.txt.123-456.deadbeef.partial",
+        ".x.partial.keras",
+    ):
         (tmp_path / name).write_text("mine")
         assert kind.foreign(tmp_path) == [name]
         (tmp_path / name).unlink()

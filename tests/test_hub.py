@@ -13,7 +13,7 @@ import pytest
 from torch_helpers import timm_convmixer, torch
 
 import convmixer_tf
-from convmixer_tf import contract
+from convmixer_tf import contract, saving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITS = ("1" * 40, "2" * 40)
@@ -57,44 +57,95 @@ def offline(tmp_path, monkeypatch):
 
 
 TIMM_CONFIG = {  # timm's config.json for its ConvMixer repos, with a crop and names of its own
-    "architecture": "convmixer_768_32", "num_classes": 1000, "num_features": 768,
+    "architecture": "convmixer_768_32",
+    "num_classes": 1000,
+    "num_features": 768,
     "label_names": [f"label {i}" for i in range(1000)],
-    "pretrained_cfg": {"tag": "in1k", "input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.9,
-                       "crop_mode": "center", "mean": [0.5, 0.45, 0.4], "std": [0.25, 0.2, 0.3],
-                       "num_classes": 1000, "first_conv": "stem.0", "classifier": "head", "license": "mit"}}
+    "pretrained_cfg": {
+        "tag": "in1k",
+        "input_size": [3, 224, 224],
+        "interpolation": "bicubic",
+        "crop_pct": 0.9,
+        "crop_mode": "center",
+        "mean": [0.5, 0.45, 0.4],
+        "std": [0.25, 0.2, 0.3],
+        "num_classes": 1000,
+        "first_conv": "stem.0",
+        "classifier": "head",
+        "license": "mit",
+    },
+}
 
 
+@pytest.mark.slow
 def test_timm_reads_the_cache_and_the_converter_matches_it(tmp_path):
     import timm
 
     from weights_converter.demo import randomize_batchnorm
 
-    net = randomize_batchnorm(timm.create_model("convmixer_768_32", pretrained=False), seed=4).eval()
-    cache = hub_cache(tmp_path / "hub", "timm/convmixer_768_32.in1k",
-                      {"model.safetensors": safetensors_bytes(net), "config.json": json.dumps(TIMM_CONFIG).encode()})
+    net = randomize_batchnorm(
+        timm.create_model("convmixer_768_32", pretrained=False), seed=4
+    ).eval()
+    cache = hub_cache(
+        tmp_path / "hub",
+        "timm/convmixer_768_32.in1k",
+        {
+            "model.safetensors": safetensors_bytes(net),
+            "config.json": json.dumps(TIMM_CONFIG).encode(),
+        },
+    )
     x = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    script = ("import sys, numpy as np, timm, torch\n"
-              "m = timm.create_model('hf-hub:timm/convmixer_768_32.in1k', pretrained=True).eval()\n"
-              "x = torch.from_numpy(np.load(sys.argv[1]).transpose(0, 3, 1, 2).copy())\n"
-              "np.save(sys.argv[2], m(x).detach().numpy())\n"
-              "print(m.pretrained_cfg['crop_pct'])\n")
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "timm.npy")],
-                         env=offline_env(cache), capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and run.stdout.strip() == "0.9", run.stderr[-3000:]  # timm read this cache
+    script = (
+        "import sys, numpy as np, timm, torch\n"
+        "m = timm.create_model('hf-hub:timm/convmixer_768_32.in1k', pretrained=True).eval()\n"
+        "x = torch.from_numpy(np.load(sys.argv[1]).transpose(0, 3, 1, 2).copy())\n"
+        "np.save(sys.argv[2], m(x).detach().numpy())\n"
+        "print(m.pretrained_cfg['crop_pct'])\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "timm.npy")],
+        env=offline_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # timm read this cache
+    assert run.returncode == 0 and run.stdout.strip() == "0.9", run.stderr[-3000:]
     out = tmp_path / "converted"
-    run = subprocess.run([sys.executable, "-m", "weights_converter", "--torch-ckpt",
-                          "hf-hub:timm/convmixer_768_32.in1k", "--output", str(out), "--json", "--quiet"],
-                         env=offline_env(cache), capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "weights_converter",
+            "--torch-ckpt",
+            "hf-hub:timm/convmixer_768_32.in1k",
+            "--output",
+            str(out),
+            "--json",
+            "--quiet",
+        ],
+        env=offline_env(cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
-    assert report["parity"]["passed"] and report["conversion"]["matched_variant"] == "convmixer_768_32"
+    assert (
+        report["parity"]["passed"] and report["conversion"]["matched_variant"] == "convmixer_768_32"
+    )
     model = convmixer_tf.load_model(out / "model.keras")
-    np.testing.assert_allclose(model.predict(x, verbose=0), np.load(tmp_path / "timm.npy"), atol=1e-4)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), np.load(tmp_path / "timm.npy"), atol=1e-4
+    )
     info = convmixer_tf.info_of(model)
     cfg = TIMM_CONFIG["pretrained_cfg"]
     assert (info.preprocessing.crop_pct, info.preprocessing.mean, info.preprocessing.std) == (
-        cfg["crop_pct"], tuple(cfg["mean"]), tuple(cfg["std"]))
+        cfg["crop_pct"],
+        tuple(cfg["mean"]),
+        tuple(cfg["std"]),
+    )
     assert info.class_names == tuple(TIMM_CONFIG["label_names"]) and info.source["license"] == "mit"
     card = (out / "README.md").read_text()
     assert "base_model: timm/convmixer_768_32.in1k" in card and "license: mit" in card
@@ -105,30 +156,35 @@ def tiny(seed):
     return timm_convmixer(seed=seed, dim=256, depth=8, kernel_size=5, patch_size=2, num_classes=10)
 
 
-def test_a_pinned_revision_a_missing_id_and_a_repo_without_weights(tmp_path):
-    cache = tmp_path / "hub"
-    for commit, seed in reversed(list(zip(COMMITS, (1, 2)))):  # main: the first (written last); the other pinned
-        hub_cache(cache, "someone/cifar-convmixer", {"pytorch_model.bin": _torch_bytes(tiny(seed))}, commit=commit)
-    hub_cache(cache, "someone/notes", {"README.md": b"no weights here"})
+def test_a_pinned_revision_a_missing_id_and_a_repo_without_weights(offline, tmp_path, capsys):
+    from weights_converter.__main__ import main
+
+    # main: the first (written last); the other pinned
+    for commit, seed in reversed(list(zip(COMMITS, (1, 2)))):
+        weights = {"pytorch_model.bin": _torch_bytes(tiny(seed))}
+        hub_cache(offline, "someone/cifar-convmixer", weights, commit=commit)
+    hub_cache(offline, "someone/notes", {"README.md": b"no weights here"})
 
     def convert(ckpt, out):
-        return subprocess.run([sys.executable, "-m", "weights_converter", "--torch-ckpt", ckpt, "--output",
-                               str(out), "--json", "--quiet"], env=offline_env(cache), capture_output=True, text=True,
-                              timeout=600)
+        code = main(["--torch-ckpt", ckpt, "--output", str(out), "--json", "--quiet"])
+        return code, capsys.readouterr().err
 
-    pinned = convert(f"hf-hub:someone/cifar-convmixer@{COMMITS[1]}", tmp_path / "pinned")
-    assert pinned.returncode == 0, pinned.stderr[-3000:]
-    source = convmixer_tf.info_of(convmixer_tf.load_model(tmp_path / "pinned" / "model.keras")).source
+    code, err = convert(f"hf-hub:someone/cifar-convmixer@{COMMITS[1]}", tmp_path / "pinned")
+    assert code == 0, err[-3000:]
+    pinned = convmixer_tf.load_model(tmp_path / "pinned" / "model.keras")
+    source = convmixer_tf.info_of(pinned).source
     assert source["commit"] == COMMITS[1] and source["repo"] == "someone/cifar-convmixer"
-    weights = convmixer_tf.load_model(tmp_path / "pinned" / "model.keras").get_layer("stem_conv").get_weights()[0]
+    weights = pinned.get_layer("stem_conv").get_weights()[0]
     assert np.allclose(weights, tiny(2).stem[0].weight.detach().numpy().transpose(2, 3, 1, 0))
-    for ckpt, words in (("hf-hub:nobody/missing", "is not in the Hugging Face cache"),
-                        ("hf-hub:someone/notes", "holds no ConvMixer weights")):
+    for ckpt, words in (
+        ("hf-hub:nobody/missing", "is not in the Hugging Face cache"),
+        ("hf-hub:someone/notes", "holds no ConvMixer weights"),
+    ):
         before = sorted(os.listdir(tmp_path))
-        run = convert(ckpt, tmp_path / "out")
-        assert run.returncode == 2 and run.stderr.startswith("error: ") and words in run.stderr, run.stderr
-        assert len(run.stderr.strip().splitlines()) == 1 and sorted(os.listdir(tmp_path)) == before
-    assert "hf download nobody/missing" in convert("hf-hub:nobody/missing", tmp_path / "out").stderr
+        code, err = convert(ckpt, tmp_path / "out")
+        assert code == 2 and err.startswith("error: ") and words in err, err
+        assert len(err.strip().splitlines()) == 1 and sorted(os.listdir(tmp_path)) == before
+    assert "hf download nobody/missing" in convert("hf-hub:nobody/missing", tmp_path / "out")[1]
 
 
 def _torch_bytes(module):
@@ -147,13 +203,20 @@ def test_pretrained_converts_once_and_a_copy_fetches_nothing(offline, monkeypatc
     hub_cache(offline, "someone/cifar-convmixer", {"model.safetensors": safetensors_bytes(tiny(3))})
     conversions = []
     real = convert.convert_state_dict
-    monkeypatch.setattr(convert, "convert_state_dict", lambda *a, **k: conversions.append(1) or real(*a, **k))
-    first = convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
-    second = convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
+    monkeypatch.setattr(
+        convert, "convert_state_dict", lambda *a, **k: conversions.append(1) or real(*a, **k)
+    )
+    first = convmixer_tf.create_model(
+        "convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer"
+    )
+    second = convmixer_tf.create_model(
+        "convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer"
+    )
     assert len(conversions) == 1 and os.listdir(os.environ["KERAS_HOME"] + "/models/convmixer_tf")
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_array_equal(first.predict(x, verbose=0), second.predict(x, verbose=0))
-    with pytest.raises(ValueError, match="convmixer_768_32"):  # the weights must be the named variant's
+    # the weights must be the named variant's
+    with pytest.raises(ValueError, match="convmixer_768_32"):
         convmixer_tf.create_model("convmixer_768_32", pretrained="hf-hub:someone/cifar-convmixer")
     monkeypatch.setattr(hub, "resolve", lambda *a: pytest.fail("a copy fetched weights"))
     copy = keras.Model.from_config(second.get_config())
@@ -163,14 +226,35 @@ def test_pretrained_converts_once_and_a_copy_fetches_nothing(offline, monkeypatc
 
 
 def test_hf_layout_keeps_the_models_facts(offline, tmp_path):
-    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
-                                   input_shape=(32, 32, 3), include_preprocessing=True, mean=(0.1, 0.2, 0.3))
+    model = convmixer_tf.ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=3,
+        patch_size=4,
+        num_classes=3,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+        mean=(0.1, 0.2, 0.3),
+    )
     info = contract.info_of(model).replace(class_names=("cat", "dog", "eel"))
-    folder = contract.write_hub_folder(model, tmp_path / "keras_layout", info)
+    folder = saving.write_hub_folder(model, tmp_path / "keras_layout", info)
     written = set(os.listdir(folder))
-    assert {"config.json", "model.weights.h5", "metadata.json", "convmixer.json", "README.md"} <= written
-    hub_cache(offline, "someone/pets", {name: (folder / name).read_bytes() for name in os.listdir(folder)
-                                        if (folder / name).is_file()})
+    assert {
+        "config.json",
+        "model.weights.h5",
+        "metadata.json",
+        "convmixer.json",
+        "README.md",
+    } <= written
+    hub_cache(
+        offline,
+        "someone/pets",
+        {
+            name: (folder / name).read_bytes()
+            for name in os.listdir(folder)
+            if (folder / name).is_file()
+        },
+    )
     loaded = convmixer_tf.load_model("hf://someone/pets")
     assert convmixer_tf.info_of(loaded) == info
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
@@ -184,22 +268,34 @@ def test_a_cache_entry_that_is_not_what_its_name_promises_is_converted_again(off
     from weights_converter.pretrained import cache_folder
 
     hub_cache(offline, "someone/cifar-convmixer", {"model.safetensors": safetensors_bytes(tiny(3))})
-    model = convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
+    model = convmixer_tf.create_model(
+        "convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer"
+    )
     (cached,) = [os.path.join(cache_folder(), name) for name in os.listdir(cache_folder())]
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     expected = model.predict(x, verbose=0)
-    other = convmixer_tf.ConvMixer(dim=64, depth=2, kernel_size=5, patch_size=2, num_classes=10,
-                                   input_shape=(32, 32, 3), include_preprocessing=True)
+    other = convmixer_tf.ConvMixer(
+        dim=64,
+        depth=2,
+        kernel_size=5,
+        patch_size=2,
+        num_classes=10,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
     for entry in ("another model", "truncated"):
         if entry == "another model":
             convmixer_tf.save_model(other, cached)
         else:
             with open(cached, "r+b") as f:
                 f.truncate(2000)
-        again = convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
+        again = convmixer_tf.create_model(
+            "convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer"
+        )
         assert convmixer_tf.info_of(again).config.dim == 256, entry
         np.testing.assert_allclose(again.predict(x, verbose=0), expected, atol=1e-6, err_msg=entry)
-        assert convmixer_tf.info_of(convmixer_tf.load_model(cached)).config.dim == 256, entry  # replaced
+        # replaced
+        assert convmixer_tf.info_of(convmixer_tf.load_model(cached)).config.dim == 256, entry
     dead, live = _temporaries(cached)
     os.remove(cached)
     convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")
@@ -209,11 +305,18 @@ def test_a_cache_entry_that_is_not_what_its_name_promises_is_converted_again(off
 def _temporaries(cached):
     """A temporary file of a conversion that was killed (kill -9 while saving), and one of a
     live writer (this process), beside the cache entry."""
-    script = ("import os, sys\nfrom convmixer_tf import temporaries\n"
-              "path = temporaries.temporary_name(sys.argv[1], suffix='.keras')\n"
-              "open(path, 'w').write('half a model')\nprint(path, flush=True)\nos.kill(os.getpid(), 9)\n")
-    done = subprocess.run([sys.executable, "-c", script, cached], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+    script = (
+        "import os, sys\nfrom convmixer_tf import temporaries\n"
+        "path = temporaries.temporary_name(sys.argv[1], suffix='.keras')\n"
+        "open(path, 'w').write('half a model')\nprint(path, flush=True)\nos.kill(os.getpid(), 9)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, cached],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     dead = done.stdout.strip()
     assert done.returncode == -9 and os.path.exists(dead), done.stderr[-2000:]
     from convmixer_tf import temporaries
@@ -225,24 +328,51 @@ def _temporaries(cached):
 
 
 def test_load_model_of_a_repo_of_pytorch_weights_says_what_to_do(offline):
-    hub_cache(offline, "timm/convmixer_768_32.in1k", {"model.safetensors": safetensors_bytes(tiny(1)),
-                                                      "config.json": json.dumps(TIMM_CONFIG).encode()})
-    with pytest.raises(ValueError, match=r"holds PyTorch weights \(model.safetensors\), not a Keras model") as err:
+    hub_cache(
+        offline,
+        "timm/convmixer_768_32.in1k",
+        {
+            "model.safetensors": safetensors_bytes(tiny(1)),
+            "config.json": json.dumps(TIMM_CONFIG).encode(),
+        },
+    )
+    with pytest.raises(
+        ValueError, match=r"holds PyTorch weights \(model.safetensors\), not a Keras model"
+    ) as err:
         convmixer_tf.load_model("hf://timm/convmixer_768_32.in1k")
     assert 'pretrained="hf-hub:timm/convmixer_768_32.in1k"' in str(err.value)
     assert "weights_converter --torch-ckpt hf-hub:timm/convmixer_768_32.in1k" in str(err.value)
 
 
-def test_export_of_a_hub_model_writes_a_local_folder_by_default(offline, tmp_path, monkeypatch, capsys):
+def test_export_of_a_hub_model_writes_a_local_folder_by_default(
+    offline, tmp_path, monkeypatch, capsys
+):
     from convmixer_tf.export.__main__ import main
 
-    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
-                                   input_shape=(32, 32, 3), include_preprocessing=True)
-    folder = contract.write_hub_folder(model, tmp_path / "layout")
-    hub_cache(offline, "someone/pets", {name: (folder / name).read_bytes() for name in os.listdir(folder)
-                                        if (folder / name).is_file()})
+    model = convmixer_tf.ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=3,
+        patch_size=4,
+        num_classes=3,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
+    folder = saving.write_hub_folder(model, tmp_path / "layout")
+    hub_cache(
+        offline,
+        "someone/pets",
+        {
+            name: (folder / name).read_bytes()
+            for name in os.listdir(folder)
+            if (folder / name).is_file()
+        },
+    )
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    assert main(["--model", "hf://someone/pets", "--formats", "onnx", "--processes", "1", "--quiet"]) == 0
+    assert (
+        main(["--model", "hf://someone/pets", "--formats", "onnx", "--processes", "1", "--quiet"])
+        == 0
+    )
     assert os.listdir(work) == ["pets_export"] and (work / "pets_export" / "model.onnx").is_file()

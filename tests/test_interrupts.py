@@ -34,7 +34,9 @@ def handles(pid, signum=signal.SIGTERM) -> bool:
 
 def start(command, tmp):
     env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(tmp))
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while not handles(proc.pid) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -61,37 +63,89 @@ def sweep(command, out, tmp_path, fractions, signum=signal.SIGTERM):
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=600)
         assert proc.returncode in (0, 128 + signum), (fraction, proc.returncode, err[-3000:])
-        if proc.returncode == 0:  # signalled after its final move: its output is the earlier one now
+        # signalled after its final move: its output is the earlier one now
+        if proc.returncode == 0:
             before = checksums(out)
             continue
         stopped += 1
         assert err.strip().splitlines()[-1] == "error: interrupted", err[-2000:]
         assert checksums(out) == before, fraction
         assert not [e for e in os.listdir(out.parent) if ".partial" in e], fraction
-        assert [e for e in os.listdir(tmp) if not FOREIGN.match(e)] == [], (fraction, os.listdir(tmp))
+        assert [e for e in os.listdir(tmp) if not FOREIGN.match(e)] == [], (
+            fraction,
+            os.listdir(tmp),
+        )
     return stopped
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    convmixer_tf.save_model(convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=7, patch_size=4, num_classes=3,
-                                                   input_shape=(32, 32, 3), include_preprocessing=True), path)
+    convmixer_tf.save_model(
+        convmixer_tf.ConvMixer(
+            dim=8,
+            depth=1,
+            kernel_size=7,
+            patch_size=4,
+            num_classes=3,
+            input_shape=(32, 32, 3),
+            include_preprocessing=True,
+        ),
+        path,
+    )
     return path
 
 
+def export_command(model, out):
+    """The export command with its defaults (every format, side by side where it can)."""
+    return [
+        sys.executable,
+        "-m",
+        "convmixer_tf.export",
+        "--model",
+        str(model),
+        "--formats",
+        "all",
+        "--calibration-count",
+        "4",
+        "--output",
+        str(out),
+        "--force",
+        "--quiet",
+    ]
+
+
+@pytest.mark.slow
 def test_sigterm_at_any_moment_of_an_export(tmp_path, tiny_model):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "convmixer_tf.export", "--model", str(tiny_model), "--formats", "all",
-               "--calibration-count", "4", "--output", str(out), "--force", "--quiet"]
     fractions = [i / 16 for i in range(15)]  # 0: the moment start-up is done
-    assert sweep(command, out, tmp_path, fractions) >= len(fractions) - 2
+    assert sweep(export_command(tiny_model, out), out, tmp_path, fractions) >= len(fractions) - 2
+
+
+def test_sigterm_at_a_few_moments_of_an_export(tmp_path, tiny_model):
+    """Two points of the sweep above: start-up done, and mid-run (workers side by side)."""
+    out = tmp_path / "out"
+    assert sweep(export_command(tiny_model, out), out, tmp_path, (0.0, 0.4)) >= 1
 
 
 def test_sigint_mid_export(tmp_path, tiny_model):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "convmixer_tf.export", "--model", str(tiny_model), "--formats", "tflite", "onnx",
-               "--output", str(out), "--force", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "convmixer_tf.export",
+        "--model",
+        str(tiny_model),
+        "--formats",
+        "tflite",
+        "onnx",
+        "--output",
+        str(out),
+        "--processes",
+        "1",
+        "--force",
+        "--quiet",
+    ]
     assert sweep(command, out, tmp_path, (0.4,), signal.SIGINT) == 1
 
 
@@ -101,8 +155,21 @@ def test_sigterm_at_any_moment_of_a_conversion(tmp_path):
 
     ckpt = save_checkpoint(timm_convmixer(kernel_size=7).state_dict(), tmp_path / "m.pth")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "weights_converter", "--torch-ckpt", str(ckpt), "--export", "all",
-               "--calibration-count", "4", "--output", str(out), "--force", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "weights_converter",
+        "--torch-ckpt",
+        str(ckpt),
+        "--export",
+        "all",
+        "--calibration-count",
+        "4",
+        "--output",
+        str(out),
+        "--force",
+        "--quiet",
+    ]
     fractions = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75)
     assert sweep(command, out, tmp_path, fractions) >= len(fractions) - 2
 
@@ -145,8 +212,20 @@ def test_kill_9_of_an_export_ends_its_workers(tmp_path, tiny_model):
     computing without their parent (an orphan would go on until its next report: 7 s
     here for this tiny model, tens of seconds for a released one). Signalled once a worker
     has TensorFlow loaded (so it has started), it is gone at once."""
-    command = [sys.executable, "-m", "convmixer_tf.export", "--model", str(tiny_model), "--formats", "all",
-               "--calibration-count", "4", "--output", str(tmp_path / "out"), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "convmixer_tf.export",
+        "--model",
+        str(tiny_model),
+        "--formats",
+        "all",
+        "--calibration-count",
+        "4",
+        "--output",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
     from convmixer_tf.export import parallel
 
     if parallel.cores() < 2 or not parallel.memory_allows(convmixer_tf.load_model(tiny_model)):
@@ -173,13 +252,32 @@ def test_the_temporary_folder_of_a_killed_command_is_removed_by_the_next(tmp_pat
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(tmp))
-    script = ("import time\nfrom convmixer_tf import temporaries\n"
-              "print(temporaries.make_temporary_folder(), flush=True)\ntime.sleep(300)\n")
-    live = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    script = (
+        "import time\nfrom convmixer_tf import temporaries\n"
+        "print(temporaries.make_temporary_folder(), flush=True)\ntime.sleep(300)\n"
+    )
+    live = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         live_folder = live.stdout.readline().strip()
-        killed = start([sys.executable, "-m", "convmixer_tf.export", "--model", str(tiny_model), "--formats", "tflite",
-                        "--output", str(tmp_path / "out"), "--processes", "1", "--quiet"], tmp)
+        killed = start(
+            [
+                sys.executable,
+                "-m",
+                "convmixer_tf.export",
+                "--model",
+                str(tiny_model),
+                "--formats",
+                "tflite",
+                "--output",
+                str(tmp_path / "out"),
+                "--processes",
+                "1",
+                "--quiet",
+            ],
+            tmp,
+        )
         deadline, left = time.time() + 60, []
         while not left and time.time() < deadline:
             left = [e for e in os.listdir(tmp) if e.startswith(f"convmixer-{killed.pid}-")]
@@ -187,8 +285,19 @@ def test_the_temporary_folder_of_a_killed_command_is_removed_by_the_next(tmp_pat
         killed.kill()
         killed.communicate(timeout=60)
         assert len(left) == 1 and (tmp / left[0]).is_dir()  # left behind
-        again = subprocess.run([sys.executable, "-m", "convmixer_tf.export", "--model", str(tmp_path / "absent.keras")],
-                               env=env, capture_output=True, text=True, timeout=120)
+        again = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "convmixer_tf.export",
+                "--model",
+                str(tmp_path / "absent.keras"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert again.returncode == 2 and "model not found" in again.stderr
         assert not (tmp / left[0]).exists() and os.path.isdir(live_folder)
     finally:

@@ -7,49 +7,66 @@ import os
 
 import numpy as np
 import pytest
-from conftest import STRIPE_SIZE, stripe_images, train_on_stripes
+from conftest import DIGIT_NAMES, DIGIT_SIZE
 
 import convmixer_tf
 from convmixer_tf import contract
 from convmixer_tf import export as exporters
 from convmixer_tf.export import metadata, mobile
-from convmixer_tf.export.verify import softmax
+from convmixer_tf.export.scores import softmax
 
 pytest.importorskip("mediapipe")
 
-SIZE = STRIPE_SIZE
-CLASSES = ("horizontal", "diagonal up", "vertical", "diagonal down")
-
-
-def stripes(count, seed):
-    return stripe_images(count, seed, classes=len(CLASSES), size=SIZE)
+SIZE = DIGIT_SIZE
+CLASSES = DIGIT_NAMES
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A small ConvMixer trained on stripe images, saved with its class names."""
-    model = train_on_stripes(dim=24, depth=2, count=768, epochs=5, classes=len(CLASSES))
-    test_x, test_y = stripes(64, seed=1)
-    path = tmp_path_factory.mktemp("trained") / "model.keras"
-    convmixer_tf.save_model(model, path, contract.info_of(model).replace(class_names=CLASSES))
-    images = tmp_path_factory.mktemp("images")
+def setting(trained, digits, tmp_path_factory):
+    """The session's trained model (its file), a folder of training digits as PNG files
+    (calibration), and held-out digits with their labels."""
     import tensorflow as tf
 
-    for i, image in enumerate(stripes(72, seed=2)[0]):
+    images = tmp_path_factory.mktemp("images")
+    for i, image in enumerate(digits["train"][0][:72]):
         tf.io.write_file(str(images / f"{i:03d}.png"), tf.io.encode_png(image.astype(np.uint8)))
-    return str(path), str(images), test_x, test_y
+    test_x, test_y = digits["held_out"]
+    return trained["path"], str(images), test_x[:64], test_y[:64]
 
 
-def test_every_tflite_file_works_in_mediapipe_with_names_and_probabilities(tmp_path, trained):
+def test_every_tflite_file_works_in_mediapipe_with_names_and_probabilities(tmp_path, setting):
     from convmixer_tf.export.__main__ import main
 
-    path, images, test_x, test_y = trained
+    path, images, test_x, test_y = setting
     out = tmp_path / "out"
-    assert main(["--model", path, "--formats", "tflite", "tflite_float16", "tflite_int8", "--calibration-data",
-                 images, "--output", str(out), "--quiet", "--json"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                path,
+                "--formats",
+                "tflite",
+                "tflite_float16",
+                "tflite_int8",
+                "--calibration-data",
+                images,
+                "--output",
+                str(out),
+                "--processes",
+                "1",
+                "--quiet",
+                "--json",
+            ]
+        )
+        == 0
+    )
     model = convmixer_tf.load_model(path)
     probs = softmax(model.predict(test_x, verbose=0))
-    for name, tolerance in (("model.tflite", 1e-4), ("model_float16.tflite", 1e-2), ("model_int8.tflite", None)):
+    for name, tolerance in (
+        ("model.tflite", 1e-4),
+        ("model_float16.tflite", 1e-2),
+        ("model_int8.tflite", None),
+    ):
         file = out / name
         assert metadata.packed_labels(file) == list(CLASSES)
         scores, names, _ = mobile.classify(file, test_x.astype(np.uint8), len(CLASSES))
@@ -68,40 +85,83 @@ def test_every_tflite_file_works_in_mediapipe_with_names_and_probabilities(tmp_p
     assert int8["mediapipe"]["max_abs_vs_litert"] == 0.0
 
 
-def test_tflite_logits_flag_keeps_logits(tmp_path, trained):
+def test_tflite_logits_flag_keeps_logits(tmp_path, setting):
     from convmixer_tf.export.__main__ import main
 
-    path, _, test_x, _ = trained
-    assert main(["--model", path, "--formats", "tflite", "onnx", "--tflite-logits", "--output", str(tmp_path / "o"),
-                 "--quiet", "--json"]) == 0
+    path, _, test_x, _ = setting
+    assert (
+        main(
+            [
+                "--model",
+                path,
+                "--formats",
+                "tflite",
+                "onnx",
+                "--tflite-logits",
+                "--output",
+                str(tmp_path / "o"),
+                "--processes",
+                "1",
+                "--quiet",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = json.load(open(tmp_path / "o" / "export_report.json"))
     assert [r["output"] for r in rows] == ["logits", "logits"]
-    scores, _, _ = mobile.classify(tmp_path / "o" / "model.tflite", test_x.astype(np.uint8), len(CLASSES),
-                                   logits=True)
+    scores, _, _ = mobile.classify(
+        tmp_path / "o" / "model.tflite", test_x.astype(np.uint8), len(CLASSES), logits=True
+    )
     logits = convmixer_tf.load_model(path).predict(test_x, verbose=0)
     assert np.abs(scores - logits).max() <= 1e-4
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 def test_gpu_delegate_takes_the_float_files(tmp_path, activation):
-    model = convmixer_tf.ConvMixer(dim=32, depth=2, kernel_size=9, patch_size=7, num_classes=10,
-                                   input_shape=(224, 224, 3), activation=activation, include_preprocessing=True)
+    model = convmixer_tf.ConvMixer(
+        dim=32,
+        depth=2,
+        kernel_size=9,
+        patch_size=7,
+        num_classes=10,
+        input_shape=(224, 224, 3),
+        activation=activation,
+        include_preprocessing=True,
+    )
     path = exporters.export_tflite(model, tmp_path / "m.tflite")
     assert mobile.gpu_compatibility(path) == "compatible"
 
 
-def test_wrong_or_unreadable_labels_exit_2_and_write_nothing(tmp_path, trained, capsys):
+def test_wrong_or_unreadable_labels_exit_2_and_write_nothing(tmp_path, setting, capsys):
     from convmixer_tf.export.__main__ import main
 
-    path = trained[0]
+    path = setting[0]
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
-    cases = [(tmp_path / "three.txt", "3 class names for a model with 4 classes"),
-             (tmp_path / "binary.txt", "cannot read labels file"), (tmp_path / "none.txt", "cannot read labels file")]
+    cases = [
+        (tmp_path / "three.txt", "3 class names for a model with 10 classes"),
+        (tmp_path / "binary.txt", "cannot read labels file"),
+        (tmp_path / "none.txt", "cannot read labels file"),
+    ]
     for labels, words in cases:
         before = sorted(os.listdir(tmp_path))
-        assert main(["--model", path, "--formats", "tflite", "--labels", str(labels), "--output",
-                     str(tmp_path / "out"), "--quiet"]) == 2
+        assert (
+            main(
+                [
+                    "--model",
+                    path,
+                    "--formats",
+                    "tflite",
+                    "--labels",
+                    str(labels),
+                    "--output",
+                    str(tmp_path / "out"),
+                    "--quiet",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
         assert sorted(os.listdir(tmp_path)) == before
@@ -118,8 +178,21 @@ def test_converter_labels_flag(tmp_path, capsys):
     assert "9 class names for a model with 10 classes" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["m.pth", "nine.txt"]
     (tmp_path / "ten.txt").write_text("".join(f"c{i}\n" for i in range(10)))
-    assert main(["--torch-ckpt", str(ckpt), "--labels", str(tmp_path / "ten.txt"), "--export", "tflite",
-                 "--quiet", "--json"]) == 0
+    assert (
+        main(
+            [
+                "--torch-ckpt",
+                str(ckpt),
+                "--labels",
+                str(tmp_path / "ten.txt"),
+                "--export",
+                "tflite",
+                "--quiet",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["conversion"]["class_names"] == "labels file"
     out = tmp_path / "m_keras"
@@ -131,9 +204,16 @@ def test_files_without_metadata_still_verify(tmp_path):
     """A .tflite written before files carried metadata: LiteRT checks it, MediaPipe is skipped."""
     from convmixer_tf.export import tflite
 
-    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
-                                   input_shape=(SIZE, SIZE, 3), include_preprocessing=True)
-    traced = tflite.trace(model, (1, 9), output="logits")
+    model = convmixer_tf.ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=3,
+        patch_size=4,
+        num_classes=3,
+        input_shape=(SIZE, SIZE, 3),
+        include_preprocessing=True,
+    )
+    traced = tflite.trace(model, convmixer_tf.info_of(model), (1, 9), output="logits")
     path = tmp_path / "old.tflite"
     path.write_bytes(tflite.convert(traced))
     assert metadata.read_metadata(path) is None
@@ -151,12 +231,18 @@ def test_released_variant_gets_imagenet_names_in_mediapipe(tmp_path):
     from weights_converter.__main__ import main
     from weights_converter.demo import randomize_batchnorm
 
-    net = randomize_batchnorm(timm.create_model("convmixer_1024_20_ks9_p14", pretrained=False), seed=1).eval()
+    net = randomize_batchnorm(
+        timm.create_model("convmixer_1024_20_ks9_p14", pretrained=False), seed=1
+    ).eval()
     ckpt = save_checkpoint(net.state_dict(), tmp_path / "c.pth")
     assert main(["--torch-ckpt", str(ckpt), "--export", "tflite", "--quiet"]) == 0
     out = tmp_path / "c_keras"
     first = timm.data.ImageNetInfo().label_descriptions()[0].split(",")[0]
-    assert contract.info_of(convmixer_tf.load_model(out / "model.keras")).class_names[0] == first == "tench"
+    assert (
+        contract.info_of(convmixer_tf.load_model(out / "model.keras")).class_names[0]
+        == first
+        == "tench"
+    )
     image = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
     scores, names, _ = mobile.classify(out / "model.tflite", image, 1000)
     assert names[0] == "tench" and len(set(names)) > 990 and abs(float(scores.sum()) - 1.0) < 1e-3

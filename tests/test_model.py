@@ -83,6 +83,7 @@ def test_layers_follow_pytorch_conventions():
     # Exact (erf) GELU, not the tanh approximation.
     x = np.linspace(-4, 4, 101).astype("float32")
     from math import erf, sqrt
+
     exact = np.array([v * 0.5 * (1 + erf(v / sqrt(2))) for v in x])
     act = model.get_layer("stem_act")
     np.testing.assert_allclose(np.asarray(act(x)), exact, atol=1e-6)
@@ -103,11 +104,15 @@ def test_in_graph_preprocessing_equals_hand_computation():
     # And the rest of the network sees exactly what a model without it would.
     plain = ConvMixer(**TINY, include_preprocessing=False, include_top=False, pooling=None)
     plain.set_weights(model.get_weights())
-    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(plain(ref.astype("float32"))), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(model(x)), np.asarray(plain(ref.astype("float32"))), atol=1e-4
+    )
 
 
 def test_get_config_from_config_round_trip():
-    model = randomize_batchnorm(ConvMixer(**TINY, input_shape=(32, 32, 3), include_preprocessing=True))
+    model = randomize_batchnorm(
+        ConvMixer(**TINY, input_shape=(32, 32, 3), include_preprocessing=True)
+    )
     clone = keras.Model.from_config(model.get_config())
     clone.set_weights(model.get_weights())
     assert [layer.name for layer in clone.layers] == [layer.name for layer in model.layers]
@@ -132,12 +137,23 @@ def _run_clean(script, *args, backend="tensorflow"):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
     # Run from a directory where convmixer_tf is not importable by accident.
     return subprocess.run(
-        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
-        cwd=os.path.dirname(args[0]), timeout=300,
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(args[0]),
+        timeout=300,
     )
 
 
-@pytest.mark.parametrize("name", ["tiny", "convmixer_768_32"])
+# In the fast set a clean process loads a small file in test_model_facts_travel_inside_the_keras_file.
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("tiny", marks=pytest.mark.slow),
+        pytest.param("convmixer_768_32", marks=pytest.mark.slow),
+    ],
+)
 def test_keras_file_loads_without_convmixer_tf(tmp_path, name):
     if name == "tiny":
         model = ConvMixer(**TINY, input_shape=(32, 32, 3), include_preprocessing=True)
@@ -149,7 +165,9 @@ def test_keras_file_loads_without_convmixer_tf(tmp_path, name):
     path = tmp_path / "model.keras"
     model.save(path)
     np.save(tmp_path / "x.npy", x)
-    proc = _run_clean(LOAD_WITHOUT_PACKAGE, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"))
+    proc = _run_clean(
+        LOAD_WITHOUT_PACKAGE, str(path), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), model.predict(x, verbose=0))
 
@@ -170,17 +188,34 @@ print(json.dumps({"backend": keras.backend.backend()}))
 """
 
 
+# In the fast set, JAX trains in test_two_devices_agree_with_one; TensorFlow runs every other test.
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tensorflow", "torch", "jax"])
 def test_runs_on_keras_backends(tmp_path, backend):
     pytest.importorskip(backend if backend != "tensorflow" else "tensorflow")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model = randomize_batchnorm(ConvMixer(dim=8, depth=2, kernel_size=5, patch_size=2, num_classes=4,
-                                          input_shape=(None, None, 3), include_preprocessing=True))
+    model = randomize_batchnorm(
+        ConvMixer(
+            dim=8,
+            depth=2,
+            kernel_size=5,
+            patch_size=2,
+            num_classes=4,
+            input_shape=(None, None, 3),
+            include_preprocessing=True,
+        )
+    )
     model.save_weights(tmp_path / "w.weights.h5")
     x = np.random.default_rng(4).uniform(0, 255, (2, 19, 23, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)
-    proc = _run_clean(BACKEND_SCRIPT, repo, str(tmp_path / "w.weights.h5"), str(tmp_path / "x.npy"),
-                      str(tmp_path / "y.npy"), backend=backend)
+    proc = _run_clean(
+        BACKEND_SCRIPT,
+        repo,
+        str(tmp_path / "w.weights.h5"),
+        str(tmp_path / "x.npy"),
+        str(tmp_path / "y.npy"),
+        backend=backend,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["backend"] == backend
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(model(x)), atol=1e-5)
@@ -192,7 +227,10 @@ def test_runs_on_keras_backends(tmp_path, backend):
         (lambda: create_model("convmixer_999_9"), ["convmixer_999_9", "convmixer_1536_20"]),
         (lambda: ConvMixer(dim=0, depth=2), ["dim", "positive integer"]),
         (lambda: ConvMixer(dim=-4, depth=2), ["dim", "positive integer"]),
-        (lambda: ConvMixer(**TINY | {"patch_size": 7}, input_shape=(5, 32, 3)), ["patch_size=7", "(5, 32)"]),
+        (
+            lambda: ConvMixer(**TINY | {"patch_size": 7}, input_shape=(5, 32, 3)),
+            ["patch_size=7", "(5, 32)"],
+        ),
         (lambda: ConvMixer(**TINY, activation="swish"), ["activation", "gelu", "relu"]),
         (lambda: ConvMixer(**TINY, pooling="sum"), ["pooling", "avg", "max"]),
         (lambda: ConvMixer(**TINY, pooling=None), ["pooling=None", "include_top=False"]),
@@ -208,12 +246,19 @@ def test_bad_arguments_raise_value_error(call, words):
 
 def test_rebuild_keeps_weights_and_adds_preprocessing():
     model = randomize_batchnorm(ConvMixer(**TINY, input_shape=(None, None, 3), pooling="max"))
-    fixed = convmixer_tf.rebuild(model, input_shape=(32, 32, 3), preprocessing=(IMAGENET_MEAN, IMAGENET_STD))
+    fixed = convmixer_tf.rebuild(
+        model, input_shape=(32, 32, 3), preprocessing=(IMAGENET_MEAN, IMAGENET_STD)
+    )
     assert fixed.input_shape == (None, 32, 32, 3) and fixed.get_layer("max_pool")
     x = np.random.default_rng(5).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     ref = (x / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    np.testing.assert_allclose(np.asarray(fixed(x)), np.asarray(model(ref.astype("float32"))), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(fixed(x)), np.asarray(model(ref.astype("float32"))), atol=1e-4
+    )
     # A model that has the layer keeps its own statistics.
     again = convmixer_tf.rebuild(fixed, input_shape=(64, 64, 3))
-    np.testing.assert_allclose(np.asarray(again.get_layer("preprocessing").offset),
-                               np.asarray(fixed.get_layer("preprocessing").offset), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(again.get_layer("preprocessing").offset),
+        np.asarray(fixed.get_layer("preprocessing").offset),
+        rtol=1e-6,
+    )

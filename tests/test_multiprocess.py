@@ -18,8 +18,8 @@ from conftest import randomize_batchnorm
 
 import convmixer_tf
 from convmixer_tf.augment import AugmentConfig, Augmenter
-from convmixer_tf.data import open_dataset, train_pipeline
-from convmixer_tf.processes import Shard, epoch_order, shard_of_epoch
+from convmixer_tf.data import open_dataset
+from convmixer_tf.pipelines import Shard, epoch_order, shard_of_epoch, train_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRONG_SHARD = os.path.join(REPO, "tests", "scripts", "train_wrong_shard.py")
@@ -48,7 +48,9 @@ def test_sharded_pipeline_sees_each_image_once(tmp_path):
     for i in range(40):
         folder = tmp_path / f"class{i % 2}"
         folder.mkdir(exist_ok=True)
-        tf.io.write_file(str(folder / f"{i:02d}.png"), tf.io.encode_png(np.full((8, 8, 3), i * 5, np.uint8)))
+        tf.io.write_file(
+            str(folder / f"{i:02d}.png"), tf.io.encode_png(np.full((8, 8, 3), i * 5, np.uint8))
+        )
     source = open_dataset(data_dir=tmp_path, val_fraction=0.0)
     augment = Augmenter(AugmentConfig(randaugment_n=0, hflip=False), 8, 2)
     for epoch in range(2):
@@ -62,27 +64,46 @@ def test_sharded_pipeline_sees_each_image_once(tmp_path):
 
 def test_multi_process_on_tensorflow_is_a_clear_error(tmp_path):
     env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=REPO)
-    run = subprocess.run([sys.executable, "-m", "convmixer_tf.train", "--data-dir", str(tmp_path), "--distribute",
-                          "multi-process", "--output", str(tmp_path / "run")], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convmixer_tf.train",
+            "--data-dir",
+            str(tmp_path),
+            "--distribute",
+            "multi-process",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "error: --distribute multi-process needs the JAX backend (KERAS_BACKEND=jax): TensorFlow's "
-        "MultiWorkerMirroredStrategy does not work with Keras 3's fit (keras-team/keras#20585; see the README)"]
+        "MultiWorkerMirroredStrategy does not work with Keras 3's fit (keras-team/keras#20585; see the README)"
+    ]
 
 
 # ------------------------------------------------------------------ real processes
+
 
 def readme_commands(doc="docs/several-machines.md"):
     """The commands of "Training on several machines" for two processes, as written there
     (continuation lines joined), without their environment assignment."""
     text = open(os.path.join(REPO, doc)).read()
-    lines = text[text.index("# host A (process 0"):].split("\n\n")[0].replace("\\\n", " ").splitlines()
+    lines = (
+        text[text.index("# host A (process 0") :].split("\n\n")[0].replace("\\\n", " ").splitlines()
+    )
     commands = [shlex.split(line) for line in lines if "convmixer_tf.train" in line]
     assert len(commands) == 2 and all(c[0] == "KERAS_BACKEND=jax" for c in commands), commands
     return [c[1:] for c in commands]
 
 
+@pytest.mark.slow
 def test_the_readmes_two_process_command_with_the_default_recipe(tmp_path):
     """The README's command, as written (augmentation and every other default on), only
     pointed at a small folder here and made short: two real processes train together."""
@@ -90,21 +111,45 @@ def test_the_readmes_two_process_command_with_the_default_recipe(tmp_path):
 
     data = write_folder(tmp_path / "flowers", per_class=12, size=(36, 36))
     port = free_port()
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="jax",
+        PYTHONPATH=REPO,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    )
     procs = []
     for command in readme_commands():
-        command = [sys.executable if word == "python" else word.replace("/shared/flowers", data).replace(
-            "/shared/runs/flowers", str(tmp_path / "run")).replace("hostA:12355", f"127.0.0.1:{port}")
-            for word in command]
-        short = ["--epochs", "1", "--batch-size", "8", "--steps-per-epoch", "2", "--image-size", "32", "--json"]
-        procs.append(subprocess.Popen(command + short, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        command = [
+            sys.executable
+            if word == "python"
+            else word.replace("/shared/flowers", data)
+            .replace("/shared/runs/flowers", str(tmp_path / "run"))
+            .replace("hostA:12355", f"127.0.0.1:{port}")
+            for word in command
+        ]
+        short = [
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--steps-per-epoch",
+            "2",
+            "--image-size",
+            "32",
+            "--json",
+        ]
+        procs.append(
+            subprocess.Popen(
+                command + short, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     results = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     metrics = json.loads(results[0][0])
     assert metrics["processes"] == 2 and np.isfinite(metrics["final"]["loss"])
     settings = json.load(open(tmp_path / "run" / "config.json"))
-    assert settings["augment"] == json.loads(json.dumps(dataclasses.asdict(AugmentConfig())))  # the default recipe
+    # the default recipe
+    assert settings["augment"] == json.loads(json.dumps(dataclasses.asdict(AugmentConfig())))
     assert settings["augment"]["randaugment_n"] > 0 and settings["augment"]["hflip"]
 
 
@@ -120,27 +165,68 @@ def setup(tmp_path_factory):
     return str(root / "init.keras"), data
 
 
-def _train(setup, out, *extra, backend="jax", devices=1, script=None, processes=None, port=None, index=None):
+def _train(
+    setup, out, *extra, backend="jax", devices=1, script=None, processes=None, port=None, index=None
+):
     init, data = setup
-    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=REPO,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(
+        os.environ,
+        KERAS_BACKEND=backend,
+        PYTHONPATH=REPO,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
     # Augmentation off: test_two_processes_train_what_one_process_trains compares two processes'
     # weights with one process's, and each process draws its own flips and RandAugment ops; the
     # other tests share these settings to stay short. The default recipe, augmentation on, is
     # test_the_readmes_two_process_command_with_the_default_recipe.
-    args = ["--init", init, "--data-dir", data, "--val-fraction", "0.097", "--epochs", "2", "--batch-size", "8",
-            "--steps-per-epoch", "3", "--ra-n", "0", "--no-flip", "--lr", "0.01", "--output", str(out),
-            "--no-tensorboard", "--quiet", *extra]
+    args = [
+        "--init",
+        init,
+        "--data-dir",
+        data,
+        "--val-fraction",
+        "0.097",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--steps-per-epoch",
+        "3",
+        "--ra-n",
+        "0",
+        "--no-flip",
+        "--lr",
+        "0.01",
+        "--output",
+        str(out),
+        "--no-tensorboard",
+        "--quiet",
+        *extra,
+    ]
     if processes:
-        args += ["--distribute", "multi-process", "--coordinator", f"127.0.0.1:{port}", "--num-processes",
-                 str(processes), "--process-id", str(index), "--heartbeat-timeout", "10"]
+        args += [
+            "--distribute",
+            "multi-process",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            str(processes),
+            "--process-id",
+            str(index),
+            "--heartbeat-timeout",
+            "10",
+        ]
     command = [sys.executable, script] if script else [sys.executable, "-m", "convmixer_tf.train"]
-    return subprocess.Popen(command + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _two_processes(setup, out, script=None, *extra):
     port = free_port()
-    procs = [_train(setup, out, *extra, processes=2, port=port, index=i, script=script) for i in range(2)]
+    procs = [
+        _train(setup, out, *extra, processes=2, port=port, index=i, script=script) for i in range(2)
+    ]
     results = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
@@ -150,7 +236,10 @@ def _two_processes(setup, out, script=None, *extra):
 def _weights(out):
     import keras
 
-    return [np.asarray(w) for w in keras.models.load_model(os.path.join(out, "model.keras")).get_weights()]
+    return [
+        np.asarray(w)
+        for w in keras.models.load_model(os.path.join(out, "model.keras")).get_weights()
+    ]
 
 
 def _max_diff(a, b):
@@ -159,16 +248,36 @@ def _max_diff(a, b):
 
 @pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path, setup):
-    steps = ("--epochs", "1", "--steps-per-epoch", "3")  # a few steps: float sums reorder between device counts
+    # a few steps: float sums reorder between device counts
+    steps = (
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "3",
+    )
     _two_processes(setup, tmp_path / "two_processes", None, *steps)
-    for name, kwargs in (("two_devices", dict(devices=2, extra=("--distribute", "data-parallel"))),
-                         ("one_device", dict(extra=("--distribute", "none")))):
-        p = _train(setup, tmp_path / name, *steps, *kwargs.get("extra", ()), devices=kwargs.get("devices", 1))
+    for name, kwargs in (
+        ("two_devices", dict(devices=2, extra=("--distribute", "data-parallel"))),
+        ("one_device", dict(extra=("--distribute", "none"))),
+    ):
+        p = _train(
+            setup,
+            tmp_path / name,
+            *steps,
+            *kwargs.get("extra", ()),
+            devices=kwargs.get("devices", 1),
+        )
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    two, devices, one = (_weights(tmp_path / n) for n in ("two_processes", "two_devices", "one_device"))
-    start = [np.asarray(w) for w in randomize_batchnorm(
-        convmixer_tf.create_model("convmixer_256_8", num_classes=3), seed=5).get_weights()]
+    two, devices, one = (
+        _weights(tmp_path / n) for n in ("two_processes", "two_devices", "one_device")
+    )
+    start = [
+        np.asarray(w)
+        for w in randomize_batchnorm(
+            convmixer_tf.create_model("convmixer_256_8", num_classes=3), seed=5
+        ).get_weights()
+    ]
     moved = _max_diff(one, start)
     assert moved > 1e-3  # the steps moved the weights
     # Two processes run the two-device program: the same sums in the same order.
@@ -178,13 +287,20 @@ def test_two_processes_train_what_one_process_trains(tmp_path, setup):
     # them apart by most of that distance, so the same bound tells the two apart below.
     bound = 1e-4 * moved
     assert _max_diff(two, one) < bound, (_max_diff(two, one), moved)
-    metrics = [json.load(open(tmp_path / n / "metrics.json")) for n in ("two_processes", "one_device")]
+    metrics = [
+        json.load(open(tmp_path / n / "metrics.json")) for n in ("two_processes", "one_device")
+    ]
     assert metrics[0]["processes"] == 2 and metrics[0]["devices"] == 2
     for key in ("val_accuracy", "val_loss"):  # the whole validation set, once
         assert metrics[0]["final"][key] == pytest.approx(metrics[1]["final"][key], abs=1e-5), key
     # Only process 0 writes the run's files.
-    assert sorted(os.listdir(tmp_path / "two_processes")) == ["checkpoint.weights.h5", "config.json",
-                                                                "history.csv", "metrics.json", "model.keras"]
+    assert sorted(os.listdir(tmp_path / "two_processes")) == [
+        "checkpoint.weights.h5",
+        "config.json",
+        "history.csv",
+        "metrics.json",
+        "model.keras",
+    ]
     # The check can fail: both processes training on process 0's shard.
     _two_processes(setup, tmp_path / "wrong_shard", WRONG_SHARD, *steps)
     assert _max_diff(_weights(tmp_path / "wrong_shard"), one) > bound
@@ -198,7 +314,11 @@ def test_killed_processes_resume_together(tmp_path, setup):
     procs = [_train(setup, out, *extra, processes=2, port=port, index=i) for i in range(2)]
     backups = [out / "backup" / f"process{i}" / "training_metadata.json" for i in range(2)]
     deadline = time.time() + 300
-    while not all(b.exists() for b in backups) and time.time() < deadline and all(p.poll() is None for p in procs):
+    while (
+        not all(b.exists() for b in backups)
+        and time.time() < deadline
+        and all(p.poll() is None for p in procs)
+    ):
         time.sleep(0.05)
     for p in procs:  # in epoch 2 (or later): the first epoch is in every backup
         p.send_signal(signal.SIGKILL)
@@ -206,7 +326,9 @@ def test_killed_processes_resume_together(tmp_path, setup):
     done = [json.loads(b.read_text())["epoch"] for b in backups]
     assert done[0] == done[1] >= 1 and not (out / "metrics.json").exists()
     port = free_port()
-    procs = [_train(setup, out, *extra, "--json", processes=2, port=port, index=i) for i in range(2)]
+    procs = [
+        _train(setup, out, *extra, "--json", processes=2, port=port, index=i) for i in range(2)
+    ]
     results = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:]
     metrics = json.loads(results[0][0])
@@ -219,7 +341,10 @@ def test_killed_processes_resume_together(tmp_path, setup):
 @pytest.mark.slow
 def test_when_one_process_dies_the_other_stops(tmp_path, setup):
     port = free_port()
-    procs = [_train(setup, tmp_path / "run", "--epochs", "200", processes=2, port=port, index=i) for i in range(2)]
+    procs = [
+        _train(setup, tmp_path / "run", "--epochs", "200", processes=2, port=port, index=i)
+        for i in range(2)
+    ]
     metadata = tmp_path / "run" / "backup" / "process1" / "training_metadata.json"
     deadline = time.time() + 300
     while not metadata.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
@@ -240,9 +365,16 @@ def test_multi_worker_mirrored_strategy_still_fails_with_keras_fit():
     ports = [str(free_port()), str(free_port())]
     script = os.path.join(REPO, "tests", "scripts", "mwms_fit.py")
     env = dict(os.environ, PYTHONPATH=REPO)
-    procs = [subprocess.Popen([sys.executable, script, str(i), *ports], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(i), *ports],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for out in outs:
         assert "FIT FAILED ValueError Attempt to convert a value (PerReplica" in out, out[-2000:]
-

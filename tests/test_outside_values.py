@@ -17,9 +17,18 @@ from torch_helpers import timm_convmixer
 
 REPO_ID = "someone/convmixer"
 CONFIG = {  # a valid timm config.json for the tiny network (10 classes)
-    "architecture": "convmixer", "num_classes": 10, "label_names": [f"class {i}" for i in range(10)],
-    "pretrained_cfg": {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 0.9,
-                       "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "license": "mit"}}
+    "architecture": "convmixer",
+    "num_classes": 10,
+    "label_names": [f"class {i}" for i in range(10)],
+    "pretrained_cfg": {
+        "input_size": [3, 32, 32],
+        "interpolation": "bicubic",
+        "crop_pct": 0.9,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "license": "mit",
+    },
+}
 NAN, INF = float("nan"), float("inf")
 
 
@@ -60,13 +69,33 @@ BAD = [  # (field, value, words the one line must hold)
     ("label_names", list(range(10)), "label_names must be a list of strings"),
     ("label_names", [["a"]] * 10, "label_names must be a list of strings"),
     ("label_names", "class 0", "label_names must be a list"),
-    ("label_names", ["a", "b", "c"], "label_names of config.json of hf-hub:someone/convmixer: 3 class names"),
+    (
+        "label_names",
+        ["a", "b", "c"],
+        "label_names of config.json of hf-hub:someone/convmixer: 3 class names",
+    ),
     ("label_names", ["a\nb"] + [f"c{i}" for i in range(9)], "control character U+000A"),
     ("pretrained_cfg.input_size", 224, "pretrained_cfg.input_size must be [3, SIZE, SIZE]"),
-    ("pretrained_cfg.input_size", [3, 224, 192], "pretrained_cfg.input_size must be [3, SIZE, SIZE]"),
-    ("pretrained_cfg.input_size", [3, 0, 0], "pretrained_cfg.input_size must be an integer from 1 to 4096"),
-    ("pretrained_cfg.input_size", [3, 10**6, 10**6], "pretrained_cfg.input_size must be an integer from 1 to 4096"),
-    ("pretrained_cfg.input_size", [3, -5, -5], "pretrained_cfg.input_size must be an integer from 1 to 4096"),
+    (
+        "pretrained_cfg.input_size",
+        [3, 224, 192],
+        "pretrained_cfg.input_size must be [3, SIZE, SIZE]",
+    ),
+    (
+        "pretrained_cfg.input_size",
+        [3, 0, 0],
+        "pretrained_cfg.input_size must be an integer from 1 to 4096",
+    ),
+    (
+        "pretrained_cfg.input_size",
+        [3, 10**6, 10**6],
+        "pretrained_cfg.input_size must be an integer from 1 to 4096",
+    ),
+    (
+        "pretrained_cfg.input_size",
+        [3, -5, -5],
+        "pretrained_cfg.input_size must be an integer from 1 to 4096",
+    ),
     ("pretrained_cfg.input_size", [3, "a", "a"], "pretrained_cfg.input_size must be an integer"),
     ("pretrained_cfg.mean", 1, "pretrained_cfg.mean must be 3 finite numbers"),
     ("pretrained_cfg.mean", ["abc", 1, 1], "pretrained_cfg.mean must be 3 finite numbers"),
@@ -90,22 +119,32 @@ BAD = [  # (field, value, words the one line must hold)
 ]
 
 
-@pytest.mark.parametrize("field,value,words", BAD, ids=[f"{f}={json.dumps(v)[:20]}" for f, v, _ in BAD])
-def test_a_bad_value_in_config_json_is_exit_2_naming_the_field(offline, weights, tmp_path, capsys, field, value,
-                                                                words):
-    assert convert(offline, weights, json.dumps(changed(field, value)).encode(), tmp_path / "out") == 2
+@pytest.mark.parametrize(
+    "field,value,words", BAD, ids=[f"{f}={json.dumps(v)[:20]}" for f, v, _ in BAD]
+)
+def test_a_bad_value_in_config_json_is_exit_2_naming_the_field(
+    offline, weights, tmp_path, capsys, field, value, words
+):
+    assert (
+        convert(offline, weights, json.dumps(changed(field, value)).encode(), tmp_path / "out") == 2
+    )
     line = one_error_line(capsys)
     assert words in line and "config.json of hf-hub:someone/convmixer" in line, line
     assert sorted(os.listdir(tmp_path)) == ["hub"]  # nothing written but the cache the test made
 
 
-@pytest.mark.parametrize("text,words", [
-    (b"{not json", "cannot be read as JSON"),
-    (b"\xff\xfe{}", "cannot be read as JSON"),
-    (b"[1, 2, 3]", "must be a JSON object, got [1, 2, 3]"),
-    (b"null", "must be a JSON object, got null"),
-])
-def test_a_config_json_that_is_not_a_json_object_is_exit_2(offline, weights, tmp_path, capsys, text, words):
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        (b"{not json", "cannot be read as JSON"),
+        (b"\xff\xfe{}", "cannot be read as JSON"),
+        (b"[1, 2, 3]", "must be a JSON object, got [1, 2, 3]"),
+        (b"null", "must be a JSON object, got null"),
+    ],
+)
+def test_a_config_json_that_is_not_a_json_object_is_exit_2(
+    offline, weights, tmp_path, capsys, text, words
+):
     assert convert(offline, weights, text, tmp_path / "out") == 2
     line = one_error_line(capsys)
     assert words in line and "config.json of hf-hub:someone/convmixer" in line, line
@@ -122,20 +161,42 @@ HOSTILE = "mit\nlibrary_name: evil\n---\n<script>alert(1)</script>"
 
 
 @pytest.mark.parametrize("license_", [HOSTILE, "mit: [unclosed", "apache-2.0"])
-def test_outside_text_reaches_the_card_only_as_yaml_or_escaped_text(offline, weights, tmp_path, license_):
+def test_outside_text_reaches_the_card_only_as_yaml_or_escaped_text(
+    offline, weights, tmp_path, license_
+):
     names = [f"<script>alert({i})</script>" for i in range(10)]
     config = changed("pretrained_cfg.license", license_)
     config["label_names"] = names
     revision = "<img src=x onerror=alert(2)>"
-    hub_cache(offline, REPO_ID, {"model.safetensors": weights, "config.json": json.dumps(config).encode()},
-              ref=revision)
+    hub_cache(
+        offline,
+        REPO_ID,
+        {"model.safetensors": weights, "config.json": json.dumps(config).encode()},
+        ref=revision,
+    )
     from weights_converter.__main__ import main
 
-    assert main(["--torch-ckpt", f"hf-hub:{REPO_ID}@{revision}", "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--torch-ckpt",
+                f"hf-hub:{REPO_ID}@{revision}",
+                "--output",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     front, body = front_matter_and_body((tmp_path / "out" / "README.md").read_text())
     assert front["license"] == license_ and front["library_name"] == "keras"
-    assert front["base_model"] == REPO_ID and set(front) == {"library_name", "pipeline_tag", "tags", "base_model",
-                                                             "license"}
+    assert front["base_model"] == REPO_ID and set(front) == {
+        "library_name",
+        "pipeline_tag",
+        "tags",
+        "base_model",
+        "license",
+    }
     assert "<script" not in body and "<img" not in body and "library_name" not in body
 
 
@@ -144,7 +205,9 @@ def test_a_checkpoint_file_name_reaches_the_card_escaped(tmp_path):
 
     from weights_converter.__main__ import main
 
-    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "<img src=x onerror=alert(1)>.safetensors")
+    path = save_checkpoint(
+        timm_convmixer().state_dict(), tmp_path / "<img src=x onerror=alert(1)>.safetensors"
+    )
     assert main(["--torch-ckpt", str(path), "--output", str(tmp_path / "out"), "--quiet"]) == 0
     front, body = front_matter_and_body((tmp_path / "out" / "README.md").read_text())
     assert front["library_name"] == "keras" and "<img" not in body
@@ -153,27 +216,38 @@ def test_a_checkpoint_file_name_reaches_the_card_escaped(tmp_path):
 
 # ------------------------------------------------------------------ numbers on the command lines
 
+
 @pytest.fixture(scope="module")
 def tiny_keras(tmp_path_factory):
     import convmixer_tf
 
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
-                                   input_shape=(32, 32, 3), include_preprocessing=True)
+    model = convmixer_tf.ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=3,
+        patch_size=4,
+        num_classes=3,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
     return str(convmixer_tf.save_model(model, path))
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--std", "nan,nan,nan"], "--std: expected 3 comma-separated finite numbers > 0"),
-    (["--std", "inf,1,1"], "--std: expected 3 comma-separated finite numbers > 0"),
-    (["--std", "0,1,1"], "--std: expected 3 comma-separated finite numbers > 0"),
-    (["--mean", "nan,0,0"], "--mean: expected 3 comma-separated finite numbers"),
-    (["--mean", "abc,0,0"], "--mean: expected 3 comma-separated finite numbers"),
-    (["--input-size", "0"], "--input-size: must be a positive number and at most 4096"),
-    (["--input-size", "1000000"], "--input-size: must be a positive number and at most 4096"),
-    (["--crop-pct", "nan"], "--crop-pct: must be a number in (0, 1]"),
-    (["--crop-pct", "1.5"], "--crop-pct: must be a number in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--std", "nan,nan,nan"], "--std: expected 3 comma-separated finite numbers > 0"),
+        (["--std", "inf,1,1"], "--std: expected 3 comma-separated finite numbers > 0"),
+        (["--std", "0,1,1"], "--std: expected 3 comma-separated finite numbers > 0"),
+        (["--mean", "nan,0,0"], "--mean: expected 3 comma-separated finite numbers"),
+        (["--mean", "abc,0,0"], "--mean: expected 3 comma-separated finite numbers"),
+        (["--input-size", "0"], "--input-size: must be a positive number and at most 4096"),
+        (["--input-size", "1000000"], "--input-size: must be a positive number and at most 4096"),
+        (["--crop-pct", "nan"], "--crop-pct: must be a number in (0, 1]"),
+        (["--crop-pct", "1.5"], "--crop-pct: must be a number in (0, 1]"),
+    ],
+)
 def test_evaluate_refuses_numbers_out_of_range(tmp_path, tiny_keras, capsys, argv, words):
     from convmixer_tf.evaluate.__main__ import main
 
@@ -188,8 +262,10 @@ def test_export_refuses_an_image_size_out_of_range(tmp_path, tiny_keras, capsys,
 
     with pytest.raises(SystemExit) as done:
         main(["--model", tiny_keras, "--image-size", size, "--output", str(tmp_path / "out")])
-    assert done.value.code == 2 and "--image-size: must be a positive number and at most 4096" in one_error_line(
-        capsys)
+    assert (
+        done.value.code == 2
+        and "--image-size: must be a positive number and at most 4096" in one_error_line(capsys)
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -197,9 +273,16 @@ def test_preprocessing_refuses_every_number_that_is_not_finite_and_in_range():
     from convmixer_tf.config import Preprocessing
     from convmixer_tf.errors import BadInput
 
-    cases = [({"std": (NAN, 1, 1)}, "std"), ({"std": (1, 1, INF)}, "std"), ({"mean": (NAN, 0, 0)}, "mean"),
-             ({"crop_pct": NAN}, "crop_pct"), ({"crop_pct": 0.0}, "crop_pct"), ({"input_size": 10**6}, "input_size"),
-             ({"input_size": 2.5}, "input_size"), ({"interpolation": "x"}, "interpolation")]
+    cases = [
+        ({"std": (NAN, 1, 1)}, "std"),
+        ({"std": (1, 1, INF)}, "std"),
+        ({"mean": (NAN, 0, 0)}, "mean"),
+        ({"crop_pct": NAN}, "crop_pct"),
+        ({"crop_pct": 0.0}, "crop_pct"),
+        ({"input_size": 10**6}, "input_size"),
+        ({"input_size": 2.5}, "input_size"),
+        ({"interpolation": "x"}, "interpolation"),
+    ]
     for changes, words in cases:
         with pytest.raises(BadInput, match=words):
             Preprocessing(**changes)

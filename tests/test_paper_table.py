@@ -21,25 +21,42 @@ def convmixer_gmacs(name, size=224):
 
     c = get_variant(name).config
     positions = (size // c.patch_size) ** 2
-    blocks = c.depth * positions * c.dim * (c.kernel_size ** 2 + c.dim)
-    return (positions * c.dim * 3 * c.patch_size ** 2 + blocks + c.dim * c.num_classes) / 1e9
+    blocks = c.depth * positions * c.dim * (c.kernel_size**2 + c.dim)
+    return (positions * c.dim * 3 * c.patch_size**2 + blocks + c.dim * c.num_classes) / 1e9
 
 
 @pytest.mark.slow
 def test_the_paper_table_in_quick_mode(tmp_path):
     import timm
 
-    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "paper_table.py"), "--quick",
-                           "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "benchmarks", "paper_table.py"),
+            "--quick",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.load(open(tmp_path / "paper_table.json"))
     table = open(tmp_path / "paper_table.md").read()
     assert result["quick"] and "Quick run" in table
     rows = result["rows"]
-    assert [row["network"] for row in rows] == ["ConvMixer-1536/20", "ConvMixer-768/32", "ResNet-152", "DeiT-B",
-                                                "ResMLP-B24/8"]
+    assert [row["network"] for row in rows] == [
+        "ConvMixer-1536/20",
+        "ConvMixer-768/32",
+        "ResNet-152",
+        "DeiT-B",
+        "ResMLP-B24/8",
+    ]
     for row in rows:
-        count = sum(p.numel() for p in timm.create_model(row["timm"], pretrained=False).parameters())
+        count = sum(
+            p.numel() for p in timm.create_model(row["timm"], pretrained=False).parameters()
+        )
         assert row["params"] == count, row["network"]
         assert f"| {row['network']} | " in table and f" | {count / 1e6:.1f} | " in table
         assert row["gmacs"] > 0
@@ -47,19 +64,31 @@ def test_the_paper_table_in_quick_mode(tmp_path):
         if row["timm"].startswith("convmixer"):
             assert row["params_keras"] == count  # our Keras model: the same network
             assert row["gmacs"] == pytest.approx(convmixer_gmacs(row["timm"]), rel=1e-6)
-            assert measured == {"PyTorch eager", "ONNX fp32", "TFLite fp32", "TFLite int8", "ONNX int8"}
+            assert measured == {
+                "PyTorch eager",
+                "ONNX fp32",
+                "TFLite fp32",
+                "TFLite int8",
+                "ONNX int8",
+            }
         else:
             assert measured == {"PyTorch eager", "ONNX fp32"}
             assert "no converter here" in row["runtimes"]["TFLite fp32"]["not_measured"]
         for name in measured:
-            assert row["runtimes"][name]["throughput"] > 0 and row["runtimes"][name]["latency_ms"] > 0
+            assert (
+                row["runtimes"][name]["throughput"] > 0 and row["runtimes"][name]["latency_ms"] > 0
+            )
     base = rows[2]["runtimes"]
     for ratio in result["ratios"]:
         row = next(r for r in rows if r["network"] == ratio["convmixer"])
         if ratio["runtime"] == "PyTorch eager":
-            expected = base["PyTorch eager"]["throughput"] / row["runtimes"]["PyTorch eager"]["throughput"]
+            expected = (
+                base["PyTorch eager"]["throughput"] / row["runtimes"]["PyTorch eager"]["throughput"]
+            )
             assert ratio["measured"] == pytest.approx(expected)
-            assert ratio["paper"] == pytest.approx(rows[2]["paper"]["throughput"] / row["paper"]["throughput"])
+            assert ratio["paper"] == pytest.approx(
+                rows[2]["paper"]["throughput"] / row["paper"]["throughput"]
+            )
 
 
 def test_benchmarks_never_write_over_a_users_files(tmp_path):
@@ -71,12 +100,27 @@ def test_benchmarks_never_write_over_a_users_files(tmp_path):
     (notes / "paper_table.md").write_text("my notes")
     mine = tmp_path / "figures.json"
     mine.write_text('{"mine": true}')
-    for script, option, target in (("paper_table.py", "--output-dir", notes), ("bench_export_time.py", "--json", mine)):
-        done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), option, str(target)],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stdout == "", (script, done.stderr)
-    assert (notes / "paper_table.md").read_text() == "my notes" and os.listdir(notes) == ["paper_table.md"]
-    assert mine.read_text() == '{"mine": true}' and sorted(os.listdir(tmp_path)) == ["figures.json", "notes"]
+    for script, option, target in (
+        ("paper_table.py", "--output-dir", notes),
+        ("bench_export_time.py", "--json", mine),
+    ):
+        done = subprocess.run(
+            [sys.executable, os.path.join(REPO, "benchmarks", script), option, str(target)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stdout == "", (
+            script,
+            done.stderr,
+        )
+    assert (notes / "paper_table.md").read_text() == "my notes" and os.listdir(notes) == [
+        "paper_table.md"
+    ]
+    assert mine.read_text() == '{"mine": true}' and sorted(os.listdir(tmp_path)) == [
+        "figures.json",
+        "notes",
+    ]
 
 
 def _children(pid) -> list:
@@ -111,8 +155,12 @@ def test_benchmarks_keep_the_interrupt_rules(tmp_path):
     from test_interrupts import start
 
     env = dict(os.environ, PYTHONPATH=REPO)
-    bench = [sys.executable, os.path.join(REPO, "benchmarks", "bench_export_time.py"), "--variants",
-             "convmixer_768_32"]
+    bench = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "bench_export_time.py"),
+        "--variants",
+        "convmixer_768_32",
+    ]
     proc = start(bench, tmp_path)
     deadline, child = time.time() + 120, None
     while child is None and time.time() < deadline and proc.poll() is None:
@@ -121,26 +169,51 @@ def test_benchmarks_keep_the_interrupt_rules(tmp_path):
     assert child is not None, proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1] == "error: interrupted"
+    assert (
+        proc.returncode == 128 + signal.SIGTERM
+        and err.strip().splitlines()[-1] == "error: interrupted"
+    )
     deadline = time.time() + 5
     while not _gone(child) and time.time() < deadline:
         time.sleep(0.05)
     assert _gone(child), "the benchmark's child goes on without it"
-    table = [sys.executable, os.path.join(REPO, "benchmarks", "paper_table.py"), "--quick", "--networks",
-             "ResNet-152", "--output-dir", str(tmp_path / "table")]
+    table = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "paper_table.py"),
+        "--quick",
+        "--networks",
+        "ResNet-152",
+        "--output-dir",
+        str(tmp_path / "table"),
+    ]
     for signum in (signal.SIGTERM, signal.SIGINT):
         proc = start(table, tmp_path)
         deadline = time.time() + 60
-        while not [e for e in os.listdir(tmp_path) if e.startswith(".table.partial-")] and time.time() < deadline:
+        while (
+            not [e for e in os.listdir(tmp_path) if e.startswith(".table.partial-")]
+            and time.time() < deadline
+        ):
             time.sleep(0.05)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 128 + signum and "Traceback" not in err, err[-2000:]
         assert err.strip().splitlines()[-1] == "error: interrupted"
         assert not [e for e in os.listdir(tmp_path) if "table" in e], os.listdir(tmp_path)
-    for script, option in (("bench_export_time.py", "--variants"), ("paper_table.py", "--networks"),
-                           ("bench_export.py", "--variants"), ("parity_table.py", "--variants")):
-        done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), option, "nope"], env=env,
-                              capture_output=True, text=True, timeout=120)
+    for script, option in (
+        ("bench_export_time.py", "--variants"),
+        ("paper_table.py", "--networks"),
+        ("bench_export.py", "--variants"),
+        ("parity_table.py", "--variants"),
+    ):
+        done = subprocess.run(
+            [sys.executable, os.path.join(REPO, "benchmarks", script), option, "nope"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1 and "invalid choice: 'nope'" in lines[0], (script, lines)
+        assert done.returncode == 2 and len(lines) == 1 and "invalid choice: 'nope'" in lines[0], (
+            script,
+            lines,
+        )

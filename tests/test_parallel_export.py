@@ -23,8 +23,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=7, patch_size=4, num_classes=3,
-                                   input_shape=(32, 32, 3), include_preprocessing=True)
+    model = convmixer_tf.ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=7,
+        patch_size=4,
+        num_classes=3,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
     return randomize_batchnorm(model)
 
 
@@ -44,23 +51,38 @@ def test_a_registered_format_is_written_when_formats_go_side_by_side(tmp_path, t
     """Workers are fresh interpreters that know the built-in formats only: a plug-in is
     written by the process that registered it, whatever group it names."""
     plugin = registry.ExportFormat(
-        name="keras_copy", filename="copy.keras", summary="the export graph as a .keras file (test only)",
-        write=lambda job, path: job.model.save(path), load=KerasCopyRunner, tolerance=1e-6,
-        recognises=lambda path: str(path).endswith("copy.keras"), group="elsewhere")
+        name="keras_copy",
+        filename="copy.keras",
+        summary="the export graph as a .keras file (test only)",
+        write=lambda job, path: job.model.save(path),
+        load=KerasCopyRunner,
+        tolerance=1e-6,
+        recognises=lambda path: str(path).endswith("copy.keras"),
+        group="elsewhere",
+    )
     with registry.registered(plugin):
-        rows = exporters.export_formats(tiny, tmp_path, ["onnx", "keras_copy", "tflite"], processes=2,
-                                        verify_count=2, latency_runs=1)
+        options = exporters.ExportOptions(
+            formats=("onnx", "keras_copy", "tflite"), processes=2, verify_count=2, latency_runs=1
+        )
+        rows = exporters.export_formats(tiny, tmp_path, options)
     assert [row["format"] for row in rows] == ["onnx", "keras_copy", "tflite"]
     assert all(row["passed"] for row in rows)
     assert sorted(os.listdir(tmp_path)) == ["copy.keras", "model.onnx", "model.tflite"]
 
 
 def test_a_worker_that_runs_past_its_bound_is_stopped(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(parallel, "time_allowed", lambda job, formats: 1.0)  # less than a worker's start-up
+    # less than a worker's start-up
+    monkeypatch.setattr(parallel, "time_allowed", lambda job, formats: 1.0)
     started = time.monotonic()
-    with pytest.raises(exporters.ExportError, match=r"the process writing tflite, tflite_float16 did not finish "
-                                                    r"within 1 s"):
-        exporters.export_formats(tiny, tmp_path, ["onnx", "tflite", "tflite_float16"], processes=2, verify_count=2)
+    with pytest.raises(
+        exporters.ExportError,
+        match=r"the process writing tflite, tflite_float16 did not finish "
+        r"within 1 s",
+    ):
+        options = exporters.ExportOptions(
+            formats=("onnx", "tflite", "tflite_float16"), processes=2, verify_count=2
+        )
+        exporters.export_formats(tiny, tmp_path, options)
     assert time.monotonic() - started < 60
     assert workers_of(os.getpid()) == []
 
@@ -70,20 +92,38 @@ def test_the_bound_grows_with_the_work():
         model = SimpleNamespace(count_params=lambda: params)
         return SimpleNamespace(model=model, calibration=calibration)
 
-    tflite, float16, int8 = (registry.get(name) for name in ("tflite", "tflite_float16", "tflite_int8"))
+    tflite, float16, int8 = (
+        registry.get(name) for name in ("tflite", "tflite_float16", "tflite_int8")
+    )
     small = parallel.time_allowed(job(10_000), [tflite])
     assert small < parallel.time_allowed(job(10_000), [tflite, float16])
     assert small < parallel.time_allowed(job(21_000_000), [tflite])
     images = np.zeros((64, 32, 32, 3), np.float32)
-    assert parallel.time_allowed(job(10_000, images), [int8]) > parallel.time_allowed(job(10_000), [int8])
+    assert parallel.time_allowed(job(10_000, images), [int8]) > parallel.time_allowed(
+        job(10_000), [int8]
+    )
 
 
 @pytest.mark.slow
 def test_a_worker_the_kernel_kills_is_exit_1_naming_its_formats(tmp_path, tiny):
     model = tmp_path / "model.keras"
     convmixer_tf.save_model(tiny, model)
-    command = [sys.executable, "-m", "convmixer_tf.export", "--model", str(model), "--formats", "saved_model",
-               "tflite", "tflite_int8", "--calibration-count", "4", "--output", str(tmp_path / "out"), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "convmixer_tf.export",
+        "--model",
+        str(model),
+        "--formats",
+        "saved_model",
+        "tflite",
+        "tflite_int8",
+        "--calibration-count",
+        "4",
+        "--output",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
     proc = start([*command, "--processes", "3"], tmp_path)
     deadline, worker = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None and worker is None:
@@ -101,6 +141,11 @@ def test_a_worker_the_kernel_kills_is_exit_1_naming_its_formats(tmp_path, tiny):
     assert "killed by signal 9 (SIGKILL)" in lines[0] and "--processes 1" in lines[0], lines[0]
     assert os.path.basename(spec).split(".")[0] in ("tflite-float", "tflite-int8")
     assert not (tmp_path / "out").exists() and not [w for w in workers_of(proc.pid) if alive(w)]
-    done = subprocess.run([*command, "--processes", "1"], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+    done = subprocess.run(
+        [*command, "--processes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert done.returncode == 0, done.stderr[-3000:]  # the way round the message gives

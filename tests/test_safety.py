@@ -15,7 +15,7 @@ import pytest
 from conftest import write_folder
 
 import convmixer_tf
-from convmixer_tf import contract, outputs, temporaries
+from convmixer_tf import contract, labels, outputs, staging, temporaries
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO)
@@ -49,18 +49,30 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_keras(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.keras"
-    convmixer_tf.save_model(convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
-                                                   input_shape=(32, 32, 3), include_preprocessing=True), path)
+    convmixer_tf.save_model(
+        convmixer_tf.ConvMixer(
+            dim=8,
+            depth=1,
+            kernel_size=3,
+            patch_size=4,
+            num_classes=3,
+            input_shape=(32, 32, 3),
+            include_preprocessing=True,
+        ),
+        path,
+    )
     return str(path)
 
 
 def convert(*argv):
     from weights_converter.__main__ import main
 
-    return main([*map(str, argv), "--quiet"])
+    # One file after the other: the tests of the side-by-side writers are test_parallel_export's.
+    return main([*map(str, argv), "--processes", "1", "--quiet"])
 
 
 # ---------------------------------------------------------------- 1. --force and inputs
+
 
 def test_converter_force_never_deletes_its_input_or_the_users_files(tmp_path, checkpoint, capsys):
     d = tmp_path / "d"
@@ -70,7 +82,8 @@ def test_converter_force_never_deletes_its_input_or_the_users_files(tmp_path, ch
     before = checksums(d)
     assert convert("--torch-ckpt", d / "good.pth", "--output", d, "--force") == 2
     assert "contains the input" in one_error_line(capsys)
-    assert convert("--torch-ckpt", d / "good.pth", "--output", tmp_path, "--force") == 2  # a parent folder
+    # a parent folder
+    assert convert("--torch-ckpt", d / "good.pth", "--output", tmp_path, "--force") == 2
     one_error_line(capsys)
     os.symlink(d, tmp_path / "link")  # the same folder through a link
     assert convert("--torch-ckpt", d / "good.pth", "--output", tmp_path / "link", "--force") == 2
@@ -98,7 +111,16 @@ def test_train_force_replaces_only_its_own_run_folders(tmp_path, tiny_keras, cap
     thesis.mkdir()
     (thesis / "thesis.txt").write_text("three years of work")
     before_data, before_thesis = checksums(data), checksums(thesis)
-    common_args = ["--init", tiny_keras, "--epochs", "1", "--batch-size", "4", "--no-tensorboard", "--quiet"]
+    common_args = [
+        "--init",
+        tiny_keras,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--no-tensorboard",
+        "--quiet",
+    ]
     assert main(["--data-dir", data, "--output", data, "--force", *common_args]) == 2
     assert "is the input" in one_error_line(capsys)
     assert main(["--data-dir", data, "--output", str(thesis), "--force", *common_args]) == 2
@@ -109,18 +131,51 @@ def test_train_force_replaces_only_its_own_run_folders(tmp_path, tiny_keras, cap
     assert main(["--data-dir", data, "--output", str(run), *common_args]) == 0
     assert main(["--data-dir", data, "--output", str(run), "--force", *common_args]) == 0
     inside = run / "model.keras"
-    assert main(["--init", str(inside), "--data-dir", data, "--output", str(run), "--force", "--epochs", "1",
-                 "--batch-size", "4", "--no-tensorboard", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "--init",
+                str(inside),
+                "--data-dir",
+                data,
+                "--output",
+                str(run),
+                "--force",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--no-tensorboard",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "contains the input" in one_error_line(capsys) and inside.exists()
 
 
 # ---------------------------------------------------------------- 2. racing writers
 
+
 def _race(tmp_path, checkpoint, out, *extra):
-    command = [sys.executable, "-m", "weights_converter", "--torch-ckpt", str(checkpoint), "--output", str(out),
-               "--export", "tflite", "onnx", "--json", "--quiet", *extra]
-    procs = [subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "weights_converter",
+        "--torch-ckpt",
+        str(checkpoint),
+        "--output",
+        str(out),
+        "--json",
+        "--quiet",
+        *extra,
+    ]
+    procs = [
+        subprocess.Popen(
+            command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     deadline = time.time() + 120
     staged = set()
     while len(staged) < 2 and time.time() < deadline and all(p.poll() is None for p in procs):
@@ -137,28 +192,39 @@ def test_two_converters_racing_to_one_new_output(tmp_path, checkpoint):
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
     loser = next(err for code, _, err in results if code == 2)
-    assert "appeared while this run was writing it" in loser and len(loser.strip().splitlines()) == 1
+    assert (
+        "appeared while this run was writing it" in loser and len(loser.strip().splitlines()) == 1
+    )
     winner = json.loads(next(out_ for code, out_, _ in results if code == 0))
     assert json.load(open(out / "report.json")) == winner and "replaced" not in winner
     assert not [e for e in os.listdir(tmp_path) if ".partial" in e]
 
 
+@pytest.mark.slow
 def test_with_force_the_last_writer_wins_and_says_so(tmp_path, checkpoint):
     out = tmp_path / "out"
-    results = _race(tmp_path, checkpoint, out, "--force")
+    results = _race(tmp_path, checkpoint, out, "--force", "--export", "tflite", "onnx")
     assert [code for code, _, _ in results] == [0, 0], results
     reports = [json.loads(stdout) for _, stdout, _ in results]
-    assert sorted(r.get("replaced", "") for r in reports) == ["", "output written meanwhile by another run"]
-    assert json.load(open(out / "report.json"))["replaced"] == "output written meanwhile by another run"
+    assert sorted(r.get("replaced", "") for r in reports) == [
+        "",
+        "output written meanwhile by another run",
+    ]
+    assert (
+        json.load(open(out / "report.json"))["replaced"]
+        == "output written meanwhile by another run"
+    )
     assert not [e for e in os.listdir(tmp_path) if ".partial" in e]
 
 
 def test_a_folder_made_in_the_last_instant_is_never_replaced(tmp_path, monkeypatch):
     """The user's folder appears between the last look and the final rename: even with
     --force it is refused, not moved aside and removed."""
-    kind = outputs.Output("tool", "report.json", lambda report: True, outputs.exactly("report.json", "model.keras"))
+    kind = outputs.Output(
+        "tool", "report.json", lambda report: True, outputs.exactly("report.json", "model.keras")
+    )
     out = tmp_path / "out"
-    real_rename = outputs._move
+    real_rename = staging._move
 
     def user_gets_there_first(src, dst):
         if os.fspath(dst) == os.fspath(out) and not out.exists():
@@ -166,10 +232,10 @@ def test_a_folder_made_in_the_last_instant_is_never_replaced(tmp_path, monkeypat
             (out / "thesis.txt").write_text("mine")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(outputs, "_move", user_gets_there_first)
+    monkeypatch.setattr(staging, "_move", user_gets_there_first)
     with pytest.raises(outputs.OutputExistsError, match="thesis.txt"):
-        with outputs.staged(out, kind, force=True) as staging:
-            open(os.path.join(staging.path, "report.json"), "w").write("{}")
+        with staging.staged(out, kind, force=True) as staged:
+            open(os.path.join(staged.path, "report.json"), "w").write("{}")
     assert sorted(os.listdir(out)) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "mine"
     assert [e for e in os.listdir(tmp_path) if ".partial" in e] == []
 
@@ -183,6 +249,7 @@ def test_evaluate_output_written_meanwhile_is_not_replaced(tmp_path):
 
 
 # ---------------------------------------------------------------- 3. bad pixels
+
 
 def _damage(folder):
     png = os.path.join(folder, "class0", "0.png")
@@ -199,16 +266,33 @@ def test_train_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_keras
 
     data = write_folder(tmp_path / "data", per_class=5)
     truncated = _damage(data)
-    args = ["--init", tiny_keras, "--data-dir", data, "--epochs", "1", "--batch-size", "4", "--no-tensorboard"]
+    args = [
+        "--init",
+        tiny_keras,
+        "--data-dir",
+        data,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--no-tensorboard",
+    ]
     assert main([*args, "--output", str(tmp_path / "strict"), "--strict-images", "--quiet"]) == 2
     line = one_error_line(capsys)
     assert "unreadable image" in line and "(and 1 more)" in line and ".png" in line
     assert not (tmp_path / "strict").exists()
     assert main([*args, "--output", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
-    assert f"left out unreadable image {truncated}" in err and "broken.jpg" in err and "Traceback" not in err
+    assert (
+        f"left out unreadable image {truncated}" in err
+        and "broken.jpg" in err
+        and "Traceback" not in err
+    )
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
-    assert sorted(os.path.basename(s["file"]) for s in metrics["skipped_images"]) == ["0.png", "broken.jpg"]
+    assert sorted(os.path.basename(s["file"]) for s in metrics["skipped_images"]) == [
+        "0.png",
+        "broken.jpg",
+    ]
 
 
 def test_evaluate_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_keras, capsys):
@@ -227,25 +311,50 @@ def test_evaluate_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_ke
 
 # ---------------------------------------------------------------- 4. class identity
 
+
 def test_evaluate_refuses_a_dataset_of_other_classes(tmp_path, capsys):
     from convmixer_tf.evaluate.__main__ import main
 
-    model = convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3,
-                                   input_shape=(32, 32, 3), include_preprocessing=True)
-    trained = convmixer_tf.save_model(model, tmp_path / "pets.keras",
-                                      contract.info_of(model).replace(class_names=("cat", "dog", "eel")))
+    model = convmixer_tf.ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=3,
+        patch_size=4,
+        num_classes=3,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
+    trained = convmixer_tf.save_model(
+        model,
+        tmp_path / "pets.keras",
+        contract.info_of(model).replace(class_names=("cat", "dog", "eel")),
+    )
     fruit = write_folder(tmp_path / "fruit", per_class=2, names=["apple", "banana", "cherry"])
     pets = write_folder(tmp_path / "pets", per_class=2, names=["cat", "dog", "eel"])
     assert main(["--model", str(trained), "--data-dir", fruit, "--quiet"]) == 2
     assert "class 0 is 'cat' in the model and 'apple' in the dataset" in one_error_line(capsys)
-    assert main(["--model", str(trained), "--data-dir", fruit, "--allow-class-mismatch", "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(trained),
+                "--data-dir",
+                fruit,
+                "--allow-class-mismatch",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["classes"].startswith("class mismatch allowed")
     assert main(["--model", str(trained), "--data-dir", pets, "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["classes"] == "the dataset's classes are the model's"
     # A model without stored names: the count is checked, and a warning says the rest is assumed.
     ten = tmp_path / "ten.keras"
-    convmixer_tf.ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10,
-                           input_shape=(32, 32, 3)).save(ten)
+    convmixer_tf.ConvMixer(
+        dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, input_shape=(32, 32, 3)
+    ).save(ten)
     assert main(["--model", str(ten), "--data-dir", fruit, "--quiet"]) == 2
     assert "the model has 10 classes, the dataset 3" in one_error_line(capsys)
     old = tmp_path / "old.keras"
@@ -255,6 +364,7 @@ def test_evaluate_refuses_a_dataset_of_other_classes(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- 5, 6. foreign models, bad weights
+
 
 def test_export_of_a_model_that_is_not_a_convmixer(tmp_path, capsys):
     import keras
@@ -282,6 +392,7 @@ def test_non_finite_weights_are_bad_input_not_a_parity_failure(tmp_path, capsys,
 
 # ---------------------------------------------------------------- 7. staging leftovers
 
+
 def test_force_over_a_plain_file_is_refused_and_leaves_nothing(tmp_path, checkpoint, capsys):
     target = tmp_path / "out"
     target.write_text("a file of mine")
@@ -293,8 +404,14 @@ def test_force_over_a_plain_file_is_refused_and_leaves_nothing(tmp_path, checkpo
 def test_staging_of_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path, checkpoint):
     out = tmp_path / "out"
     dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    stale = tmp_path / f".out{outputs.STAGING_INFIX}{dead.pid}-{temporaries.process_start_time(dead.pid)}-abc"
-    live = tmp_path / f".out{outputs.STAGING_INFIX}{os.getpid()}-{temporaries.process_start_time(os.getpid())}-def"
+    stale = (
+        tmp_path
+        / f".out{staging.STAGING_INFIX}{dead.pid}-{temporaries.process_start_time(dead.pid)}-abc"
+    )
+    live = (
+        tmp_path
+        / f".out{staging.STAGING_INFIX}{os.getpid()}-{temporaries.process_start_time(os.getpid())}-def"
+    )
     stale.mkdir()
     live.mkdir()
     dead.send_signal(signal.SIGKILL)
@@ -306,6 +423,7 @@ def test_staging_of_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path, check
 
 # ---------------------------------------------------------------- 8. small ones
 
+
 def test_small_cases_get_one_line_and_exit_2(tmp_path, checkpoint, tiny_keras, capsys):
     from convmixer_tf.export.__main__ import main as export_main
 
@@ -314,7 +432,10 @@ def test_small_cases_get_one_line_and_exit_2(tmp_path, checkpoint, tiny_keras, c
     assert code.value.code == 2 and "--image-size" in capsys.readouterr().err
     with pytest.raises(SystemExit) as code:
         convert("--torch-ckpt", checkpoint, "--calibration-count", "0")
-    assert code.value.code == 2 and "--calibration-count: must be a positive number" in capsys.readouterr().err
+    assert (
+        code.value.code == 2
+        and "--calibration-count: must be a positive number" in capsys.readouterr().err
+    )
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(open(tiny_keras, "rb").read()[:3000])
     assert export_main(["--model", str(truncated), "--quiet"]) == 2
@@ -332,17 +453,63 @@ def test_small_cases_get_one_line_and_exit_2(tmp_path, checkpoint, tiny_keras, c
 
 # ---------------------------------------------------------------- 9. second round: nested files
 
-def test_force_refuses_a_users_file_anywhere_inside_the_output(tmp_path, checkpoint, tiny_keras, capsys):
+
+def test_force_refuses_a_users_file_anywhere_inside_the_output(
+    tmp_path, checkpoint, tiny_keras, capsys
+):
     from convmixer_tf.export.__main__ import main as export_main
 
     converted, exported = tmp_path / "converted", tmp_path / "exported"
-    assert convert("--torch-ckpt", checkpoint, "--output", converted, "--export", "saved_model") == 0
-    assert export_main(["--model", tiny_keras, "--formats", "saved_model", "--output", str(exported), "--quiet"]) == 0
-    for out, run in ((converted, lambda: convert("--torch-ckpt", checkpoint, "--output", converted, "--export",
-                                                  "saved_model", "--force")),
-                     (exported, lambda: export_main(["--model", tiny_keras, "--formats", "saved_model", "--output",
-                                                     str(exported), "--force", "--quiet"]))):
-        for mine in (out / "saved_model" / "mine.txt", out / "saved_model" / "variables" / "notes" / "x.txt"):
+    assert (
+        convert("--torch-ckpt", checkpoint, "--output", converted, "--export", "saved_model") == 0
+    )
+    assert (
+        export_main(
+            [
+                "--model",
+                tiny_keras,
+                "--formats",
+                "saved_model",
+                "--output",
+                str(exported),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    for out, run in (
+        (
+            converted,
+            lambda: convert(
+                "--torch-ckpt",
+                checkpoint,
+                "--output",
+                converted,
+                "--export",
+                "saved_model",
+                "--force",
+            ),
+        ),
+        (
+            exported,
+            lambda: export_main(
+                [
+                    "--model",
+                    tiny_keras,
+                    "--formats",
+                    "saved_model",
+                    "--output",
+                    str(exported),
+                    "--force",
+                    "--quiet",
+                ]
+            ),
+        ),
+    ):
+        for mine in (
+            out / "saved_model" / "mine.txt",
+            out / "saved_model" / "variables" / "notes" / "x.txt",
+        ):
             mine.parent.mkdir(exist_ok=True)
             mine.write_text("mine")
             before = checksums(out)
@@ -359,8 +526,19 @@ def test_train_force_refuses_a_users_file_in_logs_or_backup(tmp_path, tiny_keras
 
     data = write_folder(tmp_path / "data", per_class=4)
     run = tmp_path / "run"
-    args = ["--init", tiny_keras, "--data-dir", data, "--epochs", "1", "--batch-size", "4", "--output", str(run),
-            "--quiet"]
+    args = [
+        "--init",
+        tiny_keras,
+        "--data-dir",
+        data,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--output",
+        str(run),
+        "--quiet",
+    ]
     assert main(args) == 0 and (run / "logs" / "train").is_dir()
     for mine in (run / "logs" / "train" / "mine.txt", run / "backup" / "mine.txt"):
         mine.parent.mkdir(exist_ok=True)
@@ -373,11 +551,22 @@ def test_train_force_refuses_a_users_file_in_logs_or_backup(tmp_path, tiny_keras
 
 # ---------------------------------------------------------------- 10. a finished run survives a failed --force run
 
+
 @pytest.fixture
 def finished_run(tmp_path, tiny_keras):
     data = write_folder(tmp_path / "data", per_class=8)
     run = tmp_path / "run"
-    args = ["--init", tiny_keras, "--data-dir", data, "--batch-size", "4", "--output", str(run), "--quiet"]
+    args = [
+        "--init",
+        tiny_keras,
+        "--data-dir",
+        data,
+        "--batch-size",
+        "4",
+        "--output",
+        str(run),
+        "--quiet",
+    ]
     from convmixer_tf.train.__main__ import main
 
     assert main([*args, "--epochs", "1"]) == 0 and (run / "metrics.json").exists()
@@ -393,15 +582,28 @@ def test_a_finished_run_survives_a_diverging_force_run(finished_run, capsys):
     assert checksums(run) == before and not [e for e in os.listdir(run.parent) if ".partial" in e]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)]
+)
 def test_a_finished_run_survives_an_interrupted_force_run(finished_run, signum):
     run, args, before = finished_run
-    proc = subprocess.Popen([sys.executable, "-m", "convmixer_tf.train", *args, "--epochs", "50", "--force"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "convmixer_tf.train", *args, "--epochs", "50", "--force"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not any(  # training, in its staging folder
-            os.path.exists(os.path.join(run.parent, e, "history.csv")) for e in os.listdir(run.parent)
-            if ".partial" in e):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not any(  # training, in its staging folder
+            os.path.exists(os.path.join(run.parent, e, "history.csv"))
+            for e in os.listdir(run.parent)
+            if ".partial" in e
+        )
+    ):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     proc.send_signal(signum)
@@ -419,22 +621,40 @@ def test_a_force_run_replaces_the_finished_run_once_it_has_finished(finished_run
 
 # ---------------------------------------------------------------- 11. labels
 
-@pytest.mark.parametrize("text, words", [
-    ("cat\nx\x00y\ndog\n", "line 2 holds the control character U+0000"),
-    ("cat\ndog\x0bbird\neel\n", "line 2 holds the control character U+000B"),
-    ("cat\ndog\u2028bird\n\n", "line 2 holds the control character U+2028"),
-    ("cat\nbird\u2029\neel\n", "line 2 holds the control character U+2029"),
-    ("a\na\nb\n", "repeats names ('a' on lines 1, 2)"),
-    ("a\n\nb\n", "line 2 is empty"),
-])
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("cat\nx\x00y\ndog\n", "line 2 holds the control character U+0000"),
+        ("cat\ndog\x0bbird\neel\n", "line 2 holds the control character U+000B"),
+        ("cat\ndog\u2028bird\n\n", "line 2 holds the control character U+2028"),
+        ("cat\nbird\u2029\neel\n", "line 2 holds the control character U+2029"),
+        ("a\na\nb\n", "repeats names ('a' on lines 1, 2)"),
+        ("a\n\nb\n", "line 2 is empty"),
+    ],
+)
 def test_bad_labels_are_refused_before_any_work(tmp_path, tiny_keras, capsys, text, words):
     from convmixer_tf.export.__main__ import main
 
     (tmp_path / "labels.txt").write_text(text, encoding="utf-8", newline="")
     before = sorted(os.listdir(tmp_path))
     started = time.perf_counter()
-    assert main(["--model", tiny_keras, "--formats", "tflite", "--labels", str(tmp_path / "labels.txt"),
-                 "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                tiny_keras,
+                "--formats",
+                "tflite",
+                "--labels",
+                str(tmp_path / "labels.txt"),
+                "--output",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert words in one_error_line(capsys) and sorted(os.listdir(tmp_path)) == before
     assert time.perf_counter() - started < 20  # before any export
 
@@ -444,31 +664,66 @@ def test_labels_without_their_bom_and_duplicates_when_asked(tmp_path, tiny_keras
     from convmixer_tf.export.__main__ import main
 
     (tmp_path / "bom.txt").write_bytes("\ufeffcat\r\ndog\r\neel\r\n".encode())
-    assert contract.read_labels(tmp_path / "bom.txt") == ("cat", "dog", "eel")
+    assert labels.read_labels(tmp_path / "bom.txt") == ("cat", "dog", "eel")
     (tmp_path / "twice.txt").write_text("cat\ncat\neel\n")
-    assert main(["--model", tiny_keras, "--formats", "tflite", "--labels", str(tmp_path / "twice.txt"),
-                 "--allow-duplicate-labels", "--output", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                tiny_keras,
+                "--formats",
+                "tflite",
+                "--labels",
+                str(tmp_path / "twice.txt"),
+                "--allow-duplicate-labels",
+                "--output",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert metadata.packed_labels(tmp_path / "out" / "model.tflite") == ["cat", "cat", "eel"]
 
 
 # ---------------------------------------------------------------- 12. file modes
 
+
 def test_written_files_and_folders_follow_the_umask(tmp_path, checkpoint):
     # 002, not the usual 022: TensorFlow makes its folders 0755 whatever the umask, which 022 would hide.
     previous = os.umask(0o002)
     try:
-        assert convert("--torch-ckpt", checkpoint, "--output", tmp_path / "out", "--export", "tflite", "onnx",
-                       "saved_model") == 0
+        assert (
+            convert(
+                "--torch-ckpt",
+                checkpoint,
+                "--output",
+                tmp_path / "out",
+                "--export",
+                "tflite",
+                "onnx",
+                "saved_model",
+            )
+            == 0
+        )
     finally:
         os.umask(previous)
-    modes = {os.path.relpath(os.path.join(folder, name), tmp_path): os.stat(os.path.join(folder, name)).st_mode & 0o777
-             for folder, dirs, files in os.walk(tmp_path / "out") for name in dirs + files}
+    modes = {
+        os.path.relpath(os.path.join(folder, name), tmp_path): os.stat(
+            os.path.join(folder, name)
+        ).st_mode
+        & 0o777
+        for folder, dirs, files in os.walk(tmp_path / "out")
+        for name in dirs + files
+    }
     assert "out/saved_model/variables" in modes, modes
-    assert modes and all(mode == (0o775 if os.path.isdir(tmp_path / path) else 0o664)
-                         for path, mode in modes.items()), modes
+    assert modes and all(
+        mode == (0o775 if os.path.isdir(tmp_path / path) else 0o664) for path, mode in modes.items()
+    ), modes
 
 
 # ---------------------------------------------------------------- 13. messages that say what is wrong
+
 
 def test_messages_name_the_real_problem(tmp_path, checkpoint, tiny_keras, capsys):
     from convmixer_tf.export.__main__ import main as export_main
@@ -481,12 +736,19 @@ def test_messages_name_the_real_problem(tmp_path, checkpoint, tiny_keras, capsys
     assert convert("--torch-ckpt", checkpoint, "--output", tmp_path / "loop" / "out") == 2
     assert "symbolic link that leads nowhere" in one_error_line(capsys)
     long_name = tmp_path / ("o" * 240)
-    assert convert("--torch-ckpt", checkpoint, "--output", long_name) == 0 and (long_name / "model.keras").exists()
+    assert (
+        convert("--torch-ckpt", checkpoint, "--output", long_name) == 0
+        and (long_name / "model.keras").exists()
+    )
     import zipfile
 
-    for change, words in ((lambda facts: dict(facts, config=None), "'config' must be dict, got null"),
-                          (lambda facts: dict(facts, config=dict(facts["config"], num_classes=10)),
-                           "its stored facts do not match its layers")):
+    for change, words in (
+        (lambda facts: dict(facts, config=None), "'config' must be dict, got null"),
+        (
+            lambda facts: dict(facts, config=dict(facts["config"], num_classes=10)),
+            "its stored facts do not match its layers",
+        ),
+    ):
         edited = tmp_path / "edited.keras"
         with zipfile.ZipFile(tiny_keras) as src, zipfile.ZipFile(edited, "w") as dst:
             for item in src.namelist():
@@ -494,29 +756,53 @@ def test_messages_name_the_real_problem(tmp_path, checkpoint, tiny_keras, capsys
                 if item == contract.INFO_MEMBER:
                     data = json.dumps(change(json.loads(data)))
                 dst.writestr(item, data)
-        assert export_main(["--model", str(edited), "--output", str(tmp_path / "x"), "--quiet"]) == 2
+        assert (
+            export_main(["--model", str(edited), "--output", str(tmp_path / "x"), "--quiet"]) == 2
+        )
         line = one_error_line(capsys)
         assert words in line and str(edited) in line, line
 
 
 # ---------------------------------------------------------------- 14. tolerances that scale
 
+
 def test_large_logits_export_and_a_wrong_activation_still_fails(tmp_path):
     from convmixer_tf import export as exporters
 
-    model = convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=7, patch_size=2, num_classes=10,
-                                   input_shape=(32, 32, 3), include_preprocessing=True)
+    model = convmixer_tf.ConvMixer(
+        dim=16,
+        depth=2,
+        kernel_size=7,
+        patch_size=2,
+        num_classes=10,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
     head = model.get_layer("head")
     kernel, bias = head.get_weights()
-    head.set_weights([kernel * 2000, bias])  # logits in the hundreds, as after a short run on a small set
+    # logits in the hundreds, as after a short run on a small set
+    head.set_weights([kernel * 2000, bias])
     x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     assert np.abs(model.predict(x, verbose=0)).max() > 100
-    rows = exporters.export_formats(model, tmp_path, ["saved_model", "tflite", "onnx"], latency_runs=1,
-                                    tflite_output="logits")
+    options = exporters.ExportOptions(
+        formats=("saved_model", "tflite", "onnx"),
+        latency_runs=1,
+        tflite_output="logits",
+        processes=1,
+    )
+    rows = exporters.export_formats(model, tmp_path, options)
     assert all(r["passed"] and r["allowed"] > r["tolerance"] for r in rows), rows
-    relu = convmixer_tf.ConvMixer(dim=16, depth=2, kernel_size=7, patch_size=2, num_classes=10, activation="relu",
-                                  input_shape=(32, 32, 3), include_preprocessing=True)
+    relu = convmixer_tf.ConvMixer(
+        dim=16,
+        depth=2,
+        kernel_size=7,
+        patch_size=2,
+        num_classes=10,
+        activation="relu",
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
     relu.set_weights(model.get_weights())
     for row in rows:
-        wrong = exporters.verify(tmp_path / row["path"], relu, x, tolerance=row["tolerance"], latency_runs=0)
+        wrong = exporters.verify(tmp_path / row["path"], relu, x, tolerance=row["tolerance"])
         assert not wrong["passed"] and wrong["max_abs"] > 10 * wrong["allowed"], wrong

@@ -17,8 +17,9 @@ from conftest import COLOURS, write_folder
 from convmixer_tf import ConvMixer
 from convmixer_tf.augment import AugmentConfig, Augmenter, random_resized_crop
 from convmixer_tf.config import Preprocessing
-from convmixer_tf.data import load_eval_images, open_dataset
+from convmixer_tf.data import open_dataset
 from convmixer_tf.evaluate import evaluate
+from convmixer_tf.images import load_eval_images
 from convmixer_tf.model import rebuild
 from convmixer_tf.train.optim import BackboneScaledAdamW, OneCycle
 from convmixer_tf.train.run import TrainConfig, TrainingError, read_history, train
@@ -35,18 +36,30 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("init") / "tiny.keras")
-    ConvMixer(dim=16, depth=2, kernel_size=3, patch_size=4, num_classes=5, input_shape=(32, 32, 3)).save(path)
+    ConvMixer(
+        dim=16, depth=2, kernel_size=3, patch_size=4, num_classes=5, input_shape=(32, 32, 3)
+    ).save(path)
     return path
 
 
 def quick(tmp_path, tiny_file, folder, **overrides):
-    settings = dict(init=tiny_file, data_dir=folder, epochs=2, batch_size=8, lr=0.01, augment=NO_AUG,
-                    output=str(tmp_path / "run"), verbose=0, tensorboard=False)
+    settings = dict(
+        init=tiny_file,
+        data_dir=folder,
+        epochs=2,
+        batch_size=8,
+        lr=0.01,
+        augment=NO_AUG,
+        output=str(tmp_path / "run"),
+        verbose=0,
+        tensorboard=False,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
 
 # ------------------------------------------------------------------ recipe pieces
+
 
 def test_one_cycle_is_the_papers_interpolation():
     total, peak = 1000, 0.05
@@ -74,16 +87,25 @@ def test_random_resized_crop_falls_back_to_centre_crop():
 def test_random_resized_crop_samples_area_in_range():
     # A gradient image: a crop's mean column index tells which part was taken.
     ramp = np.tile(np.arange(100, dtype=np.float32)[None, :, None], (100, 1, 3))
-    crops = [random_resized_crop(tf.constant(ramp), 10, scale=(0.1, 0.2), ratio=(1.0, 1.0)).numpy()
-             for _ in range(20)]
+    crops = [
+        random_resized_crop(tf.constant(ramp), 10, scale=(0.1, 0.2), ratio=(1.0, 1.0)).numpy()
+        for _ in range(20)
+    ]
     spans = [c[0, -1, 0] - c[0, 0, 0] for c in crops]
     # side between sqrt(0.1) and sqrt(0.2) of 100 px: 31.6..44.7 px, minus resampling edges
     assert all(20 < s < 45 for s in spans), spans
 
 
 def test_augmenter_shapes_ranges_and_mixed_labels():
-    config = AugmentConfig(scale=(0.35, 1.0), randaugment_n=2, randaugment_m=12, jitter=0.1, erasing=0.5,
-                           mixup=0.8, cutmix=1.0)
+    config = AugmentConfig(
+        scale=(0.35, 1.0),
+        randaugment_n=2,
+        randaugment_m=12,
+        jitter=0.1,
+        erasing=0.5,
+        mixup=0.8,
+        cutmix=1.0,
+    )
     augmenter = Augmenter(config, 24, num_classes=4, seed=1)
     image = tf.constant(np.random.default_rng(1).integers(0, 256, (30, 40, 3)), tf.uint8)
     x, y = augmenter.image(image, tf.constant(2, tf.int32))
@@ -108,6 +130,7 @@ def test_augment_config_rejects_bad_values():
 
 
 # ------------------------------------------------------------------ data sources
+
 
 def test_folder_split_and_train_val_layout(tmp_path, folder):
     source = open_dataset(data_dir=folder, val_fraction=0.25)
@@ -146,8 +169,18 @@ def test_tfds_mock_data_trains_with_the_full_recipe(tmp_path, tiny_file):
     tfds = pytest.importorskip("tensorflow_datasets")
     augment = AugmentConfig(scale=(0.35, 1.0), jitter=0.1, erasing=0.25, mixup=0.2, cutmix=1.0)
     with tfds.testing.mock_data(num_examples=32):
-        metrics = train(TrainConfig(init=tiny_file, dataset="cifar10", epochs=1, batch_size=8, augment=augment,
-                                    label_smoothing=0.1, output=str(tmp_path / "run"), verbose=0))
+        metrics = train(
+            TrainConfig(
+                init=tiny_file,
+                dataset="cifar10",
+                epochs=1,
+                batch_size=8,
+                augment=augment,
+                label_smoothing=0.1,
+                output=str(tmp_path / "run"),
+                verbose=0,
+            )
+        )
     assert metrics["num_classes"] == 10 and metrics["epochs"] == 1
     assert np.isfinite(metrics["final"]["loss"]) and "val_top5" in metrics["final"]
     assert os.path.isdir(tmp_path / "run" / "logs")
@@ -156,6 +189,7 @@ def test_tfds_mock_data_trains_with_the_full_recipe(tmp_path, tiny_file):
 
 
 # ------------------------------------------------------------------ training
+
 
 def test_loss_falls_on_a_learnable_task(tmp_path, tiny_file, folder):
     metrics = train(quick(tmp_path, tiny_file, folder, epochs=6, lr=0.01, val_fraction=0.25))
@@ -196,15 +230,21 @@ def test_fine_tune_new_head_with_frozen_backbone(tmp_path, tiny_file, folder):
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     mean, std = np.array(Preprocessing().mean), np.array(Preprocessing().std)
     features = keras.Model(tuned.input, tuned.get_layer("avg_pool").output)(x)
-    reference = keras.Model(init.input, init.get_layer("avg_pool").output)(((x / 255 - mean) / std).astype("float32"))
+    reference = keras.Model(init.input, init.get_layer("avg_pool").output)(
+        ((x / 255 - mean) / std).astype("float32")
+    )
     np.testing.assert_allclose(features, reference, atol=1e-5)
 
 
 def test_backbone_learning_rate_multiplier():
-    source = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3, input_shape=(16, 16, 3))
+    source = ConvMixer(
+        dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3, input_shape=(16, 16, 3)
+    )
     model = rebuild(source)
-    model.compile(optimizer=BackboneScaledAdamW(backbone_lr_mult=1e-3, learning_rate=0.1, weight_decay=0.0),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=BackboneScaledAdamW(backbone_lr_mult=1e-3, learning_rate=0.1, weight_decay=0.0),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
     before = {w.path: np.array(w) for w in model.trainable_weights}
     x = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
     model.train_on_batch(x, np.eye(3)[[0, 1, 2, 0]])
@@ -239,7 +279,7 @@ def test_fp16_gets_loss_scaling(tiny_file):
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
 def test_mixed_precision_run_saves_a_float32_model(tmp_path, tiny_file, folder, precision):
     train(quick(tmp_path, tiny_file, folder, epochs=1, precision=precision))
     model = keras.models.load_model(tmp_path / "run" / "model.keras")
@@ -257,14 +297,36 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_no_diverged_state(tmp_path,
 
 def _cli(*args, **kwargs):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-    return subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_loses_no_finished_epoch(tmp_path, tiny_file, folder):
     out = tmp_path / "run"
-    command = ["convmixer_tf.train", "--init", tiny_file, "--data-dir", folder, "--epochs", "4",
-               "--batch-size", "4", "--lr", "0.01", "--output", str(out), "--no-tensorboard", "--quiet"]
+    command = [
+        "convmixer_tf.train",
+        "--init",
+        tiny_file,
+        "--data-dir",
+        folder,
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--output",
+        str(out),
+        "--no-tensorboard",
+        "--quiet",
+    ]
     first = _cli(*command)
     metadata = out / "backup" / "training_metadata.json"
     deadline = time.time() + 120
@@ -275,7 +337,9 @@ def test_killed_run_resumes_and_loses_no_finished_epoch(tmp_path, tiny_file, fol
     assert metadata.exists(), "no epoch finished before the kill"
     finished = json.loads(metadata.read_text())["epoch"]
     before = read_history(out / "history.csv")[:finished]
-    assert finished < 4 and not (out / "metrics.json").exists() and not (out / "model.keras").exists()
+    assert (
+        finished < 4 and not (out / "metrics.json").exists() and not (out / "model.keras").exists()
+    )
 
     second = _cli(*command, "--json")
     stdout, stderr = second.communicate(timeout=300)
@@ -294,13 +358,28 @@ def test_train_cli_bad_input_exit_2(tmp_path, folder, capsys):
     assert main(["--dataset", "no_such_set", "--output", str(tmp_path / "a"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown tfds dataset" in err[0]
-    assert main(["--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "b"), "--quiet"]) == 2
+    assert (
+        main(["--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "b"), "--quiet"])
+        == 2
+    )
     assert "--data-dir not found" in capsys.readouterr().err
     assert main(["--init", str(tmp_path / "x.keras"), "--data-dir", str(tmp_path), "--quiet"]) == 2
     capsys.readouterr()
     (tmp_path / "broken.keras").write_bytes(b"not a zip")
-    assert main(["--init", str(tmp_path / "broken.keras"), "--data-dir", folder, "--output", str(tmp_path / "c"),
-                 "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "--init",
+                str(tmp_path / "broken.keras"),
+                "--data-dir",
+                folder,
+                "--output",
+                str(tmp_path / "c"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "cannot load --init" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -308,14 +387,28 @@ def test_train_cli_bad_input_exit_2(tmp_path, folder, capsys):
 
 # ------------------------------------------------------------------ devices
 
-@pytest.mark.parametrize("backend,kind", [("tensorflow", "mirrored"), ("jax", "data-parallel")])
+
+@pytest.mark.parametrize(
+    "backend,kind",
+    [pytest.param("tensorflow", "mirrored", marks=pytest.mark.slow), ("jax", "data-parallel")],
+)
 def test_two_devices_agree_with_one(backend, kind):
     if backend == "jax":
         pytest.importorskip("jax")
-    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    run = subprocess.run([sys.executable, os.path.join(REPO, "tests", "scripts", "distributed_step.py"), kind],
-                         env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        KERAS_BACKEND=backend,
+        PYTHONPATH=REPO,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tests", "scripts", "distributed_step.py"), kind],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2 and result["kind"] == kind
@@ -326,10 +419,20 @@ def test_two_devices_agree_with_one(backend, kind):
 
 # ------------------------------------------------------------------ evaluation
 
+
 def test_evaluation_equals_a_hand_computation(tmp_path):
-    root = write_folder(tmp_path / "eval", per_class=3, size=(30, 37), classes=COLOURS + [(120, 120, 120)] * 3)
-    model = ConvMixer(dim=16, depth=2, kernel_size=3, patch_size=4, num_classes=6, input_shape=(32, 32, 3),
-                      include_preprocessing=True)
+    root = write_folder(
+        tmp_path / "eval", per_class=3, size=(30, 37), classes=COLOURS + [(120, 120, 120)] * 3
+    )
+    model = ConvMixer(
+        dim=16,
+        depth=2,
+        kernel_size=3,
+        patch_size=4,
+        num_classes=6,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
     from conftest import randomize_batchnorm
 
     randomize_batchnorm(model)
@@ -338,7 +441,7 @@ def test_evaluation_equals_a_hand_computation(tmp_path):
     got = evaluate(model, source.train, prep, batch_size=5)
 
     images, paths = load_eval_images(root, prep, normalize=False)
-    labels = [int(os.path.basename(os.path.dirname(p))[len("class"):]) for p in paths]
+    labels = [int(os.path.basename(os.path.dirname(p))[len("class") :]) for p in paths]
     logits = np.asarray(model.predict(images, verbose=0), np.float64)
     loss = top1 = top5 = 0
     for row, label in zip(logits, labels):
@@ -357,27 +460,87 @@ def test_evaluation_equals_a_hand_computation(tmp_path):
 def test_evaluate_cli(tmp_path, folder, capsys):
     from convmixer_tf.evaluate.__main__ import main
 
-    model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3, input_shape=(32, 32, 3),
-                      include_preprocessing=True)
+    model = ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=3,
+        patch_size=4,
+        num_classes=3,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
     path = str(tmp_path / "m.keras")
     model.save(path)
     out = tmp_path / "metrics.json"
-    assert main(["--model", path, "--data-dir", folder, "--json", "--quiet", "--output", str(out)]) == 0
+    assert (
+        main(["--model", path, "--data-dir", folder, "--json", "--quiet", "--output", str(out)])
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["count"] == 72 and json.loads(out.read_text())["top1"] == printed["top1"]
     assert main(["--model", str(tmp_path / "none.keras"), "--data-dir", folder, "--quiet"]) == 2
     assert "--model not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_cli_on_the_jax_backend(tmp_path, tiny_file, folder):
     # The backend for GPU training: tf.data feeds it, Keras' augmentation layers run in tf.data.
     pytest.importorskip("jax")
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
     run = subprocess.run(
-        [sys.executable, "-m", "convmixer_tf.train", "--init", tiny_file, "--data-dir", folder, "--epochs", "1",
-         "--batch-size", "8", "--mixup", "0.2", "--cutmix", "1.0", "--reprob", "0.25", "--precision", "bf16",
-         "--output", str(tmp_path / "run"), "--quiet", "--json"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "convmixer_tf.train",
+            "--init",
+            tiny_file,
+            "--data-dir",
+            folder,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--mixup",
+            "0.2",
+            "--cutmix",
+            "1.0",
+            "--reprob",
+            "0.25",
+            "--precision",
+            "bf16",
+            "--output",
+            str(tmp_path / "run"),
+            "--quiet",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads(run.stdout)
     assert metrics["backend"] == "jax" and np.isfinite(metrics["final"]["loss"])
+
+
+def test_a_run_started_before_a_setting_existed_still_resumes(tmp_path):
+    """config.json of an unfinished run written before a TrainConfig field (or an augment
+    field) existed: the missing field counts as its default, so the run resumes; a field
+    that differs still stops it."""
+    from convmixer_tf.train.folder import _existing_run
+
+    settings = TrainConfig(output=str(tmp_path / "run")).settings()
+    stored = json.loads(json.dumps(settings))
+    del stored["label_smoothing"], stored["augment"]["cutmix"]  # fields added "since"
+    run = tmp_path / "run"
+    (run / "backup").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(stored))
+    said = []
+    assert _existing_run(str(run), settings, said.append) is True
+    assert said == [f"resuming the interrupted run in {run}"]
+    changed = dict(settings, lr=settings["lr"] * 2)
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        _existing_run(str(run), changed, said.append)
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a run's settings"):
+        _existing_run(str(run), settings, said.append)

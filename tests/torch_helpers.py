@@ -33,16 +33,29 @@ def timm_convmixer(activation="gelu", seed=0, **overrides):
     cfg = dict(TINY, **overrides)
     torch.manual_seed(seed)
     act = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}[activation]
-    model = ConvMixer(cfg["dim"], cfg["depth"], kernel_size=cfg["kernel_size"], patch_size=cfg["patch_size"],
-                      num_classes=cfg["num_classes"], act_layer=act)
+    model = ConvMixer(
+        cfg["dim"],
+        cfg["depth"],
+        kernel_size=cfg["kernel_size"],
+        patch_size=cfg["patch_size"],
+        num_classes=cfg["num_classes"],
+        act_layer=act,
+    )
     return randomize_batchnorm(model, seed).eval()
 
 
 def sequential_convmixer(activation="gelu", depthwise=True, seed=0, **overrides):
     cfg = dict(TINY, **overrides)
     torch.manual_seed(seed)
-    model = paper_convmixer(cfg["dim"], cfg["depth"], cfg["kernel_size"], cfg["patch_size"], cfg["num_classes"],
-                            activation=activation, depthwise=depthwise)
+    model = paper_convmixer(
+        cfg["dim"],
+        cfg["depth"],
+        cfg["kernel_size"],
+        cfg["patch_size"],
+        cfg["num_classes"],
+        activation=activation,
+        depthwise=depthwise,
+    )
     return randomize_batchnorm(model, seed).eval()
 
 
@@ -58,8 +71,14 @@ def save_checkpoint(state_dict, path, wrapper=None, prefix="", legacy=False):
     if wrapper == "state_dict_ema":
         # timm's training checkpoint: EMA beside perturbed live weights, plus bookkeeping.
         live = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in sd.items()}
-        obj = {"epoch": 3, "arch": "convmixer", "state_dict": live, "state_dict_ema": sd,
-               "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, "version": 2}
+        obj = {
+            "epoch": 3,
+            "arch": "convmixer",
+            "state_dict": live,
+            "state_dict_ema": sd,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "version": 2,
+        }
     elif wrapper:
         obj = {wrapper: sd, "epoch": 3}
     else:

@@ -13,7 +13,12 @@ import sys
 if "triton" not in sys.modules:
     sys.modules["triton"] = None
 
-from weights_converter.checkpoint import Checkpoint, CheckpointError, load_state_dict, read_checkpoint
+from weights_converter.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_state_dict,
+    read_checkpoint,
+)
 from weights_converter.convert import (
     Conversion,
     convert_checkpoint,
@@ -24,6 +29,21 @@ from weights_converter.convert import (
 from weights_converter.mapping import MappingError, infer_config, weight_table
 from weights_converter.parity import ParityError, ParityReport, check_parity, reference_model
 
-__all__ = ["Checkpoint", "CheckpointError", "Conversion", "MappingError", "ParityError", "ParityReport", "check_parity",
-           "convert_checkpoint", "convert_file", "convert_state_dict", "infer_config", "keras_to_state_dict",
-           "load_state_dict", "read_checkpoint", "reference_model", "weight_table"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "Conversion",
+    "MappingError",
+    "ParityError",
+    "ParityReport",
+    "check_parity",
+    "convert_checkpoint",
+    "convert_file",
+    "convert_state_dict",
+    "infer_config",
+    "keras_to_state_dict",
+    "load_state_dict",
+    "read_checkpoint",
+    "reference_model",
+    "weight_table",
+]

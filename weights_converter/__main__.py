@@ -40,64 +40,126 @@ export formats:
 
 
 def build_parser():
+    parser = cli.ArgumentParser(
+        prog="python -m weights_converter",
+        epilog=EPILOG.format(formats=registry.help_text()),
+        description="Convert a PyTorch ConvMixer checkpoint to Keras and prove the two compute the same thing.",
+    )
+    parser.add_argument("--torch-ckpt", required=True, metavar="FILE", help="checkpoint to convert")
+    _checkpoint_options(parser.add_argument_group("the checkpoint"))
+    _parity_options(parser.add_argument_group("the proof"))
+    _export_options(parser.add_argument_group("exports"))
+    output = parser.add_argument_group("where and how")
+    output.add_argument(
+        "--output",
+        metavar="DIR",
+        help="output directory (default: next to the checkpoint, NAME_keras)",
+    )
+    output.add_argument(
+        "--force", action="store_true", help="replace an earlier output of the converter"
+    )
+    parser.add_console_options(output, noisy="TensorFlow, LiteRT, torch and absl")
+    return parser
+
+
+def _checkpoint_options(group):
     from convmixer_tf.config import ACTIVATIONS, list_variants
 
-    parser = cli.ArgumentParser(
-        prog="python -m weights_converter", epilog=EPILOG.format(formats=registry.help_text()),
-        description="Convert a PyTorch ConvMixer checkpoint to Keras and prove the two compute the same thing.")
-    parser.add_argument("--torch-ckpt", required=True, metavar="FILE", help="checkpoint to convert")
-    parser.add_argument("--variant", choices=list_variants(), metavar="NAME",
-                        help="released variant the checkpoint must be (sets the activation); one of: "
-                             + ", ".join(list_variants()))
-    parser.add_argument("--activation", choices=ACTIVATIONS,
-                        help="activation of the Keras model (default: the matched variant's, else gelu)")
-    parser.add_argument("--use-ema", action="store_true",
-                        help="take the EMA weights (state_dict_ema) of a timm training checkpoint")
-    parser.add_argument("--output", metavar="DIR",
-                        help="output directory (default: next to the checkpoint, NAME_keras)")
-    parser.add_argument("--export", nargs="+", default=[], metavar="FORMAT",
-                        help=f"also write and verify: {', '.join(registry.names())}, or all")
-    parser.add_argument("--labels", metavar="FILE",
-                        help="class names, one per line, in output order, stored with the model and packed "
-                             "into TFLite files (default: ImageNet-1k's for a 1000-class released variant)")
-    parser.add_argument("--allow-duplicate-labels", action="store_true",
-                        help="accept a labels file that names two classes alike")
-    parser.add_argument("--tflite-logits", action="store_true",
-                        help="TFLite files output logits (default: probabilities, a softmax at the end)")
-    parser.add_argument("--calibration-data", metavar="DIR|tfds:NAME[:SPLIT]",
-                        help="images for int8 calibration (default: synthetic data, which the report flags)")
-    parser.add_argument("--calibration-count", type=cli.positive(), default=CALIBRATION_COUNT, metavar="N",
-                        help="int8 calibration images (calibration runs ~seconds per image on a large model)")
-    parser.add_argument("--tolerance", type=cli.positive(float), default=DEFAULT_TOLERANCE,
-                        help="max abs difference of float32 logits")
-    parser.add_argument("--parity-images", metavar="DIR|tfds:NAME[:SPLIT]",
-                        help="also compare on these images (timm's eval preprocessing)")
-    parser.add_argument("--skip-parity", action="store_true",
-                        help="convert without the PyTorch run (no proof; for machines without torch)")
-    parser.add_argument("--processes", type=cli.positive(), metavar="N",
-                        help="exports: 1 writes the files one after the other, in the least memory; default: "
-                             "side by side where cores and memory allow")
-    parser.add_argument("--force", action="store_true", help="replace an earlier output of the converter")
-    parser.add_console_options(noisy="TensorFlow, LiteRT, torch and absl")
-    return parser
+    group.add_argument(
+        "--variant",
+        choices=list_variants(),
+        metavar="NAME",
+        help="released variant the checkpoint must be (sets the activation); one of: "
+        + ", ".join(list_variants()),
+    )
+    group.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        help="activation of the Keras model (default: the matched variant's, else gelu)",
+    )
+    group.add_argument(
+        "--use-ema",
+        action="store_true",
+        help="take the EMA weights (state_dict_ema) of a timm training checkpoint",
+    )
+    group.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names, one per line, in output order, stored with the model and packed "
+        "into TFLite files (default: ImageNet-1k's for a 1000-class released variant)",
+    )
+    group.add_argument(
+        "--allow-duplicate-labels",
+        action="store_true",
+        help="accept a labels file that names two classes alike",
+    )
+
+
+def _parity_options(group):
+    group.add_argument(
+        "--tolerance",
+        type=cli.positive(float),
+        default=DEFAULT_TOLERANCE,
+        help="max abs difference of float32 logits",
+    )
+    group.add_argument(
+        "--parity-images",
+        metavar="DIR|tfds:NAME[:SPLIT]",
+        help="also compare on these images (timm's eval preprocessing)",
+    )
+    group.add_argument(
+        "--skip-parity",
+        action="store_true",
+        help="convert without the PyTorch run (no proof; for machines without torch)",
+    )
+
+
+def _export_options(group):
+    group.add_argument(
+        "--export",
+        nargs="+",
+        default=[],
+        metavar="FORMAT",
+        help=f"also write and verify: {', '.join(registry.names())}, or all",
+    )
+    group.add_argument(
+        "--tflite-logits",
+        action="store_true",
+        help="TFLite files output logits (default: probabilities, a softmax at the end)",
+    )
+    group.add_argument(
+        "--calibration-data",
+        metavar="DIR|tfds:NAME[:SPLIT]",
+        help="images for int8 calibration (default: synthetic data, which the report flags)",
+    )
+    group.add_argument(
+        "--calibration-count",
+        type=cli.positive(),
+        default=CALIBRATION_COUNT,
+        metavar="N",
+        help="int8 calibration images (calibration runs ~seconds per image on a large model)",
+    )
+    group.add_argument(
+        "--processes",
+        type=cli.positive(),
+        metavar="N",
+        help="1 writes the files one after the other, in the least memory; default: side by side "
+        "where cores and memory allow",
+    )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_command(lambda log, console: _convert(args, log), quiet=args.quiet, verbose=args.verbose)
+    return cli.run_command(
+        lambda log, console: _convert(args, log), quiet=args.quiet, verbose=args.verbose
+    )
 
 
 def _convert(args, log) -> int:
     from convmixer_tf.export import format_rows
     from weights_converter.pipeline import convert_and_verify
 
-    report = convert_and_verify(
-        args.torch_ckpt, args.output, variant=args.variant, activation=args.activation, use_ema=args.use_ema,
-        exports=args.export, tolerance=args.tolerance, parity_images=args.parity_images, force=args.force,
-        skip_parity=args.skip_parity, calibration_data=args.calibration_data, log=log,
-        calibration_count=args.calibration_count, labels=args.labels,
-        allow_duplicate_labels=args.allow_duplicate_labels,
-        tflite_output="logits" if args.tflite_logits else "probabilities", processes=args.processes)
+    report = convert_and_verify(options_from(args), log)
     if args.json:
         print(json.dumps(report, indent=2, default=jsonable))
     else:
@@ -106,10 +168,40 @@ def _convert(args, log) -> int:
             print(format_rows(report["files"]))
     if report["status"] == "parity_failed":
         parity = report["parity"]
-        print(f"parity FAILED: max |logit diff| {parity['max_abs']:.3g} > tolerance {parity['tolerance']:.0e}; "
-              f"first diverging stage: {parity['first_divergent_stage']}; "
-              f"details in {os.path.join(report['output'], 'report.json')}")
+        print(
+            f"parity FAILED: max |logit diff| {parity['max_abs']:.3g} > tolerance {parity['tolerance']:.0e}; "
+            f"first diverging stage: {parity['first_divergent_stage']}; "
+            f"details in {os.path.join(report['output'], 'report.json')}"
+        )
     return errors.EXIT_OK if report["status"] == "ok" else errors.EXIT_FAILED
+
+
+def options_from(args):
+    """The ConvertOptions of parsed arguments."""
+    from convmixer_tf.export import ExportOptions
+    from weights_converter.pipeline import ConvertOptions
+
+    export = ExportOptions(
+        formats=tuple(args.export),
+        calibration_data=args.calibration_data,
+        calibration_count=args.calibration_count,
+        processes=args.processes,
+        tflite_output="logits" if args.tflite_logits else "probabilities",
+    )
+    return ConvertOptions(
+        args.torch_ckpt,
+        args.output,
+        variant=args.variant,
+        activation=args.activation,
+        use_ema=args.use_ema,
+        labels=args.labels,
+        allow_duplicate_labels=args.allow_duplicate_labels,
+        tolerance=args.tolerance,
+        parity_images=args.parity_images,
+        skip_parity=args.skip_parity,
+        force=args.force,
+        export=export,
+    )
 
 
 if __name__ == "__main__":

@@ -106,11 +106,15 @@ def _read_safetensors(path):
     try:
         from safetensors.numpy import load_file
     except ImportError:
-        raise CheckpointError("reading .safetensors needs the safetensors package: pip install safetensors") from None
+        raise CheckpointError(
+            "reading .safetensors needs the safetensors package: pip install safetensors"
+        ) from None
     try:
         return load_file(path)
     except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"cannot read safetensors file {path}: {one_line(err, named=True)}") from None
+        raise CheckpointError(
+            f"cannot read safetensors file {path}: {one_line(err, named=True)}"
+        ) from None
 
 
 def _read_torch(path):
@@ -138,16 +142,21 @@ def _read_torch(path):
                 f"refused {path}: loading it would call `{found.group(1)}`, i.e. run code from the "
                 "file; nothing from it was executed"
             ) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*Check the documentation", str(err), re.S)
+        detail = re.search(
+            r"WeightsUnpickler error:\s*(.+?)\s*Check the documentation", str(err), re.S
+        )
         if detail:
             message = f"unpickling error: {' '.join(detail.group(1).split())}"
         raise CheckpointError(
-            f"cannot read torch checkpoint {path} (truncated or not a torch file?): {message[:300]}") from None
+            f"cannot read torch checkpoint {path} (truncated or not a torch file?): {message[:300]}"
+        ) from None
 
 
 def _is_tensor_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items()
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items())
     )
 
 
@@ -160,8 +169,10 @@ def _unwrap(raw, use_ema, path):
         for key in EMA_KEYS:
             if _is_tensor_dict(raw.get(key)):
                 return raw[key], key, sorted(k for k in keys if k != key)
-        raise CheckpointError(f"--use-ema: {path} has no EMA weights (looked for {', '.join(EMA_KEYS)}); "
-                              f"it holds {shown}")
+        raise CheckpointError(
+            f"--use-ema: {path} has no EMA weights (looked for {', '.join(EMA_KEYS)}); "
+            f"it holds {shown}"
+        )
     for key in WRAPPER_KEYS:
         if _is_tensor_dict(raw.get(key)):
             return raw[key], key, sorted(k for k in keys if k != key)
@@ -169,7 +180,9 @@ def _unwrap(raw, use_ema, path):
         return raw, None, []
     tensors = {k: v for k, v in raw.items() if isinstance(k, str) and hasattr(v, "shape")}
     if not tensors:
-        named = "" if len(keys) == len(raw) else " (a state dict is keyed by parameter names, strings)"
+        named = (
+            "" if len(keys) == len(raw) else " (a state dict is keyed by parameter names, strings)"
+        )
         raise CheckpointError(
             f"{path} holds no state dict: top-level keys {shown}, none of "
             f"{', '.join(WRAPPER_KEYS)} with tensors in it{named}"
@@ -185,7 +198,7 @@ def _strip_prefixes(tensors):
         changed = False
         for prefix in STRIPPABLE_PREFIXES:
             if tensors and all(k.startswith(prefix) for k in tensors):
-                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
                 stripped.append(prefix)
                 changed = True
     return tensors, stripped
@@ -194,4 +207,6 @@ def _strip_prefixes(tensors):
 def _to_numpy(value):
     if not isinstance(value, np.ndarray):  # a torch tensor; fp16/bf16 computed in float32
         value = (value.detach().float() if value.is_floating_point() else value.detach()).numpy()
-    return value.astype(np.float32) if value.dtype.kind == "f" and value.dtype != np.float32 else value
+    return (
+        value.astype(np.float32) if value.dtype.kind == "f" and value.dtype != np.float32 else value
+    )

@@ -7,8 +7,10 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from convmixer_tf.config import ConvMixerConfig
+from convmixer_tf import contract, labels
+from convmixer_tf.config import ConvMixerConfig, get_variant
 from convmixer_tf.errors import BadInput
+from convmixer_tf.model import ConvMixer
 from weights_converter import mapping
 from weights_converter.checkpoint import Checkpoint, read_checkpoint
 
@@ -27,26 +29,42 @@ class Conversion:
     copied: int
     state_dicts: Dict[str, Dict[str, np.ndarray]]
     checkpoint: Optional[Checkpoint] = None
-    class_names_source: str = "none"  # "labels file", "ImageNet-1k (timm)", the hub's config or "none"
+    class_names_source: str = (
+        "none"  # "labels file", "ImageNet-1k (timm)", the hub's config or "none"
+    )
 
     def summary(self) -> dict:
-        return {"class_names": self.class_names_source,
-                "checkpoint": self.checkpoint.summary() if self.checkpoint else None, "layout": self.layout,
-                "config": self.config.to_dict(), "include_top": self.include_top,
-                "matched_variant": self.matched_variant, "activation_source": self.activation_source,
-                "weights_copied": self.copied, "unused_keys": []}
+        return {
+            "class_names": self.class_names_source,
+            "checkpoint": self.checkpoint.summary() if self.checkpoint else None,
+            "layout": self.layout,
+            "config": self.config.to_dict(),
+            "include_top": self.include_top,
+            "matched_variant": self.matched_variant,
+            "activation_source": self.activation_source,
+            "weights_copied": self.copied,
+            "unused_keys": [],
+        }
 
     def describe(self) -> str:
         c = self.config
-        return (f"{c.describe()}, {c.activation} ({self.activation_source}), "
-                f"{c.num_classes if self.include_top else 'no'} classes (names: {self.class_names_source}), "
-                f"layout {self.layout}, matches {self.matched_variant or 'no released variant'}")
+        return (
+            f"{c.describe()}, {c.activation} ({self.activation_source}), "
+            f"{c.num_classes if self.include_top else 'no'} classes (names: {self.class_names_source}), "
+            f"layout {self.layout}, matches {self.matched_variant or 'no released variant'}"
+        )
 
 
-def convert_state_dict(state_dict: Dict[str, np.ndarray], variant: Optional[str] = None, *,
-                       activation: Optional[str] = None, input_shape: Optional[Sequence[Optional[int]]] = None,
-                       layout: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
-                       facts: Optional[dict] = None) -> Conversion:
+def convert_state_dict(
+    state_dict: Dict[str, np.ndarray],
+    variant: Optional[str] = None,
+    *,
+    activation: Optional[str] = None,
+    input_shape: Optional[Sequence[Optional[int]]] = None,
+    layout: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
+    facts: Optional[dict] = None,
+) -> Conversion:
     """Builds the Keras ConvMixer that `state_dict` describes and fills every weight.
 
     Args:
@@ -64,62 +82,84 @@ def convert_state_dict(state_dict: Dict[str, np.ndarray], variant: Optional[str]
     Every Keras weight is filled exactly once, every tensor is used or named, every
     shape is checked before anything is copied; an unexpected tensor is an error.
     """
-    import convmixer_tf
-    from convmixer_tf import contract
-
     canonical, layout = mapping.to_canonical(state_dict, layout)
     mapping.check_finite(canonical)
-    config = mapping.infer_config(canonical, activation)
-    matched = mapping.match_variant(config)
-    source = "flag" if activation else ("variant" if matched else "default")
-    if variant is not None:
-        ref = convmixer_tf.get_variant(variant).config
-        if mapping.architecture(ref) != mapping.architecture(config):
-            raise mapping.MappingError(f"--variant {variant} is {ref.describe()}, "
-                                       f"but the checkpoint is {config.describe()}")
-        matched = variant
-        if activation is None:
-            config, source = config.replace(activation=ref.activation), "variant name"
+    config, matched, activation_source = _architecture(canonical, variant, activation)
     include_top = mapping.has_head(canonical)
     rows = mapping.plan(canonical, config, include_top)
-    model = convmixer_tf.ConvMixer(**config.to_dict(), input_shape=input_shape, include_top=include_top,
-                                   name=matched or "convmixer")
+    model = ConvMixer(
+        **config.to_dict(),
+        input_shape=input_shape,
+        include_top=include_top,
+        name=matched or "convmixer",
+    )
     _fill(model, rows, canonical)
     facts = dict(facts or {})
     info = contract.info_of(model)
     if matched:
-        info = info.replace(preprocessing=convmixer_tf.get_variant(matched).preprocessing, variant=matched)
+        info = info.replace(preprocessing=get_variant(matched).preprocessing, variant=matched)
     if facts.get("preprocessing"):
         info = info.replace(preprocessing=facts["preprocessing"])
     names, names_source = _class_names(class_names, facts, matched, config, include_top)
     contract.attach(model, info.replace(class_names=names, source=facts.get("source")))
-    state_dicts = {name: mapping.from_canonical(canonical, name, config.depth) for name in mapping.LAYOUTS}
-    return Conversion(model, config, layout, matched, source, include_top, len(rows), state_dicts,
-                      class_names_source=names_source)
+    state_dicts = {
+        name: mapping.from_canonical(canonical, name, config.depth) for name in mapping.LAYOUTS
+    }
+    return Conversion(
+        model,
+        config,
+        layout,
+        matched,
+        activation_source,
+        include_top,
+        len(rows),
+        state_dicts,
+        class_names_source=names_source,
+    )
+
+
+def _architecture(canonical, variant, activation):
+    """(config, the released variant it is, where its activation came from) of canonical
+    tensors: read from shapes, checked against `variant` when one is named."""
+    config = mapping.infer_config(canonical, activation)
+    matched = mapping.match_variant(config)
+    if activation:
+        source = "flag"
+    else:
+        source = "variant" if matched else "default"
+    if variant is None:
+        return config, matched, source
+    ref = get_variant(variant).config
+    if mapping.architecture(ref) != mapping.architecture(config):
+        raise mapping.MappingError(
+            f"--variant {variant} is {ref.describe()}, but the checkpoint is {config.describe()}"
+        )
+    if activation is None:
+        return config.replace(activation=ref.activation), variant, "variant name"
+    return config, variant, source
 
 
 def _class_names(given, facts, matched, config, include_top):
     """(names, where they came from): given ones, else the source's (a hub config), else
     ImageNet-1k's for a released variant's 1000-class head."""
-    import convmixer_tf
-    from convmixer_tf import contract
-
     if given is not None:
         names, origin = tuple(given), "labels file"
     elif facts.get("class_names") is not None:
         names, origin = tuple(facts["class_names"]), "the hub's config.json"
     else:
-        released = matched is not None and convmixer_tf.get_variant(matched).timm_name is not None
+        released = matched is not None and get_variant(matched).timm_name is not None
         names = None
         if released and include_top and config.num_classes == 1000:
-            names = contract.imagenet_class_names()
+            names = labels.imagenet_class_names()
         return names, "ImageNet-1k (timm)" if names is not None else "none"
     if origin != "labels file":
         origin = f"label_names of config.json of hf-hub:{facts['source']['repo']}"
     if not include_top:
-        raise mapping.MappingError(f"class names were given ({origin}), but the checkpoint has no classifier head")
+        raise mapping.MappingError(
+            f"class names were given ({origin}), but the checkpoint has no classifier head"
+        )
     try:
-        contract.check_class_names(names, config.num_classes)
+        labels.check_class_names(names, config.num_classes)
     except BadInput as err:
         raise BadInput(f"{origin}: {err}") from None
     return names, "labels file" if given is not None else "the hub's config.json"
@@ -133,19 +173,28 @@ def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False, in
         >>> model = convert_checkpoint("convmixer_768_32.pth.tar")  # doctest: +SKIP
         >>> model.save("convmixer_768_32.keras")  # doctest: +SKIP
     """
-    return convert_file(path, variant, activation=activation, use_ema=use_ema, input_shape=input_shape).model
+    return convert_file(
+        path, variant, activation=activation, use_ema=use_ema, input_shape=input_shape
+    ).model
 
 
-def convert_file(path, variant=None, *, activation=None, use_ema=False, input_shape=None,
-                 class_names=None) -> Conversion:
+def convert_file(
+    path, variant=None, *, activation=None, use_ema=False, input_shape=None, class_names=None
+) -> Conversion:
     """Like `convert_checkpoint`, returning the full `Conversion` record (`path` may also be
     a `hub.Source` already resolved)."""
     from weights_converter import hub
 
     source = path if isinstance(path, hub.Source) else hub.resolve(path)
     checkpoint = read_checkpoint(source.path, use_ema=use_ema)
-    conversion = convert_state_dict(checkpoint.state_dict, variant, activation=activation, input_shape=input_shape,
-                                    class_names=class_names, facts=source.facts)
+    conversion = convert_state_dict(
+        checkpoint.state_dict,
+        variant,
+        activation=activation,
+        input_shape=input_shape,
+        class_names=class_names,
+        facts=source.facts,
+    )
     conversion.checkpoint = checkpoint
     return conversion
 
@@ -156,8 +205,10 @@ def _fill(model, rows, state_dict) -> None:
         variable = getattr(model.get_layer(row.layer), row.weight)
         value = mapping.TRANSFORMS[row.transform].to_keras(state_dict[row.key])
         if tuple(variable.shape) != value.shape:
-            raise mapping.MappingError(f"{row.key} -> {row.layer}.{row.weight}: shape {value.shape} after "
-                                       f"{row.transform}, Keras expects {tuple(variable.shape)}")
+            raise mapping.MappingError(
+                f"{row.key} -> {row.layer}.{row.weight}: shape {value.shape} after "
+                f"{row.transform}, Keras expects {tuple(variable.shape)}"
+            )
         variable.assign(np.ascontiguousarray(value, dtype=np.float32))
         filled.add(id(variable))
     missed = [w.path for w in model.weights if id(w) not in filled]  # would keep their random init
@@ -178,14 +229,14 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
         >>> sd = keras_to_state_dict(model, framework="torch")  # doctest: +SKIP
         >>> timm.create_model("convmixer_768_32").load_state_dict(sd, strict=True)  # doctest: +SKIP
     """
-    from convmixer_tf import contract
-
     if framework not in ("numpy", "torch"):
         raise ValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
     config = contract.info_of(model).config
     out = {}
     for row in mapping.weight_table(config, config.num_classes > 0):
-        value = np.asarray(getattr(model.get_layer(row.layer), row.weight).numpy(), dtype=np.float32)
+        value = np.asarray(
+            getattr(model.get_layer(row.layer), row.weight).numpy(), dtype=np.float32
+        )
         out[row.key] = np.ascontiguousarray(mapping.TRANSFORMS[row.transform].to_torch(value))
     # BatchNorm's counter: not a weight, but part of a strict PyTorch state dict.
     for key in [k for k in out if k.endswith(".running_var")]:

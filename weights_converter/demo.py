@@ -39,8 +39,15 @@ def write_demo_checkpoint(path, variant: str = "convmixer_768_32", seed: int = 0
 
     cfg = get_variant(variant).config
     torch.manual_seed(seed)
-    model = paper_convmixer(cfg.dim, cfg.depth, cfg.kernel_size, cfg.patch_size, cfg.num_classes,
-                            activation=cfg.activation, depthwise=cfg.depthwise)
+    model = paper_convmixer(
+        cfg.dim,
+        cfg.depth,
+        cfg.kernel_size,
+        cfg.patch_size,
+        cfg.num_classes,
+        activation=cfg.activation,
+        depthwise=cfg.depthwise,
+    )
     randomize_batchnorm(model, seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.partial"
@@ -50,15 +57,20 @@ def write_demo_checkpoint(path, variant: str = "convmixer_768_32", seed: int = 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m weights_converter.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m weights_converter.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("path", help="where to write the .pth file")
     parser.add_argument("--variant", default="convmixer_768_32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = write_demo_checkpoint(args.path, args.variant, args.seed)
-    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB): {args.variant}, paper nn.Sequential layout, "
-          f"random weights and BatchNorm statistics (seed {args.seed})")
+    print(
+        f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB): {args.variant}, paper nn.Sequential layout, "
+        f"random weights and BatchNorm statistics (seed {args.seed})"
+    )
     return 0
 
 

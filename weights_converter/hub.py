@@ -44,9 +44,14 @@ class Source:
             return {"source": {"file": os.path.basename(self.path)}}
         where = f"config.json of {PREFIX}{self.repo}"
         facts = read_config(self.config or {}, where)
-        source = {"repo": self.repo, "revision": self.revision or "main", "commit": self.commit,
-                  "file": os.path.basename(self.path), "license": facts.pop("license"),
-                  "architecture": facts.pop("architecture")}
+        source = {
+            "repo": self.repo,
+            "revision": self.revision or "main",
+            "commit": self.commit,
+            "file": os.path.basename(self.path),
+            "license": facts.pop("license"),
+            "architecture": facts.pop("architecture"),
+        }
         return dict(facts, source=source)
 
 
@@ -64,10 +69,12 @@ def read_config(config: dict, where: str) -> dict:
         field = "label_names"
     if names is not None and not all(isinstance(name, str) for name in names):
         raise BadInput(f"{where}: {field} must be a list of strings, got {_shown(names)}")
-    return {"preprocessing": _preprocessing(pretrained, where, prefix),
-            "class_names": tuple(names) if names else None,
-            "license": _field(pretrained, "license", (str,), where, prefix=prefix, default=None),
-            "architecture": _field(config, "architecture", (str,), where, default=None)}
+    return {
+        "preprocessing": _preprocessing(pretrained, where, prefix),
+        "class_names": tuple(names) if names else None,
+        "license": _field(pretrained, "license", (str,), where, prefix=prefix, default=None),
+        "architecture": _field(config, "architecture", (str,), where, default=None),
+    }
 
 
 def _field(data: dict, key: str, kinds: tuple, where: str, *, prefix: str = "", default):
@@ -95,11 +102,17 @@ def _preprocessing(pretrained: dict, where: str, prefix: str):
     size = pretrained.get("input_size", [3, 224, 224])
     square = isinstance(size, list) and len(size) == 3 and size[0] == 3 and size[1] == size[2]
     if not square:
-        raise BadInput(f"{where}: {prefix}input_size must be [3, SIZE, SIZE] (a square RGB input), "
-                       f"got {_shown(size)}")
-    values = {"input_size": size[2], "crop_pct": pretrained.get("crop_pct", 0.875),
-              "interpolation": pretrained.get("interpolation", "bicubic"),
-              "mean": pretrained.get("mean"), "std": pretrained.get("std")}
+        raise BadInput(
+            f"{where}: {prefix}input_size must be [3, SIZE, SIZE] (a square RGB input), "
+            f"got {_shown(size)}"
+        )
+    values = {
+        "input_size": size[2],
+        "crop_pct": pretrained.get("crop_pct", 0.875),
+        "interpolation": pretrained.get("interpolation", "bicubic"),
+        "mean": pretrained.get("mean"),
+        "std": pretrained.get("std"),
+    }
     try:
         return Preprocessing(**values)
     except BadInput as err:
@@ -112,9 +125,11 @@ def is_hub_id(text) -> bool:
 
 def parse(text: str):
     """`hf-hub:OWNER/NAME[@REVISION]` -> (repo, revision or None); BadInput otherwise."""
-    repo, _, revision = text[len(PREFIX):].partition("@")
+    repo, _, revision = text[len(PREFIX) :].partition("@")
     if not REPO_ID.fullmatch(repo):
-        raise BadInput(f"a Hub id is {PREFIX}OWNER/NAME[@REVISION] (letters, digits, '-', '_', '.'), got {text!r}")
+        raise BadInput(
+            f"a Hub id is {PREFIX}OWNER/NAME[@REVISION] (letters, digits, '-', '_', '.'), got {text!r}"
+        )
     return repo, revision or None
 
 
@@ -125,7 +140,11 @@ def resolve(checkpoint) -> Source:
     repo, revision = parse(checkpoint)
     try:
         from huggingface_hub import constants, hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError:
         raise BadInput(f"{checkpoint} needs huggingface_hub: pip install huggingface_hub") from None
     path, uncached = None, False
@@ -140,13 +159,19 @@ def resolve(checkpoint) -> Source:
         except RepositoryNotFoundError:
             raise BadInput(f"no repo {repo} on the Hugging Face Hub (or it is private)") from None
     if path is None and uncached and not _cached_snapshot(repo, revision):
-        how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        raise BadInput(f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
-                         f"({constants.HF_HUB_CACHE}) and {how}; fetch it where the Hub is reachable: "
-                         f"hf download {repo}{' --revision ' + revision if revision else ''}")
+        how = (
+            "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        )
+        raise BadInput(
+            f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and {how}; fetch it where the Hub is reachable: "
+            f"hf download {repo}{' --revision ' + revision if revision else ''}"
+        )
     if path is None:
         where = " in the cache (hf download fetches all of a repo)" if uncached else ""
-        raise BadInput(f"{repo} holds no ConvMixer weights{where}: neither {' nor '.join(WEIGHT_FILES)}")
+        raise BadInput(
+            f"{repo} holds no ConvMixer weights{where}: neither {' nor '.join(WEIGHT_FILES)}"
+        )
     config = _optional_json(hf_hub_download, repo, revision)
     commit = os.path.basename(os.path.dirname(path)) if "snapshots" in path else None
     return Source(path, repo, revision, commit, config)
@@ -175,7 +200,9 @@ def _optional_json(download, repo, revision) -> Optional[dict]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as err:
-        raise BadInput(f"config.json of {PREFIX}{repo} cannot be read as JSON ({err}); fix or remove it") from None
+        raise BadInput(
+            f"config.json of {PREFIX}{repo} cannot be read as JSON ({err}); fix or remove it"
+        ) from None
     if not isinstance(data, dict):
         raise BadInput(f"config.json of {PREFIX}{repo} must be a JSON object, got {_shown(data)}")
     return data

@@ -29,6 +29,7 @@ class MappingError(BadInput):
 
 # --- transforms: torch tensor -> Keras variable, and back -------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
     name: str
@@ -41,7 +42,9 @@ TRANSFORMS = {
     # Conv2d (O, I, kh, kw) <-> Conv2D (kh, kw, I, O)
     "conv": Transform("conv", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
     # depthwise Conv2d (C, 1, k, k) <-> DepthwiseConv2D (k, k, C, 1)
-    "depthwise": Transform("depthwise", lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1)),
+    "depthwise": Transform(
+        "depthwise", lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1)
+    ),
     # Linear (out, in) <-> Dense (in, out)
     "linear": Transform("linear", lambda a: a.T, lambda a: a.T),
 }
@@ -61,12 +64,19 @@ def weight_table(config: ConvMixerConfig, include_top: bool = True) -> List[Row]
     """The declarative mapping for `config`: one row per Keras weight."""
 
     def conv(layer, key, transform="conv"):
-        return [Row(layer, "kernel", f"{key}.weight", transform), Row(layer, "bias", f"{key}.bias", "identity")]
+        return [
+            Row(layer, "kernel", f"{key}.weight", transform),
+            Row(layer, "bias", f"{key}.bias", "identity"),
+        ]
 
     def bn(layer, key):
         # PyTorch weight/bias/running_mean/running_var == Keras gamma/beta/moving_mean/moving_variance.
-        pairs = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"),
-                 ("moving_variance", "running_var"))
+        pairs = (
+            ("gamma", "weight"),
+            ("beta", "bias"),
+            ("moving_mean", "running_mean"),
+            ("moving_variance", "running_var"),
+        )
         return [Row(layer, w, f"{key}.{t}", "identity") for w, t in pairs]
 
     rows = conv(contract.STEM_CONV, "stem.0") + bn(contract.STEM_BN, "stem.2")
@@ -78,12 +88,15 @@ def weight_table(config: ConvMixerConfig, include_top: bool = True) -> List[Row]
         rows += conv(layer("pw_conv"), f"blocks.{i}.1")
         rows += bn(layer("pw_bn"), f"blocks.{i}.3")
     if include_top:
-        rows += [Row(contract.HEAD, "kernel", "head.weight", "linear"),
-                 Row(contract.HEAD, "bias", "head.bias", "identity")]
+        rows += [
+            Row(contract.HEAD, "kernel", "head.weight", "linear"),
+            Row(contract.HEAD, "bias", "head.bias", "identity"),
+        ]
     return rows
 
 
 # --- layouts ---------------------------------------------------------------------
+
 
 def detect_layout(keys) -> str:
     """'timm' (stem./blocks./head.) or 'sequential' (the paper's nn.Sequential: 0., 2., 3.0.fn.0., ...)."""
@@ -104,7 +117,9 @@ def _sequential_depth(keys) -> int:
     return len(blocks)
 
 
-def to_canonical(state_dict: Dict[str, np.ndarray], layout: Optional[str] = None) -> Tuple[Dict[str, np.ndarray], str]:
+def to_canonical(
+    state_dict: Dict[str, np.ndarray], layout: Optional[str] = None
+) -> Tuple[Dict[str, np.ndarray], str]:
     """Renames `state_dict` to timm's keys; returns (renamed dict, layout it came in)."""
     layout = layout or detect_layout(state_dict)
     if layout == "timm":
@@ -128,7 +143,9 @@ def to_canonical(state_dict: Dict[str, np.ndarray], layout: Optional[str] = None
     return out, layout
 
 
-def from_canonical(state_dict: Dict[str, np.ndarray], layout: str, depth: int) -> Dict[str, np.ndarray]:
+def from_canonical(
+    state_dict: Dict[str, np.ndarray], layout: str, depth: int
+) -> Dict[str, np.ndarray]:
     """Renames canonical (timm) keys to `layout`."""
     if layout == "timm":
         return dict(state_dict)
@@ -137,12 +154,12 @@ def from_canonical(state_dict: Dict[str, np.ndarray], layout: str, depth: int) -
     out = {}
     for key, value in state_dict.items():
         if key.startswith("stem."):
-            new = key[len("stem."):]
+            new = key[len("stem.") :]
         elif key.startswith("blocks."):
             _, i, rest = key.split(".", 2)
             new = f"{int(i) + 3}.{rest}"
         elif key.startswith("head."):
-            new = f"{depth + 5}.{key[len('head.'):]}"
+            new = f"{depth + 5}.{key[len('head.') :]}"
         else:
             new = key
         out[new] = value
@@ -151,6 +168,7 @@ def from_canonical(state_dict: Dict[str, np.ndarray], layout: str, depth: int) -
 
 # --- config from shapes ----------------------------------------------------------
 
+
 def check_finite(state_dict: Dict[str, np.ndarray]) -> None:
     """MappingError (exit 2) naming the first tensor that holds NaN or Inf: such weights
     are damaged input, not a parity question."""
@@ -158,8 +176,10 @@ def check_finite(state_dict: Dict[str, np.ndarray]) -> None:
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             bad = int(value.size - np.isfinite(value).sum())
             kinds = "/".join(k for k, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(value).any())
-            raise MappingError(f"tensor {key!r} holds {bad} non-finite value(s) ({kinds}): the checkpoint is damaged "
-                               "or its training diverged; nothing was converted")
+            raise MappingError(
+                f"tensor {key!r} holds {bad} non-finite value(s) ({kinds}): the checkpoint is damaged "
+                "or its training diverged; nothing was converted"
+            )
 
 
 def _need(sd, key):
@@ -168,7 +188,9 @@ def _need(sd, key):
     return sd[key]
 
 
-def infer_config(state_dict: Dict[str, np.ndarray], activation: Optional[str] = None) -> ConvMixerConfig:
+def infer_config(
+    state_dict: Dict[str, np.ndarray], activation: Optional[str] = None
+) -> ConvMixerConfig:
     """Reads dim, depth, kernel, patch, classes and depthwise-or-not from tensor shapes.
 
     The activation cannot be read from weights: it comes from `activation`, else from
@@ -184,11 +206,15 @@ def infer_config(state_dict: Dict[str, np.ndarray], activation: Optional[str] = 
     if stem.ndim != 4 or stem.shape[2] != stem.shape[3]:
         raise MappingError(f"stem.0.weight has shape {tuple(stem.shape)}, expected (dim, 3, p, p)")
     if stem.shape[1] != 3:
-        raise MappingError(f"stem.0.weight has {stem.shape[1]} input channels; only 3 (RGB) is supported")
+        raise MappingError(
+            f"stem.0.weight has {stem.shape[1]} input channels; only 3 (RGB) is supported"
+        )
     dim, patch = int(stem.shape[0]), int(stem.shape[2])
     depth = len({int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))})
     if depth == 0:
-        raise MappingError("missing key 'blocks.0.0.fn.0.weight': the checkpoint has no mixer blocks")
+        raise MappingError(
+            "missing key 'blocks.0.0.fn.0.weight': the checkpoint has no mixer blocks"
+        )
     spatial = _need(sd, "blocks.0.0.fn.0.weight")
     if spatial.ndim != 4 or spatial.shape[0] != dim or spatial.shape[1] not in (1, dim):
         raise MappingError(
@@ -198,8 +224,14 @@ def infer_config(state_dict: Dict[str, np.ndarray], activation: Optional[str] = 
     depthwise = spatial.shape[1] == 1 and dim > 1
     head = sd.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 0  # 0: no head
-    base = ConvMixerConfig(dim=dim, depth=depth, kernel_size=int(spatial.shape[2]), patch_size=patch,
-                           num_classes=num_classes, depthwise=depthwise)
+    base = ConvMixerConfig(
+        dim=dim,
+        depth=depth,
+        kernel_size=int(spatial.shape[2]),
+        patch_size=patch,
+        num_classes=num_classes,
+        depthwise=depthwise,
+    )
     match = match_variant(base)
     if activation is None:
         activation = VARIANTS[match].config.activation if match else "gelu"
@@ -238,16 +270,22 @@ def plan(state_dict: Dict[str, np.ndarray], config: ConvMixerConfig, include_top
         got = tuple(state_dict[row.key].shape)
         expected = expected_torch_shape(row, config)
         if got != expected:
-            raise MappingError(f"wrong shape for {row.key!r}: {got}, expected {expected} for a {config.describe()}")
+            raise MappingError(
+                f"wrong shape for {row.key!r}: {got}, expected {expected} for a {config.describe()}"
+            )
     unused = sorted(k for k in state_dict if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
     if unused:
         more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
-        raise MappingError(f"unexpected key {unused[0]!r}{more}: not part of a ConvMixer-{config.dim}/{config.depth}")
+        raise MappingError(
+            f"unexpected key {unused[0]!r}{more}: not part of a ConvMixer-{config.dim}/{config.depth}"
+        )
     return rows
 
 
 def expected_torch_shape(row: Row, config: ConvMixerConfig) -> tuple:
-    d, k, p = config.dim, config.kernel_size, config.patch_size
+    d = config.dim
+    k = config.kernel_size
+    p = config.patch_size
     if row.key == "stem.0.weight":
         return (d, 3, p, p)
     if row.key.endswith(".0.fn.0.weight"):

@@ -54,16 +54,20 @@ class ParityReport:
 
     def describe(self) -> str:
         top1 = "n/a" if self.top1_agreement is None else f"{self.top1_agreement:.1%}"
-        text = (f"parity {'PASSED' if self.passed else 'FAILED'}: max |logit diff| {self.max_abs:.2e} (tolerance "
-                f"{self.tolerance:.0e}), max rel {self.max_rel:.2e}, top-1 agreement {top1} on {self.num_inputs} "
-                f"inputs; reference {self.reference}")
+        text = (
+            f"parity {'PASSED' if self.passed else 'FAILED'}: max |logit diff| {self.max_abs:.2e} (tolerance "
+            f"{self.tolerance:.0e}), max rel {self.max_rel:.2e}, top-1 agreement {top1} on {self.num_inputs} "
+            f"inputs; reference {self.reference}"
+        )
         if self.first_divergent_stage:
             stage = next(s for s in self.stages if s.name == self.first_divergent_stage)
             text += f"; first diverging stage: {stage.name} (max abs diff {stage.max_abs:.3g})"
         return text
 
 
-def paper_convmixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, *, activation="gelu", depthwise=True):
+def paper_convmixer(
+    dim, depth, kernel_size=9, patch_size=7, n_classes=1000, *, activation="gelu", depthwise=True
+):
     """The paper's ConvMixer as an nn.Sequential (the authors' convmixer.py; exact GELU),
     with the two knobs the released code and the paper's listing differ on: the
     activation and groups=dim. Its state dict uses the paper's keys (0.weight, 3.0.fn.0.weight, ...)."""
@@ -79,17 +83,39 @@ def paper_convmixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, *, 
 
     act = {"gelu": nn.GELU, "relu": nn.ReLU}[activation]
     return nn.Sequential(
-        nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size), act(), nn.BatchNorm2d(dim),
-        *[nn.Sequential(
-            Residual(nn.Sequential(nn.Conv2d(dim, dim, kernel_size, groups=dim if depthwise else 1, padding="same"),
-                                   act(), nn.BatchNorm2d(dim))),
-            nn.Conv2d(dim, dim, kernel_size=1), act(), nn.BatchNorm2d(dim),
-        ) for _ in range(depth)],
-        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, n_classes))
+        nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size),
+        act(),
+        nn.BatchNorm2d(dim),
+        *[
+            nn.Sequential(
+                Residual(
+                    nn.Sequential(
+                        nn.Conv2d(
+                            dim, dim, kernel_size, groups=dim if depthwise else 1, padding="same"
+                        ),
+                        act(),
+                        nn.BatchNorm2d(dim),
+                    )
+                ),
+                nn.Conv2d(dim, dim, kernel_size=1),
+                act(),
+                nn.BatchNorm2d(dim),
+            )
+            for _ in range(depth)
+        ],
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.Flatten(),
+        nn.Linear(dim, n_classes),
+    )
 
 
-def reference_model(config: ConvMixerConfig, include_top: bool = True, variant: Optional[str] = None, *,
-                    prefer_timm: bool = True):
+def reference_model(
+    config: ConvMixerConfig,
+    include_top: bool = True,
+    variant: Optional[str] = None,
+    *,
+    prefer_timm: bool = True,
+):
     """Builds the PyTorch ConvMixer for `config`; returns (module, description, layout).
 
     For a released variant the architecture, activation included, is timm's own
@@ -101,19 +127,42 @@ def reference_model(config: ConvMixerConfig, include_top: bool = True, variant: 
     timm = _import_timm() if prefer_timm else None
     if timm is not None and config.depthwise:
         if variant in VARIANTS and VARIANTS[variant].timm_name:
-            model = timm.create_model(VARIANTS[variant].timm_name, pretrained=False, num_classes=num_classes)
-            return model.eval(), f"timm.create_model({variant!r}, num_classes={num_classes})", "timm"
+            model = timm.create_model(
+                VARIANTS[variant].timm_name, pretrained=False, num_classes=num_classes
+            )
+            return (
+                model.eval(),
+                f"timm.create_model({variant!r}, num_classes={num_classes})",
+                "timm",
+            )
         from timm.models.convmixer import ConvMixer
 
         act = {"gelu": nn.GELU, "relu": nn.ReLU}[config.activation]
-        model = ConvMixer(config.dim, config.depth, kernel_size=config.kernel_size, patch_size=config.patch_size,
-                          num_classes=num_classes, act_layer=act)
+        model = ConvMixer(
+            config.dim,
+            config.depth,
+            kernel_size=config.kernel_size,
+            patch_size=config.patch_size,
+            num_classes=num_classes,
+            act_layer=act,
+        )
         return model.eval(), f"timm ConvMixer({config.describe()}, {config.activation})", "timm"
-    model = paper_convmixer(config.dim, config.depth, config.kernel_size, config.patch_size, max(num_classes, 1),
-                            activation=config.activation, depthwise=config.depthwise)
+    model = paper_convmixer(
+        config.dim,
+        config.depth,
+        config.kernel_size,
+        config.patch_size,
+        max(num_classes, 1),
+        activation=config.activation,
+        depthwise=config.depthwise,
+    )
     if not include_top:
         model = nn.Sequential(*list(model)[:-1])
-    return model.eval(), f"paper nn.Sequential({config.describe()}, {config.activation})", "sequential"
+    return (
+        model.eval(),
+        f"paper nn.Sequential({config.describe()}, {config.activation})",
+        "sequential",
+    )
 
 
 def reference(config: ConvMixerConfig, state_dicts, variant: Optional[str] = None):
@@ -122,18 +171,31 @@ def reference(config: ConvMixerConfig, state_dicts, variant: Optional[str] = Non
     import torch
 
     model, description, layout = reference_model(config, config.num_classes > 0, variant)
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dicts[layout].items()}, strict=True)
+    model.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in state_dicts[layout].items()}, strict=True
+    )
     return model, description
 
 
 def seeded_inputs(batch_size: int, size: int, seed: int = 0) -> np.ndarray:
     """Normalised-space NHWC inputs (what the network sees after mean/std)."""
-    return np.random.default_rng(seed).standard_normal((batch_size, size, size, 3)).astype(np.float32)
+    return (
+        np.random.default_rng(seed).standard_normal((batch_size, size, size, 3)).astype(np.float32)
+    )
 
 
-def check_parity(torch_model, keras_model, inputs: Optional[np.ndarray] = None, *,
-                 tolerance: float = DEFAULT_TOLERANCE, batch_size: int = 2, image_size: int = 224, seed: int = 0,
-                 input_sets: Optional[List[dict]] = None, reference: str = "") -> ParityReport:
+def check_parity(
+    torch_model,
+    keras_model,
+    inputs: Optional[np.ndarray] = None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    batch_size: int = 2,
+    image_size: int = 224,
+    seed: int = 0,
+    input_sets: Optional[List[dict]] = None,
+    reference: str = "",
+) -> ParityReport:
     """Compares a PyTorch ConvMixer and its Keras conversion on the same NHWC batch.
 
     Args:
@@ -154,18 +216,33 @@ def check_parity(torch_model, keras_model, inputs: Optional[np.ndarray] = None, 
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     torch_outs = _torch_stages(torch_model, inputs)
     keras_outs = _keras_stages(keras_model, inputs, len(torch_outs) - 2)
-    stages = [_diff(name, keras_out, ref, tolerance) for (name, ref), keras_out in zip(torch_outs, keras_outs)]
+    stages = [
+        _diff(name, keras_out, ref, tolerance)
+        for (name, ref), keras_out in zip(torch_outs, keras_outs)
+    ]
     final = stages[-1]
     final.diverged = final.max_abs > tolerance
     keras_out, torch_out = keras_outs[-1], torch_outs[-1][1]
     top1 = None
-    if keras_out.ndim == 2 and keras_out.shape[1] > 1 and contract.info_of(keras_model).config.num_classes:
+    if (
+        keras_out.ndim == 2
+        and keras_out.shape[1] > 1
+        and contract.info_of(keras_model).config.num_classes
+    ):
         top1 = float(np.mean(keras_out.argmax(1) == torch_out.argmax(1)))
     return ParityReport(
-        passed=bool(not final.diverged and np.isfinite(keras_out).all()), tolerance=tolerance,
-        max_abs=final.max_abs, max_rel=final.max_rel, top1_agreement=top1, num_inputs=int(inputs.shape[0]),
-        input_shape=list(inputs.shape[1:]), inputs=input_sets or [], stages=stages,
-        first_divergent_stage=next((s.name for s in stages if s.diverged), None), reference=reference)
+        passed=bool(not final.diverged and np.isfinite(keras_out).all()),
+        tolerance=tolerance,
+        max_abs=final.max_abs,
+        max_rel=final.max_rel,
+        top1_agreement=top1,
+        num_inputs=int(inputs.shape[0]),
+        input_shape=list(inputs.shape[1:]),
+        inputs=input_sets or [],
+        stages=stages,
+        first_divergent_stage=next((s.name for s in stages if s.diverged), None),
+        reference=reference,
+    )
 
 
 def _torch_stages(torch_model, inputs) -> list:
@@ -173,14 +250,22 @@ def _torch_stages(torch_model, inputs) -> list:
     import torch
 
     if hasattr(torch_model, "stem") and hasattr(torch_model, "blocks"):
-        modules = [("stem", torch_model.stem)] + [(f"block{i}", b) for i, b in enumerate(torch_model.blocks)]
+        modules = [("stem", torch_model.stem)] + [
+            (f"block{i}", b) for i, b in enumerate(torch_model.blocks)
+        ]
     else:
         layers = list(torch_model)
         depth = sum(1 for m in layers[3:] if type(m).__name__ == "Sequential")
         modules = [("stem", layers[2])] + [(f"block{i}", layers[3 + i]) for i in range(depth)]
     captured = {}
-    hooks = [module.register_forward_hook(lambda m, args, out, name=name: captured.__setitem__(
-        name, out.detach().numpy().transpose(0, 2, 3, 1))) for name, module in modules]
+    hooks = [
+        module.register_forward_hook(
+            lambda m, args, out, name=name: captured.__setitem__(
+                name, out.detach().numpy().transpose(0, 2, 3, 1)
+            )
+        )
+        for name, module in modules
+    ]
     try:
         torch_model.eval()
         with torch.no_grad():
@@ -195,7 +280,9 @@ def _keras_stages(keras_model, inputs, depth) -> list:
     import keras
 
     layers = contract.stage_layers(depth)
-    probe = keras.Model(keras_model.input, [keras_model.get_layer(n).output for n in layers] + [keras_model.output])
+    probe = keras.Model(
+        keras_model.input, [keras_model.get_layer(n).output for n in layers] + [keras_model.output]
+    )
     return [keras.ops.convert_to_numpy(t) for t in probe(inputs, training=False)]
 
 
@@ -215,7 +302,9 @@ def _import_timm():
     return timm
 
 
-def prove(conversion, tolerance: float = DEFAULT_TOLERANCE, images: Optional[str] = None) -> ParityReport:
+def prove(
+    conversion, tolerance: float = DEFAULT_TOLERANCE, images: Optional[str] = None
+) -> ParityReport:
     """The parity report of a conversion (`weights_converter.convert.Conversion`): the PyTorch
     reference loaded with the same tensors, on a seeded batch and on `images` (a folder or
     tfds:NAME[:SPLIT], with timm's eval transform).
@@ -227,19 +316,29 @@ def prove(conversion, tolerance: float = DEFAULT_TOLERANCE, images: Optional[str
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise BadInput("parity needs the PyTorch network: pip install 'convmixer-tf[timm]' "
-                       "(or pass --skip-parity to convert without the proof)") from None
-    torch_model, description = reference(conversion.config, conversion.state_dicts, conversion.matched_variant)
+        raise BadInput(
+            "parity needs the PyTorch network: pip install 'convmixer-tf[timm]' "
+            "(or pass --skip-parity to convert without the proof)"
+        ) from None
+    torch_model, description = reference(
+        conversion.config, conversion.state_dicts, conversion.matched_variant
+    )
     pre = contract.info_of(conversion.model).preprocessing
     inputs = seeded_inputs(SEEDED_BATCH, pre.input_size)
     sets = [{"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH}]
     if images:
-        from convmixer_tf.data import parse_source, read_images
+        from convmixer_tf.images import parse_source, read_images
 
         pictures, names, _ = read_images(parse_source(images), pre)
         inputs = np.concatenate([inputs, pictures])  # normalised, as the network sees them
         where = images if images.startswith("tfds:") else os.path.abspath(images)
         transform = f"resize {pre.interpolation} to {pre.input_size}/{pre.crop_pct}, centre crop {pre.input_size}"
         sets.append({"source": where, "count": len(names), "transform": transform})
-    return check_parity(torch_model, conversion.model, inputs=inputs, tolerance=tolerance, input_sets=sets,
-                        reference=description)
+    return check_parity(
+        torch_model,
+        conversion.model,
+        inputs=inputs,
+        tolerance=tolerance,
+        input_sets=sets,
+        reference=description,
+    )

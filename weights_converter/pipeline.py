@@ -9,12 +9,16 @@ failure at any step leaves no half-written output.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 from convmixer_tf import outputs
-from convmixer_tf.export.calibration import CALIBRATION_COUNT
+from convmixer_tf.export import ExportOptions, export_formats, registry
+from convmixer_tf.staging import staged
+from weights_converter import hub
+from weights_converter.convert import convert_file
 from weights_converter.parity import DEFAULT_TOLERANCE, prove
 
 REPORT = "report.json"
@@ -25,17 +29,16 @@ SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 def output_kind() -> outputs.Output:
     """What the converter writes: a folder with report.json, model.keras and exported files."""
-    from convmixer_tf.export import registry
-
-    return outputs.Output("weights_converter", REPORT,
-                          lambda report: isinstance(report, dict) and "conversion" in report,
-                          (*outputs.exactly(REPORT, MODEL, CARD), *registry.file_patterns()))
+    return outputs.Output(
+        "weights_converter",
+        REPORT,
+        lambda report: isinstance(report, dict) and "conversion" in report,
+        (*outputs.exactly(REPORT, MODEL, CARD), *registry.file_patterns()),
+    )
 
 
 def default_output_dir(checkpoint_path) -> str:
     """`dir/name.pth.tar` -> `dir/name_keras`; `hf-hub:owner/name` -> `./name_keras`."""
-    from weights_converter import hub
-
     if hub.is_hub_id(checkpoint_path):
         return os.path.abspath(hub.parse(checkpoint_path)[0].split("/")[1] + "_keras")
     path = os.path.abspath(os.fspath(checkpoint_path))
@@ -44,68 +47,114 @@ def default_output_dir(checkpoint_path) -> str:
     return os.path.join(os.path.dirname(path), f"{base}_keras")
 
 
-def convert_and_verify(torch_ckpt, output: Optional[str] = None, *, variant: Optional[str] = None,
-                       activation: Optional[str] = None, use_ema: bool = False, exports: Sequence[str] = (),
-                       tolerance: float = DEFAULT_TOLERANCE, parity_images: Optional[str] = None, force: bool = False,
-                       skip_parity: bool = False, calibration_data: Optional[str] = None,
-                       calibration_count: int = CALIBRATION_COUNT, log: Callable[[str], None] = lambda message: None,
-                       labels: Optional[str] = None, allow_duplicate_labels: bool = False,
-                       tflite_output: str = "probabilities", processes: Optional[int] = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    """What to convert, and how: the one object the command line builds and passes down.
+
+    Attributes:
+        checkpoint: a checkpoint file, or `hf-hub:OWNER/NAME[@REVISION]`.
+        output: the output folder (default: next to the checkpoint, NAME_keras).
+        variant: the released variant the checkpoint must be (it sets the activation).
+        activation: "gelu" or "relu" (default: the matched variant's, else gelu).
+        use_ema: take the EMA weights (state_dict_ema) of a timm training checkpoint.
+        labels: a labels file of class names, stored with the model.
+        allow_duplicate_labels: accept a labels file that names two classes alike.
+        tolerance: the largest abs difference of float32 logits parity allows.
+        parity_images: also compare on these images (a folder or tfds:NAME[:SPLIT]).
+        skip_parity: convert without the PyTorch run (no proof; for machines without torch).
+        force: replace an earlier output of the converter.
+        export: the files to write and verify beside the model (no formats: none).
+
+    Example:
+        >>> ConvertOptions("convmixer_768_32.pth", export=ExportOptions(formats=("onnx",)))  # doctest: +SKIP
+    """
+
+    checkpoint: str
+    output: Optional[str] = None
+    variant: Optional[str] = None
+    activation: Optional[str] = None
+    use_ema: bool = False
+    labels: Optional[str] = None
+    allow_duplicate_labels: bool = False
+    tolerance: float = DEFAULT_TOLERANCE
+    parity_images: Optional[str] = None
+    skip_parity: bool = False
+    force: bool = False
+    export: ExportOptions = ExportOptions(formats=())
+
+
+def convert_and_verify(
+    options: ConvertOptions, log: Callable[[str], None] = lambda message: None
+) -> dict:
     """Converts a checkpoint, proves parity, exports; returns the report (also in report.json).
 
-    Raises CheckpointError / MappingError / OutputExistsError / ValueError on bad input.
+    Raises CheckpointError / MappingError / OutputExistsError / BadInput on bad input.
     When parity fails, the output holds report.json alone (no model) and
     report["status"] == "parity_failed".
 
     Example:
-        >>> report = convert_and_verify("convmixer_768_32.pth", exports=["onnx"])  # doctest: +SKIP
+        >>> report = convert_and_verify(ConvertOptions("convmixer_768_32.pth"))  # doctest: +SKIP
         >>> report["parity"]["passed"]  # doctest: +SKIP
         True
     """
-    from convmixer_tf import contract
-    from convmixer_tf import export as exporters
-    from convmixer_tf.export import registry
-    from weights_converter import hub
-    from weights_converter.checkpoint import read_checkpoint
-    from weights_converter.convert import convert_state_dict
+    from convmixer_tf.labels import read_labels
 
-    exports = [fmt.name for fmt in registry.resolve(exports)]
-    class_names = contract.read_labels(labels, allow_duplicate_labels) if labels else None
-    inputs = [torch_ckpt, parity_images, calibration_data, labels]
-    with outputs.staged(output or default_output_dir(torch_ckpt), output_kind(), force, inputs) as staging:
+    exports = [
+        fmt.name for fmt in registry.resolve(options.export.formats)
+    ]  # checked before any work
+    class_names = None
+    if options.labels:
+        class_names = read_labels(options.labels, options.allow_duplicate_labels)
+    inputs = [
+        options.checkpoint,
+        options.parity_images,
+        options.export.calibration_data,
+        options.labels,
+    ]
+    output = options.output or default_output_dir(options.checkpoint)
+    with staged(output, output_kind(), options.force, inputs) as staging:
         report = {"status": "ok", "output": staging.output, "timings_s": {}}
         with _step(log, "reading and mapping the checkpoint", report, "convert"):
-            source = hub.resolve(torch_ckpt)
-            checkpoint = read_checkpoint(source.path, use_ema=use_ema)
-            facts, read = source.facts, checkpoint.summary()
-            conversion = convert_state_dict(checkpoint.state_dict, variant, activation=activation,
-                                            class_names=class_names, facts=facts)
-        report["conversion"] = dict(conversion.summary(), checkpoint=read)
+            conversion = convert_file(
+                options.checkpoint,
+                options.variant,
+                activation=options.activation,
+                use_ema=options.use_ema,
+                class_names=class_names,
+            )
+        report["conversion"] = conversion.summary()
         log("  " + conversion.describe())
-        _check(conversion, report, log, tolerance=tolerance, parity_images=parity_images, skip=skip_parity)
-        checkpoint.state_dict.clear()  # the Keras model holds its own copy now (file pages released too)
+        _check(conversion, report, log, options)
+        conversion.checkpoint.state_dict.clear()  # the Keras model holds its own copy now
         if report["status"] == "ok":
-            with _step(log, f"saving {MODEL}", report, "save"):
-                contract.save_model(conversion.model, os.path.join(staging.path, MODEL))
-            report["files"] = [{"format": "keras", "path": MODEL,
-                                "bytes": os.path.getsize(os.path.join(staging.path, MODEL))}]
+            _save(conversion.model, staging.path, report, log)
         if report["status"] == "ok" and exports:
             with _step(log, f"exporting and verifying {', '.join(exports)}", report, "export"):
-                report["files"] += exporters.export_formats(
-                    conversion.model, staging.path, exports, calibration_data=calibration_data,
-                    calibration_count=calibration_count, log=log, tflite_output=tflite_output,
-                    processes=processes)
+                report["files"] += export_formats(
+                    conversion.model, staging.path, options.export, log=log
+                )
         staging.on_commit = lambda staged: _write_report(staged, report, conversion.model)
     return report
 
 
-def _check(conversion, report, log, *, tolerance, parity_images, skip) -> None:
+def _save(model, folder, report, log) -> None:
+    from convmixer_tf.saving import save_model
+
+    path = os.path.join(folder, MODEL)
+    with _step(log, f"saving {MODEL}", report, "save"):
+        save_model(model, path)
+    report["files"] = [{"format": "keras", "path": MODEL, "bytes": os.path.getsize(path)}]
+
+
+def _check(conversion, report, log, options: ConvertOptions) -> None:
     """Parity into the report (its status), unless skipped."""
-    if skip:
+    if options.skip_parity:
         report["parity"] = {"skipped": True}
     else:
-        with _step(log, "running the PyTorch reference and the Keras model side by side", report, "parity"):
-            parity = prove(conversion, tolerance, parity_images)
+        with _step(
+            log, "running the PyTorch reference and the Keras model side by side", report, "parity"
+        ):
+            parity = prove(conversion, options.tolerance, options.parity_images)
         report["parity"] = parity.to_dict()
         report["status"] = "ok" if parity.passed else "parity_failed"
         log("  " + parity.describe())
@@ -121,7 +170,9 @@ def _write_report(staging, report, model):
         report["replaced"] = staging.replaced
     outputs.write_json_atomic(os.path.join(staging.path, REPORT), report)
     if report["status"] == "ok":
-        outputs.write_atomic(os.path.join(staging.path, CARD), model_card(contract.info_of(model), report))
+        outputs.write_atomic(
+            os.path.join(staging.path, CARD), model_card(contract.info_of(model), report)
+        )
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import hashlib
 import os
 from typing import Callable, Optional
 
-from convmixer_tf import contract, temporaries
+from convmixer_tf import contract, saving, temporaries
 from convmixer_tf.errors import BadInput
 from weights_converter import hub
 from weights_converter.convert import convert_file
@@ -22,7 +22,9 @@ def cache_folder() -> str:
     return os.path.join(home, "models", "convmixer_tf")
 
 
-def pretrained(checkpoint, variant: Optional[str] = None, log: Callable[[str], None] = lambda message: None):
+def pretrained(
+    checkpoint, variant: Optional[str] = None, log: Callable[[str], None] = lambda message: None
+):
     """The Keras model of a checkpoint (`hf-hub:OWNER/NAME[@REV]` or a file): converted here
     with parity against the PyTorch network and cached, or the cached one, converting nothing.
 
@@ -45,7 +47,7 @@ def pretrained(checkpoint, variant: Optional[str] = None, log: Callable[[str], N
     info = info.replace(source=dict(info.source or {}, sha256=weights))
     os.makedirs(cache_folder(), exist_ok=True)
     temporaries.remove_stale_temporaries(cache_folder())  # of conversions that were killed
-    contract.save_model(conversion.model, cached, info)
+    saving.save_model(conversion.model, cached, info)
     return contract.attach(conversion.model, info)
 
 
@@ -55,12 +57,14 @@ def _from_cache(path, variant, weights, log):
     if not os.path.isfile(path):
         return None
     try:
-        model = contract.load_model(path)
+        model = saving.load_model(path)
     except BadInput as err:
         log(f"the cached {path} cannot be read ({err}); converting again")
         return None
     info = contract.info_of(model)
-    if (info.source or {}).get("sha256") != weights or (variant is not None and info.variant != variant):
+    if (info.source or {}).get("sha256") != weights or (
+        variant is not None and info.variant != variant
+    ):
         log(f"the cached {path} is not the conversion of these weights; converting again")
         return None
     return model

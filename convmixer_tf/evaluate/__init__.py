@@ -12,6 +12,8 @@ import numpy as np
 
 from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, Preprocessing
+from convmixer_tf.errors import BadInput
+from convmixer_tf.labels import imagenet_class_names
 
 
 def preprocessing_for(model, preset: Optional[str] = None, **overrides) -> Preprocessing:
@@ -19,7 +21,7 @@ def preprocessing_for(model, preset: Optional[str] = None, **overrides) -> Prepr
     with the model; then `overrides` (input_size, crop_pct, interpolation, mean, std)
     where not None."""
     if preset is not None and preset not in VARIANTS:
-        raise ValueError(f"unknown preset {preset!r}; allowed values: {', '.join(VARIANTS)}")
+        raise BadInput(f"unknown preset {preset!r}; allowed values: {', '.join(VARIANTS)}")
     base = VARIANTS[preset].preprocessing if preset else contract.info_of(model).preprocessing
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -33,8 +35,10 @@ def check_classes(model, class_names, allow_mismatch: bool = False) -> str:
     model_names = contract.info_of(model).class_names
     count = model.output_shape[-1]
     if model_names is None:
-        verdict = (f"the model stores no class names: the dataset's {len(class_names)} classes are assumed to be "
-                   "its classes, in order")
+        verdict = (
+            f"the model stores no class names: the dataset's {len(class_names)} classes are assumed to be "
+            "its classes, in order"
+        )
         if len(class_names) == count:
             return verdict
         problem = f"the model has {count} classes, the dataset {len(class_names)}"
@@ -43,7 +47,7 @@ def check_classes(model, class_names, allow_mismatch: bool = False) -> str:
     else:
         problem = _difference(model_names, class_names)
     if not allow_mismatch:
-        raise ValueError(f"class mismatch: {problem}; pass --allow-class-mismatch to score anyway")
+        raise BadInput(f"class mismatch: {problem}; pass --allow-class-mismatch to score anyway")
     return f"class mismatch allowed: {problem}"
 
 
@@ -51,7 +55,7 @@ def _same_classes(model_names, data_names) -> bool:
     if tuple(model_names) == tuple(data_names):
         return True
     # tfds' imagenet2012 names its classes by WordNet id (n01440764), a model by word (tench).
-    ids, words = contract.imagenet_class_names(ids=True), contract.imagenet_class_names()
+    ids, words = imagenet_class_names(ids=True), imagenet_class_names()
     return ids is not None and tuple(data_names) == ids and tuple(model_names) == words
 
 
@@ -59,8 +63,10 @@ def _difference(model_names, data_names) -> str:
     if len(model_names) != len(data_names):
         return f"the model has {len(model_names)} classes, the dataset {len(data_names)}"
     first = next(i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b)
-    return (f"class {first} is {model_names[first]!r} in the model and {data_names[first]!r} in the dataset"
-            + ("" if set(model_names) != set(data_names) else " (same names, another order)"))
+    return (
+        f"class {first} is {model_names[first]!r} in the model and {data_names[first]!r} in the dataset"
+        + ("" if set(model_names) != set(data_names) else " (same names, another order)")
+    )
 
 
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -79,12 +85,18 @@ def scores(logits: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
-def evaluate(model, dataset, preprocessing: Optional[Preprocessing] = None, *,
-             batch_size: int = 64, limit: Optional[int] = None,
-             log: Callable[[str], None] = lambda message: None) -> dict:
+def evaluate(
+    model,
+    dataset,
+    preprocessing: Optional[Preprocessing] = None,
+    *,
+    batch_size: int = 64,
+    limit: Optional[int] = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
     """Scores `model` on an unbatched dataset of (uint8 image, int label) pairs.
 
-    Images get timm's evaluation transform (`convmixer_tf.data.eval_transform`); a model
+    Images get timm's evaluation transform (`convmixer_tf.images.eval_transform`); a model
     with its own preprocessing layer is fed raw pixels, another one normalised ones.
 
     Returns:
@@ -96,30 +108,40 @@ def evaluate(model, dataset, preprocessing: Optional[Preprocessing] = None, *,
     """
     import keras
 
-    from convmixer_tf.data import eval_pipeline
+    from convmixer_tf.pipelines import eval_pipeline
 
     preprocessing = preprocessing or preprocessing_for(model)
     if limit is not None:
         dataset = dataset.take(limit)
-    batches = eval_pipeline(dataset, preprocessing, batch_size, normalize=not contract.info_of(model).raw_rgb)
+    batches = eval_pipeline(
+        dataset, preprocessing, batch_size, normalize=not contract.info_of(model).raw_rgb
+    )
     num_classes = model.output_shape[-1]
     total = {"loss_sum": 0.0, "top1": 0, "top5": 0, "count": 0}
     started = time.perf_counter()
     for step, (images, labels) in enumerate(batches):
         labels = labels.numpy()
         if labels.size and labels.max() >= num_classes:
-            raise ValueError(f"label {labels.max()} is out of range for a model with {num_classes} classes")
+            raise BadInput(
+                f"label {labels.max()} is out of range for a model with {num_classes} classes"
+            )
         logits = keras.ops.convert_to_numpy(model(images, training=False))
         for key, value in scores(logits, labels).items():
             total[key] += value
         if step % 20 == 0:
-            log(f"  {total['count']} images, top-1 so far {total['top1'] / max(total['count'], 1):.4f}")
+            log(
+                f"  {total['count']} images, top-1 so far {total['top1'] / max(total['count'], 1):.4f}"
+            )
     if total["count"] == 0:
-        raise ValueError("the evaluation set is empty")
+        raise BadInput("the evaluation set is empty")
     n = total["count"]
-    return {"top1": total["top1"] / n, "top5": total["top5"] / n, "loss": total["loss_sum"] / n,
-            "count": n, "seconds": round(time.perf_counter() - started, 2)}
-
+    return {
+        "top1": total["top1"] / n,
+        "top5": total["top5"] / n,
+        "loss": total["loss_sum"] / n,
+        "count": n,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def is_metrics(data) -> bool:

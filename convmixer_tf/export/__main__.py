@@ -12,10 +12,12 @@ import os
 
 from convmixer_tf import cli, errors, outputs
 from convmixer_tf.config import MAX_INPUT_SIZE, list_variants
+from convmixer_tf.errors import BadInput
 from convmixer_tf.export import registry
 from convmixer_tf.export.calibration import CALIBRATION_COUNT
+from convmixer_tf.export.run import DEFAULT_FORMATS
+from convmixer_tf.staging import staged
 
-DEFAULT_FORMATS = ["saved_model", "tflite", "onnx"]
 REPORT = "export_report.json"
 
 EPILOG = """\
@@ -38,96 +40,180 @@ replaces only an earlier output of this command.
 
 def output_kind() -> outputs.Output:
     """What this command writes: a folder with export_report.json and the format files."""
-    return outputs.Output("convmixer_tf.export", REPORT,
-                          lambda report: isinstance(report, list) and all("format" in r for r in report),
-                          (*outputs.exactly(REPORT), *registry.file_patterns()))
+    return outputs.Output(
+        "convmixer_tf.export",
+        REPORT,
+        lambda report: isinstance(report, list) and all("format" in r for r in report),
+        (*outputs.exactly(REPORT), *registry.file_patterns()),
+    )
 
 
 def build_parser():
-    parser = cli.ArgumentParser(prog="python -m convmixer_tf.export", description=__doc__.splitlines()[0],
-                                epilog=EPILOG.format(formats=registry.help_text()))
+    parser = cli.ArgumentParser(
+        prog="python -m convmixer_tf.export",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG.format(formats=registry.help_text()),
+    )
     parser.add_argument("--model", required=True, metavar="FILE", help="a .keras ConvMixer")
-    parser.add_argument("--formats", nargs="+", default=DEFAULT_FORMATS, metavar="FORMAT",
-                        help=f"any of: {', '.join(registry.names())}, all")
-    parser.add_argument("--quantize", choices=[fmt.quantize for fmt in registry.FORMATS if fmt.quantize],
-                        help="also write this quantised TFLite file")
-    parser.add_argument("--calibration-data", metavar="DIR|tfds:NAME[:SPLIT]",
-                        help="images for int8 calibration and held-out checks (default: synthetic images)")
-    parser.add_argument("--calibration-count", type=cli.positive(), default=CALIBRATION_COUNT, metavar="N",
-                        help="int8 calibration images (about seconds per image on a large model)")
-    parser.add_argument("--variant", choices=list_variants(), metavar="NAME",
-                        help="take input size, mean and std from this variant (default: those stored with the model)")
-    parser.add_argument("--image-size", type=cli.positive(most=MAX_INPUT_SIZE), metavar="PIXELS",
-                        help="input size for models saved with a dynamic size")
-    parser.add_argument("--no-preprocessing", action="store_true", help="files take normalised input, like the model")
-    parser.add_argument("--labels", metavar="FILE",
-                        help="class names, one per line, in output order (default: those stored with the model)")
-    parser.add_argument("--allow-duplicate-labels", action="store_true",
-                        help="accept a labels file that names two classes alike")
-    parser.add_argument("--tflite-logits", action="store_true",
-                        help="TFLite files output logits (default: probabilities, a softmax at the end)")
-    parser.add_argument("--nchw", action="store_true", help="ONNX input as [N, 3, H, W] (PyTorch order)")
-    parser.add_argument("--opset", type=int, help="ONNX opset (13-18, default 17)")
-    parser.add_argument("--processes", type=cli.positive(), metavar="N",
-                        help="1: write the files one after the other, in the least memory; default: formats that "
-                             "share no work side by side, in processes of their own, where cores and memory allow")
-    parser.add_argument("--output", metavar="DIR", help="output directory (default: MODEL_export next to the model)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier output of this command")
-    parser.add_console_options()
+    _format_options(parser.add_argument_group("what to write"))
+    _input_options(parser.add_argument_group("what the files take and give"))
+    output = parser.add_argument_group("where and how")
+    _output_options(output)
+    parser.add_console_options(output)
     return parser
+
+
+def _format_options(group):
+    group.add_argument(
+        "--formats",
+        nargs="+",
+        default=list(DEFAULT_FORMATS),
+        metavar="FORMAT",
+        help=f"any of: {', '.join(registry.names())}, all",
+    )
+    group.add_argument(
+        "--quantize",
+        choices=[fmt.quantize for fmt in registry.FORMATS if fmt.quantize],
+        help="also write this quantised TFLite file",
+    )
+    group.add_argument(
+        "--calibration-data",
+        metavar="DIR|tfds:NAME[:SPLIT]",
+        help="images for int8 calibration and held-out checks (default: synthetic images)",
+    )
+    group.add_argument(
+        "--calibration-count",
+        type=cli.positive(),
+        default=CALIBRATION_COUNT,
+        metavar="N",
+        help="int8 calibration images (about seconds per image on a large model)",
+    )
+
+
+def _input_options(group):
+    group.add_argument(
+        "--variant",
+        choices=list_variants(),
+        metavar="NAME",
+        help="take input size, mean and std from this variant (default: those stored with the model)",
+    )
+    group.add_argument(
+        "--image-size",
+        type=cli.positive(most=MAX_INPUT_SIZE),
+        metavar="PIXELS",
+        help="input size for models saved with a dynamic size",
+    )
+    group.add_argument(
+        "--no-preprocessing",
+        action="store_true",
+        help="files take normalised input, like the model",
+    )
+    group.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names, one per line, in output order (default: those stored with the model)",
+    )
+    group.add_argument(
+        "--allow-duplicate-labels",
+        action="store_true",
+        help="accept a labels file that names two classes alike",
+    )
+    group.add_argument(
+        "--tflite-logits",
+        action="store_true",
+        help="TFLite files output logits (default: probabilities, a softmax at the end)",
+    )
+    group.add_argument(
+        "--nchw", action="store_true", help="ONNX input as [N, 3, H, W] (PyTorch order)"
+    )
+    group.add_argument("--opset", type=int, help="ONNX opset (13-18, default 17)")
+
+
+def _output_options(group):
+    group.add_argument(
+        "--processes",
+        type=cli.positive(),
+        metavar="N",
+        help="1: write the files one after the other, in the least memory; default: formats that "
+        "share no work side by side, in processes of their own, where cores and memory allow",
+    )
+    group.add_argument(
+        "--output", metavar="DIR", help="output directory (default: MODEL_export next to the model)"
+    )
+    group.add_argument(
+        "--force", action="store_true", help="replace an earlier output of this command"
+    )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_command(lambda log, console: _export(args, log), quiet=args.quiet, verbose=args.verbose)
+    return cli.run_command(
+        lambda log, console: _export(args, log), quiet=args.quiet, verbose=args.verbose
+    )
 
 
 def _export(args, log) -> int:
     from convmixer_tf import contract
     from convmixer_tf import export as exporters
-    from convmixer_tf.config import get_variant
+    from convmixer_tf.labels import check_class_names
 
-    formats = exporters.check_formats(args.formats + ([f"tflite_{args.quantize}"] if args.quantize else []))
+    options = options_from(args)
     output = args.output or default_output(args.model)
     inputs = [args.model, args.calibration_data, args.labels]
     outputs.check_replaceable(output, output_kind(), args.force, inputs)
-    labels = contract.read_labels(args.labels, args.allow_duplicate_labels) if args.labels else None
     model = load_float32_model(args.model)
-    info = contract.info_of(model)
-    if labels is not None:
-        contract.check_class_names(labels, info.config.num_classes)
-    pre = get_variant(args.variant).preprocessing if args.variant else info.preprocessing
-    pre = pre.replace(input_size=args.image_size) if args.image_size else pre
-    with outputs.staged(output, output_kind(), args.force, inputs) as staging:
-        rows = exporters.export_formats(model, staging.path, formats, calibration_data=args.calibration_data,
-                                        preprocessing=pre, raw_rgb=not args.no_preprocessing,
-                                        nchw=args.nchw, opset=args.opset, log=log,
-                                        calibration_count=args.calibration_count, class_names=labels,
-                                        tflite_output="logits" if args.tflite_logits else "probabilities",
-                                        processes=args.processes)
+    if options.class_names is not None:  # before any work
+        check_class_names(options.class_names, contract.info_of(model).config.num_classes)
+    with staged(output, output_kind(), args.force, inputs) as staging:
+        rows = exporters.export_formats(model, staging.path, options, log=log)
         outputs.write_json_atomic(os.path.join(staging.path, REPORT), rows)
     print(json.dumps(rows, indent=2) if args.json else exporters.format_rows(rows, staging.output))
     return errors.EXIT_OK
 
 
+def options_from(args):
+    """The ExportOptions of parsed arguments (a labels file read and checked line by line)."""
+    from convmixer_tf.config import get_variant
+    from convmixer_tf.export.run import ExportOptions, check_formats
+    from convmixer_tf.labels import read_labels
+
+    quantized = [f"tflite_{args.quantize}"] if args.quantize else []
+    labels = read_labels(args.labels, args.allow_duplicate_labels) if args.labels else None
+    return ExportOptions(
+        formats=tuple(check_formats(args.formats + quantized)),
+        calibration_data=args.calibration_data,
+        calibration_count=args.calibration_count,
+        preprocessing=get_variant(args.variant).preprocessing if args.variant else None,
+        image_size=args.image_size,
+        raw_rgb=not args.no_preprocessing,
+        class_names=labels,
+        nchw=args.nchw,
+        opset=args.opset,
+        tflite_output="logits" if args.tflite_logits else "probabilities",
+        processes=args.processes,
+    )
+
+
 def default_output(model) -> str:
     """`dir/m.keras` -> `dir/m_export`; `hf://OWNER/NAME[@REVISION]` -> `./NAME_export`."""
-    from convmixer_tf.contract import HUB_SCHEME
+    from convmixer_tf.saving import HUB_SCHEME
 
     if str(model).startswith(HUB_SCHEME):
-        name = str(model)[len(HUB_SCHEME):].partition("@")[0].rstrip("/").split("/")[-1]
+        name = str(model)[len(HUB_SCHEME) :].partition("@")[0].rstrip("/").split("/")[-1]
         return os.path.abspath(f"{name}_export")
     return os.path.splitext(os.path.abspath(model))[0] + "_export"
 
 
 def load_float32_model(path):
-    from convmixer_tf import contract
+    from convmixer_tf.saving import load_model
 
-    model = contract.load_model(path)
+    model = load_model(path)
     policies = {layer.dtype_policy.name for layer in model.layers}
     if policies != {"float32"}:
-        raise ValueError(f"{path} computes in {sorted(policies)}; export needs a float32 model (mixed-precision "
-                         "exports fail in TFLite and ONNX): rebuild it in float32 and copy the weights")
+        raise BadInput(
+            f"{path} computes in {sorted(policies)}; export needs a float32 model (mixed-precision "
+            "exports fail in TFLite and ONNX): rebuild it in float32 and copy the weights"
+        )
     return model
 
 

@@ -9,7 +9,7 @@ import shutil
 from typing import Callable, Dict, Iterable, Optional
 
 from convmixer_tf import interrupts, outputs, temporaries
-from convmixer_tf.errors import CheckFailed
+from convmixer_tf.errors import BadInput, CheckFailed
 
 OUTPUTS = ("logits", "probabilities")
 
@@ -62,19 +62,47 @@ class ExportFormat:
         return self.files or outputs.exactly(self.filename)
 
 
-@dataclasses.dataclass
+class Resources:
+    """What the writers of one run share beyond the job's facts: things made once (a traced
+    graph several files come from) and a temporary folder; released by `close`."""
+
+    def __init__(self):
+        self._made: Dict[object, object] = {}
+        self._scratch: Optional[str] = None
+        self._cleanup = contextlib.ExitStack()
+
+    def shared(self, key, make: Callable[[], object]):
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def scratch(self) -> str:
+        if self._scratch is None:
+            self._scratch = temporaries.make_temporary_folder()
+            self._cleanup.enter_context(interrupts.removed_on_interrupt(self._scratch))
+        return self._scratch
+
+    def close(self):
+        self._made.clear()
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+        self._cleanup.close()
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportJob:
-    """What the writers of one export run share.
+    """What the writers of one export run share, complete when it is built.
 
     Attributes:
         model: the Keras graph the files are made from (fixed input size; raw RGB in when
             `info.raw_rgb`).
-        info: its `ModelInfo` (preprocessing, class names).
+        info: its `ModelInfo` (preprocessing, class names): the facts every writer reads.
         nchw: ONNX input as [N, 3, H, W].
         opset: ONNX opset, None for the default.
         tflite_output: "probabilities" (softmax at the end, what phone apps show) or "logits".
         calibration: images in the files' input space for calibrated formats (never
-            the images a file is checked on).
+            the images a file is checked on), or None.
         calibration_source: where they came from, for the report.
     """
 
@@ -85,13 +113,11 @@ class ExportJob:
     tflite_output: str = "probabilities"
     calibration: Optional[object] = None
     calibration_source: str = ""
-    _shared: Dict[object, object] = dataclasses.field(default_factory=dict)
-    _scratch: Optional[str] = None
-    _cleanup: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
+    resources: Resources = dataclasses.field(default_factory=Resources, compare=False, repr=False)
 
     def __post_init__(self):
         if self.tflite_output not in OUTPUTS:
-            raise ValueError(f"tflite_output must be one of {OUTPUTS}, got {self.tflite_output!r}")
+            raise BadInput(f"tflite_output must be one of {OUTPUTS}, got {self.tflite_output!r}")
 
     @property
     def raw_rgb(self) -> bool:
@@ -99,25 +125,16 @@ class ExportJob:
 
     def shared(self, key, make: Callable[[], object]):
         """`make()` once per key for the whole run (a traced graph several files come from)."""
-        if key not in self._shared:
-            self._shared[key] = make()
-        return self._shared[key]
+        return self.resources.shared(key, make)
 
     def scratch(self) -> str:
         """A temporary folder that lives as long as the job (see `close`)."""
-        if self._scratch is None:
-            self._scratch = temporaries.make_temporary_folder()
-            self._cleanup.enter_context(interrupts.removed_on_interrupt(self._scratch))
-        return self._scratch
+        return self.resources.scratch()
 
     def calibration_samples(self) -> Iterable:
         if self.calibration is None or not len(self.calibration):
-            raise ValueError("this format needs calibration images")
+            raise BadInput("this format needs calibration images")
         return (image[None] for image in self.calibration)
 
     def close(self):
-        self._shared.clear()
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-        self._cleanup.close()
+        self.resources.close()

@@ -18,26 +18,29 @@ CALIBRATION_COUNT = 64
 VERIFY_COUNT = 8
 
 
-def load_images(source: Optional[str], preprocessing: Preprocessing, count: int, *, raw_rgb: bool,
-                seed: int = 0) -> Tuple[np.ndarray, str]:
+def load_images(
+    source: Optional[str], preprocessing: Preprocessing, count: int, *, raw_rgb: bool, seed: int = 0
+) -> Tuple[np.ndarray, str]:
     """Returns (NHWC float32 images, description of where they came from).
 
     Args:
         source: an image folder, "tfds:NAME" or "tfds:NAME:SPLIT" (see
-            `convmixer_tf.data.parse_source`), or None for synthetic images (smooth random
+            `convmixer_tf.images.parse_source`), or None for synthetic images (smooth random
             colour fields; fine for checking a file, not for judging quantisation
             accuracy, and the description says so).
         preprocessing: input size, crop and mean/std of the model.
         count: how many images.
         raw_rgb: return raw pixels instead of normalised ones.
     """
-    from convmixer_tf.data import parse_source, read_images
+    from convmixer_tf.images import parse_source, read_images
 
     if source is None:
         images = synthetic_images(count, preprocessing.input_size, seed)
         images = images if raw_rgb else preprocessing.normalize(images)
         return images.astype(np.float32), f"synthetic ({count} smooth random images, seed {seed})"
-    images, _, description = read_images(parse_source(source), preprocessing, count, normalize=not raw_rgb)
+    images, _, description = read_images(
+        parse_source(source), preprocessing, count, normalize=not raw_rgb
+    )
     return images, description
 
 

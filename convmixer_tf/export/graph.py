@@ -15,6 +15,7 @@ from typing import List
 import numpy as np
 
 from convmixer_tf import contract
+from convmixer_tf.errors import BadInput
 
 # LiteRT's XNNPACK runs a depthwise kernel of up to 9 taps in one pass; 10-25 taps take
 # a slower kernel, and more than 25 a multi-pass one that is slower still. Kernels
@@ -65,6 +66,7 @@ class InferenceGraph:
     Args:
         model: a Keras ConvMixer built by convmixer_tf; a model that takes raw RGB gives a
             graph that does (its normalisation as one multiply-add).
+        info: the model's facts, when the caller holds them (default: `info_of(model)`).
         depthwise: "native" (one DEPTHWISE_CONV_2D) or "tiled" (k x k, k > 5, as a sum
             of the small tiles of `tile_plan(k)`, for LiteRT/XNNPACK).
         channel_groups: with "tiled", the depthwise branch (tiles, activation, BatchNorm)
@@ -81,36 +83,67 @@ class InferenceGraph:
         probabilities: end in softmax (unless the head already does).
     """
 
-    def __init__(self, model, *, depthwise: str = "native", gelu: str = "builtin",
-                 affine: str = "ops", channel_groups: int = 1, tile_taps: int = MAX_TILE_TAPS,
-                 probabilities: bool = False):
-        if depthwise not in ("native", "tiled") or gelu not in ("builtin", "erf") or affine not in ("ops", "conv"):
-            raise ValueError(f"depthwise must be native|tiled, gelu builtin|erf, affine ops|conv; "
-                             f"got {depthwise!r}, {gelu!r}, {affine!r}")
-        info = contract.info_of(model)
-        self.config, self.pooling, self.raw_rgb = info.config, info.pooling, info.raw_rgb
-        self.depthwise, self.gelu, self.affine = depthwise, gelu, affine
+    def __init__(
+        self,
+        model,
+        *,
+        info=None,
+        depthwise: str = "native",
+        gelu: str = "builtin",
+        affine: str = "ops",
+        channel_groups: int = 1,
+        tile_taps: int = MAX_TILE_TAPS,
+        probabilities: bool = False,
+    ):
+        _check_forms(depthwise, gelu, affine)
+        info = info or contract.info_of(model)
+        self.config = info.config
+        self.pooling = info.pooling
+        self.raw_rgb = info.raw_rgb
+        self.depthwise = depthwise
+        self.gelu = gelu
+        self.affine = affine
         if channel_groups < 1 or self.config.dim % channel_groups:
-            raise ValueError(f"channel_groups must divide the width {self.config.dim}, got {channel_groups}")
-        self.input_shape = tuple(model.input_shape[1:])
-        self.pre = Affine(*(np.asarray(v, np.float32) for v in info.preprocessing.scale_offset())) \
-            if info.raw_rgb else None
-        layer = {layer.name: layer for layer in model.layers}
-        self.stem, self.stem_bn = _conv(layer[contract.STEM_CONV]), _bn_affine(layer[contract.STEM_BN])
-        self.blocks = [Block(_conv(layer[contract.block_layer(i, "dw_conv")]),
-                             _bn_affine(layer[contract.block_layer(i, "dw_bn")]),
-                             _conv(layer[contract.block_layer(i, "pw_conv")]),
-                             _bn_affine(layer[contract.block_layer(i, "pw_bn")])) for i in range(self.config.depth)]
-        self.head = _conv(layer[contract.HEAD]) if self.config.num_classes else None
+            raise ValueError(
+                f"channel_groups must divide the width {self.config.dim}, got {channel_groups}"
+            )
         if info.classifier_activation not in (None, "linear", "softmax"):
-            raise ValueError(f"classifier activation {info.classifier_activation!r} is not exportable")
-        self.softmax = self.head is not None and (probabilities or info.classifier_activation == "softmax")
+            raise BadInput(
+                f"classifier activation {info.classifier_activation!r} is not exportable"
+            )
+        self.input_shape = tuple(model.input_shape[1:])
+        self.pre = None
+        if info.raw_rgb:
+            self.pre = Affine(
+                *(np.asarray(v, np.float32) for v in info.preprocessing.scale_offset())
+            )
+        self._read_weights(model)
+        self.softmax = self.head is not None and (
+            probabilities or info.classifier_activation == "softmax"
+        )
         self._fold_batchnorm()
         self.plan = None
-        if self.depthwise == "tiled" and self.config.depthwise and self.config.kernel_size > FAST_DEPTHWISE_MAX:
+        large = self.config.kernel_size > FAST_DEPTHWISE_MAX
+        if self.depthwise == "tiled" and self.config.depthwise and large:
             self.plan = tile_plan(self.config.kernel_size, tile_taps)
             self.blocks = [_tiled(block, self.plan, channel_groups) for block in self.blocks]
         self._to_variables()
+
+    def _read_weights(self, model):
+        """The stem, blocks and head of `model` as numpy weights (BatchNorms as affines)."""
+        layer = {layer.name: layer for layer in model.layers}
+        self.stem = _conv(layer[contract.STEM_CONV])
+        self.stem_bn = _bn_affine(layer[contract.STEM_BN])
+        self.blocks = [
+            Block(
+                _conv(layer[contract.block_layer(i, "dw_conv")]),
+                _bn_affine(layer[contract.block_layer(i, "dw_bn")]),
+                _conv(layer[contract.block_layer(i, "pw_conv")]),
+                _bn_affine(layer[contract.block_layer(i, "pw_bn")]),
+            )
+            for i in range(self.config.depth)
+        ]
+        self.head = _conv(layer[contract.HEAD]) if self.config.num_classes else None
 
     def _fold_batchnorm(self):
         """Moves BatchNorm arithmetic into neighbouring convolutions where that is exact.
@@ -131,8 +164,13 @@ class InferenceGraph:
             shape = [1] * conv.kernel.ndim
             shape[channel_axis] = -1
             scale = bn.scale.astype(np.float64)
-            return (Conv((conv.kernel.astype(np.float64) * scale.reshape(shape)).astype(np.float32),
-                         (conv.bias.astype(np.float64) * scale).astype(np.float32)), Affine(None, bn.shift))
+            return (
+                Conv(
+                    (conv.kernel.astype(np.float64) * scale.reshape(shape)).astype(np.float32),
+                    (conv.bias.astype(np.float64) * scale).astype(np.float32),
+                ),
+                Affine(None, bn.shift),
+            )
 
         self.stem, self.stem_bn = scale_into(self.stem, self.stem_bn, 3)
         depthwise_axis = 2 if self.config.depthwise else 3
@@ -157,11 +195,16 @@ class InferenceGraph:
             if isinstance(value, list):
                 return [wrap(v) for v in value]
             if dataclasses.is_dataclass(value):
-                return type(value)(*(wrap(getattr(value, f.name)) for f in dataclasses.fields(value)))
+                return type(value)(
+                    *(wrap(getattr(value, f.name)) for f in dataclasses.fields(value))
+                )
             return value
 
-        self.stem, self.stem_bn, self.blocks, self.head, self.pre = (
-            wrap(self.stem), wrap(self.stem_bn), wrap(self.blocks), wrap(self.head), wrap(self.pre))
+        self.stem = wrap(self.stem)
+        self.stem_bn = wrap(self.stem_bn)
+        self.blocks = wrap(self.blocks)
+        self.head = wrap(self.head)
+        self.pre = wrap(self.pre)
 
     @property
     def tf_variables(self) -> list:
@@ -174,8 +217,12 @@ class InferenceGraph:
             x = x * self.pre.scale + self.pre.shift
         p = self.config.patch_size
         # bias_add right after a conv, then the activation: the converter fuses both into it.
-        x = self._affine(self._act(tf.nn.bias_add(tf.nn.conv2d(x, self.stem.kernel, p, "VALID"),
-                                                  self.stem.bias)), self.stem_bn)
+        x = self._affine(
+            self._act(
+                tf.nn.bias_add(tf.nn.conv2d(x, self.stem.kernel, p, "VALID"), self.stem.bias)
+            ),
+            self.stem_bn,
+        )
         for block in self.blocks:
             x = x + self._depthwise_branch(x, block)
             pw = tf.nn.bias_add(tf.nn.conv2d(x, block.pw.kernel, 1, "VALID"), block.pw.bias)
@@ -198,10 +245,13 @@ class InferenceGraph:
         # block.dw_bn.shift is None here: _fold_batchnorm moved it into the 1x1 conv's bias.
         xp, width = _pad_same(x, self.config.kernel_size), self.config.dim // len(block.dw.kernel)
         scales = block.dw_bn.scale
-        parts = [self._affine(self._act(_tiled_depthwise(xp, tiles, self.plan, g * width,
-                                                          block.dw.bias[g])),
-                              Affine(None if scales is None else scales[g], None))
-                 for g, tiles in enumerate(block.dw.kernel)]
+        parts = [
+            self._affine(
+                self._act(_tiled_depthwise(xp, tiles, self.plan, g * width, block.dw.bias[g])),
+                Affine(None if scales is None else scales[g], None),
+            )
+            for g, tiles in enumerate(block.dw.kernel)
+        ]
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
 
     def _affine(self, x, bn: Affine):
@@ -211,7 +261,11 @@ class InferenceGraph:
             return x
         if self.affine == "conv":
             channels = int(x.shape[-1])
-            kernel = tf.ones([1, 1, channels, 1]) if bn.scale is None else tf.reshape(bn.scale, [1, 1, -1, 1])
+            kernel = (
+                tf.ones([1, 1, channels, 1])
+                if bn.scale is None
+                else tf.reshape(bn.scale, [1, 1, -1, 1])
+            )
             x = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")
             return x if bn.shift is None else tf.nn.bias_add(x, bn.shift)
         x = x if bn.scale is None else x * bn.scale
@@ -234,16 +288,40 @@ class InferenceGraph:
 
         if not self.config.depthwise:
             return tf.nn.bias_add(tf.nn.conv2d(x, conv.kernel, 1, "SAME"), conv.bias)
-        return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, conv.kernel, [1, 1, 1, 1], "SAME"), conv.bias)
+        return tf.nn.bias_add(
+            tf.nn.depthwise_conv2d(x, conv.kernel, [1, 1, 1, 1], "SAME"), conv.bias
+        )
+
+
+def _check_forms(depthwise: str, gelu: str, affine: str) -> None:
+    forms = {
+        "depthwise": ("native", "tiled"),
+        "gelu": ("builtin", "erf"),
+        "affine": ("ops", "conv"),
+    }
+    given = {"depthwise": depthwise, "gelu": gelu, "affine": affine}
+    wrong = [
+        f"{key} must be one of {forms[key]}, got {given[key]!r}"
+        for key in forms
+        if given[key] not in forms[key]
+    ]
+    if wrong:
+        raise ValueError("; ".join(wrong))
 
 
 def _tiled(block: Block, plan, groups: int) -> Block:
     """The block with its depthwise kernel cut into the tiles of `plan`, per channel group."""
+
     def split(a):
         return None if a is None else np.split(a, groups, axis=-1)
 
     kernels = [_kernel_tiles(part, plan) for part in np.split(block.dw.kernel, groups, axis=2)]
-    return Block(Conv(kernels, split(block.dw.bias)), Affine(split(block.dw_bn.scale), None), block.pw, block.pw_bn)
+    return Block(
+        Conv(kernels, split(block.dw.bias)),
+        Affine(split(block.dw_bn.scale), None),
+        block.pw,
+        block.pw_bn,
+    )
 
 
 def tile_plan(k: int, max_taps: int = MAX_TILE_TAPS) -> list:
@@ -260,14 +338,16 @@ def tile_plan(k: int, max_taps: int = MAX_TILE_TAPS) -> list:
     rest = k - body
     if rest:
         step = max(1, max_taps // rest)
-        plan += [(body, c, rest, min(step, k - c)) for c in range(0, k, step)]  # bottom rows, full width
-        plan += [(r, body, min(step, body - r), rest) for r in range(0, body, step)]  # right columns
+        # bottom rows, full width
+        plan += [(body, c, rest, min(step, k - c)) for c in range(0, k, step)]
+        # right columns
+        plan += [(r, body, min(step, body - r), rest) for r in range(0, body, step)]
     return plan
 
 
 def _kernel_tiles(kernel, plan) -> List[np.ndarray]:
     """The sub-kernels of a (k, k, C, 1) depthwise kernel for the rectangles of `plan`."""
-    return [np.ascontiguousarray(kernel[r:r + h, c:c + w]) for r, c, h, w in plan]
+    return [np.ascontiguousarray(kernel[r : r + h, c : c + w]) for r, c, h, w in plan]
 
 
 def _pad_same(x, k):
@@ -288,7 +368,12 @@ def _tiled_depthwise(xp, tiles, plan, channel_start=0, bias=None):
     channels = int(tiles[0].shape[2])
     out = None
     for (r, c, h, w), kernel in zip(plan, tiles):
-        window = xp[:, r: r + height + h - 1, c: c + width + w - 1, channel_start: channel_start + channels]
+        window = xp[
+            :,
+            r : r + height + h - 1,
+            c : c + width + w - 1,
+            channel_start : channel_start + channels,
+        ]
         part = tf.nn.depthwise_conv2d(window, kernel, [1, 1, 1, 1], "VALID")
         if out is None and bias is not None:
             part = tf.nn.bias_add(part, bias)  # fused into the first tile's conv

@@ -101,27 +101,57 @@ class _Builder:
 def metadata_flatbuffer(meta: Metadata) -> bytes:
     """The ModelMetadata flatbuffer of `meta`."""
     w = _Builder()
-    image = w.table(("int8", _RGB), ("offset", w.table(("uint32", meta.size), ("uint32", meta.size))))
+    inp, out = _input_tensor(w, meta), _output_tensor(w, meta)
+    subgraph = w.table(w.string("image_classifier"), None, w.vector([inp]), w.vector([out]))
+    root = w.table(
+        w.string(meta.name),
+        w.string(meta.description),
+        w.string(meta.version),
+        w.vector([subgraph]),
+        w.string("convmixer-tf"),
+        w.string(meta.license),
+        None,
+        w.string(MIN_PARSER_VERSION),
+    )
+    return w.finish(root)
+
+
+def _input_tensor(w: _Builder, meta: Metadata):
+    """TensorMetadata of the image input: RGB of meta.size, its normalisation, its range."""
+    size = meta.size
+    image = w.table(("int8", _RGB), ("offset", w.table(("uint32", size), ("uint32", size))))
     norm = w.table(w.floats(meta.mean), w.floats(meta.std))
     low = [(0.0 - m) / s for m, s in zip(meta.mean, meta.std)]
     high = [(PIXEL_MAX - m) / s for m, s in zip(meta.mean, meta.std)]
-    inp = w.table(w.string("image"), w.string(f"RGB image, {meta.size}x{meta.size}, pixels 0-{PIXEL_MAX:.0f}"), None,
-                  ("offset", w.table(("int8", _IMAGE_PROPERTIES), ("offset", image))),
-                  w.vector([w.table(("int8", _NORMALIZATION_OPTIONS), ("offset", norm))]),
-                  ("offset", w.table(w.floats(high), w.floats(low))))
+    return w.table(
+        w.string("image"),
+        w.string(f"RGB image, {size}x{size}, pixels 0-{PIXEL_MAX:.0f}"),
+        None,
+        ("offset", w.table(("int8", _IMAGE_PROPERTIES), ("offset", image))),
+        w.vector([w.table(("int8", _NORMALIZATION_OPTIONS), ("offset", norm))]),
+        ("offset", w.table(w.floats(high), w.floats(low))),
+    )
+
+
+def _output_tensor(w: _Builder, meta: Metadata):
+    """TensorMetadata of the scores: probabilities (range 0-1) or logits, and the labels file."""
     labels = None
     if meta.class_names is not None:
-        labels = w.vector([w.table(w.string(LABELS_FILE), w.string("class names, one per line, in output order"),
-                                   ("int8", _TENSOR_AXIS_LABELS))])
+        about = w.string("class names, one per line, in output order")
+        labels = w.vector([w.table(w.string(LABELS_FILE), about, ("int8", _TENSOR_AXIS_LABELS))])
     probabilities = meta.output == "probabilities"
-    out = w.table(w.string("probability" if probabilities else "logits"),
-                  w.string("probability of each class" if probabilities else "score (logit) of each class"), None,
-                  ("offset", w.table(("int8", _FEATURE_PROPERTIES), ("offset", w.table()))), None,
-                  ("offset", w.table(w.floats([1.0]), w.floats([0.0]))) if probabilities else None, labels)
-    subgraph = w.table(w.string("image_classifier"), None, w.vector([inp]), w.vector([out]))
-    root = w.table(w.string(meta.name), w.string(meta.description), w.string(meta.version), w.vector([subgraph]),
-                   w.string("convmixer-tf"), w.string(meta.license), None, w.string(MIN_PARSER_VERSION))
-    return w.finish(root)
+    value_range = None
+    if probabilities:
+        value_range = ("offset", w.table(w.floats([1.0]), w.floats([0.0])))
+    return w.table(
+        w.string("probability" if probabilities else "logits"),
+        w.string("probability of each class" if probabilities else "score (logit) of each class"),
+        None,
+        ("offset", w.table(("int8", _FEATURE_PROPERTIES), ("offset", w.table()))),
+        None,
+        value_range,
+        labels,
+    )
 
 
 def with_metadata(model: bytes, meta: Metadata) -> bytes:

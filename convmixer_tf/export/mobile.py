@@ -18,7 +18,7 @@ MEDIAPIPE_MISSING = "not installed (pip install 'convmixer-tf[mobile]')"
 
 
 def gpu_compatibility(path) -> str:
-    """"compatible", or "incompatible: " and the analyser's first complaint, for TFLite's
+    """ "compatible", or "incompatible: " and the analyser's first complaint, for TFLite's
     GPU delegate (tf.lite.experimental.Analyzer with gpu_compatibility=True)."""
     import tensorflow as tf
 
@@ -29,8 +29,11 @@ def gpu_compatibility(path) -> str:
     warnings = [line.strip() for line in lines if "GPU COMPATIBILITY WARNING" in line]
     if warnings:
         return "incompatible: " + warnings[0].split("WARNING:", 1)[-1].strip()
-    return "compatible" if any("looks compatible with GPU delegate" in line for line in lines) else \
-        "unknown: the analyser gave no verdict"
+    return (
+        "compatible"
+        if any("looks compatible with GPU delegate" in line for line in lines)
+        else "unknown: the analyser gave no verdict"
+    )
 
 
 def pixels(images: np.ndarray, info=None) -> np.ndarray:
@@ -46,9 +49,12 @@ def open_classifier(path, num_classes: int, logits: bool = False):
     """MediaPipe's ImageClassifier for a .tflite file, every class in each result."""
     from mediapipe.tasks.python import BaseOptions, vision
 
+    # logits may be negative: keep every class
     options = vision.ImageClassifierOptions(
-        base_options=BaseOptions(model_asset_path=str(path)), max_results=num_classes,
-        score_threshold=-1e30 if logits else 0.0)  # logits may be negative: keep every class
+        base_options=BaseOptions(model_asset_path=str(path)),
+        max_results=num_classes,
+        score_threshold=-1e30 if logits else 0.0,
+    )
     return vision.ImageClassifier.create_from_options(options)
 
 
@@ -56,7 +62,9 @@ def frame(image: np.ndarray):
     """A uint8 (H, W, 3) RGB array as MediaPipe's Image."""
     import mediapipe as mp
 
-    return mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image, dtype=np.uint8))
+    return mp.Image(
+        image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image, dtype=np.uint8)
+    )
 
 
 def classify(path, images: np.ndarray, num_classes: int, logits: bool = False, timed: int = 0):
@@ -75,7 +83,10 @@ def _classify_with(classifier, images, num_classes, timed=0):
     frames = [frame(image) for image in images]
     for i, each in enumerate(frames):
         for category in classifier.classify(each).classifications[0].categories:
-            scores[i, category.index], names[category.index] = category.score, category.category_name or ""
+            scores[i, category.index], names[category.index] = (
+                category.score,
+                category.category_name or "",
+            )
     times = []
     for _ in range(timed + 1 if timed else 0):  # the first call warms up
         start = time.perf_counter()
@@ -96,36 +107,67 @@ def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict
     with Keras. Category names must be the model's class names. Returns a dict for the
     report row; "problem" says why the check failed, if it did.
     """
-    from convmixer_tf.export.metadata import read_metadata
-    from convmixer_tf.export.verify import agreement, as_output
+    from convmixer_tf.export.scores import agreement, as_output
 
-    try:
-        import mediapipe  # noqa: F401
-    except ImportError:
-        return {"status": MEDIAPIPE_MISSING}
-    if not (has_metadata if has_metadata is not None else read_metadata(path) is not None):
-        return {"status": "skipped: the file has no metadata (written before files carried it)"}
+    skipped = _not_for_mediapipe(path, check.info, has_metadata)
+    if skipped is not None:
+        return {"status": skipped}
     info, runner = check.info, check.runner
-    if not info.raw_rgb and any(len(set(values)) > 1 for values in (info.preprocessing.mean, info.preprocessing.std)):
-        # MediaPipe refuses "Per-channel image normalization"; the file is right for others.
-        return {"status": "not for MediaPipe: the file takes per-channel normalised input, which MediaPipe "
-                          "cannot give it (files that take raw RGB, the default, work there)"}
     images = pixels(check.inputs, info)
-    fed = images.astype(np.float32) if info.raw_rgb else info.preprocessing.normalize(images).astype(np.float32)
-    logits = check.shared(("keras", "app pixels"), lambda: np.asarray(check.model.predict(fed, verbose=0)))
+    if info.raw_rgb:
+        fed = images.astype(np.float32)
+    else:
+        fed = info.preprocessing.normalize(images).astype(np.float32)
+    logits = check.shared(
+        ("keras", "app pixels"), lambda: np.asarray(check.model.predict(fed, verbose=0))
+    )
     reference = as_output(info, logits, runner.output)
     try:
         classifier = open_classifier(path, reference.shape[1], runner.output == "logits")
     except (RuntimeError, ValueError) as err:  # MediaPipe refusing the file is the finding
-        return {"status": "refused", "problem": f"MediaPipe refused the file: {one_line(err)[:300]}"}
+        return {
+            "status": "refused",
+            "problem": f"MediaPipe refused the file: {one_line(err)[:300]}",
+        }
     with classifier:
         scores, names, _ = _classify_with(classifier, images, reference.shape[1])
-    row = {"status": "ok", "images": int(len(images)), "max_abs": float(np.nanmax(np.abs(scores - reference))),
-           **agreement(scores, reference), "labels": "none in the file" if not any(names) else "packed"}
+    row = {
+        "status": "ok",
+        "images": int(len(images)),
+        "max_abs": float(np.nanmax(np.abs(scores - reference))),
+        **agreement(scores, reference),
+        "labels": "none in the file" if not any(names) else "packed",
+    }
     if check.tolerance is None:
         row["max_abs_vs_litert"] = float(np.max(np.abs(scores - runner(fed))))
     problems = _problems(row, scores, names, check, reference)
-    return dict(row, problem="MediaPipe: " + "; ".join(problems)) if problems else row
+    if problems:
+        row["problem"] = "MediaPipe: " + "; ".join(problems)
+    return row
+
+
+def _not_for_mediapipe(path, info, has_metadata: Optional[bool]) -> Optional[str]:
+    """Why MediaPipe is not asked about this file (its status), or None."""
+    from convmixer_tf.export.metadata import read_metadata
+
+    try:
+        import mediapipe  # noqa: F401
+    except ImportError:
+        return MEDIAPIPE_MISSING
+    if has_metadata is None:
+        has_metadata = read_metadata(path) is not None
+    if not has_metadata:
+        return "skipped: the file has no metadata (written before files carried it)"
+    per_channel = any(
+        len(set(values)) > 1 for values in (info.preprocessing.mean, info.preprocessing.std)
+    )
+    if not info.raw_rgb and per_channel:
+        # MediaPipe refuses "Per-channel image normalization"; the file is right for others.
+        return (
+            "not for MediaPipe: the file takes per-channel normalised input, which MediaPipe "
+            "cannot give it (files that take raw RGB, the default, work there)"
+        )
+    return None
 
 
 def _problems(row, scores, names, check, reference) -> list:
@@ -133,9 +175,13 @@ def _problems(row, scores, names, check, reference) -> list:
     if check.tolerance is not None:
         allowed = check.tolerance * max(1.0, float(np.abs(reference).max()))
         if row["max_abs"] > allowed:
-            problems.append(f"its scores differ from Keras by {row['max_abs']:.3g} (allowed {allowed:.3g})")
+            problems.append(
+                f"its scores differ from Keras by {row['max_abs']:.3g} (allowed {allowed:.3g})"
+            )
     elif row["max_abs_vs_litert"] > max(getattr(check.runner, "output_step", 0.0), 1e-6) * 1.01:
-        problems.append(f"its scores differ from LiteRT's on the same file by {row['max_abs_vs_litert']:.3g}")
+        problems.append(
+            f"its scores differ from LiteRT's on the same file by {row['max_abs_vs_litert']:.3g}"
+        )
     expected = check.info.class_names
     if expected is not None and tuple(names) != tuple(expected):
         first = next(i for i, (a, b) in enumerate(zip(names, expected)) if a != b)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from convmixer_tf.errors import one_line
+from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.outputs import write_atomic
 
@@ -19,9 +19,17 @@ MAX_OPSET = 18  # tf2onnx 1.17
 GELU_FORM = "erf"
 
 
-def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, nchw: bool = False, preprocessing=None,
-                dynamic_batch: bool = True) -> str:
-    """Converts `model` to ONNX; input `images` (NHWC, or NCHW with nchw=True), output `logits`.
+def export_onnx(
+    model,
+    path,
+    opset: int = DEFAULT_OPSET,
+    *,
+    nchw: bool = False,
+    dynamic_batch: bool = True,
+    info=None,
+) -> str:
+    """Converts `model` (facts `info`, default its own) to ONNX; input `images` (NHWC, or
+    NCHW with nchw=True), output `logits`.
 
     Example:
         >>> export_onnx(model, "model.onnx", nchw=True)  # doctest: +SKIP
@@ -35,12 +43,8 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, nchw: bool = False, 
     from convmixer_tf.export.graph import InferenceGraph
 
     if not 13 <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must be between 13 and {MAX_OPSET} (tf2onnx 1.17), got {opset}")
-    if preprocessing is not None:
-        from convmixer_tf.model import rebuild
-
-        model = rebuild(model, preprocessing=preprocessing)
-    graph = InferenceGraph(model, depthwise="native", gelu=GELU_FORM, affine="conv")
+        raise BadInput(f"opset must be between 13 and {MAX_OPSET} (tf2onnx 1.17), got {opset}")
+    graph = InferenceGraph(model, info=info, depthwise="native", gelu=GELU_FORM, affine="conv")
     shape = [None if dynamic_batch else 1, *model.input_shape[1:]]
     spec = (tf.TensorSpec(shape, tf.float32, name="images"),)
 
@@ -54,7 +58,11 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, nchw: bool = False, 
     try:
         with mock.patch.dict(os.environ, TF2ONNX_CATCH_ERRORS="false"):
             proto, _ = tf2onnx.convert.from_function(
-                serving, input_signature=spec, opset=opset, inputs_as_nchw=["images"] if nchw else None)
+                serving,
+                input_signature=spec,
+                opset=opset,
+                inputs_as_nchw=["images"] if nchw else None,
+            )
     except Exception as err:
         raise ExportError(f"ONNX conversion failed: {one_line(err)[:500]}") from None
     _gelu_in_fusable_form(proto)
@@ -74,44 +82,73 @@ def _gelu_in_fusable_form(proto) -> int:
     rounding of x / sqrt 2 (the file is checked against Keras afterwards).
     """
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = proto.graph
-    scalars = {t.name: numpy_helper.to_array(t) for t in graph.initializer if int(np.prod(t.dims)) == 1}
+    scalars = {
+        t.name: numpy_helper.to_array(t) for t in graph.initializer if int(np.prod(t.dims)) == 1
+    }
     consumers = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    sqrt2, one = "gelu_sqrt2", "gelu_one"
-    rewritten = 0
-    for i, node in enumerate(graph.node):
-        if node.op_type != "Mul" or len(node.input) != 2:
-            continue
-        users = consumers.get(node.output[0], [])
-        if len(users) != 1 or users[0].op_type != "Erf":
-            continue
-        const = [name for name in node.input if name in scalars
-                 and abs(float(scalars[name].ravel()[0]) - 0.5 ** 0.5) < 1e-7 and scalars[name].dtype == np.float32]
-        if len(const) != 1:
-            continue
-        x = node.input[1] if node.input[0] == const[0] else node.input[0]
-        div = helper.make_node("Div", [x, sqrt2], list(node.output), name=node.name or f"gelu_div_{i}")
-        graph.node[i].CopyFrom(div)
-        erf = users[0]
-        for add in consumers.get(erf.output[0], []):
-            other = [name for name in add.input if name != erf.output[0]]
-            one_added = len(other) == 1 and other[0] in scalars and float(scalars[other[0]].ravel()[0]) == 1
-            if add.op_type == "Add" and one_added:
-                add.input[0], add.input[1] = erf.output[0], one  # Add(erf, scalar 1)
-        rewritten += 1
+    rewritten = sum(_rewrite_gelu(graph, i, scalars, consumers) for i in range(len(graph.node)))
     if rewritten:
-        graph.initializer.append(numpy_helper.from_array(np.array(2.0 ** 0.5, np.float32), sqrt2))
-        graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
-        used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+        graph.initializer.append(
+            numpy_helper.from_array(np.array(2.0**0.5, np.float32), GELU_SQRT2)
+        )
+        graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), GELU_ONE))
+        used = {name for node in graph.node for name in node.input}
+        used |= {out.name for out in graph.output}
         kept = [t for t in graph.initializer if t.name in used]  # drop the constants replaced above
         del graph.initializer[:]
         graph.initializer.extend(kept)
     return rewritten
+
+
+GELU_SQRT2 = "gelu_sqrt2"  # the scalar constants the fusable form reads
+GELU_ONE = "gelu_one"
+
+
+def _rewrite_gelu(graph, i: int, scalars: dict, consumers: dict) -> bool:
+    """Rewrites node `i` when it is the Mul(x, 1/sqrt 2) of an exact GELU (and its Add(1,
+    erf)) into the fusable form; True when it was."""
+    import numpy as np
+    from onnx import helper
+
+    node = graph.node[i]
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return False
+    users = consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Erf":
+        return False
+
+    def is_inverse_sqrt2(name):
+        value = scalars.get(name)
+        return (
+            value is not None
+            and value.dtype == np.float32
+            and abs(float(value.ravel()[0]) - 0.5**0.5) < 1e-7
+        )
+
+    const = [name for name in node.input if is_inverse_sqrt2(name)]
+    if len(const) != 1:
+        return False
+    x = node.input[1] if node.input[0] == const[0] else node.input[0]
+    div = helper.make_node(
+        "Div", [x, GELU_SQRT2], list(node.output), name=node.name or f"gelu_div_{i}"
+    )
+    graph.node[i].CopyFrom(div)
+    erf = users[0]
+    for add in consumers.get(erf.output[0], []):
+        other = [name for name in add.input if name != erf.output[0]]
+        one_added = (
+            len(other) == 1 and other[0] in scalars and float(scalars[other[0]].ravel()[0]) == 1
+        )
+        if add.op_type == "Add" and one_added:
+            add.input[0] = erf.output[0]  # Add(erf, scalar 1)
+            add.input[1] = GELU_ONE
+    return True
 
 
 def check_onnx(proto) -> None:
@@ -120,8 +157,13 @@ def check_onnx(proto) -> None:
     import onnxruntime as ort
 
     known = {"", "ai.onnx"}
-    foreign = sorted({f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in proto.graph.node
-                      if n.domain not in known})
+    foreign = sorted(
+        {
+            f"{n.domain}:{n.op_type}" if n.domain else n.op_type
+            for n in proto.graph.node
+            if n.domain not in known
+        }
+    )
     if foreign:
         raise ExportError(f"tf2onnx left ops it could not convert: {', '.join(foreign)}")
     try:
@@ -144,7 +186,9 @@ class OnnxRunner:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(
+            os.fspath(path), options, providers=["CPUExecutionProvider"]
+        )
         inp = self._session.get_inputs()[0]
         self._input = inp.name
         self._nchw = len(inp.shape) == 4 and inp.shape[1] == 3 and inp.shape[3] != 3
@@ -160,9 +204,12 @@ class OnnxRunner:
 def float_onnx(job) -> str:
     """The job's float ONNX file, converted once per run: the onnx and onnx_int8 formats
     both start from it."""
+
     def convert():
         path = os.path.join(job.scratch(), f"float-{'nchw' if job.nchw else 'nhwc'}.onnx")
-        return export_onnx(job.model, path, nchw=job.nchw, **({"opset": job.opset} if job.opset else {}))
+        return export_onnx(
+            job.model, path, job.opset or DEFAULT_OPSET, nchw=job.nchw, info=job.info
+        )
 
     return job.shared(("onnx", job.nchw, job.opset), convert)
 
@@ -173,7 +220,13 @@ def _write(job, path):
 
 
 FORMAT = ExportFormat(
-    name="onnx", filename="model.onnx",
+    name="onnx",
+    filename="model.onnx",
     summary="ONNX for onnxruntime and other runtimes (exact GELU as erf); NHWC input, NCHW with --nchw",
-    write=_write, load=OnnxRunner, tolerance=1e-4,
-    recognises=lambda path: os.fspath(path).endswith(".onnx") and not os.fspath(path).endswith("_int8.onnx"))
+    write=_write,
+    load=OnnxRunner,
+    tolerance=1e-4,
+    recognises=lambda path: (
+        os.fspath(path).endswith(".onnx") and not os.fspath(path).endswith("_int8.onnx")
+    ),
+)

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from convmixer_tf.errors import one_line
+from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.onnx import DEFAULT_OPSET, OnnxRunner, check_onnx, export_onnx, float_onnx
 from convmixer_tf.outputs import write_atomic
@@ -36,10 +36,19 @@ FLOAT_OPS = ()
 FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 
 
-def export_onnx_int8(model, path, calibration: np.ndarray, *, nchw: bool = False, opset: int = DEFAULT_OPSET,
-                     method: str = CALIBRATION_METHOD, per_channel: bool = PER_CHANNEL,
-                     reduce_range: bool = REDUCE_RANGE, float_ops: Sequence[str] = FLOAT_OPS,
-                     float_path: Optional[str] = None) -> str:
+def export_onnx_int8(
+    model,
+    path,
+    calibration: np.ndarray,
+    *,
+    nchw: bool = False,
+    opset: int = DEFAULT_OPSET,
+    method: str = CALIBRATION_METHOD,
+    per_channel: bool = PER_CHANNEL,
+    reduce_range: bool = REDUCE_RANGE,
+    float_ops: Sequence[str] = FLOAT_OPS,
+    float_path: Optional[str] = None,
+) -> str:
     """Writes `model` as a statically quantised (QDQ, int8 weights, uint8 activations) ONNX file.
 
     Args:
@@ -64,7 +73,7 @@ def export_onnx_int8(model, path, calibration: np.ndarray, *, nchw: bool = False
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     if calibration is None or not len(calibration):
-        raise ValueError("int8 ONNX needs calibration images")
+        raise BadInput("int8 ONNX needs calibration images")
     with temporary_folder() as tmp:
         ready, quantised = os.path.join(tmp, "pre.onnx"), os.path.join(tmp, "int8.onnx")
         if float_path is None:
@@ -72,11 +81,18 @@ def export_onnx_int8(model, path, calibration: np.ndarray, *, nchw: bool = False
         quant_pre_process(float_path, ready, skip_symbolic_shape=True)
         try:
             quantize_static(
-                ready, quantised, _Reader(calibration, nchw), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                ready,
+                quantised,
+                _Reader(calibration, nchw),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
                 calibrate_method=getattr(CalibrationMethod, method),
                 nodes_to_exclude=_nodes_of(ready, float_ops),
-                extra_options={"OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS)})
+                extra_options={"OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS)},
+            )
         except Exception as err:  # noqa: BLE001 - onnxruntime raises many kinds
             raise ExportError(f"onnxruntime quantisation failed: {one_line(err)[:400]}") from None
         import onnx
@@ -125,20 +141,37 @@ def _nodes_of(path, op_types) -> list:
 
 
 def _write(job, path):
-    export_onnx_int8(job.model, path, job.calibration, nchw=job.nchw, float_path=float_onnx(job),
-                     **({"opset": job.opset} if job.opset else {}))
+    export_onnx_int8(
+        job.model,
+        path,
+        job.calibration,
+        nchw=job.nchw,
+        opset=job.opset or DEFAULT_OPSET,
+        float_path=float_onnx(job),
+    )
 
 
 def _describe(path, check=None) -> dict:
     weights = "per-channel" if PER_CHANNEL else "per-tensor"
-    bits = ("7-bit range (reduce_range): no saturation on AVX2 CPUs without VNNI, accurate on VNNI ones too"
-            if REDUCE_RANGE else "full 8-bit range (may saturate on AVX2 CPUs without VNNI)")
-    return {"quantisation": f"QDQ; int8 {weights} weights, {bits}; uint8 activations, {CALIBRATION_METHOD} "
-                            f"calibration; float logits" + (f"; {', '.join(FLOAT_OPS)} in float" if FLOAT_OPS else "")}
+    bits = (
+        "7-bit range (reduce_range): no saturation on AVX2 CPUs without VNNI, accurate on VNNI ones too"
+        if REDUCE_RANGE
+        else "full 8-bit range (may saturate on AVX2 CPUs without VNNI)"
+    )
+    return {
+        "quantisation": f"QDQ; int8 {weights} weights, {bits}; uint8 activations, {CALIBRATION_METHOD} "
+        f"calibration; float logits" + (f"; {', '.join(FLOAT_OPS)} in float" if FLOAT_OPS else "")
+    }
 
 
 FORMAT = ExportFormat(
-    name="onnx_int8", filename="model_int8.onnx", aliases=("onnx_quantized",),
+    name="onnx_int8",
+    filename="model_int8.onnx",
+    aliases=("onnx_quantized",),
     summary="ONNX, int8 (onnxruntime static quantisation, QDQ) for CPU servers (calibrated)",
-    write=_write, load=OnnxRunner, calibrated=True, describe=_describe,
-    recognises=lambda path: os.fspath(path).endswith("_int8.onnx"))
+    write=_write,
+    load=OnnxRunner,
+    calibrated=True,
+    describe=_describe,
+    recognises=lambda path: os.fspath(path).endswith("_int8.onnx"),
+)

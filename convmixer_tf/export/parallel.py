@@ -27,6 +27,7 @@ import numpy as np
 from convmixer_tf import contract, interrupts, outputs
 from convmixer_tf.errors import BadInput
 from convmixer_tf.export.base import ExportError, ExportJob
+from convmixer_tf.export.write import Checks, write_and_check
 
 MARK = "@convmixer-export "
 ERRORS = {1: ExportError, 2: BadInput}  # a worker's failure raised again here, by its exit code
@@ -48,7 +49,9 @@ def memory_allows(model) -> bool:
     written side by side, with a tenth to spare; False where it is not known."""
     try:
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            available = next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
+            )
     except (OSError, StopIteration, ValueError):
         return False
     return available >= 1.1 * (MEMORY[0] + MEMORY[1] * 4 * model.count_params())
@@ -66,12 +69,9 @@ def time_allowed(job: ExportJob, formats) -> float:
     return 10 * seconds
 
 
-def write_in_processes(groups: dict, job: ExportJob, directory, checks: dict, log) -> dict:
+def write_in_processes(groups: dict, job: ExportJob, directory, checks: Checks, log) -> dict:
     """{format name: row} of every format of `groups` ({group: [ExportFormat]}): the first
-    group written here, each other one by a worker process. `checks` holds the held-out
-    images, Keras' outputs on them and `latency_runs`."""
-    from convmixer_tf.export import write_and_check
-
+    group written here, each other one by a worker process."""
     spec = _spec(job, directory, checks)
     with contextlib.ExitStack() as stack:
         workers = []
@@ -80,7 +80,9 @@ def write_in_processes(groups: dict, job: ExportJob, directory, checks: dict, lo
             with open(path, "w") as f:
                 json.dump(dict(spec, names=[fmt.name for fmt in formats]), f)
             command = [sys.executable, "-m", "convmixer_tf.export.parallel", path]
-            process = subprocess.Popen(command, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            process = subprocess.Popen(
+                command, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
             worker = Worker(process, [fmt.name for fmt in formats], time_allowed(job, formats))
             workers.append(stack.enter_context(worker.running()))
         here = write_and_check(list(groups.values())[0], job, directory, checks, log)
@@ -88,7 +90,7 @@ def write_in_processes(groups: dict, job: ExportJob, directory, checks: dict, lo
         for worker in workers:
             rows.update(worker.receive("written", log))
         for row, runner in here.values():
-            row["latency_ms"] = runner.latency_ms(checks["held_out"], checks["latency_runs"])
+            row["latency_ms"] = runner.latency_ms(checks.held_out, checks.latency_runs)
         for worker in workers:  # one at a time: a quiet machine for each figure
             worker.start_timing()
             rows.update(worker.receive("timed", log))
@@ -101,7 +103,9 @@ class Worker:
     a phase that runs past `seconds` (a hang) is noticed."""
 
     def __init__(self, process, names, seconds: float):
-        self.process, self.names, self.seconds = process, names, seconds
+        self.process = process
+        self.names = names
+        self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -139,14 +143,16 @@ class Worker:
                 line = self.lines.get(timeout=max(0.0, self.deadline - time.monotonic()))
             except queue.Empty:
                 self._kill()
-                raise ExportError(f"the process writing {', '.join(self.names)} did not finish within "
-                                  f"{self.seconds:.0f} s (ten times what the model's size and the formats "
-                                  "should take) and was stopped") from None
+                raise ExportError(
+                    f"the process writing {', '.join(self.names)} did not finish within "
+                    f"{self.seconds:.0f} s (ten times what the model's size and the formats "
+                    "should take) and was stopped"
+                ) from None
             if line is None:
                 break
             if not line.startswith(MARK):
                 continue  # what a library printed on its own
-            what, payload = json.loads(line[len(MARK):])
+            what, payload = json.loads(line[len(MARK) :])
             if what == "log":
                 log(payload)
             elif what == "error":
@@ -161,9 +167,11 @@ class Worker:
         if code >= 0:
             return RuntimeError(f"an export worker ended without a report (exit code {code})")
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        return ExportError(f"the process writing {', '.join(self.names)} was killed by signal {-code} ({name}), "
-                           "most likely by the kernel for want of memory: pass --processes 1 (one file after "
-                           "the other, in less memory) or write fewer formats at once")
+        return ExportError(
+            f"the process writing {', '.join(self.names)} was killed by signal {-code} ({name}), "
+            "most likely by the kernel for want of memory: pass --processes 1 (one file after "
+            "the other, in less memory) or write fewer formats at once"
+        )
 
 
 def _spec(job: ExportJob, directory, checks) -> dict:
@@ -172,11 +180,24 @@ def _spec(job: ExportJob, directory, checks) -> dict:
     model_path = os.path.join(job.scratch(), "export.keras")
     job.model.save(model_path)
     arrays = os.path.join(job.scratch(), "checks.npz")
-    np.savez(arrays, held_out=checks["held_out"], reference=checks["reference"],
-             calibration=job.calibration if job.calibration is not None else np.zeros((0,)))
-    return {"model": model_path, "info": job.info.to_dict(), "arrays": arrays, "directory": os.fspath(directory),
-            "nchw": job.nchw, "opset": job.opset, "tflite_output": job.tflite_output,
-            "source": job.calibration_source, "latency_runs": checks["latency_runs"], "parent": os.getpid()}
+    np.savez(
+        arrays,
+        held_out=checks.held_out,
+        reference=checks.reference,
+        calibration=job.calibration if job.calibration is not None else np.zeros((0,)),
+    )
+    return {
+        "model": model_path,
+        "info": job.info.to_dict(),
+        "arrays": arrays,
+        "directory": os.fspath(directory),
+        "nchw": job.nchw,
+        "opset": job.opset,
+        "tflite_output": job.tflite_output,
+        "source": job.calibration_source,
+        "latency_runs": checks.latency_runs,
+        "parent": os.getpid(),
+    }
 
 
 def _report(what, payload) -> None:
@@ -196,7 +217,7 @@ def main(spec_path) -> int:
     """A worker: writes and checks its formats, reports, waits for its turn, times its
     files, reports again."""
     from convmixer_tf.errors import exit_code, one_line
-    from convmixer_tf.export import registry, write_and_check
+    from convmixer_tf.export import registry
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -206,13 +227,23 @@ def main(spec_path) -> int:
 
         info = contract.ModelInfo.from_dict(spec["info"])
         model = contract.attach(keras.saving.load_model(spec["model"]), info)
-        arrays = dict(np.load(spec["arrays"]))  # each array read once (an .npz reads on every access)
+        # each array read once (an .npz reads on every access)
+        arrays = dict(np.load(spec["arrays"]))
         calibration = arrays["calibration"] if arrays["calibration"].ndim == 4 else None
-        job = ExportJob(model, info, nchw=spec["nchw"], opset=spec["opset"],
-                        tflite_output=spec["tflite_output"], calibration=calibration, calibration_source=spec["source"])
-        done = write_and_check([registry.get(name) for name in spec["names"]], job, spec["directory"],
-                               {"held_out": arrays["held_out"], "reference": arrays["reference"]},
-                               lambda message: _report("log", message))
+        job = ExportJob(
+            model,
+            info,
+            nchw=spec["nchw"],
+            opset=spec["opset"],
+            tflite_output=spec["tflite_output"],
+            calibration=calibration,
+            calibration_source=spec["source"],
+        )
+        checks = Checks(arrays["held_out"], arrays["reference"], spec["latency_runs"])
+        formats = [registry.get(name) for name in spec["names"]]
+        done = write_and_check(
+            formats, job, spec["directory"], checks, lambda message: _report("log", message)
+        )
     except BaseException as err:  # noqa: BLE001 - reported to the process that waits for it
         code = exit_code(err)
         _report("error", [code, one_line(err, named=code not in ERRORS)])
@@ -221,7 +252,7 @@ def main(spec_path) -> int:
     job.close()
     sys.stdin.readline()  # its turn to time
     for row, runner in done.values():
-        row["latency_ms"] = runner.latency_ms(arrays["held_out"], spec["latency_runs"])
+        row["latency_ms"] = runner.latency_ms(checks.held_out, checks.latency_runs)
     _report("timed", {name: row for name, (row, _) in done.items()})
     return 0
 

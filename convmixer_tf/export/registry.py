@@ -36,9 +36,8 @@ def resolve(requested: Sequence[str]) -> List[ExportFormat]:
     """Format names ("all" for every one, aliases allowed) -> formats, in order, once each."""
     chosen = []
     for name in requested:
-        for fmt in FORMATS if name == "all" else [get(name)]:
-            if fmt not in chosen:
-                chosen.append(fmt)
+        named = list(FORMATS) if name == "all" else [get(name)]
+        chosen += [fmt for fmt in named if fmt not in chosen]
     return chosen
 
 
@@ -48,8 +47,10 @@ def recognise(path) -> ExportFormat:
     for fmt in FORMATS:
         if fmt.recognises is not None and fmt.recognises(path):
             return fmt
-    raise BadInput(f"cannot tell the format of {path}: expected one of "
-                     f"{', '.join(sorted({f.filename for f in FORMATS}))}")
+    raise BadInput(
+        f"cannot tell the format of {path}: expected one of "
+        f"{', '.join(sorted({f.filename for f in FORMATS}))}"
+    )
 
 
 def file_patterns() -> tuple:
@@ -59,7 +60,10 @@ def file_patterns() -> tuple:
 
 def help_text(indent: str = "  ") -> str:
     """One line per format, for --help."""
-    rows = [(f.name + (f" ({', '.join(f.aliases)})" if f.aliases else ""), f.filename, f.summary) for f in FORMATS]
+    rows = [
+        (f.name + (f" ({', '.join(f.aliases)})" if f.aliases else ""), f.filename, f.summary)
+        for f in FORMATS
+    ]
     width, fwidth = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     return "\n".join(f"{indent}{n:<{width}}  {fn:<{fwidth}}  {s}" for n, fn, s in rows)
 
@@ -68,14 +72,20 @@ def markdown_table() -> str:
     """The README's table of formats."""
     lines = ["| format | file | what | checked against Keras |", "|---|---|---|---|"]
     for f in FORMATS:
-        check = f"max abs diff <= {f.tolerance:.0e}" if f.tolerance is not None else "top-1 agreement (quantised)"
+        check = (
+            f"max abs diff <= {f.tolerance:.0e}"
+            if f.tolerance is not None
+            else "top-1 agreement (quantised)"
+        )
         lines.append(f"| `{f.name}` | `{f.filename}` | {f.summary} | {check} |")
     return "\n".join(lines)
 
 
 def register(fmt: ExportFormat) -> ExportFormat:
     """Appends a format (a name already taken is an error): for plug-ins and tests."""
-    clash = sorted({name for f in FORMATS for name in (f.name, *f.aliases)} & {fmt.name, *fmt.aliases})
+    clash = sorted(
+        {name for f in FORMATS for name in (f.name, *f.aliases)} & {fmt.name, *fmt.aliases}
+    )
     if clash:
         raise ValueError(f"export format name already registered: {', '.join(clash)}")
     FORMATS.append(fmt)

@@ -8,12 +8,12 @@ from convmixer_tf.export.base import ExportFormat
 from convmixer_tf.outputs import exactly, follow_umask
 
 
-def export_saved_model(model, path, preprocessing=None) -> str:
+def export_saved_model(model, path) -> str:
     """Writes `model` as a TensorFlow SavedModel directory.
 
     The `serving_default` signature takes `images` (float32, [batch, H, W, 3], batch
-    dynamic) and returns {"logits": ...}. With `preprocessing=(mean, std)` the
-    signature takes raw RGB pixels.
+    dynamic) and returns {"logits": ...}: raw RGB pixels when the model takes them (its
+    preprocessing layer; `rebuild(model, preprocessing=(mean, std))` adds one).
 
     Example:
         >>> export_saved_model(model, "out/saved_model")  # doctest: +SKIP
@@ -21,10 +21,6 @@ def export_saved_model(model, path, preprocessing=None) -> str:
     """
     import tensorflow as tf
 
-    from convmixer_tf.model import rebuild
-
-    if preprocessing is not None:
-        model = rebuild(model, preprocessing=preprocessing)
     shape = [None] + list(model.input_shape[1:])
 
     @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
@@ -56,10 +52,21 @@ class SavedModelRunner:
 
 
 FORMAT = ExportFormat(
-    name="saved_model", filename="saved_model", aliases=("savedmodel",),
+    name="saved_model",
+    filename="saved_model",
+    aliases=("savedmodel",),
     summary="TensorFlow SavedModel, signature serving_default: images -> logits, dynamic batch",
-    write=lambda job, path: export_saved_model(job.model, path), load=SavedModelRunner, tolerance=1e-4,
+    write=lambda job, path: export_saved_model(job.model, path),
+    load=SavedModelRunner,
+    tolerance=1e-4,
     recognises=lambda path: os.path.isfile(os.path.join(path, "saved_model.pb")),
-    files=(*exactly("saved_model/saved_model.pb", "saved_model/fingerprint.pb",
-                    "saved_model/variables/variables.index", "saved_model/assets/"),
-           r"saved_model/variables/variables\.data-\d{5}-of-\d{5}"))
+    files=(
+        *exactly(
+            "saved_model/saved_model.pb",
+            "saved_model/fingerprint.pb",
+            "saved_model/variables/variables.index",
+            "saved_model/assets/",
+        ),
+        r"saved_model/variables/variables\.data-\d{5}-of-\d{5}",
+    ),
+)

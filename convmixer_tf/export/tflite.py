@@ -19,9 +19,11 @@ import numpy as np
 
 from convmixer_tf import contract, outputs
 from convmixer_tf.config import PIXEL_MAX
-from convmixer_tf.errors import one_line
+from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
+from convmixer_tf.export.float16 import float16_weights
 from convmixer_tf.export.metadata import Metadata, with_metadata
+from convmixer_tf.version import __version__
 
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
 # The tiled depthwise branch's layout (channel groups, most taps per tile), by file. Float
@@ -37,16 +39,19 @@ LICENSE = "code: Apache-2.0 (convmixer-tf); weights: the licence of the checkpoi
 # The output of full-integer files: quantised uint8, which MediaPipe reads with the file's
 # scale and zero point (it refuses int8 outputs).
 INT8_OUTPUT = "uint8"
-# The float16 file's reduced-precision metadata, as the converter writes it when told
-# that float16 accumulation is acceptable: delegates that compute in float16 (XNNPACK on
-# ARMv8.2, GPUs) may then run the whole network in it.
-FLOAT16_PRECISION = b"fp16accfp16"
 
 
-def export_tflite(model, path, quantization: Optional[str] = None, *,
-                  representative_data: Optional[Callable[[], Iterable[np.ndarray]]] = None,
-                  preprocessing=None, batch_size: int = 1, tiled_depthwise: bool = True,
-                  output: str = "probabilities", class_names=None) -> str:
+def export_tflite(
+    model,
+    path,
+    quantization: Optional[str] = None,
+    *,
+    representative_data: Optional[Callable[[], Iterable[np.ndarray]]] = None,
+    batch_size: int = 1,
+    tiled_depthwise: bool = True,
+    output: str = "probabilities",
+    class_names=None,
+) -> str:
     """Converts `model` to a .tflite file of builtin ops, with TFLite metadata.
 
     Args:
@@ -57,23 +62,30 @@ def export_tflite(model, path, quantization: Optional[str] = None, *,
             takes raw pixels, int8 otherwise; uint8 output).
         representative_data: for "int8": a callable returning an iterable of single
             NHWC float32 samples (batch 1) in the file's input space.
-        preprocessing: (mean, std) to put the normalisation of raw RGB into the graph.
         batch_size: fixed batch of the file.
         tiled_depthwise: emit k x k depthwise convolutions (k > 5) as the small tiles of
             `graph.tile_plan` (XNNPACK is slow on large depthwise kernels).
         output: "probabilities" (a softmax at the end, what apps show) or "logits".
         class_names: the labels packed into the file; default those stored with the model.
 
+    A model that takes normalised input gets the normalisation of raw RGB into its graph
+    with `rebuild(model, preprocessing=(mean, std))` first.
+
     Example:
         >>> export_tflite(model, "model.tflite")  # doctest: +SKIP
     """
-    if preprocessing is not None:
-        from convmixer_tf.model import rebuild
-
-        model = rebuild(model, preprocessing=preprocessing)
+    info = contract.info_of(model)
+    if class_names is not None:
+        info = info.replace(class_names=tuple(class_names))
     _check(model, quantization, representative_data)
-    traced = trace(model, _tiling(model, quantization), batch_size=batch_size, tiled_depthwise=tiled_depthwise,
-                   output=output, class_names=class_names)
+    traced = trace(
+        model,
+        info,
+        _tiling(info, quantization),
+        batch_size=batch_size,
+        tiled_depthwise=tiled_depthwise,
+        output=output,
+    )
     return write_file(path, traced, convert(traced, quantization, representative_data))
 
 
@@ -81,15 +93,17 @@ def _check(model, quantization, representative_data):
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if quantization == "int8" and representative_data is None:
-        raise ValueError("int8 quantization needs representative_data (calibration images)")
+        raise BadInput("int8 quantization needs representative_data (calibration images)")
     if None in model.input_shape[1:]:
-        raise ValueError(f"TFLite export needs a fixed input size; the model takes {model.input_shape[1:]}: "
-                         "rebuild it with input_shape=(H, W, 3)")
+        raise BadInput(
+            f"TFLite export needs a fixed input size; the model takes {model.input_shape[1:]}: "
+            "rebuild it with input_shape=(H, W, 3)"
+        )
 
 
-def _tiling(model, quantization) -> tuple:
+def _tiling(info, quantization) -> tuple:
     groups, taps = TILING["float" if quantization in (None, "float16") else "quantized"]
-    return math.gcd(contract.info_of(model).config.dim, groups), taps
+    return math.gcd(info.config.dim, groups), taps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,39 +117,62 @@ class Traced:
     metadata: Metadata
 
 
-def trace(model, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities", class_names=None) -> Traced:
-    """The inference graph of `model` with tile layout (groups, taps), traced once: every
-    file of that layout is converted from it."""
+def trace(
+    model, info, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities"
+) -> Traced:
+    """The inference graph of `model` (facts `info`: its class names go into the files'
+    labels) with tile layout (groups, taps), traced once: every file of that layout is
+    converted from it."""
     import tensorflow as tf
 
     from convmixer_tf.export.graph import InferenceGraph
 
     groups, taps = layout
-    graph = InferenceGraph(model, depthwise="tiled" if tiled_depthwise else "native", channel_groups=groups,
-                           tile_taps=taps, probabilities=output == "probabilities")
+    graph = InferenceGraph(
+        model,
+        info=info,
+        depthwise="tiled" if tiled_depthwise else "native",
+        channel_groups=groups,
+        tile_taps=taps,
+        probabilities=output == "probabilities",
+    )
     output = "probabilities" if graph.softmax else "logits"
     spec = tf.TensorSpec([batch_size, *model.input_shape[1:]], tf.float32, name="images")
     serving = tf.function(lambda images: {output: graph(images)}, input_signature=[spec])
     module = tf.Module()
     module.weights = graph.tf_variables
-    info = contract.info_of(model)
-    info = info.replace(class_names=tuple(class_names)) if class_names is not None else info
-    return Traced(serving.get_concrete_function(), module, graph.raw_rgb,
-                  file_metadata(info, int(model.input_shape[1]), output, model.name))
+    return Traced(
+        serving.get_concrete_function(),
+        module,
+        graph.raw_rgb,
+        file_metadata(info, int(model.input_shape[1]), output, model.name),
+    )
 
 
-def file_metadata(info, size: int, output: str = "probabilities", name: str = "convmixer") -> Metadata:
+def file_metadata(
+    info, size: int, output: str = "probabilities", name: str = "convmixer"
+) -> Metadata:
     """The metadata of a TFLite file of a model with facts `info`: what it is, the input
     normalisation a client applies (none for a graph taking raw RGB), the class names."""
-    import convmixer_tf
-
-    mean, std = info.preprocessing.pixel_mean_std() if not info.raw_rgb else ((0.0,) * 3, (1.0,) * 3)
+    mean, std = (
+        info.preprocessing.pixel_mean_std() if not info.raw_rgb else ((0.0,) * 3, (1.0,) * 3)
+    )
     c = info.config
-    description = (f"ConvMixer-{c.dim}/{c.depth} (kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}) "
-                   f"image classifier, {c.num_classes} classes, {output}; input {size} px RGB")
-    return Metadata(name=info.variant or name, description=description,
-                    version=f"convmixer-tf {convmixer_tf.__version__}", license=LICENSE,
-                    size=size, mean=mean, std=std, output=output, class_names=info.class_names)
+    description = (
+        f"ConvMixer-{c.dim}/{c.depth} (kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}) "
+        f"image classifier, {c.num_classes} classes, {output}; input {size} px RGB"
+    )
+    return Metadata(
+        name=info.variant or name,
+        description=description,
+        version=f"convmixer-tf {__version__}",
+        license=LICENSE,
+        size=size,
+        mean=mean,
+        std=std,
+        output=output,
+        class_names=info.class_names,
+    )
 
 
 def write_file(path, traced: Traced, flatbuffer: bytes) -> str:
@@ -158,7 +195,9 @@ def convert(traced: Traced, quantization=None, representative_data=None) -> byte
     if quantization in ("dynamic", "int8"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "int8":
-        converter.representative_dataset = lambda: _calibration_samples(representative_data, traced.raw_rgb)
+        converter.representative_dataset = lambda: _calibration_samples(
+            representative_data, traced.raw_rgb
+        )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8 if traced.raw_rgb else tf.int8
         converter.inference_output_type = getattr(tf, INT8_OUTPUT)
@@ -166,58 +205,6 @@ def convert(traced: Traced, quantization=None, representative_data=None) -> byte
         return converter.convert()
     except Exception as err:
         raise ExportError(f"TFLite conversion failed: {one_line(err)[:500]}") from None
-
-
-def float16_weights(flatbuffer: bytes) -> bytes:
-    """A float32 .tflite flatbuffer with every float32 constant stored in float16 and read
-    through a DEQUANTIZE op at the start, as the converter's float16 quantisation writes
-    it (the same ops, the same rounding), plus its reduced-precision metadata."""
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
-    graph = model.subgraphs[0]
-    dequantize = _opcode(model, schema.BuiltinOperator.DEQUANTIZE)
-    front, halves = [], {}  # float32 buffer -> its float16 copy (the converter shares equal buffers)
-    for index, tensor in enumerate(list(graph.tensors)):
-        data = model.buffers[tensor.buffer].data
-        if tensor.type != schema.TensorType.FLOAT32 or data is None or not len(data):
-            continue
-        if tensor.buffer not in halves:
-            model.buffers.append(schema.BufferT())
-            model.buffers[-1].data = np.frombuffer(np.frombuffer(bytes(data), np.float32).astype(np.float16).tobytes(),
-                                                   np.uint8)
-            halves[tensor.buffer] = len(model.buffers) - 1
-        half = schema.TensorT()
-        half.name, half.shape, half.type = tensor.name, tensor.shape, schema.TensorType.FLOAT16
-        half.buffer, tensor.buffer = halves[tensor.buffer], 0  # buffer 0: empty; filled at run time
-        graph.tensors.append(half)
-        op = schema.OperatorT()
-        op.opcodeIndex, op.inputs, op.outputs = dequantize, [len(graph.tensors) - 1], [index]
-        front.append(op)
-    still_read = {tensor.buffer for tensor in graph.tensors}  # equal bytes of another type share a buffer
-    for old in set(halves) - still_read:
-        model.buffers[old].data = None
-    graph.operators = front + list(graph.operators)
-    entry = schema.MetadataT()
-    model.buffers.append(schema.BufferT())
-    model.buffers[-1].data = np.frombuffer(FLOAT16_PRECISION, np.uint8)
-    entry.name, entry.buffer = b"reduced_precision_support", len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name != entry.name] + [entry]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def _opcode(model, builtin) -> int:
-    """The index of `builtin`'s operator code in `model`, added when it has none."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    for i, code in enumerate(model.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
-            return i
-    code = schema.OperatorCodeT()
-    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, builtin, 1
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
 
 
 def _calibration_samples(representative_data, raw_rgb):
@@ -245,7 +232,9 @@ def op_names(flatbuffer_or_path) -> list:
 def check_builtin_ops(flatbuffer) -> None:
     flex = [name for name in op_names(flatbuffer) if name.startswith("Flex") or name == "CUSTOM"]
     if flex:
-        raise ExportError(f"the TFLite file would need ops plain LiteRT cannot run: {', '.join(flex)}")
+        raise ExportError(
+            f"the TFLite file would need ops plain LiteRT cannot run: {', '.join(flex)}"
+        )
 
 
 class TFLiteRunner:
@@ -266,7 +255,9 @@ class TFLiteRunner:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         batch = int(self._input["shape"][0])
-        return np.concatenate([self._run(images[i:i + batch]) for i in range(0, len(images), batch)])
+        return np.concatenate(
+            [self._run(images[i : i + batch]) for i in range(0, len(images), batch)]
+        )
 
     def _run(self, x):
         dtype = self._input["dtype"]
@@ -286,12 +277,15 @@ class TFLiteRunner:
 def _writer(quantization):
     def write(job, path):
         _check(job.model, quantization, job.calibration_samples)
-        layout = _tiling(job.model, quantization)
-        traced = job.shared(("tflite", layout), lambda: trace(job.model, layout, output=job.tflite_output,
-                                                               class_names=job.info.class_names))
+        layout = _tiling(job.info, quantization)
+        traced = job.shared(
+            ("tflite", layout), lambda: trace(job.model, job.info, layout, output=job.tflite_output)
+        )
         if quantization in (None, "float16"):  # one float32 conversion for both files
             float32 = job.shared(("tflite", layout, None), lambda: convert(traced))
-            return write_file(path, traced, float32 if quantization is None else float16_weights(float32))
+            return write_file(
+                path, traced, float32 if quantization is None else float16_weights(float32)
+            )
         return write_file(path, traced, convert(traced, quantization, job.calibration_samples))
 
     return write
@@ -303,8 +297,12 @@ def _describe(path, check=None) -> dict:
     from convmixer_tf.export.mobile import gpu_compatibility, mediapipe_check
 
     labels = packed_labels(path)
-    row = {"ops": op_names(path), "metadata": read_metadata(path) is not None,
-           "labels": len(labels) if labels is not None else None, "gpu_delegate": gpu_compatibility(path)}
+    row = {
+        "ops": op_names(path),
+        "metadata": read_metadata(path) is not None,
+        "labels": len(labels) if labels is not None else None,
+        "gpu_delegate": gpu_compatibility(path),
+    }
     if check is not None:
         row["mediapipe"] = mediapipe_check(path, check, has_metadata=row["metadata"])
         if "problem" in row["mediapipe"]:
@@ -320,19 +318,49 @@ GROUPS = {None: "tflite-float", "float16": "tflite-float", "dynamic": "main", "i
 
 
 def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()):
-    return ExportFormat(name=name, filename=filename, summary=summary, write=_writer(quantization),
-                        load=TFLiteRunner, tolerance=tolerance, aliases=aliases, calibrated=quantization == "int8",
-                        describe=_describe, recognises=lambda path: os.fspath(path).endswith(".tflite"),
-                        quantize=quantization, group=GROUPS[quantization])
+    return ExportFormat(
+        name=name,
+        filename=filename,
+        summary=summary,
+        write=_writer(quantization),
+        load=TFLiteRunner,
+        tolerance=tolerance,
+        aliases=aliases,
+        calibrated=quantization == "int8",
+        describe=_describe,
+        recognises=lambda path: os.fspath(path).endswith(".tflite"),
+        quantize=quantization,
+        group=GROUPS[quantization],
+    )
 
 
 FORMATS = [
-    _format("tflite", "model.tflite", None, "TFLite float32, builtin ops only (LiteRT; XNNPACK on CPU)",
-            tolerance=1e-4, aliases=("tflite_float32",)),
-    _format("tflite_float16", "model_float16.tflite", "float16",
-            "TFLite with float16 weights, marked for float16 inference", tolerance=1e-2, aliases=("tflite_fp16",)),
-    _format("tflite_dynamic", "model_dynamic.tflite", "dynamic",
-            "TFLite dynamic-range: int8 weights, float activations"),
-    _format("tflite_int8", "model_int8.tflite", "int8",
-            "TFLite full integer: int8 weights and activations, uint8 raw-RGB input (calibrated)"),
+    _format(
+        "tflite",
+        "model.tflite",
+        None,
+        "TFLite float32, builtin ops only (LiteRT; XNNPACK on CPU)",
+        tolerance=1e-4,
+        aliases=("tflite_float32",),
+    ),
+    _format(
+        "tflite_float16",
+        "model_float16.tflite",
+        "float16",
+        "TFLite with float16 weights, marked for float16 inference",
+        tolerance=1e-2,
+        aliases=("tflite_fp16",),
+    ),
+    _format(
+        "tflite_dynamic",
+        "model_dynamic.tflite",
+        "dynamic",
+        "TFLite dynamic-range: int8 weights, float activations",
+    ),
+    _format(
+        "tflite_int8",
+        "model_int8.tflite",
+        "int8",
+        "TFLite full integer: int8 weights and activations, uint8 raw-RGB input (calibrated)",
+    ),
 ]

@@ -35,8 +35,11 @@ def learning_rate(config, total_steps: int, steps_per_epoch: int):
     if config.schedule == "cosine":
         warmup = int(round(config.warmup_epochs * steps_per_epoch))
         return keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup else config.lr, decay_steps=max(total_steps - warmup, 1),
-            warmup_target=config.lr if warmup else None, warmup_steps=warmup)
+            initial_learning_rate=0.0 if warmup else config.lr,
+            decay_steps=max(total_steps - warmup, 1),
+            warmup_target=config.lr if warmup else None,
+            warmup_steps=warmup,
+        )
     return config.lr
 
 
@@ -62,16 +65,25 @@ class BackboneScaledAdamW(keras.optimizers.AdamW):
         return super().update_step(gradient, variable, learning_rate)
 
     def get_config(self):
-        return dict(super().get_config(), backbone_lr_mult=self.backbone_lr_mult,
-                    full_lr_layers=list(self.full_lr_layers))
+        return dict(
+            super().get_config(),
+            backbone_lr_mult=self.backbone_lr_mult,
+            full_lr_layers=list(self.full_lr_layers),
+        )
 
 
 def compile_model(model, config, steps_per_epoch: int):
     """AdamW, the learning-rate schedule, label-smoothed cross-entropy on logits, top-1/top-5."""
-    kwargs = dict(learning_rate=learning_rate(config, config.epochs * steps_per_epoch, steps_per_epoch),
-                  weight_decay=config.weight_decay, global_clipnorm=config.clip_norm)
-    optimizer = (BackboneScaledAdamW(backbone_lr_mult=config.backbone_lr_mult, **kwargs)
-                 if config.backbone_lr_mult != 1.0 else keras.optimizers.AdamW(**kwargs))
+    kwargs = dict(
+        learning_rate=learning_rate(config, config.epochs * steps_per_epoch, steps_per_epoch),
+        weight_decay=config.weight_decay,
+        global_clipnorm=config.clip_norm,
+    )
+    optimizer = (
+        BackboneScaledAdamW(backbone_lr_mult=config.backbone_lr_mult, **kwargs)
+        if config.backbone_lr_mult != 1.0
+        else keras.optimizers.AdamW(**kwargs)
+    )
     metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     if model.output_shape[-1] > 5:
         metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5"))
@@ -79,8 +91,11 @@ def compile_model(model, config, steps_per_epoch: int):
         optimizer=optimizer,
         # Weighted mean: the padding that evens out several processes' validation shards has
         # weight 0 (processes.sharded_eval_pipeline); without weights it is the plain mean.
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing,
-                                                  reduction="mean_with_sample_weight"),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True,
+            label_smoothing=config.label_smoothing,
+            reduction="mean_with_sample_weight",
+        ),
         weighted_metrics=metrics,  # weighted: the padding's weight 0 keeps it out of the accuracies
         jit_compile=config.jit_compile,
     )

@@ -10,6 +10,7 @@ from typing import Optional
 
 from convmixer_tf.augment import AugmentConfig
 from convmixer_tf.config import get_variant
+from convmixer_tf.errors import BadInput
 
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -91,38 +92,68 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def settings(self) -> dict:
+        """What the run is, as its folder's config.json stores it: every field but those that
+        may differ between its processes or between it and its resumption (PER_PROCESS)."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.PER_PROCESS}
+
+    @classmethod
+    def with_defaults(cls, stored: dict) -> dict:
+        """`stored` settings (a run folder's config.json, perhaps written by an earlier version)
+        with every field it lacks at its default, so a field added since does not stop an
+        unfinished run from resuming."""
+        defaults = cls().settings()
+        completed = dict(defaults, **stored)
+        if isinstance(stored.get("augment"), dict):
+            completed["augment"] = dict(defaults["augment"], **stored["augment"])
+        return completed
+
     def validate(self):
         if self.init is None:
             get_variant(self.variant)
         elif os.path.isdir(self.init):
-            raise ValueError(f"--init {self.init} is a folder, not a .keras file")
+            raise BadInput(f"--init {self.init} is a folder, not a .keras file")
         elif not os.path.isfile(self.init):
-            raise ValueError(f"--init model not found: {self.init}")
+            raise BadInput(f"--init model not found: {self.init}")
         for field in ("epochs", "batch_size", "steps_per_epoch", "val_steps", "image_size"):
             value = getattr(self, field)
             if value is not None and value <= 0:
-                raise ValueError(f"{field} must be a positive integer, got {value}")
-        for field, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("distribute", DISTRIBUTIONS)):
+                raise BadInput(f"{field} must be a positive integer, got {value}")
+        for field, allowed in (
+            ("precision", PRECISIONS),
+            ("schedule", SCHEDULES),
+            ("distribute", DISTRIBUTIONS),
+        ):
             if getattr(self, field) not in allowed:
-                raise ValueError(f"{field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
+                raise BadInput(
+                    f"{field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}"
+                )
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.label_smoothing < 1:
-            raise ValueError("need lr > 0, weight_decay >= 0 and 0 <= label_smoothing < 1")
+            raise BadInput("need lr > 0, weight_decay >= 0 and 0 <= label_smoothing < 1")
         if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {self.clip_norm}")
+            raise BadInput(f"clip_norm must be > 0 (or None for no clipping), got {self.clip_norm}")
         if not 0 < self.backbone_lr_mult <= 1e3:
-            raise ValueError(f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}")
+            raise BadInput(f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult}")
         self._validate_processes()
 
     def _validate_processes(self):
         given = [v is not None for v in (self.coordinator, self.num_processes, self.process_id)]
         if any(given) and self.distribute != "multi-process":
-            raise ValueError("--coordinator, --num-processes and --process-id go with --distribute multi-process")
+            raise BadInput(
+                "--coordinator, --num-processes and --process-id go with --distribute multi-process"
+            )
         if any(given) and not all(given):
-            raise ValueError("give all of --coordinator, --num-processes and --process-id, or none of them "
-                             "(under SLURM or Open MPI JAX finds them itself)")
-        if all(given) and not (self.num_processes >= 1 and 0 <= self.process_id < self.num_processes):
-            raise ValueError(f"--process-id must be in 0..{self.num_processes - 1}, got {self.process_id}")
+            raise BadInput(
+                "give all of --coordinator, --num-processes and --process-id, or none of them "
+                "(under SLURM or Open MPI JAX finds them itself)"
+            )
+        if all(given) and not (
+            self.num_processes >= 1 and 0 <= self.process_id < self.num_processes
+        ):
+            raise BadInput(
+                f"--process-id must be in 0..{self.num_processes - 1}, got {self.process_id}"
+            )
         if self.coordinator is not None and not re.fullmatch(r"[^\s:]+:\d+", self.coordinator):
-            raise ValueError(f"--coordinator must be HOST:PORT, got {self.coordinator!r}")
+            raise BadInput(f"--coordinator must be HOST:PORT, got {self.coordinator!r}")
         if self.heartbeat_timeout < 1:
-            raise ValueError(f"heartbeat_timeout must be >= 1 second, got {self.heartbeat_timeout}")
+            raise BadInput(f"heartbeat_timeout must be >= 1 second, got {self.heartbeat_timeout}")

@@ -9,9 +9,14 @@ import json
 import os
 import sys
 
-index, port0, port1 = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{port0}", f"localhost:{port1}"]},
-                                      "task": {"type": "worker", "index": index}})
+index = int(sys.argv[1])
+port0, port1 = sys.argv[2:4]
+os.environ["TF_CONFIG"] = json.dumps(
+    {
+        "cluster": {"worker": [f"localhost:{port0}", f"localhost:{port1}"]},
+        "task": {"type": "worker", "index": index},
+    }
+)
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
 import keras  # noqa: E402
@@ -22,7 +27,9 @@ strategy = tf.distribute.MultiWorkerMirroredStrategy()
 with strategy.scope():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model.compile(optimizer="sgd", loss="mse")
-data = tf.data.Dataset.from_tensor_slices((np.ones((64, 4), "float32"), np.zeros((64, 3), "float32"))).batch(8)
+data = tf.data.Dataset.from_tensor_slices(
+    (np.ones((64, 4), "float32"), np.zeros((64, 3), "float32"))
+).batch(8)
 try:
     model.fit(data.repeat(), epochs=2, steps_per_epoch=4, verbose=0)
     print(index, "FIT OK")

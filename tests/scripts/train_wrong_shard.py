@@ -4,11 +4,12 @@ to fail when the sharding is wrong."""
 
 import sys
 
-import convmixer_tf.processes as processes
+import convmixer_tf.pipelines as pipelines
 
-right = processes.shard_of_epoch
-processes.shard_of_epoch = lambda order, global_batch, shard: right(order, global_batch,
-                                                                    processes.Shard(0, shard.count))
+right = pipelines.shard_of_epoch
+pipelines.shard_of_epoch = lambda order, global_batch, shard: right(
+    order, global_batch, pipelines.Shard(0, shard.count)
+)
 
 from convmixer_tf.train.__main__ import main  # noqa: E402
 

@@ -1,35 +1,29 @@
 """Training on several devices and processes: the distribution, JAX's distributed runtime,
-each process's share of the data, and what each process saves on its own.
+and what each process saves on its own.
 
 Several processes (JAX's runtime, `keras.distribution`) train one model: every global
 batch is split over the devices of all of them. The model's state is laid out over every
-device and must be identical in each process; a process's data (its shard, its
-augmentation stream) is its own and stays out of that layout (`one_process_alone`).
+device and must be identical in each process; a process's data (its shard,
+`convmixer_tf.pipelines`, and its augmentation stream) is its own and stays out of that
+layout (`one_process_alone`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import math
 
 import keras
 import numpy as np
 
+from convmixer_tf.errors import BadInput
+from convmixer_tf.pipelines import Shard
 from convmixer_tf.train.recipe import DISTRIBUTIONS
 
 MULTI_PROCESS_ON_TENSORFLOW = (
     "--distribute multi-process needs the JAX backend (KERAS_BACKEND=jax): TensorFlow's "
-    "MultiWorkerMirroredStrategy does not work with Keras 3's fit (keras-team/keras#20585; see the README)")
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """This process's place among the processes that train one model together."""
-
-    index: int = 0
-    count: int = 1
+    "MultiWorkerMirroredStrategy does not work with Keras 3's fit (keras-team/keras#20585; see the README)"
+)
 
 
 def start_processes(config) -> Shard:
@@ -45,7 +39,7 @@ def start_processes(config) -> Shard:
     if config.distribute != "multi-process":
         return Shard()
     if keras.backend.backend() != "jax":
-        raise ValueError(MULTI_PROCESS_ON_TENSORFLOW)
+        raise BadInput(MULTI_PROCESS_ON_TENSORFLOW)
     import jax
 
     if not jax.distributed.is_initialized():
@@ -53,9 +47,13 @@ def start_processes(config) -> Shard:
         # keras.distribution.initialize passes no timeouts on to jax.distributed.initialize
         # (whose heartbeat default is 100 s): they are bound here for the duration of the call.
         original = jax.distributed.initialize
-        jax.distributed.initialize = functools.partial(original, heartbeat_timeout_seconds=config.heartbeat_timeout)
+        jax.distributed.initialize = functools.partial(
+            original, heartbeat_timeout_seconds=config.heartbeat_timeout
+        )
         try:
-            keras.distribution.initialize(config.coordinator, config.num_processes, config.process_id)
+            keras.distribution.initialize(
+                config.coordinator, config.num_processes, config.process_id
+            )
         finally:
             jax.distributed.initialize = original
     return Shard(jax.process_index(), jax.process_count())
@@ -99,28 +97,40 @@ def distribution(kind: str = "auto"):
         elif backend == "jax":
             import jax
 
-            kind = "data-parallel" if len([d for d in jax.devices() if d.platform != "cpu"]) > 1 else "none"
+            kind = (
+                "data-parallel"
+                if len([d for d in jax.devices() if d.platform != "cpu"]) > 1
+                else "none"
+            )
     if kind == "none":
         return contextlib.nullcontext(), 1, kind
     if kind == "mirrored":
         if backend != "tensorflow":
-            raise ValueError(f"--distribute mirrored needs the TensorFlow backend (KERAS_BACKEND is {backend})")
+            raise BadInput(
+                f"--distribute mirrored needs the TensorFlow backend (KERAS_BACKEND is {backend})"
+            )
         import tensorflow as tf
 
         devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [
-            d.name for d in tf.config.list_logical_devices("CPU")]
+            d.name for d in tf.config.list_logical_devices("CPU")
+        ]
         strategy = tf.distribute.MirroredStrategy(devices)
         return strategy.scope(), strategy.num_replicas_in_sync, kind
     if kind in ("data-parallel", "multi-process"):
         if backend != "jax":
-            raise ValueError(f"--distribute {kind} needs the JAX backend (KERAS_BACKEND is {backend})")
+            raise BadInput(
+                f"--distribute {kind} needs the JAX backend (KERAS_BACKEND is {backend})"
+            )
         devices = keras.distribution.list_devices()  # every process's, after start_processes
         # Several processes: each feeds its own shard (`train_shard`), not Keras' auto-shard,
         # which would have every process decode and augment the whole set.
-        keras.distribution.set_distribution(keras.distribution.DataParallel(
-            devices=devices, auto_shard_dataset=kind != "multi-process"))
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(
+                devices=devices, auto_shard_dataset=kind != "multi-process"
+            )
+        )
         return contextlib.nullcontext(), len(devices), kind
-    raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}")
+    raise BadInput(f"distribute must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}")
 
 
 @contextlib.contextmanager
@@ -165,60 +175,7 @@ class SameEpochEverywhere(keras.callbacks.Callback):
         epoch = np.asarray([self.model._initial_epoch or 0], np.int32)
         epochs = np.asarray(multihost_utils.process_allgather(epoch)).reshape(-1).tolist()
         if len(set(epochs)) > 1:
-            raise CheckFailed(f"the processes' backups are at different epochs ({epochs}): the run cannot resume "
-                              "in step; start over with --force")
-
-
-# --------------------------------------------------------------------------------------
-# Each process's share of the data
-
-def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of a training set's examples in one epoch: the same in every process."""
-    return np.random.default_rng([seed, int(epoch)]).permutation(count)
-
-
-def shard_of_epoch(order: np.ndarray, global_batch: int, shard: Shard) -> np.ndarray:
-    """The examples one process trains on in an epoch of `order`: in each global batch, its
-    own run of global_batch / count places. Only whole global batches are used (like
-    drop_remainder), so the processes' shards are disjoint, equal, and together they are
-    exactly the batches a single process would train on, in the same order."""
-    local = global_batch // shard.count
-    places = np.arange(len(order) // global_batch * global_batch)
-    return order[places[(places // local) % shard.count == shard.index]]
-
-
-def folder_epochs(files, batch_size: int, shard: Shard, seed: int, decode):
-    """Decoded (image, label) pairs of this process's share of every epoch of an image
-    folder's (paths, labels), epoch after epoch (`decode(path, label)`)."""
-    import tensorflow as tf
-
-    paths, labels = tf.constant(files[0]), tf.constant(np.asarray(files[1], np.int32))
-    count = len(files[0])
-
-    def indices(epoch):
-        return shard_of_epoch(epoch_order(count, seed, epoch), batch_size, shard).astype(np.int64)
-
-    def epoch_dataset(epoch):
-        chosen = tf.ensure_shape(tf.numpy_function(indices, [epoch], tf.int64), [None])
-        return tf.data.Dataset.from_tensor_slices(chosen)
-
-    ds = tf.data.Dataset.range(1 << 62).flat_map(epoch_dataset)
-    return ds.map(lambda i: decode(tf.gather(paths, i), tf.gather(labels, i)),
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def sharded_eval_pipeline(dataset, size: int, transform, batch_size: int, *, blank, shard: Shard, cache: bool = False):
-    """This process's share of a validation set of `size` examples, for a global batch of
-    `batch_size`: every example exactly once over all processes, each process the same
-    number of equal batches (collectives need them), the difference made up by `blank`
-    examples of weight 0. Yields (images, one-hot labels, sample weights)."""
-    import tensorflow as tf
-
-    local = batch_size // shard.count
-    mine = len(range(shard.index, size, shard.count))
-    padded = math.ceil(math.ceil(size / shard.count) / local) * local
-    ds = dataset.shard(shard.count, shard.index)
-    ds = ds.cache() if cache else ds
-    ds = ds.map(lambda image, label: (*transform(image, label), tf.constant(1.0)), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.concatenate(tf.data.Dataset.from_tensors((*blank, tf.constant(0.0))).repeat(padded - mine))
-    return ds.batch(local).prefetch(tf.data.AUTOTUNE)
+            raise CheckFailed(
+                f"the processes' backups are at different epochs ({epochs}): the run cannot resume "
+                "in step; start over with --force"
+            )

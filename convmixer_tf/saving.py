@@ -1,0 +1,192 @@
+"""A ConvMixer on disk: the `.keras` file with its facts inside (`convmixer.json`, a zip
+member plain `keras.models.load_model` ignores), Keras' unzipped Hub layout with the facts
+beside it, and `hf://OWNER/NAME` on the Hub or in its cache. Loading checks the stored
+facts against the layers; files of earlier versions are read through
+`contract.legacy_info`."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Optional
+
+from convmixer_tf.contract import (
+    INFO_MEMBER,
+    INFO_VERSION,
+    ModelInfo,
+    attach,
+    info_of,
+    layer_facts,
+    legacy_info,
+)
+from convmixer_tf.errors import BadInput, one_line
+
+HUB_SCHEME = "hf://"
+
+
+def _check_agrees(model, info: ModelInfo, path) -> None:
+    """ValueError naming the file when its stored facts and its layers disagree."""
+    facts = layer_facts(model)
+    found = {
+        "architecture": facts["config"],
+        "preprocessing layer": facts["raw_rgb"],
+        "pooling": facts["pooling"],
+    }
+    stored = {
+        "architecture": info.config,
+        "preprocessing layer": info.raw_rgb,
+        "pooling": info.pooling,
+    }
+    wrong = [
+        f"{key}: the layers say {found[key]}, {INFO_MEMBER} says {stored[key]}"
+        for key in found
+        if found[key] != stored[key]
+    ]
+    if wrong:
+        raise BadInput(
+            f"{path}: its stored facts do not match its layers ({'; '.join(wrong)}); "
+            "the file was edited or is damaged"
+        )
+
+
+def stored_info(path, model=None) -> Optional[ModelInfo]:
+    """The ModelInfo inside a .keras file, or beside Keras' unzipped layout in a folder
+    (`model`: the file's model, needed for files of an earlier version); None for a file
+    saved without one."""
+    try:
+        if os.path.isdir(path):
+            if not os.path.exists(os.path.join(path, INFO_MEMBER)):
+                return None
+            with open(os.path.join(path, INFO_MEMBER)) as f:
+                data = json.load(f)
+        else:
+            with zipfile.ZipFile(path) as archive:
+                if INFO_MEMBER not in archive.namelist():
+                    return None
+                data = json.loads(archive.read(INFO_MEMBER))
+        if not isinstance(data, dict) or data.get("version") not in (1, INFO_VERSION):
+            raise BadInput(
+                f"unsupported version {data.get('version') if isinstance(data, dict) else '?'}"
+            )
+        return (
+            ModelInfo.from_dict(data)
+            if data["version"] == INFO_VERSION
+            else legacy_info(model, data)
+        )
+    except (
+        zipfile.BadZipFile,
+        ValueError,
+    ) as err:  # ValueError: JSON, or a stored value out of range
+        raise BadInput(f"{path}: cannot read {INFO_MEMBER}: {err}") from None
+
+
+def save_model(model, path, info: Optional[ModelInfo] = None) -> str:
+    """Saves `model` with its facts: as a .keras file with them inside, written atomically
+    (a reader sees no file or the whole one), or, for `hf://OWNER/NAME`, as Keras' own Hub
+    layout with them beside it and a model card, uploaded. Plain Keras loads either."""
+    info = info or info_of(model)
+    if str(path).startswith(HUB_SCHEME):
+        from huggingface_hub import HfApi
+
+        from convmixer_tf.temporaries import temporary_folder
+
+        with temporary_folder() as folder:
+            write_hub_folder(model, os.path.join(folder, "model"), info)
+            repo = HfApi().create_repo(str(path)[len(HUB_SCHEME) :], exist_ok=True).repo_id
+            HfApi().upload_folder(repo_id=repo, folder_path=os.path.join(folder, "model"))
+        return str(path)
+    from convmixer_tf.temporaries import temporary_name
+
+    path = os.fspath(path)
+    tmp = temporary_name(path, suffix=".keras")  # Keras saves only to names ending in .keras
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(INFO_MEMBER, json.dumps(info.to_dict(), indent=2))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_hub_folder(model, folder, info: Optional[ModelInfo] = None) -> str:
+    """Keras' unzipped layout of `model` in `folder` (what `model.save("hf://...")` uploads:
+    config.json, metadata.json, model.weights.h5), its facts beside it, and a model card."""
+    from convmixer_tf.card import model_card
+
+    info = info or info_of(model)
+    model.save(folder, zipped=False)
+    with open(os.path.join(folder, INFO_MEMBER), "w") as f:
+        json.dump(info.to_dict(), f, indent=2)
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(model_card(info))
+    return folder
+
+
+def _hub_folder(path) -> str:
+    """The local folder of `hf://OWNER/NAME[@REVISION]`: downloaded, or from the cache."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo, _, revision = path[len(HUB_SCHEME) :].partition("@")
+    try:
+        folder = snapshot_download(repo, revision=revision or None)
+    except LocalEntryNotFoundError:
+        raise BadInput(
+            f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+            f"cannot be reached; fetch it where it can: hf download {repo}"
+        ) from None
+    names = set(os.listdir(folder))
+    if "model.keras" in names or {"config.json", "model.weights.h5"} <= names:
+        return folder
+    torch_weights = sorted(names & {"model.safetensors", "pytorch_model.bin"})
+    if torch_weights:
+        raise BadInput(
+            f"{path} holds PyTorch weights ({torch_weights[0]}), not a Keras model: convert them "
+            f'with convmixer_tf.create_model(VARIANT, pretrained="hf-hub:{repo}") or python -m '
+            f"weights_converter --torch-ckpt hf-hub:{repo}"
+        )
+    raise BadInput(
+        f"{path} holds no Keras model (neither model.keras nor Keras' config.json with model.weights.h5)"
+    )
+
+
+def load_model(path, role: str = "model"):
+    """Loads a ConvMixer with its facts attached: a .keras file, a folder in Keras' unzipped
+    layout, or `hf://OWNER/NAME[@REVISION]` (either, from the Hub or its cache).
+    ValueError (exit 2) naming the problem for a missing, truncated or foreign file.
+
+    Example:
+        >>> model = load_model("convmixer_768_32_keras/model.keras")   # doctest: +SKIP
+        >>> info_of(model).class_names[:2]                             # doctest: +SKIP
+        ('tench', 'goldfish')
+    """
+    import keras
+
+    path = _hub_folder(str(path)) if str(path).startswith(HUB_SCHEME) else os.fspath(path)
+    if os.path.isfile(os.path.join(path, "model.keras")):  # a converted output folder, as uploaded
+        path = os.path.join(path, "model.keras")
+    keras_folder = os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(path)
+    if os.path.isdir(path) and not keras_folder:
+        raise BadInput(f"{role} {path} is a folder, not a .keras file")
+    if not os.path.exists(path):
+        raise BadInput(f"{role} not found: {path}")
+    if not keras_folder and not zipfile.is_zipfile(path):
+        raise BadInput(
+            f"cannot load {role} {path}: not a .keras file (a .keras file is a zip archive; "
+            "is it truncated or corrupt?)"
+        )
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as err:  # noqa: BLE001 - any reason the file does not load
+        raise BadInput(f"cannot load {role} {path}: {one_line(err)[:300]}") from None
+    info = stored_info(path, model)
+    if info is None:
+        try:
+            info = legacy_info(model)
+        except BadInput as err:  # a preprocessing layer of non-finite numbers, say
+            raise BadInput(f"{path}: {err}") from None
+    _check_agrees(model, info, path)
+    return attach(model, info)
