@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS := tf-cpu,timm,export,mobile,data,jax,notebooks,dev
 
+MEDIAPIPE := node_modules/@mediapipe/tasks-vision/package.json
+
 .PHONY: install demo lint test test-slow test-all clean
 
 $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
@@ -15,7 +17,12 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# MediaPipe Tasks for Web, which python -m convmixer_tf.web serves (package-lock.json pins it).
+$(MEDIAPIPE): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(MEDIAPIPE)
+
+install: $(STAMP) $(MEDIAPIPE)
 
 # The main job on a built-in default: a convmixer_768_32 checkpoint in the paper's
 # nn.Sequential layout (random weights, random BatchNorm statistics) is written, then
@@ -23,6 +30,9 @@ install: $(STAMP)
 demo: install
 	$(PY) -m weights_converter.demo demo/convmixer_768_32.pth
 	$(PY) -m weights_converter --torch-ckpt demo/convmixer_768_32.pth --export all --calibration-count 8 --force
+	@echo "Try it (docs/try-it.md): classify images with any file written, or open the phone's file in a browser:"
+	@echo "  $(PY) -m convmixer_tf.predict --model demo/convmixer_768_32_keras/model_int8.onnx IMAGES..."
+	@echo "  $(PY) -m convmixer_tf.web --model demo/convmixer_768_32_keras/model_int8.tflite"
 
 lint: install
 	$(PY) -m ruff check .
@@ -41,4 +51,4 @@ test-all: install
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) demo .pytest_cache node_modules

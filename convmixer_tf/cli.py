@@ -1,4 +1,4 @@
-"""What the four command lines share at start-up: exit codes (`convmixer_tf.errors`),
+"""What the command lines share at start-up: exit codes (`convmixer_tf.errors`),
 signals, a quiet console, and argparse with one-line errors. Nothing here imports
 TensorFlow: the start-up is done before it loads.
 """

@@ -125,6 +125,25 @@ class ModelInfo:
             ) from None
 
 
+def facts_json(info: ModelInfo) -> str:
+    """The facts as every file written here carries them (`INFO_MEMBER`): a `.keras` zip
+    member, a SavedModel asset, a member of a TFLite file's packed zip, an ONNX
+    metadata_props entry. docs/try-it.md describes the keys."""
+    return json.dumps(info.to_dict(), indent=2)
+
+
+def facts_from_json(text, where) -> ModelInfo:
+    """The facts in `text` (what `facts_json` wrote); BadInput naming `where` otherwise."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != INFO_VERSION:
+            version = data.get("version") if isinstance(data, dict) else None
+            raise BadInput(f"unsupported version {version!r} (this version reads {INFO_VERSION})")
+        return ModelInfo.from_dict(data)
+    except ValueError as err:  # not JSON, or a field out of range
+        raise BadInput(f"{where}: cannot read its {INFO_MEMBER}: {err}") from None
+
+
 def attach(model, info: ModelInfo):
     """Stores `info` on the in-memory `model` (and returns the model)."""
     model.convmixer_info = info

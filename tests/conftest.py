@@ -84,25 +84,63 @@ def trained(digits, tmp_path_factory):
     """The one trained model of a test session: a small ConvMixer (raw RGB in, GELU, k7)
     trained on the digits until it tells them apart on images it never saw (real margins
     between classes, unlike random weights: what checks of quantised files need), saved with
-    its class names. {"model", "path", "logits" on the held-out digits}. When the suite runs
-    in several worker processes (pytest -n), the first trains it and the others load it."""
-    from filelock import FileLock
-
+    its class names. {"model", "path", "logits" on the held-out digits}, trained once per run
+    (`once`)."""
     import convmixer_tf
+
+    path = once(
+        tmp_path_factory, "trained", lambda folder: _train_on_digits(digits, folder / "model.keras")
+    )
+    model = convmixer_tf.load_model(path / "model.keras")
+    images, labels = digits["held_out"]
+    logits = model.predict(images, verbose=0)
+    assert np.mean(logits.argmax(1) == labels) >= 0.95  # it learned the task
+    return {"model": model, "path": str(path / "model.keras"), "logits": logits}
+
+
+@pytest.fixture(scope="session")
+def exported(trained, digits, tmp_path_factory):
+    """Every file of the session's trained model (the export command's seven, written one
+    after the other), calibrated on training digits: the folder that holds them."""
+
+    def export(folder):
+        from convmixer_tf import export as exporters
+
+        calibration = write_pngs(folder.parent / "calibration", digits["calibration"])
+        options = exporters.ExportOptions(
+            formats=("all",), calibration_data=calibration, processes=1
+        )
+        exporters.export_formats(trained["model"], folder, options)
+
+    return once(tmp_path_factory, "exported", export)
+
+
+def once(tmp_path_factory, name, make):
+    """A folder that `make(folder)` fills once per test run: when the suite runs in several
+    worker processes (pytest -n), the first makes it and the others wait for it."""
+    from filelock import FileLock
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the run's folder, above each worker's
-    path = shared / "trained" / "model.keras"
-    with FileLock(str(shared / "trained.lock")):
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            _train_on_digits(digits, path)
-    model = convmixer_tf.load_model(path)
-    images, labels = digits["held_out"]
-    logits = model.predict(images, verbose=0)
-    assert np.mean(logits.argmax(1) == labels) >= 0.95  # it learned the task
-    return {"model": model, "path": str(path), "logits": logits}
+    folder = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (folder / ".done").exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / ".done").write_text("")
+    return folder
+
+
+def write_pngs(folder, images, names=None):
+    """Raw RGB images as PNG files (lossless: the same pixels read back): the folder."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        name = names[i] if names else f"{i:03d}.png"
+        Image.fromarray(np.asarray(image, np.uint8)).save(folder / name)
+    return str(folder)
 
 
 def _train_on_digits(digits, path):

@@ -41,6 +41,8 @@ class ExportFormat:
             regular expression per path segment).
         group: formats that share work (a traced graph, a converted file) are written by
             one process when the formats of a run are written in parallel.
+        facts: `facts(path)` -> the `ModelInfo` a file of this format carries (what
+            `convmixer_tf.predict` reads), or None for a file written before files carried it.
     """
 
     name: str
@@ -56,6 +58,7 @@ class ExportFormat:
     quantize: Optional[str] = None
     files: tuple = ()
     group: str = "main"
+    facts: Optional[Callable] = None
 
     @property
     def patterns(self) -> tuple:

@@ -7,7 +7,8 @@ identifier "M001", the schema that ships with MediaPipe and TFLite Support), wri
 here with `flatbuffers` field by field; field numbers are the schema's, in its order.
 It goes into the model as a buffer named "TFLITE_METADATA", and the class names as
 `labels.txt`, a TENSOR_AXIS_LABELS file packed in a zip archive appended to the model,
-which is where both readers look for associated files.
+which is where both readers look for associated files. The model's facts (`convmixer.json`)
+are packed there too, so the file describes itself to `convmixer_tf.predict`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from convmixer_tf.config import PIXEL_MAX
 
 METADATA_NAME = "TFLITE_METADATA"
 LABELS_FILE = "labels.txt"
+FACTS_FILE = "convmixer.json"  # the model's facts (contract.facts_json), packed beside the labels
 MIN_PARSER_VERSION = "1.0.0"  # no field here needs a newer parser
 
 # Enum and union values of metadata_schema.fbs.
@@ -44,6 +46,7 @@ class Metadata:
             raw RGB.
         output: "probabilities" or "logits".
         class_names: one per output class, or None (no labels file).
+        facts: the model's facts as JSON (`contract.facts_json`), packed as FACTS_FILE.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Metadata:
     std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
     output: str = "probabilities"
     class_names: Optional[Sequence[str]] = None
+    facts: Optional[str] = None
 
 
 class _Builder:
@@ -167,12 +171,12 @@ def with_metadata(model: bytes, meta: Metadata) -> bytes:
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA_NAME.encode(), len(tflite.buffers) - 1
     tflite.metadata.append(entry)
-    data = flatbuffer_utils.convert_object_to_bytearray(tflite)
-    if meta.class_names is None:
-        return data
-    packed = io.BytesIO(data)
+    packed = io.BytesIO(flatbuffer_utils.convert_object_to_bytearray(tflite))
     with zipfile.ZipFile(packed, "a", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr(LABELS_FILE, "".join(f"{name}\n" for name in meta.class_names))
+        if meta.class_names is not None:
+            archive.writestr(LABELS_FILE, "".join(f"{name}\n" for name in meta.class_names))
+        if meta.facts is not None:
+            archive.writestr(FACTS_FILE, meta.facts)
     return packed.getvalue()
 
 
@@ -192,8 +196,14 @@ def read_metadata(path) -> Optional[bytes]:
 
 def packed_labels(path) -> Optional[list]:
     """The class names packed in a .tflite file, or None."""
+    text = packed_file(path, LABELS_FILE)
+    return None if text is None else text.splitlines()
+
+
+def packed_file(path, name) -> Optional[str]:
+    """The text of file `name` packed in a .tflite file, or None."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.read(LABELS_FILE).decode("utf-8").splitlines()
+            return archive.read(name).decode("utf-8")
     except (zipfile.BadZipFile, KeyError):
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from convmixer_tf import contract
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.outputs import write_atomic
@@ -66,9 +67,28 @@ def export_onnx(
     except Exception as err:
         raise ExportError(f"ONNX conversion failed: {one_line(err)[:500]}") from None
     _gelu_in_fusable_form(proto)
+    describe_itself(proto, info or contract.info_of(model))
     check_onnx(proto)
     write_atomic(path, proto.SerializeToString())
     return os.fspath(path)
+
+
+def describe_itself(proto, info) -> None:
+    """The model's facts in the file: metadata_props[INFO_MEMBER], which onnxruntime reads
+    as get_modelmeta().custom_metadata_map (docs/try-it.md describes the keys)."""
+    for prop in list(proto.metadata_props):
+        if prop.key == contract.INFO_MEMBER:
+            proto.metadata_props.remove(prop)
+    proto.metadata_props.add(key=contract.INFO_MEMBER, value=contract.facts_json(info))
+
+
+def read_facts(path):
+    """The facts an ONNX file carries, or None (written before files carried them)."""
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    text = next((p.value for p in model.metadata_props if p.key == contract.INFO_MEMBER), None)
+    return None if text is None else contract.facts_from_json(text, path)
 
 
 def _gelu_in_fusable_form(proto) -> int:
@@ -229,4 +249,5 @@ FORMAT = ExportFormat(
     recognises=lambda path: (
         os.fspath(path).endswith(".onnx") and not os.fspath(path).endswith("_int8.onnx")
     ),
+    facts=read_facts,
 )

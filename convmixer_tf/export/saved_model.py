@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 
+from convmixer_tf import contract
+from convmixer_tf.contract import INFO_MEMBER
 from convmixer_tf.export.base import ExportFormat
 from convmixer_tf.outputs import exactly, follow_umask
+from convmixer_tf.temporaries import temporary_folder
 
 
-def export_saved_model(model, path) -> str:
+def export_saved_model(model, path, *, info=None) -> str:
     """Writes `model` as a TensorFlow SavedModel directory.
 
     The `serving_default` signature takes `images` (float32, [batch, H, W, 3], batch
     dynamic) and returns {"logits": ...}: raw RGB pixels when the model takes them (its
-    preprocessing layer; `rebuild(model, preprocessing=(mean, std))` adds one).
+    preprocessing layer; `rebuild(model, preprocessing=(mean, std))` adds one). The model's
+    facts (`info`, default its own) go with it as the asset `assets/convmixer.json`.
 
     Example:
         >>> export_saved_model(model, "out/saved_model")  # doctest: +SKIP
@@ -34,9 +38,23 @@ def export_saved_model(model, path) -> str:
     module.weights = [getattr(v, "value", v) for v in model.weights]
     signature = serving.get_concrete_function()
     module.serving = serving
-    tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": signature})
+    with temporary_folder() as folder:
+        facts = os.path.join(folder, INFO_MEMBER)  # the asset keeps its file's name
+        with open(facts, "w") as f:
+            f.write(contract.facts_json(info or contract.info_of(model)))
+        module.facts = tf.saved_model.Asset(facts)
+        tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": signature})
     follow_umask(path)  # TensorFlow makes its folders 0755 whatever the umask
     return os.fspath(path)
+
+
+def read_facts(path):
+    """The facts a SavedModel carries (its asset), or None."""
+    facts = os.path.join(os.fspath(path), "assets", INFO_MEMBER)
+    if not os.path.isfile(facts):
+        return None
+    with open(facts) as f:
+        return contract.facts_from_json(f.read(), path)
 
 
 class SavedModelRunner:
@@ -56,16 +74,18 @@ FORMAT = ExportFormat(
     filename="saved_model",
     aliases=("savedmodel",),
     summary="TensorFlow SavedModel, signature serving_default: images -> logits, dynamic batch",
-    write=lambda job, path: export_saved_model(job.model, path),
+    write=lambda job, path: export_saved_model(job.model, path, info=job.info),
     load=SavedModelRunner,
     tolerance=1e-4,
     recognises=lambda path: os.path.isfile(os.path.join(path, "saved_model.pb")),
+    facts=read_facts,
     files=(
         *exactly(
             "saved_model/saved_model.pb",
             "saved_model/fingerprint.pb",
             "saved_model/variables/variables.index",
             "saved_model/assets/",
+            f"saved_model/assets/{INFO_MEMBER}",
         ),
         r"saved_model/variables/variables\.data-\d{5}-of-\d{5}",
     ),

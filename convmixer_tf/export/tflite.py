@@ -153,7 +153,8 @@ def file_metadata(
     info, size: int, output: str = "probabilities", name: str = "convmixer"
 ) -> Metadata:
     """The metadata of a TFLite file of a model with facts `info`: what it is, the input
-    normalisation a client applies (none for a graph taking raw RGB), the class names."""
+    normalisation a client applies (none for a graph taking raw RGB), the class names, and
+    the facts themselves (what `predict` reads)."""
     mean, std = (
         info.preprocessing.pixel_mean_std() if not info.raw_rgb else ((0.0,) * 3, (1.0,) * 3)
     )
@@ -172,6 +173,7 @@ def file_metadata(
         std=std,
         output=output,
         class_names=info.class_names,
+        facts=contract.facts_json(info),
     )
 
 
@@ -317,6 +319,14 @@ def _describe(path, check=None) -> dict:
 GROUPS = {None: "tflite-float", "float16": "tflite-float", "dynamic": "main", "int8": "tflite-int8"}
 
 
+def read_facts(path):
+    """The facts a .tflite file carries (packed beside its labels), or None."""
+    from convmixer_tf.export.metadata import FACTS_FILE, packed_file
+
+    text = packed_file(path, FACTS_FILE)
+    return None if text is None else contract.facts_from_json(text, path)
+
+
 def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()):
     return ExportFormat(
         name=name,
@@ -331,6 +341,7 @@ def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()
         recognises=lambda path: os.fspath(path).endswith(".tflite"),
         quantize=quantization,
         group=GROUPS[quantization],
+        facts=read_facts,
     )
 
 

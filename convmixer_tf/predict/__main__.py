@@ -1,0 +1,111 @@
+"""python -m convmixer_tf.predict: classify images with any file this project writes
+(the job: convmixer_tf.predict).
+
+    python -m convmixer_tf.predict --model converted/model.keras photo.jpg
+    python -m convmixer_tf.predict --model out/model_int8.onnx photos/ --top-k 3 --json
+
+Exit status: 0 every image classified, 1 some images could not be read (each named on
+stderr; the others are classified), 2 bad arguments or model, 3 internal error,
+130/143 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from convmixer_tf import cli, errors
+from convmixer_tf.predict import BATCH_SIZE, TOP_K
+
+EPILOG = """\
+The model is any file this project writes: model.keras (or the folder the converter
+wrote), saved_model/, model.tflite and the other .tflite files, model.onnx or
+model_int8.onnx. Each carries its facts: the preprocessing (input size, crop, mean and
+std) and the class names, so a file copied alone to another machine still gives names.
+Images are files or folders (searched recursively); each gets timm's evaluation
+transform. Scores are probabilities.
+
+--json prints one JSON object per image on stdout:
+  {"image": PATH, "top": [{"name": NAME, "score": PROBABILITY}, ...]}
+"""
+
+
+def build_parser():
+    p = cli.ArgumentParser(
+        prog="python -m convmixer_tf.predict",
+        description="Classify images with a ConvMixer file: model.keras, a SavedModel, a .tflite or an "
+        ".onnx file written by this project.",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--model", required=True, metavar="FILE", help="a model file, or a converted folder"
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    p.add_argument(
+        "--top-k", type=cli.positive(), default=TOP_K, metavar="K", help="classes shown per image"
+    )
+    p.add_argument(
+        "--batch-size", type=cli.positive(), default=BATCH_SIZE, metavar="N", help="images per call"
+    )
+    p.add_console_options(noisy="TensorFlow, LiteRT, onnxruntime and absl")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return cli.run_command(
+        lambda log, console: _predict(args, log, console), quiet=args.quiet, verbose=args.verbose
+    )
+
+
+def _predict(args, log, console) -> int:
+    from tqdm import tqdm
+
+    from convmixer_tf.predict import Classifier, classify, find_images
+
+    paths = find_images(args.images)
+    classifier = Classifier(args.model)
+    log(
+        f"{classifier.path} ({classifier.kind}): {classifier.info.config.num_classes} classes, "
+        f"{classifier.info.preprocessing.input_size} px; {len(paths)} images"
+    )
+    unreadable = 0
+    started = time.perf_counter()
+    bar = tqdm(
+        total=len(paths),
+        file=console,
+        unit="image",
+        disable=True if args.quiet else None,
+        leave=False,
+    )
+    with bar:
+        for result in classify(classifier, paths, top_k=args.top_k, batch_size=args.batch_size):
+            bar.update(1)
+            if result.error is not None:
+                unreadable += 1
+                bar.write(
+                    f"warning: cannot read image {result.image}: {result.error}", file=console
+                )
+            else:
+                bar.write(_shown(result, args.json), file=sys.stdout)
+    seconds = time.perf_counter() - started
+    log(
+        f"classified {len(paths) - unreadable} images in {seconds:.1f} s ({len(paths) / seconds:.1f} images/s)"
+    )
+    if unreadable:
+        raise errors.CheckFailed(
+            f"{unreadable} of {len(paths)} images could not be read (named above)"
+        )
+    return errors.EXIT_OK
+
+
+def _shown(result, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(result.to_dict())
+    rows = [f"  {score:7.2%}  {name}" for name, score in result.top]
+    return "\n".join([result.image, *rows])
+
+
+if __name__ == "__main__":
+    cli.exit(main())
