@@ -58,6 +58,25 @@ DIGIT_SIZE = 32
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
+@pytest.fixture(scope="module")
+def tiny_keras(tmp_path_factory):
+    """A tiny ConvMixer (8 wide, one block, 3 classes, raw RGB in) saved as model.keras,
+    per test module: the input of the command-line tests that need only some model."""
+    import convmixer_tf
+
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    model = convmixer_tf.ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=3,
+        patch_size=4,
+        num_classes=3,
+        input_shape=(32, 32, 3),
+        include_preprocessing=True,
+    )
+    return str(convmixer_tf.save_model(model, path))
+
+
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn's handwritten digits as raw RGB pixels at DIGIT_SIZE (their 8 x 8 grey

@@ -10,7 +10,6 @@ import pytest
 from conftest import write_folder
 from test_safety import checksums, one_error_line
 
-import convmixer_tf
 from convmixer_tf import outputs, temporaries
 
 # What a user leaves beside a path NAME that a command wrote: (what to write, what to remove after).
@@ -23,21 +22,6 @@ SHAPES = {
     "partial-looking folder": lambda name: (f"{name}.partial-1/notes.txt", f"{name}.partial-1"),
     "file inside it": lambda name: (f"{name}/mine.txt", f"{name}/mine.txt"),  # a folder it wrote
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_keras(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    model = convmixer_tf.ConvMixer(
-        dim=8,
-        depth=1,
-        kernel_size=3,
-        patch_size=4,
-        num_classes=3,
-        input_shape=(32, 32, 3),
-        include_preprocessing=True,
-    )
-    return str(convmixer_tf.save_model(model, path))
 
 
 def _export(*argv):

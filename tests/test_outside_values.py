@@ -217,23 +217,6 @@ def test_a_checkpoint_file_name_reaches_the_card_escaped(tmp_path):
 # ------------------------------------------------------------------ numbers on the command lines
 
 
-@pytest.fixture(scope="module")
-def tiny_keras(tmp_path_factory):
-    import convmixer_tf
-
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    model = convmixer_tf.ConvMixer(
-        dim=8,
-        depth=1,
-        kernel_size=3,
-        patch_size=4,
-        num_classes=3,
-        input_shape=(32, 32, 3),
-        include_preprocessing=True,
-    )
-    return str(convmixer_tf.save_model(model, path))
-
-
 @pytest.mark.parametrize(
     "argv,words",
     [

@@ -46,24 +46,6 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(timm_convmixer().state_dict(), d / "good.pth")
 
 
-@pytest.fixture(scope="module")
-def tiny_keras(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    convmixer_tf.save_model(
-        convmixer_tf.ConvMixer(
-            dim=8,
-            depth=1,
-            kernel_size=3,
-            patch_size=4,
-            num_classes=3,
-            input_shape=(32, 32, 3),
-            include_preprocessing=True,
-        ),
-        path,
-    )
-    return str(path)
-
-
 def convert(*argv):
     from weights_converter.__main__ import main
 
