@@ -296,6 +296,23 @@ def test_formats_are_one_explicit_list_that_both_command_lines_offer():
     assert set(quantize.choices) == {f.quantize for f in registry.FORMATS if f.quantize}
 
 
+def test_the_tolerance_rule_is_written_once():
+    """A float file, MediaPipe's scores and a parity stage are judged by one rule:
+    `scores.allowed`, the tolerance times the largest reference output, at least 1."""
+    from convmixer_tf.export.scores import allowed
+
+    assert allowed(1e-4, np.array([[-3.0, 2.0]])) == pytest.approx(3e-4)
+    assert allowed(1e-4, np.array([[0.5, -0.25]])) == 1e-4
+    assert allowed(1e-4, np.zeros((0, 3))) == 1e-4
+    hits = [
+        f"{os.path.relpath(path, REPO)}:{number}"
+        for path in LIBRARY
+        for number, line in enumerate(open(path), 1)
+        if re.search(r"max\(1\.0, ", line)
+    ]
+    assert [hit.split(":")[0] for hit in hits] == ["convmixer_tf/export/scores.py"], hits
+
+
 def test_the_normalisation_has_one_definition(tmp_path):
     """The model's layer, the eval transform, calibration, an exported graph, TFLite
     metadata and MediaPipe's pixels all give what Preprocessing.normalize gives."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from convmixer_tf import contract
 from convmixer_tf.export import registry
-from convmixer_tf.export.scores import agreement, as_output
+from convmixer_tf.export.scores import agreement, allowed, as_output
 
 
 class Runner:
@@ -94,7 +94,7 @@ def compare(check: Check, reference: np.ndarray) -> dict:
         raise RuntimeError(f"{runner.path}: output shape {out.shape} != Keras {reference.shape}")
     max_abs = float(np.abs(out.astype(np.float64) - reference).max())
     scale = float(np.abs(reference).max())
-    allowed = None if tolerance is None else tolerance * max(1.0, scale)
+    limit = None if tolerance is None else allowed(tolerance, reference)
     row = {
         "format": runner.kind,
         "path": runner.path,
@@ -104,10 +104,10 @@ def compare(check: Check, reference: np.ndarray) -> dict:
         "max_rel": max_abs / max(1e-12, scale),
         **agreement(out, reference),
         "tolerance": tolerance,
-        "allowed": allowed,
+        "allowed": limit,
         "num_inputs": int(len(check.inputs)),
         "latency_ms": None,
-        "passed": bool(np.isfinite(out).all()) and (allowed is None or max_abs <= allowed),
+        "passed": bool(np.isfinite(out).all()) and (limit is None or max_abs <= limit),
     }
     if runner.format.describe is not None:
         row.update(runner.format.describe(runner.path, check))
