@@ -303,3 +303,31 @@ def test_the_temporary_folder_of_a_killed_command_is_removed_by_the_next(tmp_pat
     finally:
         live.kill()
         live.communicate()
+
+
+def test_a_command_keeps_its_temporary_files_in_one_folder_and_restores_the_environment(
+    monkeypatch, tmp_path
+):
+    """During a command, TMPDIR (what child processes read) and tempfile's own folder are one
+    private folder; afterwards both are what they were and the folder is gone."""
+    import tempfile
+
+    from convmixer_tf import cli, temporaries
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    seen = {}
+
+    def job(log, console):
+        seen["env"], seen["tempfile"] = os.environ["TMPDIR"], tempfile.gettempdir()
+        return 0
+
+    assert cli.run_command(job) == 0
+    assert seen["env"] == seen["tempfile"] and os.path.dirname(seen["env"]) == str(tmp_path)
+    assert temporaries.TEMPORARY_FOLDER.fullmatch(os.path.basename(seen["env"]))
+    assert not os.path.exists(seen["env"])
+    assert os.environ["TMPDIR"] == str(tmp_path) and tempfile.tempdir is None
+    monkeypatch.delenv("TMPDIR")
+    with temporaries.environment(TMPDIR="elsewhere", OTHER="x"):
+        assert os.environ["TMPDIR"] == "elsewhere"
+    assert "TMPDIR" not in os.environ and "OTHER" not in os.environ

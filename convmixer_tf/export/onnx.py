@@ -14,6 +14,7 @@ from convmixer_tf import contract
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.outputs import write_atomic
+from convmixer_tf.temporaries import environment
 
 DEFAULT_OPSET = 17
 MAX_OPSET = 18  # tf2onnx 1.17
@@ -36,8 +37,6 @@ def export_onnx(
         >>> export_onnx(model, "model.onnx", nchw=True)  # doctest: +SKIP
         >>> onnxruntime.InferenceSession("model.onnx").run(["logits"], {"images": x_nchw})  # doctest: +SKIP
     """
-    from unittest import mock
-
     import tensorflow as tf
     import tf2onnx
 
@@ -57,7 +56,7 @@ def export_onnx(
     # graph, weights included, before each of its optimisers (to undo one that fails): an
     # optimiser that fails fails the export here, and the file is checked anyway.
     try:
-        with mock.patch.dict(os.environ, TF2ONNX_CATCH_ERRORS="false"):
+        with environment(TF2ONNX_CATCH_ERRORS="false"):
             proto, _ = tf2onnx.convert.from_function(
                 serving,
                 input_signature=spec,
