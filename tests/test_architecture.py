@@ -296,6 +296,55 @@ def test_formats_are_one_explicit_list_that_both_command_lines_offer():
     assert set(quantize.choices) == {f.quantize for f in registry.FORMATS if f.quantize}
 
 
+# The export options both command lines offer, and how each reads them back.
+SHARED_EXPORT_OPTIONS = (
+    "--quantize",
+    "--calibration-data",
+    "--calibration-count",
+    "--no-preprocessing",
+    "--tflite-logits",
+    "--nchw",
+    "--opset",
+    "--processes",
+)
+
+
+def test_both_command_lines_declare_the_export_options_once():
+    """The converter offers the export options the export command does, with the same
+    help, defaults and checks, and reads them into the same ExportOptions."""
+    from convmixer_tf.export.__main__ import build_parser as export_parser
+    from weights_converter.__main__ import build_parser as converter_parser
+    from weights_converter.__main__ import options_from as converter_options
+
+    def declared(parser):
+        actions = {s: a for a in parser._actions for s in a.option_strings}
+        return {
+            flag: (
+                actions[flag].help,
+                actions[flag].default,
+                actions[flag].choices,
+                getattr(actions[flag].type, "__name__", None),
+            )
+            for flag in SHARED_EXPORT_OPTIONS
+            if flag in actions
+        }
+
+    assert declared(export_parser()) == declared(converter_parser())
+    assert sorted(declared(converter_parser())) == sorted(SHARED_EXPORT_OPTIONS)
+    flags = ["--quantize", "int8", "--calibration-count", "7", "--no-preprocessing", "--nchw"]
+    flags += ["--opset", "15", "--tflite-logits", "--processes", "1"]
+    from convmixer_tf.export.__main__ import export_options_from
+
+    exported = export_options_from(
+        export_parser().parse_args(["--model", "m.keras", "--formats", "onnx", *flags])
+    )
+    converted = converter_options(
+        converter_parser().parse_args(["--torch-ckpt", "m.pth", "--export", "onnx", *flags])
+    ).export
+    assert exported == converted
+    assert exported.formats == ("onnx", "tflite_int8") and exported.nchw and not exported.raw_rgb
+
+
 def test_the_tolerance_rule_is_written_once():
     """A float file, MediaPipe's scores and a parity stage are judged by one rule:
     `scores.allowed`, the tolerance times the largest reference output, at least 1."""
