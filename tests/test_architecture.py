@@ -362,6 +362,18 @@ def test_the_tolerance_rule_is_written_once():
     assert [hit.split(":")[0] for hit in hits] == ["convmixer_tf/export/scores.py"], hits
 
 
+def test_the_library_patches_nothing_and_calls_no_c_by_hand():
+    """No unittest.mock in library code, and no ctypes (PR_SET_PDEATHSIG): the standard
+    library's own ways instead."""
+    hits = [
+        f"{os.path.relpath(path, REPO)}:{number}"
+        for path in LIBRARY
+        for number, line in enumerate(open(path), 1)
+        if re.search(r"unittest|PR_SET_PDEATHSIG|ctypes", line)
+    ]
+    assert hits == [], hits
+
+
 def test_the_normalisation_has_one_definition(tmp_path):
     """The model's layer, the eval transform, calibration, an exported graph, TFLite
     metadata and MediaPipe's pixels all give what Preprocessing.normalize gives."""
@@ -459,8 +471,9 @@ def test_an_internal_error_is_exit_3_with_its_traceback_and_bad_input_exit_2(
     """Only the user's input is exit 2: a ValueError from inside (a bug) is exit 3, with the
     traceback to report."""
     from convmixer_tf.errors import BadInput
-    from convmixer_tf.export import write
     from convmixer_tf.export.__main__ import main
+
+    verify = sys.modules["convmixer_tf.export.verify"]  # the package's face shows its function
 
     model = convmixer_tf.ConvMixer(
         dim=8,
@@ -481,7 +494,7 @@ def test_an_internal_error_is_exit_3_with_its_traceback_and_bad_input_exit_2(
         def broken(*args, error=error):
             raise error
 
-        monkeypatch.setattr(write, "compare", broken)
+        monkeypatch.setattr(verify, "compare", broken)
         assert main([*argv, "--output", str(tmp_path / f"out{code}")]) == code
         err = capsys.readouterr().err
         if code == 3:
