@@ -111,6 +111,29 @@ def test_a_failure_here_stops_the_workers(tmp_path, tiny, monkeypatch):
     assert workers_of(os.getpid()) == []
 
 
+@pytest.mark.slow
+def test_a_failure_in_a_worker_is_raised_here_as_what_it_is(tmp_path, tiny):
+    """A worker's exception comes back with its kind and message (here BadInput: a fresh
+    interpreter knows no plug-in format), so the exit code is the one it would be here."""
+    from convmixer_tf import contract
+    from convmixer_tf.errors import BadInput
+    from convmixer_tf.export.run import prepare_job
+
+    plugin = registry.ExportFormat(
+        name="elsewhere_only", filename="x.bin", summary="", write=None, load=None
+    )
+    options = exporters.ExportOptions(formats=("onnx",), verify_count=2)
+    job, held_out = prepare_job(tiny, contract.info_of(tiny), options, calibrated=False)
+    try:
+        with pytest.raises(BadInput, match="unknown export format 'elsewhere_only'"):
+            parallel.write_in_processes(
+                {"main": [], "other": [plugin]}, job, tmp_path, held_out, held_out, log=print
+            )
+    finally:
+        job.close()
+    assert workers_of(os.getpid()) == []
+
+
 def test_low_memory_writes_every_file_in_this_process(tmp_path, tiny, monkeypatch):
     """Where the memory available does not cover a run side by side, no worker starts."""
     from convmixer_tf.export import run
