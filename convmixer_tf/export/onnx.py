@@ -42,8 +42,7 @@ def export_onnx(
 
     from convmixer_tf.export.graph import InferenceGraph
 
-    if not 13 <= opset <= MAX_OPSET:
-        raise BadInput(f"opset must be between 13 and {MAX_OPSET} (tf2onnx 1.17), got {opset}")
+    check_opset(opset)
     graph = InferenceGraph(model, info=info, depthwise="native", gelu=GELU_FORM, affine="conv")
     shape = [None if dynamic_batch else 1, *model.input_shape[1:]]
     spec = (tf.TensorSpec(shape, tf.float32, name="images"),)
@@ -70,6 +69,11 @@ def export_onnx(
     check_onnx(proto)
     write_atomic(path, proto.SerializeToString())
     return os.fspath(path)
+
+
+def check_opset(opset: int) -> None:
+    if not 13 <= opset <= MAX_OPSET:
+        raise BadInput(f"opset must be between 13 and {MAX_OPSET} (tf2onnx 1.17), got {opset}")
 
 
 def describe_itself(proto, info) -> None:

@@ -15,6 +15,7 @@ from convmixer_tf.errors import BadInput
 from convmixer_tf.export import registry
 from convmixer_tf.export.base import OUTPUTS, ExportJob
 from convmixer_tf.export.calibration import CALIBRATION_COUNT, VERIFY_COUNT, load_images
+from convmixer_tf.export.onnx import check_opset
 from convmixer_tf.export.parallel import cores, memory_allows, write_in_processes
 from convmixer_tf.export.verify import write_and_check
 from convmixer_tf.labels import check_class_names
@@ -69,6 +70,8 @@ class ExportOptions:
             object.__setattr__(self, "class_names", tuple(self.class_names))
         if self.tflite_output not in OUTPUTS:
             raise BadInput(f"tflite_output must be one of {OUTPUTS}, got {self.tflite_output!r}")
+        if self.opset is not None:
+            check_opset(self.opset)
 
 
 def check_formats(formats) -> list:
