@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import traceback
 import warnings
@@ -64,7 +63,7 @@ def run_command(
     interrupts.begin_command()
     previous = {signum: signal.signal(signum, interrupted) for signum in SIGNALS}
     try:
-        with _temporary_files(), _quiet() if not verbose else contextlib.nullcontext():
+        with temporaries.redirected(), _quiet() if not verbose else contextlib.nullcontext():
             return job(
                 lambda message: None if quiet else print(message, file=console, flush=True), console
             )
@@ -84,20 +83,6 @@ def run_command(
         console.flush()
         if owned:
             console.close()
-
-
-@contextlib.contextmanager
-def _temporary_files():
-    """Every temporary file of the command and its child processes (ours, TensorFlow's,
-    Keras', autograph's) goes into one folder, removed at the end and on an interrupt."""
-    from unittest import mock  # it imports asyncio: kept off the path of --help
-
-    with (
-        temporaries.temporary_folder() as folder,
-        mock.patch.dict(os.environ, TMPDIR=folder),
-        mock.patch.object(tempfile, "tempdir", folder),
-    ):
-        yield
 
 
 @contextlib.contextmanager

@@ -81,6 +81,35 @@ def temporary_folder():
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def environment(**values):
+    """`os.environ` holds `values` for the duration (what child processes and libraries that
+    read it then see); what it held before comes back."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def redirected():
+    """Every temporary file of this process and its child processes (ours, TensorFlow's,
+    Keras', autograph's) goes into one folder (`temporary_folder`) for the duration."""
+    saved = tempfile.tempdir
+    with temporary_folder() as folder, environment(TMPDIR=folder):
+        tempfile.tempdir = folder
+        try:
+            yield folder
+        finally:
+            tempfile.tempdir = saved
+
+
 def process_start_time(pid: int) -> Optional[str]:
     """The kernel's start time of process `pid` (tells a reused pid apart), or None."""
     try:

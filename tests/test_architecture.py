@@ -296,6 +296,84 @@ def test_formats_are_one_explicit_list_that_both_command_lines_offer():
     assert set(quantize.choices) == {f.quantize for f in registry.FORMATS if f.quantize}
 
 
+# The export options both command lines offer, and how each reads them back.
+SHARED_EXPORT_OPTIONS = (
+    "--quantize",
+    "--calibration-data",
+    "--calibration-count",
+    "--no-preprocessing",
+    "--tflite-logits",
+    "--nchw",
+    "--opset",
+    "--processes",
+)
+
+
+def test_both_command_lines_declare_the_export_options_once():
+    """The converter offers the export options the export command does, with the same
+    help, defaults and checks, and reads them into the same ExportOptions."""
+    from convmixer_tf.export.__main__ import build_parser as export_parser
+    from weights_converter.__main__ import build_parser as converter_parser
+    from weights_converter.__main__ import options_from as converter_options
+
+    def declared(parser):
+        actions = {s: a for a in parser._actions for s in a.option_strings}
+        return {
+            flag: (
+                actions[flag].help,
+                actions[flag].default,
+                actions[flag].choices,
+                getattr(actions[flag].type, "__name__", None),
+            )
+            for flag in SHARED_EXPORT_OPTIONS
+            if flag in actions
+        }
+
+    assert declared(export_parser()) == declared(converter_parser())
+    assert sorted(declared(converter_parser())) == sorted(SHARED_EXPORT_OPTIONS)
+    flags = ["--quantize", "int8", "--calibration-count", "7", "--no-preprocessing", "--nchw"]
+    flags += ["--opset", "15", "--tflite-logits", "--processes", "1"]
+    from convmixer_tf.export.__main__ import export_options_from
+
+    exported = export_options_from(
+        export_parser().parse_args(["--model", "m.keras", "--formats", "onnx", *flags])
+    )
+    converted = converter_options(
+        converter_parser().parse_args(["--torch-ckpt", "m.pth", "--export", "onnx", *flags])
+    ).export
+    assert exported == converted
+    assert exported.formats == ("onnx", "tflite_int8") and exported.nchw and not exported.raw_rgb
+
+
+def test_the_tolerance_rule_is_written_once():
+    """A float file, MediaPipe's scores and a parity stage are judged by one rule:
+    `scores.allowed`, the tolerance times the largest reference output, at least 1."""
+    from convmixer_tf.export.scores import allowed
+
+    assert allowed(1e-4, np.array([[-3.0, 2.0]])) == pytest.approx(3e-4)
+    assert allowed(1e-4, np.array([[0.5, -0.25]])) == 1e-4
+    assert allowed(1e-4, np.zeros((0, 3))) == 1e-4
+    hits = [
+        f"{os.path.relpath(path, REPO)}:{number}"
+        for path in LIBRARY
+        for number, line in enumerate(open(path), 1)
+        if re.search(r"max\(1\.0, ", line)
+    ]
+    assert [hit.split(":")[0] for hit in hits] == ["convmixer_tf/export/scores.py"], hits
+
+
+def test_the_library_patches_nothing_and_calls_no_c_by_hand():
+    """No unittest.mock in library code, and no ctypes (PR_SET_PDEATHSIG): the standard
+    library's own ways instead."""
+    hits = [
+        f"{os.path.relpath(path, REPO)}:{number}"
+        for path in LIBRARY
+        for number, line in enumerate(open(path), 1)
+        if re.search(r"unittest|PR_SET_PDEATHSIG|ctypes", line)
+    ]
+    assert hits == [], hits
+
+
 def test_the_normalisation_has_one_definition(tmp_path):
     """The model's layer, the eval transform, calibration, an exported graph, TFLite
     metadata and MediaPipe's pixels all give what Preprocessing.normalize gives."""
@@ -393,8 +471,9 @@ def test_an_internal_error_is_exit_3_with_its_traceback_and_bad_input_exit_2(
     """Only the user's input is exit 2: a ValueError from inside (a bug) is exit 3, with the
     traceback to report."""
     from convmixer_tf.errors import BadInput
-    from convmixer_tf.export import write
     from convmixer_tf.export.__main__ import main
+
+    verify = sys.modules["convmixer_tf.export.verify"]  # the package's face shows its function
 
     model = convmixer_tf.ConvMixer(
         dim=8,
@@ -415,7 +494,7 @@ def test_an_internal_error_is_exit_3_with_its_traceback_and_bad_input_exit_2(
         def broken(*args, error=error):
             raise error
 
-        monkeypatch.setattr(write, "compare", broken)
+        monkeypatch.setattr(verify, "compare", broken)
         assert main([*argv, "--output", str(tmp_path / f"out{code}")]) == code
         err = capsys.readouterr().err
         if code == 3:

@@ -333,6 +333,9 @@ def test_cli_bad_input(tmp_path, tiny, capsys):
     cases.append(
         (["--model", str(tmp_path / "tiny.keras"), "--output", str(tmp_path / "exists")], "exists")
     )
+    cases.append(
+        (["--model", str(tmp_path / "tiny.keras"), "--opset", "99"], "opset must be between 13")
+    )
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         convmixer_tf.ConvMixer(
@@ -347,6 +350,17 @@ def test_cli_bad_input(tmp_path, tiny, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
         assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_options_are_checked_where_they_enter():
+    """A value no file could be written with is refused when the options are made, before
+    the model is loaded or converted (the converter's parity takes minutes)."""
+    from convmixer_tf.errors import BadInput
+
+    for opset in (12, 19, 0):
+        with pytest.raises(BadInput, match=f"opset must be between 13 and 18.*got {opset}"):
+            exporters.ExportOptions(formats=("onnx",), opset=opset)
+    assert exporters.ExportOptions(opset=13).opset == 13
 
 
 @pytest.mark.slow

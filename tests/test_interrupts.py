@@ -175,7 +175,8 @@ def test_sigterm_at_any_moment_of_a_conversion(tmp_path):
 
 
 def workers_of(pid) -> list:
-    """The export worker processes whose parent is `pid` (from /proc), zombies aside."""
+    """The worker processes (multiprocessing's spawn) whose parent is `pid` (from /proc),
+    zombies aside."""
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -185,7 +186,7 @@ def workers_of(pid) -> list:
                 state, parent = f.read().rsplit(")", 1)[1].split()[:2]
         except OSError:
             continue
-        if "convmixer_tf.export.parallel" in command and int(parent) == pid and state != "Z":
+        if "--multiprocessing-fork" in command and int(parent) == pid and state != "Z":
             found.append(int(entry))
     return found
 
@@ -207,30 +208,26 @@ def alive(pid) -> bool:
         return False
 
 
-def test_kill_9_of_an_export_ends_its_workers(tmp_path, tiny_model):
-    """kill -9 reaches no handler: the workers writing formats side by side must not go on
-    computing without their parent (an orphan would go on until its next report: 7 s
-    here for this tiny model, tens of seconds for a released one). Signalled once a worker
-    has TensorFlow loaded (so it has started), it is gone at once."""
-    command = [
-        sys.executable,
-        "-m",
-        "convmixer_tf.export",
-        "--model",
-        str(tiny_model),
-        "--formats",
-        "all",
-        "--calibration-count",
-        "4",
-        "--output",
-        str(tmp_path / "out"),
-        "--quiet",
-    ]
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGKILL, signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+    ids=["SIGKILL", "SIGTERM", "SIGINT"],
+)
+def test_a_signal_to_an_export_ends_its_workers(tmp_path, tiny_model, signum):
+    """The workers writing formats side by side never go on computing without their
+    parent: SIGTERM and SIGINT end them before the command exits (128 + the signal, nothing
+    left behind); kill -9, which no handler sees, ends them too (an orphan would go on
+    until its formats are written: seconds here, minutes for a released model). Signalled
+    once a worker has TensorFlow loaded (so it has started), they are gone at once."""
     from convmixer_tf.export import parallel
 
     if parallel.cores() < 2 or not parallel.memory_allows(convmixer_tf.load_model(tiny_model)):
         pytest.skip("this machine writes the formats in one process: no worker to end")
-    proc = start(command, tmp_path)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "out"
+    command = export_command(tiny_model, out)
+    proc = start(command, tmp)
     deadline, workers = time.time() + 300, []
     while time.time() < deadline and proc.poll() is None:
         workers = [w for w in workers_of(proc.pid) if "libtensorflow" in mapped(w)]
@@ -238,8 +235,14 @@ def test_kill_9_of_an_export_ends_its_workers(tmp_path, tiny_model):
             break
         time.sleep(0.05)
     assert workers, "no export worker started"
-    proc.kill()
-    proc.communicate(timeout=60)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    if signum != signal.SIGKILL:  # the command itself waits for its workers' end
+        assert not any(alive(w) for w in workers)
+        assert (
+            proc.returncode == 128 + signum and err.strip().splitlines()[-1] == "error: interrupted"
+        )
+        assert not out.exists() and [e for e in os.listdir(tmp) if not FOREIGN.match(e)] == []
     deadline = time.time() + 2
     while any(alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.05)
@@ -303,3 +306,31 @@ def test_the_temporary_folder_of_a_killed_command_is_removed_by_the_next(tmp_pat
     finally:
         live.kill()
         live.communicate()
+
+
+def test_a_command_keeps_its_temporary_files_in_one_folder_and_restores_the_environment(
+    monkeypatch, tmp_path
+):
+    """During a command, TMPDIR (what child processes read) and tempfile's own folder are one
+    private folder; afterwards both are what they were and the folder is gone."""
+    import tempfile
+
+    from convmixer_tf import cli, temporaries
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    seen = {}
+
+    def job(log, console):
+        seen["env"], seen["tempfile"] = os.environ["TMPDIR"], tempfile.gettempdir()
+        return 0
+
+    assert cli.run_command(job) == 0
+    assert seen["env"] == seen["tempfile"] and os.path.dirname(seen["env"]) == str(tmp_path)
+    assert temporaries.TEMPORARY_FOLDER.fullmatch(os.path.basename(seen["env"]))
+    assert not os.path.exists(seen["env"])
+    assert os.environ["TMPDIR"] == str(tmp_path) and tempfile.tempdir is None
+    monkeypatch.delenv("TMPDIR")
+    with temporaries.environment(TMPDIR="elsewhere", OTHER="x"):
+        assert os.environ["TMPDIR"] == "elsewhere"
+    assert "TMPDIR" not in os.environ and "OTHER" not in os.environ

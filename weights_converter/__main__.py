@@ -11,7 +11,7 @@ import os
 
 from convmixer_tf import cli, errors
 from convmixer_tf.export import registry
-from convmixer_tf.export.calibration import CALIBRATION_COUNT
+from convmixer_tf.export.__main__ import add_export_options, export_options_from
 from convmixer_tf.outputs import jsonable
 from weights_converter.parity import DEFAULT_TOLERANCE
 
@@ -48,7 +48,7 @@ def build_parser():
     parser.add_argument("--torch-ckpt", required=True, metavar="FILE", help="checkpoint to convert")
     _checkpoint_options(parser.add_argument_group("the checkpoint"))
     _parity_options(parser.add_argument_group("the proof"))
-    _export_options(parser.add_argument_group("exports"))
+    add_export_options(parser.add_argument_group("exports"), flag="--export", default=())
     output = parser.add_argument_group("where and how")
     output.add_argument(
         "--output",
@@ -114,40 +114,6 @@ def _parity_options(group):
     )
 
 
-def _export_options(group):
-    group.add_argument(
-        "--export",
-        nargs="+",
-        default=[],
-        metavar="FORMAT",
-        help=f"also write and verify: {', '.join(registry.names())}, or all",
-    )
-    group.add_argument(
-        "--tflite-logits",
-        action="store_true",
-        help="TFLite files output logits (default: probabilities, a softmax at the end)",
-    )
-    group.add_argument(
-        "--calibration-data",
-        metavar="DIR|tfds:NAME[:SPLIT]",
-        help="images for int8 calibration (default: synthetic data, which the report flags)",
-    )
-    group.add_argument(
-        "--calibration-count",
-        type=cli.positive(),
-        default=CALIBRATION_COUNT,
-        metavar="N",
-        help="int8 calibration images (calibration runs ~seconds per image on a large model)",
-    )
-    group.add_argument(
-        "--processes",
-        type=cli.positive(),
-        metavar="N",
-        help="1 writes the files one after the other, in the least memory; default: side by side "
-        "where cores and memory allow",
-    )
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return cli.run_command(
@@ -178,16 +144,8 @@ def _convert(args, log) -> int:
 
 def options_from(args):
     """The ConvertOptions of parsed arguments."""
-    from convmixer_tf.export import ExportOptions
     from weights_converter.pipeline import ConvertOptions
 
-    export = ExportOptions(
-        formats=tuple(args.export),
-        calibration_data=args.calibration_data,
-        calibration_count=args.calibration_count,
-        processes=args.processes,
-        tflite_output="logits" if args.tflite_logits else "probabilities",
-    )
     return ConvertOptions(
         args.torch_ckpt,
         args.output,
@@ -200,7 +158,7 @@ def options_from(args):
         parity_images=args.parity_images,
         skip_parity=args.skip_parity,
         force=args.force,
-        export=export,
+        export=export_options_from(args),
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
 from convmixer_tf.errors import BadInput, CheckFailed
+from convmixer_tf.export.scores import allowed
 
 DEFAULT_TOLERANCE = 1e-4
 SEEDED_BATCH = 2  # seeded inputs every conversion is checked on
@@ -31,7 +32,9 @@ class ParityError(CheckFailed):
 class StageDiff:
     name: str
     max_abs: float
-    max_rel: float  # max |keras - torch| / max(1, max |torch|) over the stage output
+    max_rel: (
+        float  # max |keras - torch| / max(1, max |torch|) over the stage output (scores.allowed)
+    )
     diverged: bool
 
 
@@ -290,8 +293,8 @@ def _diff(name, value, ref, tolerance) -> StageDiff:
     if value.shape != ref.shape:
         raise ParityError(f"{name}: Keras shape {value.shape} != PyTorch shape {ref.shape}")
     max_abs = float(np.max(np.abs(value.astype(np.float64) - ref))) if value.size else 0.0
-    rel = max_abs / (max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0)
-    return StageDiff(name, max_abs, rel, bool(rel > tolerance or not np.isfinite(max_abs)))
+    diverged = max_abs > allowed(tolerance, ref) or not np.isfinite(max_abs)
+    return StageDiff(name, max_abs, max_abs / allowed(1.0, ref), bool(diverged))
 
 
 def _import_timm():

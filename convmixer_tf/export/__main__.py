@@ -55,21 +55,30 @@ def build_parser():
         epilog=EPILOG.format(formats=registry.help_text()),
     )
     parser.add_argument("--model", required=True, metavar="FILE", help="a .keras ConvMixer")
-    _format_options(parser.add_argument_group("what to write"))
-    _input_options(parser.add_argument_group("what the files take and give"))
+    add_export_options(parser.add_argument_group("what to write"))
+    _model_options(parser.add_argument_group("what the files take and give"))
     output = parser.add_argument_group("where and how")
-    _output_options(output)
+    output.add_argument(
+        "--output", metavar="DIR", help="output directory (default: MODEL_export next to the model)"
+    )
+    output.add_argument(
+        "--force", action="store_true", help="replace an earlier output of this command"
+    )
     parser.add_console_options(output)
     return parser
 
 
-def _format_options(group):
+def add_export_options(group, *, flag: str = "--formats", default=DEFAULT_FORMATS):
+    """The export options of both command lines, declared here once: the formats (the
+    converter's `--export`, none by default), calibration, the files' input and output,
+    the processes. `export_options_from` reads them back."""
     group.add_argument(
-        "--formats",
+        flag,
+        dest="formats",
         nargs="+",
-        default=list(DEFAULT_FORMATS),
+        default=list(default),
         metavar="FORMAT",
-        help=f"any of: {', '.join(registry.names())}, all",
+        help=f"write and verify: any of {', '.join(registry.names())}, all",
     )
     group.add_argument(
         "--quantize",
@@ -79,7 +88,8 @@ def _format_options(group):
     group.add_argument(
         "--calibration-data",
         metavar="DIR|tfds:NAME[:SPLIT]",
-        help="images for int8 calibration and held-out checks (default: synthetic images)",
+        help="images for int8 calibration and the held-out checks (default: synthetic images, "
+        "which the report says)",
     )
     group.add_argument(
         "--calibration-count",
@@ -88,9 +98,34 @@ def _format_options(group):
         metavar="N",
         help="int8 calibration images (about seconds per image on a large model)",
     )
+    _file_options(group)
 
 
-def _input_options(group):
+def _file_options(group):
+    group.add_argument(
+        "--no-preprocessing",
+        action="store_true",
+        help="files take normalised input, like the model (default: raw RGB, mean/std inside)",
+    )
+    group.add_argument(
+        "--tflite-logits",
+        action="store_true",
+        help="TFLite files output logits (default: probabilities, a softmax at the end)",
+    )
+    group.add_argument(
+        "--nchw", action="store_true", help="ONNX input as [N, 3, H, W] (PyTorch order)"
+    )
+    group.add_argument("--opset", type=int, help="ONNX opset (13-18, default 17)")
+    group.add_argument(
+        "--processes",
+        type=cli.positive(),
+        metavar="N",
+        help="1: write the files one after the other, in the least memory; default: formats that "
+        "share no work side by side, in processes of their own, where cores and memory allow",
+    )
+
+
+def _model_options(group):
     group.add_argument(
         "--variant",
         choices=list_variants(),
@@ -104,11 +139,6 @@ def _input_options(group):
         help="input size for models saved with a dynamic size",
     )
     group.add_argument(
-        "--no-preprocessing",
-        action="store_true",
-        help="files take normalised input, like the model",
-    )
-    group.add_argument(
         "--labels",
         metavar="FILE",
         help="class names, one per line, in output order (default: those stored with the model)",
@@ -117,31 +147,6 @@ def _input_options(group):
         "--allow-duplicate-labels",
         action="store_true",
         help="accept a labels file that names two classes alike",
-    )
-    group.add_argument(
-        "--tflite-logits",
-        action="store_true",
-        help="TFLite files output logits (default: probabilities, a softmax at the end)",
-    )
-    group.add_argument(
-        "--nchw", action="store_true", help="ONNX input as [N, 3, H, W] (PyTorch order)"
-    )
-    group.add_argument("--opset", type=int, help="ONNX opset (13-18, default 17)")
-
-
-def _output_options(group):
-    group.add_argument(
-        "--processes",
-        type=cli.positive(),
-        metavar="N",
-        help="1: write the files one after the other, in the least memory; default: formats that "
-        "share no work side by side, in processes of their own, where cores and memory allow",
-    )
-    group.add_argument(
-        "--output", metavar="DIR", help="output directory (default: MODEL_export next to the model)"
-    )
-    group.add_argument(
-        "--force", action="store_true", help="replace an earlier output of this command"
     )
 
 
@@ -157,7 +162,7 @@ def _export(args, log) -> int:
     from convmixer_tf import export as exporters
     from convmixer_tf.labels import check_class_names
 
-    options = options_from(args)
+    options = _options_from(args)
     output = args.output or default_output(args.model)
     inputs = [args.model, args.calibration_data, args.labels]
     outputs.check_replaceable(output, output_kind(), args.force, inputs)
@@ -171,26 +176,36 @@ def _export(args, log) -> int:
     return errors.EXIT_OK
 
 
-def options_from(args):
-    """The ExportOptions of parsed arguments (a labels file read and checked line by line)."""
-    from convmixer_tf.config import get_variant
+def export_options_from(args, **fields):
+    """The ExportOptions of the options `add_export_options` declared, with `fields` a
+    command sets from options of its own."""
     from convmixer_tf.export.run import ExportOptions, check_formats
-    from convmixer_tf.labels import read_labels
 
     quantized = [f"tflite_{args.quantize}"] if args.quantize else []
-    labels = read_labels(args.labels, args.allow_duplicate_labels) if args.labels else None
     return ExportOptions(
         formats=tuple(check_formats(args.formats + quantized)),
         calibration_data=args.calibration_data,
         calibration_count=args.calibration_count,
-        preprocessing=get_variant(args.variant).preprocessing if args.variant else None,
-        image_size=args.image_size,
         raw_rgb=not args.no_preprocessing,
-        class_names=labels,
         nchw=args.nchw,
         opset=args.opset,
         tflite_output="logits" if args.tflite_logits else "probabilities",
         processes=args.processes,
+        **fields,
+    )
+
+
+def _options_from(args):
+    """The ExportOptions of this command (a labels file read and checked line by line)."""
+    from convmixer_tf.config import get_variant
+    from convmixer_tf.labels import read_labels
+
+    labels = read_labels(args.labels, args.allow_duplicate_labels) if args.labels else None
+    return export_options_from(
+        args,
+        preprocessing=get_variant(args.variant).preprocessing if args.variant else None,
+        image_size=args.image_size,
+        class_names=labels,
     )
 
 

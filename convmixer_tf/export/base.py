@@ -8,7 +8,7 @@ import dataclasses
 import shutil
 from typing import Callable, Dict, Iterable, Optional
 
-from convmixer_tf import interrupts, outputs, temporaries
+from convmixer_tf import contract, interrupts, outputs, temporaries
 from convmixer_tf.errors import BadInput, CheckFailed
 
 OUTPUTS = ("logits", "probabilities")
@@ -141,3 +141,22 @@ class ExportJob:
 
     def close(self):
         self.resources.close()
+
+    def __reduce__(self):
+        """A worker process (`export.parallel`) gets the job with the model as its config and
+        weights (cheaper than Keras' own pickling, a .keras archive; docs/export.md), its
+        facts attached, and resources of its own."""
+        fields = {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name not in ("model", "resources")
+        }
+        return _rebuilt, (self.model.get_config(), self.model.get_weights(), fields)
+
+
+def _rebuilt(config, weights, fields: dict) -> ExportJob:
+    import keras
+
+    model = keras.Model.from_config(config)
+    model.set_weights(weights)
+    return ExportJob(contract.attach(model, fields["info"]), **fields)

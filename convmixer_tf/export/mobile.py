@@ -13,6 +13,7 @@ import numpy as np
 
 from convmixer_tf.config import PIXEL_MAX
 from convmixer_tf.errors import one_line
+from convmixer_tf.export.scores import allowed
 
 MEDIAPIPE_MISSING = "not installed (pip install 'convmixer-tf[mobile]')"
 
@@ -173,10 +174,10 @@ def _not_for_mediapipe(path, info, has_metadata: Optional[bool]) -> Optional[str
 def _problems(row, scores, names, check, reference) -> list:
     problems = ["MediaPipe left classes without a score"] if np.isnan(scores).any() else []
     if check.tolerance is not None:
-        allowed = check.tolerance * max(1.0, float(np.abs(reference).max()))
-        if row["max_abs"] > allowed:
+        limit = allowed(check.tolerance, reference)
+        if row["max_abs"] > limit:
             problems.append(
-                f"its scores differ from Keras by {row['max_abs']:.3g} (allowed {allowed:.3g})"
+                f"its scores differ from Keras by {row['max_abs']:.3g} (allowed {limit:.3g})"
             )
     elif row["max_abs_vs_litert"] > max(getattr(check.runner, "output_step", 0.0), 1e-6) * 1.01:
         problems.append(

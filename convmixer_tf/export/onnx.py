@@ -14,6 +14,7 @@ from convmixer_tf import contract
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.outputs import write_atomic
+from convmixer_tf.temporaries import environment
 
 DEFAULT_OPSET = 17
 MAX_OPSET = 18  # tf2onnx 1.17
@@ -36,15 +37,12 @@ def export_onnx(
         >>> export_onnx(model, "model.onnx", nchw=True)  # doctest: +SKIP
         >>> onnxruntime.InferenceSession("model.onnx").run(["logits"], {"images": x_nchw})  # doctest: +SKIP
     """
-    from unittest import mock
-
     import tensorflow as tf
     import tf2onnx
 
     from convmixer_tf.export.graph import InferenceGraph
 
-    if not 13 <= opset <= MAX_OPSET:
-        raise BadInput(f"opset must be between 13 and {MAX_OPSET} (tf2onnx 1.17), got {opset}")
+    check_opset(opset)
     graph = InferenceGraph(model, info=info, depthwise="native", gelu=GELU_FORM, affine="conv")
     shape = [None if dynamic_batch else 1, *model.input_shape[1:]]
     spec = (tf.TensorSpec(shape, tf.float32, name="images"),)
@@ -57,7 +55,7 @@ def export_onnx(
     # graph, weights included, before each of its optimisers (to undo one that fails): an
     # optimiser that fails fails the export here, and the file is checked anyway.
     try:
-        with mock.patch.dict(os.environ, TF2ONNX_CATCH_ERRORS="false"):
+        with environment(TF2ONNX_CATCH_ERRORS="false"):
             proto, _ = tf2onnx.convert.from_function(
                 serving,
                 input_signature=spec,
@@ -71,6 +69,11 @@ def export_onnx(
     check_onnx(proto)
     write_atomic(path, proto.SerializeToString())
     return os.fspath(path)
+
+
+def check_opset(opset: int) -> None:
+    if not 13 <= opset <= MAX_OPSET:
+        raise BadInput(f"opset must be between 13 and {MAX_OPSET} (tf2onnx 1.17), got {opset}")
 
 
 def describe_itself(proto, info) -> None:

@@ -15,8 +15,9 @@ from convmixer_tf.errors import BadInput
 from convmixer_tf.export import registry
 from convmixer_tf.export.base import OUTPUTS, ExportJob
 from convmixer_tf.export.calibration import CALIBRATION_COUNT, VERIFY_COUNT, load_images
+from convmixer_tf.export.onnx import check_opset
 from convmixer_tf.export.parallel import cores, memory_allows, write_in_processes
-from convmixer_tf.export.write import Checks, write_and_check
+from convmixer_tf.export.verify import write_and_check
 from convmixer_tf.labels import check_class_names
 
 DEFAULT_FORMATS = ("saved_model", "tflite", "onnx")
@@ -69,6 +70,8 @@ class ExportOptions:
             object.__setattr__(self, "class_names", tuple(self.class_names))
         if self.tflite_output not in OUTPUTS:
             raise BadInput(f"tflite_output must be one of {OUTPUTS}, got {self.tflite_output!r}")
+        if self.opset is not None:
+            check_opset(self.opset)
 
 
 def check_formats(formats) -> list:
@@ -96,13 +99,14 @@ def export_formats(
     chosen = registry.resolve(options.formats)
     calibrated = any(fmt.calibrated for fmt in chosen)
     job, held_out = prepare_job(model, contract.info_of(model), options, calibrated)
-    checks = Checks(
-        held_out, job.model.predict(held_out, verbose=0, batch_size=8), options.latency_runs
-    )
+    reference = job.model.predict(held_out, verbose=0, batch_size=8)
     try:
-        rows = _write(chosen, job, directory, checks, processes=options.processes, log=log)
+        written = _write(chosen, job, directory, held_out, reference, options=options, log=log)
     finally:
         job.close()
+    rows = {}
+    for name, (row, runner) in written.items():  # one after the other, nothing else computing
+        rows[name] = dict(row, latency_ms=runner.latency_ms(held_out, options.latency_runs))
     inputs = job.calibration_source
     if calibrated:
         inputs = f"{inputs}, last {len(held_out)} (held out from calibration)"
@@ -153,10 +157,9 @@ def prepare_job(
     return job, held_out
 
 
-def _write(
-    chosen, job: ExportJob, directory, checks: Checks, *, processes: Optional[int], log
-) -> dict:
-    """{name: row} of each format: side by side in processes, or one after the other here."""
+def _write(chosen, job: ExportJob, directory, held_out, reference, *, options, log) -> dict:
+    """{name: (row, runner)} of each format: side by side in processes, or one after the
+    other here."""
     groups = {}
     for fmt in chosen:
         # a worker knows the built-in formats only
@@ -164,13 +167,10 @@ def _write(
         groups.setdefault(group, []).append(fmt)
     # this process: the main group
     groups = dict(sorted(groups.items(), key=lambda item: item[0] != "main"))
-    if processes:
-        side_by_side = processes > 1
+    if options.processes:
+        side_by_side = options.processes > 1
     else:
         side_by_side = cores() > 1 and memory_allows(job.model)
     if len(groups) > 1 and side_by_side:
-        return write_in_processes(groups, job, directory, checks, log)
-    rows = {}
-    for name, (row, runner) in write_and_check(chosen, job, directory, checks, log).items():
-        rows[name] = dict(row, latency_ms=runner.latency_ms(checks.held_out, checks.latency_runs))
-    return rows
+        return write_in_processes(groups, job, directory, held_out, reference, log=log)
+    return write_and_check(chosen, job, directory, held_out, reference, log=log)

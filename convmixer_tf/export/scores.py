@@ -1,9 +1,20 @@
-"""A file's class scores against Keras': probabilities from logits, and how the top classes
-agree image by image (ties included, which quantised probabilities of an unsure model have)."""
+"""A file's class scores against Keras': the difference a float file may show, probabilities
+from logits, and how the top classes agree image by image (ties included, which quantised
+probabilities of an unsure model have)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def allowed(tolerance: float, reference) -> float:
+    """The largest abs difference from `reference` that passes: `tolerance` times its largest
+    magnitude, or times 1 where that is smaller. Float32 rounding grows with the outputs'
+    scale; a wrong network does not hide in it. Every float file, MediaPipe's scores and
+    each stage of the converter's parity are judged by this rule."""
+    reference = np.asarray(reference)
+    largest = float(np.abs(reference).max()) if reference.size else 0.0
+    return tolerance * max(1.0, largest)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

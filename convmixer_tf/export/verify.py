@@ -1,4 +1,5 @@
-"""Loads an exported file in its own runtime and compares it with the Keras model."""
+"""Loads an exported file in its own runtime and compares it with the Keras model; writes
+the files of a run one format after the other, each checked so."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from convmixer_tf import contract
 from convmixer_tf.export import registry
-from convmixer_tf.export.scores import agreement, as_output
+from convmixer_tf.export.base import ExportError, ExportJob
+from convmixer_tf.export.scores import agreement, allowed, as_output
 
 
 class Runner:
@@ -94,7 +96,7 @@ def compare(check: Check, reference: np.ndarray) -> dict:
         raise RuntimeError(f"{runner.path}: output shape {out.shape} != Keras {reference.shape}")
     max_abs = float(np.abs(out.astype(np.float64) - reference).max())
     scale = float(np.abs(reference).max())
-    allowed = None if tolerance is None else tolerance * max(1.0, scale)
+    limit = None if tolerance is None else allowed(tolerance, reference)
     row = {
         "format": runner.kind,
         "path": runner.path,
@@ -104,16 +106,41 @@ def compare(check: Check, reference: np.ndarray) -> dict:
         "max_rel": max_abs / max(1e-12, scale),
         **agreement(out, reference),
         "tolerance": tolerance,
-        "allowed": allowed,
+        "allowed": limit,
         "num_inputs": int(len(check.inputs)),
         "latency_ms": None,
-        "passed": bool(np.isfinite(out).all()) and (allowed is None or max_abs <= allowed),
+        "passed": bool(np.isfinite(out).all()) and (limit is None or max_abs <= limit),
     }
     if runner.format.describe is not None:
         row.update(runner.format.describe(runner.path, check))
     if row.get("problem"):
         row["passed"] = False
     return row
+
+
+def write_and_check(formats, job: ExportJob, directory, held_out, reference, *, log) -> dict:
+    """{name: (row, its runner)} of each format, written into `directory` and checked in turn
+    on `held_out` against Keras' outputs on them (`reference`, logits); its latency is
+    timed by the caller, when nothing else runs. ExportError at the first that fails."""
+    done = {}
+    for fmt in formats:
+        path = os.path.join(os.fspath(directory), fmt.filename)
+        log(f"  {fmt.name} -> {fmt.filename}")
+        start = time.perf_counter()
+        fmt.write(job, path)
+        runner = Runner(path, name=fmt.name)
+        row = compare(
+            Check(runner, job.model, held_out, fmt.tolerance, job.info, job.shared), reference
+        )
+        if row.get("problem"):
+            raise ExportError(f"{fmt.name}: {fmt.filename}: {row['problem']}")
+        if not row["passed"]:
+            raise ExportError(
+                f"{fmt.name}: {fmt.filename} differs from Keras by {row['max_abs']:.3g} (allowed "
+                f"{row['allowed']:.3g}: tolerance {row['tolerance']} x the largest output, at least 1)"
+            )
+        done[fmt.name] = (dict(row, seconds=time.perf_counter() - start), runner)
+    return done
 
 
 def _size(path) -> int:
