@@ -31,12 +31,13 @@ TFDS_PREFIX = "tfds:"
 # DCT scaling) when that fits; any other larger image is refused, from its header, before
 # decoding. PIL holds 4 bytes a pixel: one image at the limit takes about 1 GB to transform.
 MAX_PIXELS = 1 << 26
+# The largest image file read: 8 bytes a pixel (16-bit RGBA, uncompressed) at MAX_PIXELS.
+MAX_FILE_BYTES = 8 * MAX_PIXELS
 # The formats read, by the bytes their files start with (what TensorFlow's decoders read).
 SIGNATURES = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
+    (b"GIF8", "GIF"),  # GIF87a, GIF89a
     (b"BM", "BMP"),
     (b"RIFF", "WEBP"),  # RIFF....WEBP
 )
@@ -89,9 +90,13 @@ def _open_file(path):
         fd = os.open(os.fsencode(path), flags)
     except OSError as err:
         raise BadInput(f"cannot open: {err.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
         os.close(fd)
         raise BadInput("not a regular file")
+    if status.st_size > MAX_FILE_BYTES:
+        os.close(fd)
+        raise BadInput(f"{status.st_size} bytes: more than the {MAX_FILE_BYTES} read at most")
     return os.fdopen(fd, "rb")
 
 
@@ -105,19 +110,11 @@ def _format_of(head: bytes) -> str:
 def _reader(name: str):
     """PIL's reader of format `name`, used directly: no other format is tried, and PIL's
     own decompression-bomb check gives way to MAX_PIXELS (which reduces JPEGs instead)."""
-    from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin
+    from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
-    if name == "WEBP":
-        from PIL import WebPImagePlugin
-
-        return WebPImagePlugin.WebPImageFile
-    readers = {
-        "JPEG": JpegImagePlugin.JpegImageFile,
-        "PNG": PngImagePlugin.PngImageFile,
-        "GIF": GifImagePlugin.GifImageFile,
-        "BMP": BmpImagePlugin.BmpImageFile,
-    }
-    return readers[name]
+    readers = (JpegImagePlugin.JpegImageFile, PngImagePlugin.PngImageFile)
+    readers += (GifImagePlugin.GifImageFile, BmpImagePlugin.BmpImageFile)
+    return {reader.format: reader for reader in readers + (WebPImagePlugin.WebPImageFile,)}[name]
 
 
 def _identified(file, *, reduce: bool):
@@ -128,7 +125,7 @@ def _identified(file, *, reduce: bool):
     try:
         image = _reader(name)(file)
     except Exception as err:  # noqa: BLE001 - PIL raises many kinds on damaged bytes
-        raise BadInput(f"truncated or damaged {name} file: {one_line(err)[:200]}") from None
+        raise _damaged(name, err) from None
     width, height = image.size
     if width * height > MAX_PIXELS and reduce and _reducible(image):
         # libjpeg's DCT scaling: the smallest of 1/2, 1/4, 1/8 that fits
@@ -137,6 +134,15 @@ def _identified(file, *, reduce: bool):
     if image.size[0] * image.size[1] > MAX_PIXELS:
         raise BadInput(f"{width} x {height} pixels: more than the {MAX_PIXELS} decoded at most")
     return image
+
+
+def _damaged(name: str, err: Exception) -> BadInput:
+    """What PIL's `err` on a `name` file means, in one line."""
+    from PIL import Image
+
+    if isinstance(err, Image.DecompressionBombError):  # a size PIL checks itself: a GIF frame's
+        return BadInput(f"more than the {MAX_PIXELS} pixels decoded at most: {one_line(err)}")
+    return BadInput(f"truncated or damaged {name} file: {one_line(err)[:200]}")
 
 
 def _reducible(image) -> bool:
@@ -158,7 +164,7 @@ def _rgb(image):
             image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as err:  # noqa: BLE001 - PIL raises many kinds on damaged bytes
-        raise BadInput(f"truncated or damaged {image.format} file: {one_line(err)[:200]}") from None
+        raise _damaged(image.format, err) from None
 
 
 def _transformed(image, preprocessing: Preprocessing) -> np.ndarray:

@@ -144,6 +144,25 @@ def _bmp_header(width: int, height: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", 0, 0, 0, 54) + info
 
 
+def _sparse(size: int):
+    def make(folder):
+        with open(folder / "big.png", "wb") as out:
+            out.truncate(size)  # no disk used: a hole
+        return folder / "big.png"
+
+    return make
+
+
+def _gif_frame_past_its_screen() -> bytes:
+    """A 10 x 10 GIF whose one frame says 60000 x 60000."""
+    from PIL import Image
+
+    data = bytearray(_saved(Image.new("P", (10, 10)), "GIF"))
+    at = data.index(b"\x2c") + 5  # the image descriptor's width and height
+    data[at : at + 4] = struct.pack("<HH", 60000, 60000)
+    return bytes(data)
+
+
 def _row(name, make, expected, crop_pct=None):
     return pytest.param(make, crop_pct, expected, id=name)
 
@@ -178,6 +197,8 @@ HOSTILE = [
     _row("random bytes", _file(lambda: np.random.default_rng(0).bytes(5000)), NOT_OURS),
     _row("html named .jpg", _file(b"<!DOCTYPE html><p>404</p>"), NOT_OURS + "b'<!DOCTYP'"),
     _row("bmp 30000 x 30000", _file(lambda: _bmp_header(30000, 30000)), "^30000 x 30000 " + LIMIT),
+    _row("gif frame past its screen", _file(_gif_frame_past_its_screen), "^more than the 67108864"),
+    _row("file of 513 MiB", _sparse(513 << 20), "^537919488 bytes: more than the 536870912 read"),
     _row("fifo", _fifo, "^not a regular file$"),
     _row("folder", lambda folder: folder, "^not a regular file$"),
     _row("device through a link", _symlink("/dev/zero"), "^not a regular file$"),
