@@ -256,13 +256,18 @@ def _run(code: str, *args, timeout=120):
     meet permissions: its last stdout line as JSON."""
     env = dict(os.environ, PYTHONPATH=REPO)
     preexec = _without_root_override if os.geteuid() == 0 else None
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        env=env,
-        timeout=timeout,
-        preexec_fn=preexec,
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            env=env,
+            timeout=timeout,
+            preexec_fn=preexec,
+        )
+    except subprocess.SubprocessError as err:  # prctl refused: no CAP_SETPCAP
+        if not isinstance(err, subprocess.TimeoutExpired):
+            pytest.skip(f"root here cannot give up its file permission override: {err}")
+        raise
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
     return json.loads(done.stdout.decode().splitlines()[-1])
 
