@@ -16,6 +16,11 @@ from convmixer_tf.errors import BadInput
 
 ACTIVATIONS = ("gelu", "relu")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "area")
+# The largest size the shorter side may be resized to (input_size / crop_pct): an integer
+# that a float still holds exactly. No executor allocates it; they resize the crop alone.
+MAX_RESIZE = 2**53
+# How far from a sample the widest of those filters reads, in output pixels (bicubic's 2).
+FILTER_REACH = 2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,6 +123,11 @@ class Preprocessing:
         object.__setattr__(self, "std", check_numbers("std", self.std, positive=True))
         if not _is_number(self.crop_pct) or not 0 < self.crop_pct <= 1:
             raise BadInput(f"crop_pct must be a number in (0, 1], got {self.crop_pct!r}")
+        if self.input_size / self.crop_pct >= MAX_RESIZE:
+            raise BadInput(
+                f"crop_pct {self.crop_pct!r} is too small: input_size / crop_pct must stay below "
+                f"{MAX_RESIZE} (2**53)"
+            )
         if self.interpolation not in INTERPOLATIONS:
             raise BadInput(
                 f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"
@@ -125,6 +135,22 @@ class Preprocessing:
 
     def replace(self, **changes) -> "Preprocessing":
         return dataclasses.replace(self, **changes)
+
+    def eval_crop(self, width: int, height: int) -> "EvalCrop":
+        """timm's evaluation transform of a `width` x `height` image, as numbers: torchvision's
+        Resize(floor(input_size / crop_pct)) (the shorter side to that size, the longer one
+        in proportion, truncated), then CenterCrop(input_size) (offsets rounded half to even,
+        as Python's round)."""
+        scale_size = math.floor(self.input_size / self.crop_pct)
+        if width <= height:
+            resized = (scale_size, int(scale_size * height / width))
+        else:
+            resized = (int(scale_size * width / height), scale_size)
+        left = int(round((resized[0] - self.input_size) / 2.0))
+        top = int(round((resized[1] - self.input_size) / 2.0))
+        return EvalCrop(
+            source=(width, height), resized=resized, corner=(left, top), size=self.input_size
+        )
 
     def for_input(self, input_shape) -> "Preprocessing":
         """This preprocessing at the size a fixed square input (H, W, ...) sets; for any other
@@ -158,6 +184,43 @@ class Preprocessing:
         """{"mean", "std"} of a raw * scale + offset normalisation (a saved layer's weights)."""
         std = tuple(1.0 / (PIXEL_MAX * float(s)) for s in scale)
         return {"mean": tuple(-float(o) * s for o, s in zip(offset, std)), "std": std}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalCrop:
+    """The evaluation transform of one image size (`Preprocessing.eval_crop`): resize the
+    `source` (width, height) to `resized`, then keep the `size` x `size` square whose
+    top-left corner is `corner` (left, top). `box` is that square in source pixels, so that
+    an executor can resize the square alone, and `window` the source pixels it reads."""
+
+    source: Tuple[int, int]
+    resized: Tuple[int, int]
+    corner: Tuple[int, int]
+    size: int
+
+    def scale(self) -> Tuple[float, float]:
+        """Resized pixels per source pixel, (x, y)."""
+        return self.resized[0] / self.source[0], self.resized[1] / self.source[1]
+
+    def box(self) -> Tuple[float, float, float, float]:
+        """(left, top, right, bottom) of the crop in source pixels (fractional; within the
+        source, which rounding could otherwise pass by a hair at its edge)."""
+        (left, top), (sx, sy) = self.corner, self.scale()
+        right = min(self.source[0], (left + self.size) / sx)
+        return left / sx, top / sy, right, min(self.source[1], (top + self.size) / sy)
+
+    def window(self) -> Tuple[int, int, int, int]:
+        """(left, top, right, bottom): the source pixels that the crop's resized pixels read,
+        with a margin for the widest filter here (bicubic reaches 2 pixels either side of a
+        sample, 2 source pixels per resized pixel's width when shrinking) and 1 for rounding."""
+        left, top, right, bottom = self.box()
+        reach_x, reach_y = (FILTER_REACH * max(1.0, 1.0 / s) + 1 for s in self.scale())
+        return (
+            max(0, math.floor(left - reach_x)),
+            max(0, math.floor(top - reach_y)),
+            min(self.source[0], math.ceil(right + reach_x)),
+            min(self.source[1], math.ceil(bottom + reach_y)),
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,7 +183,7 @@ def _files_dataset(files):
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices(
-        ([p for p, _ in files], np.asarray([y for _, y in files], np.int32))
+        ([os.fsencode(p) for p, _ in files], np.asarray([y for _, y in files], np.int32))
     )
     return ds.map(decode_file, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -221,8 +221,11 @@ def _unreadable(files, strict: bool) -> List[Tuple[str, str]]:
 
 
 def _decode_problem(file) -> Optional[str]:
-    image = decoded(file[0])
-    return image if isinstance(image, str) else None
+    try:
+        decoded(file[0])
+    except BadInput as err:
+        return str(err)
+    return None
 
 
 def _open_tfds(name, splits, *, data_dir, manual_dir, offline, shard):

@@ -1,11 +1,21 @@
-"""Image files and what the network sees of them: listing a folder, decoding a file, timm's
-evaluation transform (resize by crop_pct, centre crop, the normalisation), and the first
-images of a folder or a tfds split as one array. TensorFlow ops; no torch."""
+"""Image files and what the network sees of them: listing a folder, reading a file, and
+timm's evaluation transform (resize by crop_pct, centre crop, the normalisation), whose
+geometry `Preprocessing.eval_crop` computes for two executors:
+- `load_image`: PIL and numpy, no TensorFlow: timm's transform itself (timm's is PIL's),
+  for `predict` and the tools that read a folder of images (calibration, parity). It reads
+  through Python, bounds the pixels decoded and turns any failure into `BadInput`.
+- `eval_transform`: TensorFlow ops, for tf.data pipelines, on an image TensorFlow decoded
+  (`decode_file`, checked first by `decoded`).
+TensorFlow's resizes the crop alone; PIL's too where timm's whole resize would pass
+MAX_PIXELS (a long thin image, a tiny crop_pct)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
+import stat
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -15,47 +25,270 @@ from convmixer_tf.errors import BadInput, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TFDS_PREFIX = "tfds:"
+# The most pixels decoded from one file (8192 x 8192), and the most of a resized image
+# (timm's resize of a long thin image or a small crop_pct can be far larger; such an image's
+# crop is resized alone). A larger JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's
+# DCT scaling) when that fits; any other larger image is refused, from its header, before
+# decoding. PIL holds 4 bytes a pixel: one image at the limit takes about 1 GB to transform.
+MAX_PIXELS = 1 << 26
+# The largest image file read: 8 bytes a pixel (16-bit RGBA, uncompressed) at MAX_PIXELS.
+MAX_FILE_BYTES = 8 * MAX_PIXELS
+# The formats read, by the bytes their files start with (what TensorFlow's decoders read).
+SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),  # GIF87a, GIF89a
+    (b"BM", "BMP"),
+    (b"RIFF", "WEBP"),  # RIFF....WEBP
+)
+FORMAT_NAMES = "a JPEG, PNG, GIF, BMP or WebP image"
+# Preprocessing.interpolation -> PIL's filter, and TensorFlow's ScaleAndTranslate kernel
+# (antialiased, it is PIL's filter; nearest is the box of one source pixel, not widened)
+PIL_FILTERS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "area": "BOX"}
+TF_KERNELS = {"bicubic": "keyscubic", "bilinear": "triangle", "nearest": "box", "area": "box"}
 
 
 def list_images(directory) -> List[str]:
-    """Image files under `directory` (recursively), sorted for reproducibility."""
+    """Image files (regular files named *.jpg, *.png, ...) under `directory`, recursively,
+    sorted; BadInput naming a folder that cannot be listed."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise BadInput(f"image directory not found: {directory}")
+
+    def refuse(err: OSError):
+        raise BadInput(f"cannot list {err.filename}: {err.strerror}")
+
     found = sorted(
-        os.path.join(root, f)
-        for root, _, files in os.walk(directory)
-        for f in files
-        if f.lower().endswith(IMAGE_EXTENSIONS)
+        os.path.join(root, name)
+        for root, _, names in os.walk(directory, onerror=refuse)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS) and _is_regular(os.path.join(root, name))
     )
     if not found:
         raise BadInput(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {directory}")
     return found
 
 
+def _is_regular(path) -> bool:
+    """A regular file (through a symbolic link): never a FIFO, which would block on open."""
+    try:
+        return stat.S_ISREG(os.stat(os.fsencode(path)).st_mode)
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# Reading a file: PIL, lazily (its header first), bounded
+
+
+def _open_file(path):
+    """`path` opened for reading, through its bytes (a name that is not UTF-8 opens too);
+    BadInput for anything but a regular file. O_NONBLOCK: a FIFO put in its place after
+    listing does not block the open, and fstat then refuses it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(os.fsencode(path), flags)
+    except OSError as err:
+        raise BadInput(f"cannot open: {err.strerror}") from None
+    status = os.fstat(fd)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(fd)
+        raise BadInput("not a regular file")
+    if status.st_size > MAX_FILE_BYTES:
+        os.close(fd)
+        raise BadInput(f"{status.st_size} bytes: more than the {MAX_FILE_BYTES} read at most")
+    return os.fdopen(fd, "rb")
+
+
+def _format_of(head: bytes) -> str:
+    for signature, name in SIGNATURES:
+        if head.startswith(signature) and (name != "WEBP" or head[8:12] == b"WEBP"):
+            return name
+    raise BadInput(f"not {FORMAT_NAMES} (it starts with {head[:8]!r})")
+
+
+def _reader(name: str):
+    """PIL's reader of format `name`, used directly: no other format is tried, and PIL's
+    own decompression-bomb check gives way to MAX_PIXELS (which reduces JPEGs instead)."""
+    from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+    readers = (JpegImagePlugin.JpegImageFile, PngImagePlugin.PngImageFile)
+    readers += (GifImagePlugin.GifImageFile, BmpImagePlugin.BmpImageFile)
+    return {reader.format: reader for reader in readers + (WebPImagePlugin.WebPImageFile,)}[name]
+
+
+def _identified(file, *, reduce: bool):
+    """The image in binary `file`, its header read and nothing decoded; at most MAX_PIXELS
+    (a larger JPEG set to decode reduced, with `reduce`); BadInput otherwise."""
+    name = _format_of(file.read(16))
+    file.seek(0)
+    try:
+        image = _reader(name)(file)
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds on damaged bytes
+        raise _damaged(name, err) from None
+    width, height = image.size
+    if width * height > MAX_PIXELS and reduce and _reducible(image):
+        # libjpeg's DCT scaling: the smallest of 1/2, 1/4, 1/8 that fits
+        factor = next((f for f in (2, 4, 8) if -(-width // f) * -(-height // f) <= MAX_PIXELS), 8)
+        image.draft(None, (max(1, width // factor), max(1, height // factor)))
+    if image.size[0] * image.size[1] > MAX_PIXELS:
+        raise BadInput(f"{width} x {height} pixels: more than the {MAX_PIXELS} decoded at most")
+    return image
+
+
+def _damaged(name: str, err: Exception) -> BadInput:
+    """What PIL's `err` on a `name` file means, in one line."""
+    from PIL import Image
+
+    if isinstance(err, Image.DecompressionBombError):  # a size PIL checks itself: a GIF frame's
+        return BadInput(f"more than the {MAX_PIXELS} pixels decoded at most: {one_line(err)}")
+    return BadInput(f"truncated or damaged {name} file: {one_line(err)[:200]}")
+
+
+def _reducible(image) -> bool:
+    """A JPEG that libjpeg decodes in one pass: a progressive one keeps every DCT
+    coefficient of the full size in memory however much it is reduced."""
+    return image.format == "JPEG" and not image.info.get("progressive")
+
+
+def _rgb(image):
+    """The decoded first frame of `image` as an RGB PIL image; BadInput when it does not
+    decode."""
+    try:
+        image.load()
+        if image.mode.startswith("I;16"):
+            # 16-bit grey: its top 8 bits, as TensorFlow's decoder gives (PIL's own
+            # conversion clips at 255: a white image)
+            from PIL import Image
+
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds on damaged bytes
+        raise _damaged(image.format, err) from None
+
+
+def _transformed(image, preprocessing: Preprocessing) -> np.ndarray:
+    """timm's evaluation transform of an RGB PIL image: uint8 (size, size, 3) raw pixels."""
+    from PIL import Image
+
+    crop = preprocessing.eval_crop(*image.size)
+    resample = Image.Resampling[PIL_FILTERS[preprocessing.interpolation]]
+    size = crop.size
+    if crop.resized[0] * crop.resized[1] <= MAX_PIXELS:
+        # timm's own steps, so its own pixels
+        left, top = crop.corner
+        resized = image.resize(crop.resized, resample)
+        return np.asarray(resized.crop((left, top, left + size, top + size)))
+    # Larger than any image decoded here: resize the crop alone, from its box in the source.
+    # PIL takes the box in float32 (and may pass in the other order), so a pixel may differ
+    # from timm's by a few levels; timm's own would not fit.
+    window = crop.window()
+    part = image.crop(window)
+    left, top, right, bottom = crop.box()
+    box = (left - window[0], top - window[1], right - window[0], bottom - window[1])
+    return np.asarray(part.resize((size, size), resample, box=box))
+
+
+def _finished(pixels: np.ndarray, preprocessing: Preprocessing, normalize: bool) -> np.ndarray:
+    pixels = pixels.astype(np.float32)
+    return preprocessing.normalize(pixels).astype(np.float32) if normalize else pixels
+
+
+def load_image(source, preprocessing: Preprocessing, *, normalize: bool = True) -> np.ndarray:
+    """What the network sees of an image file: timm's evaluation transform of its first
+    frame, computed with PIL and numpy (no TensorFlow).
+
+    Args:
+        source: a path (str, bytes, os.PathLike; read through its bytes, so any name the
+            file system gives opens), or a binary file object.
+        preprocessing: the transform: size, crop_pct, interpolation, mean and std.
+        normalize: `preprocessing.normalize` the pixels; else raw RGB from 0 to PIXEL_MAX.
+
+    Returns float32 (size, size, 3). Raises BadInput, with a one-line reason that does not
+    name the file (the caller does), for anything that does not give an image: not a
+    regular file, another format, damaged bytes, more than MAX_PIXELS.
+
+    Example:
+        >>> load_image("cat.jpg", Preprocessing()).shape      # doctest: +SKIP
+        (224, 224, 3)
+    """
+    opened = contextlib.nullcontext(source) if hasattr(source, "read") else _open_file(source)
+    with opened as file:
+        image = _rgb(_identified(file, reduce=True))
+    return _finished(_transformed(image, preprocessing), preprocessing, normalize)
+
+
+# --------------------------------------------------------------------------------------
+# TensorFlow: decoding for tf.data, and the same transform in its ops
+
+
+def decoded(path):
+    """The image in file `path` as TensorFlow's decoders give it to a tf.data pipeline
+    (uint8 H x W x 3, an animation's first frame); BadInput with the reason when it does
+    not decode, or has more than MAX_PIXELS pixels (read from its header first)."""
+    import tensorflow as tf
+
+    with _open_file(path) as file:
+        _identified(file, reduce=False)
+        file.seek(0)
+        data = file.read()
+    try:
+        return tf.io.decode_image(data, channels=3, expand_animations=False)
+    except tf.errors.OpError as err:
+        # "{{function_node ...}} Invalid PNG data, size 1234 [Op:DecodeImage]" -> the middle
+        reason = err.message.splitlines()[0].split("}} ")[-1].split(" [Op:")[0]
+        raise BadInput(reason or type(err).__name__) from None
+
+
+def decode_file(path, label):
+    """The image of file `path` (uint8, H x W x 3, in a tf.data map), with its label. Give
+    paths as bytes (`os.fsencode`): TensorFlow would encode a str as UTF-8."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image, label
+
+
+def _scale_and_translate(preprocessing: Preprocessing, height, width):
+    """The crop's source window (left, top, right, bottom) and ScaleAndTranslate's scale and
+    translation (y, x) for that window: Python numbers, so that the geometry is the one
+    `Preprocessing.eval_crop` computes."""
+    crop = preprocessing.eval_crop(int(width), int(height))
+    window = crop.window()
+    (sx, sy), (left, top) = crop.scale(), crop.corner
+    shift = (window[1] * sy - top, window[0] * sx - left)
+    return np.array(window, np.int64), np.float32((sy, sx)), np.float32(shift)
+
+
 def eval_transform(image, preprocessing: Preprocessing, normalize: bool = True):
-    """timm's evaluation transform of an (H, W, 3) tensor of raw pixels: resize the shorter
-    side to size / crop_pct, centre crop; float32 (size, size, 3), normalised
-    (`Preprocessing.normalize`) unless normalize=False."""
+    """timm's evaluation transform in TensorFlow ops (eager or in a tf.data map): an
+    (H, W, C) tensor of raw pixels -> float32 (size, size, C), normalised
+    (`Preprocessing.normalize`) unless normalize=False. Only the crop's window of the
+    source is cast and resampled. TensorFlow resamples in float32 where PIL uses 8-bit
+    fixed point: the pixels are rounded to whole levels, and may differ from timm's by one."""
     import tensorflow as tf
 
     size = preprocessing.input_size
-    scale_size = int(np.floor(size / preprocessing.crop_pct))
-    image = tf.cast(image, tf.float32)
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    short = tf.cast(tf.minimum(h, w), tf.float32)
-    new_h = tf.maximum(
-        tf.cast(tf.math.round(tf.cast(h * scale_size, tf.float32) / short), tf.int32), size
+    shape = tf.shape(image)
+    window, scale, shift = tf.numpy_function(
+        functools.partial(_scale_and_translate, preprocessing),
+        [shape[0], shape[1]],
+        [tf.int64, tf.float32, tf.float32],
+        stateful=False,
     )
-    new_w = tf.maximum(
-        tf.cast(tf.math.round(tf.cast(w * scale_size, tf.float32) / short), tf.int32), size
-    )
-    image = tf.image.resize(
-        image, (new_h, new_w), method=preprocessing.interpolation, antialias=True
-    )
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    image = tf.clip_by_value(image[top : top + size, left : left + size, :], 0.0, PIXEL_MAX)
-    return preprocessing.normalize(image) if normalize else image
+    part = tf.cast(image[window[1] : window[3], window[0] : window[2]], tf.float32)
+    pixels = tf.raw_ops.ScaleAndTranslate(
+        images=part[None],
+        size=[size, size],
+        scale=scale,
+        translation=shift,
+        kernel_type=TF_KERNELS[preprocessing.interpolation],
+        antialias=preprocessing.interpolation != "nearest",
+    )[0]
+    pixels = tf.round(tf.clip_by_value(pixels, 0.0, PIXEL_MAX))
+    pixels = tf.ensure_shape(pixels, [size, size, image.shape[-1]])
+    return preprocessing.normalize(pixels) if normalize else pixels
 
 
 # --------------------------------------------------------------------------------------
@@ -85,6 +318,22 @@ def parse_source(text) -> ImageSource:
     return ImageSource(tfds_name=name, split=split or None)
 
 
+def _folder_image(path, preprocessing: Preprocessing, normalize: bool) -> np.ndarray:
+    try:
+        return load_image(path, preprocessing, normalize=normalize)
+    except BadInput as err:
+        raise BadInput(f"cannot read image {path}: {err}") from None
+
+
+def _array_image(array, preprocessing: Preprocessing, normalize: bool) -> np.ndarray:
+    """The transform of a decoded uint8 (H, W, 3) or (H, W, 1) array (a tfds example's)."""
+    from PIL import Image
+
+    array = np.asarray(array)
+    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
+    return _finished(_transformed(image, preprocessing), preprocessing, normalize)
+
+
 def read_images(
     source: ImageSource,
     preprocessing: Preprocessing,
@@ -92,11 +341,12 @@ def read_images(
     normalize: bool = True,
 ) -> Tuple[np.ndarray, List[str], str]:
     """The first `count` images of `source` (a folder's in sorted order, recursively; a
-    tfds split, default validation, in its own) with timm's eval transform, as one NHWC
-    float32 array: (images, their names, where they came from). Nothing is downloaded."""
+    tfds split, default validation, in its own) with timm's eval transform (`load_image`'s
+    PIL, what `predict` sees), as one NHWC float32 array: (images, their names, where they
+    came from). Nothing is downloaded."""
     if source.folder is not None:
         names = list_images(source.folder)[:count]
-        raws = [decoded(path, strict=True) for path in names]
+        images = [_folder_image(path, preprocessing, normalize) for path in names]
         description = f"{source.folder} ({len(names)} images)"
     else:
         import tensorflow_datasets as tfds
@@ -109,48 +359,13 @@ def read_images(
                 f"cannot load {TFDS_PREFIX}{source.tfds_name}:{split}: {one_line(err)[:200]}"
                 " (prepare it with tfds first; nothing is downloaded here)"
             ) from None
-        raws = [example["image"] for example in split_ds.take(count or -1)]
+        raws = [example["image"] for example in tfds.as_numpy(split_ds.take(count or -1))]
+        images = [_array_image(raw, preprocessing, normalize) for raw in raws]
         names = [f"{source.tfds_name}:{split}[{i}]" for i in range(len(raws))]
         description = f"{TFDS_PREFIX}{source.tfds_name}:{split} (first {len(raws)})"
-    if not raws:
+    if not images:
         raise BadInput(f"no images in {source}")
-    images = np.stack([eval_transform(raw, preprocessing, normalize).numpy() for raw in raws])
-    return images.astype(np.float32), names, description
-
-
-def load_eval_images(
-    directory, preprocessing: Preprocessing, limit: Optional[int] = None, normalize: bool = True
-):
-    """(NHWC float32 images, their paths) of a folder, with timm's eval transform."""
-    return read_images(ImageSource(folder=os.fspath(directory)), preprocessing, limit, normalize)[
-        :2
-    ]
-
-
-def decoded(path, strict: bool = False):
-    """The image in file `path` (uint8, H x W x 3); what is wrong with it as a string when it
-    does not decode, or, with `strict`, a ValueError naming it."""
-    import tensorflow as tf
-
-    try:
-        return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    except tf.errors.OpError as err:
-        # "{{function_node ...}} Invalid PNG data, size 1234 [Op:DecodeImage]" -> the middle
-        reason = (
-            err.message.splitlines()[0].split("}} ")[-1].split(" [Op:")[0] or type(err).__name__
-        )
-        if strict:
-            raise BadInput(f"cannot decode image {path}: {reason}") from None
-        return reason
-
-
-def decode_file(path, label):
-    """The image of file `path` (uint8, H x W x 3, in a tf.data map), with its label."""
-    import tensorflow as tf
-
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image, label
+    return np.stack(images).astype(np.float32), names, description
 
 
 def write_image_folder(
@@ -163,7 +378,7 @@ def write_image_folder(
     Example:
         >>> write_image_folder("toy_images", num_classes=3, per_class=8)   # doctest: +SKIP
     """
-    import tensorflow as tf
+    from PIL import Image
 
     rng = np.random.default_rng(seed)
     colours = rng.uniform(40, 215, (num_classes, 3))
@@ -177,8 +392,6 @@ def write_image_folder(
             image = np.clip(
                 colours[c] + stripes[..., None] + rng.normal(0, 25, (*size, 3)), 0, PIXEL_MAX
             )
-            tf.io.write_file(
-                os.path.join(os.fspath(root), f"class{c}", f"{i}.png"),
-                tf.io.encode_png(image.astype(np.uint8)),
-            )
+            path = os.path.join(os.fspath(root), f"class{c}", f"{i}.png")
+            Image.fromarray(image.astype(np.uint8)).save(path)
     return os.fspath(root)

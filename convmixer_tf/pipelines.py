@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Optional
 
 import numpy as np
@@ -53,7 +54,8 @@ def folder_epochs(files, batch_size: int, shard: Shard, seed: int):
     folder's (paths, labels), epoch after epoch."""
     import tensorflow as tf
 
-    paths, labels = tf.constant(files[0]), tf.constant(np.asarray(files[1], np.int32))
+    paths = tf.constant([os.fsencode(path) for path in files[0]])
+    labels = tf.constant(np.asarray(files[1], np.int32))
     count = len(files[0])
 
     def indices(epoch):

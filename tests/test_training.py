@@ -19,7 +19,7 @@ from convmixer_tf.augment import AugmentConfig, Augmenter, random_resized_crop
 from convmixer_tf.config import Preprocessing
 from convmixer_tf.data import open_dataset
 from convmixer_tf.evaluate import evaluate
-from convmixer_tf.images import load_eval_images
+from convmixer_tf.images import decoded, eval_transform, list_images
 from convmixer_tf.model import rebuild
 from convmixer_tf.train.optim import BackboneScaledAdamW, OneCycle
 from convmixer_tf.train.run import TrainConfig, TrainingError, read_history, train
@@ -440,7 +440,9 @@ def test_evaluation_equals_a_hand_computation(tmp_path):
     source = open_dataset(data_dir=root, val_fraction=0.0)
     got = evaluate(model, source.train, prep, batch_size=5)
 
-    images, paths = load_eval_images(root, prep, normalize=False)
+    # the transform evaluate runs (TensorFlow's, in its pipeline), image by image
+    paths = list_images(root)
+    images = np.stack([eval_transform(decoded(p), prep, normalize=False) for p in paths])
     labels = [int(os.path.basename(os.path.dirname(p))[len("class") :]) for p in paths]
     logits = np.asarray(model.predict(images, verbose=0), np.float64)
     loss = top1 = top5 = 0
