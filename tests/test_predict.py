@@ -259,3 +259,38 @@ def test_predict_with_onnx_or_tflite_imports_no_tensorflow(exported, held_out, n
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_large_inputs_are_loaded_a_few_at_a_time():
+    """At 4096 px (201 MB an image, float32) a few images are loaded ahead of the model and
+    classified together, not two batches of 32 (13 GB); at 224 px, the batches asked for."""
+    import threading
+    import types
+
+    from convmixer_tf.config import Preprocessing
+    from convmixer_tf.predict import Classifier
+
+    class Counting(Classifier):
+        def __init__(self, size):  # no file: what classify reads of a classifier
+            self.info = types.SimpleNamespace(preprocessing=Preprocessing(input_size=size))
+            self.names = ("a", "b")
+            self.loaded, self.most, self.batches = 0, 0, []
+            self.lock = threading.Lock()
+
+        def load(self, path):
+            with self.lock:
+                self.loaded += 1
+                self.most = max(self.most, self.loaded)
+            return np.zeros(2, np.float32)
+
+        def probabilities(self, images):
+            with self.lock:
+                self.loaded -= len(images)
+                self.batches.append(len(images))
+            return np.full((len(images), 2), 0.5, np.float32)
+
+    for size, batch, most in [(4096, 2, 4), (224, 32, 96)]:
+        counting = Counting(size)
+        results = list(classify(counting, [f"{i}.png" for i in range(100)]))
+        assert len(results) == 100 and not any(r.error for r in results)
+        assert max(counting.batches) == batch and counting.most <= most, (size, counting.most)
