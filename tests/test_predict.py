@@ -124,7 +124,7 @@ def test_unreadable_images_are_named_and_the_rest_classified(exported, held_out,
     "model,image,words",
     [
         ("absent.onnx", "000.png", "model not found"),
-        ("exported", "000.png", "holds several model files"),
+        ("exported", "000.png", "holds no model.keras; name one of its model files"),
         ("model.onnx", "absent.png", "image not found"),
         ("notes.txt", "000.png", "is not a model file this project writes"),
     ],

@@ -82,7 +82,8 @@ def _parsed(path, fmt: ExportFormat, threads: int):
         raise
     except Exception as err:  # noqa: BLE001 - whatever the runtime raises for a file it cannot parse
         raise BadInput(
-            f"{path} is truncated or damaged: {fmt.name} cannot read it ({one_line(err)[:200]})"
+            f"{path} is truncated or damaged (or not a model its runtime runs): "
+            f"{one_line(err)[:200]}"
         ) from None
 
 

@@ -62,7 +62,7 @@ def find(path, *, in_folder: str = KERAS.filename) -> Tuple[str, ExportFormat]:
         found = sorted(name for name in os.listdir(path) if _by_name(os.path.join(path, name)))
         if found:
             raise BadInput(
-                f"{path} holds several model files ({', '.join(found[:8])}); name the one to use"
+                f"{path} holds no {in_folder}; name one of its model files ({', '.join(found[:8])})"
             )
         fmt = None
     if fmt is None:
