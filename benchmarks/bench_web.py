@@ -96,7 +96,7 @@ def main(argv=None):
 
 
 def _run(args, log) -> int:
-    from convmixer_tf.export.tflite import read_facts
+    from convmixer_tf.export.metadata import packed_facts
 
     with tempfile.TemporaryDirectory() as folder:
         models = args.model
@@ -106,7 +106,7 @@ def _run(args, log) -> int:
             models = export_files(args.variant, os.path.join(folder, "export"), formats)
         print(f"ms per image, median of {args.runs} ({os.cpu_count()} cores, CPU):")
         for model in models:
-            size = read_facts(model).preprocessing.input_size
+            size = packed_facts(model).preprocessing.input_size
             images = write_images(folder, 2, (size, size), ".png")
             log(f"{model} in Chromium and in Python ...")
             web, native = in_chromium(model, images, args.runs), in_python(model, images, args.runs)

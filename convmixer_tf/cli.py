@@ -22,6 +22,9 @@ from convmixer_tf import interrupts, temporaries
 from convmixer_tf.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, exit_code, one_line
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A command whose reader closed its stdout (`predict ... | head -1`) stops at once and
+# quietly, with the code a shell reports for a process that SIGPIPE ended.
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
 # TensorFlow, LiteRT, XNNPACK and absl log from C++ straight to file descriptor 2, some of
 # it before any Python setting can reach them; the environment handles what it can.
 NATIVE_LOG_ENV = {
@@ -67,6 +70,9 @@ def run_command(
             return job(
                 lambda message: None if quiet else print(message, file=console, flush=True), console
             )
+    except StdoutClosed:
+        _to_devnull(sys.stdout)  # fd 1 again, now that _quiet gave it back: exit flushes it
+        return EXIT_STDOUT_CLOSED
     except BaseException as err:  # noqa: BLE001 - every outcome becomes an exit code
         code = exit_code(err)
         if code == EXIT_INTERNAL:
@@ -75,7 +81,10 @@ def run_command(
             )
             traceback.print_exception(err, file=console)
         elif code in (EXIT_FAILED, EXIT_BAD_INPUT):
-            print(f"error: {one_line(err)}", file=console, flush=True)
+            line = one_line(err)
+            print(
+                f"error: {line if line.isprintable() else escaped(line)}", file=console, flush=True
+            )
         return code
     finally:
         for signum, handler in previous.items():
@@ -83,6 +92,63 @@ def run_command(
         console.flush()
         if owned:
             console.close()
+
+
+class StdoutClosed(Exception):
+    """The reader of stdout went away: `run_command` ends the command quietly, with
+    EXIT_STDOUT_CLOSED."""
+
+
+def print_result(text: str, stream=None) -> None:
+    """Prints one result line on stdout (or `stream`), flushed. When the reader has closed
+    it: StdoutClosed, with the stream pointed at os.devnull first, so that no later flush
+    (of what is still buffered, or at exit) fails again."""
+    stream = stream or sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        _to_devnull(stream)
+        raise StdoutClosed() from None
+
+
+def _to_devnull(stream) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    except (AttributeError, OSError, ValueError):  # not a file (pytest's capture, a notebook)
+        pass
+    finally:
+        os.close(devnull)
+
+
+# How `escaped` writes the backslash and the usual control characters (as `ls -b` does).
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def escaped(text) -> str:
+    """`text` made safe for one terminal line, as `ls -b` shows a file name: the backslash and
+    each character that is not printable (a control, format or separator character; a
+    byte that was not UTF-8, which a name from the file system holds as a surrogate) as an
+    escape (`\\n`, `\\x1b`, `\\u202e`, `\\xff`), so that no name can forge a line, move the
+    cursor or reorder what follows. Printable text without a backslash comes back as it is.
+
+    Example:
+        >>> escaped("photos/a\\nb\\x1b[2J.png")
+        'photos/a\\\\nb\\\\x1b[2J.png'
+    """
+    text = str(text)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_ESCAPES.get(c) or (c if c.isprintable() else _escape(c)) for c in text)
+
+
+def _escape(character: str) -> str:
+    code = ord(character)
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 @contextlib.contextmanager

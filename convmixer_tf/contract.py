@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import struct
+import zipfile
+import zlib
 from typing import Optional, Tuple
 
 import numpy as np
 
 from convmixer_tf.config import VARIANTS, ConvMixerConfig, Preprocessing
-from convmixer_tf.errors import BadInput
-from convmixer_tf.labels import check_class_names
+from convmixer_tf.errors import BadInput, one_line
+from convmixer_tf.labels import check_class_names, check_text
 
 # Layer names (a mapping table, a parity probe or an exporter finds layers by these)
 INPUT = "images"
@@ -46,6 +50,10 @@ def stage_layers(depth: int) -> list:
 INFO_MEMBER = "convmixer.json"
 INFO_VERSION = 2
 POOLINGS = ("avg", "max", None)
+# The most a file's facts may take (bytes) and the deepest their JSON may nest: the facts of
+# a model with 21,841 long class names take about 1 MB, and nest three levels.
+FACTS_LIMIT = 4 * 2**20
+NESTING_LIMIT = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +87,15 @@ class ModelInfo:
             object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
             check_class_names(self.class_names, self.config.num_classes)
         if self.pooling not in POOLINGS:
-            raise BadInput(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+            raise BadInput(f"pooling must be one of {POOLINGS}, got {self.pooling!r:.40}")
+        for field in ("variant", "classifier_activation"):
+            if getattr(self, field) is not None:
+                check_text(field, getattr(self, field))
+        # The source's texts (a licence, a file name) are outside text the model card writes
+        # escaped, and predict and web do not show: they are held to their types alone.
+        for key, value in (self.source or {}).items():
+            if not isinstance(value, (str, int, float, type(None))):
+                raise BadInput(f"source {key!r:.40} must be text, a number or null")
 
     def replace(self, **changes) -> "ModelInfo":
         return dataclasses.replace(self, **changes)
@@ -106,6 +122,8 @@ class ModelInfo:
             if not isinstance(data.get(key), kinds):
                 wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
                 raise BadInput(f"'{key}' must be {wanted}, got {json.dumps(data.get(key))[:60]}")
+        if not all(isinstance(name, str) for name in data.get("class_names") or ()):
+            raise BadInput("'class_names' must be a list of strings")
         try:
             pre = dict(
                 data["preprocessing"],
@@ -132,16 +150,98 @@ def facts_json(info: ModelInfo) -> str:
     return json.dumps(info.to_dict(), indent=2)
 
 
-def facts_from_json(text, where) -> ModelInfo:
-    """The facts in `text` (what `facts_json` wrote); BadInput naming `where` otherwise."""
+def facts_from_json(data, where) -> ModelInfo:
+    """The facts in `data` (what `facts_json` wrote, as text or UTF-8 bytes); BadInput
+    naming `where` otherwise (see `read_json` for the limits)."""
+    stored = read_json(data, where)
+    if stored.get("version") != INFO_VERSION:
+        raise BadInput(
+            f"{where}: its {INFO_MEMBER} has version {stored.get('version')!r:.40} "
+            f"(this version reads {INFO_VERSION})"
+        )
     try:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != INFO_VERSION:
-            version = data.get("version") if isinstance(data, dict) else None
-            raise BadInput(f"unsupported version {version!r} (this version reads {INFO_VERSION})")
-        return ModelInfo.from_dict(data)
-    except ValueError as err:  # not JSON, or a field out of range
+        return ModelInfo.from_dict(stored)
+    except BadInput as err:  # a field out of range
         raise BadInput(f"{where}: cannot read its {INFO_MEMBER}: {err}") from None
+
+
+def read_json(data, where) -> dict:
+    """The JSON object in `data` (text, or UTF-8 bytes) of a file's facts: at most
+    FACTS_LIMIT bytes, nested at most NESTING_LIMIT levels; BadInput naming `where`
+    otherwise (deep nesting included: it would be a RecursionError)."""
+    if len(data) > FACTS_LIMIT:
+        raise BadInput(f"{where}: its {INFO_MEMBER} is larger than {FACTS_LIMIT} bytes")
+    too_deep = BadInput(f"{where}: its {INFO_MEMBER} nests deeper than {NESTING_LIMIT} levels")
+    try:
+        stored = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:  # deeper than json itself can go
+        raise too_deep from None
+    except ValueError as err:  # not UTF-8, not JSON
+        raise BadInput(f"{where}: cannot read its {INFO_MEMBER}: {one_line(err)[:200]}") from None
+    if _depth(stored) > NESTING_LIMIT:
+        raise too_deep
+    if not isinstance(stored, dict):
+        raise BadInput(f"{where}: its {INFO_MEMBER} is not a JSON object")
+    return stored
+
+
+def _depth(value) -> int:
+    """How deep lists and objects nest in `value` (a JSON value), counted up to one past
+    NESTING_LIMIT, without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending and deepest <= NESTING_LIMIT:
+        item, level = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            inside = item.values() if isinstance(item, dict) else item
+            pending += [(child, level + 1) for child in inside]
+    return deepest
+
+
+def facts_file(path) -> Optional[bytes]:
+    """The bytes of the facts file `path` (a SavedModel's asset, the facts beside Keras'
+    unzipped layout), or None when there is none; BadInput for anything but a regular file
+    of at most FACTS_LIMIT bytes (a FIFO would block the read)."""
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isfile(path):
+        raise BadInput(f"{path} is not a regular file")
+    try:
+        with open(path, "rb") as f:
+            return f.read(FACTS_LIMIT + 1)
+    except OSError as err:
+        raise BadInput(f"cannot read {path}: {err.strerror or err}") from None
+
+
+# What a damaged zip archive raises in zipfile (a header, a compressed stream, a name).
+_ZIP_ERRORS = (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, OSError)
+_ZIP_ERRORS += (ValueError, OverflowError, zlib.error, struct.error)
+
+
+def zip_member(path, name, *, limit: int = FACTS_LIMIT) -> Optional[bytes]:
+    """The bytes of member `name` of zip archive `path` (a .keras file, the archive packed in
+    a .tflite file), or None when it holds no such member. At most `limit` bytes: the size
+    the archive declares is checked before anything is inflated, and what inflates is
+    counted too (a declared size may lie). BadInput when the archive cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = next((i for i in archive.infolist() if i.filename == name), None)
+            if member is None:
+                return None
+            data = b""
+            if member.file_size <= limit:
+                with archive.open(member) as stream:
+                    data = stream.read(limit + 1)
+    except _ZIP_ERRORS as err:
+        raise BadInput(
+            f"{path}: cannot read {name} from its zip archive: {one_line(err)[:200]}"
+        ) from None
+    if member.file_size > limit or len(data) > limit:
+        raise BadInput(
+            f"{path}: its {name} inflates to more than {limit} bytes "
+            f"(the archive says {member.file_size})"
+        )
+    return data
 
 
 def attach(model, info: ModelInfo):

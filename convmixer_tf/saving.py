@@ -16,9 +16,13 @@ from convmixer_tf.contract import (
     INFO_VERSION,
     ModelInfo,
     attach,
+    facts_file,
+    facts_from_json,
     info_of,
     layer_facts,
     legacy_info,
+    read_json,
+    zip_member,
 )
 from convmixer_tf.errors import BadInput, one_line
 
@@ -32,11 +36,13 @@ def _check_agrees(model, info: ModelInfo, path) -> None:
         "architecture": facts["config"],
         "preprocessing layer": facts["raw_rgb"],
         "pooling": facts["pooling"],
+        "classifier activation": _activation(facts["classifier_activation"]),
     }
     stored = {
         "architecture": info.config,
         "preprocessing layer": info.raw_rgb,
         "pooling": info.pooling,
+        "classifier activation": _activation(info.classifier_activation),
     }
     wrong = [
         f"{key}: the layers say {found[key]}, {INFO_MEMBER} says {stored[key]}"
@@ -50,35 +56,34 @@ def _check_agrees(model, info: ModelInfo, path) -> None:
         )
 
 
+def _activation(name: Optional[str]) -> str:
+    return "none (logits)" if name in (None, "linear") else name
+
+
 def stored_info(path, model=None) -> Optional[ModelInfo]:
     """The ModelInfo inside a .keras file, or beside Keras' unzipped layout in a folder
     (`model`: the file's model, needed for files of an earlier version); None for a file
-    saved without one."""
-    try:
-        if os.path.isdir(path):
-            if not os.path.exists(os.path.join(path, INFO_MEMBER)):
-                return None
-            with open(os.path.join(path, INFO_MEMBER)) as f:
-                data = json.load(f)
-        else:
-            with zipfile.ZipFile(path) as archive:
-                if INFO_MEMBER not in archive.namelist():
-                    return None
-                data = json.loads(archive.read(INFO_MEMBER))
-        if not isinstance(data, dict) or data.get("version") not in (1, INFO_VERSION):
-            raise BadInput(
-                f"unsupported version {data.get('version') if isinstance(data, dict) else '?'}"
-            )
-        return (
-            ModelInfo.from_dict(data)
-            if data["version"] == INFO_VERSION
-            else legacy_info(model, data)
+    saved without one. Read within `contract.read_json`'s limits; BadInput naming the
+    file when the facts cannot be read."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        data = facts_file(os.path.join(path, INFO_MEMBER))
+    else:
+        data = zip_member(path, INFO_MEMBER)
+    if data is None:
+        return None
+    stored = read_json(data, path)
+    if stored.get("version") == INFO_VERSION:
+        return facts_from_json(data, path)
+    if stored.get("version") != 1 or model is None:  # version 1 is completed from the layers
+        raise BadInput(
+            f"{path}: its {INFO_MEMBER} has version {stored.get('version')!r:.40} "
+            f"(this version reads {INFO_VERSION}, and 1 with the model)"
         )
-    except (
-        zipfile.BadZipFile,
-        ValueError,
-    ) as err:  # ValueError: JSON, or a stored value out of range
-        raise BadInput(f"{path}: cannot read {INFO_MEMBER}: {err}") from None
+    try:
+        return legacy_info(model, stored)
+    except BadInput as err:
+        raise BadInput(f"{path}: cannot read its {INFO_MEMBER}: {err}") from None
 
 
 def save_model(model, path, info: Optional[ModelInfo] = None) -> str:

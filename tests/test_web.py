@@ -237,7 +237,7 @@ def test_bad_arguments_are_exit_2(exported, tmp_path, capsys):
     cases = [
         (["--model", str(tmp_path / "missing.tflite")], "model not found"),
         (["--model", str(exported / "model.onnx")], "is not a .tflite file"),
-        (["--model", str(not_ours)], "does not describe itself"),
+        (["--model", str(not_ours)], "truncated or damaged"),
         (["--model", model, "--mediapipe", str(tmp_path)], "npm ci"),
         (["--model", model, "--port", str(busy.getsockname()[1])], "pass another --port"),
         (["--model", model, "--port", "70000"], "port number"),

@@ -28,21 +28,26 @@ class ExportFormat:
         summary: one line for --help and the README.
         write: `write(job, path)` writes the file; raises ExportError when it cannot.
         load: `load(path, threads)` returns a runner: NHWC float32 images (in the file's
-            input space) -> outputs, with an `output` attribute ("logits" or "probabilities").
+            input space) -> outputs, with an `output` attribute ("probabilities" when the
+            graph ends in a softmax, else "logits") and, where the runtime tells,
+            `input_shape` and `output_shape` (one image's, NHWC; None for a free size).
+            It raises what its runtime raises for a file that does not parse, or BadInput.
         tolerance: max abs difference from Keras for a float file, relative to the largest
             output when that is above 1; None for a quantised file (judged by top-1).
         aliases: other accepted names.
         calibrated: it needs calibration images.
         describe: `describe(path, check)` -> what its report row adds (`verify.Check`); a
             "problem" in it fails the file.
-        recognises: `recognises(path)` -> True for a file of this format (verify of a path).
+        recognises: `recognises(path)` -> True for a file of this format, where the end of
+            its name does not tell (`registry.find`): a SavedModel is a folder.
         quantize: the value of the export CLI's --quantize that adds this format.
         files: what it writes, when `filename` is a folder (`outputs.Output.files`: a
             regular expression per path segment).
         group: formats that share work (a traced graph, a converted file) are written by
             one process when the formats of a run are written in parallel.
         facts: `facts(path)` -> the `ModelInfo` a file of this format carries (what
-            `convmixer_tf.predict` reads), or None for a file written before files carried it.
+            `convmixer_tf.predict` reads), or None for a file that carries none; BadInput
+            when they cannot be read (`contract.read_json` sets the limits).
     """
 
     name: str

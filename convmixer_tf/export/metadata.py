@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import mmap
+import os
 import zipfile
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from convmixer_tf.config import PIXEL_MAX
+from convmixer_tf.contract import facts_from_json, zip_member
+from convmixer_tf.errors import BadInput
 
 METADATA_NAME = "TFLITE_METADATA"
 LABELS_FILE = "labels.txt"
@@ -196,14 +200,36 @@ def read_metadata(path) -> Optional[bytes]:
 
 def packed_labels(path) -> Optional[list]:
     """The class names packed in a .tflite file, or None."""
-    text = packed_file(path, LABELS_FILE)
-    return None if text is None else text.splitlines()
+    data = packed_file(path, LABELS_FILE)
+    return None if data is None else data.decode("utf-8", "replace").splitlines()
 
 
-def packed_file(path, name) -> Optional[str]:
-    """The text of file `name` packed in a .tflite file, or None."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.read(name).decode("utf-8")
-    except (zipfile.BadZipFile, KeyError):
+def packed_file(path, name) -> Optional[bytes]:
+    """The bytes of file `name` packed in a .tflite file (at most `contract.FACTS_LIMIT`),
+    or None when the file packs no archive or the archive no such file; BadInput for an
+    archive that cannot be read or a member larger than that."""
+    if not zipfile.is_zipfile(path):
         return None
+    return zip_member(path, name)
+
+
+def packed_facts(path):
+    """The facts a .tflite file carries (`FACTS_FILE`, packed beside its labels), or None
+    for a file that carries none; BadInput when they cannot be read, or when the file
+    names them but the archive at its end is gone (a download cut short)."""
+    data = packed_file(path, FACTS_FILE)
+    if data is None and _mentions(path, FACTS_FILE.encode()):
+        raise BadInput(
+            f"{path} is truncated or damaged: the zip archive at its end, which holds its "
+            f"{FACTS_FILE}, cannot be read"
+        )
+    return None if data is None else facts_from_json(data, path)
+
+
+def _mentions(path, text: bytes) -> bool:
+    """Whether `text` occurs in the file at `path` (mapped, not read into memory)."""
+    with open(path, "rb") as f:
+        if not os.fstat(f.fileno()).st_size:  # an empty file cannot be mapped
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(text) >= 0

@@ -8,6 +8,8 @@ both accepted it.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 
 from convmixer_tf import contract
@@ -86,12 +88,99 @@ def describe_itself(proto, info) -> None:
 
 
 def read_facts(path):
-    """The facts an ONNX file carries, or None (written before files carried them)."""
-    import onnx
+    """The facts an ONNX file carries (its metadata_props entry), or None for a file that
+    carries none. Read from the file's own bytes, skipping the weights: neither the onnx
+    package nor a session is needed (nor TensorFlow, which onnx does not need either)."""
+    with _mapped(path) as data:
+        for number, span in _fields(data, 0, len(data)):
+            if number == 14 and isinstance(span, tuple):  # ModelProto.metadata_props
+                entry = dict(_fields(data, *span))  # StringStringEntryProto: key 1, value 2
+                if _text(data, entry.get(1)) == contract.INFO_MEMBER.encode():
+                    return contract.facts_from_json(_text(data, entry.get(2), path), path)
+    return None
 
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    text = next((p.value for p in model.metadata_props if p.key == contract.INFO_MEMBER), None)
-    return None if text is None else contract.facts_from_json(text, path)
+
+def ends_in_softmax(path) -> bool:
+    """Whether the node that makes the graph's first output, past identities, reshapes and
+    (de)quantisation, is a Softmax: what onnxruntime does not show of a graph."""
+    with _mapped(path) as data:
+        graph = next((span for number, span in _fields(data, 0, len(data)) if number == 7), None)
+        if not isinstance(graph, tuple):
+            return False
+        producers, output = {}, None
+        for number, span in _fields(data, *graph):
+            if number == 1 and isinstance(span, tuple):  # GraphProto.node
+                node = [(n, _text(data, v)) for n, v in _fields(data, *span) if n in (1, 2, 4)]
+                inputs = [value for n, value in node if n == 1]
+                op_type = next((value for n, value in node if n == 4), b"")
+                producers.update({value: (op_type, inputs) for n, value in node if n == 2})
+            elif number == 12 and isinstance(span, tuple) and output is None:  # GraphProto.output
+                output = _text(data, dict(_fields(data, *span)).get(1))
+    op_type, inputs = producers.get(output, (b"", []))
+    for _ in producers:  # a walk back, as long as the graph at most (a cycle ends it too)
+        if op_type not in _PASSING or not inputs:
+            break
+        op_type, inputs = producers.get(inputs[0], (b"", []))
+    return op_type == b"Softmax"
+
+
+_PASSING = {b"Identity", b"Reshape", b"Flatten", b"Squeeze", b"QuantizeLinear", b"DequantizeLinear"}
+
+
+@contextlib.contextmanager
+def _mapped(path):
+    """The bytes of the file at `path`, mapped (a model's weights are never read)."""
+    if os.path.getsize(path) == 0:
+        raise BadInput(f"{path} is empty")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        yield data
+
+
+def _fields(data, start: int, end: int):
+    """(field number, value) of each field of the protobuf message in data[start:end]: an
+    int for a varint, (start, end) of the bytes of a length-delimited field, None for a
+    fixed-width one; BadInput naming where the bytes stop being a message."""
+    at = start
+    while at < end:
+        key, at = _varint(data, at, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(data, at, end)
+        elif wire == 2:
+            size, at = _varint(data, at, end)
+            value, at = (at, at + size), at + size
+        elif wire in (1, 5):
+            value, at = None, at + (8 if wire == 1 else 4)
+        else:
+            raise BadInput(f"not an ONNX file: protobuf wire type {wire} at byte {at}")
+        if at > end:
+            raise BadInput(f"not an ONNX file, or truncated: a field runs past byte {end}")
+        yield number, value
+
+
+def _varint(data, at: int, end: int):
+    value = shift = 0
+    while shift < 64:
+        if at >= end:
+            break
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        shift += 7
+        if byte < 0x80:
+            return value, at
+    raise BadInput(f"not an ONNX file, or truncated: no whole number at byte {at}")
+
+
+def _text(data, span, where=None) -> bytes:
+    """The bytes of a length-delimited field (b"" for a missing or wrong-typed one)."""
+    if not isinstance(span, tuple):
+        return b""
+    if where is not None and span[1] - span[0] > contract.FACTS_LIMIT:
+        raise BadInput(
+            f"{where}: its {contract.INFO_MEMBER} is larger than {contract.FACTS_LIMIT} bytes"
+        )
+    return data[span[0] : span[1]]
 
 
 def _gelu_in_fusable_form(proto) -> int:
@@ -200,9 +289,9 @@ def check_onnx(proto) -> None:
 
 
 class OnnxRunner:
-    """Runs an .onnx file in onnxruntime (CPU) on NHWC float32 batches (NCHW files get them transposed)."""
-
-    output = "logits"
+    """Runs an .onnx file in onnxruntime (CPU) on NHWC float32 batches (NCHW files get them
+    transposed). `output` is "probabilities" when the graph ends in a softmax;
+    `input_shape` and `output_shape` are one image's (NHWC; None for a free size)."""
 
     def __init__(self, path, threads: int = 2):
         import onnxruntime as ort
@@ -212,16 +301,33 @@ class OnnxRunner:
         self._session = ort.InferenceSession(
             os.fspath(path), options, providers=["CPUExecutionProvider"]
         )
-        inp = self._session.get_inputs()[0]
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
+            taken = ", ".join(f"{i.type} {_dims(i.shape)}" for i in inputs)
+            raise BadInput(f"{path}: the graph takes {taken}, not a batch of float32 images")
+        inp = inputs[0]
         self._input = inp.name
-        self._nchw = len(inp.shape) == 4 and inp.shape[1] == 3 and inp.shape[3] != 3
+        self._nchw = inp.shape[1] == 3 and inp.shape[3] != 3
+        shape = [_size(n) for n in inp.shape[1:]]
+        self.input_shape = tuple(shape[1:] + shape[:1] if self._nchw else shape)
         self._output = self._session.get_outputs()[0].name
+        self.output_shape = tuple(_size(n) for n in self._session.get_outputs()[0].shape[1:])
+        self.output = "probabilities" if ends_in_softmax(path) else "logits"
 
     def __call__(self, images):
         import numpy as np
 
         x = images.transpose(0, 3, 1, 2) if self._nchw else images
         return self._session.run([self._output], {self._input: np.ascontiguousarray(x)})[0]
+
+
+def _size(dim):
+    """A dimension of an onnxruntime shape: its size, or None when it is free (a name)."""
+    return dim if isinstance(dim, int) else None
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join(str(n) for n in shape) + "]"
 
 
 def float_onnx(job) -> str:
@@ -249,8 +355,5 @@ FORMAT = ExportFormat(
     write=_write,
     load=OnnxRunner,
     tolerance=1e-4,
-    recognises=lambda path: (
-        os.fspath(path).endswith(".onnx") and not os.fspath(path).endswith("_int8.onnx")
-    ),
     facts=read_facts,
 )

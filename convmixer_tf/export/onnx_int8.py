@@ -186,6 +186,5 @@ FORMAT = ExportFormat(
     load=OnnxRunner,
     calibrated=True,
     describe=_describe,
-    recognises=lambda path: os.fspath(path).endswith("_int8.onnx"),
     facts=read_facts,
 )

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from convmixer_tf.errors import BadInput
-from convmixer_tf.export import onnx, onnx_int8, saved_model, tflite
+from convmixer_tf.export import keras_file, onnx, onnx_int8, saved_model, tflite
 from convmixer_tf.export.base import ExportFormat
 
 FORMATS: List[ExportFormat] = [saved_model.FORMAT, *tflite.FORMATS, onnx.FORMAT, onnx_int8.FORMAT]
 # The formats every process knows: a worker process (a fresh interpreter) writes these only;
 # formats registered later (plug-ins) are written in the process that registered them.
 BUILT_IN = tuple(FORMATS)
+# The .keras file: read as the exported files are (predict, web), written by the converter
+# and training rather than by the export.
+KERAS = keras_file.FORMAT
 
 
 def names() -> List[str]:
@@ -41,16 +44,50 @@ def resolve(requested: Sequence[str]) -> List[ExportFormat]:
     return chosen
 
 
-def recognise(path) -> ExportFormat:
-    """The format of an exported file, from the file itself."""
+def find(path, *, in_folder: str = KERAS.filename) -> Tuple[str, ExportFormat]:
+    """The model file at `path` and its format: what decides, everywhere, what kind of file
+    a path is. A file is known by the end of its name, as its format's file ends
+    (`model_int8.onnx` -> onnx_int8, `cats.tflite` -> tflite, `x.keras` -> KERAS; the
+    longest match wins), unless its format says otherwise (`recognises`); a folder is a
+    SavedModel, or holds `in_folder` (the converter's output folder holds model.keras).
+    BadInput naming the path otherwise: missing, not a regular file (a FIFO would block
+    its reader), of no known kind, or a folder of several model files."""
     path = os.fspath(path)
-    for fmt in FORMATS:
-        if fmt.recognises is not None and fmt.recognises(path):
-            return fmt
-    raise BadInput(
-        f"cannot tell the format of {path}: expected one of "
-        f"{', '.join(sorted({f.filename for f in FORMATS}))}"
-    )
+    if not os.path.exists(path):
+        raise BadInput(f"model not found: {path}")
+    fmt = _by_name(path)
+    if os.path.isdir(path) and (fmt is None or fmt.recognises is None):
+        if os.path.isfile(os.path.join(path, in_folder)):
+            return find(os.path.join(path, in_folder))
+        found = sorted(name for name in os.listdir(path) if _by_name(os.path.join(path, name)))
+        if found:
+            raise BadInput(
+                f"{path} holds no {in_folder}; name one of its model files ({', '.join(found[:8])})"
+            )
+        fmt = None
+    if fmt is None:
+        raise BadInput(
+            f"{path} is not a model file this project writes (.keras, .tflite, .onnx or a "
+            "SavedModel folder)"
+        )
+    if fmt.recognises is None and not os.path.isfile(path):
+        raise BadInput(f"{path} is not a regular file")
+    return path, fmt
+
+
+def _by_name(path: str) -> Optional[ExportFormat]:
+    """The format of the file at `path` by the end of its name (or by its own `recognises`)."""
+    matches = [
+        fmt
+        for fmt in (*FORMATS, KERAS)
+        if (fmt.recognises(path) if fmt.recognises else path.endswith(_ending(fmt)))
+    ]
+    return max(matches, key=lambda fmt: len(_ending(fmt)), default=None)
+
+
+def _ending(fmt: ExportFormat) -> str:
+    """How the name of a file of `fmt` ends: its file name after "model" (`_int8.onnx`)."""
+    return fmt.filename.removeprefix("model")
 
 
 def file_patterns() -> tuple:

@@ -6,6 +6,7 @@ import os
 
 from convmixer_tf import contract
 from convmixer_tf.contract import INFO_MEMBER
+from convmixer_tf.errors import BadInput
 from convmixer_tf.export.base import ExportFormat
 from convmixer_tf.outputs import exactly, follow_umask
 from convmixer_tf.temporaries import temporary_folder
@@ -50,23 +51,61 @@ def export_saved_model(model, path, *, info=None) -> str:
 
 def read_facts(path):
     """The facts a SavedModel carries (its asset), or None."""
-    facts = os.path.join(os.fspath(path), "assets", INFO_MEMBER)
-    if not os.path.isfile(facts):
-        return None
-    with open(facts) as f:
-        return contract.facts_from_json(f.read(), path)
+    data = contract.facts_file(os.path.join(os.fspath(path), "assets", INFO_MEMBER))
+    return None if data is None else contract.facts_from_json(data, path)
 
 
 class SavedModelRunner:
-    output = "logits"
+    """Runs a SavedModel's `serving_default` (images -> logits) on NHWC float32 batches.
+    `output` is "probabilities" when its graph ends in a softmax; `input_shape` and
+    `output_shape` are one image's (None for a free size)."""
 
     def __init__(self, path, threads: int = 2):
         import tensorflow as tf
 
-        self._fn = tf.saved_model.load(os.fspath(path)).signatures["serving_default"]
+        signatures = tf.saved_model.load(os.fspath(path)).signatures
+        if "serving_default" not in signatures:
+            raise BadInput(
+                f"{path} has no serving_default signature: not a SavedModel written by this project"
+            )
+        self._fn = signatures["serving_default"]
+        inputs = self._fn.structured_input_signature[1]
+        outputs = self._fn.structured_outputs
+        if set(inputs) != {"images"} or "logits" not in outputs:
+            raise BadInput(
+                f"{path}: its serving_default takes {sorted(inputs)} and gives {sorted(outputs)}, "
+                "not images -> logits"
+            )
+        self.input_shape = tuple(inputs["images"].shape[1:])
+        self.output_shape = tuple(outputs["logits"].shape[1:])
+        self.output = "probabilities" if _ends_in_softmax(self._fn) else "logits"
 
     def __call__(self, images):
         return self._fn(images=images)["logits"].numpy()
+
+
+def _ends_in_softmax(fn) -> bool:
+    """Whether the op that makes the signature's `logits`, inside the function it calls and
+    past identities, is a Softmax."""
+    graph = fn.graph.as_graph_def()
+    called = {f.signature.name: f for f in graph.library.function}
+    node = _past_identities({n.name: n for n in graph.node}, fn.outputs[0].op.name)
+    if node is None or node.attr["f"].func.name not in called:
+        return False
+    function = called[node.attr["f"].func.name]
+    inner = {n.name: n for n in function.node_def}
+    found = _past_identities(inner, next(iter(function.ret.values()), ""))
+    return found is not None and found.op == "Softmax"
+
+
+def _past_identities(nodes: dict, name: str):
+    """The node that makes tensor `name` ("node:output:0"), past Identity nodes."""
+    node = nodes.get(name.split(":")[0])
+    for _ in nodes:  # as long as the graph at most
+        if node is None or node.op != "Identity" or not node.input:
+            break
+        node = nodes.get(node.input[0].split(":")[0])
+    return node
 
 
 FORMAT = ExportFormat(

@@ -22,7 +22,7 @@ from convmixer_tf.config import PIXEL_MAX
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.float16 import float16_weights
-from convmixer_tf.export.metadata import Metadata, with_metadata
+from convmixer_tf.export.metadata import Metadata, packed_facts, with_metadata
 from convmixer_tf.version import __version__
 
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
@@ -241,18 +241,24 @@ def check_builtin_ops(flatbuffer) -> None:
 
 class TFLiteRunner:
     """Runs a .tflite file in LiteRT on float32 NHWC batches; quantised inputs and
-    outputs are (de)quantised with the file's own parameters."""
+    outputs are (de)quantised with the file's own parameters. `output` is "probabilities"
+    when the graph ends in a softmax; `input_shape` and `output_shape` are one image's."""
 
     def __init__(self, path, threads: int = 2):
         from ai_edge_litert.interpreter import Interpreter
 
         self._interpreter = Interpreter(model_path=os.fspath(path), num_threads=threads)
         self._interpreter.allocate_tensors()
-        self._input = self._interpreter.get_input_details()[0]
+        inputs = self._interpreter.get_input_details()
+        if len(inputs) != 1 or len(self._interpreter.get_output_details()) != 1:
+            raise BadInput(
+                f"{path}: the graph has {len(inputs)} inputs; an image classifier has one"
+            )
+        self._input = inputs[0]
         self._output = self._interpreter.get_output_details()[0]
-        signatures = self._interpreter.get_signature_list()
-        names = next(iter(signatures.values()), {}).get("outputs", []) if signatures else []
-        self.output = "probabilities" if names == ["probabilities"] else "logits"
+        self.input_shape = tuple(int(n) for n in self._input["shape"][1:])
+        self.output_shape = tuple(int(n) for n in self._output["shape"][1:])
+        self.output = "probabilities" if _ends_in_softmax(self._interpreter) else "logits"
         self.output_step = float(self._output["quantization"][0])  # 0 for a float output
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -319,12 +325,20 @@ def _describe(path, check=None) -> dict:
 GROUPS = {None: "tflite-float", "float16": "tflite-float", "dynamic": "main", "int8": "tflite-int8"}
 
 
-def read_facts(path):
-    """The facts a .tflite file carries (packed beside its labels), or None."""
-    from convmixer_tf.export.metadata import FACTS_FILE, packed_file
-
-    text = packed_file(path, FACTS_FILE)
-    return None if text is None else contract.facts_from_json(text, path)
+def _ends_in_softmax(interpreter) -> bool:
+    """Whether the op that makes the graph's output, past reshapes and (de)quantisation,
+    is a softmax."""
+    producers = {}
+    for op in interpreter._get_ops_details():  # noqa: SLF001 - LiteRT's only view of the ops
+        for tensor in op["outputs"]:
+            if op["op_name"] != "DELEGATE":  # a delegate's node stands for the ops it runs
+                producers[int(tensor)] = op
+    op = producers.get(int(interpreter.get_output_details()[0]["index"]))
+    for _ in producers:  # a walk back, as long as the graph at most
+        if op is None or op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE"):
+            break
+        op = producers.get(int(op["inputs"][0]))
+    return op is not None and op["op_name"] == "SOFTMAX"
 
 
 def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()):
@@ -338,10 +352,9 @@ def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()
         aliases=aliases,
         calibrated=quantization == "int8",
         describe=_describe,
-        recognises=lambda path: os.fspath(path).endswith(".tflite"),
         quantize=quantization,
         group=GROUPS[quantization],
-        facts=read_facts,
+        facts=packed_facts,
     )
 
 

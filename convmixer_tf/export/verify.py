@@ -25,7 +25,7 @@ class Runner:
 
     def __init__(self, path, threads: int = 2, name: Optional[str] = None):
         self.path = os.fspath(path)
-        self.format = registry.get(name) if name is not None else registry.recognise(self.path)
+        self.format = registry.get(name) if name is not None else registry.find(self.path)[1]
         self.kind = self.format.name
         self._run = self.format.load(self.path, threads)
         self.output = getattr(self._run, "output", "logits")

@@ -3,6 +3,7 @@
 the preprocessing and the class names, `contract.facts_json`), so a file copied alone to
 another machine still gives names. Images are decoded and transformed (timm's eval
 transform, `images.eval_transform`) ahead of the model on a few threads, and batched.
+A file is opened and checked by `export.model_file.open_model` before any image is read.
 `python -m convmixer_tf.predict` is the command line. Importing this loads no TensorFlow.
 """
 
@@ -17,18 +18,22 @@ from typing import Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from convmixer_tf.contract import info_of
 from convmixer_tf.errors import BadInput
 from convmixer_tf.images import IMAGE_EXTENSIONS
 
 BATCH_SIZE = 32
 TOP_K = 5
+# About the most memory the images loaded ahead of the model take (bytes): at 224 px (602 KB
+# an image) many batches of 32; at 4096 px, the largest input a file may have (201 MB an
+# image), two images.
+LOADED_BYTES = 512 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
     """What the model says of one image: its `top` (name, probability) pairs, best first,
-    or why the image could not be read (`error`)."""
+    or why it has none (`error`: the image could not be read, or the model gave no finite
+    scores for it)."""
 
     image: str
     top: tuple = ()
@@ -42,8 +47,9 @@ class Result:
 
 
 class Classifier:
-    """A model file, read as it describes itself: its facts (`info`: preprocessing, class
-    names) and a runner in its own runtime (Keras, TensorFlow, LiteRT, onnxruntime).
+    """A model file, read as it describes itself and checked against its graph
+    (`export.model_file.open_model`): its facts (`info`: preprocessing, class names) and a
+    runner in its own runtime (Keras, TensorFlow, LiteRT, onnxruntime).
 
     Example:
         >>> classifier = Classifier("out/model_int8.onnx")  # doctest: +SKIP
@@ -52,95 +58,36 @@ class Classifier:
     """
 
     def __init__(self, path, threads: int = 2):
-        self.path = model_file(path)
-        self._keras = None
-        self._runner = None
-        if self.path.endswith(".keras"):
-            from convmixer_tf.saving import load_model
+        from convmixer_tf.export.model_file import open_model
 
-            self._keras = load_model(self.path)
-            self.info = info_of(self._keras)
-            self.kind = "keras"
-        else:
-            self._open_export(threads)
-        names = self.info.class_names
-        self.names = (
-            tuple(names)
-            if names
-            else tuple(f"class {i}" for i in range(self.info.config.num_classes))
-        )
-
-    def _open_export(self, threads: int):
-        from convmixer_tf.export import registry
-        from convmixer_tf.export.verify import Runner
-
-        fmt = registry.recognise(self.path)
-        self.info = fmt.facts(self.path) if fmt.facts else None
-        if self.info is None:
-            raise BadInput(
-                f"{self.path} does not describe itself (it was written before files carried their facts); "
-                "export it again with this version"
-            )
-        self._runner = Runner(self.path, threads, name=fmt.name)
-        self.kind = fmt.name
+        self.model = open_model(path, threads=threads)
+        self.path = self.model.path
+        self.kind = self.model.kind
+        self.info = self.model.info
+        self.names = self.model.class_names
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities of a batch of transformed images (`load`)."""
-        from convmixer_tf.export.scores import as_output
-
-        if self._keras is not None:
-            return as_output(
-                self.info, np.asarray(self._keras.predict(images, verbose=0)), "probabilities"
-            )
-        out = self._runner(images)
-        if self._runner.output == "logits":
-            out = as_output(self.info, out, "probabilities")
-        return out
+        return self.model.probabilities(images)
 
     def load(self, path) -> np.ndarray:
         """The image in file `path` as this model takes it (timm's eval transform of its
         preprocessing; normalised when the model does not take raw RGB); BadInput (a
         one-line reason) when the file does not decode."""
-        from convmixer_tf.images import decoded, eval_transform
+        from convmixer_tf.images import load_image
 
-        image = decoded(path)
-        if isinstance(image, str):
-            raise BadInput(image)
-        return np.asarray(
-            eval_transform(image, self.info.preprocessing, normalize=not self.info.raw_rgb)
-        )
+        return load_image(path, self.info.preprocessing, normalize=not self.info.raw_rgb)
 
     def top(self, probabilities: np.ndarray, k: int = TOP_K) -> tuple:
-        best = np.argsort(-probabilities, kind="stable")[:k]
+        """The `k` best (name, probability) pairs (all of them, when there are fewer)."""
+        best = np.argsort(-np.asarray(probabilities), kind="stable")[:k]
         return tuple((self.names[i], float(probabilities[i])) for i in best)
-
-
-def model_file(path) -> str:
-    """The model file at `path`: the file itself, a SavedModel folder, or a converted folder's
-    model.keras; BadInput for anything else."""
-    path = os.fspath(path)
-    if os.path.isfile(path) and path.endswith((".keras", ".tflite", ".onnx")):
-        return path
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        return path
-    if os.path.isfile(os.path.join(path, "model.keras")):
-        return os.path.join(path, "model.keras")
-    if os.path.isdir(path):
-        found = sorted(name for name in os.listdir(path) if name.endswith((".tflite", ".onnx")))
-        if found:
-            raise BadInput(
-                f"{path} holds several model files ({', '.join(found)}); name the one to use"
-            )
-    if not os.path.exists(path):
-        raise BadInput(f"model not found: {path}")
-    raise BadInput(
-        f"{path} is not a model file this project writes (.keras, .tflite, .onnx or a SavedModel)"
-    )
 
 
 def find_images(paths: Iterable) -> List[str]:
     """The image files named, and those in the folders named (recursively, sorted), in the
-    order given; BadInput for a path that does not exist or a folder without images."""
+    order given; BadInput for a path that does not exist or is not a regular file or
+    folder, or a folder without images."""
     from convmixer_tf.images import list_images
 
     found = []
@@ -149,6 +96,8 @@ def find_images(paths: Iterable) -> List[str]:
             found += list_images(path)
         elif os.path.isfile(path):
             found.append(path)
+        elif os.path.lexists(path):
+            raise BadInput(f"image {path} is not a regular file or a folder")
         else:
             raise BadInput(f"image not found: {path}")
     if not found:
@@ -165,23 +114,34 @@ def classify(
     loaders: int = 2,
 ) -> Iterator[Result]:
     """The `Result` of each image file, in order: images are loaded by `loaders` threads up to
-    two batches ahead of the model, and classified `batch_size` at a time."""
+    two batches ahead of the model (fewer when they are large: LOADED_BYTES), and
+    classified `batch_size` at a time. An image whose scores are not all finite numbers
+    (NaN, infinity) gets an error, not a classification."""
+    size = classifier.info.preprocessing.input_size
+    ahead = max(1, min(2 * batch_size, LOADED_BYTES // (size * size * 3 * 4)))
+    batch_size = min(batch_size, ahead)
     with concurrent.futures.ThreadPoolExecutor(max_workers=loaders) as pool:
-        loaded = _ahead(pool, classifier.load, paths, 2 * batch_size)
+        loaded = _ahead(pool, classifier.load, paths, ahead)
         while True:
             batch = list(itertools.islice(loaded, batch_size))
             if not batch:
                 return
-            good = [(path, image) for path, image in batch if not isinstance(image, BadInput)]
-            scores = (
-                classifier.probabilities(np.stack([image for _, image in good])) if good else []
-            )
-            tops = {path: classifier.top(p, top_k) for (path, _), p in zip(good, scores)}
-            for path, image in batch:
-                if isinstance(image, BadInput):
-                    yield Result(path, error=str(image))
-                else:
-                    yield Result(path, tops[path])
+            yield from _classified(classifier, batch, top_k)
+
+
+def _classified(classifier: Classifier, batch, top_k: int) -> Iterator[Result]:
+    """The results of one batch of (path, loaded image or its BadInput)."""
+    good = [image for _, image in batch if not isinstance(image, BadInput)]
+    rows = iter(classifier.probabilities(np.stack(good)) if good else [])
+    for path, image in batch:
+        if isinstance(image, BadInput):
+            yield Result(path, error=f"cannot read image: {image}")
+            continue
+        row = next(rows)
+        if np.isfinite(row).all():
+            yield Result(path, classifier.top(row, top_k))
+        else:
+            yield Result(path, error="no scores: the model gave NaN or infinity for it")
 
 
 def _ahead(pool, load, paths, count: int):

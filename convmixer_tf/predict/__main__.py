@@ -4,9 +4,9 @@
     python -m convmixer_tf.predict --model converted/model.keras photo.jpg
     python -m convmixer_tf.predict --model out/model_int8.onnx photos/ --top-k 3 --json
 
-Exit status: 0 every image classified, 1 some images could not be read (each named on
-stderr; the others are classified), 2 bad arguments or model, 3 internal error,
-130/143 interrupted.
+Exit status: 0 every image classified, 1 some images could not be read or scored (each
+named on stderr; the others are classified), 2 bad arguments or model, 3 internal error,
+130/143 interrupted, 141 stdout closed by its reader (`| head`).
 """
 
 from __future__ import annotations
@@ -67,10 +67,11 @@ def _predict(args, log, console) -> int:
     paths = find_images(args.images)
     classifier = Classifier(args.model)
     log(
-        f"{classifier.path} ({classifier.kind}): {classifier.info.config.num_classes} classes, "
+        f"{cli.escaped(classifier.path)} ({classifier.kind}): "
+        f"{classifier.info.config.num_classes} classes, "
         f"{classifier.info.preprocessing.input_size} px; {len(paths)} images"
     )
-    unreadable = 0
+    failed = 0
     started = time.perf_counter()
     bar = tqdm(
         total=len(paths),
@@ -83,28 +84,37 @@ def _predict(args, log, console) -> int:
         for result in classify(classifier, paths, top_k=args.top_k, batch_size=args.batch_size):
             bar.update(1)
             if result.error is not None:
-                unreadable += 1
-                bar.write(
-                    f"warning: cannot read image {result.image}: {result.error}", file=console
-                )
+                failed += 1
+                _above(bar, f"warning: {cli.escaped(result.image)}: {result.error}", console)
             else:
-                bar.write(_shown(result, args.json), file=sys.stdout)
+                _above(bar, _shown(result, args.json), sys.stdout)
     seconds = time.perf_counter() - started
     log(
-        f"classified {len(paths) - unreadable} images in {seconds:.1f} s ({len(paths) / seconds:.1f} images/s)"
+        f"classified {len(paths) - failed} images in {seconds:.1f} s ({len(paths) / seconds:.1f} images/s)"
     )
-    if unreadable:
+    if failed:
         raise errors.CheckFailed(
-            f"{unreadable} of {len(paths)} images could not be read (named above)"
+            f"{failed} of {len(paths)} images could not be classified (named above)"
         )
     return errors.EXIT_OK
 
 
+def _above(bar, line: str, stream) -> None:
+    """Prints `line` on `stream` above the progress bar: the bar leaves the terminal first and
+    comes back after, whichever of stdout and stderr each is on (tqdm's own `write` clears
+    only the bars on the stream it writes to, so a result on stdout landed behind the bar)."""
+    bar.clear()
+    try:
+        cli.print_result(line, stream)
+    finally:
+        bar.refresh()
+
+
 def _shown(result, as_json: bool) -> str:
-    if as_json:
-        return json.dumps(result.to_dict())
+    if as_json:  # ASCII, every control character escaped; no NaN (strict parsers refuse it)
+        return json.dumps(result.to_dict(), allow_nan=False)
     rows = [f"  {score:7.2%}  {name}" for name, score in result.top]
-    return "\n".join([result.image, *rows])
+    return "\n".join([cli.escaped(result.image), *rows])
 
 
 if __name__ == "__main__":

@@ -79,20 +79,17 @@ def find_mediapipe(given: Optional[str] = None) -> str:
 
 
 def page_config(path: str) -> dict:
-    """What the page shows of the .tflite file at `path`, read from the facts it carries;
-    BadInput for a file this project did not write (the page needs its metadata)."""
-    from convmixer_tf.export.tflite import read_facts
+    """What the page shows of the .tflite file at `path` (or of `model.tflite` in the folder
+    `path`), read from the facts it carries; BadInput for another kind of file, and for one
+    that `export.model_file.open_model` refuses (damaged, not written by this project,
+    facts that disagree with its graph, no classifier head)."""
+    from convmixer_tf.export.model_file import open_model
+    from convmixer_tf.export.registry import find
 
-    if not os.path.isfile(path):
-        raise BadInput(f"model not found: {path}")
+    path, _ = find(path, in_folder=MODEL)
     if not path.endswith(".tflite"):
         raise BadInput(f"{path} is not a .tflite file (the page runs the file a phone app ships)")
-    info = read_facts(path)
-    if info is None:
-        raise BadInput(
-            f"{path} does not describe itself (no convmixer.json packed in it): give a .tflite "
-            "file this version exported"
-        )
+    info = open_model(path, threads=1).info
     config = info.config
     name = info.variant or f"ConvMixer-{config.dim}/{config.depth}"
     return {
@@ -112,9 +109,11 @@ class Site:
 
     @classmethod
     def build(cls, model: str, mediapipe: Optional[str] = None) -> "Site":
-        """The page for the .tflite file `model` (see `page_config`), with MediaPipe's files
-        from `find_mediapipe(mediapipe)`."""
-        model = os.fspath(model)
+        """The page for the .tflite file `model`, or the folder holding model.tflite (see
+        `page_config`), with MediaPipe's files from `find_mediapipe(mediapipe)`."""
+        from convmixer_tf.export.registry import find
+
+        model, _ = find(os.fspath(model), in_folder=MODEL)
         config = page_config(model)
         mediapipe = find_mediapipe(mediapipe)
         files: Dict[str, Source] = {name: os.path.join(PAGE, name) for name in PAGE_FILES}

@@ -11,7 +11,6 @@ address; 3 internal error; 143 terminated.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 
@@ -81,13 +80,11 @@ def main(argv=None) -> int:
 
 
 def _web(args, log) -> int:
-    from convmixer_tf.web import Site
+    from convmixer_tf.web import MODEL, Site
 
-    model = args.model
-    if os.path.isdir(model):
-        model = os.path.join(model, "model.tflite")
-    site = Site.build(model, args.mediapipe)
+    site = Site.build(args.model, args.mediapipe)
     config = site.config
+    model = site.files[MODEL]
     shown = f"{config['name']} ({config['classes']} classes, {config['size']} px) from {model}"
     if args.output:
         return _write(site, args, log, shown)

@@ -1,0 +1,58 @@
+"""The `.keras` file as a model file to read (the converter and training write it, through
+`saving.save_model`): its runner and its facts, so that `registry.find` and
+`model_file.open_model` treat it as they treat every exported file."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from convmixer_tf.export.base import ExportFormat
+
+
+class KerasRunner:
+    """Runs a `.keras` file in Keras on NHWC float32 batches (as the model takes them).
+
+    Attributes:
+        info: its facts, as `saving.load_model` read them (stored in the file, or from its
+            layers for a file of an earlier version).
+        input_shape, output_shape: one image's, as the graph has them (None: any size).
+        output: "probabilities" when its head ends in a softmax, else "logits".
+    """
+
+    def __init__(self, path, threads: int = 2):
+        from convmixer_tf.contract import info_of
+        from convmixer_tf.saving import load_model
+
+        self.model = load_model(os.fspath(path))
+        self.info = info_of(self.model)
+        self.input_shape = tuple(self.model.input_shape[1:])
+        self.output_shape = tuple(self.model.output_shape[1:])
+        self.output = "probabilities" if self.info.classifier_activation == "softmax" else "logits"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict(images, verbose=0))
+
+
+def _write(job, path):
+    from convmixer_tf.saving import save_model
+
+    return save_model(job.model, path, job.info)
+
+
+def _read_facts(path):
+    from convmixer_tf.saving import stored_info
+
+    return stored_info(path)
+
+
+FORMAT = ExportFormat(
+    name="keras",
+    filename="model.keras",
+    summary="the Keras model with its facts (written by the converter and by training)",
+    write=_write,
+    load=KerasRunner,
+    tolerance=0.0,
+    facts=_read_facts,
+)

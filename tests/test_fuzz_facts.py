@@ -1,0 +1,260 @@
+"""Every reader of a model file's facts, and of class names, against Hypothesis: the JSON of
+each file format (a .keras member, a SavedModel asset, the zip packed in a .tflite file,
+ONNX metadata_props), the containers' bytes themselves, labels files and class names. The
+property is one for all: any input gives a valid result or BadInput with a one-line
+message, never another exception, in bounded time. A few hundred examples each in the
+fast set, thousands in the slow twin."""
+
+import copy
+import io
+import json
+import zipfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convmixer_tf import contract, labels, saving
+from convmixer_tf.config import ConvMixerConfig
+from convmixer_tf.errors import BadInput
+from convmixer_tf.export import metadata, onnx, saved_model
+
+# A deadline per example: bounded time (the slowest honest example takes milliseconds; a
+# shared two-core machine gets slack).
+FAST = settings(max_examples=200, deadline=3000, suppress_health_check=list(HealthCheck))
+SLOW = settings(max_examples=3000, deadline=3000, suppress_health_check=list(HealthCheck))
+
+
+def fuzzed(*strategies):
+    """A property as two tests: the fast one and its slow twin (@pytest.mark.slow)."""
+
+    def tests(prop):
+        return FAST(given(*strategies)(prop)), pytest.mark.slow(SLOW(given(*strategies)(prop)))
+
+    return tests
+
+
+def holds(read, *args, kinds=(contract.ModelInfo, type(None))):
+    """read(*args) is a result of `kinds`, or BadInput with a one-line message."""
+    try:
+        result = read(*args)
+    except BadInput as err:
+        assert str(err) and "\n" not in str(err), repr(err)
+        return None
+    assert isinstance(result, kinds), result
+    return result
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=24,
+)
+VALID = contract.ModelInfo(
+    ConvMixerConfig(dim=8, depth=1, num_classes=3), class_names=("cat", "dog", "eel")
+).to_dict()
+PLACES = [(key,) for key in VALID] + [
+    (group, key) for group in ("config", "preprocessing") for key in VALID[group]
+]
+
+
+@st.composite
+def facts(draw):
+    """The facts of a valid file with a few fields replaced by any JSON, or removed."""
+    found = copy.deepcopy(VALID)
+    for place in draw(st.lists(st.sampled_from(PLACES), max_size=3)):
+        where = found.get(place[0]) if len(place) == 2 else found
+        if not isinstance(where, dict):
+            continue
+        if draw(st.booleans()):
+            where[place[-1]] = draw(JSON)
+        else:
+            where.pop(place[-1], None)
+    return found
+
+
+TEXTS = st.one_of(
+    facts().map(json.dumps),
+    JSON.map(json.dumps),
+    st.text(max_size=200),
+    st.integers(0, 5000).map(
+        lambda depth: '{"version": 2, "x": ' + "[" * depth + "]" * depth + "}"
+    ),
+    st.sampled_from(
+        ['{"version": 2, "config": 1' + "0" * 5000 + "}", '{"version": NaN}', "\ufeff{}"]
+    ),
+)
+DATA = st.one_of(TEXTS.map(str.encode), st.binary(max_size=300))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def _facts_text(data):
+    holds(contract.facts_from_json, data, "facts")
+
+
+test_facts_json, test_facts_json_slow = fuzzed(DATA)(_facts_text)
+
+
+def _zipped(name: bytes, data: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("labels.txt", "cat\ndog\neel\n")
+        archive.writestr(name, data)
+    return out.getvalue()
+
+
+def _keras_member(folder, data):
+    path = folder / "model.keras"
+    path.write_bytes(_zipped("convmixer.json", data))
+    holds(saving.stored_info, path)
+
+
+test_keras_member, test_keras_member_slow = fuzzed(DATA)(_keras_member)
+
+
+def _saved_model_asset(folder, data):
+    (folder / "saved_model" / "assets").mkdir(parents=True, exist_ok=True)
+    (folder / "saved_model" / "assets" / "convmixer.json").write_bytes(data)
+    holds(saved_model.read_facts, folder / "saved_model")
+
+
+test_saved_model_asset, test_saved_model_asset_slow = fuzzed(DATA)(_saved_model_asset)
+
+TFLITE_HEAD = b"\x1c\x00\x00\x00TFL3" + bytes(54)  # where a flatbuffer would be
+
+
+def _tflite_packed(folder, data):
+    path = folder / "model.tflite"
+    path.write_bytes(TFLITE_HEAD + _zipped("convmixer.json", data))
+    holds(metadata.packed_facts, path)
+
+
+test_tflite_packed, test_tflite_packed_slow = fuzzed(DATA)(_tflite_packed)
+
+
+def _onnx_model(facts_text: str, others: dict) -> bytes:
+    """A small ONNX model (built by the onnx package) whose metadata_props hold the facts
+    beside other entries."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    weights = onnx.numpy_helper.from_array(np.ones((48, 3), np.float32), "w")
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"]),
+        helper.make_node("MatMul", ["f", "w"], ["y"]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [weights]))
+    for key, value in others.items():
+        model.metadata_props.add(key=key, value=value)
+    model.metadata_props.add(key="convmixer.json", value=facts_text)
+    return model.SerializeToString()
+
+
+def _onnx_metadata(folder, text, others):
+    """The file's own bytes read as the onnx package reads them: the same facts."""
+    path = folder / "model.onnx"
+    path.write_bytes(_onnx_model(text, others))
+    try:
+        expected = contract.facts_from_json(text, str(path))
+    except BadInput:
+        expected = BadInput
+    found = holds(onnx.read_facts, path)
+    assert found == (None if expected is BadInput else expected)
+    assert onnx.ends_in_softmax(path) is False
+
+
+test_onnx_metadata, test_onnx_metadata_slow = fuzzed(
+    TEXTS, st.dictionaries(st.text(max_size=8), st.text(max_size=20), max_size=3)
+)(_onnx_metadata)
+
+
+@st.composite
+def damaged(draw, good: bytes):
+    """`good` with a few bytes changed, some cut off, or bytes of no format at all."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(st.binary(max_size=400))
+    data = bytearray(good)
+    for _ in range(draw(st.integers(1, 4))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data[: draw(st.integers(0, len(data)))])
+
+
+GOOD_ONNX = _onnx_model(json.dumps(VALID), {"author": "someone"})
+GOOD_ZIP = _zipped("convmixer.json", json.dumps(VALID).encode())
+
+
+def _onnx_bytes(folder, data):
+    path = folder / "damaged.onnx"
+    path.write_bytes(data)
+    holds(onnx.read_facts, path)
+    holds(onnx.ends_in_softmax, path, kinds=bool)
+
+
+test_onnx_bytes, test_onnx_bytes_slow = fuzzed(damaged(GOOD_ONNX))(_onnx_bytes)
+
+
+def _zip_bytes(folder, data):
+    (folder / "damaged.keras").write_bytes(data)
+    holds(saving.stored_info, folder / "damaged.keras")
+    (folder / "damaged.tflite").write_bytes(TFLITE_HEAD + data)
+    holds(metadata.packed_facts, folder / "damaged.tflite")
+
+
+test_zip_bytes, test_zip_bytes_slow = fuzzed(damaged(GOOD_ZIP))(_zip_bytes)
+
+
+def _labels_file(folder, data):
+    path = folder / "labels.txt"
+    path.write_bytes(data)
+    names = holds(labels.read_labels, path, kinds=tuple)
+    if names is not None:  # what a labels file gives passes the class-name rule
+        labels.check_class_names(names, len(names))
+
+
+LABEL_TEXT = st.lists(st.text(max_size=12), max_size=8).map("\n".join).map(str.encode)
+test_labels_file, test_labels_file_slow = fuzzed(st.one_of(LABEL_TEXT, st.binary(max_size=200)))(
+    _labels_file
+)
+
+
+def _class_names(names, classes):
+    holds(labels.check_class_names, names, classes, kinds=type(None))
+    if all(n.isprintable() and n.strip() for n in names) and len(names) == classes > 0:
+        labels.check_class_names(names, classes)  # a valid list passes
+    else:
+        with pytest.raises(BadInput):
+            labels.check_class_names(names, classes)
+
+
+test_class_names, test_class_names_slow = fuzzed(
+    st.lists(st.text(max_size=8), max_size=6), st.integers(0, 6)
+)(_class_names)
+
+
+def test_the_rule_refuses_what_reorders_or_hides_text():
+    for name in ("\u202egnp.exe", "a\u200bb", "x\u2066y", "tab\there", "bell\x07"):
+        with pytest.raises(BadInput, match="character U\\+"):
+            labels.check_class_names([name], 1)
+    labels.check_class_names(["tabby cat", "café", "日本"], 3)
+
+
+def test_a_graph_that_feeds_itself_ends_the_walk_back(folder):
+    """Two Identity nodes feeding each other: the walk from the output ends, no softmax."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Identity", ["a"], ["b"]), helper.make_node("Identity", ["b"], ["a"])]
+    output = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])
+    path = folder / "loop.onnx"
+    path.write_bytes(
+        helper.make_model(helper.make_graph(nodes, "loop", [], [output])).SerializeToString()
+    )
+    assert onnx.ends_in_softmax(path) is False
