@@ -47,26 +47,41 @@ def build_parser():
     p.add_argument(
         "--model",
         required=True,
+        type=_given,
         metavar="FILE",
         help="a .tflite file, or a folder holding model.tflite",
     )
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to serve on (0.0.0.0: every interface, for a phone on the network)",
+        type=_given,
+        help="address (IPv4 or IPv6) or name to serve on (0.0.0.0 or ::: every interface, "
+        "for a phone on the network)",
     )
     p.add_argument("--port", type=_port, default=8000, help="port to serve on (0: any free port)")
     p.add_argument(
-        "--output", metavar="FOLDER", help="write the page as a static folder instead of serving it"
+        "--output",
+        type=_given,
+        metavar="FOLDER",
+        help="write the page as a static folder instead of serving it",
     )
     p.add_argument(
         "--force", action="store_true", help="replace an earlier --output folder of this command"
     )
     p.add_argument(
-        "--mediapipe", metavar="FOLDER", help="the @mediapipe/tasks-vision package folder"
+        "--mediapipe",
+        type=_given,
+        metavar="FOLDER",
+        help="the @mediapipe/tasks-vision package folder",
     )
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     return p
+
+
+def _given(text):
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _port(text):
@@ -89,7 +104,7 @@ def _web(args, log) -> int:
     site = Site.build(model, args.mediapipe)
     config = site.config
     shown = f"{config['name']} ({config['classes']} classes, {config['size']} px) from {model}"
-    if args.output:
+    if args.output is not None:
         return _write(site, args, log, shown)
     return _serve(site, args, log, shown)
 
@@ -105,18 +120,19 @@ def _write(site, args, log, shown) -> int:
 
 
 def _serve(site, args, log, shown) -> int:
-    from convmixer_tf.web import server
+    from convmixer_tf.web.serving import WILDCARDS, server, url_host
 
     httpd = server(site, args.host, args.port)
     host, port = httpd.server_address[:2]
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     log(f"serving the page of {shown}; Ctrl-C stops")
-    if host in ("0.0.0.0", "::"):
+    if host in WILDCARDS:
+        network = _network_address()
+        where = f"http://{network}:{port}/" if network else f"this machine's address, port {port}"
         log(
-            f"from another device: http://{_network_address()}:{port}/ "
-            "(no camera there: browsers allow it on https or localhost only)"
+            f"from another device: {where} (no camera there: browsers allow it on https or localhost only)"
         )
-    print(f"http://{local}:{port}/", flush=True)
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    print(f"http://{url_host(local)}:{port}/", flush=True)
     # A server has nothing to lose on Ctrl-C: it ends the serving, exit 0.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -128,14 +144,15 @@ def _serve(site, args, log, shown) -> int:
     return errors.EXIT_OK
 
 
-def _network_address() -> str:
-    """This machine's address on its network (no packet is sent), or its host name."""
+def _network_address():
+    """This machine's IPv4 address on its network (no packet is sent: a UDP socket only
+    picks its route), or None where it has no route."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect(("10.255.255.255", 1))
             return probe.getsockname()[0]
         except OSError:
-            return socket.gethostname()
+            return None
 
 
 if __name__ == "__main__":
