@@ -12,13 +12,14 @@ import socket
 import socketserver
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from convmixer_tf.web import CSP
+from convmixer_tf.web import CSP, Site
 from convmixer_tf.web.__main__ import main
-
-NAMES = ("index.html", "model.tflite", "config.json", "mediapipe/vision_bundle.mjs")
+from convmixer_tf.web.serving import _Handler, server
 
 
 @contextlib.contextmanager
@@ -236,3 +237,27 @@ def test_every_family_serves_and_answers_its_own_addresses_only(exported, host, 
                     address,
                     host_header,
                 )
+
+
+def test_a_client_that_stops_sending_is_dropped_and_holds_no_one_up(monkeypatch):
+    """Slowloris: connections that send half a request each hold a thread until the
+    handler's timeout (30 s; 1 s here), while other clients are answered meanwhile."""
+    assert _Handler.timeout == 30  # none at all would hold a thread for good
+    monkeypatch.setattr(_Handler, "timeout", 1)
+    httpd = server(Site({"index.html": b"page"}), "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        for connection in slow:
+            connection.sendall(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+        status, headers, body = exchange(fill(request(), port).encode(), port)
+        assert (status, body) == (200, b"page")
+        started = time.monotonic()
+        for connection in slow:
+            assert connection.recv(100) == b""  # closed by the server, unanswered
+            connection.close()
+        assert time.monotonic() - started < 5
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -26,15 +26,17 @@ time taken. It reads the file's metadata for the normalisation and the class nam
 Served here (the default), the page and MediaPipe's files come from this command only,
 under a Content Security Policy that lets no request leave the page's origin: images
 never leave the device. Ctrl-C stops serving. The camera works only in a secure context
-(http://localhost, or https); from another device on the network (--host 0.0.0.0),
-choose an image file instead.
+(http://localhost, or https); from another device on the network (--host 0.0.0.0 or
+::), choose an image file instead. Only requests addressed to the address served (the
+one printed, the machine's address on the network, localhost on this machine, or the
+--host name) are answered: another site's name that leads here gets 421.
 
 --output FOLDER writes the same page as a static folder for any web server (index.html
 keeps its Content Security Policy in a meta tag); it is not opened from file://.
 
-MediaPipe Tasks for Web is the npm package @mediapipe/tasks-vision, which `npm ci` in
-the repository installs (package.json pins its version); --mediapipe or
-$CONVMIXER_MEDIAPIPE name another copy.
+MediaPipe Tasks for Web is the npm package @mediapipe/tasks-vision (package.json pins its
+version): a wheel of this project carries a copy, and in the repository `npm ci`
+installs it; --mediapipe or $CONVMIXER_MEDIAPIPE name another copy.
 """
 
 
