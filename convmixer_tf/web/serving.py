@@ -54,8 +54,7 @@ def server(site: Site, host: str = "127.0.0.1", port: int = 8000) -> http.server
 
 def url_host(host: str) -> str:
     """`host` as a URL writes it: an IPv6 address in brackets."""
-    address = _address(host)
-    return f"[{host}]" if address and address.version == 6 else host
+    return f"[{host}]" if ":" in host else host  # only IPv6 addresses hold a ":"
 
 
 def addressed_here(authority: str, *, local: str, port: int, name: Optional[str] = None) -> bool:
@@ -79,7 +78,7 @@ def _authority(value: str) -> Optional[Tuple[Host, Optional[int]]]:
     if value.startswith("["):
         inside, bracket, rest = value[1:].partition("]")
         host = _address(inside)
-        if not bracket or host is None or host.version != 6:
+        if not bracket or host is None or ":" not in inside:  # IPv6 only
             return None
     else:
         text = value.split(":", 1)[0]
