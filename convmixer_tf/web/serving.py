@@ -176,7 +176,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         hosts = self.headers.get_all("Host") or []
         if len(hosts) != 1:
             return 400, "one Host header is required"
-        authority = hosts[0]
+        authority = hosts[0].strip(" \t")  # a field's value, without the spaces around it
         if self.path[:7].lower() == "http://":
             try:
                 target = urllib.parse.urlsplit(self.path)
