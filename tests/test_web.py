@@ -276,34 +276,27 @@ def test_ctrl_c_stops_serving(exported):
     assert err.splitlines()[-1] == "stopped"
 
 
-def test_a_rebound_name_reads_nothing_in_a_browser(exported, tmp_path):
-    """DNS rebinding as a browser meets it: Chromium resolves evil.example to 127.0.0.1
-    (--host-resolver-rules), as a rebinding attacker's DNS would; its page and fetches
-    then carry Host: evil.example, and the server answers 421, under its CSP."""
-    if CHROMIUM is None:
-        _needed("no Chromium", "apt-get install chromium")
-    from playwright.sync_api import sync_playwright
-
+def test_a_rebound_name_reads_nothing_in_a_browser(browser, exported, tmp_path):
+    """DNS rebinding as a browser meets it: a second Chromium resolves evil.example to
+    127.0.0.1 (--host-resolver-rules), as a rebinding attacker's DNS would; its page and
+    fetches then carry Host: evil.example, and the server answers 421, under its CSP."""
     rules = "--host-resolver-rules=MAP evil.example 127.0.0.1"
+    chromium = browser.browser_type.launch(executable_path=CHROMIUM, args=["--no-sandbox", rules])
     with served("--model", str(exported / "model_int8.tflite")) as address:
         port = address.rstrip("/").rsplit(":", 1)[1]
-        with sync_playwright() as playwright:
-            chromium = playwright.chromium.launch(
-                executable_path=CHROMIUM, args=["--no-sandbox", rules]
-            )
-            page = chromium.new_page()
-            for url, status in [
-                (f"http://evil.example:{port}/model.tflite", 421),
-                (f"http://evil.example:{port}/", 421),
-                (f"http://localhost:{port}/config.json", 200),
-            ]:
-                answer = page.goto(url)
-                assert answer.status == status, url
-                assert answer.headers["x-content-type-options"] == "nosniff"
-                assert answer.headers["content-security-policy"].startswith("default-src 'none'")
-            page.goto(f"http://evil.example:{port}/")
-            page.screenshot(path=tmp_path / "misdirected.png")
-            chromium.close()
+        page = chromium.new_page()
+        for url, status in [
+            (f"http://evil.example:{port}/model.tflite", 421),
+            (f"http://evil.example:{port}/", 421),
+            (f"http://localhost:{port}/config.json", 200),
+        ]:
+            answer = page.goto(url)
+            assert answer.status == status, url
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["content-security-policy"].startswith("default-src 'none'")
+        page.goto(f"http://evil.example:{port}/")
+        page.screenshot(path=tmp_path / "misdirected.png")
+    chromium.close()
 
 
 def test_the_page_is_written_for_the_version_npm_pins():
