@@ -9,9 +9,9 @@ EXTRAS := tf-cpu,timm,export,mobile,data,jax,notebooks,dev
 
 MEDIAPIPE := node_modules/@mediapipe/tasks-vision/package.json
 
-.PHONY: install demo lint test test-slow test-all clean
+.PHONY: install demo lint test test-slow test-all wheel clean
 
-$(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
+$(STAMP): setup.cfg setup.py pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[$(EXTRAS)]'
@@ -23,6 +23,11 @@ $(MEDIAPIPE): package.json package-lock.json
 	touch $(MEDIAPIPE)
 
 install: $(STAMP) $(MEDIAPIPE)
+
+# The wheel in dist/: setup.py copies MediaPipe Tasks for Web from node_modules/ into it, so
+# `convmixer-web` serves the page with no repository (`pip install 'dist/...whl[web]'`).
+wheel: $(STAMP) $(MEDIAPIPE)
+	$(PY) -m pip wheel . --no-deps -w dist
 
 # The main job on a built-in default: a convmixer_768_32 checkpoint in the paper's
 # nn.Sequential layout (random weights, random BatchNorm statistics) is written, then
@@ -52,4 +57,4 @@ test-all: install
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache node_modules
+	rm -rf $(VENV) demo .pytest_cache node_modules build dist

@@ -1,4 +1,5 @@
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -184,3 +185,57 @@ def _train_on_digits(digits, path):
     model.fit(*digits["train"], batch_size=64, epochs=6, verbose=0)
     info = convmixer_tf.info_of(model).replace(class_names=DIGIT_NAMES)
     convmixer_tf.save_model(model, path, info)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    """The project's wheel, as a user builds it after `npm ci`: `pip wheel . --no-deps` of
+    this checkout's files (git's tracked and untracked ones, none it ignores, copied to a
+    clean folder, with node_modules/ linked), once per test run. Its path."""
+    import shutil
+    import subprocess
+
+    def build(folder):
+        source = folder / "source"
+        listed = (
+            subprocess.run(
+                ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                cwd=REPO,
+                capture_output=True,
+                check=True,
+            )
+            .stdout.decode()
+            .split("\0")
+        )
+        for name in filter(None, listed):
+            if os.path.isfile(os.path.join(REPO, name)):  # not a file deleted meanwhile
+                (source / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(os.path.join(REPO, name), source / name)
+        (source / "node_modules").symlink_to(os.path.join(REPO, "node_modules"))
+        command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q"]
+        done = subprocess.run([*command, "-w", str(folder)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    (path,) = once(tmp_path_factory, "wheel", build).glob("*.whl")
+    return path
+
+
+def fresh_venv(folder, requirement):
+    """A new virtual environment in `folder` (no system site packages) with `requirement`
+    (a wheel, with its extras: "path.whl[web]") installed from the configured package
+    index, at the versions of requirements/constraints.txt, as CI installs: its bin/."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+    constraints = os.path.join(REPO, "requirements", "constraints.txt")
+    command = [str(folder / "bin" / "python"), "-m", "pip", "install", "-q", "-c", constraints]
+    # Outside the checkout: pip would take its convmixer_tf.egg-info for an installed copy.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [*command, requirement], capture_output=True, text=True, cwd=folder, env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return folder / "bin"

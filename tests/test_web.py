@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from conftest import DIGIT_NAMES, write_pngs
 
-from convmixer_tf.web import MEDIAPIPE_PACKAGE, find_mediapipe
+from convmixer_tf import web
+from convmixer_tf.web import MEDIAPIPE_PACKAGE, MEDIAPIPE_VERSION, bundle, find_mediapipe
 from convmixer_tf.web.__main__ import main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 IMAGES = 8  # held-out digits each page classifies
 LOG_ENDPOINT = "https://odml.pa.googleapis.com/v1/log"  # where MediaPipe posts usage logs
@@ -58,10 +60,11 @@ def digit_pngs(digits, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def served(*args):
-    """The web command serving (a real process), on a free port: its address."""
-    command = [sys.executable, "-m", "convmixer_tf.web", "--port", "0", *args]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+def served(*args, command=(sys.executable, "-m", "convmixer_tf.web"), **popen):
+    """The web command (`command`, a real process, started with `popen`'s keywords)
+    serving on a free port: its address."""
+    command = [*command, "--port", "0", *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, **popen) as process:
         try:
             address = process.stdout.readline().strip()
             assert address.startswith("http://127.0.0.1:"), address
@@ -271,6 +274,81 @@ def test_ctrl_c_stops_serving(exported):
         _, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert err.splitlines()[-1] == "stopped"
+
+
+def test_a_rebound_name_reads_nothing_in_a_browser(browser, exported, tmp_path):
+    """DNS rebinding as a browser meets it: a second Chromium resolves evil.example to
+    127.0.0.1 (--host-resolver-rules), as a rebinding attacker's DNS would; its page and
+    fetches then carry Host: evil.example, and the server answers 421, under its CSP."""
+    rules = "--host-resolver-rules=MAP evil.example 127.0.0.1"
+    chromium = browser.browser_type.launch(executable_path=CHROMIUM, args=["--no-sandbox", rules])
+    with served("--model", str(exported / "model_int8.tflite")) as address:
+        port = address.rstrip("/").rsplit(":", 1)[1]
+        page = chromium.new_page()
+        for url, status in [
+            (f"http://evil.example:{port}/model.tflite", 421),
+            (f"http://evil.example:{port}/", 421),
+            (f"http://localhost:{port}/config.json", 200),
+        ]:
+            answer = page.goto(url)
+            assert answer.status == status, url
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["content-security-policy"].startswith("default-src 'none'")
+        page.goto(f"http://evil.example:{port}/")
+        page.screenshot(path=tmp_path / "misdirected.png")
+    chromium.close()
+
+
+def test_the_page_is_written_for_the_version_npm_pins():
+    with open(os.path.join(REPO, "package.json")) as f:
+        assert json.load(f)["dependencies"][MEDIAPIPE_PACKAGE] == MEDIAPIPE_VERSION
+    with open(os.path.join(REPO, "package-lock.json")) as f:
+        locked = json.load(f)["packages"][f"node_modules/{MEDIAPIPE_PACKAGE}"]
+    assert (locked["version"], locked["license"]) == (MEDIAPIPE_VERSION, "Apache-2.0")
+
+
+@pytest.fixture
+def installed():
+    """node_modules/'s @mediapipe/tasks-vision, where `npm ci` put it."""
+    folder = os.path.join(REPO, "node_modules", *MEDIAPIPE_PACKAGE.split("/"))
+    if bundle.missing(folder):
+        _needed(f"no {MEDIAPIPE_PACKAGE} in node_modules", "npm ci")
+    return folder
+
+
+def test_the_copy_a_wheel_carries_comes_before_node_modules(installed, tmp_path, monkeypatch):
+    """A wheel's copy (bundle.PACKAGED, filled by the build) is found first; --mediapipe,
+    then $CONVMIXER_MEDIAPIPE, still name another copy."""
+    packaged = str(tmp_path / "tasks-vision")
+    bundle.copy(installed, packaged)
+    assert sorted(os.listdir(packaged)) == sorted(
+        ["LICENSE", "NOTICE", "package.json", "vision_bundle.mjs", "wasm"]
+    )
+    assert (
+        f"{MEDIAPIPE_PACKAGE} {MEDIAPIPE_VERSION}" in open(os.path.join(packaged, "NOTICE")).read()
+    )
+    monkeypatch.delenv("CONVMIXER_MEDIAPIPE", raising=False)
+    assert find_mediapipe() == installed  # the repository's folder holds LICENSE alone
+    monkeypatch.setattr(web, "PACKAGED", packaged)
+    assert find_mediapipe() == packaged
+    monkeypatch.setenv("CONVMIXER_MEDIAPIPE", installed)
+    assert find_mediapipe() == installed
+    assert find_mediapipe(packaged) == packaged
+
+
+def test_the_build_refuses_a_copy_of_another_version_or_with_a_file_missing(installed, tmp_path):
+    other = tmp_path / "other"
+    for name in (*bundle.MEDIAPIPE_FILES, bundle.METADATA):
+        (other / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(os.path.join(installed, name), other / name)
+    (other / bundle.METADATA).write_text('{"version": "0.10.0"}')
+    with pytest.raises(ValueError, match="holds version 0.10.0: the page needs .* 1.1.0"):
+        bundle.copy(str(other), str(tmp_path / "copy"))
+    (other / bundle.METADATA).write_text(json.dumps({"version": MEDIAPIPE_VERSION}))
+    (other / "wasm" / "vision_wasm_nosimd_internal.wasm").unlink()
+    with pytest.raises(ValueError, match="lacks wasm/vision_wasm_nosimd_internal.wasm"):
+        bundle.copy(str(other), str(tmp_path / "copy"))
+    assert not (tmp_path / "copy").exists()
 
 
 def _outside(requests, address) -> list:

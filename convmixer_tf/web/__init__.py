@@ -5,34 +5,32 @@ built to WebAssembly), on the CPU of the device that opens it.
 A `Site` is every file of the page, by the name it is served under: the page itself
 (`page/`), `model.tflite` (the file given, whatever its name), `config.json` (what the
 page shows of the model: its facts, read from the file) and MediaPipe's files (from the
-npm package `@mediapipe/tasks-vision`, which `npm ci` installs in the repository). `serve`
-serves those names and nothing else, from the page's own origin, under a Content Security
-Policy that lets no request leave it; `Site.write` writes them as a static folder.
-`python -m convmixer_tf.web` is the command line. Importing this loads no TensorFlow.
+npm package `@mediapipe/tasks-vision`: the copy a wheel carries, or node_modules/ of the
+repository after `npm ci`; see `bundle`). `serving.server` serves those names and nothing
+else, from the page's own origin, under a Content Security Policy that lets no request
+leave it; `Site.write` writes them as a static folder. `python -m convmixer_tf.web` is
+the command line. Importing this loads no TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import http.server
+import io
 import json
-import mimetypes
 import os
-from typing import Dict, Optional, Union
+from typing import BinaryIO, Dict, Optional, Union
 
 from convmixer_tf.errors import BadInput
 from convmixer_tf.outputs import Output, exactly, write_atomic
-
-MEDIAPIPE_PACKAGE = "@mediapipe/tasks-vision"
-MEDIAPIPE_VERSION = "1.1.0"  # package.json and package-lock.json pin the same
-MEDIAPIPE_FILES = (
-    "vision_bundle.mjs",
-    "wasm/vision_wasm_internal.js",
-    "wasm/vision_wasm_internal.wasm",
-    "wasm/vision_wasm_nosimd_internal.js",
-    "wasm/vision_wasm_nosimd_internal.wasm",
+from convmixer_tf.web.bundle import (
+    MEDIAPIPE_FILES,
+    MEDIAPIPE_PACKAGE,
+    MEDIAPIPE_VERSION,
+    PACKAGED,
+    missing,
 )
+
 PAGE_FILES = ("index.html", "app.js", "style.css")
 MODEL = "model.tflite"
 CONFIG = "config.json"
@@ -55,21 +53,19 @@ CSP = "; ".join(
         "form-action 'none'",
     ]
 )
-TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm"}
 
 Source = Union[str, bytes]  # a file to copy, or the bytes themselves
 
 
 def find_mediapipe(given: Optional[str] = None) -> str:
     """The folder of the npm package @mediapipe/tasks-vision: `given`, or
-    $CONVMIXER_MEDIAPIPE, or node_modules/ of the repository or of the working folder;
-    BadInput saying how to install it otherwise."""
+    $CONVMIXER_MEDIAPIPE, or else the copy this installation carries, or node_modules/ of
+    the repository or of the working folder; BadInput saying how to install it otherwise."""
     given = given or os.environ.get("CONVMIXER_MEDIAPIPE")
     package = os.path.join("node_modules", *MEDIAPIPE_PACKAGE.split("/"))
-    candidates = [given] if given else [os.path.join(REPOSITORY, package), package]
+    candidates = [given] if given else [PACKAGED, os.path.join(REPOSITORY, package), package]
     for folder in candidates:
-        missing = [f for f in MEDIAPIPE_FILES if not os.path.isfile(os.path.join(folder, f))]
-        if not missing:
+        if not missing(folder):
             return os.path.abspath(folder)
     where = given or " or ".join(candidates)
     raise BadInput(
@@ -128,11 +124,13 @@ class Site:
     def config(self) -> dict:
         return json.loads(self.files[CONFIG])
 
-    def read(self, name: str) -> bytes:
+    def open(self, name: str) -> BinaryIO:
+        """The file served as `name`, open for reading (KeyError: not part of the page)."""
         source = self.files[name]
-        if isinstance(source, bytes):
-            return source
-        with open(source, "rb") as f:
+        return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+
+    def read(self, name: str) -> bytes:
+        with self.open(name) as f:
             return f.read()
 
     def write(self, folder: str) -> None:
@@ -160,51 +158,3 @@ def _index_html() -> bytes:
         page = f.read()
     meta = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
     return page.replace("<!--CSP-->", meta).encode()
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """GET and HEAD of the site's names; 404 for anything else (no folder is ever listed
-    or walked: a name either is in the site or is not)."""
-
-    site: Site
-
-    def version_string(self):
-        return "convmixer-web"
-
-    def do_GET(self):
-        self._answer(body=True)
-
-    def do_HEAD(self):
-        self._answer(body=False)
-
-    def _answer(self, body: bool) -> None:
-        name = self.path.split("?", 1)[0].split("#", 1)[0].lstrip("/") or "index.html"
-        if name not in self.site.files:
-            self.send_error(404, "not part of this page")
-            return
-        data = self.site.read(name)
-        self.send_response(200)
-        kind = TYPES.get(os.path.splitext(name)[1]) or mimetypes.guess_type(name)[0]
-        self.send_header("Content-Type", kind or "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Content-Security-Policy", CSP)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-    def log_message(self, format, *args):
-        pass  # a request log would bury the address line
-
-
-def server(site: Site, host: str = "127.0.0.1", port: int = 8000) -> http.server.HTTPServer:
-    """An HTTP server of `site` (not yet serving: call serve_forever); port 0 picks a free
-    port (`server_address` says which); BadInput when the address cannot be had."""
-    handler = type("Handler", (_Handler,), {"site": site})
-    try:
-        return http.server.ThreadingHTTPServer((host, port), handler)
-    except OSError as err:
-        raise BadInput(
-            f"cannot serve on {host}:{port}: {err.strerror or err}; pass another --port"
-        ) from None

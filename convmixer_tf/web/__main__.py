@@ -25,15 +25,17 @@ time taken. It reads the file's metadata for the normalisation and the class nam
 Served here (the default), the page and MediaPipe's files come from this command only,
 under a Content Security Policy that lets no request leave the page's origin: images
 never leave the device. Ctrl-C stops serving. The camera works only in a secure context
-(http://localhost, or https); from another device on the network (--host 0.0.0.0),
-choose an image file instead.
+(http://localhost, or https); from another device on the network (--host 0.0.0.0 or
+::), choose an image file instead. Only requests addressed to the address served (the
+one printed, the machine's address on the network, localhost on this machine, or the
+--host name) are answered: another site's name that leads here gets 421.
 
 --output FOLDER writes the same page as a static folder for any web server (index.html
 keeps its Content Security Policy in a meta tag); it is not opened from file://.
 
-MediaPipe Tasks for Web is the npm package @mediapipe/tasks-vision, which `npm ci` in
-the repository installs (package.json pins its version); --mediapipe or
-$CONVMIXER_MEDIAPIPE name another copy.
+MediaPipe Tasks for Web is the npm package @mediapipe/tasks-vision (package.json pins its
+version): a wheel of this project carries a copy, and in the repository `npm ci`
+installs it; --mediapipe or $CONVMIXER_MEDIAPIPE name another copy.
 """
 
 
@@ -46,30 +48,45 @@ def build_parser():
     p.add_argument(
         "--model",
         required=True,
+        type=_given,
         metavar="FILE",
         help="a .tflite file, or a folder holding model.tflite",
     )
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to serve on (0.0.0.0: every interface, for a phone on the network)",
+        type=_given,
+        help="address (IPv4 or IPv6) or name to serve on (0.0.0.0 or ::: every interface, "
+        "for a phone on the network)",
     )
     p.add_argument("--port", type=_port, default=8000, help="port to serve on (0: any free port)")
     p.add_argument(
-        "--output", metavar="FOLDER", help="write the page as a static folder instead of serving it"
+        "--output",
+        type=_given,
+        metavar="FOLDER",
+        help="write the page as a static folder instead of serving it",
     )
     p.add_argument(
         "--force", action="store_true", help="replace an earlier --output folder of this command"
     )
     p.add_argument(
-        "--mediapipe", metavar="FOLDER", help="the @mediapipe/tasks-vision package folder"
+        "--mediapipe",
+        type=_given,
+        metavar="FOLDER",
+        help="the @mediapipe/tasks-vision package folder",
     )
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     return p
 
 
+def _given(text):
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _port(text):
-    if not text.isdigit() or int(text) > 65535:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
     return int(text)
 
@@ -85,8 +102,10 @@ def _web(args, log) -> int:
     site = Site.build(args.model, args.mediapipe)
     config = site.config
     model = site.files[MODEL]
-    shown = f"{config['name']} ({config['classes']} classes, {config['size']} px) from {model}"
-    if args.output:
+    # the name is one printable line (the facts' rule); the path is the user's, shown escaped
+    source = cli.escaped(model)
+    shown = f"{config['name']} ({config['classes']} classes, {config['size']} px) from {source}"
+    if args.output is not None:
         return _write(site, args, log, shown)
     return _serve(site, args, log, shown)
 
@@ -97,23 +116,26 @@ def _write(site, args, log, shown) -> int:
 
     with staged(args.output, OUTPUT, force=args.force, inputs=[args.model]) as staging:
         site.write(staging.path)
-    log(f"wrote the page of {shown} to {staging.output}; serve that folder over http(s)")
+    log(
+        f"wrote the page of {shown} to {cli.escaped(staging.output)}; serve that folder over http(s)"
+    )
     return errors.EXIT_OK
 
 
 def _serve(site, args, log, shown) -> int:
-    from convmixer_tf.web import server
+    from convmixer_tf.web.serving import WILDCARDS, server, url_host
 
     httpd = server(site, args.host, args.port)
     host, port = httpd.server_address[:2]
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     log(f"serving the page of {shown}; Ctrl-C stops")
-    if host in ("0.0.0.0", "::"):
+    if host in WILDCARDS:
+        network = _network_address()
+        where = f"http://{network}:{port}/" if network else f"this machine's address, port {port}"
         log(
-            f"from another device: http://{_network_address()}:{port}/ "
-            "(no camera there: browsers allow it on https or localhost only)"
+            f"from another device: {where} (no camera there: browsers allow it on https or localhost only)"
         )
-    print(f"http://{local}:{port}/", flush=True)
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    print(f"http://{url_host(local)}:{port}/", flush=True)
     # A server has nothing to lose on Ctrl-C: it ends the serving, exit 0.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -125,14 +147,15 @@ def _serve(site, args, log, shown) -> int:
     return errors.EXIT_OK
 
 
-def _network_address() -> str:
-    """This machine's address on its network (no packet is sent), or its host name."""
+def _network_address():
+    """This machine's IPv4 address on its network (no packet is sent: a UDP socket only
+    picks its route), or None where it has no route."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect(("10.255.255.255", 1))
             return probe.getsockname()[0]
         except OSError:
-            return socket.gethostname()
+            return None
 
 
 if __name__ == "__main__":
