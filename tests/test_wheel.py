@@ -1,12 +1,14 @@
-"""The project as a pip user gets it: its wheel (the `wheel` fixture) installed into a
-fresh virtual environment with the web extra alone, no TensorFlow, no repository and no
-node_modules/. `convmixer-web` serves the page from there with the MediaPipe copy the wheel
+"""The project as a pip user gets it: its wheel (the `wheel` fixture) installed into fresh
+virtual environments, no TensorFlow, no repository and no node_modules/. With the web
+extra alone, `convmixer-web` serves the page from there with the MediaPipe copy the wheel
 carries, and the page classifies in Chromium with MediaPipe Python's scores; every console
-script of the wheel answers --help there."""
+script of the wheel answers --help there. With the runtime extra alone, `convmixer-predict`
+classifies with the .onnx and .tflite files as this checkout's predict does."""
 
 import json
 import os
 import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -113,3 +115,38 @@ def test_every_console_script_answers_help_without_tensorflow(wheel, web_venv, o
             script,
             done.stderr[-2000:],
         )
+
+
+@pytest.fixture(scope="module")
+def runtime_venv(wheel, tmp_path_factory):
+    """A fresh virtual environment with the wheel and its runtime extra: its bin/."""
+    return fresh_venv(tmp_path_factory.mktemp("venv") / "runtime", f"{wheel}[runtime]")
+
+
+@pytest.mark.parametrize("name", ["model_int8.onnx", "model.onnx", "model_int8.tflite"])
+def test_the_runtime_extra_alone_classifies_with_onnx_and_tflite(
+    runtime_venv, outside, exported, digit_pngs, name
+):
+    cwd, env = outside
+    assert subprocess.run([runtime_venv / "python", "-c", "import tensorflow"]).returncode != 0
+    paths, labels = digit_pngs
+    command = ["--model", str(exported / name), *map(str, paths), "--json", "--top-k", "3"]
+    installed = subprocess.run(
+        [runtime_venv / "convmixer-predict", *command],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    here = subprocess.run(
+        [sys.executable, "-m", "convmixer_tf.predict", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert here.returncode == 0, here.stderr[-2000:]
+    got = [json.loads(line) for line in installed.stdout.splitlines()]
+    assert got == [json.loads(line) for line in here.stdout.splitlines()]
+    assert [row["top"][0]["name"] for row in got] == [DIGIT_NAMES[label] for label in labels]
