@@ -358,7 +358,7 @@ def test_the_tolerance_rule_is_written_once():
         for path in LIBRARY
         for number, line in enumerate(open(path), 1)
         # a tolerance scaled by the outputs, or a difference scaled down by them
-        if re.search(r"(tol\w* \* |/ \(?)max\(1(\.0)?, ", line)
+        if re.search(r"(tol\w* \* |/ \(?)max\(1(\.0)?, ", line.split("#")[0])
     ]
     assert [hit.split(":")[0] for hit in hits] == ["convmixer_tf/export/scores.py"], hits
 
