@@ -11,7 +11,7 @@ from convmixer_tf import contract, labels
 from convmixer_tf.config import ConvMixerConfig, get_variant
 from convmixer_tf.errors import BadInput
 from convmixer_tf.model import ConvMixer
-from weights_converter import mapping
+from weights_converter import layouts, mapping
 from weights_converter.checkpoint import Checkpoint, read_checkpoint
 
 
@@ -73,7 +73,7 @@ def convert_state_dict(
             match; it also decides the activation unless `activation` is given.
         activation: "gelu" or "relu"; weights cannot tell which one was trained.
         input_shape: Keras input shape; default (None, None, 3), any size.
-        layout: force "timm" or "sequential" instead of detecting it.
+        layout: force one of `layouts.LAYOUTS` instead of detecting it.
         class_names: one name per class, stored with the model; default ImageNet-1k's for
             a 1000-class released variant (from timm, when it is installed).
         facts: what the weights' source says of them (`hub.Source.facts`): preprocessing,
@@ -82,11 +82,11 @@ def convert_state_dict(
     Every Keras weight is filled exactly once, every tensor is used or named, every
     shape is checked before anything is copied; an unexpected tensor is an error.
     """
-    canonical, layout = mapping.to_canonical(state_dict, layout)
-    mapping.check_finite(canonical)
-    config, matched, activation_source = _architecture(canonical, variant, activation)
+    canonical, layout = layouts.to_canonical(state_dict, layout)
+    mapping.check_finite(state_dict)
+    config, matched, activation_source = _architecture(state_dict, variant, activation, layout)
     include_top = mapping.has_head(canonical)
-    rows = mapping.plan(canonical, config, include_top)
+    rows = mapping.plan(canonical, config, include_top, layout=layout)
     model = ConvMixer(
         **config.to_dict(),
         input_shape=input_shape,
@@ -103,7 +103,7 @@ def convert_state_dict(
     names, names_source = _class_names(class_names, facts, matched, config, include_top)
     contract.attach(model, info.replace(class_names=names, source=facts.get("source")))
     state_dicts = {
-        name: mapping.from_canonical(canonical, name, config.depth) for name in mapping.LAYOUTS
+        name: layouts.from_canonical(canonical, name, config.depth) for name in layouts.LAYOUTS
     }
     return Conversion(
         model,
@@ -118,10 +118,10 @@ def convert_state_dict(
     )
 
 
-def _architecture(canonical, variant, activation):
-    """(config, the released variant it is, where its activation came from) of canonical
-    tensors: read from shapes, checked against `variant` when one is named."""
-    config = mapping.infer_config(canonical, activation)
+def _architecture(state_dict, variant, activation, layout):
+    """(config, the released variant it is, where its activation came from) of a `layout`
+    state dict: read from shapes, checked against `variant` when one is named."""
+    config = mapping.infer_config(state_dict, activation, layout=layout)
     matched = mapping.match_variant(config)
     if activation:
         source = "flag"
@@ -221,8 +221,8 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
 
     Args:
         model: a ConvMixer built by convmixer_tf (e.g. fine-tuned, loaded from .keras).
-        layout: "timm" (loads into timm's ConvMixer with strict=True) or "sequential"
-            (the paper's nn.Sequential).
+        layout: "timm" (loads into timm's ConvMixer with strict=True), "sequential" (the
+            paper's nn.Sequential), "one_liner" (its 280-character listing) or "labml".
         framework: "numpy" arrays or "torch" tensors.
 
     Example:
@@ -241,7 +241,7 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
     # BatchNorm's counter: not a weight, but part of a strict PyTorch state dict.
     for key in [k for k in out if k.endswith(".running_var")]:
         out[key[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
-    out = mapping.from_canonical(out, layout, config.depth)
+    out = layouts.from_canonical(out, layout, config.depth)
     if framework == "torch":
         import torch
 
