@@ -101,6 +101,18 @@ def test_safetensors(tmp_path, layout, prefix):
     assert report["conversion"]["checkpoint"]["file_format"] == "safetensors"
 
 
+def test_bfloat16_safetensors_convert(tmp_path):
+    """numpy has no bfloat16: such a file is read through torch where torch is installed."""
+    net = timm_convmixer()
+    weights = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in net.state_dict().items()
+    }
+    path = save_checkpoint(weights, tmp_path / "w.safetensors")
+    report = convert_and_verify(ConvertOptions(path))
+    assert report["status"] == "ok", report["parity"]
+    assert report["conversion"]["checkpoint"]["dtypes"] == ["torch.bfloat16", "torch.int64"]
+
+
 def test_full_conv_uses_keras_conv2d(tmp_path):
     import keras
 

@@ -24,9 +24,10 @@ examples:
 It reads .pth/.pth.tar/.pt/.bin (torch.load with weights_only=True: no code from the
 file runs) and .safetensors; timm's layout, the paper's nn.Sequential or its
 280-character one-liner, or labml.ai's; bare state dicts or ones wrapped in
-state_dict / state_dict_ema / model, with or without a 'module.' prefix. The config (dim, depth, kernel, patch, classes, depthwise or full
-conv) is read from tensor shapes; the activation comes from --activation or from the
-released variant the shapes match (convmixer_768_32 is ReLU, the others GELU).
+state_dict / state_dict_ema / model, with or without a 'module.' prefix. The config
+(dim, depth, kernel, patch, classes, depthwise or full conv) is read from tensor shapes;
+the activation comes from --activation or from the released variant the shapes match
+(convmixer_768_32 is ReLU, the others GELU).
 
 Writes DIR/model.keras and DIR/report.json (plus exported files), all at once at the
 end: a failure leaves nothing behind. When parity fails DIR holds report.json alone.

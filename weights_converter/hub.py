@@ -41,18 +41,24 @@ class Source:
 
     def _read_facts(self) -> dict:
         if self.repo is None:
-            return {"source": {"file": os.path.basename(self.path)}}
+            return {"source": {"file": _file_name(self.path)}}
         where = f"config.json of {PREFIX}{self.repo}"
         facts = read_config(self.config or {}, where)
         source = {
             "repo": self.repo,
             "revision": self.revision or "main",
             "commit": self.commit,
-            "file": os.path.basename(self.path),
+            "file": _file_name(self.path),
             "license": facts.pop("license"),
             "architecture": facts.pop("architecture"),
         }
         return dict(facts, source=source)
+
+
+def _file_name(path) -> str:
+    """The file's name as text that any writer can encode: a name that is not UTF-8 keeps
+    its odd bytes as \\xNN."""
+    return os.fsencode(os.path.basename(path)).decode("utf-8", "backslashreplace")
 
 
 def read_config(config: dict, where: str) -> dict:

@@ -195,13 +195,22 @@ def from_canonical(
 
 
 def original_key(key: str, layout: str, depth: int) -> str:
-    """`layout`'s name for the canonical `key`: what an error message names."""
+    """`layout`'s name for the canonical `key` (a key the layout has no name for is its
+    own): what an error message names."""
     module, _, weight = key.rpartition(".")
-    return f"{modules(layout, depth).get(module, module)}.{weight}"
+    table = modules(layout, depth)
+    if module not in table:
+        return key
+    return f"{table[module]}.{weight}"
 
 
-def shown(key) -> str:
-    """A key or name from a file as an error message shows it: quoted, control and format
-    characters escaped (repr), and cut short."""
-    text = str(key)
-    return repr(text if len(text) <= 80 else text[:80] + "...")
+def shown(name, limit: int = 80) -> str:
+    """A key, or any name from outside, as an error message shows it: quoted, its control and
+    format characters escaped (repr), cut after `limit` characters."""
+    text = str(name)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def printable(text: str) -> str:
+    """`text` with each character that is not printable escaped, as repr escapes it."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -207,6 +207,10 @@ def plan(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise MappingError(f"missing key {named(missing[0])}{more} for a {config.describe()}")
     for row in rows:
+        if state_dict[row.key].dtype.kind != "f":
+            raise MappingError(
+                f"{named(row.key)} holds {state_dict[row.key].dtype}, not floating-point weights"
+            )
         got = tuple(state_dict[row.key].shape)
         expected = expected_torch_shape(row, config)
         if got != expected:

@@ -15,16 +15,19 @@ import time
 from typing import Callable, Optional
 
 from convmixer_tf import outputs
+from convmixer_tf.errors import BadInput
 from convmixer_tf.export import ExportOptions, export_formats, registry
 from convmixer_tf.staging import staged
 from weights_converter import hub
 from weights_converter.convert import convert_file
+from weights_converter.layouts import shown
 from weights_converter.parity import DEFAULT_TOLERANCE, prove
 
 REPORT = "report.json"
 MODEL = "model.keras"
 CARD = "README.md"
 SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
+NAME_MAX = 255  # bytes in one file name, on Linux and macOS file systems alike
 
 
 def output_kind() -> outputs.Output:
@@ -44,6 +47,11 @@ def default_output_dir(checkpoint_path) -> str:
     path = os.path.abspath(os.fspath(checkpoint_path))
     base = os.path.basename(path)
     base = next((base[: -len(s)] for s in SUFFIXES if base.endswith(s)), base)
+    if len(os.fsencode(f"{base}_keras")) > NAME_MAX:
+        raise BadInput(
+            f"the default output for {shown(path, 1000)} would be a name longer than {NAME_MAX} "
+            "bytes, which file systems refuse: pass --output DIR"
+        )
     return os.path.join(os.path.dirname(path), f"{base}_keras")
 
 
