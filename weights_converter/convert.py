@@ -63,7 +63,7 @@ def convert_state_dict(
     input_shape: Optional[Sequence[Optional[int]]] = None,
     layout: Optional[str] = None,
     class_names: Optional[Sequence[str]] = None,
-    facts: Optional[dict] = None,
+    pretrained_cfg: Optional[dict] = None,
 ) -> Conversion:
     """Builds the Keras ConvMixer that `state_dict` describes and fills every weight.
 
@@ -76,8 +76,8 @@ def convert_state_dict(
         layout: force one of `layouts.LAYOUTS` instead of detecting it.
         class_names: one name per class, stored with the model; default ImageNet-1k's for
             a 1000-class released variant (from timm, when it is installed).
-        facts: what the weights' source says of them (`hub.Source.facts`): preprocessing,
-            class names, where they came from.
+        pretrained_cfg: what the weights' source says of them (`hub.Source.pretrained_cfg`):
+            preprocessing, class names, where they came from.
 
     Every Keras weight is filled exactly once, every tensor is used or named, every
     shape is checked before anything is copied; an unexpected tensor is an error.
@@ -94,14 +94,14 @@ def convert_state_dict(
         name=matched or "convmixer",
     )
     _fill(model, rows, canonical)
-    facts = dict(facts or {})
+    cfg = dict(pretrained_cfg or {})
     info = contract.info_of(model)
     if matched:
         info = info.replace(preprocessing=get_variant(matched).preprocessing, variant=matched)
-    if facts.get("preprocessing"):
-        info = info.replace(preprocessing=facts["preprocessing"])
-    names, names_source = _class_names(class_names, facts, matched, config, include_top)
-    contract.attach(model, info.replace(class_names=names, source=facts.get("source")))
+    if cfg.get("preprocessing"):
+        info = info.replace(preprocessing=cfg["preprocessing"])
+    names, names_source = _class_names(class_names, cfg, matched, config, include_top)
+    contract.attach(model, info.replace(class_names=names, source=cfg.get("source")))
     state_dicts = {
         name: layouts.from_canonical(canonical, name, config.depth) for name in layouts.LAYOUTS
     }
@@ -139,13 +139,13 @@ def _architecture(state_dict, variant, activation, layout):
     return config, variant, source
 
 
-def _class_names(given, facts, matched, config, include_top):
+def _class_names(given, cfg, matched, config, include_top):
     """(names, where they came from): given ones, else the source's (a hub config), else
     ImageNet-1k's for a released variant's 1000-class head."""
     if given is not None:
         names, origin = tuple(given), "labels file"
-    elif facts.get("class_names") is not None:
-        names, origin = tuple(facts["class_names"]), "the hub's config.json"
+    elif cfg.get("class_names") is not None:
+        names, origin = tuple(cfg["class_names"]), "the hub's config.json"
     else:
         released = matched is not None and get_variant(matched).timm_name is not None
         names = None
@@ -153,7 +153,7 @@ def _class_names(given, facts, matched, config, include_top):
             names = labels.imagenet_class_names()
         return names, "ImageNet-1k (timm)" if names is not None else "none"
     if origin != "labels file":
-        origin = f"label_names of config.json of hf-hub:{facts['source']['repo']}"
+        origin = f"label_names of config.json of hf-hub:{cfg['source']['repo']}"
     if not include_top:
         raise mapping.MappingError(
             f"class names were given ({origin}), but the checkpoint has no classifier head"
@@ -193,7 +193,7 @@ def convert_file(
         activation=activation,
         input_shape=input_shape,
         class_names=class_names,
-        facts=source.facts,
+        pretrained_cfg=source.pretrained_cfg,
     )
     conversion.checkpoint = checkpoint
     return conversion
