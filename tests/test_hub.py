@@ -376,3 +376,29 @@ def test_export_of_a_hub_model_writes_a_local_folder_by_default(
         == 0
     )
     assert os.listdir(work) == ["pets_export"] and (work / "pets_export" / "model.onnx").is_file()
+
+
+HOSTILE_CONFIGS = {  # config.json bytes that no reader may choke on: exit 2, one line
+    "nested 200,000 deep": (b"[" * 200_000 + b"]" * 200_000, "cannot be read as JSON"),
+    "an object nested deep": (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "cannot be read as JSON"),
+    "larger than 16 MiB": (b'{"pad": "' + b" " * (1 << 24) + b'"}', "holds more than"),
+    "not UTF-8": (b'{"label_names": ["\xff"]}', "cannot be read as JSON"),
+    "a field nested deep": (
+        json.dumps({"pretrained_cfg": {"mean": [[[[[[[[1]]]]]]]] * 3, "std": [1, 1, 1]}}).encode(),
+        "mean must be 3 finite numbers",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_CONFIGS))
+def test_a_hostile_config_json_is_exit_2_in_one_line(offline, tmp_path, capsys, name):
+    from weights_converter.__main__ import main
+
+    data, words = HOSTILE_CONFIGS[name]
+    files = {"model.safetensors": safetensors_bytes(tiny(1)), "config.json": data}
+    hub_cache(offline, "someone/cifar-convmixer", files)
+    out = tmp_path / "out"
+    code = main(["--torch-ckpt", "hf-hub:someone/cifar-convmixer", "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and words in err and len(err.splitlines()) == 1, (name, err[-2000:])
+    assert err.isprintable() and len(err) < 2000 and not out.exists(), (name, err[:2000])
