@@ -75,10 +75,10 @@ def test_every_layout_wrapper_and_torch_format(tmp_path, layout, wrapper, suffix
         legacy=(suffix == ".bin"),
     )
     report = convert_and_verify(ConvertOptions(path, use_ema=(wrapper == "state_dict_ema")))
-    assert report["status"] == "ok", report["parity"]
-    assert report["parity"]["max_abs"] <= 1e-4
-    assert report["conversion"]["layout"] == read_as
-    assert report["conversion"]["config"]["depthwise"] == depthwise
+    assert report.passed, report.parity
+    assert report.parity.max_abs <= 1e-4
+    assert report.conversion["layout"] == read_as
+    assert report.conversion["config"]["depthwise"] == depthwise
     out = default_output_dir(path)
     assert directory_entries(out) == ["README.md", "model.keras", "report.json"]
     # The converted file, on its own, computes what the PyTorch network computes.
@@ -97,8 +97,8 @@ def test_safetensors(tmp_path, layout, prefix):
     net = LAYOUTS[layout][0]()
     path = save_checkpoint(net.state_dict(), tmp_path / "w.safetensors", prefix=prefix)
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok"
-    assert report["conversion"]["checkpoint"]["file_format"] == "safetensors"
+    assert report.passed
+    assert report.conversion["checkpoint"]["file_format"] == "safetensors"
 
 
 def test_bfloat16_safetensors_convert(tmp_path):
@@ -109,8 +109,34 @@ def test_bfloat16_safetensors_convert(tmp_path):
     }
     path = save_checkpoint(weights, tmp_path / "w.safetensors")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok", report["parity"]
-    assert report["conversion"]["checkpoint"]["dtypes"] == ["torch.bfloat16", "torch.int64"]
+    assert report.passed, report.parity
+    assert report.conversion["checkpoint"]["dtypes"] == ["torch.bfloat16", "torch.int64"]
+
+
+def test_the_report_is_one_record_with_a_passed_flag(tmp_path, capsys):
+    """convert_and_verify returns a Report; report.json and --json hold its to_dict(), with
+    the keys they always held; the PyTorch tensors are released once parity is proven."""
+    from weights_converter import convert
+
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    released = []
+    real = convert.Conversion.release
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(convert.Conversion, "release", lambda c: released.append(1) or real(c))
+        report = convert_and_verify(ConvertOptions(path, output=str(tmp_path / "a")))
+    assert report.passed is True and report.parity.passed and released == [1]
+    written = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert written == json.loads(json.dumps(report.to_dict()))
+    assert list(written) == ["status", "output", "timings_s", "conversion", "parity", "files"]
+    assert written["status"] == "ok" and [row["path"] for row in report.files] == ["model.keras"]
+    assert list(report.timings_s) == ["convert", "parity", "save"]
+    skipped = convert_and_verify(ConvertOptions(path, output=str(tmp_path / "b"), skip_parity=True))
+    assert skipped.passed and skipped.parity is None
+    assert skipped.to_dict()["parity"] == {"skipped": True}
+    code = main(["--torch-ckpt", str(path), "--output", str(tmp_path / "a"), "--force", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0 and printed["replaced"] == "existing output"
+    assert printed == json.loads((tmp_path / "a" / "report.json").read_text())
 
 
 def test_full_conv_uses_keras_conv2d(tmp_path):
@@ -147,8 +173,8 @@ def test_timm_training_checkpoint_with_argparse_namespace(tmp_path):
         tmp_path / "last.pth.tar",
     )
     report = convert_and_verify(ConvertOptions(tmp_path / "last.pth.tar"))
-    assert report["status"] == "ok"
-    assert report["conversion"]["checkpoint"]["other_keys"] == ["args", "epoch"]
+    assert report.passed
+    assert report.conversion["checkpoint"]["other_keys"] == ["args", "epoch"]
 
 
 def test_headless_checkpoint_converts_to_feature_extractor(tmp_path):
@@ -156,7 +182,7 @@ def test_headless_checkpoint_converts_to_feature_extractor(tmp_path):
     net.reset_classifier(0)
     path = save_checkpoint(net.state_dict(), tmp_path / "features.pth")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok" and report["conversion"]["include_top"] is False
+    assert report.passed and report.conversion["include_top"] is False
 
 
 def test_infer_config_and_variant_match():
@@ -183,7 +209,7 @@ def test_even_kernel_same_padding_matches(tmp_path):
     net = timm_convmixer(kernel_size=8, patch_size=3)
     path = save_checkpoint(net.state_dict(), tmp_path / "even.pth")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok", report["parity"]
+    assert report.passed, report.parity
 
 
 # The PyTorch networks each layout's state dict loads into, strictly.
@@ -232,7 +258,7 @@ def test_labml_checkpoints_convert_with_parity_at_every_stage(tmp_path, shape):
     net = labml_convmixer(seed=2, **overrides)
     path = save_checkpoint(net.state_dict(), tmp_path / "model.pth")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok" and report["conversion"]["layout"] == "labml"
+    assert report.passed and report.conversion["layout"] == "labml"
     model = convert_checkpoint(path)
     x = np.random.default_rng(3).normal(size=(2, size, size, 3)).astype("float32")
     # labml's own module, its stages hooked where labml names them
@@ -249,7 +275,7 @@ def test_a_headless_labml_checkpoint_converts_as_a_feature_model(tmp_path):
     weights = {k: v for k, v in net.state_dict().items() if not k.startswith("classification.")}
     path = save_checkpoint(weights, tmp_path / "features.pth")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok" and report["conversion"]["include_top"] is False
+    assert report.passed and report.conversion["include_top"] is False
     model = convert_checkpoint(path)
     x = np.random.default_rng(4).normal(size=(2, 32, 32, 3)).astype("float32")
     with torch.no_grad():
@@ -266,9 +292,9 @@ def test_the_papers_one_liner_converts_in_both_forms(tmp_path, depthwise):
     assert "0.0.weight" in net.state_dict() and "1.0.0.0.weight" in net.state_dict()
     path = save_checkpoint(net.state_dict(), tmp_path / "tweet.pth")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok", report["parity"]
-    assert report["conversion"]["layout"] == "one_liner"
-    assert report["conversion"]["config"]["depthwise"] == depthwise
+    assert report.passed, report.parity
+    assert report.conversion["layout"] == "one_liner"
+    assert report.conversion["config"]["depthwise"] == depthwise
     x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype("float32")
     parity = check_parity(net, convert_checkpoint(path), x, tolerance=1e-5)
     assert parity.passed and len(parity.stages) == TINY["depth"] + 2, parity.describe()
@@ -463,10 +489,10 @@ def test_full_size_released_variants_parity(tmp_path, name):
     net = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=3).eval()
     path = save_checkpoint(net.state_dict(), tmp_path / f"{name}.pth.tar", wrapper="state_dict")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["conversion"]["matched_variant"] == name
-    assert report["parity"]["max_abs"] <= 1e-4, report["parity"]
-    assert report["parity"]["top1_agreement"] == 1.0
-    assert report["status"] == "ok"
+    assert report.conversion["matched_variant"] == name
+    assert report.parity.max_abs <= 1e-4, report.parity
+    assert report.parity.top1_agreement == 1.0
+    assert report.passed
 
 
 def test_export_from_the_converter(tmp_path, capsys):

@@ -161,20 +161,21 @@ def _convert(args, log) -> int:
     from weights_converter.pipeline import convert_and_verify
 
     report = convert_and_verify(options_from(args), log)
+    content = report.to_dict()
     if args.json:
-        print(json.dumps(report, indent=2, default=jsonable))
+        print(json.dumps(content, indent=2, default=jsonable))
     else:
-        print(f"{report['status']}: {report['output']}")
-        if report.get("files"):
-            print(format_rows(report["files"]))
-    if report["status"] == "parity_failed":
-        parity = report["parity"]
+        print(f"{content['status']}: {report.output}")
+        if report.files:
+            print(format_rows(report.files))
+    if not report.passed:
+        parity = report.parity
         print(
-            f"parity FAILED: max |logit diff| {parity['max_abs']:.3g} > tolerance {parity['tolerance']:.0e}; "
-            f"first diverging stage: {parity['first_divergent_stage']}; "
-            f"details in {os.path.join(report['output'], 'report.json')}"
+            f"parity FAILED: max |logit diff| {parity.max_abs:.3g} > tolerance {parity.tolerance:.0e}; "
+            f"first diverging stage: {parity.first_divergent_stage}; "
+            f"details in {os.path.join(report.output, 'report.json')}"
         )
-    return errors.EXIT_OK if report["status"] == "ok" else errors.EXIT_FAILED
+    return errors.EXIT_OK if report.passed else errors.EXIT_FAILED
 
 
 def options_from(args):

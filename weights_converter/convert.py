@@ -46,6 +46,13 @@ class Conversion:
             "unused_keys": [],
         }
 
+    def release(self) -> None:
+        """Drops the PyTorch tensors (the checkpoint's, and each layout's names for them): the
+        Keras model holds its own copy of every weight."""
+        self.state_dicts.clear()
+        if self.checkpoint is not None:
+            self.checkpoint.state_dict.clear()
+
     def describe(self) -> str:
         c = self.config
         return (
