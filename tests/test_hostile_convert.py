@@ -216,6 +216,17 @@ ROWS = [
     ),
     *_layout_rows(),
     (
+        "the last block's depthwise convolution missing",
+        "last.pth",
+        lambda: {
+            k: v
+            for k, v in labml_convmixer().state_dict().items()
+            if not k.startswith("conv_mixer_layers.1.depth_wise_conv.")
+        },
+        2,
+        "missing key 'conv_mixer_layers.1.depth_wise_conv.weight'",
+    ),
+    (
         "two layouts mixed",
         "mixed.pth",
         lambda: _with(_good(), **{"classification.linear.bias": torch.zeros(10)}),

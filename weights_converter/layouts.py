@@ -112,18 +112,22 @@ def _layout(name: str) -> Layout:
 
 
 def depth_of(keys, layout: str) -> int:
-    """How many blocks `keys` hold in `layout`: the distinct block positions of its depthwise
-    convolution's keys."""
-    template = _layout(layout).modules["blocks.{i}.0.fn.0"]
-    field = _FIELD.search(template)
-    pattern = re.compile(
-        re.escape(template[: field.start()])
-        + rf"(\d{{1,{_MAX_DIGITS}}})"
-        + re.escape(template[field.end() :] + ".")
-    )
-    offset = int(field.group(2) or 0)
-    found = (pattern.match(key) for key in keys)
-    return len({int(m.group(1)) - offset for m in found if m and int(m.group(1)) >= offset})
+    """How many blocks `keys` hold in `layout`: the distinct block positions its block
+    modules' keys name."""
+    positions = set()
+    for canonical, template in _layout(layout).modules.items():
+        if "{i}" not in canonical:
+            continue
+        field = _FIELD.search(template)
+        pattern = re.compile(
+            re.escape(template[: field.start()])
+            + rf"(\d{{1,{_MAX_DIGITS}}})"
+            + re.escape(template[field.end() :] + ".")
+        )
+        offset = int(field.group(2) or 0)
+        found = (pattern.match(key) for key in keys)
+        positions |= {int(m.group(1)) - offset for m in found if m}
+    return len({p for p in positions if p >= 0})
 
 
 def _recognised(keys, layout: str) -> set:
