@@ -27,7 +27,6 @@ REPORT = "report.json"
 MODEL = "model.keras"
 CARD = "README.md"
 SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
-NAME_MAX = 255  # bytes in one file name, on Linux and macOS file systems alike
 
 
 def output_kind() -> outputs.Output:
@@ -47,12 +46,21 @@ def default_output_dir(checkpoint_path) -> str:
     path = os.path.abspath(os.fspath(checkpoint_path))
     base = os.path.basename(path)
     base = next((base[: -len(s)] for s in SUFFIXES if base.endswith(s)), base)
-    if len(os.fsencode(f"{base}_keras")) > NAME_MAX:
+    longest = _longest_name(os.path.dirname(path))
+    if longest and len(os.fsencode(f"{base}_keras")) > longest:
         raise BadInput(
-            f"the default output for {shown(path, 1000)} would be a name longer than {NAME_MAX} "
-            "bytes, which file systems refuse: pass --output DIR"
+            f"the default output for {shown(path, 1000)} would be a name longer than {longest} "
+            "bytes, which its file system refuses: pass --output DIR"
         )
     return os.path.join(os.path.dirname(path), f"{base}_keras")
+
+
+def _longest_name(folder) -> Optional[int]:
+    """The longest file name `folder`'s file system takes, in bytes (None: not known)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +186,14 @@ def convert_and_verify(
         conversion.release()
         files = []
         if parity is None or parity.passed:
-            files = _write_files(conversion.model, staging.path, exports, options, timings, log)
+            files = _write_files(
+                conversion.model,
+                staging.path,
+                exports=exports,
+                options=options,
+                timings=timings,
+                log=log,
+            )
         report = Report(staging.output, conversion.summary(), parity, files, timings)
         staging.on_commit = lambda staged: _write_report(staged, report, conversion.model)
     return report
@@ -195,7 +210,7 @@ def _prove(conversion, options: ConvertOptions, timings, log) -> Optional[Parity
     return parity
 
 
-def _write_files(model, folder, exports, options: ConvertOptions, timings, log) -> List[dict]:
+def _write_files(model, folder, *, exports, options: ConvertOptions, timings, log) -> List[dict]:
     """model.keras, then each export, into `folder`; their rows."""
     from convmixer_tf.saving import save_model
 
