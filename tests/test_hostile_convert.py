@@ -227,6 +227,15 @@ ROWS = [
         "missing key 'conv_mixer_layers.1.depth_wise_conv.weight'",
     ),
     (
+        "a block missing whole",
+        "gap.pth",
+        lambda: {
+            k: v for k, v in sequential_convmixer(depth=3).state_dict().items() if k[:2] != "4."
+        },
+        2,
+        "missing key '4.0.fn.0.weight'",
+    ),
+    (
         "two layouts mixed",
         "mixed.pth",
         lambda: _with(_good(), **{"classification.linear.bias": torch.zeros(10)}),

@@ -112,8 +112,9 @@ def _layout(name: str) -> Layout:
 
 
 def depth_of(keys, layout: str) -> int:
-    """How many blocks `keys` hold in `layout`: the distinct block positions its block
-    modules' keys name."""
+    """How many blocks `keys` hold in `layout`: up to the last block position its block
+    modules' keys name (a block missing in between is then named as missing), or, when
+    that is more blocks than there are keys, the positions there are."""
     positions = set()
     for canonical, template in _layout(layout).modules.items():
         if "{i}" not in canonical:
@@ -127,7 +128,10 @@ def depth_of(keys, layout: str) -> int:
         offset = int(field.group(2) or 0)
         found = (pattern.match(key) for key in keys)
         positions |= {int(m.group(1)) - offset for m in found if m}
-    return len({p for p in positions if p >= 0})
+    positions = {p for p in positions if p >= 0}
+    if positions and max(positions) < len(keys):
+        return max(positions) + 1
+    return len(positions)
 
 
 def _recognised(keys, layout: str) -> set:
