@@ -112,7 +112,15 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     out = _nearby(os.path.join(args.output, f"{VARIANT}_keras"))
-    convert = [sys.executable, "-m", "weights_converter", "--torch-ckpt", checkpoint]
+    convert = [
+        sys.executable,
+        "-m",
+        "weights_converter",
+        "--torch-ckpt",
+        checkpoint,
+        "--variant",
+        VARIANT,
+    ]
     convert += ["--output", out, "--export", *args.export, "--calibration-count", "8", "--force"]
     code = _run(convert)
     if code:
