@@ -196,7 +196,13 @@ ROWS = [
         "cannot read safetensors",
     ),
     ("a list", "list.pth", lambda: [torch.zeros(3)], 2, "holds a list, not a dict of tensors"),
-    ("integer keys", "ints.pth", lambda: {1: torch.zeros(3)}, 2, "keyed by parameter names"),
+    (
+        "integer keys",
+        "ints.pth",
+        lambda: {1: torch.zeros(3)},
+        2,
+        "top-level keys ['1'], none of state_dict",
+    ),
     ("no tensors", "args.pth", lambda: {"epoch": 3, "lr": 0.1}, 2, "holds no state dict"),
     (
         "a NaN weight",

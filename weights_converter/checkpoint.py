@@ -228,7 +228,7 @@ def _unwrap(raw, use_ema, path):
             f"{shown(path, 1000)} holds a {type(raw).__name__}, not a dict of tensors"
         )
     keys = [k for k in raw if isinstance(k, str)]
-    named = ", ".join(shown(k) for k in list(raw)[:10])  # what a message names
+    named = f"[{', '.join(shown(k) for k in list(raw)[:10])}]"  # what a message names
     if use_ema:
         for key in EMA_KEYS:
             if _is_tensor_dict(raw.get(key)):
@@ -244,14 +244,14 @@ def _unwrap(raw, use_ema, path):
         return raw, None, []
     tensors = {k: v for k, v in raw.items() if isinstance(k, str) and hasattr(v, "shape")}
     if not tensors:
-        named = (
+        note = (
             "" if len(keys) == len(raw) else " (a state dict is keyed by parameter names, strings)"
         )
         raise CheckpointError(
             f"{shown(path, 1000)} holds no state dict: top-level keys {named}, none of "
-            f"{', '.join(WRAPPER_KEYS)} with tensors in it{named}"
+            f"{', '.join(WRAPPER_KEYS)} with tensors in it{note}"
         )
-    others = ", ".join(shown(k) for k in sorted(set(keys) - set(tensors))[:10])
+    others = f"[{', '.join(shown(k) for k in sorted(set(keys) - set(tensors))[:10])}]"
     raise CheckpointError(
         f"{shown(path, 1000)}: top-level dict mixes tensors with non-tensor entries {others}"
     )
