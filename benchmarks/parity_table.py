@@ -47,11 +47,11 @@ def _run(args) -> int:
             torch.save({"state_dict": net.state_dict()}, path)
             del net
             report = convert_and_verify(ConvertOptions(path))
-            p = report["parity"]
-            worst = max(p["stages"][:-1], key=lambda s: s["max_abs"])
+            p = report.parity
+            worst = max(p.stages[:-1], key=lambda s: s.max_abs)
             print(
-                f"{name:<28} {p['max_abs']:17.2e} {p['max_rel']:9.2e} {p['top1_agreement']:6.0%} "
-                f"{worst['name'] + ' ' + format(worst['max_abs'], '.1e'):>24}  {p['reference']}",
+                f"{name:<28} {p.max_abs:17.2e} {p.max_rel:9.2e} {p.top1_agreement:6.0%} "
+                f"{worst.name + ' ' + format(worst.max_abs, '.1e'):>24}  {p.reference}",
                 flush=True,
             )
     return 0

@@ -11,6 +11,8 @@ from torch_helpers import (
     WITHOUT_TORCH,
     directory_entries,
     keras_input_to_torch,
+    labml_convmixer,
+    one_liner_convmixer,
     save_checkpoint,
     sequential_convmixer,
     timm_convmixer,
@@ -27,10 +29,14 @@ from weights_converter import (
 from weights_converter.__main__ import main
 from weights_converter.pipeline import ConvertOptions, convert_and_verify, default_output_dir
 
+# name: (PyTorch network, the layout the converter reads it as, depthwise or a full conv)
 LAYOUTS = {
-    "timm": lambda: timm_convmixer(),
-    "sequential": lambda: sequential_convmixer(),
-    "sequential_full_conv": lambda: sequential_convmixer(depthwise=False),
+    "timm": (lambda: timm_convmixer(), "timm", True),
+    "sequential": (lambda: sequential_convmixer(), "sequential", True),
+    "sequential_full_conv": (lambda: sequential_convmixer(depthwise=False), "sequential", False),
+    "one_liner": (lambda: one_liner_convmixer(), "one_liner", False),
+    "one_liner_depthwise": (lambda: one_liner_convmixer(depthwise=True), "one_liner", True),
+    "labml": (lambda: labml_convmixer(), "labml", True),
 }
 WRAPPERS = [None, "state_dict", "state_dict_ema", "model", "module_prefix"]
 TORCH_FORMATS = [".pth", ".pth.tar", ".pt", ".bin"]
@@ -40,14 +46,15 @@ def _keras_logits(model, x):
     return np.asarray(model(x, training=False))
 
 
-# Every combination runs in the slow set; the fast set runs five, among which every layout,
+# Every combination runs in the slow set; the fast set runs six, among which every layout,
 # every wrapper and every file format appears.
 COVERING = {
     ("timm", None, ".pth"),
     ("sequential", "state_dict", ".pth.tar"),
     ("sequential_full_conv", "state_dict_ema", ".pt"),
-    ("timm", "model", ".bin"),
-    ("sequential", "module_prefix", ".pth"),
+    ("one_liner", "model", ".bin"),
+    ("one_liner_depthwise", "module_prefix", ".pth"),
+    ("labml", "state_dict", ".pth"),
 }
 COMBINATIONS = [
     pytest.param(*case, marks=() if case in COVERING else pytest.mark.slow)
@@ -57,7 +64,8 @@ COMBINATIONS = [
 
 @pytest.mark.parametrize("layout,wrapper,suffix", COMBINATIONS)
 def test_every_layout_wrapper_and_torch_format(tmp_path, layout, wrapper, suffix):
-    net = LAYOUTS[layout]()
+    build, read_as, depthwise = LAYOUTS[layout]
+    net = build()
     prefix = "module." if wrapper == "module_prefix" else ""
     path = save_checkpoint(
         net.state_dict(),
@@ -67,10 +75,10 @@ def test_every_layout_wrapper_and_torch_format(tmp_path, layout, wrapper, suffix
         legacy=(suffix == ".bin"),
     )
     report = convert_and_verify(ConvertOptions(path, use_ema=(wrapper == "state_dict_ema")))
-    assert report["status"] == "ok", report["parity"]
-    assert report["parity"]["max_abs"] <= 1e-4
-    assert report["conversion"]["layout"] == ("timm" if layout == "timm" else "sequential")
-    assert report["conversion"]["config"]["depthwise"] == (layout != "sequential_full_conv")
+    assert report.passed, report.parity
+    assert report.parity.max_abs <= 1e-4
+    assert report.conversion["layout"] == read_as
+    assert report.conversion["config"]["depthwise"] == depthwise
     out = default_output_dir(path)
     assert directory_entries(out) == ["README.md", "model.keras", "report.json"]
     # The converted file, on its own, computes what the PyTorch network computes.
@@ -86,11 +94,49 @@ def test_every_layout_wrapper_and_torch_format(tmp_path, layout, wrapper, suffix
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("prefix", ["", "module."])
 def test_safetensors(tmp_path, layout, prefix):
-    net = LAYOUTS[layout]()
+    net = LAYOUTS[layout][0]()
     path = save_checkpoint(net.state_dict(), tmp_path / "w.safetensors", prefix=prefix)
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok"
-    assert report["conversion"]["checkpoint"]["file_format"] == "safetensors"
+    assert report.passed
+    assert report.conversion["checkpoint"]["file_format"] == "safetensors"
+
+
+def test_bfloat16_safetensors_convert(tmp_path):
+    """numpy has no bfloat16: such a file is read through torch where torch is installed."""
+    net = timm_convmixer()
+    weights = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in net.state_dict().items()
+    }
+    path = save_checkpoint(weights, tmp_path / "w.safetensors")
+    report = convert_and_verify(ConvertOptions(path))
+    assert report.passed, report.parity
+    assert report.conversion["checkpoint"]["dtypes"] == ["torch.bfloat16", "torch.int64"]
+
+
+def test_the_report_is_one_record_with_a_passed_flag(tmp_path, capsys):
+    """convert_and_verify returns a Report; report.json and --json hold its to_dict(), with
+    the keys they always held; the PyTorch tensors are released once parity is proven."""
+    from weights_converter import convert
+
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    released = []
+    real = convert.Conversion.release
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(convert.Conversion, "release", lambda c: released.append(1) or real(c))
+        report = convert_and_verify(ConvertOptions(path, output=str(tmp_path / "a")))
+    assert report.passed is True and report.parity.passed and released == [1]
+    written = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert written == json.loads(json.dumps(report.to_dict()))
+    assert list(written) == ["status", "output", "timings_s", "conversion", "parity", "files"]
+    assert written["status"] == "ok" and [row["path"] for row in report.files] == ["model.keras"]
+    assert list(report.timings_s) == ["convert", "parity", "save"]
+    skipped = convert_and_verify(ConvertOptions(path, output=str(tmp_path / "b"), skip_parity=True))
+    assert skipped.passed and skipped.parity is None
+    assert skipped.to_dict()["parity"] == {"skipped": True}
+    code = main(["--torch-ckpt", str(path), "--output", str(tmp_path / "a"), "--force", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0 and printed["replaced"] == "existing output"
+    assert printed == json.loads((tmp_path / "a" / "report.json").read_text())
 
 
 def test_full_conv_uses_keras_conv2d(tmp_path):
@@ -127,8 +173,8 @@ def test_timm_training_checkpoint_with_argparse_namespace(tmp_path):
         tmp_path / "last.pth.tar",
     )
     report = convert_and_verify(ConvertOptions(tmp_path / "last.pth.tar"))
-    assert report["status"] == "ok"
-    assert report["conversion"]["checkpoint"]["other_keys"] == ["args", "epoch"]
+    assert report.passed
+    assert report.conversion["checkpoint"]["other_keys"] == ["args", "epoch"]
 
 
 def test_headless_checkpoint_converts_to_feature_extractor(tmp_path):
@@ -136,7 +182,7 @@ def test_headless_checkpoint_converts_to_feature_extractor(tmp_path):
     net.reset_classifier(0)
     path = save_checkpoint(net.state_dict(), tmp_path / "features.pth")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok" and report["conversion"]["include_top"] is False
+    assert report.passed and report.conversion["include_top"] is False
 
 
 def test_infer_config_and_variant_match():
@@ -163,32 +209,126 @@ def test_even_kernel_same_padding_matches(tmp_path):
     net = timm_convmixer(kernel_size=8, patch_size=3)
     path = save_checkpoint(net.state_dict(), tmp_path / "even.pth")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["status"] == "ok", report["parity"]
+    assert report.passed, report.parity
 
 
-@pytest.mark.parametrize("layout", ["timm", "sequential"])
+# The PyTorch networks each layout's state dict loads into, strictly.
+TARGETS = {
+    "timm": lambda seed: timm_convmixer(seed=seed),
+    "sequential": lambda seed: sequential_convmixer(seed=seed),
+    "one_liner": lambda seed: one_liner_convmixer(depthwise=True, seed=seed),
+    "labml": lambda seed: labml_convmixer(seed=seed),
+}
+
+
+@pytest.mark.parametrize("layout", list(TARGETS))
 def test_round_trip_keras_to_pytorch_strict(tmp_path, layout):
-
-    net = timm_convmixer(activation="relu")
-    model = convert_checkpoint(
-        save_checkpoint(net.state_dict(), tmp_path / "a.pth"), activation="relu"
-    )
+    net = timm_convmixer()
+    model = convert_checkpoint(save_checkpoint(net.state_dict(), tmp_path / "a.pth"))
     # "Fine-tune" in Keras: change every weight so the round trip cannot pass by accident.
     rng = np.random.default_rng(7)
     for w in model.weights:
         w.assign(np.asarray(w) + rng.normal(0, 0.01, w.shape).astype("float32"))
     sd = keras_to_state_dict(model, layout=layout, framework="torch")
-    target = (
-        timm_convmixer(activation="relu", seed=1)
-        if layout == "timm"
-        else sequential_convmixer("relu", seed=1)
-    )
+    target = TARGETS[layout](seed=1)
     target.load_state_dict(sd, strict=True)
     x = np.random.default_rng(8).normal(size=(2, 32, 32, 3)).astype("float32")
     with torch.no_grad():
         ref = target.eval()(keras_input_to_torch(x)).numpy()
     np.testing.assert_allclose(ref, _keras_logits(model, x), atol=1e-4)
     assert not np.allclose(ref, net(keras_input_to_torch(x)).detach().numpy(), atol=1e-3)
+    # and the way in: the layout's own keys convert to the same model
+    again = convert_checkpoint(save_checkpoint(target.state_dict(), tmp_path / "b.pth"))
+    np.testing.assert_allclose(_keras_logits(again, x), _keras_logits(model, x), atol=1e-5)
+
+
+# labml's CIFAR-10 experiment (d_model 256, 8 layers, kernel 9, patch 2, 10 classes, 32 px),
+# and a 224 px model of the ImageNet kind.
+LABML_SHAPES = {
+    "cifar10": (dict(dim=256, depth=8, kernel_size=9, patch_size=2, num_classes=10), 32),
+    "224px": (dict(dim=64, depth=4, kernel_size=9, patch_size=7, num_classes=1000), 224),
+}
+
+
+@pytest.mark.parametrize("shape", list(LABML_SHAPES))
+def test_labml_checkpoints_convert_with_parity_at_every_stage(tmp_path, shape):
+    from weights_converter import check_parity
+
+    overrides, size = LABML_SHAPES[shape]
+    net = labml_convmixer(seed=2, **overrides)
+    path = save_checkpoint(net.state_dict(), tmp_path / "model.pth")
+    report = convert_and_verify(ConvertOptions(path))
+    assert report.passed and report.conversion["layout"] == "labml"
+    model = convert_checkpoint(path)
+    x = np.random.default_rng(3).normal(size=(2, size, size, 3)).astype("float32")
+    # labml's own module, its stages hooked where labml names them
+    parity = check_parity(net, model, x, tolerance=1e-5)
+    assert parity.passed and parity.max_abs <= 1e-5, parity.describe()
+    assert [s.name for s in parity.stages] == (
+        ["stem"] + [f"block{i}" for i in range(overrides["depth"])] + ["output"]
+    )
+    assert not any(stage.diverged for stage in parity.stages), parity.stages
+
+
+def test_a_headless_labml_checkpoint_converts_as_a_feature_model(tmp_path):
+    net = labml_convmixer()
+    weights = {k: v for k, v in net.state_dict().items() if not k.startswith("classification.")}
+    path = save_checkpoint(weights, tmp_path / "features.pth")
+    report = convert_and_verify(ConvertOptions(path))
+    assert report.passed and report.conversion["include_top"] is False
+    model = convert_checkpoint(path)
+    x = np.random.default_rng(4).normal(size=(2, 32, 32, 3)).astype("float32")
+    with torch.no_grad():
+        pooled = net.features(keras_input_to_torch(x)).mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(_keras_logits(model, x), pooled, atol=1e-5)
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["tweet", "released"])
+def test_the_papers_one_liner_converts_in_both_forms(tmp_path, depthwise):
+    """The 280-character listing, as printed (no groups=dim) and as released (groups=dim)."""
+    from weights_converter import check_parity
+
+    net = one_liner_convmixer(activation="gelu", depthwise=depthwise)
+    assert "0.0.weight" in net.state_dict() and "1.0.0.0.weight" in net.state_dict()
+    path = save_checkpoint(net.state_dict(), tmp_path / "tweet.pth")
+    report = convert_and_verify(ConvertOptions(path))
+    assert report.passed, report.parity
+    assert report.conversion["layout"] == "one_liner"
+    assert report.conversion["config"]["depthwise"] == depthwise
+    x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype("float32")
+    parity = check_parity(net, convert_checkpoint(path), x, tolerance=1e-5)
+    assert parity.passed and len(parity.stages) == TINY["depth"] + 2, parity.describe()
+
+
+@pytest.mark.parametrize("layout", list(TARGETS))
+def test_errors_name_the_files_own_keys(tmp_path, capsys, layout):
+    """A missing or mis-shaped tensor is named as the file names it, never by the canonical
+    (timm) name the file never had."""
+    weights = TARGETS[layout](seed=0).state_dict()
+    canonical_pw = {"timm": "blocks.1.1", "sequential": "4.1", "one_liner": "2.1.0"}
+    pointwise = canonical_pw.get(layout, "conv_mixer_layers.1.point_wise_conv") + ".weight"
+    missing = {k: v for k, v in weights.items() if k != pointwise}
+    shaped = dict(weights, **{pointwise: torch.zeros(16, 16, 3, 3)})
+    for name, tensors, words in (
+        ("missing", missing, f"missing key {pointwise!r}"),
+        ("shape", shaped, f"wrong shape for {pointwise!r}"),
+    ):
+        path = save_checkpoint(tensors, tmp_path / f"{name}.pth")
+        assert main(["--torch-ckpt", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+        assert layout == "timm" or "blocks." not in err, err
+
+
+def test_keys_of_no_layout_name_the_layouts_tried(tmp_path, capsys):
+    import torchvision
+
+    path = save_checkpoint(torchvision.models.resnet18().state_dict(), tmp_path / "resnet.pth")
+    assert main(["--torch-ckpt", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    for tried in ("timm", "sequential", "one_liner", "labml"):
+        assert tried in err, err
+    assert "'conv1.weight'" in err and "stem." not in err, err
 
 
 @pytest.mark.slow
@@ -349,10 +489,10 @@ def test_full_size_released_variants_parity(tmp_path, name):
     net = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=3).eval()
     path = save_checkpoint(net.state_dict(), tmp_path / f"{name}.pth.tar", wrapper="state_dict")
     report = convert_and_verify(ConvertOptions(path))
-    assert report["conversion"]["matched_variant"] == name
-    assert report["parity"]["max_abs"] <= 1e-4, report["parity"]
-    assert report["parity"]["top1_agreement"] == 1.0
-    assert report["status"] == "ok"
+    assert report.conversion["matched_variant"] == name
+    assert report.parity.max_abs <= 1e-4, report.parity
+    assert report.parity.top1_agreement == 1.0
+    assert report.passed
 
 
 def test_export_from_the_converter(tmp_path, capsys):

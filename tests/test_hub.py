@@ -5,6 +5,7 @@ converter, create_model(pretrained=...) and hf:// loading on the same cache."""
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -376,3 +377,114 @@ def test_export_of_a_hub_model_writes_a_local_folder_by_default(
         == 0
     )
     assert os.listdir(work) == ["pets_export"] and (work / "pets_export" / "model.onnx").is_file()
+
+
+HOSTILE_CONFIGS = {  # config.json bytes that no reader may choke on: exit 2, one line
+    "nested 200,000 deep": (b"[" * 200_000 + b"]" * 200_000, "cannot be read as JSON"),
+    "an object nested deep": (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "cannot be read as JSON"),
+    "larger than 16 MiB": (b'{"pad": "' + b" " * (1 << 24) + b'"}', "holds more than"),
+    "not UTF-8": (b'{"label_names": ["\xff"]}', "cannot be read as JSON"),
+    "a field nested deep": (
+        json.dumps({"pretrained_cfg": {"mean": [[[[[[[[1]]]]]]]] * 3, "std": [1, 1, 1]}}).encode(),
+        "mean must be 3 finite numbers",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_CONFIGS))
+def test_a_hostile_config_json_is_exit_2_in_one_line(offline, tmp_path, capsys, name):
+    from weights_converter.__main__ import main
+
+    data, words = HOSTILE_CONFIGS[name]
+    files = {"model.safetensors": safetensors_bytes(tiny(1)), "config.json": data}
+    hub_cache(offline, "someone/cifar-convmixer", files)
+    out = tmp_path / "out"
+    code = main(["--torch-ckpt", "hf-hub:someone/cifar-convmixer", "--output", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and words in err and len(err.splitlines()) == 1, (name, err[-2000:])
+    assert err.isprintable() and len(err) < 2000 and not out.exists(), (name, err[:2000])
+
+
+# ------------------------------------------------------------------ make demo
+
+
+def test_the_demo_takes_the_released_weights_where_the_cache_has_them(offline, tmp_path):
+    """Which weights `make demo` converts: the Hub id where the Hub or its cache holds it
+    (here a cache; nothing is downloaded), else seeded ones, saying so in one line."""
+    from weights_converter import demo
+
+    said = []
+    written = []
+    real = demo.write_demo_checkpoint
+    demo.write_demo_checkpoint = lambda path: written.append(path) or path
+    try:
+        assert demo.released_or_seeded(str(tmp_path / "demo"), said.append) != demo.RELEASED
+        assert said == [demo.OFFLINE] and written == [
+            str(tmp_path / "demo" / "convmixer_768_32.pth")
+        ]
+        hub_cache(offline, "timm/convmixer_768_32.in1k", {"model.safetensors": b"weights"})
+        said.clear()
+        assert demo.released_or_seeded(str(tmp_path / "demo"), said.append) == demo.RELEASED
+        assert said[0].startswith("the released weights: hf-hub:timm/convmixer_768_32.in1k")
+        assert len(written) == 1
+    finally:
+        demo.write_demo_checkpoint = real
+
+
+def _run_demo(env, out, *more):
+    return subprocess.run(
+        [sys.executable, "-m", "weights_converter.demo", "--output", str(out), *more],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+
+
+def _photo_line(stdout):
+    """The photo's result in predict's table: its path, then its top classes."""
+    lines = stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.endswith("chelsea.jpg") and "$" not in line)
+    assert lines[at] == os.path.join("docs", "photos", "chelsea.jpg"), lines[at]
+    assert re.fullmatch(r" +\d+\.\d\d%  \S.*", lines[at + 1]), lines[at + 1]
+    return lines[at + 1]
+
+
+@pytest.mark.slow
+def test_make_demo_converts_the_released_weights_from_the_cache(tmp_path):
+    """What `make demo` runs, offline, on a Hugging Face cache holding convmixer_768_32 in
+    timm's layout. The weights are random (nothing is downloaded here): this proves the
+    path, not the accuracy."""
+    import timm
+
+    from weights_converter.demo import randomize_batchnorm
+
+    net = randomize_batchnorm(timm.create_model("convmixer_768_32", pretrained=False), seed=5)
+    files = {"model.safetensors": safetensors_bytes(net), "config.json": json.dumps(TIMM_CONFIG)}
+    cache = hub_cache(
+        tmp_path / "hub",
+        "timm/convmixer_768_32.in1k",
+        {name: data if isinstance(data, bytes) else data.encode() for name, data in files.items()},
+    )
+    del net
+    env = dict(offline_env(cache), KERAS_HOME=str(tmp_path / "keras"))
+    run = _run_demo(env, tmp_path / "demo")
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    assert "offline:" not in run.stdout
+    assert "the released weights: hf-hub:timm/convmixer_768_32.in1k" in run.stdout
+    assert "--torch-ckpt hf-hub:timm/convmixer_768_32.in1k" in run.stdout
+    assert "parity PASSED" in run.stderr
+    assert re.search(r"  label \d+$", _photo_line(run.stdout))  # the config's class names
+    assert len(os.listdir(tmp_path / "demo" / "convmixer_768_32_keras")) == 2 + 8
+
+
+@pytest.mark.slow
+def test_make_demo_offline_says_its_answers_mean_nothing(tmp_path):
+    """The fallback, with one export instead of all: a seeded checkpoint, the line that says
+    so, and the photo classified all the same."""
+    env = dict(offline_env(tmp_path / "hub"), KERAS_HOME=str(tmp_path / "keras"))
+    run = _run_demo(env, tmp_path / "demo", "--export", "onnx")
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    assert run.stdout.splitlines()[0] == "offline: random weights; the answers below mean nothing"
+    _photo_line(run.stdout)

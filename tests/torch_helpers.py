@@ -93,3 +93,100 @@ def keras_input_to_torch(x):
 
 def directory_entries(path):
     return sorted(os.listdir(path))
+
+
+def one_liner_convmixer(activation="gelu", depthwise=False, seed=0, **overrides):
+    """The paper's 280-character ConvMixer written out: every convolution wrapped with its
+    activation and BatchNorm in an nn.Sequential, the residual a Sequential subclass that
+    adds its first child's output to its input, padding k // 2. The version printed in the
+    tweet has no groups=dim (a full k x k convolution); the released code has it."""
+    cfg = dict(TINY, **overrides)
+    h, k, p = cfg["dim"], cfg["kernel_size"], cfg["patch_size"]
+    nn = torch.nn
+    act = {"gelu": nn.GELU, "relu": nn.ReLU}[activation]
+
+    def wrapped(conv):
+        return nn.Sequential(conv, act(), nn.BatchNorm2d(h))
+
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return self[0](x) + x
+
+    torch.manual_seed(seed)
+    spatial = dict(groups=h if depthwise else 1, padding=k // 2)
+    blocks = [
+        nn.Sequential(Residual(wrapped(nn.Conv2d(h, h, k, **spatial))), wrapped(nn.Conv2d(h, h, 1)))
+        for _ in range(cfg["depth"])
+    ]
+    model = nn.Sequential(
+        wrapped(nn.Conv2d(3, h, p, stride=p)),
+        *blocks,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(h, cfg["num_classes"]),
+    )
+    return randomize_batchnorm(model, seed).eval()
+
+
+def labml_convmixer(seed=0, **overrides):
+    """labml.ai's annotated ConvMixer (labml_nn/conv_mixer) rebuilt in plain PyTorch: the same
+    modules under the same names (patch_emb, classification, conv_mixer_layers, in that order),
+    GELU throughout, depthwise padding (k - 1) // 2, the residual added in place. labml clones
+    one layer; here each starts from its own random weights, so that swapped blocks show."""
+    cfg = dict(TINY, **overrides)
+    d, k, p = cfg["dim"], cfg["kernel_size"], cfg["patch_size"]
+    nn = torch.nn
+
+    class PatchEmbeddings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, d, kernel_size=p, stride=p)
+            self.act = nn.GELU()
+            self.norm = nn.BatchNorm2d(d)
+
+        def forward(self, x):
+            return self.norm(self.act(self.conv(x)))
+
+    class ConvMixerLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.depth_wise_conv = nn.Conv2d(d, d, k, groups=d, padding=(k - 1) // 2)
+            self.act1 = nn.GELU()
+            self.norm1 = nn.BatchNorm2d(d)
+            self.point_wise_conv = nn.Conv2d(d, d, kernel_size=1)
+            self.act2 = nn.GELU()
+            self.norm2 = nn.BatchNorm2d(d)
+
+        def forward(self, x):
+            residual = x
+            x = self.norm1(self.act1(self.depth_wise_conv(x)))
+            x += residual
+            return self.norm2(self.act2(self.point_wise_conv(x)))
+
+    class ClassificationHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d((1, 1))
+            self.linear = nn.Linear(d, cfg["num_classes"])
+
+        def forward(self, x):
+            return self.linear(self.pool(x)[:, :, 0, 0])
+
+    class ConvMixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_emb = PatchEmbeddings()
+            self.classification = ClassificationHead()
+            self.conv_mixer_layers = nn.ModuleList(ConvMixerLayer() for _ in range(cfg["depth"]))
+
+        def features(self, x):
+            x = self.patch_emb(x)
+            for layer in self.conv_mixer_layers:
+                x = layer(x)
+            return x
+
+        def forward(self, x):
+            return self.classification(self.features(x))
+
+    torch.manual_seed(seed)
+    return randomize_batchnorm(ConvMixer(), seed).eval()

@@ -22,11 +22,12 @@ examples:
   python -m weights_converter --torch-ckpt my.safetensors --activation gelu --output out/ --force
 
 It reads .pth/.pth.tar/.pt/.bin (torch.load with weights_only=True: no code from the
-file runs) and .safetensors; timm's layout or the paper's nn.Sequential; bare state
-dicts or ones wrapped in state_dict / state_dict_ema / model, with or without a
-'module.' prefix. The config (dim, depth, kernel, patch, classes, depthwise or full
-conv) is read from tensor shapes; the activation comes from --activation or from the
-released variant the shapes match (convmixer_768_32 is ReLU, the others GELU).
+file runs) and .safetensors; timm's layout, the paper's nn.Sequential or its
+280-character one-liner, or labml.ai's; bare state dicts or ones wrapped in
+state_dict / state_dict_ema / model, with or without a 'module.' prefix. The config
+(dim, depth, kernel, patch, classes, depthwise or full conv) is read from tensor shapes;
+the activation comes from --activation or from the released variant the shapes match
+(convmixer_768_32 is ReLU, the others GELU).
 
 Writes DIR/model.keras and DIR/report.json (plus exported files), all at once at the
 end: a failure leaves nothing behind. When parity fails DIR holds report.json alone.
@@ -126,20 +127,21 @@ def _convert(args, log) -> int:
     from weights_converter.pipeline import convert_and_verify
 
     report = convert_and_verify(options_from(args), log)
+    content = report.to_dict()
     if args.json:
-        print(json.dumps(report, indent=2, default=jsonable))
+        print(json.dumps(content, indent=2, default=jsonable))
     else:
-        print(f"{report['status']}: {report['output']}")
-        if report.get("files"):
-            print(format_rows(report["files"]))
-    if report["status"] == "parity_failed":
-        parity = report["parity"]
+        print(f"{content['status']}: {report.output}")
+        if report.files:
+            print(format_rows(report.files))
+    if not report.passed:
+        parity = report.parity
         print(
-            f"parity FAILED: max |logit diff| {parity['max_abs']:.3g} > tolerance {parity['tolerance']:.0e}; "
-            f"first diverging stage: {parity['first_divergent_stage']}; "
-            f"details in {os.path.join(report['output'], 'report.json')}"
+            f"parity FAILED: max |logit diff| {parity.max_abs:.3g} > tolerance {parity.tolerance:.0e}; "
+            f"first diverging stage: {parity.first_divergent_stage}; "
+            f"details in {os.path.join(report.output, 'report.json')}"
         )
-    return errors.EXIT_OK if report["status"] == "ok" else errors.EXIT_FAILED
+    return errors.EXIT_OK if report.passed else errors.EXIT_FAILED
 
 
 def options_from(args):

@@ -13,12 +13,14 @@ import argparse
 import dataclasses
 import os
 import re
+import stat
 import zipfile
 from typing import Dict, List, Optional
 
 import numpy as np
 
 from convmixer_tf.errors import BadInput, one_line
+from weights_converter.layouts import printable, shown
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
@@ -78,21 +80,37 @@ def load_state_dict(path, use_ema: bool = False) -> Dict[str, np.ndarray]:
 def read_checkpoint(path, use_ema: bool = False) -> Checkpoint:
     """Like `load_state_dict`, keeping what was learned about the file on the way."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint is empty (0 bytes): {path}")
+    _check_regular_file(path)
     if path.endswith(SAFETENSORS_SUFFIXES) or _looks_like_safetensors(path):
         raw, fmt = _read_safetensors(path), "safetensors"
     else:
         raw, fmt = _read_torch(path), "torch"
     tensors, wrapper, other = _unwrap(raw, use_ema, path)
     tensors, prefixes = _strip_prefixes(tensors)
-    state_dict = {key: _to_numpy(value) for key, value in tensors.items()}
+    state_dict = {key: _to_numpy(key, value) for key, value in tensors.items()}
     dtypes = sorted({str(value.dtype) for value in tensors.values() if hasattr(value, "dtype")})
     return Checkpoint(state_dict, path, fmt, wrapper, prefixes, other, dtypes)
+
+
+def _check_regular_file(path) -> None:
+    """CheckpointError unless `path` is a regular file with something in it: a named pipe
+    would block the read until a writer comes, a device never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {shown(path, 1000)}") from None
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {shown(path, 1000)}: {err.strerror}"
+        ) from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"checkpoint {shown(path, 1000)} is a folder, not a checkpoint file")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(
+            f"checkpoint {shown(path, 1000)} is not a regular file (a pipe, a device or a socket)"
+        )
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint is empty (0 bytes): {shown(path, 1000)}")
 
 
 def _looks_like_safetensors(path) -> bool:
@@ -102,18 +120,35 @@ def _looks_like_safetensors(path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
 
 
+def _utf8(path) -> bool:
+    """Whether the libraries that take a file name (they encode it as UTF-8) can open it; a
+    name that is not UTF-8 (os.listdir's surrogate escapes) is opened here instead."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_safetensors(path):
     try:
-        from safetensors.numpy import load_file
+        from safetensors import torch as reader  # every dtype, bfloat16 included
     except ImportError:
-        raise CheckpointError(
-            "reading .safetensors needs the safetensors package: pip install safetensors"
-        ) from None
+        try:
+            from safetensors import numpy as reader  # no torch: numpy has no bfloat16
+        except ImportError:
+            raise CheckpointError(
+                "reading .safetensors needs the safetensors package: pip install safetensors"
+            ) from None
     try:
-        return load_file(path)
+        if _utf8(path):
+            return reader.load_file(path)
+        with open(path, "rb") as f:
+            return reader.load(f.read())
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(
-            f"cannot read safetensors file {path}: {one_line(err, named=True)}"
+            f"cannot read safetensors file {shown(path, 1000)}: "
+            f"{printable(one_line(err, named=True))[:300]}"
         ) from None
 
 
@@ -122,15 +157,21 @@ def _read_torch(path):
         import torch
     except ImportError:
         raise CheckpointError(
-            f"reading {os.path.basename(path)} needs torch (pip install 'convmixer-tf[torch]'), "
-            "or convert it to .safetensors first"
+            f"reading {shown(os.path.basename(path))} needs torch (pip install "
+            "'convmixer-tf[torch]'), or convert it to .safetensors first"
         ) from None
     # timm training checkpoints carry their argparse.Namespace; building one runs no code.
     safe = [argparse.Namespace]
     kwargs = dict(map_location="cpu", weights_only=True)
+    zipped = zipfile.is_zipfile(path)
+    if zipped:
+        _check_stored(path)
     try:
         with torch.serialization.safe_globals(safe):
-            if zipfile.is_zipfile(path):
+            if not _utf8(path):
+                with open(path, "rb") as f:
+                    return torch.load(f, **kwargs)
+            if zipped:
                 # mmap: tensors are paged in from the file instead of copied into memory.
                 return torch.load(path, mmap=True, **kwargs)
             return torch.load(path, **kwargs)
@@ -139,8 +180,8 @@ def _read_torch(path):
         found = re.search(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)", message)
         if "Weights only load failed" in message and found:
             raise CheckpointError(
-                f"refused {path}: loading it would call `{found.group(1)}`, i.e. run code from the "
-                "file; nothing from it was executed"
+                f"refused {shown(path, 1000)}: loading it would call `{found.group(1)}`, i.e. run "
+                "code from the file; nothing from it was executed"
             ) from None
         detail = re.search(
             r"WeightsUnpickler error:\s*(.+?)\s*Check the documentation", str(err), re.S
@@ -148,8 +189,29 @@ def _read_torch(path):
         if detail:
             message = f"unpickling error: {' '.join(detail.group(1).split())}"
         raise CheckpointError(
-            f"cannot read torch checkpoint {path} (truncated or not a torch file?): {message[:300]}"
+            f"cannot read torch checkpoint {shown(path, 1000)} (truncated or not a torch file?): "
+            f"{printable(message)[:300]}"
         ) from None
+
+
+def _check_stored(path) -> None:
+    """torch.save stores its zip's members as they are; a compressed member can inflate to
+    any size when torch reads it (a zip bomb), so it is refused before torch opens the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except Exception as err:  # zipfile raises many kinds for a damaged archive
+        raise CheckpointError(
+            f"cannot read torch checkpoint {shown(path, 1000)} (a damaged zip): "
+            f"{printable(one_line(err))[:300]}"
+        ) from None
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"cannot read torch checkpoint {shown(path, 1000)}: its member "
+                f"{shown(member.filename)} is compressed, and torch.save never compresses "
+                "(a zip bomb, or not a file torch.save wrote)"
+            )
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -162,16 +224,18 @@ def _is_tensor_dict(obj) -> bool:
 
 def _unwrap(raw, use_ema, path):
     if not isinstance(raw, dict) or not raw:
-        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a dict of tensors")
+        raise CheckpointError(
+            f"{shown(path, 1000)} holds a {type(raw).__name__}, not a dict of tensors"
+        )
     keys = [k for k in raw if isinstance(k, str)]
-    shown = [k if isinstance(k, str) else repr(k) for k in raw][:10]  # what a message names
+    named = f"[{', '.join(shown(k) for k in list(raw)[:10])}]"  # what a message names
     if use_ema:
         for key in EMA_KEYS:
             if _is_tensor_dict(raw.get(key)):
                 return raw[key], key, sorted(k for k in keys if k != key)
         raise CheckpointError(
-            f"--use-ema: {path} has no EMA weights (looked for {', '.join(EMA_KEYS)}); "
-            f"it holds {shown}"
+            f"--use-ema: {shown(path, 1000)} has no EMA weights (looked for "
+            f"{', '.join(EMA_KEYS)}); it holds {named}"
         )
     for key in WRAPPER_KEYS:
         if _is_tensor_dict(raw.get(key)):
@@ -180,15 +244,17 @@ def _unwrap(raw, use_ema, path):
         return raw, None, []
     tensors = {k: v for k, v in raw.items() if isinstance(k, str) and hasattr(v, "shape")}
     if not tensors:
-        named = (
+        note = (
             "" if len(keys) == len(raw) else " (a state dict is keyed by parameter names, strings)"
         )
         raise CheckpointError(
-            f"{path} holds no state dict: top-level keys {shown}, none of "
-            f"{', '.join(WRAPPER_KEYS)} with tensors in it{named}"
+            f"{shown(path, 1000)} holds no state dict: top-level keys {named}, none of "
+            f"{', '.join(WRAPPER_KEYS)} with tensors in it{note}"
         )
-    others = sorted(set(keys) - set(tensors))[:10]
-    raise CheckpointError(f"{path}: top-level dict mixes tensors with non-tensor entries {others}")
+    others = f"[{', '.join(shown(k) for k in sorted(set(keys) - set(tensors))[:10])}]"
+    raise CheckpointError(
+        f"{shown(path, 1000)}: top-level dict mixes tensors with non-tensor entries {others}"
+    )
 
 
 def _strip_prefixes(tensors):
@@ -204,9 +270,35 @@ def _strip_prefixes(tensors):
     return tensors, stripped
 
 
-def _to_numpy(value):
-    if not isinstance(value, np.ndarray):  # a torch tensor; fp16/bf16 computed in float32
-        value = (value.detach().float() if value.is_floating_point() else value.detach()).numpy()
-    return (
-        value.astype(np.float32) if value.dtype.kind == "f" and value.dtype != np.float32 else value
-    )
+def _to_numpy(key, value):
+    """A tensor as a numpy array (fp16/bf16 computed in float32); CheckpointError for what is
+    no dense array of its own: a sparse or quantized tensor, a meta tensor, a view that
+    repeats fewer stored values than it has elements (tiny on disk, any size in memory)."""
+    if not isinstance(value, np.ndarray):  # a torch tensor
+        value = _dense(key, value)
+    if value.dtype.kind == "f" and value.dtype != np.float32:
+        return value.astype(np.float32)
+    return value
+
+
+def _dense(key, tensor) -> np.ndarray:
+    if tensor.is_sparse or str(tensor.layout) != "torch.strided":
+        raise CheckpointError(f"tensor {shown(key)} is a sparse tensor, not a dense weight")
+    if tensor.is_quantized:
+        raise CheckpointError(
+            f"tensor {shown(key)} is a quantized tensor: convert the float model's checkpoint"
+        )
+    try:
+        stored = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+        if tensor.numel() > stored:
+            raise CheckpointError(
+                f"tensor {shown(key)} repeats {stored} stored values as {tensor.numel()} "
+                "(an expanded view, not a weight)"
+            )
+        if tensor.is_floating_point():
+            tensor = tensor.detach().float()
+        return tensor.detach().numpy()
+    except (TypeError, RuntimeError, NotImplementedError) as err:
+        raise CheckpointError(
+            f"tensor {shown(key)} cannot be read as an array: {printable(one_line(err))[:200]}"
+        ) from None

@@ -11,7 +11,7 @@ from convmixer_tf import contract, labels
 from convmixer_tf.config import ConvMixerConfig, get_variant
 from convmixer_tf.errors import BadInput
 from convmixer_tf.model import ConvMixer
-from weights_converter import mapping
+from weights_converter import layouts, mapping
 from weights_converter.checkpoint import Checkpoint, read_checkpoint
 
 
@@ -46,6 +46,13 @@ class Conversion:
             "unused_keys": [],
         }
 
+    def release(self) -> None:
+        """Drops the PyTorch tensors (the checkpoint's, and each layout's names for them): the
+        Keras model holds its own copy of every weight."""
+        self.state_dicts.clear()
+        if self.checkpoint is not None:
+            self.checkpoint.state_dict.clear()
+
     def describe(self) -> str:
         c = self.config
         return (
@@ -63,7 +70,7 @@ def convert_state_dict(
     input_shape: Optional[Sequence[Optional[int]]] = None,
     layout: Optional[str] = None,
     class_names: Optional[Sequence[str]] = None,
-    facts: Optional[dict] = None,
+    pretrained_cfg: Optional[dict] = None,
 ) -> Conversion:
     """Builds the Keras ConvMixer that `state_dict` describes and fills every weight.
 
@@ -73,20 +80,20 @@ def convert_state_dict(
             match; it also decides the activation unless `activation` is given.
         activation: "gelu" or "relu"; weights cannot tell which one was trained.
         input_shape: Keras input shape; default (None, None, 3), any size.
-        layout: force "timm" or "sequential" instead of detecting it.
+        layout: force one of `layouts.LAYOUTS` instead of detecting it.
         class_names: one name per class, stored with the model; default ImageNet-1k's for
             a 1000-class released variant (from timm, when it is installed).
-        facts: what the weights' source says of them (`hub.Source.facts`): preprocessing,
-            class names, where they came from.
+        pretrained_cfg: what the weights' source says of them (`hub.Source.pretrained_cfg`):
+            preprocessing, class names, where they came from.
 
     Every Keras weight is filled exactly once, every tensor is used or named, every
     shape is checked before anything is copied; an unexpected tensor is an error.
     """
-    canonical, layout = mapping.to_canonical(state_dict, layout)
-    mapping.check_finite(canonical)
-    config, matched, activation_source = _architecture(canonical, variant, activation)
+    canonical, layout = layouts.to_canonical(state_dict, layout)
+    mapping.check_finite(state_dict)
+    config, matched, activation_source = _architecture(state_dict, variant, activation, layout)
     include_top = mapping.has_head(canonical)
-    rows = mapping.plan(canonical, config, include_top)
+    rows = mapping.plan(canonical, config, include_top, layout=layout)
     model = ConvMixer(
         **config.to_dict(),
         input_shape=input_shape,
@@ -94,16 +101,16 @@ def convert_state_dict(
         name=matched or "convmixer",
     )
     _fill(model, rows, canonical)
-    facts = dict(facts or {})
+    cfg = dict(pretrained_cfg or {})
     info = contract.info_of(model)
     if matched:
         info = info.replace(preprocessing=get_variant(matched).preprocessing, variant=matched)
-    if facts.get("preprocessing"):
-        info = info.replace(preprocessing=facts["preprocessing"])
-    names, names_source = _class_names(class_names, facts, matched, config, include_top)
-    contract.attach(model, info.replace(class_names=names, source=facts.get("source")))
+    if cfg.get("preprocessing"):
+        info = info.replace(preprocessing=cfg["preprocessing"])
+    names, names_source = _class_names(class_names, cfg, matched, config, include_top)
+    contract.attach(model, info.replace(class_names=names, source=cfg.get("source")))
     state_dicts = {
-        name: mapping.from_canonical(canonical, name, config.depth) for name in mapping.LAYOUTS
+        name: layouts.from_canonical(canonical, name, config.depth) for name in layouts.LAYOUTS
     }
     return Conversion(
         model,
@@ -118,10 +125,10 @@ def convert_state_dict(
     )
 
 
-def _architecture(canonical, variant, activation):
-    """(config, the released variant it is, where its activation came from) of canonical
-    tensors: read from shapes, checked against `variant` when one is named."""
-    config = mapping.infer_config(canonical, activation)
+def _architecture(state_dict, variant, activation, layout):
+    """(config, the released variant it is, where its activation came from) of a `layout`
+    state dict: read from shapes, checked against `variant` when one is named."""
+    config = mapping.infer_config(state_dict, activation, layout=layout)
     matched = mapping.match_variant(config)
     if activation:
         source = "flag"
@@ -139,13 +146,13 @@ def _architecture(canonical, variant, activation):
     return config, variant, source
 
 
-def _class_names(given, facts, matched, config, include_top):
+def _class_names(given, cfg, matched, config, include_top):
     """(names, where they came from): given ones, else the source's (a hub config), else
     ImageNet-1k's for a released variant's 1000-class head."""
     if given is not None:
         names, origin = tuple(given), "labels file"
-    elif facts.get("class_names") is not None:
-        names, origin = tuple(facts["class_names"]), "the hub's config.json"
+    elif cfg.get("class_names") is not None:
+        names, origin = tuple(cfg["class_names"]), "the hub's config.json"
     else:
         released = matched is not None and get_variant(matched).timm_name is not None
         names = None
@@ -153,7 +160,7 @@ def _class_names(given, facts, matched, config, include_top):
             names = labels.imagenet_class_names()
         return names, "ImageNet-1k (timm)" if names is not None else "none"
     if origin != "labels file":
-        origin = f"label_names of config.json of hf-hub:{facts['source']['repo']}"
+        origin = f"label_names of config.json of hf-hub:{cfg['source']['repo']}"
     if not include_top:
         raise mapping.MappingError(
             f"class names were given ({origin}), but the checkpoint has no classifier head"
@@ -193,7 +200,7 @@ def convert_file(
         activation=activation,
         input_shape=input_shape,
         class_names=class_names,
-        facts=source.facts,
+        pretrained_cfg=source.pretrained_cfg,
     )
     conversion.checkpoint = checkpoint
     return conversion
@@ -221,8 +228,8 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
 
     Args:
         model: a ConvMixer built by convmixer_tf (e.g. fine-tuned, loaded from .keras).
-        layout: "timm" (loads into timm's ConvMixer with strict=True) or "sequential"
-            (the paper's nn.Sequential).
+        layout: "timm" (loads into timm's ConvMixer with strict=True), "sequential" (the
+            paper's nn.Sequential), "one_liner" (its 280-character listing) or "labml".
         framework: "numpy" arrays or "torch" tensors.
 
     Example:
@@ -241,7 +248,7 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
     # BatchNorm's counter: not a weight, but part of a strict PyTorch state dict.
     for key in [k for k in out if k.endswith(".running_var")]:
         out[key[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
-    out = mapping.from_canonical(out, layout, config.depth)
+    out = layouts.from_canonical(out, layout, config.depth)
     if framework == "torch":
         import torch
 

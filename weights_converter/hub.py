@@ -4,8 +4,8 @@ offline, `HF_HUB_OFFLINE=1`, or whenever the file is there, it reads the cache t
 `HF_HOME` / `HF_HUB_CACHE` name).
 
 A timm repo's `config.json` beside the weights says how they expect their input (mean,
-std, crop_pct, interpolation, input size), and may name the classes: those facts travel
-with the converted model.
+std, crop_pct, interpolation, input size), and may name the classes: timm calls that the
+weights' pretrained_cfg, and it travels with the converted model as part of its facts.
 """
 
 from __future__ import annotations
@@ -14,13 +14,22 @@ import dataclasses
 import json
 import os
 import re
+import reprlib
 from typing import Optional
 
-from convmixer_tf.errors import BadInput
+from convmixer_tf.errors import BadInput, one_line
+from weights_converter.layouts import printable
 
 PREFIX = "hf-hub:"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # the Hub's OWNER/NAME
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's order: safetensors first
+MAX_CONFIG_BYTES = 1 << 24  # timm's config.json is tens of kB, the names of 1000 classes
+_SHOWN = reprlib.Repr()  # for values nested too deep for JSON's writer
+_SHOWN.maxlevel = 3
+
+
+class NotReachable(BadInput):
+    """A Hub id that is neither in the cache nor downloadable now (offline, or no network)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,31 +41,38 @@ class Source:
     revision: Optional[str] = None
     commit: Optional[str] = None
     config: Optional[dict] = None
-    facts: dict = dataclasses.field(init=False, repr=False)
+    pretrained_cfg: dict = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
-        # What the source says of the weights ({"preprocessing", "class_names", "source"}),
-        # every value checked now, before any weights are read.
-        object.__setattr__(self, "facts", self._read_facts())
+        # What the source says of the weights, in timm's word their pretrained_cfg
+        # ({"preprocessing", "class_names", "source"}): every value checked now, before any
+        # weights are read.
+        object.__setattr__(self, "pretrained_cfg", self._read_pretrained_cfg())
 
-    def _read_facts(self) -> dict:
+    def _read_pretrained_cfg(self) -> dict:
         if self.repo is None:
-            return {"source": {"file": os.path.basename(self.path)}}
+            return {"source": {"file": _file_name(self.path)}}
         where = f"config.json of {PREFIX}{self.repo}"
-        facts = read_config(self.config or {}, where)
+        cfg = read_config(self.config or {}, where)
         source = {
             "repo": self.repo,
             "revision": self.revision or "main",
             "commit": self.commit,
-            "file": os.path.basename(self.path),
-            "license": facts.pop("license"),
-            "architecture": facts.pop("architecture"),
+            "file": _file_name(self.path),
+            "license": cfg.pop("license"),
+            "architecture": cfg.pop("architecture"),
         }
-        return dict(facts, source=source)
+        return dict(cfg, source=source)
+
+
+def _file_name(path) -> str:
+    """The file's name as text that any writer can encode: a name that is not UTF-8 keeps
+    its odd bytes as \\xNN."""
+    return os.fsencode(os.path.basename(path)).decode("utf-8", "backslashreplace")
 
 
 def read_config(config: dict, where: str) -> dict:
-    """The facts of a timm repo's config.json, every value checked as it enters:
+    """What a timm repo's config.json says of its weights, every value checked as it enters:
     {"preprocessing" (None without mean and std), "class_names", "license",
     "architecture"}. BadInput names `where`, the field and what it may be."""
     cfg = _field(config, "pretrained_cfg", (dict,), where, default=None)
@@ -89,7 +105,12 @@ def _field(data: dict, key: str, kinds: tuple, where: str, *, prefix: str = "", 
 
 
 def _shown(value) -> str:
-    return json.dumps(value)[:60]
+    """A value from the file in a message, as JSON (escaped) cut short."""
+    try:
+        text = json.dumps(value)
+    except RecursionError:
+        text = _SHOWN.repr(value)
+    return printable(text[:60])
 
 
 def _preprocessing(pretrained: dict, where: str, prefix: str):
@@ -162,7 +183,7 @@ def resolve(checkpoint) -> Source:
         how = (
             "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
         )
-        raise BadInput(
+        raise NotReachable(
             f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) and {how}; fetch it where the Hub is reachable: "
             f"hf download {repo}{' --revision ' + revision if revision else ''}"
@@ -196,13 +217,24 @@ def _optional_json(download, repo, revision) -> Optional[dict]:
         path = download(repo, "config.json", revision=revision)
     except (EntryNotFoundError, LocalEntryNotFoundError):  # none (here): the weights alone
         return None
+    where = f"config.json of {PREFIX}{repo}"
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise BadInput(f"{where} holds more than {MAX_CONFIG_BYTES} bytes; a config has kilobytes")
+    with open(path, "rb") as f:
+        return parse_config(f.read(), where)
+
+
+def parse_config(data: bytes, where: str) -> dict:
+    """The JSON object in `data` (a config.json); BadInput naming `where` for anything else:
+    not JSON, not UTF-8, nested too deep, too long, not an object."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise BadInput(f"{where} holds more than {MAX_CONFIG_BYTES} bytes; a config has kilobytes")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise BadInput(
-            f"config.json of {PREFIX}{repo} cannot be read as JSON ({err}); fix or remove it"
+            f"{where} cannot be read as JSON ({printable(one_line(err))[:200]}); fix or remove it"
         ) from None
-    if not isinstance(data, dict):
-        raise BadInput(f"config.json of {PREFIX}{repo} must be a JSON object, got {_shown(data)}")
-    return data
+    if not isinstance(config, dict):
+        raise BadInput(f"{where} must be a JSON object, got {_shown(config)}")
+    return config

@@ -1,6 +1,6 @@
-"""Key layouts -> one canonical layout, config from tensor shapes, and THE table.
+"""Config from tensor shapes, and THE table.
 
-Every layout is first renamed to the canonical one (timm's names), then one
+Every layout is first renamed to the canonical one (timm's names, `layouts`), then one
 declarative table, generated from the config by a loop, says for every Keras weight
 which canonical key fills it and through which transform. Conversion in both
 directions reads that table and nothing else.
@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
 from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
-from convmixer_tf.errors import BadInput
-
-LAYOUTS = ("timm", "sequential")
-IGNORED_SUFFIXES = (".num_batches_tracked",)  # BatchNorm bookkeeping, not a weight
-
-
-class MappingError(BadInput):
-    """The tensors do not form a ConvMixer checkpoint (bad input: exit code 2)."""
-
+from weights_converter.layouts import (
+    IGNORED_SUFFIXES,
+    MappingError,
+    depth_of,
+    original_key,
+    shown,
+    to_canonical,
+)
 
 # --- transforms: torch tensor -> Keras variable, and back -------------------------
 
@@ -95,77 +93,6 @@ def weight_table(config: ConvMixerConfig, include_top: bool = True) -> List[Row]
     return rows
 
 
-# --- layouts ---------------------------------------------------------------------
-
-
-def detect_layout(keys) -> str:
-    """'timm' (stem./blocks./head.) or 'sequential' (the paper's nn.Sequential: 0., 2., 3.0.fn.0., ...)."""
-    keys = [k for k in keys if not k.endswith(IGNORED_SUFFIXES)]
-    if any(k.startswith(("stem.", "blocks.")) for k in keys):
-        return "timm"
-    if keys and all(re.match(r"^\d+\.", k) for k in keys) and any(k.startswith("0.") for k in keys):
-        return "sequential"
-    sample = ", ".join(sorted(keys)[:5])
-    raise MappingError(
-        f"not a ConvMixer checkpoint: keys match neither timm's layout (stem.0.weight, blocks.0...) "
-        f"nor the paper's nn.Sequential (0.weight, 3.0.fn.0.weight...); first keys: {sample}"
-    )
-
-
-def _sequential_depth(keys) -> int:
-    blocks = {int(m.group(1)) for k in keys if (m := re.match(r"^(\d+)\.0\.fn\.", k))}
-    return len(blocks)
-
-
-def to_canonical(
-    state_dict: Dict[str, np.ndarray], layout: Optional[str] = None
-) -> Tuple[Dict[str, np.ndarray], str]:
-    """Renames `state_dict` to timm's keys; returns (renamed dict, layout it came in)."""
-    layout = layout or detect_layout(state_dict)
-    if layout == "timm":
-        return dict(state_dict), layout
-    if layout != "sequential":
-        raise MappingError(f"unknown layout {layout!r}; allowed values: {', '.join(LAYOUTS)}")
-    depth = _sequential_depth(state_dict)
-    out = {}
-    for key, value in state_dict.items():
-        index, _, rest = key.partition(".")
-        n = int(index) if index.isdigit() else -1
-        if n in (0, 2):
-            new = f"stem.{n}.{rest}"
-        elif 3 <= n < 3 + depth:
-            new = f"blocks.{n - 3}.{rest}"
-        elif n == depth + 5:  # after the blocks: pool, flatten, then Linear
-            new = f"head.{rest}"
-        else:
-            new = key  # left as it is: reported as unexpected
-        out[new] = value
-    return out, layout
-
-
-def from_canonical(
-    state_dict: Dict[str, np.ndarray], layout: str, depth: int
-) -> Dict[str, np.ndarray]:
-    """Renames canonical (timm) keys to `layout`."""
-    if layout == "timm":
-        return dict(state_dict)
-    if layout != "sequential":
-        raise ValueError(f"unknown layout {layout!r}; allowed values: {', '.join(LAYOUTS)}")
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("stem."):
-            new = key[len("stem.") :]
-        elif key.startswith("blocks."):
-            _, i, rest = key.split(".", 2)
-            new = f"{int(i) + 3}.{rest}"
-        elif key.startswith("head."):
-            new = f"{depth + 5}.{key[len('head.') :]}"
-        else:
-            new = key
-        out[new] = value
-    return out
-
-
 # --- config from shapes ----------------------------------------------------------
 
 
@@ -177,19 +104,16 @@ def check_finite(state_dict: Dict[str, np.ndarray]) -> None:
             bad = int(value.size - np.isfinite(value).sum())
             kinds = "/".join(k for k, f in (("NaN", np.isnan), ("Inf", np.isinf)) if f(value).any())
             raise MappingError(
-                f"tensor {key!r} holds {bad} non-finite value(s) ({kinds}): the checkpoint is damaged "
+                f"tensor {shown(key)} holds {bad} non-finite value(s) ({kinds}): the checkpoint is damaged "
                 "or its training diverged; nothing was converted"
             )
 
 
-def _need(sd, key):
-    if key not in sd:
-        raise MappingError(f"missing key {key!r}: the checkpoint is incomplete or not a ConvMixer")
-    return sd[key]
-
-
 def infer_config(
-    state_dict: Dict[str, np.ndarray], activation: Optional[str] = None
+    state_dict: Dict[str, np.ndarray],
+    activation: Optional[str] = None,
+    *,
+    layout: Optional[str] = None,
 ) -> ConvMixerConfig:
     """Reads dim, depth, kernel, patch, classes and depthwise-or-not from tensor shapes.
 
@@ -201,36 +125,41 @@ def infer_config(
         >>> cfg.dim, cfg.depth, cfg.activation  # doctest: +SKIP
         (768, 32, 'relu')
     """
-    sd, _ = to_canonical(state_dict)
-    stem = _need(sd, "stem.0.weight")
-    if stem.ndim != 4 or stem.shape[2] != stem.shape[3]:
-        raise MappingError(f"stem.0.weight has shape {tuple(stem.shape)}, expected (dim, 3, p, p)")
-    if stem.shape[1] != 3:
+    sd, layout = to_canonical(state_dict, layout)
+    depth = depth_of(sd, "timm")  # the renamed blocks: as many as the layout's
+
+    def need(key, shape_wanted):
+        named = shown(original_key(key, layout, depth))
+        if key not in sd:
+            raise MappingError(
+                f"missing key {named}: the checkpoint is incomplete or not a ConvMixer"
+            )
+        if sd[key].ndim != 4 or sd[key].shape[2] != sd[key].shape[3]:
+            raise MappingError(f"{named} has shape {tuple(sd[key].shape)}, expected {shape_wanted}")
+        return sd[key].shape
+
+    dim, channels, patch, _ = need("stem.0.weight", "(dim, 3, p, p)")
+    if channels != 3:
         raise MappingError(
-            f"stem.0.weight has {stem.shape[1]} input channels; only 3 (RGB) is supported"
+            f"{shown(original_key('stem.0.weight', layout, depth))} has {channels} input "
+            "channels; only 3 (RGB) is supported"
         )
-    dim, patch = int(stem.shape[0]), int(stem.shape[2])
-    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))})
     if depth == 0:
-        raise MappingError(
-            "missing key 'blocks.0.0.fn.0.weight': the checkpoint has no mixer blocks"
-        )
-    spatial = _need(sd, "blocks.0.0.fn.0.weight")
-    if spatial.ndim != 4 or spatial.shape[0] != dim or spatial.shape[1] not in (1, dim):
-        raise MappingError(
-            f"blocks.0.0.fn.0.weight has shape {tuple(spatial.shape)}, expected ({dim}, 1, k, k) "
-            f"(depthwise) or ({dim}, {dim}, k, k)"
-        )
-    depthwise = spatial.shape[1] == 1 and dim > 1
+        raise MappingError("the checkpoint has no mixer blocks: it is not a ConvMixer")
+    wanted = f"({dim}, 1, k, k) (depthwise) or ({dim}, {dim}, k, k)"
+    spatial = need("blocks.0.0.fn.0.weight", wanted)
+    if spatial[0] != dim or spatial[1] not in (1, dim):
+        named = shown(original_key("blocks.0.0.fn.0.weight", layout, depth))
+        raise MappingError(f"{named} has shape {tuple(spatial)}, expected {wanted}")
     head = sd.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 0  # 0: no head
     base = ConvMixerConfig(
-        dim=dim,
+        dim=int(dim),
         depth=depth,
-        kernel_size=int(spatial.shape[2]),
-        patch_size=patch,
+        kernel_size=int(spatial[2]),
+        patch_size=int(patch),
         num_classes=num_classes,
-        depthwise=depthwise,
+        depthwise=bool(spatial[1] == 1 and dim > 1),
     )
     match = match_variant(base)
     if activation is None:
@@ -238,10 +167,10 @@ def infer_config(
     return base.replace(activation=activation)
 
 
-def has_head(state_dict) -> bool:
-    """timm models made with num_classes=0 carry no head."""
-    sd, _ = to_canonical(state_dict)
-    return "head.weight" in sd or "head.bias" in sd
+def has_head(canonical: Dict[str, np.ndarray]) -> bool:
+    """Whether canonical tensors hold a classifier head (timm models made with
+    num_classes=0 carry none)."""
+    return "head.weight" in canonical or "head.bias" in canonical
 
 
 def architecture(config: ConvMixerConfig) -> tuple:
@@ -257,27 +186,44 @@ def match_variant(config: ConvMixerConfig) -> Optional[str]:
     return None
 
 
-def plan(state_dict: Dict[str, np.ndarray], config: ConvMixerConfig, include_top: bool = True):
-    """Checks every row of the table against the tensors before anything is copied; returns
-    the rows. Raises MappingError naming the first missing key, wrong shape or unexpected key."""
+def plan(
+    state_dict: Dict[str, np.ndarray],
+    config: ConvMixerConfig,
+    include_top: bool = True,
+    *,
+    layout: str = "timm",
+):
+    """Checks every row of the table against canonical tensors before anything is copied;
+    returns the rows. Raises MappingError naming, as the `layout` checkpoint names it, the
+    first missing key, wrong shape or unexpected key."""
+
+    def named(key):
+        return shown(original_key(key, layout, config.depth))
+
     rows = weight_table(config, include_top)
     wanted = {row.key for row in rows}
     missing = [row.key for row in rows if row.key not in state_dict]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise MappingError(f"missing key {missing[0]!r}{more} for a {config.describe()}")
+        raise MappingError(f"missing key {named(missing[0])}{more} for a {config.describe()}")
     for row in rows:
+        if state_dict[row.key].dtype.kind != "f":
+            raise MappingError(
+                f"{named(row.key)} holds {state_dict[row.key].dtype}, not floating-point weights"
+            )
         got = tuple(state_dict[row.key].shape)
         expected = expected_torch_shape(row, config)
         if got != expected:
             raise MappingError(
-                f"wrong shape for {row.key!r}: {got}, expected {expected} for a {config.describe()}"
+                f"wrong shape for {named(row.key)}: {got}, expected {expected} for a "
+                f"{config.describe()}"
             )
     unused = sorted(k for k in state_dict if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
     if unused:
         more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
         raise MappingError(
-            f"unexpected key {unused[0]!r}{more}: not part of a ConvMixer-{config.dim}/{config.depth}"
+            f"unexpected key {named(unused[0])}{more}: not part of a "
+            f"ConvMixer-{config.dim}/{config.depth}"
         )
     return rows
 

@@ -19,6 +19,7 @@ from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, ConvMixerConfig
 from convmixer_tf.errors import BadInput, CheckFailed
 from convmixer_tf.export.scores import allowed
+from weights_converter import layouts
 
 DEFAULT_TOLERANCE = 1e-4
 SEEDED_BATCH = 2  # seeded inputs every conversion is checked on
@@ -202,7 +203,8 @@ def check_parity(
     """Compares a PyTorch ConvMixer and its Keras conversion on the same NHWC batch.
 
     Args:
-        torch_model: timm's ConvMixer or the paper's nn.Sequential, weights loaded.
+        torch_model: a ConvMixer in any layout the converter reads (timm's, the paper's
+            nn.Sequential or one-liner, labml's), weights loaded.
         keras_model: the converted Keras model.
         inputs: NHWC float32 batch in the network's input space; default a seeded
             standard-normal batch of `batch_size` images of `image_size` pixels.
@@ -249,22 +251,21 @@ def check_parity(
 
 
 def _torch_stages(torch_model, inputs) -> list:
-    """(name, NHWC output) after the stem, each block, and at the end of the PyTorch model."""
+    """(name, NHWC output) after the stem, each block, and at the end of the PyTorch model.
+    Whatever the layout, each stage ends with a BatchNorm: the stem's, and each block's
+    pointwise one; the layout's table says where they sit in `torch_model`."""
     import torch
 
-    if hasattr(torch_model, "stem") and hasattr(torch_model, "blocks"):
-        modules = [("stem", torch_model.stem)] + [
-            (f"block{i}", b) for i, b in enumerate(torch_model.blocks)
-        ]
-    else:
-        layers = list(torch_model)
-        depth = sum(1 for m in layers[3:] if type(m).__name__ == "Sequential")
-        modules = [("stem", layers[2])] + [(f"block{i}", layers[3 + i]) for i in range(depth)]
+    layout, depth = layouts.layout_of(torch_model.state_dict())
+    table = layouts.modules(layout, depth)
+    modules = [("stem", table["stem.2"])] + [
+        (f"block{i}", table[f"blocks.{i}.3"]) for i in range(depth)
+    ]
     captured = {}
     hooks = [
-        module.register_forward_hook(
+        torch_model.get_submodule(module).register_forward_hook(
             lambda m, args, out, name=name: captured.__setitem__(
-                name, out.detach().numpy().transpose(0, 2, 3, 1)
+                name, out.detach().numpy().transpose(0, 2, 3, 1).copy()
             )
         )
         for name, module in modules

@@ -12,14 +12,16 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 from convmixer_tf import outputs
+from convmixer_tf.errors import BadInput
 from convmixer_tf.export import ExportOptions, export_formats, registry
 from convmixer_tf.staging import staged
 from weights_converter import hub
 from weights_converter.convert import convert_file
-from weights_converter.parity import DEFAULT_TOLERANCE, prove
+from weights_converter.layouts import shown
+from weights_converter.parity import DEFAULT_TOLERANCE, ParityReport, prove
 
 REPORT = "report.json"
 MODEL = "model.keras"
@@ -44,7 +46,21 @@ def default_output_dir(checkpoint_path) -> str:
     path = os.path.abspath(os.fspath(checkpoint_path))
     base = os.path.basename(path)
     base = next((base[: -len(s)] for s in SUFFIXES if base.endswith(s)), base)
+    longest = _longest_name(os.path.dirname(path))
+    if longest and len(os.fsencode(f"{base}_keras")) > longest:
+        raise BadInput(
+            f"the default output for {shown(path, 1000)} would be a name longer than {longest} "
+            "bytes, which its file system refuses: pass --output DIR"
+        )
     return os.path.join(os.path.dirname(path), f"{base}_keras")
+
+
+def _longest_name(folder) -> Optional[int]:
+    """The longest file name `folder`'s file system takes, in bytes (None: not known)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,19 +99,60 @@ class ConvertOptions:
     export: ExportOptions = ExportOptions(formats=())
 
 
+@dataclasses.dataclass
+class Report:
+    """What one conversion did: `convert_and_verify` returns it, report.json holds it.
+
+    Attributes:
+        output: the output folder.
+        conversion: what was read and how it was mapped (`Conversion.summary()`).
+        parity: the proof, None when it was skipped.
+        files: one row per file written: model.keras, then each export (none when parity
+            failed).
+        timings_s: seconds per step.
+        replaced: what --force replaced, if anything ("existing output", ...).
+    """
+
+    output: str
+    conversion: dict
+    parity: Optional[ParityReport]
+    files: List[dict]
+    timings_s: Dict[str, float]
+    replaced: Optional[str] = None
+
+    @property
+    def passed(self) -> bool:
+        """Parity held (or was skipped), so the model and its exports were written."""
+        return self.parity is None or self.parity.passed
+
+    def to_dict(self) -> dict:
+        """report.json's content."""
+        report = {
+            "status": "ok" if self.passed else "parity_failed",
+            "output": self.output,
+            "timings_s": self.timings_s,
+            "conversion": self.conversion,
+            "parity": {"skipped": True} if self.parity is None else self.parity.to_dict(),
+            "files": self.files,
+        }
+        if self.replaced:
+            report["replaced"] = self.replaced
+        return report
+
+
 def convert_and_verify(
     options: ConvertOptions, log: Callable[[str], None] = lambda message: None
-) -> dict:
+) -> Report:
     """Converts a checkpoint, proves parity, exports; returns the report (also in report.json).
 
     Raises CheckpointError / MappingError / OutputExistsError / BadInput on bad input.
     When parity fails, the output holds report.json alone (no model) and
-    report["status"] == "parity_failed".
+    `report.passed` is False.
 
     Example:
         >>> report = convert_and_verify(ConvertOptions("convmixer_768_32.pth"))  # doctest: +SKIP
-        >>> report["parity"]["passed"]  # doctest: +SKIP
-        True
+        >>> report.passed, report.parity.max_abs < 1e-4  # doctest: +SKIP
+        (True, True)
     """
     from convmixer_tf.labels import read_labels
 
@@ -113,8 +170,8 @@ def convert_and_verify(
     ]
     output = options.output or default_output_dir(options.checkpoint)
     with staged(output, output_kind(), options.force, inputs) as staging:
-        report = {"status": "ok", "output": staging.output, "timings_s": {}}
-        with _step(log, "reading and mapping the checkpoint", report, "convert"):
+        timings = {}
+        with _step(log, "reading and mapping the checkpoint", timings, "convert"):
             conversion = convert_file(
                 options.checkpoint,
                 options.variant,
@@ -122,63 +179,69 @@ def convert_and_verify(
                 use_ema=options.use_ema,
                 class_names=class_names,
             )
-        report["conversion"] = conversion.summary()
         log("  " + conversion.describe())
-        _check(conversion, report, log, options)
-        conversion.checkpoint.state_dict.clear()  # the Keras model holds its own copy now
-        if report["status"] == "ok":
-            _save(conversion.model, staging.path, report, log)
-        if report["status"] == "ok" and exports:
-            with _step(log, f"exporting and verifying {', '.join(exports)}", report, "export"):
-                report["files"] += export_formats(
-                    conversion.model, staging.path, options.export, log=log
-                )
+        parity = _prove(conversion, options, timings, log)
+        # The one place memory is given back: the Keras model holds its own copy of every
+        # weight, and exporting, the step that needs the most, comes next.
+        conversion.release()
+        files = []
+        if parity is None or parity.passed:
+            files = _write_files(
+                conversion.model,
+                staging.path,
+                exports=exports,
+                options=options,
+                timings=timings,
+                log=log,
+            )
+        report = Report(staging.output, conversion.summary(), parity, files, timings)
         staging.on_commit = lambda staged: _write_report(staged, report, conversion.model)
     return report
 
 
-def _save(model, folder, report, log) -> None:
+def _prove(conversion, options: ConvertOptions, timings, log) -> Optional[ParityReport]:
+    """The parity report of `conversion`, None when skipped."""
+    if options.skip_parity:
+        return None
+    what = "running the PyTorch reference and the Keras model side by side"
+    with _step(log, what, timings, "parity"):
+        parity = prove(conversion, options.tolerance, options.parity_images)
+    log("  " + parity.describe())
+    return parity
+
+
+def _write_files(model, folder, *, exports, options: ConvertOptions, timings, log) -> List[dict]:
+    """model.keras, then each export, into `folder`; their rows."""
     from convmixer_tf.saving import save_model
 
     path = os.path.join(folder, MODEL)
-    with _step(log, f"saving {MODEL}", report, "save"):
+    with _step(log, f"saving {MODEL}", timings, "save"):
         save_model(model, path)
-    report["files"] = [{"format": "keras", "path": MODEL, "bytes": os.path.getsize(path)}]
+    files = [{"format": "keras", "path": MODEL, "bytes": os.path.getsize(path)}]
+    if exports:
+        with _step(log, f"exporting and verifying {', '.join(exports)}", timings, "export"):
+            files += export_formats(model, folder, options.export, log=log)
+    return files
 
 
-def _check(conversion, report, log, options: ConvertOptions) -> None:
-    """Parity into the report (its status), unless skipped."""
-    if options.skip_parity:
-        report["parity"] = {"skipped": True}
-    else:
-        with _step(
-            log, "running the PyTorch reference and the Keras model side by side", report, "parity"
-        ):
-            parity = prove(conversion, options.tolerance, options.parity_images)
-        report["parity"] = parity.to_dict()
-        report["status"] = "ok" if parity.passed else "parity_failed"
-        log("  " + parity.describe())
-    conversion.state_dicts.clear()
-
-
-def _write_report(staging, report, model):
+def _write_report(staging, report: Report, model):
     """report.json, and with a model the model card that lets the folder go to the Hub as it is."""
     from convmixer_tf import contract
     from convmixer_tf.card import model_card
 
-    if staging.replaced:
-        report["replaced"] = staging.replaced
-    outputs.write_json_atomic(os.path.join(staging.path, REPORT), report)
-    if report["status"] == "ok":
+    report.replaced = staging.replaced
+    content = report.to_dict()
+    outputs.write_json_atomic(os.path.join(staging.path, REPORT), content)
+    if report.passed:
         outputs.write_atomic(
-            os.path.join(staging.path, CARD), model_card(contract.info_of(model), report)
+            os.path.join(staging.path, CARD), model_card(contract.info_of(model), content)
         )
 
 
 @contextlib.contextmanager
-def _step(log, what, report, key):
+def _step(log, what, timings, key):
     log(f"{what} ...")
     start = time.perf_counter()
     yield
-    report["timings_s"][key] = round(time.perf_counter() - start, 3)
-    log(f"  done in {report['timings_s'][key]:.1f} s")
+    timings[key] = round(time.perf_counter() - start, 3)
+    log(f"  done in {timings[key]:.1f} s")
