@@ -112,22 +112,18 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     out = _nearby(os.path.join(args.output, f"{VARIANT}_keras"))
-    convert = [
-        sys.executable,
-        "-m",
-        "weights_converter",
-        "--torch-ckpt",
-        checkpoint,
-        "--variant",
-        VARIANT,
-    ]
-    convert += ["--output", out, "--export", *args.export, "--calibration-count", "8", "--force"]
-    code = _run(convert)
-    if code:
-        return code
+    convert = [sys.executable, "-m", "weights_converter", "--torch-ckpt", checkpoint]
+    convert += ["--variant", VARIANT, "--output", out, "--export", *args.export]
+    code = _run([*convert, "--calibration-count", "8", "--force"])
+    return code or _try_it(out)
+
+
+def _try_it(out) -> int:
+    """Classifies the shipped photo with a converted file, and says how to try others."""
     model = os.path.join(out, "model.onnx")
     if not os.path.isfile(model):
         model = os.path.join(out, "model.keras")
+    code = 0
     if os.path.isfile(PHOTO):
         code = _run(
             [sys.executable, "-m", "convmixer_tf.predict", "--model", model, _nearby(PHOTO)]
