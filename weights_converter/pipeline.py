@@ -27,16 +27,6 @@ CARD = "README.md"
 SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
-def output_kind() -> outputs.Output:
-    """What the converter writes: a folder with report.json, model.keras and exported files."""
-    return outputs.Output(
-        "weights_converter",
-        REPORT,
-        lambda report: isinstance(report, dict) and "conversion" in report,
-        (*outputs.exactly(REPORT, MODEL, CARD), *registry.file_patterns()),
-    )
-
-
 def default_output_dir(checkpoint_path) -> str:
     """`dir/name.pth.tar` -> `dir/name_keras`; `hf-hub:owner/name` -> `./name_keras`."""
     if hub.is_hub_id(checkpoint_path):
@@ -62,7 +52,7 @@ class ConvertOptions:
         tolerance: the largest abs difference of float32 logits parity allows.
         parity_images: also compare on these images (a folder or tfds:NAME[:SPLIT]).
         skip_parity: convert without the PyTorch run (no proof; for machines without torch).
-        force: replace an earlier output of the converter.
+        force: replace an earlier output (only one whose files are all as its RECORD lists).
         export: the files to write and verify beside the model (no formats: none).
 
     Example:
@@ -112,7 +102,7 @@ def convert_and_verify(
         options.labels,
     ]
     output = options.output or default_output_dir(options.checkpoint)
-    with staged(output, output_kind(), options.force, inputs) as staging:
+    with staged(output, options.force, inputs) as staging:
         report = {"status": "ok", "output": staging.output, "timings_s": {}}
         with _step(log, "reading and mapping the checkpoint", report, "convert"):
             conversion = convert_file(
@@ -133,7 +123,9 @@ def convert_and_verify(
                 report["files"] += export_formats(
                     conversion.model, staging.path, options.export, log=log
                 )
-        staging.on_commit = lambda staged: _write_report(staged, report, conversion.model)
+        # what the final move replaces is known only as it happens
+        for replaced in staging.moves():
+            _write_report(staging.path, report, conversion.model, replaced)
     return report
 
 
@@ -161,17 +153,18 @@ def _check(conversion, report, log, options: ConvertOptions) -> None:
     conversion.state_dicts.clear()
 
 
-def _write_report(staging, report, model):
+def _write_report(folder, report, model, replaced):
     """report.json, and with a model the model card that lets the folder go to the Hub as it is."""
     from convmixer_tf import contract
     from convmixer_tf.card import model_card
 
-    if staging.replaced:
-        report["replaced"] = staging.replaced
-    outputs.write_json_atomic(os.path.join(staging.path, REPORT), report)
+    report.pop("replaced", None)  # said by an earlier try of the final move
+    if replaced:
+        report["replaced"] = replaced
+    outputs.write_json_atomic(os.path.join(folder, REPORT), report)
     if report["status"] == "ok":
         outputs.write_atomic(
-            os.path.join(staging.path, CARD), model_card(contract.info_of(model), report)
+            os.path.join(folder, CARD), model_card(contract.info_of(model), report)
         )
 
 

@@ -53,11 +53,6 @@ def recognise(path) -> ExportFormat:
     )
 
 
-def file_patterns() -> tuple:
-    """What the formats write into an output folder (`outputs.Output.files`)."""
-    return tuple(pattern for fmt in FORMATS for pattern in fmt.patterns)
-
-
 def help_text(indent: str = "  ") -> str:
     """One line per format, for --help."""
     rows = [
