@@ -84,6 +84,7 @@ def umask() -> int:
 
 RECORD = "RECORD"
 _MOST_RECORD_BYTES = 16 << 20  # far above what any command lists: a larger RECORD is not ours
+_NO_LINK_NO_WAIT = os.O_NOFOLLOW | os.O_NONBLOCK
 _DIGEST = re.compile(r"sha256=[A-Za-z0-9_-]{43}")
 _SIZE = re.compile(r"[0-9]{1,20}")
 _WAY_OUT = "it is never replaced, even with --force: move or delete it yourself, or choose another --output"
@@ -99,7 +100,7 @@ def write_record(folder, ours: Callable[[str], bool] = lambda path: True) -> Non
         if path == RECORD or status is None or not ours(path):
             continue
         if stat.S_ISREG(status.st_mode):
-            rows.append([path, _digest(os.path.join(folder, path)), str(status.st_size)])
+            rows.append([path, *_digest(os.path.join(folder, path))])
         elif stat.S_ISDIR(status.st_mode):
             rows.append([path, "", ""])
     text = io.StringIO()
@@ -112,18 +113,14 @@ def read_record(folder) -> Optional[dict]:
     and the RECORD itself; None when it has none. A RECORD this program would not have
     written (a user may edit it) is OutputExistsError."""
     try:
-        fd = os.open(os.path.join(folder, RECORD), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with _opened(os.path.join(folder, RECORD)) as f:
+            data = f.read(_MOST_RECORD_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as err:
         raise _kept(folder, f"has a {RECORD} that cannot be read ({err.strerror})") from None
-    try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
-        data = os.read(fd, _MOST_RECORD_BYTES + 1) if regular else b""
-    finally:
-        os.close(fd)
-    if not regular or len(data) > _MOST_RECORD_BYTES:
-        raise _kept(folder, f"has a {RECORD} that is not a file this program writes")
+    if len(data) > _MOST_RECORD_BYTES:
+        raise _kept(folder, f"has a {RECORD} larger than this program writes")
     lines = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
     rows = {}
     try:
@@ -195,7 +192,7 @@ def _unchanged(path, status, listed: tuple, seen: Optional[dict]) -> bool:
     if seen is not None and seen.get(path) == key:
         return True
     try:
-        same = _digest(path) == digest
+        same = _digest(path) == (digest, str(size))
     except OSError:
         return False
     if same and seen is not None:
@@ -234,11 +231,18 @@ def _entries(root):
                 yield folder + name, entry
 
 
-def _digest(path) -> str:
-    """sha256=DIGEST of a file, as a wheel's RECORD writes it (a link is not followed)."""
-    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+def _opened(path):
+    """Opened to read: never through a link, and a FIFO does not block."""
+    return open(path, "rb", opener=lambda name, flags: os.open(name, flags | _NO_LINK_NO_WAIT))
+
+
+def _digest(path) -> tuple:
+    """("sha256=DIGEST", "SIZE") of a file as read, as a wheel's RECORD writes them (a link
+    is not followed)."""
+    with _opened(path) as f:
         digest = hashlib.file_digest(f, "sha256").digest()
-    return "sha256=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        size = f.tell()
+    return "sha256=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode(), str(size)
 
 
 def _shown(paths) -> str:

@@ -162,10 +162,10 @@ class Staging:
                 raise _Changed() from None
         try:
             _move(self.path, self.output)
-        except FileExistsError:  # the earlier output, if any, goes all the same
-            shutil.rmtree(aside, ignore_errors=True)
-            raise _Changed() from None
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, FileExistsError) and os.path.lexists(self.output):
+                shutil.rmtree(aside, ignore_errors=True)  # the earlier output goes all the same
+                raise _Changed() from None
             with contextlib.suppress(OSError):
                 os.rename(aside, self.output)
             raise

@@ -344,9 +344,9 @@ def test_odd_entries_and_damaged_records_are_refused_and_never_followed(tmp_path
     (out / "model.keras").write_bytes(b"model")
     for damage, words in (
         (lambda path: os.symlink(elsewhere / "RECORD", path), "cannot be read"),
-        (os.mkfifo, "not a file this program writes"),
-        (os.mkdir, "not a file this program writes"),
-        (lambda path: path.write_bytes(b"x" * (17 << 20)), "not a file this program writes"),
+        (os.mkfifo, "must list itself"),  # read as empty, without blocking
+        (os.mkdir, "cannot be read"),
+        (lambda path: path.write_bytes(b"x" * (17 << 20)), "larger than this program writes"),
         (lambda path: path.write_bytes(record.replace(b"RECORD,,\n", b"")), "must list itself"),
         (lambda path: path.write_bytes(record + b"../x,,\n"), "did not write \\(line 6"),
     ):

@@ -219,6 +219,34 @@ def test_a_folder_made_in_the_last_instant_is_never_replaced(tmp_path, monkeypat
     assert [e for e in os.listdir(tmp_path) if ".partial" in e] == []
 
 
+def test_the_final_move_says_again_what_it_replaces_when_another_run_moves_in_first(
+    tmp_path, monkeypatch
+):
+    """Another run of ours moves its output into place between this run's last look and its
+    move: the report is written again, saying so, before the move that replaces it."""
+    out = tmp_path / "out"
+    real_rename = staging._move
+    others = []
+
+    def another_run_gets_there_first(src, dst):
+        if os.fspath(dst) == os.fspath(out) and not others:
+            others.append("done")
+            with staging.staged(out) as other:
+                open(os.path.join(other.path, "report.json"), "w").write("theirs")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(staging, "_move", another_run_gets_there_first)
+    said = []
+    with staging.staged(out, force=True) as mine:
+        for replaced in mine.moves():
+            said.append(replaced)
+            open(os.path.join(mine.path, "report.json"), "w").write(f"replaced: {replaced}")
+    assert said == [None, "output written meanwhile by another run"]
+    assert (out / "report.json").read_text() == f"replaced: {said[-1]}"
+    assert outputs.not_ours(out) == []
+    assert [e for e in os.listdir(tmp_path) if ".partial" in e] == []
+
+
 def test_evaluate_output_written_meanwhile_is_not_replaced(tmp_path):
     path = tmp_path / "metrics.json"
     outputs.write_json_atomic(path, {"top1": 1.0}, exclusive=True)  # a new file: written

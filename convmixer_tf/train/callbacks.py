@@ -1,6 +1,5 @@
 """What a run watches while it trains: a loss that stops being finite, its progress and
-throughput, TensorBoard's logs, and history.csv read back (an epoch trained twice keeps
-its last row)."""
+throughput, and history.csv read back (an epoch trained twice keeps its last row)."""
 
 from __future__ import annotations
 
@@ -76,16 +75,6 @@ class Progress(keras.callbacks.Callback):
                 f"{k} {v:.4f}" for k, v in sorted((logs or {}).items()) if k != "learning_rate"
             )
             self.log(f"epoch {epoch + 1}/{self.params.get('epochs')}: {shown} ({elapsed:.1f} s)")
-
-
-class FlushedTensorBoard(keras.callbacks.TensorBoard):
-    """Keras' TensorBoard, its event files flushed at the end of each epoch: the run
-    folder's RECORD, written next, then holds them as they stay after a kill."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        for writer in self._writers.values():  # Keras keeps its writers private
-            writer.flush()
 
 
 def read_history(path) -> list:

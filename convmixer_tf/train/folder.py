@@ -50,6 +50,16 @@ class RunRecord(keras.callbacks.Callback):
         self.update()
 
 
+class FlushedTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard, its event files flushed at the end of each epoch: the RECORD,
+    written next, then holds them as they stay after a kill."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        for writer in self._writers.values():  # Keras keeps its writers private
+            writer.flush()
+
+
 def _tensorboards(name) -> bool:
     """An event file of TensorBoard's: events.out.tfevents.TIME.HOST.PID.N.v2."""
     return "/" not in name and name.startswith("events.out.tfevents.") and name.endswith(".v2")
@@ -81,13 +91,14 @@ def run_folder(config: TrainConfig, shard, log):
     record = RunRecord(out) if folder == out and shard.index == 0 else None
     try:
         sync(shard, "output ready")
-        with interrupts.on_interrupt(record.update) if record else contextlib.nullcontext():
+        with contextlib.ExitStack() as recorded:
+            if record is not None:  # true at the end, on SIGINT or SIGTERM, after a failure
+                recorded.enter_context(interrupts.on_interrupt(record.update))
+                recorded.callback(record.update)
             yield folder, resumed, record
-        sync(shard, "run saved")
+            sync(shard, "run saved")
         if staging is not None:
             staging.commit()
-        elif record is not None:
-            record.update()
     except BaseException:
         if staging is not None:
             staging.discard()

@@ -24,13 +24,7 @@ from convmixer_tf.errors import BadInput, CheckFailed, one_line
 from convmixer_tf.model import build_variant, rebuild
 from convmixer_tf.pipelines import Shard, eval_pipeline, train_pipeline
 from convmixer_tf.saving import load_model, save_model
-from convmixer_tf.train.callbacks import (
-    FlushedTensorBoard,
-    Progress,
-    StopOnNaN,
-    TrainingError,
-    read_history,
-)
+from convmixer_tf.train.callbacks import Progress, StopOnNaN, TrainingError, read_history
 from convmixer_tf.train.distribute import (
     LocalBackupAndRestore,
     LocalModelCheckpoint,
@@ -40,7 +34,7 @@ from convmixer_tf.train.distribute import (
     start_processes,
     sync,
 )
-from convmixer_tf.train.folder import RunRecord, run_folder
+from convmixer_tf.train.folder import FlushedTensorBoard, RunRecord, run_folder
 from convmixer_tf.train.optim import compile_model
 from convmixer_tf.train.recipe import PRECISIONS, TrainConfig
 
