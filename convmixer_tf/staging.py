@@ -144,6 +144,7 @@ class Staging:
         if self._existed:
             return "existing output"
         if not self.force:
+            check_replaceable(self.output, True, self.inputs, self._seen)  # what is not ours first
             raise OutputExistsError(
                 f"output {self.output} appeared while this run was writing it "
                 "(another run?); nothing was replaced: pass --force to replace it"
