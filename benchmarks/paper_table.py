@@ -26,8 +26,8 @@ the paper's GPU ratio.
     python benchmarks/paper_table.py --output-dir out   # also writes paper_table.md and .json
 
 --output-dir follows the commands' rule (docs/commands.md): a new folder, or one holding
-an earlier table and nothing else, which is replaced once the new table is written;
-anything else is refused at once (exit 2), before the measuring starts.
+an earlier table and nothing else, unchanged (its RECORD), which is replaced once the new
+table is written; anything else is refused at once (exit 2), before the measuring starts.
 """
 
 from __future__ import annotations
@@ -371,9 +371,8 @@ def _run(args, log) -> int:
 
     with contextlib.ExitStack() as stack:
         table = None
-        # a new folder, or one of an earlier table: checked before the measuring starts
-        if args.output_dir:
-            table = stack.enter_context(staging.staged(args.output_dir, TABLE, force=True))
+        if args.output_dir:  # checked before the measuring starts
+            table = stack.enter_context(_table_folder(args.output_dir))
         rows = [measure_network(net, settings, log) for net in PAPER if net.name in args.networks]
         result = {
             "machine": cpu_description(),
@@ -393,12 +392,14 @@ def _run(args, log) -> int:
     return 0
 
 
-TABLE = outputs.Output(
-    "benchmarks/paper_table.py",
-    "paper_table.json",
-    lambda data: isinstance(data, dict) and {"rows", "ratios"} <= set(data),
-    outputs.exactly("paper_table.md", "paper_table.json"),
-)
+def _table_folder(path):
+    """--output-dir, staged: a new folder, or an earlier table (its RECORD lists
+    paper_table.json, and nothing in it changed) to replace; anything else is exit 2."""
+    if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(f"{path}/paper_table.json"):
+        raise outputs.OutputExistsError(
+            f"--output-dir {path} exists and holds no earlier table; choose another --output-dir"
+        )
+    return staging.staged(path, force=True)
 
 
 if __name__ == "__main__":

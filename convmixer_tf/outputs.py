@@ -1,19 +1,23 @@
 """Writing outputs so that nothing is half-written and nothing of the user's is lost.
 
 - `write_atomic`: a file appears whole or not at all, with the umask's mode.
-- `Output`: what one command writes (a marker file and the exact paths of every file), so
-  `--force` tells, all the way down, an earlier output of that command from anything else.
+- `write_record`: each output folder holds a RECORD of what the command wrote there (every
+  file's path, size and sha256, as a wheel's), so `--force` replaces a folder only when
+  everything in it is listed and unchanged (`check_replaceable`).
 - `staging.staged` builds an output folder beside its place and moves it there at the end.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import base64
+import csv
+import hashlib
+import io
 import json
 import os
 import re
-from typing import Callable, Optional, Sequence, Tuple
+import stat
+from typing import Callable, Optional, Sequence
 
 from convmixer_tf.errors import BadInput
 from convmixer_tf.interrupts import remove_file, removed_on_interrupt
@@ -78,93 +82,175 @@ def umask() -> int:
     return mask
 
 
-def exactly(*paths) -> tuple:
-    """`Output.files` entries for paths written under exactly these names."""
-    return tuple("/".join(re.escape(part) for part in path.split("/")) for path in paths)
+RECORD = "RECORD"
+_MOST_RECORD_BYTES = 16 << 20  # far above what any command lists: a larger RECORD is not ours
+_NO_LINK_NO_WAIT = os.O_NOFOLLOW | os.O_NONBLOCK
+_DIGEST = re.compile(r"sha256=[A-Za-z0-9_-]{43}")
+_SIZE = re.compile(r"[0-9]{1,20}")
+_WAY_OUT = "it is never replaced, even with --force: move or delete it yourself, or choose another --output"
 
 
-@dataclasses.dataclass(frozen=True)
-class Output:
-    r"""What one command writes as its output folder, and how to recognise one it wrote.
+def write_record(folder, ours: Callable[[str], bool] = lambda path: True) -> None:
+    """Writes `folder`'s RECORD of what a command wrote there, as a wheel's RECORD: a line
+    `path,sha256=DIGEST,SIZE` per file (URL-safe base64, no padding), `path/,,` per empty
+    folder, and `RECORD,,`; every entry whose relative path `ours` accepts (never a link:
+    no command writes one)."""
+    rows = []
+    for path, status in _entries(folder):
+        if path == RECORD or status is None or not ours(path):
+            continue
+        if stat.S_ISREG(status.st_mode):
+            rows.append([path, *_digest(os.path.join(folder, path))])
+        elif stat.S_ISDIR(status.st_mode):
+            rows.append([path, "", ""])
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([*sorted(rows), [RECORD, "", ""]])
+    write_atomic(os.path.join(folder, RECORD), text.getvalue().encode("utf-8", "surrogateescape"))
 
-    Args:
-        tool: the command, for messages.
-        marker: a file the command always writes there.
-        is_ours: given the marker's parsed JSON, True when it is the command's.
-        files: every path the command may write there, relative and "/"-separated, as one
-            regular expression per path segment, matched a segment at a time (never
-            across "/"): exact names (`exactly`), or the names a writer makes up
-            (r"variables\.data-\d{5}-of-\d{5}"); "dir/" for a folder that may stay empty.
-            Anything else anywhere in the tree is the user's.
-    """
 
-    tool: str
-    marker: str
-    is_ours: Callable[[object], bool]
-    files: Tuple[str, ...]
+def read_record(folder) -> Optional[dict]:
+    """`folder`'s RECORD: {relative path: (size, "sha256=DIGEST")}, None for an empty folder
+    and the RECORD itself; None when it has none. A RECORD this program would not have
+    written (a user may edit it) is OutputExistsError."""
+    try:
+        with _opened(os.path.join(folder, RECORD)) as f:
+            data = f.read(_MOST_RECORD_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise _kept(folder, f"has a {RECORD} that cannot be read ({err.strerror})") from None
+    if len(data) > _MOST_RECORD_BYTES:
+        raise _kept(folder, f"has a {RECORD} larger than this program writes")
+    lines = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
+    rows = {}
+    try:
+        for row in lines:
+            path, value = _row(row)
+            if path in rows:
+                raise ValueError("a path listed twice")
+            rows[path] = value
+    except (csv.Error, ValueError) as err:
+        raise _kept(
+            folder, f"has a {RECORD} this program did not write (line {lines.line_num}: {err})"
+        ) from None
+    if rows.get(RECORD, ()) is not None:
+        raise _kept(folder, f"has a {RECORD} this program did not write (it must list itself)")
+    return rows
 
-    @functools.cached_property
-    def _patterns(self) -> tuple:
-        """(compiled segments, is a folder) of each entry of `files`."""
-        return tuple(
-            (tuple(re.compile(part) for part in entry.rstrip("/").split("/")), entry.endswith("/"))
-            for entry in self.files
+
+def _row(row) -> tuple:
+    """(path, (size, digest) or None) of one line of a RECORD; ValueError when this program
+    would not have written it."""
+    if len(row) != 3:
+        raise ValueError("not three fields")
+    path, digest, size = row
+    parts = path.removesuffix("/").split("/")
+    if path.startswith("/") or "\x00" in path or any(part in ("", ".", "..") for part in parts):
+        raise ValueError("a path that is not a place inside the folder")
+    if not digest and not size and (path == RECORD or path.endswith("/")):
+        return path, None
+    if path.endswith("/") or not _DIGEST.fullmatch(digest) or not _SIZE.fullmatch(size):
+        raise ValueError("not a file's sha256 and size")
+    return path, (int(size), digest)
+
+
+def not_ours(folder, seen: Optional[dict] = None) -> list:
+    """What in `folder` its RECORD does not list as it is now (relative paths; a file whose
+    content changed says so): entries not listed, links, unreadable folders. A listed file
+    is compared by its size, then, only where the size matches, its sha256; `seen` ({path:
+    its lstat}) holds files found unchanged before, not read again while their lstat stays.
+    The temporary file of a killed write (`temporary_name`) of a listed file is ours.
+    OutputExistsError when the folder has no RECORD, or one this program did not write."""
+    listed = read_record(folder)
+    if listed is None:
+        held = sorted(os.listdir(folder))
+        raise _kept(
+            folder,
+            f"holds {_shown(held)} and no {RECORD} of what this program wrote there "
+            "(an output of an earlier version, or not one of ours)",
         )
+    found = []
+    for path, status in _entries(folder):
+        regular = status is not None and stat.S_ISREG(status.st_mode)
+        if status is None:
+            found.append(f"{path} (cannot be read)")
+        elif regular and listed.get(path):
+            if not _unchanged(os.path.join(folder, path), status, listed[path], seen):
+                found.append(f"{path} (changed since it was written)")
+        elif regular and (path == RECORD or _temporary_of(path, listed)):
+            continue
+        elif not (stat.S_ISDIR(status.st_mode) and path in listed):
+            found.append(path)
+    return sorted(found)
 
-    def writes_file(self, parts: Sequence[str]) -> bool:
-        """True when the path of segments `parts` is a file this command writes."""
-        return any(not folder and _match(segments, parts) for segments, folder in self._patterns)
 
-    def writes_folder(self, parts: Sequence[str]) -> bool:
-        """True when `parts` is a folder this command writes into, or makes."""
-        for segments, folder in self._patterns:
-            if len(parts) < len(segments) or folder:
-                if _match(segments[: len(parts)], parts):
-                    return True
+def _unchanged(path, status, listed: tuple, seen: Optional[dict]) -> bool:
+    size, digest = listed
+    key = (status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, status.st_dev)
+    if status.st_size != size:
         return False
+    if seen is not None and seen.get(path) == key:
+        return True
+    try:
+        same = _digest(path) == (digest, str(size))
+    except OSError:
+        return False
+    if same and seen is not None:
+        seen[path] = key
+    return same
 
-    def _temporary_of_ours(self, parts: Sequence[str]) -> bool:
-        """A file of ours being written when its writer was killed (`temporary_name`)."""
-        match = TEMPORARY.fullmatch(parts[-1])
-        return match is not None and self.writes_file([*parts[:-1], match["name"]])
 
-    def foreign(self, root) -> list:
-        """What under `root` this command did not write (relative paths): every file, link or
-        other entry whose path is not one of `files`, and empty folders it does not make."""
-        found = []
-        for folder, dirs, files in os.walk(root):
-            rel = os.path.relpath(folder, root).replace(os.sep, "/")
-            parts = [] if rel == "." else rel.split("/")
-            if parts and not dirs and not files and not self.writes_folder(parts):
-                found.append(rel)
-            for name in dirs + files:
-                path = os.path.join(folder, name)
-                if os.path.islink(path):
-                    found.append("/".join([*parts, name]))
-                elif name in files and not (
-                    os.path.isfile(path)
-                    and (
-                        self.writes_file([*parts, name]) or self._temporary_of_ours([*parts, name])
-                    )
-                ):
-                    found.append("/".join([*parts, name]))
-        return sorted(found)
+def _temporary_of(path, listed) -> bool:
+    folder, _, name = path.rpartition("/")
+    match = TEMPORARY.fullmatch(name)
+    return match is not None and f"{folder}/{match['name']}".lstrip("/") in listed
 
-    def earlier_output(self, folder) -> Optional[list]:
-        """None when `folder` is empty or an output of this command; else what in it is not."""
+
+def _entries(root):
+    """(relative path, lstat, or None when it cannot be read) of everything under `root`
+    but the folders that hold something: files, links and others, empty folders as "name/"."""
+    pending = [("", None)]
+    while pending:
+        folder, status = pending.pop()
         try:
-            with open(os.path.join(folder, self.marker)) as f:
-                ours = self.is_ours(json.load(f))
-        except (OSError, ValueError):
-            ours = False
-        foreign = self.foreign(folder)
-        if not os.listdir(folder) or (ours and not foreign):
-            return None
-        return foreign or [f"{self.marker} missing"]
+            names = sorted(os.listdir(os.path.join(root, folder)))
+        except OSError:
+            yield folder, None
+            continue
+        if folder and not names:
+            yield folder, status
+        for name in names:
+            try:
+                entry = os.lstat(os.path.join(root, folder + name))
+            except OSError:
+                yield folder + name, None
+                continue
+            if stat.S_ISDIR(entry.st_mode):
+                pending.append((f"{folder}{name}/", entry))
+            else:
+                yield folder + name, entry
 
 
-def _match(segments, parts) -> bool:
-    return len(segments) == len(parts) and all(s.fullmatch(p) for s, p in zip(segments, parts))
+def _opened(path):
+    """Opened to read: never through a link, and a FIFO does not block."""
+    return open(path, "rb", opener=lambda name, flags: os.open(name, flags | _NO_LINK_NO_WAIT))
+
+
+def _digest(path) -> tuple:
+    """("sha256=DIGEST", "SIZE") of a file as read, as a wheel's RECORD writes them (a link
+    is not followed)."""
+    with _opened(path) as f:
+        digest = hashlib.file_digest(f, "sha256").digest()
+        size = f.tell()
+    return "sha256=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode(), str(size)
+
+
+def _shown(paths) -> str:
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def _kept(folder, why: str) -> OutputExistsError:
+    return OutputExistsError(f"output {folder} {why}; {_WAY_OUT}")
 
 
 def check_inputs_outside(output, inputs: Sequence = ()) -> str:
@@ -184,13 +270,15 @@ def check_inputs_outside(output, inputs: Sequence = ()) -> str:
     return output
 
 
-def check_replaceable(output, kind: Output, force: bool, inputs: Sequence = ()) -> str:
+def check_replaceable(
+    output, force: bool, inputs: Sequence = (), seen: Optional[dict] = None
+) -> str:
     """Refuses (OutputExistsError, exit 2) an output that would lose something of the user's.
 
     An absent output is fine. An existing one needs `force`, and even then is only
-    replaced when it is a folder this command wrote (its marker, and nothing anywhere in
-    it that the command does not write). No output may contain, equal or lead through a
-    link to any of `inputs`. Returns the absolute output path.
+    replaced when it is empty or holds nothing but what its RECORD lists, unchanged
+    (`not_ours`, with `seen`). No output may contain, equal or lead through a link to any
+    of `inputs`. Returns the absolute output path.
     """
     output = check_inputs_outside(output, inputs)
     if os.path.islink(output):
@@ -199,18 +287,11 @@ def check_replaceable(output, kind: Output, force: bool, inputs: Sequence = ()) 
         return output
     if not os.path.isdir(output):
         raise OutputExistsError(
-            f"output {output} exists and is a file, not an output folder of {kind.tool}; "
-            "choose another --output"
+            f"output {output} exists and is a file, not an output folder; choose another --output"
         )
-    foreign = kind.earlier_output(output)
-    if foreign is not None:
-        shown = ", ".join(foreign[:5]) + (
-            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        )
-        raise OutputExistsError(
-            f"output {output} exists and holds files {kind.tool} did not write ({shown}); "
-            "it is never replaced, even with --force: choose another --output"
-        )
+    kept = not_ours(output, seen) if os.listdir(output) else []
+    if kept:
+        raise _kept(output, f"holds files this program did not write ({_shown(kept)})")
     if not force:
         raise OutputExistsError(f"output {output} exists; pass --force to replace it")
     return output

@@ -1,7 +1,7 @@
 """An output folder built beside its place and moved there by one rename at the end: a
 failure at any moment leaves no half-written output, and rename(2) never replaces a
-non-empty folder, so of two racing runs one wins. Staging folders of runs that were killed
-are removed by the next run on the same output."""
+non-empty folder, so of two racing runs one wins. Just before, the folder gets its RECORD.
+Staging folders of runs that were killed are removed by the next run on the same output."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import tempfile
 from typing import Sequence, Tuple
 
 from convmixer_tf.interrupts import final_move, removed_on_interrupt
-from convmixer_tf.outputs import Output, OutputExistsError, check_replaceable, follow_umask, umask
+from convmixer_tf.outputs import (
+    OutputExistsError,
+    check_replaceable,
+    follow_umask,
+    umask,
+    write_record,
+)
 from convmixer_tf.temporaries import alive, writer_id
 
 STAGING_INFIX = ".partial-"
@@ -72,25 +78,26 @@ def _make_parents(parent) -> list:
     return missing
 
 
-class Staging:
-    """A staging folder for one output; see `staged`. `on_commit(staging)`, when set, is
-    called just before the final move, when `replaced` is known: None, "existing output"
-    or "output written meanwhile by another run"."""
+class _Changed(Exception):
+    """Another run moved its output in, or out, between the last look and the final move."""
 
-    def __init__(self, output, kind: Output, force: bool, inputs: Sequence = ()):
+
+class Staging:
+    """A staging folder for one output; see `staged`."""
+
+    def __init__(self, output, force: bool, inputs: Sequence = ()):
         self.output = output
-        self.kind = kind
         self.force = force
         self.inputs = tuple(inputs)
         self.path = None  # the staging folder, once open
-        self.replaced = None
-        self.on_commit = None
+        self._seen = {}  # files of the earlier output found unchanged, not read twice
         self._created = []  # parent folders made for it, removed again on failure
         self._existed = False
+        self._moved = False
         self._registration = contextlib.ExitStack()
 
     def open(self) -> "Staging":
-        self.output = check_replaceable(self.output, self.kind, self.force, self.inputs)
+        self.output = check_replaceable(self.output, self.force, self.inputs, self._seen)
         self._existed = os.path.lexists(self.output)
         parent, prefix = _staging_prefix(self.output)
         try:
@@ -107,42 +114,59 @@ class Staging:
         os.chmod(self.path, 0o777 & ~umask())  # mkdtemp makes it private; the output should not be
         return self
 
+    def moves(self):
+        """Moves the folder into place, recorded (`write_record`); first yields what the
+        move replaces: None, "existing output" (there when this run began) or "output
+        written meanwhile by another run". The loop's body writes what says so (a report);
+        when another run moves its output in or out before this one's move, it yields
+        again. Only an output of this program is replaced, and one that appeared while
+        this run was writing only with --force (else OutputExistsError)."""
+        while not self._moved:
+            replaced = self._replacing()
+            yield replaced
+            write_record(self.path)
+            follow_umask(self.path)
+            try:
+                with final_move():
+                    self._move(replaced)
+            except _Changed:
+                continue
+            self._moved = True
+        self._registration.close()
+
     def commit(self) -> None:
-        follow_umask(self.path)
-        with final_move():
-            if not os.path.lexists(self.output):
-                # created since: the rule below applies to it too
-                with contextlib.suppress(FileExistsError):
-                    self._finish()
-                    _move(self.path, self.output)
-                    self._registration.close()
-                    return
-            # Replaced on purpose, or written meanwhile: either way only an output of this command goes.
-            check_replaceable(self.output, self.kind, True, self.inputs)
-            if not self.force:
-                raise OutputExistsError(
-                    f"output {self.output} appeared while this run was writing it "
-                    "(another run?); nothing was replaced: pass --force to replace it"
-                )
-            if self._existed:
-                self.replaced = "existing output"
-            else:
-                self.replaced = "output written meanwhile by another run"
-            self._finish()
-            self._swap()
-            self._registration.close()
+        for _ in self.moves():
+            pass
 
-    def _finish(self) -> None:
-        if self.on_commit is not None:
-            self.on_commit(self)
+    def _replacing(self):
+        if not os.path.lexists(self.output):
+            return None
+        if self._existed:
+            return "existing output"
+        if not self.force:
+            check_replaceable(self.output, True, self.inputs, self._seen)  # what is not ours first
+            raise OutputExistsError(
+                f"output {self.output} appeared while this run was writing it "
+                "(another run?); nothing was replaced: pass --force to replace it"
+            )
+        return "output written meanwhile by another run"
 
-    def _swap(self) -> None:
-        """Moves the earlier output aside, this one into place, and removes the earlier one."""
+    def _move(self, replaced) -> None:
+        """rename(2) into place; an earlier output (only ours) goes aside first and is
+        removed after. _Changed when another run moved an output in or out meanwhile."""
         aside = self.path + ".old"
-        os.rename(self.output, aside)
+        if replaced is not None:
+            check_replaceable(self.output, True, self.inputs, self._seen)  # only ours goes
+            try:
+                os.rename(self.output, aside)
+            except FileNotFoundError:
+                raise _Changed() from None
         try:
             _move(self.path, self.output)
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, FileExistsError) and os.path.lexists(self.output):
+                shutil.rmtree(aside, ignore_errors=True)  # the earlier output goes all the same
+                raise _Changed() from None
             with contextlib.suppress(OSError):
                 os.rename(aside, self.output)
             raise
@@ -158,18 +182,18 @@ class Staging:
 
 
 @contextlib.contextmanager
-def staged(output, kind: Output, force: bool = False, inputs: Sequence = ()):
-    """Yields a `Staging` whose `.path` is a folder beside `output`; on success it becomes
-    `output`, in one rename.
+def staged(output, force: bool = False, inputs: Sequence = ()):
+    """Yields a `Staging` whose `.path` is a folder beside `output`; on success it is
+    recorded (its RECORD lists every file) and becomes `output`, in one rename.
 
     Checked before anything is written (`check_replaceable`), so an unwritable or
     forbidden output fails before any heavy work. The final move is exclusive: when
-    another run created `output` meanwhile, this one fails (exit 2) unless `force`, and
-    then `staging.replaced` says so. On any exception, and on SIGINT / SIGTERM in a
+    another run created `output` meanwhile, this one fails (exit 2) unless `force`;
+    `Staging.moves` says which. On any exception, and on SIGINT / SIGTERM in a
     command line, the staging folder (and any parent folder made for it) is removed and
     an existing output is left as it was. Staging folders of killed runs are removed.
     """
-    staging = Staging(output, kind, force, inputs).open()
+    staging = Staging(output, force, inputs).open()
     try:
         yield staging
         staging.commit()

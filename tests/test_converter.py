@@ -527,7 +527,7 @@ def test_export_from_the_converter(tmp_path, capsys):
         "model.onnx",
         "model_int8.onnx",
     ]
-    assert sorted(os.listdir(out)) == sorted(names + ["README.md", "report.json"])
+    assert sorted(os.listdir(out)) == sorted(names + ["README.md", "RECORD", "report.json"])
     assert json.load(open(out / "report.json"))["files"] == report["files"]
 
 

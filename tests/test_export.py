@@ -308,7 +308,7 @@ def test_cli_all_formats(tmp_path, tiny, capsys):
     assert [r["format"] for r in rows] == [f.name for f in exporters.FORMATS]
     assert all(r["passed"] for r in rows)
     assert sorted(os.listdir(out)) == sorted(
-        [f.filename for f in exporters.FORMATS] + ["export_report.json"]
+        [f.filename for f in exporters.FORMATS] + ["export_report.json", "RECORD"]
     )
     for r in rows:
         assert r["input"] == "raw RGB 0-255" and r["latency_ms"] > 0

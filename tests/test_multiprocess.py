@@ -295,6 +295,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, setup):
         assert metrics[0]["final"][key] == pytest.approx(metrics[1]["final"][key], abs=1e-5), key
     # Only process 0 writes the run's files.
     assert sorted(os.listdir(tmp_path / "two_processes")) == [
+        "RECORD",
         "checkpoint.weights.h5",
         "config.json",
         "history.csv",

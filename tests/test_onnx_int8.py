@@ -82,7 +82,11 @@ def test_cli_without_calibration_data_uses_synthetic_images_and_says_so(tmp_path
     assert row["format"] == "onnx_int8" and row["path"] == "model_int8.onnx" and row["passed"]
     assert row["inputs"].startswith("synthetic") and "held out from calibration" in row["inputs"]
     assert "reduce_range" in row["quantisation"] and row["top1_agreement"] is not None
-    assert sorted(os.listdir(tmp_path / "out")) == ["export_report.json", "model_int8.onnx"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "RECORD",
+        "export_report.json",
+        "model_int8.onnx",
+    ]
 
 
 def test_broken_quantisation_exits_2_and_writes_nothing(tmp_path, trained, capsys):

@@ -202,9 +202,6 @@ def test_with_force_the_last_writer_wins_and_says_so(tmp_path, checkpoint):
 def test_a_folder_made_in_the_last_instant_is_never_replaced(tmp_path, monkeypatch):
     """The user's folder appears between the last look and the final rename: even with
     --force it is refused, not moved aside and removed."""
-    kind = outputs.Output(
-        "tool", "report.json", lambda report: True, outputs.exactly("report.json", "model.keras")
-    )
     out = tmp_path / "out"
     real_rename = staging._move
 
@@ -216,9 +213,37 @@ def test_a_folder_made_in_the_last_instant_is_never_replaced(tmp_path, monkeypat
 
     monkeypatch.setattr(staging, "_move", user_gets_there_first)
     with pytest.raises(outputs.OutputExistsError, match="thesis.txt"):
-        with staging.staged(out, kind, force=True) as staged:
+        with staging.staged(out, force=True) as staged:
             open(os.path.join(staged.path, "report.json"), "w").write("{}")
     assert sorted(os.listdir(out)) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "mine"
+    assert [e for e in os.listdir(tmp_path) if ".partial" in e] == []
+
+
+def test_the_final_move_says_again_what_it_replaces_when_another_run_moves_in_first(
+    tmp_path, monkeypatch
+):
+    """Another run of ours moves its output into place between this run's last look and its
+    move: the report is written again, saying so, before the move that replaces it."""
+    out = tmp_path / "out"
+    real_rename = staging._move
+    others = []
+
+    def another_run_gets_there_first(src, dst):
+        if os.fspath(dst) == os.fspath(out) and not others:
+            others.append("done")
+            with staging.staged(out) as other:
+                open(os.path.join(other.path, "report.json"), "w").write("theirs")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(staging, "_move", another_run_gets_there_first)
+    said = []
+    with staging.staged(out, force=True) as mine:
+        for replaced in mine.moves():
+            said.append(replaced)
+            open(os.path.join(mine.path, "report.json"), "w").write(f"replaced: {replaced}")
+    assert said == [None, "output written meanwhile by another run"]
+    assert (out / "report.json").read_text() == f"replaced: {said[-1]}"
+    assert outputs.not_ours(out) == []
     assert [e for e in os.listdir(tmp_path) if ".partial" in e] == []
 
 
@@ -400,7 +425,7 @@ def test_staging_of_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path, check
     dead.wait()
     assert convert("--torch-ckpt", checkpoint, "--output", out) == 0
     assert not stale.exists() and live.exists()
-    assert sorted(os.listdir(out)) == ["README.md", "model.keras", "report.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "RECORD", "model.keras", "report.json"]
 
 
 # ---------------------------------------------------------------- 8. small ones

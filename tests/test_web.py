@@ -218,7 +218,7 @@ def test_the_static_folder_keeps_the_output_rules(exported, tmp_path, capsys):
     out = tmp_path / "site"
     assert main(["--model", model, "--output", str(out)]) == 0
     assert sorted(os.listdir(out)) == sorted(
-        ["index.html", "app.js", "style.css", "model.tflite", "config.json", "mediapipe"]
+        ["index.html", "app.js", "style.css", "model.tflite", "config.json", "mediapipe", "RECORD"]
     )
     assert "Content-Security-Policy" in (out / "index.html").read_text()
     assert (out / "model.tflite").read_bytes() == (exported / "model.tflite").read_bytes()
@@ -245,7 +245,7 @@ def test_bad_arguments_are_exit_2(exported, tmp_path, capsys):
         (["--model", model, "--port", str(busy.getsockname()[1])], "pass another --port"),
         (["--model", model, "--port", "70000"], "port number"),
         (["--model", model, "--output", str(exported)], "contains the input"),
-        (["--model", model, "--output", str(tmp_path)], "did not write (other.tflite)"),
+        (["--model", model, "--output", str(tmp_path)], "holds other.tflite and no RECORD"),
     ]
     with busy:
         for argv, message in cases:

@@ -31,7 +31,7 @@ the activation comes from --activation or from the released variant the shapes m
 
 Writes DIR/model.keras and DIR/report.json (plus exported files), all at once at the
 end: a failure leaves nothing behind. When parity fails DIR holds report.json alone.
---force replaces only an earlier output of the converter.
+--force replaces only an earlier output whose files are all as its RECORD lists.
 exit codes: 0 ok, 1 parity or export verification failed, 2 bad input, 3 internal error,
 130/143 interrupted.
 
@@ -57,7 +57,9 @@ def build_parser():
         help="output directory (default: next to the checkpoint, NAME_keras)",
     )
     output.add_argument(
-        "--force", action="store_true", help="replace an earlier output of the converter"
+        "--force",
+        action="store_true",
+        help="replace an earlier output (only one whose files are all as its RECORD lists)",
     )
     parser.add_console_options(output, noisy="TensorFlow, LiteRT, torch and absl")
     return parser

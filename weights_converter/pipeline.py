@@ -29,16 +29,6 @@ CARD = "README.md"
 SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
-def output_kind() -> outputs.Output:
-    """What the converter writes: a folder with report.json, model.keras and exported files."""
-    return outputs.Output(
-        "weights_converter",
-        REPORT,
-        lambda report: isinstance(report, dict) and "conversion" in report,
-        (*outputs.exactly(REPORT, MODEL, CARD), *registry.file_patterns()),
-    )
-
-
 def default_output_dir(checkpoint_path) -> str:
     """`dir/name.pth.tar` -> `dir/name_keras`; `hf-hub:owner/name` -> `./name_keras`."""
     if hub.is_hub_id(checkpoint_path):
@@ -78,7 +68,7 @@ class ConvertOptions:
         tolerance: the largest abs difference of float32 logits parity allows.
         parity_images: also compare on these images (a folder or tfds:NAME[:SPLIT]).
         skip_parity: convert without the PyTorch run (no proof; for machines without torch).
-        force: replace an earlier output of the converter.
+        force: replace an earlier output (only one whose files are all as its RECORD lists).
         export: the files to write and verify beside the model (no formats: none).
 
     Example:
@@ -169,7 +159,7 @@ def convert_and_verify(
         options.labels,
     ]
     output = options.output or default_output_dir(options.checkpoint)
-    with staged(output, output_kind(), options.force, inputs) as staging:
+    with staged(output, options.force, inputs) as staging:
         timings = {}
         with _step(log, "reading and mapping the checkpoint", timings, "convert"):
             conversion = convert_file(
@@ -195,7 +185,9 @@ def convert_and_verify(
                 log=log,
             )
         report = Report(staging.output, conversion.summary(), parity, files, timings)
-        staging.on_commit = lambda staged: _write_report(staged, report, conversion.model)
+        # what the final move replaces is known only as it happens
+        for replaced in staging.moves():
+            _write_report(staging.path, report, conversion.model, replaced)
     return report
 
 
@@ -224,17 +216,17 @@ def _write_files(model, folder, *, exports, options: ConvertOptions, timings, lo
     return files
 
 
-def _write_report(staging, report: Report, model):
+def _write_report(folder, report: Report, model, replaced):
     """report.json, and with a model the model card that lets the folder go to the Hub as it is."""
     from convmixer_tf import contract
     from convmixer_tf.card import model_card
 
-    report.replaced = staging.replaced
+    report.replaced = replaced
     content = report.to_dict()
-    outputs.write_json_atomic(os.path.join(staging.path, REPORT), content)
+    outputs.write_json_atomic(os.path.join(folder, REPORT), content)
     if report.passed:
         outputs.write_atomic(
-            os.path.join(staging.path, CARD), model_card(contract.info_of(model), content)
+            os.path.join(folder, CARD), model_card(contract.info_of(model), content)
         )
 
 

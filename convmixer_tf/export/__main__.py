@@ -34,18 +34,8 @@ onnxruntime), compared with the Keras model on held-out images, and timed (batch
 2 threads). By default the graphs take raw RGB pixels (mean/std inside);
 --no-preprocessing keeps the model's own input. TFLite files hold builtin ops only.
 Output is written at the end, all at once: a failure leaves nothing behind. --force
-replaces only an earlier output of this command.
+replaces only an earlier output that holds nothing but what its RECORD lists, unchanged.
 """
-
-
-def output_kind() -> outputs.Output:
-    """What this command writes: a folder with export_report.json and the format files."""
-    return outputs.Output(
-        "convmixer_tf.export",
-        REPORT,
-        lambda report: isinstance(report, list) and all("format" in r for r in report),
-        (*outputs.exactly(REPORT), *registry.file_patterns()),
-    )
 
 
 def build_parser():
@@ -62,7 +52,9 @@ def build_parser():
         "--output", metavar="DIR", help="output directory (default: MODEL_export next to the model)"
     )
     output.add_argument(
-        "--force", action="store_true", help="replace an earlier output of this command"
+        "--force",
+        action="store_true",
+        help="replace an earlier output (only one whose files are all as its RECORD lists)",
     )
     parser.add_console_options(output)
     return parser
@@ -165,11 +157,10 @@ def _export(args, log) -> int:
     options = _options_from(args)
     output = args.output or default_output(args.model)
     inputs = [args.model, args.calibration_data, args.labels]
-    outputs.check_replaceable(output, output_kind(), args.force, inputs)
-    model = load_float32_model(args.model)
-    if options.class_names is not None:  # before any work
-        check_class_names(options.class_names, contract.info_of(model).config.num_classes)
-    with staged(output, output_kind(), args.force, inputs) as staging:
+    with staged(output, args.force, inputs) as staging:  # checked before the model loads
+        model = load_float32_model(args.model)
+        if options.class_names is not None:  # before any work
+            check_class_names(options.class_names, contract.info_of(model).config.num_classes)
         rows = exporters.export_formats(model, staging.path, options, log=log)
         outputs.write_json_atomic(os.path.join(staging.path, REPORT), rows)
     print(json.dumps(rows, indent=2) if args.json else exporters.format_rows(rows, staging.output))

@@ -8,7 +8,7 @@ import dataclasses
 import shutil
 from typing import Callable, Dict, Iterable, Optional
 
-from convmixer_tf import contract, interrupts, outputs, temporaries
+from convmixer_tf import contract, interrupts, temporaries
 from convmixer_tf.errors import BadInput, CheckFailed
 
 OUTPUTS = ("logits", "probabilities")
@@ -41,8 +41,6 @@ class ExportFormat:
         recognises: `recognises(path)` -> True for a file of this format, where the end of
             its name does not tell (`registry.find`): a SavedModel is a folder.
         quantize: the value of the export CLI's --quantize that adds this format.
-        files: what it writes, when `filename` is a folder (`outputs.Output.files`: a
-            regular expression per path segment).
         group: formats that share work (a traced graph, a converted file) are written by
             one process when the formats of a run are written in parallel.
         facts: `facts(path)` -> the `ModelInfo` a file of this format carries (what
@@ -61,13 +59,8 @@ class ExportFormat:
     describe: Optional[Callable] = None
     recognises: Optional[Callable] = None
     quantize: Optional[str] = None
-    files: tuple = ()
     group: str = "main"
     facts: Optional[Callable] = None
-
-    @property
-    def patterns(self) -> tuple:
-        return self.files or outputs.exactly(self.filename)
 
 
 class Resources:

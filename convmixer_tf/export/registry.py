@@ -90,11 +90,6 @@ def _ending(fmt: ExportFormat) -> str:
     return fmt.filename.removeprefix("model")
 
 
-def file_patterns() -> tuple:
-    """What the formats write into an output folder (`outputs.Output.files`)."""
-    return tuple(pattern for fmt in FORMATS for pattern in fmt.patterns)
-
-
 def help_text(indent: str = "  ") -> str:
     """One line per format, for --help."""
     rows = [

@@ -8,7 +8,7 @@ from convmixer_tf import contract
 from convmixer_tf.contract import INFO_MEMBER
 from convmixer_tf.errors import BadInput
 from convmixer_tf.export.base import ExportFormat
-from convmixer_tf.outputs import exactly, follow_umask
+from convmixer_tf.outputs import follow_umask
 from convmixer_tf.temporaries import temporary_folder
 
 
@@ -118,14 +118,4 @@ FORMAT = ExportFormat(
     tolerance=1e-4,
     recognises=lambda path: os.path.isfile(os.path.join(path, "saved_model.pb")),
     facts=read_facts,
-    files=(
-        *exactly(
-            "saved_model/saved_model.pb",
-            "saved_model/fingerprint.pb",
-            "saved_model/variables/variables.index",
-            "saved_model/assets/",
-            f"saved_model/assets/{INFO_MEMBER}",
-        ),
-        r"saved_model/variables/variables\.data-\d{5}-of-\d{5}",
-    ),
 )

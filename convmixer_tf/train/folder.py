@@ -1,7 +1,8 @@
 """Where a run is written: its folder, new or an unfinished run of the same settings to
 resume, or with --force a staging folder that replaces an earlier run once the new one has
 finished (any failure or interruption leaves the earlier run intact). Every process of a
-run checks the same folder (it must reach it: one host, or a shared file system)."""
+run checks the same folder (it must reach it: one host, or a shared file system). Its
+RECORD says what the run wrote there, kept true as the run goes (`RunRecord`)."""
 
 from __future__ import annotations
 
@@ -9,50 +10,75 @@ import contextlib
 import json
 import os
 
-from convmixer_tf import outputs
+import keras
+
+from convmixer_tf import interrupts, outputs
 from convmixer_tf.errors import BadInput
 from convmixer_tf.staging import Staging
 from convmixer_tf.train.distribute import broadcast_text, sync
 from convmixer_tf.train.recipe import TrainConfig
 
-RUN = outputs.Output(
-    "convmixer_tf.train",
-    "config.json",
-    lambda settings: isinstance(settings, dict) and {"epochs", "batch_size"} <= set(settings),
-    (
-        *outputs.exactly(
-            "config.json",
-            "history.csv",
-            "metrics.json",
-            "model.keras",
-            "checkpoint.weights.h5",
-            "backup/",
-            "backup/training_metadata.json",
-            "backup/latest.weights.h5",
-        ),
-        r"backup/process\d+/training_metadata\.json",
-        r"backup/process\d+/latest\.weights\.h5",
-        # TensorBoard's: events.out.tfevents.TIME.HOST.PID.N.v2
-        r"logs/train/events\.out\.tfevents\.\d+\..+\.v2",
-        r"logs/validation/events\.out\.tfevents\.\d+\..+\.v2",
-    ),
-)
+RUN_FILES = ("config.json", "history.csv", "metrics.json", "model.keras", "checkpoint.weights.h5")
+
+
+class RunRecord(keras.callbacks.Callback):
+    """Keeps the RECORD of a run folder true while the run writes it, over hours: at the end
+    of each epoch (the last callback, after every save of it), on SIGINT or SIGTERM, and
+    when the run ends. It lists what the run writes (its files, backup/, TensorBoard's
+    event files, a killed run's too) and what the RECORD listed when it began (a resumed
+    run), never another file of the user's that the folder holds."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+        try:
+            self.listed = set(outputs.read_record(folder) or ())
+        except outputs.OutputExistsError:  # damaged since: this run's own files only
+            self.listed = set()
+
+    def ours(self, path) -> bool:
+        top, _, rest = path.partition("/")
+        if path in self.listed or path in RUN_FILES or top == "backup":
+            return True
+        board, _, name = rest.partition("/")
+        return top == "logs" and board in ("train", "validation") and _tensorboards(name)
+
+    def update(self) -> None:
+        outputs.write_record(self.folder, self.ours)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.update()
+
+
+class FlushedTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard, its event files flushed at the end of each epoch: the RECORD,
+    written next, then holds them as they stay after a kill."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        for writer in self._writers.values():  # Keras keeps its writers private
+            writer.flush()
+
+
+def _tensorboards(name) -> bool:
+    """An event file of TensorBoard's: events.out.tfevents.TIME.HOST.PID.N.v2."""
+    return "/" not in name and name.startswith("events.out.tfevents.") and name.endswith(".v2")
 
 
 @contextlib.contextmanager
 def run_folder(config: TrainConfig, shard, log):
-    """Yields (the folder the run writes into, whether it resumes an unfinished run there).
+    """Yields (the folder the run writes into, whether it resumes an unfinished run there,
+    its `RunRecord` in process 0 of a run written in place, else None).
 
     A new or unfinished run of the same settings is written (or resumed) in its output
-    folder. With --force, a run over an earlier output (of this command, holding none of
-    the run's inputs; anything else is refused, exit 2) trains in a staging folder that
-    replaces the earlier output once the run has finished.
+    folder. With --force, a run over an earlier output (nothing in it but what its RECORD
+    lists, unchanged, and none of the run's inputs; anything else is refused, exit 2)
+    trains in a staging folder that replaces the earlier output once the run has finished.
     """
     out = os.path.abspath(config.output)
     inputs = [config.init, config.data_dir, config.tfds_data_dir, config.manual_dir]
     staging = None
     if config.force and os.path.lexists(out):
-        outputs.check_replaceable(out, RUN, True, inputs)
         staging, folder = _staged(out, config, shard, inputs)
         resumed = False
     else:
@@ -62,10 +88,15 @@ def run_folder(config: TrainConfig, shard, log):
         if shard.index == 0 and not os.path.exists(os.path.join(out, "config.json")):
             os.makedirs(out, exist_ok=True)
             outputs.write_json_atomic(os.path.join(out, "config.json"), config.settings())
+    record = RunRecord(out) if folder == out and shard.index == 0 else None
     try:
         sync(shard, "output ready")
-        yield folder, resumed
-        sync(shard, "run saved")
+        with contextlib.ExitStack() as recorded:
+            if record is not None:  # true at the end, on SIGINT or SIGTERM, after a failure
+                recorded.enter_context(interrupts.on_interrupt(record.update))
+                recorded.callback(record.update)
+            yield folder, resumed, record
+            sync(shard, "run saved")
         if staging is not None:
             staging.commit()
     except BaseException:
@@ -81,7 +112,7 @@ def _staged(out, config: TrainConfig, shard, inputs):
         if not folder:
             raise BadInput(f"process 0 could not prepare the output {out}")
         return None, folder
-    staging = Staging(out, RUN, True, inputs)
+    staging = Staging(out, True, inputs)
     try:
         staging.open()
     finally:  # the others wait for the path either way

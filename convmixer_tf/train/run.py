@@ -34,7 +34,7 @@ from convmixer_tf.train.distribute import (
     start_processes,
     sync,
 )
-from convmixer_tf.train.folder import run_folder
+from convmixer_tf.train.folder import FlushedTensorBoard, RunRecord, run_folder
 from convmixer_tf.train.optim import compile_model
 from convmixer_tf.train.recipe import PRECISIONS, TrainConfig
 
@@ -54,6 +54,7 @@ class Run:
     scope: object = contextlib.nullcontext()  # where the model is built: its devices' strategy
     folder: str = ""
     resumed: bool = False
+    record: Optional[RunRecord] = None  # of a run written in place, in process 0
 
 
 def train(
@@ -80,9 +81,10 @@ def train(
         initial = build_variant(config.variant, include_preprocessing=True)
     run = _plan(config, shard, source, initial, log)
     # Only now, with the data, the model and the devices checked: a bad argument leaves no folder.
-    with run_folder(config, shard, log) as (folder, resumed):
+    with run_folder(config, shard, log) as (folder, resumed, record):
         run.folder = folder
         run.resumed = resumed
+        run.record = record
         model = _trainable(run, initial)
         del initial
         return _fit_and_save(run, model)
@@ -271,10 +273,10 @@ def _callbacks(run: Run, progress) -> list:
             run.log("TensorBoard is not installed (pip install tensorboard): no logs/ written")
         else:
             callbacks += (
-                [keras.callbacks.TensorBoard(os.path.join(folder, "logs"))]
-                if shard.index == 0
-                else []
+                [FlushedTensorBoard(os.path.join(folder, "logs"))] if shard.index == 0 else []
             )
+    if run.record is not None:
+        callbacks.append(run.record)  # last: after every file of the epoch is written
     return callbacks
 
 

@@ -22,7 +22,7 @@ import os
 from typing import BinaryIO, Dict, Optional, Union
 
 from convmixer_tf.errors import BadInput
-from convmixer_tf.outputs import Output, exactly, write_atomic
+from convmixer_tf.outputs import write_atomic
 from convmixer_tf.web.bundle import (
     MEDIAPIPE_FILES,
     MEDIAPIPE_PACKAGE,
@@ -134,20 +134,12 @@ class Site:
             return f.read()
 
     def write(self, folder: str) -> None:
-        """Writes every file under `folder` (which exists, and is the staging folder of
-        `OUTPUT`), each whole or not at all."""
+        """Writes every file under `folder` (which exists: a staging folder), each whole or
+        not at all."""
         for name in self.files:
             path = os.path.join(folder, *name.split("/"))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             write_atomic(path, self.read(name))
-
-
-OUTPUT = Output(
-    tool="python -m convmixer_tf.web",
-    marker=CONFIG,
-    is_ours=lambda data: isinstance(data, dict) and data.get("written_by") == WRITTEN_BY,
-    files=exactly(*PAGE_FILES, MODEL, CONFIG, *(f"mediapipe/{f}" for f in MEDIAPIPE_FILES)),
-)
 
 
 @functools.lru_cache(maxsize=None)

@@ -67,7 +67,9 @@ def build_parser():
         help="write the page as a static folder instead of serving it",
     )
     p.add_argument(
-        "--force", action="store_true", help="replace an earlier --output folder of this command"
+        "--force",
+        action="store_true",
+        help="replace an earlier --output folder (only one whose files are all as its RECORD lists)",
     )
     p.add_argument(
         "--mediapipe",
@@ -112,9 +114,8 @@ def _web(args, log) -> int:
 
 def _write(site, args, log, shown) -> int:
     from convmixer_tf.staging import staged
-    from convmixer_tf.web import OUTPUT
 
-    with staged(args.output, OUTPUT, force=args.force, inputs=[args.model]) as staging:
+    with staged(args.output, force=args.force, inputs=[args.model]) as staging:
         site.write(staging.path)
     log(
         f"wrote the page of {shown} to {cli.escaped(staging.output)}; serve that folder over http(s)"
