@@ -80,7 +80,7 @@ def test_every_layout_wrapper_and_torch_format(tmp_path, layout, wrapper, suffix
     assert report.conversion["layout"] == read_as
     assert report.conversion["config"]["depthwise"] == depthwise
     out = default_output_dir(path)
-    assert directory_entries(out) == ["README.md", "model.keras", "report.json"]
+    assert directory_entries(out) == ["README.md", "RECORD", "model.keras", "report.json"]
     # The converted file, on its own, computes what the PyTorch network computes.
     import keras
 
@@ -376,7 +376,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(["--torch-ckpt", str(path), "--output", str(out), "--quiet"]) == 2
-    assert "exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert "keep.txt" in capsys.readouterr().err and (out / "keep.txt").exists()
     # --force replaces only what the converter wrote: a folder of the user's stays.
     assert main(["--torch-ckpt", str(path), "--output", str(out), "--quiet", "--force"]) == 2
     assert "keep.txt" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
@@ -385,7 +385,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert main(["--torch-ckpt", str(path), "--output", str(ours), "--quiet"]) == 2
     assert "pass --force" in capsys.readouterr().err
     assert main(["--torch-ckpt", str(path), "--output", str(ours), "--quiet", "--force"]) == 0
-    assert directory_entries(ours) == ["README.md", "model.keras", "report.json"]
+    assert directory_entries(ours) == ["README.md", "RECORD", "model.keras", "report.json"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left
 
 
@@ -573,7 +573,12 @@ def test_without_torch_parity_is_a_clear_error_or_skipped(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "error: parity needs the PyTorch network" in proc.stderr
-    assert directory_entries(tmp_path / "w_keras") == ["README.md", "model.keras", "report.json"]
+    assert directory_entries(tmp_path / "w_keras") == [
+        "README.md",
+        "RECORD",
+        "model.keras",
+        "report.json",
+    ]
 
 
 def test_sigterm_mid_export_leaves_nothing(tmp_path):

@@ -441,7 +441,7 @@ def test_an_oddly_named_checkpoint_converts(tmp_path, capsys, name):
     out = tmp_path / "out"
     code, err, _ = _run(["--torch-ckpt", str(path), "--output", str(out)], capsys)
     assert code == 0, (name, err[-3000:])
-    assert sorted(os.listdir(out)) == ["README.md", "model.keras", "report.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "RECORD", "model.keras", "report.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["conversion"]["checkpoint"]["path"] == str(path)
 

@@ -146,12 +146,10 @@ def convert_and_verify(
     """
     from convmixer_tf.labels import read_labels
 
-    exports = [
-        fmt.name for fmt in registry.resolve(options.export.formats)
-    ]  # checked before any work
-    class_names = None
-    if options.labels:
-        class_names = read_labels(options.labels, options.allow_duplicate_labels)
+    # checked before any work
+    exports = [fmt.name for fmt in registry.resolve(options.export.formats)]
+    labels = options.labels
+    class_names = read_labels(labels, options.allow_duplicate_labels) if labels else None
     inputs = [
         options.checkpoint,
         options.parity_images,
