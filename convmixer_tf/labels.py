@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import unicodedata
 from typing import Optional, Sequence, Tuple
 
@@ -114,6 +115,9 @@ def imagenet_class_names(ids: bool = False) -> Optional[Tuple[str, ...]]:
     """ImageNet-1k class names in label order, from timm's offline table: the first words
     of the descriptions ("tench", "goldfish", ...), or with `ids` the WordNet ids tfds
     uses ("n01440764", ...); None when timm is not installed."""
+    # Loading triton's library after TensorFlow's crashes the process (SIGSEGV) with torch's
+    # CUDA builds, and timm imports it through torchvision; nothing here compiles kernels.
+    sys.modules.setdefault("triton", None)
     try:
         from timm.data import ImageNetInfo
     except Exception:  # timm missing, or torchvision broken beside this torch build

@@ -319,6 +319,24 @@ def test_evaluate_leaves_out_unreadable_images_or_refuses_them(tmp_path, tiny_ke
 # ---------------------------------------------------------------- 4. class identity
 
 
+def test_evaluate_refuses_other_classes_in_a_process_of_its_own(tmp_path):
+    """As a user runs it: the command imports TensorFlow first, then looks up timm's ImageNet
+    names to tell a naming difference from other classes; with torch's CUDA build, loading
+    triton after TensorFlow crashed the process (SIGSEGV) instead of this exit 2."""
+    model = convmixer_tf.ConvMixer(
+        dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3, input_shape=(32, 32, 3)
+    )
+    info = contract.info_of(model).replace(class_names=("cat", "dog", "eel"))
+    trained = convmixer_tf.save_model(model, tmp_path / "pets.keras", info)
+    fruit = write_folder(tmp_path / "fruit", per_class=2, names=["apple", "banana", "cherry"])
+    command = [sys.executable, "-m", "convmixer_tf.evaluate", "--model", str(trained)]
+    done = subprocess.run(
+        [*command, "--data-dir", fruit, "--quiet"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "class 0 is 'cat' in the model and 'apple' in the dataset" in done.stderr
+
+
 def test_evaluate_refuses_a_dataset_of_other_classes(tmp_path, capsys):
     from convmixer_tf.evaluate.__main__ import main
 
