@@ -161,7 +161,7 @@ def _fit_and_save(run: Run, model) -> dict:
     eval_pre = contract.info_of(model).preprocessing.replace(input_size=run.size)
     if run.source.image_shape is not None and tuple(run.source.image_shape) == (run.size, run.size):
         eval_pre = eval_pre.replace(crop_pct=1.0)
-    progress = Progress(run.config.batch_size, run.log, run.config.verbose)
+    progress = Progress(run.log, run.config.verbose)
     started = time.perf_counter()
     with _losing_a_process_is_fatal(shard):
         model.fit(
@@ -283,11 +283,12 @@ def _callbacks(run: Run, progress) -> list:
 def _metrics(run: Run, model, progress, started) -> dict:
     history = read_history(os.path.join(run.folder, "history.csv"))
     source = run.source
+    images = progress.epochs * run.steps * run.config.batch_size
     return {
         "epochs": len(history),
         "final": history[-1] if history else {},
         "history": history,
-        "train_images_per_second": round(progress.images / progress.seconds, 2)
+        "train_images_per_second": round(images / progress.seconds, 2)
         if progress.seconds
         else None,
         "wall_seconds_this_session": round(time.perf_counter() - started, 2),
