@@ -24,6 +24,8 @@ from convmixer_tf.images import decode_file, eval_transform
 
 # decoded sets this small stay in memory (CIFAR-10's training set: 150 MB)
 CACHE_LIMIT_BYTES = 2 << 30
+# examples a tfds training set is shuffled through
+SHUFFLE_BUFFER = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +105,7 @@ def train_pipeline(
     batch_size: int,
     *,
     seed: int = 0,
-    shuffle_buffer: int = 10_000,
-    shard=None,
+    shard: Shard = Shard(),
 ):
     """Shuffled, augmented, batched training data: (float32 raw pixels, one-hot labels),
     in batches of batch_size / shard.count (this process's share of the global batch).
@@ -117,7 +118,6 @@ def train_pipeline(
     """
     import tensorflow as tf
 
-    shard = shard or Shard()
     if batch_size % shard.count:
         raise BadInput(f"batch_size {batch_size} does not split over {shard.count} processes")
     ordered = source.train_files is not None  # keeps each epoch's examples in their epoch
@@ -131,7 +131,7 @@ def train_pipeline(
         ):
             ds = ds.cache()
         ds = ds.shuffle(
-            min(shuffle_buffer, max(source.train_size, 1)), seed=seed, reshuffle_each_iteration=True
+            min(SHUFFLE_BUFFER, max(source.train_size, 1)), seed=seed, reshuffle_each_iteration=True
         )
     ds = ds.map(augmenter.image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
     ds = ds.batch(
