@@ -63,10 +63,6 @@ class AugmentConfig:
         if self.erasing > 1:
             raise BadInput(f"erasing is a probability, got {self.erasing}")
 
-    @property
-    def mixes(self) -> bool:
-        return self.mixup > 0 or self.cutmix > 0
-
 
 def random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10):
     """torchvision's RandomResizedCrop of one (H, W, 3) image to (size, size, 3), bilinear."""
@@ -124,7 +120,7 @@ class Augmenter:
         self.size = size
         self.num_classes = num_classes
         self.image_layers = _image_layers(config, seed)
-        self.mixers = []
+        self.mixers = []  # none: batches are not mixed
         if config.mixup > 0:
             self.mixers.append(keras.layers.MixUp(alpha=config.mixup, seed=seed + 4))
         if config.cutmix > 0:

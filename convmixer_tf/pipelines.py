@@ -137,7 +137,7 @@ def train_pipeline(
     ds = ds.batch(
         batch_size // shard.count, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE
     )
-    if augmenter.config.mixes:
+    if augmenter.mixers:
         ds = ds.map(augmenter.batch, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
