@@ -4,14 +4,13 @@ timm's evaluation transform, so a converted ImageNet model scores as it does in 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Callable, Optional
 
 import numpy as np
 
 from convmixer_tf import contract
-from convmixer_tf.config import VARIANTS, Preprocessing
+from convmixer_tf.config import Preprocessing, get_variant
 from convmixer_tf.errors import BadInput
 from convmixer_tf.labels import imagenet_class_names
 
@@ -20,10 +19,9 @@ def preprocessing_for(model, preset: Optional[str] = None, **overrides) -> Prepr
     """The evaluation transform for `model`: a variant's (by `preset`), else the one stored
     with the model; then `overrides` (input_size, crop_pct, interpolation, mean, std)
     where not None."""
-    if preset is not None and preset not in VARIANTS:
-        raise BadInput(f"unknown preset {preset!r}; allowed values: {', '.join(VARIANTS)}")
-    base = VARIANTS[preset].preprocessing if preset else contract.info_of(model).preprocessing
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    stored = contract.info_of(model).preprocessing
+    base = stored if preset is None else get_variant(preset).preprocessing
+    return base.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def check_classes(model, class_names, allow_mismatch: bool = False) -> str:
