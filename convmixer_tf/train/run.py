@@ -266,15 +266,13 @@ def _callbacks(run: Run, progress) -> list:
         )
     if shard.count > 1:
         callbacks.append(SameEpochEverywhere())
-    if run.config.tensorboard:
+    if run.config.tensorboard and shard.index == 0:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
             run.log("TensorBoard is not installed (pip install tensorboard): no logs/ written")
         else:
-            callbacks += (
-                [FlushedTensorBoard(os.path.join(folder, "logs"))] if shard.index == 0 else []
-            )
+            callbacks.append(FlushedTensorBoard(os.path.join(folder, "logs")))
     if run.record is not None:
         callbacks.append(run.record)  # last: after every file of the epoch is written
     return callbacks
