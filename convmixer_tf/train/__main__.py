@@ -11,7 +11,6 @@ Exit status: 0 done, 1 the run failed (loss not finite), 2 bad arguments or data
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -24,13 +23,7 @@ from convmixer_tf.train.recipe import DISTRIBUTIONS, PRECISIONS, SCHEDULES, Trai
 
 DEFAULTS = TrainConfig()
 AUGMENT = AugmentConfig()
-
-
-def _jit(text):
-    try:
-        return {"auto": "auto", "on": True, "off": False}[text]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
+JIT = {"auto": "auto", "on": True, "off": False}  # --jit-compile -> TrainConfig.jit_compile
 
 
 def build_parser():
@@ -242,8 +235,8 @@ def _device_options(group):
     )
     group.add_argument(
         "--jit-compile",
-        type=_jit,
-        default=DEFAULTS.jit_compile,
+        choices=tuple(JIT),
+        default="auto",
         metavar="auto|on|off",
         help="XLA; auto leaves it off on CPU, where it is slower",
     )
@@ -322,6 +315,7 @@ def config_from_args(args) -> TrainConfig:
             fields,
             augment=augment,
             clip_norm=args.clip_norm or None,
+            jit_compile=JIT[args.jit_compile],
             output=args.output or os.path.join("runs", f"{model_name}_{data_name}"),
             verbose=_verbosity(args),
         )
