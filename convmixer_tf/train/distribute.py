@@ -16,7 +16,7 @@ import functools
 import keras
 import numpy as np
 
-from convmixer_tf.errors import BadInput
+from convmixer_tf.errors import BadInput, CheckFailed
 from convmixer_tf.pipelines import Shard
 
 MULTI_PROCESS_ON_TENSORFLOW = (
@@ -164,8 +164,6 @@ class SameEpochEverywhere(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         from jax.experimental import multihost_utils
-
-        from convmixer_tf.errors import CheckFailed
 
         epoch = np.asarray([self.model._initial_epoch or 0], np.int32)
         epochs = np.asarray(multihost_utils.process_allgather(epoch)).reshape(-1).tolist()
