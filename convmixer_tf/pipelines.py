@@ -111,7 +111,7 @@ def train_pipeline(
     in batches of batch_size / shard.count (this process's share of the global batch).
 
     An image folder is reshuffled every epoch by index and only this process's (`shard`,
-    a `processes.Shard`) examples are decoded (`processes.folder_epochs`); a tfds set
+    a `Shard`) examples are decoded (`folder_epochs`); a tfds set
     (opened with the same shard: its own even split) is shuffled through a buffer.
     Decoding and augmentation run in parallel, batches are prefetched, small fixed-size
     sets are cached decoded. The last partial batch is dropped: every step has one shape.
@@ -158,7 +158,7 @@ def eval_pipeline(
     Yields (float32 images, labels): raw pixels unless normalize=True (for a model
     without its own preprocessing layer); labels one-hot when num_classes is given,
     else int32. With `shard` (several processes, `size` examples), this process's
-    share, evened out with examples of weight 0 (`processes.sharded_eval_pipeline`).
+    share, evened out with examples of weight 0 (`sharded_eval_pipeline`).
     """
     import tensorflow as tf
 
