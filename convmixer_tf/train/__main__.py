@@ -327,18 +327,14 @@ def main(argv=None) -> int:
     code = cli.run_command(
         lambda log, console: _train(args, log, console), quiet=args.quiet, verbose=args.verbose
     )
-    if code != errors.EXIT_OK and _joined_other_processes():
+    jax = sys.modules.get("jax")  # imported: the run may have joined other processes
+    if code != errors.EXIT_OK and jax is not None and jax.distributed.is_initialized():
         # A failed process of a multi-process run leaves at once: JAX's exit handler would
         # wait for the others at a shutdown barrier, and abort when they do not come.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def _joined_other_processes() -> bool:
-    jax = sys.modules.get("jax")
-    return jax is not None and jax.distributed.is_initialized()
 
 
 def _train(args, log, console) -> int:
