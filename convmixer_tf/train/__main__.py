@@ -35,18 +35,14 @@ def build_parser():
         "model.keras (float32, stock layers, class names inside), metrics.json, history.csv, "
         "TensorBoard logs and a backup: the same command resumes a killed run.",
     )
-    groups = (
-        ("model", _model_options),
-        ("data", _data_options),
-        ("schedule", _schedule_options),
-        ("optimiser", _optimiser_options),
-        ("augmentation", _augment_options),
-        ("mixing and erasing", _mixing_options),
-        ("devices", _device_options),
-        ("several processes", _process_options),
-    )
-    for title, add_options in groups:
-        add_options(p.add_argument_group(title))
+    _model_options(p.add_argument_group("model"))
+    _data_options(p.add_argument_group("data"))
+    _schedule_options(p.add_argument_group("schedule"))
+    _optimiser_options(p.add_argument_group("optimiser"))
+    _augment_options(p.add_argument_group("augmentation"))
+    _mixing_options(p.add_argument_group("mixing and erasing"))
+    _device_options(p.add_argument_group("devices"))
+    _process_options(p.add_argument_group("several processes"))
     output = p.add_argument_group("output")
     _output_options(output)
     p.add_console_options(output, noisy="TensorFlow, JAX and absl")
