@@ -82,9 +82,7 @@ def train(
     run = _plan(config, shard, source, initial, log)
     # Only now, with the data, the model and the devices checked: a bad argument leaves no folder.
     with run_folder(config, shard, log) as (folder, resumed, record):
-        run.folder = folder
-        run.resumed = resumed
-        run.record = record
+        run = dataclasses.replace(run, folder=folder, resumed=resumed, record=record)
         model = _trainable(run, initial)
         del initial
         return _fit_and_save(run, model)
