@@ -14,7 +14,7 @@ from convmixer_tf.config import (
 )
 from convmixer_tf.contract import ModelInfo, info_of
 from convmixer_tf.factory import create_model
-from convmixer_tf.model import ConvMixer, build, config_from_model, rebuild
+from convmixer_tf.model import ConvMixer, build, rebuild
 from convmixer_tf.saving import load_model, save_model
 from convmixer_tf.version import __version__
 
@@ -27,7 +27,6 @@ __all__ = [
     "Variant",
     "__version__",
     "build",
-    "config_from_model",
     "create_model",
     "get_variant",
     "info_of",

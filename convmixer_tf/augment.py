@@ -63,10 +63,6 @@ class AugmentConfig:
         if self.erasing > 1:
             raise BadInput(f"erasing is a probability, got {self.erasing}")
 
-    @property
-    def mixes(self) -> bool:
-        return self.mixup > 0 or self.cutmix > 0
-
 
 def random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10):
     """torchvision's RandomResizedCrop of one (H, W, 3) image to (size, size, 3), bilinear."""
@@ -83,9 +79,7 @@ def random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
     ok = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
     # Fallback (no try fits): the largest centre crop with the ratio clamped to range.
     in_ratio = w / h
-    fb_w = tf.where(
-        in_ratio < ratio[0], w, tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
-    )
+    fb_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
     fb_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
     first = tf.argmax(tf.cast(ok, tf.int32))
     found = tf.reduce_any(ok)
@@ -97,13 +91,8 @@ def random_resized_crop(image, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
     left = tf.where(
         found, tf.floor(tf.random.uniform([], 0, 1) * (w - crop_w + 1)), tf.floor((w - crop_w) / 2)
     )
-    crop = tf.image.crop_to_bounding_box(
-        image,
-        tf.cast(top, tf.int32),
-        tf.cast(left, tf.int32),
-        tf.cast(crop_h, tf.int32),
-        tf.cast(crop_w, tf.int32),
-    )
+    box = [tf.cast(value, tf.int32) for value in (top, left, crop_h, crop_w)]
+    crop = tf.image.crop_to_bounding_box(image, *box)
     return tf.image.resize(
         tf.cast(crop, tf.float32), (size, size), method="bilinear", antialias=True
     )
@@ -124,7 +113,7 @@ class Augmenter:
         self.size = size
         self.num_classes = num_classes
         self.image_layers = _image_layers(config, seed)
-        self.mixers = []
+        self.mixers = []  # none: batches are not mixed
         if config.mixup > 0:
             self.mixers.append(keras.layers.MixUp(alpha=config.mixup, seed=seed + 4))
         if config.cutmix > 0:

@@ -83,7 +83,7 @@ def open_dataset(
         strict_images: an image folder's files are all decoded once before use; one
             that cannot be is left out (`DataSource.skipped`), or, with strict_images,
             a ValueError naming it. tfds sets were decoded when tfds prepared them.
-        shard: this process's place (`processes.Shard`) when several train together: a
+        shard: this process's place (`pipelines.Shard`) when several train together: a
             tfds training split is opened as its even share.
 
     Example:

@@ -208,11 +208,6 @@ def build_variant(name: str, **overrides):
     )
 
 
-def config_from_model(model) -> ConvMixerConfig:
-    """The architecture of a ConvMixer built here (num_classes 0: no classifier head)."""
-    return contract.info_of(model).config
-
-
 def rebuild(
     model,
     input_shape=None,

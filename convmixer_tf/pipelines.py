@@ -24,6 +24,8 @@ from convmixer_tf.images import decode_file, eval_transform
 
 # decoded sets this small stay in memory (CIFAR-10's training set: 150 MB)
 CACHE_LIMIT_BYTES = 2 << 30
+# examples a tfds training set is shuffled through
+SHUFFLE_BUFFER = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,21 +105,19 @@ def train_pipeline(
     batch_size: int,
     *,
     seed: int = 0,
-    shuffle_buffer: int = 10_000,
-    shard=None,
+    shard: Shard = Shard(),
 ):
     """Shuffled, augmented, batched training data: (float32 raw pixels, one-hot labels),
     in batches of batch_size / shard.count (this process's share of the global batch).
 
     An image folder is reshuffled every epoch by index and only this process's (`shard`,
-    a `processes.Shard`) examples are decoded (`processes.folder_epochs`); a tfds set
+    a `Shard`) examples are decoded (`folder_epochs`); a tfds set
     (opened with the same shard: its own even split) is shuffled through a buffer.
     Decoding and augmentation run in parallel, batches are prefetched, small fixed-size
     sets are cached decoded. The last partial batch is dropped: every step has one shape.
     """
     import tensorflow as tf
 
-    shard = shard or Shard()
     if batch_size % shard.count:
         raise BadInput(f"batch_size {batch_size} does not split over {shard.count} processes")
     ordered = source.train_files is not None  # keeps each epoch's examples in their epoch
@@ -131,13 +131,13 @@ def train_pipeline(
         ):
             ds = ds.cache()
         ds = ds.shuffle(
-            min(shuffle_buffer, max(source.train_size, 1)), seed=seed, reshuffle_each_iteration=True
+            min(SHUFFLE_BUFFER, max(source.train_size, 1)), seed=seed, reshuffle_each_iteration=True
         )
     ds = ds.map(augmenter.image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
     ds = ds.batch(
         batch_size // shard.count, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE
     )
-    if augmenter.config.mixes:
+    if augmenter.mixers:
         ds = ds.map(augmenter.batch, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -158,7 +158,7 @@ def eval_pipeline(
     Yields (float32 images, labels): raw pixels unless normalize=True (for a model
     without its own preprocessing layer); labels one-hot when num_classes is given,
     else int32. With `shard` (several processes, `size` examples), this process's
-    share, evened out with examples of weight 0 (`processes.sharded_eval_pipeline`).
+    share, evened out with examples of weight 0 (`sharded_eval_pipeline`).
     """
     import tensorflow as tf
 

@@ -4,14 +4,13 @@ timm's evaluation transform, so a converted ImageNet model scores as it does in 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Callable, Optional
 
 import numpy as np
 
 from convmixer_tf import contract
-from convmixer_tf.config import VARIANTS, Preprocessing
+from convmixer_tf.config import Preprocessing, get_variant
 from convmixer_tf.errors import BadInput
 from convmixer_tf.labels import imagenet_class_names
 
@@ -20,10 +19,9 @@ def preprocessing_for(model, preset: Optional[str] = None, **overrides) -> Prepr
     """The evaluation transform for `model`: a variant's (by `preset`), else the one stored
     with the model; then `overrides` (input_size, crop_pct, interpolation, mean, std)
     where not None."""
-    if preset is not None and preset not in VARIANTS:
-        raise BadInput(f"unknown preset {preset!r}; allowed values: {', '.join(VARIANTS)}")
-    base = VARIANTS[preset].preprocessing if preset else contract.info_of(model).preprocessing
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    stored = contract.info_of(model).preprocessing
+    base = stored if preset is None else get_variant(preset).preprocessing
+    return base.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def check_classes(model, class_names, allow_mismatch: bool = False) -> str:
@@ -34,14 +32,13 @@ def check_classes(model, class_names, allow_mismatch: bool = False) -> str:
     """
     model_names = contract.info_of(model).class_names
     count = model.output_shape[-1]
-    if model_names is None:
-        verdict = (
-            f"the model stores no class names: the dataset's {len(class_names)} classes are assumed to be "
+    if len(class_names) != count:
+        problem = f"the model has {count} classes, the dataset {len(class_names)}"
+    elif model_names is None:
+        return (
+            f"the model stores no class names: the dataset's {count} classes are assumed to be "
             "its classes, in order"
         )
-        if len(class_names) == count:
-            return verdict
-        problem = f"the model has {count} classes, the dataset {len(class_names)}"
     elif _same_classes(model_names, class_names):
         return "the dataset's classes are the model's"
     else:
@@ -60,8 +57,7 @@ def _same_classes(model_names, data_names) -> bool:
 
 
 def _difference(model_names, data_names) -> str:
-    if len(model_names) != len(data_names):
-        return f"the model has {len(model_names)} classes, the dataset {len(data_names)}"
+    """The first class that differs between two lists of names of the same length."""
     first = next(i for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b)
     return (
         f"class {first} is {model_names[first]!r} in the model and {data_names[first]!r} in the dataset"

@@ -14,8 +14,9 @@ import json
 
 from convmixer_tf import cli, errors, outputs
 from convmixer_tf.config import INTERPOLATIONS, MAX_INPUT_SIZE, list_variants
+from convmixer_tf.data import open_dataset, warn_skipped
 from convmixer_tf.errors import BadInput
-from convmixer_tf.evaluate import is_metrics
+from convmixer_tf.evaluate import check_classes, evaluate, is_metrics, preprocessing_for
 
 TRANSFORM = ("input_size", "crop_pct", "interpolation", "mean", "std")  # options that change it
 
@@ -101,8 +102,6 @@ def main(argv=None) -> int:
 
 
 def _evaluate(args, log) -> int:
-    from convmixer_tf.data import warn_skipped
-    from convmixer_tf.evaluate import check_classes, evaluate, preprocessing_for
     from convmixer_tf.saving import load_model
 
     inputs = [args.model, args.data_dir]
@@ -146,8 +145,6 @@ def _report(args, metrics, inputs, log) -> None:
 
 def _dataset(args):
     """(DataSource, the split to score) of --data-dir or --dataset."""
-    from convmixer_tf.data import open_dataset
-
     if args.data_dir:
         source = open_dataset(
             data_dir=args.data_dir, val_fraction=0.0, strict_images=args.strict_images

@@ -11,7 +11,6 @@ Exit status: 0 done, 1 the run failed (loss not finite), 2 bad arguments or data
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -24,13 +23,7 @@ from convmixer_tf.train.recipe import DISTRIBUTIONS, PRECISIONS, SCHEDULES, Trai
 
 DEFAULTS = TrainConfig()
 AUGMENT = AugmentConfig()
-
-
-def _jit(text):
-    try:
-        return {"auto": "auto", "on": True, "off": False}[text]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
+JIT = {"auto": "auto", "on": True, "off": False}  # --jit-compile -> TrainConfig.jit_compile
 
 
 def build_parser():
@@ -42,18 +35,14 @@ def build_parser():
         "model.keras (float32, stock layers, class names inside), metrics.json, history.csv, "
         "TensorBoard logs and a backup: the same command resumes a killed run.",
     )
-    groups = (
-        ("model", _model_options),
-        ("data", _data_options),
-        ("schedule", _schedule_options),
-        ("optimiser", _optimiser_options),
-        ("augmentation", _augment_options),
-        ("mixing and erasing", _mixing_options),
-        ("devices", _device_options),
-        ("several processes", _process_options),
-    )
-    for title, add_options in groups:
-        add_options(p.add_argument_group(title))
+    _model_options(p.add_argument_group("model"))
+    _data_options(p.add_argument_group("data"))
+    _schedule_options(p.add_argument_group("schedule"))
+    _optimiser_options(p.add_argument_group("optimiser"))
+    _augment_options(p.add_argument_group("augmentation"))
+    _mixing_options(p.add_argument_group("mixing and erasing"))
+    _device_options(p.add_argument_group("devices"))
+    _process_options(p.add_argument_group("several processes"))
     output = p.add_argument_group("output")
     _output_options(output)
     p.add_console_options(output, noisy="TensorFlow, JAX and absl")
@@ -242,8 +231,8 @@ def _device_options(group):
     )
     group.add_argument(
         "--jit-compile",
-        type=_jit,
-        default=DEFAULTS.jit_compile,
+        choices=tuple(JIT),
+        default="auto",
         metavar="auto|on|off",
         help="XLA; auto leaves it off on CPU, where it is slower",
     )
@@ -322,6 +311,7 @@ def config_from_args(args) -> TrainConfig:
             fields,
             augment=augment,
             clip_norm=args.clip_norm or None,
+            jit_compile=JIT[args.jit_compile],
             output=args.output or os.path.join("runs", f"{model_name}_{data_name}"),
             verbose=_verbosity(args),
         )
@@ -333,18 +323,14 @@ def main(argv=None) -> int:
     code = cli.run_command(
         lambda log, console: _train(args, log, console), quiet=args.quiet, verbose=args.verbose
     )
-    if code != errors.EXIT_OK and _joined_other_processes():
+    jax = sys.modules.get("jax")  # imported: the run may have joined other processes
+    if code != errors.EXIT_OK and jax is not None and jax.distributed.is_initialized():
         # A failed process of a multi-process run leaves at once: JAX's exit handler would
         # wait for the others at a shutdown barrier, and abort when they do not come.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
-
-
-def _joined_other_processes() -> bool:
-    jax = sys.modules.get("jax")
-    return jax is not None and jax.distributed.is_initialized()
 
 
 def _train(args, log, console) -> int:

@@ -45,29 +45,23 @@ class StopOnNaN(keras.callbacks.Callback):
 
 
 class Progress(keras.callbacks.Callback):
-    """Counts trained images and time (throughput for metrics.json) and reports epochs
-    to `log` when Keras' own progress bar is off."""
+    """Counts the epochs trained in this session and their time (every epoch is
+    steps_per_epoch whole batches: the throughput in metrics.json) and reports epochs to
+    `log` when Keras' own progress bar is off."""
 
-    def __init__(self, batch_size, log, verbose):
+    def __init__(self, log, verbose):
         super().__init__()
-        self.batch_size = batch_size
         self.log = log
         self.verbose = verbose
-        self.images = 0  # trained, over every epoch of this session
         self.seconds = 0.0
         self.epochs = 0
         self._start = None  # of the epoch being trained
-        self._steps = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start, self._steps = time.perf_counter(), 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
+        self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         elapsed = time.perf_counter() - self._start
-        self.images += self._steps * self.batch_size
         self.epochs += 1
         self.seconds += elapsed
         if self.verbose == 0:

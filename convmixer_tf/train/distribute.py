@@ -16,9 +16,8 @@ import functools
 import keras
 import numpy as np
 
-from convmixer_tf.errors import BadInput
+from convmixer_tf.errors import BadInput, CheckFailed
 from convmixer_tf.pipelines import Shard
-from convmixer_tf.train.recipe import DISTRIBUTIONS
 
 MULTI_PROCESS_ON_TENSORFLOW = (
     "--distribute multi-process needs the JAX backend (KERAS_BACKEND=jax): TensorFlow's "
@@ -78,7 +77,8 @@ def broadcast_text(text: str, shard: Shard) -> str:
 
 
 def distribution(kind: str = "auto"):
-    """(context manager to build and compile in, number of replicas, kind) for `kind`.
+    """(context manager to build and compile in, number of replicas, kind) for `kind`, one of
+    DISTRIBUTIONS (`TrainConfig.validate` checks it).
 
     "mirrored": tf.distribute.MirroredStrategy over the GPUs, or the (logical) CPUs
     when there is no GPU; BatchNorm is synchronised over replicas so the numbers do not
@@ -116,21 +116,16 @@ def distribution(kind: str = "auto"):
         ]
         strategy = tf.distribute.MirroredStrategy(devices)
         return strategy.scope(), strategy.num_replicas_in_sync, kind
-    if kind in ("data-parallel", "multi-process"):
-        if backend != "jax":
-            raise BadInput(
-                f"--distribute {kind} needs the JAX backend (KERAS_BACKEND is {backend})"
-            )
-        devices = keras.distribution.list_devices()  # every process's, after start_processes
-        # Several processes: each feeds its own shard (`train_shard`), not Keras' auto-shard,
-        # which would have every process decode and augment the whole set.
-        keras.distribution.set_distribution(
-            keras.distribution.DataParallel(
-                devices=devices, auto_shard_dataset=kind != "multi-process"
-            )
-        )
-        return contextlib.nullcontext(), len(devices), kind
-    raise BadInput(f"distribute must be one of {', '.join(DISTRIBUTIONS)}, got {kind!r}")
+    # "data-parallel" or "multi-process"
+    if backend != "jax":
+        raise BadInput(f"--distribute {kind} needs the JAX backend (KERAS_BACKEND is {backend})")
+    devices = keras.distribution.list_devices()  # every process's, after start_processes
+    # Several processes: each feeds its own shard (`pipelines.train_pipeline`), not Keras'
+    # auto-shard, which would have every process decode and augment the whole set.
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices, auto_shard_dataset=kind != "multi-process")
+    )
+    return contextlib.nullcontext(), len(devices), kind
 
 
 @contextlib.contextmanager
@@ -169,8 +164,6 @@ class SameEpochEverywhere(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         from jax.experimental import multihost_utils
-
-        from convmixer_tf.errors import CheckFailed
 
         epoch = np.asarray([self.model._initial_epoch or 0], np.int32)
         epochs = np.asarray(multihost_utils.process_allgather(epoch)).reshape(-1).tolist()

@@ -40,8 +40,10 @@ class RunRecord(keras.callbacks.Callback):
         top, _, rest = path.partition("/")
         if path in self.listed or path in RUN_FILES or top == "backup":
             return True
+        # TensorBoard's event files: logs/<board>/events.out.tfevents.TIME.HOST.PID.N.v2
         board, _, name = rest.partition("/")
-        return top == "logs" and board in ("train", "validation") and _tensorboards(name)
+        event = "/" not in name and name.startswith("events.out.tfevents.") and name.endswith(".v2")
+        return top == "logs" and board in ("train", "validation") and event
 
     def update(self) -> None:
         outputs.write_record(self.folder, self.ours)
@@ -58,11 +60,6 @@ class FlushedTensorBoard(keras.callbacks.TensorBoard):
         super().on_epoch_end(epoch, logs)
         for writer in self._writers.values():  # Keras keeps its writers private
             writer.flush()
-
-
-def _tensorboards(name) -> bool:
-    """An event file of TensorBoard's: events.out.tfevents.TIME.HOST.PID.N.v2."""
-    return "/" not in name and name.startswith("events.out.tfevents.") and name.endswith(".v2")
 
 
 @contextlib.contextmanager

@@ -46,18 +46,17 @@ def learning_rate(config, total_steps: int, steps_per_epoch: int):
 @keras.saving.register_keras_serializable(package="convmixer_tf")
 class BackboneScaledAdamW(keras.optimizers.AdamW):
     """AdamW whose learning rate is multiplied by `backbone_lr_mult` for every variable
-    outside the layers named in `full_lr_layers` (the new head, when fine-tuning).
-    Weight decay keeps the full rate, as in decoupled AdamW."""
+    outside the head (a new one, when fine-tuning). Weight decay keeps the full rate, as in
+    decoupled AdamW."""
 
-    def __init__(self, backbone_lr_mult: float = 1.0, full_lr_layers=(HEAD,), **kwargs):
+    def __init__(self, backbone_lr_mult: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.backbone_lr_mult = float(backbone_lr_mult)
-        self.full_lr_layers = tuple(full_lr_layers)
 
     def build(self, variables):
         super().build(variables)
         # By index: update_step may see the backend's variable rather than the Keras one.
-        self._scaled = [v.path.split("/")[0] not in self.full_lr_layers for v in variables]
+        self._scaled = [v.path.split("/")[0] != HEAD for v in variables]
 
     def update_step(self, gradient, variable, learning_rate):
         if self._scaled[self._get_variable_index(variable)]:
@@ -65,11 +64,7 @@ class BackboneScaledAdamW(keras.optimizers.AdamW):
         return super().update_step(gradient, variable, learning_rate)
 
     def get_config(self):
-        return dict(
-            super().get_config(),
-            backbone_lr_mult=self.backbone_lr_mult,
-            full_lr_layers=list(self.full_lr_layers),
-        )
+        return dict(super().get_config(), backbone_lr_mult=self.backbone_lr_mult)
 
 
 def compile_model(model, config, steps_per_epoch: int):
@@ -90,7 +85,7 @@ def compile_model(model, config, steps_per_epoch: int):
     model.compile(
         optimizer=optimizer,
         # Weighted mean: the padding that evens out several processes' validation shards has
-        # weight 0 (processes.sharded_eval_pipeline); without weights it is the plain mean.
+        # weight 0 (pipelines.sharded_eval_pipeline); without weights it is the plain mean.
         loss=keras.losses.CategoricalCrossentropy(
             from_logits=True,
             label_smoothing=config.label_smoothing,

@@ -89,13 +89,10 @@ class TrainConfig:
     # What may differ between the processes of one run, or between a run and its resumption.
     PER_PROCESS = ("coordinator", "process_id", "heartbeat_timeout", "force", "verbose", "output")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def settings(self) -> dict:
         """What the run is, as its folder's config.json stores it: every field but those that
         may differ between its processes or between it and its resumption (PER_PROCESS)."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.PER_PROCESS}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.PER_PROCESS}
 
     @classmethod
     def with_defaults(cls, stored: dict) -> dict:

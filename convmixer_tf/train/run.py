@@ -82,9 +82,7 @@ def train(
     run = _plan(config, shard, source, initial, log)
     # Only now, with the data, the model and the devices checked: a bad argument leaves no folder.
     with run_folder(config, shard, log) as (folder, resumed, record):
-        run.folder = folder
-        run.resumed = resumed
-        run.record = record
+        run = dataclasses.replace(run, folder=folder, resumed=resumed, record=record)
         model = _trainable(run, initial)
         del initial
         return _fit_and_save(run, model)
@@ -161,7 +159,7 @@ def _fit_and_save(run: Run, model) -> dict:
     eval_pre = contract.info_of(model).preprocessing.replace(input_size=run.size)
     if run.source.image_shape is not None and tuple(run.source.image_shape) == (run.size, run.size):
         eval_pre = eval_pre.replace(crop_pct=1.0)
-    progress = Progress(run.config.batch_size, run.log, run.config.verbose)
+    progress = Progress(run.log, run.config.verbose)
     started = time.perf_counter()
     with _losing_a_process_is_fatal(shard):
         model.fit(
@@ -266,15 +264,13 @@ def _callbacks(run: Run, progress) -> list:
         )
     if shard.count > 1:
         callbacks.append(SameEpochEverywhere())
-    if run.config.tensorboard:
+    if run.config.tensorboard and shard.index == 0:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
             run.log("TensorBoard is not installed (pip install tensorboard): no logs/ written")
         else:
-            callbacks += (
-                [FlushedTensorBoard(os.path.join(folder, "logs"))] if shard.index == 0 else []
-            )
+            callbacks.append(FlushedTensorBoard(os.path.join(folder, "logs")))
     if run.record is not None:
         callbacks.append(run.record)  # last: after every file of the epoch is written
     return callbacks
@@ -283,11 +279,12 @@ def _callbacks(run: Run, progress) -> list:
 def _metrics(run: Run, model, progress, started) -> dict:
     history = read_history(os.path.join(run.folder, "history.csv"))
     source = run.source
+    images = progress.epochs * run.steps * run.config.batch_size
     return {
         "epochs": len(history),
         "final": history[-1] if history else {},
         "history": history,
-        "train_images_per_second": round(progress.images / progress.seconds, 2)
+        "train_images_per_second": round(images / progress.seconds, 2)
         if progress.seconds
         else None,
         "wall_seconds_this_session": round(time.perf_counter() - started, 2),
