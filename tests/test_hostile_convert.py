@@ -79,6 +79,15 @@ def _zip_bomb():
     return _zip_of(members, zipfile.ZIP_DEFLATED)
 
 
+def _second_disk():
+    """torch.save's zip, its zip64 end locator naming a second disk (zipfile.is_zipfile raises
+    on it instead of answering)."""
+    data = bytearray(_torch_bytes(_good()))
+    at = data.rfind(b"PK\x06\x07")
+    data[at + 4 : at + 8] = (1).to_bytes(4, "little")
+    return bytes(data)
+
+
 def _with(tensors, **changes):
     return dict(tensors, **changes)
 
@@ -143,6 +152,7 @@ ROWS = [
         "cannot read torch",
     ),
     ("a zip bomb", "bomb.pth", _zip_bomb, 2, "compressed"),
+    ("a zip that spans two disks", "disks.pth", _second_disk, 2, "a damaged zip"),
     (
         "a pickle with a GLOBAL to os.system",
         "evil.pth",

@@ -163,7 +163,10 @@ def _read_torch(path):
     # timm training checkpoints carry their argparse.Namespace; building one runs no code.
     safe = [argparse.Namespace]
     kwargs = dict(map_location="cpu", weights_only=True)
-    zipped = zipfile.is_zipfile(path)
+    try:
+        zipped = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # is_zipfile lets out a zip64 record's disk count
+        zipped = True  # a damaged zip, which _check_stored names
     if zipped:
         _check_stored(path)
     try:
