@@ -3,6 +3,7 @@ and oddly named files, layouts with one key missing or one shape wrong, two layo
 tensors that are not weights. Each row promises an exit code and a one-line message, with
 nothing written beside the file and nothing from it executed."""
 
+import argparse
 import inspect
 import io
 import json
@@ -214,6 +215,13 @@ ROWS = [
         "top-level keys ['1'], none of state_dict",
     ),
     ("no tensors", "args.pth", lambda: {"epoch": 3, "lr": 0.1}, 2, "holds no state dict"),
+    (
+        "training args with a shape in a tensor's place",
+        "namespace.pth",
+        lambda: _with(_good(), **{"head.bias": argparse.Namespace(shape=[10])}),
+        2,
+        "mixes tensors with non-tensor entries ['head.bias']",
+    ),
     (
         "a NaN weight",
         "nan.pth",

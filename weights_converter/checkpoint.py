@@ -88,7 +88,7 @@ def read_checkpoint(path, use_ema: bool = False) -> Checkpoint:
     tensors, wrapper, other = _unwrap(raw, use_ema, path)
     tensors, prefixes = _strip_prefixes(tensors)
     state_dict = {key: _to_numpy(key, value) for key, value in tensors.items()}
-    dtypes = sorted({str(value.dtype) for value in tensors.values() if hasattr(value, "dtype")})
+    dtypes = sorted({str(value.dtype) for value in tensors.values()})
     return Checkpoint(state_dict, path, fmt, wrapper, prefixes, other, dtypes)
 
 
@@ -217,11 +217,17 @@ def _check_stored(path) -> None:
             )
 
 
+def _is_tensor(value) -> bool:
+    # an argparse.Namespace (timm's training args, which the unpickler may build) carries any
+    # attribute, `shape` too
+    return hasattr(value, "shape") and not isinstance(value, argparse.Namespace)
+
+
 def _is_tensor_dict(obj) -> bool:
     return (
         isinstance(obj, dict)
         and bool(obj)
-        and all(isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items())
+        and all(isinstance(k, str) and _is_tensor(v) for k, v in obj.items())
     )
 
 
@@ -245,7 +251,7 @@ def _unwrap(raw, use_ema, path):
             return raw[key], key, sorted(k for k in keys if k != key)
     if _is_tensor_dict(raw):
         return raw, None, []
-    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and hasattr(v, "shape")}
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and _is_tensor(v)}
     if not tensors:
         note = (
             "" if len(keys) == len(raw) else " (a state dict is keyed by parameter names, strings)"
