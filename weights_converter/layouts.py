@@ -179,8 +179,7 @@ def to_canonical(
     canonical = {named: module for module, named in modules(layout, depth).items()}
     out = {}
     for key, value in state_dict.items():
-        module, _, weight = key.rpartition(".")
-        new = f"{canonical[module]}.{weight}" if module in canonical else key
+        new = _renamed(key, canonical)
         if new in out:
             raise MappingError(
                 f"two keys name the same tensor of a {layout} checkpoint: {shown(key)}"
@@ -194,22 +193,20 @@ def from_canonical(
 ) -> Dict[str, np.ndarray]:
     """Renames canonical (timm) keys to `layout`."""
     table = modules(layout, depth)
-    out = {}
-    for key, value in state_dict.items():
-        module, _, weight = key.rpartition(".")
-        new = f"{table[module]}.{weight}" if module in table else key
-        out[new] = value
-    return out
+    return {_renamed(key, table): value for key, value in state_dict.items()}
 
 
 def original_key(key: str, layout: str, depth: int) -> str:
     """`layout`'s name for the canonical `key` (a key the layout has no name for is its
     own): what an error message names."""
+    return _renamed(key, modules(layout, depth))
+
+
+def _renamed(key: str, table: Dict[str, str]) -> str:
+    """`key` with its module renamed by `table` (module -> module); a module the table
+    does not name stays as it is."""
     module, _, weight = key.rpartition(".")
-    table = modules(layout, depth)
-    if module not in table:
-        return key
-    return f"{table[module]}.{weight}"
+    return f"{table[module]}.{weight}" if module in table else key
 
 
 def shown(name, limit: int = 80) -> str:
