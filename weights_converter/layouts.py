@@ -27,14 +27,12 @@ class Layout:
     in the head's row {depth+N} the number of blocks plus N (pooling and flattening sit
     between the last block and the head, and hold no weights)."""
 
-    name: str
     description: str
     modules: Dict[str, str]
 
 
-_TABLES = (
-    Layout(
-        "timm",
+LAYOUTS = {
+    "timm": Layout(
         "timm's ConvMixer",
         {
             "stem.0": "stem.0",
@@ -46,8 +44,7 @@ _TABLES = (
             "head": "head",
         },
     ),
-    Layout(
-        "sequential",
+    "sequential": Layout(
         "the paper's nn.Sequential listing",
         {
             "stem.0": "0",
@@ -59,8 +56,7 @@ _TABLES = (
             "head": "{depth+5}",
         },
     ),
-    Layout(
-        "one_liner",
+    "one_liner": Layout(
         "the paper's 280-character one-liner",
         {
             "stem.0": "0.0",
@@ -72,8 +68,7 @@ _TABLES = (
             "head": "{depth+3}",
         },
     ),
-    Layout(
-        "labml",
+    "labml": Layout(
         "labml.ai's annotated ConvMixer",
         {
             "stem.0": "patch_emb.conv",
@@ -85,8 +80,7 @@ _TABLES = (
             "head": "classification.linear",
         },
     ),
-)
-LAYOUTS = {layout.name: layout for layout in _TABLES}
+}
 _FIELD = re.compile(r"\{(i|depth)(?:\+(\d+))?\}")
 _MAX_DIGITS = 9  # a block index longer than this is no network's
 
