@@ -30,21 +30,18 @@ from weights_converter.layouts import (
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    name: str
     to_keras: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
 
 
 TRANSFORMS = {
-    "identity": Transform("identity", lambda a: a, lambda a: a),
+    "identity": Transform(lambda a: a, lambda a: a),
     # Conv2d (O, I, kh, kw) <-> Conv2D (kh, kw, I, O)
-    "conv": Transform("conv", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
+    "conv": Transform(lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
     # depthwise Conv2d (C, 1, k, k) <-> DepthwiseConv2D (k, k, C, 1)
-    "depthwise": Transform(
-        "depthwise", lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1)
-    ),
+    "depthwise": Transform(lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1)),
     # Linear (out, in) <-> Dense (in, out)
-    "linear": Transform("linear", lambda a: a.T, lambda a: a.T),
+    "linear": Transform(lambda a: a.T, lambda a: a.T),
 }
 
 
