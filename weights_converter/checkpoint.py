@@ -238,17 +238,14 @@ def _unwrap(raw, use_ema, path):
         )
     keys = [k for k in raw if isinstance(k, str)]
     named = f"[{', '.join(shown(k) for k in list(raw)[:10])}]"  # what a message names
+    for key in EMA_KEYS if use_ema else WRAPPER_KEYS:
+        if _is_tensor_dict(raw.get(key)):
+            return raw[key], key, sorted(k for k in keys if k != key)
     if use_ema:
-        for key in EMA_KEYS:
-            if _is_tensor_dict(raw.get(key)):
-                return raw[key], key, sorted(k for k in keys if k != key)
         raise CheckpointError(
             f"--use-ema: {shown(path, 1000)} has no EMA weights (looked for "
             f"{', '.join(EMA_KEYS)}); it holds {named}"
         )
-    for key in WRAPPER_KEYS:
-        if _is_tensor_dict(raw.get(key)):
-            return raw[key], key, sorted(k for k in keys if k != key)
     if _is_tensor_dict(raw):
         return raw, None, []
     tensors = {k: v for k, v in raw.items() if isinstance(k, str) and _is_tensor(v)}
