@@ -264,15 +264,15 @@ def _unwrap(raw, use_ema, path):
 
 
 def _strip_prefixes(tensors):
+    """(`tensors` with the wrappers' prefixes that all keys share taken off, one at a time,
+    those prefixes)."""
     stripped = []
-    changed = True
-    while changed:
-        changed = False
-        for prefix in STRIPPABLE_PREFIXES:
-            if tensors and all(k.startswith(prefix) for k in tensors):
-                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
-                stripped.append(prefix)
-                changed = True
+    while tensors:
+        shared = [p for p in STRIPPABLE_PREFIXES if all(k.startswith(p) for k in tensors)]
+        if not shared:
+            break
+        tensors = {k[len(shared[0]) :]: v for k, v in tensors.items()}
+        stripped.append(shared[0])
     return tensors, stripped
 
 
