@@ -128,6 +128,8 @@ def test_the_report_is_one_record_with_a_passed_flag(tmp_path, capsys):
     written = json.loads((tmp_path / "a" / "report.json").read_text())
     assert written == json.loads(json.dumps(report.to_dict()))
     assert list(written) == ["status", "output", "timings_s", "conversion", "parity", "files"]
+    # counted before the tensors were released
+    assert written["conversion"]["checkpoint"]["tensors"] == len(timm_convmixer().state_dict())
     assert written["status"] == "ok" and [row["path"] for row in report.files] == ["model.keras"]
     assert list(report.timings_s) == ["convert", "parity", "save"]
     skipped = convert_and_verify(ConvertOptions(path, output=str(tmp_path / "b"), skip_parity=True))

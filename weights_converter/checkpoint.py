@@ -44,10 +44,7 @@ class Checkpoint:
     stripped_prefixes: List[str]
     other_keys: List[str]  # what else the file carried (optimizer, epoch, args, ...)
     dtypes: List[str]
-    num_tensors: int = 0
-
-    def __post_init__(self):
-        self.num_tensors = len(self.state_dict)
+    num_tensors: int  # what the summary says once the tensors are released
 
     def summary(self) -> dict:
         return {
@@ -89,7 +86,7 @@ def read_checkpoint(path, use_ema: bool = False) -> Checkpoint:
     tensors, prefixes = _strip_prefixes(tensors)
     state_dict = {key: _to_numpy(key, value) for key, value in tensors.items()}
     dtypes = sorted({str(value.dtype) for value in tensors.values()})
-    return Checkpoint(state_dict, path, fmt, wrapper, prefixes, other, dtypes)
+    return Checkpoint(state_dict, path, fmt, wrapper, prefixes, other, dtypes, len(state_dict))
 
 
 def _check_regular_file(path) -> None:
