@@ -25,8 +25,6 @@ class Conversion:
     layout: str
     matched_variant: Optional[str]
     activation_source: str  # "flag", "variant", "variant name" or "default"
-    include_top: bool
-    copied: int
     state_dicts: Dict[str, Dict[str, np.ndarray]]
     checkpoint: Optional[Checkpoint] = None
     class_names_source: str = (
@@ -39,10 +37,11 @@ class Conversion:
             "checkpoint": self.checkpoint.summary() if self.checkpoint else None,
             "layout": self.layout,
             "config": self.config.to_dict(),
-            "include_top": self.include_top,
+            "include_top": self.config.num_classes > 0,
             "matched_variant": self.matched_variant,
             "activation_source": self.activation_source,
-            "weights_copied": self.copied,
+            # every weight, each once (_fill)
+            "weights_copied": len(self.model.weights),
             "unused_keys": [],
         }
 
@@ -57,7 +56,7 @@ class Conversion:
         c = self.config
         return (
             f"{c.describe()}, {c.activation} ({self.activation_source}), "
-            f"{c.num_classes if self.include_top else 'no'} classes (names: {self.class_names_source}), "
+            f"{c.num_classes or 'no'} classes (names: {self.class_names_source}), "
             f"layout {self.layout}, matches {self.matched_variant or 'no released variant'}"
         )
 
@@ -118,8 +117,6 @@ def convert_state_dict(
         layout,
         matched,
         activation_source,
-        include_top,
-        len(rows),
         state_dicts,
         class_names_source=names_source,
     )
