@@ -616,3 +616,26 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert directory_entries(tmp_path) == ["m.pth"]
+
+
+def test_a_labels_file_names_the_classes_or_is_refused_naming_it(tmp_path, capsys):
+    import convmixer_tf
+
+    net = timm_convmixer()
+    path = save_checkpoint(net.state_dict(), tmp_path / "m.pth")
+    net.reset_classifier(0)
+    headless = save_checkpoint(net.state_dict(), tmp_path / "headless.pth")
+    (tmp_path / "ten.txt").write_text("\n".join(f"class {i}" for i in range(10)))
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    for checkpoint, names, words in (
+        (path, "two.txt", "labels file: 2 class names for a model with 10 classes"),
+        (headless, "ten.txt", "class names were given (labels file), but the checkpoint has no"),
+    ):
+        argv = ["--torch-ckpt", str(checkpoint), "--labels", str(tmp_path / names), "--quiet"]
+        assert main([*argv, "--output", str(tmp_path / "refused")]) == 2
+        assert words in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    argv = ["--torch-ckpt", str(path), "--labels", str(tmp_path / "ten.txt"), "--quiet", "--json"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["conversion"]["class_names"] == "labels file"
+    model = convmixer_tf.load_model(tmp_path / "out" / "model.keras")
+    assert convmixer_tf.info_of(model).class_names == tuple(f"class {i}" for i in range(10))

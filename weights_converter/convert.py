@@ -147,17 +147,16 @@ def _class_names(given, cfg, matched, config, include_top):
     """(names, where they came from): given ones, else the source's (a hub config), else
     ImageNet-1k's for a released variant's 1000-class head."""
     if given is not None:
-        names, origin = tuple(given), "labels file"
+        names, source, origin = tuple(given), "labels file", "labels file"
     elif cfg.get("class_names") is not None:
-        names, origin = tuple(cfg["class_names"]), "the hub's config.json"
+        names, source = tuple(cfg["class_names"]), "the hub's config.json"
+        origin = f"label_names of config.json of hf-hub:{cfg['source']['repo']}"
     else:
         released = matched is not None and get_variant(matched).timm_name is not None
         names = None
         if released and include_top and config.num_classes == 1000:
             names = labels.imagenet_class_names()
         return names, "ImageNet-1k (timm)" if names is not None else "none"
-    if origin != "labels file":
-        origin = f"label_names of config.json of hf-hub:{cfg['source']['repo']}"
     if not include_top:
         raise mapping.MappingError(
             f"class names were given ({origin}), but the checkpoint has no classifier head"
@@ -166,7 +165,7 @@ def _class_names(given, cfg, matched, config, include_top):
         labels.check_class_names(names, config.num_classes)
     except BadInput as err:
         raise BadInput(f"{origin}: {err}") from None
-    return names, "labels file" if given is not None else "the hub's config.json"
+    return names, source
 
 
 def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False, input_shape=None):
