@@ -27,9 +27,8 @@ class Conversion:
     activation_source: str  # "flag", "variant", "variant name" or "default"
     state_dicts: Dict[str, Dict[str, np.ndarray]]
     checkpoint: Optional[Checkpoint] = None
-    class_names_source: str = (
-        "none"  # "labels file", "ImageNet-1k (timm)", the hub's config or "none"
-    )
+    # "labels file", "ImageNet-1k (timm)", "the hub's config.json" or "none"
+    class_names_source: str = "none"
 
     def summary(self) -> dict:
         return {

@@ -33,9 +33,8 @@ class ParityError(CheckFailed):
 class StageDiff:
     name: str
     max_abs: float
-    max_rel: (
-        float  # max |keras - torch| / max(1, max |torch|) over the stage output (scores.allowed)
-    )
+    # max |keras - torch| / max(1, max |torch|) over the stage output (scores.allowed)
+    max_rel: float
     diverged: bool
 
 
