@@ -11,7 +11,7 @@ from convmixer_tf import contract, labels
 from convmixer_tf.config import ConvMixerConfig, get_variant
 from convmixer_tf.errors import BadInput
 from convmixer_tf.model import ConvMixer
-from weights_converter import layouts, mapping
+from weights_converter import hub, layouts, mapping
 from weights_converter.checkpoint import Checkpoint, read_checkpoint
 
 
@@ -185,8 +185,6 @@ def convert_file(
 ) -> Conversion:
     """Like `convert_checkpoint`, returning the full `Conversion` record (`path` may also be
     a `hub.Source` already resolved)."""
-    from weights_converter import hub
-
     source = path if isinstance(path, hub.Source) else hub.resolve(path)
     checkpoint = read_checkpoint(source.path, use_ema=use_ema)
     conversion = convert_state_dict(
