@@ -65,8 +65,6 @@ def convert_state_dict(
     variant: Optional[str] = None,
     *,
     activation: Optional[str] = None,
-    input_shape: Optional[Sequence[Optional[int]]] = None,
-    layout: Optional[str] = None,
     class_names: Optional[Sequence[str]] = None,
     pretrained_cfg: Optional[dict] = None,
 ) -> Conversion:
@@ -77,8 +75,6 @@ def convert_state_dict(
         variant: a name from `convmixer_tf.list_variants()` that the checkpoint must
             match; it also decides the activation unless `activation` is given.
         activation: "gelu" or "relu"; weights cannot tell which one was trained.
-        input_shape: Keras input shape; default (None, None, 3), any size.
-        layout: force one of `layouts.LAYOUTS` instead of detecting it.
         class_names: one name per class, stored with the model; default ImageNet-1k's for
             a 1000-class released variant (from timm, when it is installed).
         pretrained_cfg: what the weights' source says of them (`hub.Source.pretrained_cfg`):
@@ -87,17 +83,12 @@ def convert_state_dict(
     Every Keras weight is filled exactly once, every tensor is used or named, every
     shape is checked before anything is copied; an unexpected tensor is an error.
     """
-    canonical, layout = layouts.to_canonical(state_dict, layout)
+    canonical, layout = layouts.to_canonical(state_dict)
     mapping.check_finite(state_dict)
     config, matched, activation_source = _architecture(state_dict, variant, activation, layout)
     include_top = mapping.has_head(canonical)
     rows = mapping.plan(canonical, config, include_top, layout=layout)
-    model = ConvMixer(
-        **config.to_dict(),
-        input_shape=input_shape,
-        include_top=include_top,
-        name=matched or "convmixer",
-    )
+    model = ConvMixer(**config.to_dict(), include_top=include_top, name=matched or "convmixer")
     _fill(model, rows, canonical)
     cfg = dict(pretrained_cfg or {})
     info = contract.info_of(model)
@@ -167,21 +158,19 @@ def _class_names(given, cfg, matched, config, include_top):
     return names, source
 
 
-def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False, input_shape=None):
+def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False):
     """Reads a PyTorch ConvMixer checkpoint file (or `hf-hub:OWNER/NAME[@REV]`) and returns
-    the Keras model.
+    the Keras model, which takes any input size (`convmixer_tf.rebuild` fixes one).
 
     Example:
         >>> model = convert_checkpoint("convmixer_768_32.pth.tar")  # doctest: +SKIP
         >>> model.save("convmixer_768_32.keras")  # doctest: +SKIP
     """
-    return convert_file(
-        path, variant, activation=activation, use_ema=use_ema, input_shape=input_shape
-    ).model
+    return convert_file(path, variant, activation=activation, use_ema=use_ema).model
 
 
 def convert_file(
-    path, variant=None, *, activation=None, use_ema=False, input_shape=None, class_names=None
+    path, variant=None, *, activation=None, use_ema=False, class_names=None
 ) -> Conversion:
     """Like `convert_checkpoint`, returning the full `Conversion` record (`path` may also be
     a `hub.Source` already resolved)."""
@@ -191,7 +180,6 @@ def convert_file(
         checkpoint.state_dict,
         variant,
         activation=activation,
-        input_shape=input_shape,
         class_names=class_names,
         pretrained_cfg=source.pretrained_cfg,
     )

@@ -113,21 +113,18 @@ def paper_convmixer(
 
 
 def reference_model(
-    config: ConvMixerConfig,
-    include_top: bool = True,
-    variant: Optional[str] = None,
-    *,
-    prefer_timm: bool = True,
+    config: ConvMixerConfig, include_top: bool = True, variant: Optional[str] = None
 ):
     """Builds the PyTorch ConvMixer for `config`; returns (module, description, layout).
 
     For a released variant the architecture, activation included, is timm's own
-    registered model, so a wrong --activation shows up as a parity failure.
+    registered model, so a wrong --activation shows up as a parity failure. Without timm,
+    or for a full k x k convolution, it is the paper's nn.Sequential (`paper_convmixer`).
     """
     import torch.nn as nn
 
     num_classes = config.num_classes if include_top else 0
-    timm = _import_timm() if prefer_timm else None
+    timm = _import_timm()
     if timm is not None and config.depthwise:
         if variant in VARIANTS and VARIANTS[variant].timm_name:
             model = timm.create_model(
