@@ -165,18 +165,6 @@ def reference_model(
     )
 
 
-def reference(config: ConvMixerConfig, state_dicts, variant: Optional[str] = None):
-    """The reference network for `config` with its layout's tensors (`state_dicts`, by
-    layout) loaded strictly; returns (module, description)."""
-    import torch
-
-    model, description, layout = reference_model(config, config.num_classes > 0, variant)
-    model.load_state_dict(
-        {k: torch.from_numpy(np.asarray(v)) for k, v in state_dicts[layout].items()}, strict=True
-    )
-    return model, description
-
-
 def seeded_inputs(batch_size: int, size: int, seed: int = 0) -> np.ndarray:
     """Normalised-space NHWC inputs (what the network sees after mean/std)."""
     return (
@@ -314,15 +302,21 @@ def prove(
         True
     """
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise BadInput(
             "parity needs the PyTorch network: pip install 'convmixer-tf[timm]' "
             "(or pass --skip-parity to convert without the proof)"
         ) from None
-    torch_model, description = reference(
-        conversion.config, conversion.state_dicts, conversion.matched_variant
+    config = conversion.config
+    torch_model, description, layout = reference_model(
+        config, config.num_classes > 0, conversion.matched_variant
     )
+    # the tensors under the reference's own names, loaded strictly
+    tensors = {
+        k: torch.from_numpy(np.asarray(v)) for k, v in conversion.state_dicts[layout].items()
+    }
+    torch_model.load_state_dict(tensors, strict=True)
     pre = contract.info_of(conversion.model).preprocessing
     inputs = seeded_inputs(SEEDED_BATCH, pre.input_size)
     sets = [{"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH}]
