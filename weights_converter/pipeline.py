@@ -36,21 +36,16 @@ def default_output_dir(checkpoint_path) -> str:
     path = os.path.abspath(os.fspath(checkpoint_path))
     base = os.path.basename(path)
     base = next((base[: -len(s)] for s in SUFFIXES if base.endswith(s)), base)
-    longest = _longest_name(os.path.dirname(path))
+    try:  # the longest file name the folder's file system takes, in bytes
+        longest = os.pathconf(os.path.dirname(path), "PC_NAME_MAX")
+    except (OSError, ValueError):  # not known
+        longest = None
     if longest and len(os.fsencode(f"{base}_keras")) > longest:
         raise BadInput(
             f"the default output for {shown(path, 1000)} would be a name longer than {longest} "
             "bytes, which its file system refuses: pass --output DIR"
         )
     return os.path.join(os.path.dirname(path), f"{base}_keras")
-
-
-def _longest_name(folder) -> Optional[int]:
-    """The longest file name `folder`'s file system takes, in bytes (None: not known)."""
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
