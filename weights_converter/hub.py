@@ -75,11 +75,11 @@ def read_config(config: dict, where: str) -> dict:
     """What a timm repo's config.json says of its weights, every value checked as it enters:
     {"preprocessing" (None without mean and std), "class_names", "license",
     "architecture"}. BadInput names `where`, the field and what it may be."""
-    cfg = _field(config, "pretrained_cfg", (dict,), where, default=None)
+    cfg = _field(config, "pretrained_cfg", dict, where)
     pretrained, prefix = (config, "") if cfg is None else (cfg, "pretrained_cfg.")
-    names = _field(config, "label_names", (list,), where, default=None)
+    names = _field(config, "label_names", list, where)
     if names is None:
-        names = _field(pretrained, "label_names", (list,), where, prefix=prefix, default=None)
+        names = _field(pretrained, "label_names", list, where, prefix=prefix)
         field = f"{prefix}label_names"
     else:
         field = "label_names"
@@ -88,18 +88,16 @@ def read_config(config: dict, where: str) -> dict:
     return {
         "preprocessing": _preprocessing(pretrained, where, prefix),
         "class_names": tuple(names) if names else None,
-        "license": _field(pretrained, "license", (str,), where, prefix=prefix, default=None),
-        "architecture": _field(config, "architecture", (str,), where, default=None),
+        "license": _field(pretrained, "license", str, where, prefix=prefix),
+        "architecture": _field(config, "architecture", str, where),
     }
 
 
-def _field(data: dict, key: str, kinds: tuple, where: str, *, prefix: str = "", default):
-    """data[key] when it is one of `kinds` (null or absent: `default`); BadInput otherwise."""
+def _field(data: dict, key: str, kind: type, where: str, *, prefix: str = ""):
+    """data[key] when it is a `kind` (null or absent: None); BadInput otherwise."""
     value = data.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        wanted = " or ".join("an object" if k is dict else f"a {k.__name__}" for k in kinds)
+    if value is not None and not isinstance(value, kind):
+        wanted = "an object" if kind is dict else f"a {kind.__name__}"
         raise BadInput(f"{where}: {prefix}{key} must be {wanted}, got {_shown(value)}")
     return value
 
