@@ -353,6 +353,19 @@ def test_activation_mismatch_fails_parity_and_names_the_block(tmp_path, capsys):
     assert main(["--torch-ckpt", str(path), "--quiet", "--force"]) == 0
 
 
+def test_a_failed_proof_writes_its_report_alone(tmp_path, capsys):
+    """The fast set's parity failure: float32 logits of two frameworks differ by ~1e-7, more
+    than a tolerance of 1e-12 allows."""
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    out = tmp_path / "out"
+    code = main(["--torch-ckpt", str(path), "--tolerance", "1e-12", "--output", str(out)])
+    assert code == 1 and "parity FAILED" in capsys.readouterr().out
+    assert directory_entries(out) == ["RECORD", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "parity_failed" and report["files"] == []
+    assert not report["parity"]["passed"] and report["parity"]["max_abs"] > 1e-12
+
+
 def test_parity_images_and_json(tmp_path, capsys):
     import tensorflow as tf
 

@@ -167,9 +167,9 @@ def convert_and_verify(
         # The one place memory is given back: the Keras model holds its own copy of every
         # weight, and exporting, the step that needs the most, comes next.
         conversion.release()
-        files = []
-        if parity is None or parity.passed:
-            files = _write_files(
+        report = Report(staging.output, conversion.summary(), parity, [], timings)
+        if report.passed:
+            report.files = _write_files(
                 conversion.model,
                 staging.path,
                 exports=exports,
@@ -177,7 +177,6 @@ def convert_and_verify(
                 timings=timings,
                 log=log,
             )
-        report = Report(staging.output, conversion.summary(), parity, files, timings)
         # what the final move replaces is known only as it happens
         for replaced in staging.moves():
             _write_report(staging.path, report, conversion.model, replaced)
