@@ -48,11 +48,12 @@ def _file_name(path) -> str:
     return os.fsencode(os.path.basename(path)).decode("utf-8", "backslashreplace")
 
 
-def pretrained_cfg(path, *, repo=None, revision=None, commit=None, config=None) -> dict:
+def pretrained_cfg(path, *, repo=None, revision=None, config=None) -> dict:
     """What a source says of its weights, in timm's word their pretrained_cfg:
     {"preprocessing" (None without mean and std), "class_names", "source" (repo, revision,
     commit, file, license, architecture)}, each value of the repo's config.json checked as
-    it enters (BadInput names the field and what it may be). A file says its name alone."""
+    it enters (BadInput names the field and what it may be). A file says its name alone;
+    one in the Hugging Face cache, its snapshot's folder, the commit."""
     if repo is None:
         return {"source": {"file": _file_name(path)}}
     config = config or {}
@@ -71,7 +72,7 @@ def pretrained_cfg(path, *, repo=None, revision=None, commit=None, config=None) 
     source = {
         "repo": repo,
         "revision": revision or "main",
-        "commit": commit,
+        "commit": os.path.basename(os.path.dirname(path)) if "snapshots" in path else None,
         "file": _file_name(path),
         "license": _field(pretrained, "license", str, where, prefix=prefix),
         "architecture": _field(config, "architecture", str, where),
@@ -142,8 +143,7 @@ def parse(text: str):
 def resolve(checkpoint) -> Source:
     """The file behind `checkpoint` (a path, or a Hub id) and its repo's config.json."""
     if not is_hub_id(checkpoint):
-        path = os.fspath(checkpoint)
-        return Source(path, pretrained_cfg(path))
+        return Source(os.fspath(checkpoint), pretrained_cfg(checkpoint))
     repo, revision = parse(checkpoint)
     try:
         from huggingface_hub import constants, hf_hub_download
@@ -180,8 +180,7 @@ def resolve(checkpoint) -> Source:
             f"{repo} holds no ConvMixer weights{where}: neither {' nor '.join(WEIGHT_FILES)}"
         )
     config = _optional_json(hf_hub_download, repo, revision)
-    commit = os.path.basename(os.path.dirname(path)) if "snapshots" in path else None
-    cfg = pretrained_cfg(path, repo=repo, revision=revision, commit=commit, config=config)
+    cfg = pretrained_cfg(path, repo=repo, revision=revision, config=config)
     return Source(path, cfg, config)
 
 
