@@ -235,7 +235,8 @@ def _unwrap(raw, use_ema, path):
         )
     keys = [k for k in raw if isinstance(k, str)]
     named = f"[{', '.join(shown(k) for k in list(raw)[:10])}]"  # what a message names
-    for key in EMA_KEYS if use_ema else WRAPPER_KEYS:
+    wrappers = EMA_KEYS if use_ema else WRAPPER_KEYS
+    for key in wrappers:
         if _is_tensor_dict(raw.get(key)):
             return raw[key], key, sorted(k for k in keys if k != key)
     if use_ema:

@@ -137,7 +137,8 @@ def _class_names(given, cfg, matched, config, include_top):
     """(names, where they came from): given ones, else the source's (a hub config), else
     ImageNet-1k's for a released variant's 1000-class head."""
     if given is not None:
-        names, source, origin = tuple(given), "labels file", "labels file"
+        names, source = tuple(given), "labels file"
+        origin = source
     elif cfg.get("class_names") is not None:
         names, source = tuple(cfg["class_names"]), "the hub's config.json"
         origin = f"label_names of config.json of hf-hub:{cfg['source']['repo']}"
