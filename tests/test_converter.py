@@ -344,7 +344,7 @@ def test_activation_mismatch_fails_parity_and_names_the_block(tmp_path, capsys):
     code = main(["--torch-ckpt", str(path), "--activation", "gelu", "--quiet"])
     assert code == 1
     out = default_output_dir(path)
-    assert directory_entries(out) == ["report.json"]  # no model from a failed proof
+    assert directory_entries(out) == ["RECORD", "report.json"]  # no model from a failed proof
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["status"] == "parity_failed"
     assert report["parity"]["first_divergent_stage"] == "stem"
