@@ -17,15 +17,15 @@ from weights_converter.checkpoint import Checkpoint, read_checkpoint
 
 @dataclasses.dataclass
 class Conversion:
-    """A converted Keras model and the account of how it was made. `state_dicts` holds the
-    tensors under each layout's names, for the PyTorch reference to load."""
+    """A converted Keras model and the account of how it was made. `canonical` holds the
+    tensors under timm's names, for the PyTorch reference to load under its own."""
 
     model: object  # keras.Model
     config: ConvMixerConfig
     layout: str
     matched_variant: Optional[str]
     activation_source: str  # "flag", "variant", "variant name" or "default"
-    state_dicts: Dict[str, Dict[str, np.ndarray]]
+    canonical: Dict[str, np.ndarray]
     checkpoint: Optional[Checkpoint] = None
     # "labels file", "ImageNet-1k (timm)", "the hub's config.json" or "none"
     class_names_source: str = "none"
@@ -45,9 +45,9 @@ class Conversion:
         }
 
     def release(self) -> None:
-        """Drops the PyTorch tensors (the checkpoint's, and each layout's names for them): the
+        """Drops the PyTorch tensors (the checkpoint's, and the canonical names for them): the
         Keras model holds its own copy of every weight."""
-        self.state_dicts.clear()
+        self.canonical.clear()
         if self.checkpoint is not None:
             self.checkpoint.state_dict.clear()
 
@@ -98,16 +98,13 @@ def convert_state_dict(
         info = info.replace(preprocessing=cfg["preprocessing"])
     names, names_source = _class_names(class_names, cfg, matched, config, include_top)
     contract.attach(model, info.replace(class_names=names, source=cfg.get("source")))
-    state_dicts = {
-        name: layouts.from_canonical(canonical, name, config.depth) for name in layouts.LAYOUTS
-    }
     return Conversion(
         model,
         config,
         layout,
         matched,
         activation_source,
-        state_dicts,
+        canonical,
         class_names_source=names_source,
     )
 

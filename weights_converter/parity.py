@@ -313,10 +313,8 @@ def prove(
         config, config.num_classes > 0, conversion.matched_variant
     )
     # the tensors under the reference's own names, loaded strictly
-    tensors = {
-        k: torch.from_numpy(np.asarray(v)) for k, v in conversion.state_dicts[layout].items()
-    }
-    torch_model.load_state_dict(tensors, strict=True)
+    tensors = layouts.from_canonical(conversion.canonical, layout, config.depth)
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
     pre = contract.info_of(conversion.model).preprocessing
     inputs = seeded_inputs(SEEDED_BATCH, pre.input_size)
     sets = [{"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH}]
