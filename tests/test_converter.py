@@ -128,6 +128,8 @@ def test_the_report_is_one_record_with_a_passed_flag(tmp_path, capsys):
     written = json.loads((tmp_path / "a" / "report.json").read_text())
     assert written == json.loads(json.dumps(report.to_dict()))
     assert list(written) == ["status", "output", "timings_s", "conversion", "parity", "files"]
+    # counted before the tensors were released
+    assert written["conversion"]["checkpoint"]["tensors"] == len(timm_convmixer().state_dict())
     assert written["status"] == "ok" and [row["path"] for row in report.files] == ["model.keras"]
     assert list(report.timings_s) == ["convert", "parity", "save"]
     skipped = convert_and_verify(ConvertOptions(path, output=str(tmp_path / "b"), skip_parity=True))
@@ -342,13 +344,26 @@ def test_activation_mismatch_fails_parity_and_names_the_block(tmp_path, capsys):
     code = main(["--torch-ckpt", str(path), "--activation", "gelu", "--quiet"])
     assert code == 1
     out = default_output_dir(path)
-    assert directory_entries(out) == ["report.json"]  # no model from a failed proof
+    assert directory_entries(out) == ["RECORD", "report.json"]  # no model from a failed proof
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["status"] == "parity_failed"
     assert report["parity"]["first_divergent_stage"] == "stem"
     assert "first diverging stage: stem" in capsys.readouterr().out
     # The same checkpoint with the right activation passes.
     assert main(["--torch-ckpt", str(path), "--quiet", "--force"]) == 0
+
+
+def test_a_failed_proof_writes_its_report_alone(tmp_path, capsys):
+    """The fast set's parity failure: float32 logits of two frameworks differ by ~1e-7, more
+    than a tolerance of 1e-12 allows."""
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    out = tmp_path / "out"
+    code = main(["--torch-ckpt", str(path), "--tolerance", "1e-12", "--output", str(out)])
+    assert code == 1 and "parity FAILED" in capsys.readouterr().out
+    assert directory_entries(out) == ["RECORD", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "parity_failed" and report["files"] == []
+    assert not report["parity"]["passed"] and report["parity"]["max_abs"] > 1e-12
 
 
 def test_parity_images_and_json(tmp_path, capsys):
@@ -614,3 +629,26 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert directory_entries(tmp_path) == ["m.pth"]
+
+
+def test_a_labels_file_names_the_classes_or_is_refused_naming_it(tmp_path, capsys):
+    import convmixer_tf
+
+    net = timm_convmixer()
+    path = save_checkpoint(net.state_dict(), tmp_path / "m.pth")
+    net.reset_classifier(0)
+    headless = save_checkpoint(net.state_dict(), tmp_path / "headless.pth")
+    (tmp_path / "ten.txt").write_text("\n".join(f"class {i}" for i in range(10)))
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    for checkpoint, names, words in (
+        (path, "two.txt", "labels file: 2 class names for a model with 10 classes"),
+        (headless, "ten.txt", "class names were given (labels file), but the checkpoint has no"),
+    ):
+        argv = ["--torch-ckpt", str(checkpoint), "--labels", str(tmp_path / names), "--quiet"]
+        assert main([*argv, "--output", str(tmp_path / "refused")]) == 2
+        assert words in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    argv = ["--torch-ckpt", str(path), "--labels", str(tmp_path / "ten.txt"), "--quiet", "--json"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["conversion"]["class_names"] == "labels file"
+    model = convmixer_tf.load_model(tmp_path / "out" / "model.keras")
+    assert convmixer_tf.info_of(model).class_names == tuple(f"class {i}" for i in range(10))

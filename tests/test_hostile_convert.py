@@ -3,6 +3,7 @@ and oddly named files, layouts with one key missing or one shape wrong, two layo
 tensors that are not weights. Each row promises an exit code and a one-line message, with
 nothing written beside the file and nothing from it executed."""
 
+import argparse
 import inspect
 import io
 import json
@@ -79,6 +80,15 @@ def _zip_bomb():
     return _zip_of(members, zipfile.ZIP_DEFLATED)
 
 
+def _second_disk():
+    """torch.save's zip, its zip64 end locator naming a second disk (zipfile.is_zipfile raises
+    on it instead of answering)."""
+    data = bytearray(_torch_bytes(_good()))
+    at = data.rfind(b"PK\x06\x07")
+    data[at + 4 : at + 8] = (1).to_bytes(4, "little")
+    return bytes(data)
+
+
 def _with(tensors, **changes):
     return dict(tensors, **changes)
 
@@ -143,6 +153,7 @@ ROWS = [
         "cannot read torch",
     ),
     ("a zip bomb", "bomb.pth", _zip_bomb, 2, "compressed"),
+    ("a zip that spans two disks", "disks.pth", _second_disk, 2, "a damaged zip"),
     (
         "a pickle with a GLOBAL to os.system",
         "evil.pth",
@@ -204,6 +215,13 @@ ROWS = [
         "top-level keys ['1'], none of state_dict",
     ),
     ("no tensors", "args.pth", lambda: {"epoch": 3, "lr": 0.1}, 2, "holds no state dict"),
+    (
+        "training args with a shape in a tensor's place",
+        "namespace.pth",
+        lambda: _with(_good(), **{"head.bias": argparse.Namespace(shape=[10])}),
+        2,
+        "mixes tensors with non-tensor entries ['head.bias']",
+    ),
     (
         "a NaN weight",
         "nan.pth",

@@ -46,7 +46,13 @@ def build_parser():
         epilog=EPILOG.format(formats=registry.help_text()),
         description="Convert a PyTorch ConvMixer checkpoint to Keras and prove the two compute the same thing.",
     )
-    parser.add_argument("--torch-ckpt", required=True, metavar="FILE", help="checkpoint to convert")
+    parser.add_argument(
+        "--torch-ckpt",
+        required=True,
+        dest="checkpoint",
+        metavar="FILE",
+        help="checkpoint to convert",
+    )
     _checkpoint_options(parser.add_argument_group("the checkpoint"))
     _parity_options(parser.add_argument_group("the proof"))
     add_export_options(parser.add_argument_group("exports"), flag="--export", default=())
@@ -147,23 +153,13 @@ def _convert(args, log) -> int:
 
 
 def options_from(args):
-    """The ConvertOptions of parsed arguments."""
+    """The ConvertOptions of parsed arguments (the same fields, by name; the exports' from
+    the options `add_export_options` declared)."""
     from weights_converter.pipeline import ConvertOptions
 
-    return ConvertOptions(
-        args.torch_ckpt,
-        args.output,
-        variant=args.variant,
-        activation=args.activation,
-        use_ema=args.use_ema,
-        labels=args.labels,
-        allow_duplicate_labels=args.allow_duplicate_labels,
-        tolerance=args.tolerance,
-        parity_images=args.parity_images,
-        skip_parity=args.skip_parity,
-        force=args.force,
-        export=export_options_from(args),
-    )
+    values = vars(args)
+    fields = {f: values[f] for f in ConvertOptions.__dataclass_fields__ if f != "export"}
+    return ConvertOptions(**fields, export=export_options_from(args))
 
 
 if __name__ == "__main__":

@@ -44,10 +44,7 @@ class Checkpoint:
     stripped_prefixes: List[str]
     other_keys: List[str]  # what else the file carried (optimizer, epoch, args, ...)
     dtypes: List[str]
-    num_tensors: int = 0
-
-    def __post_init__(self):
-        self.num_tensors = len(self.state_dict)
+    num_tensors: int  # what the summary says once the tensors are released
 
     def summary(self) -> dict:
         return {
@@ -88,8 +85,8 @@ def read_checkpoint(path, use_ema: bool = False) -> Checkpoint:
     tensors, wrapper, other = _unwrap(raw, use_ema, path)
     tensors, prefixes = _strip_prefixes(tensors)
     state_dict = {key: _to_numpy(key, value) for key, value in tensors.items()}
-    dtypes = sorted({str(value.dtype) for value in tensors.values() if hasattr(value, "dtype")})
-    return Checkpoint(state_dict, path, fmt, wrapper, prefixes, other, dtypes)
+    dtypes = sorted({str(value.dtype) for value in tensors.values()})
+    return Checkpoint(state_dict, path, fmt, wrapper, prefixes, other, dtypes, len(state_dict))
 
 
 def _check_regular_file(path) -> None:
@@ -163,7 +160,10 @@ def _read_torch(path):
     # timm training checkpoints carry their argparse.Namespace; building one runs no code.
     safe = [argparse.Namespace]
     kwargs = dict(map_location="cpu", weights_only=True)
-    zipped = zipfile.is_zipfile(path)
+    try:
+        zipped = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # is_zipfile lets out a zip64 record's disk count
+        zipped = True  # a damaged zip, which _check_stored names
     if zipped:
         _check_stored(path)
     try:
@@ -214,11 +214,17 @@ def _check_stored(path) -> None:
             )
 
 
+def _is_tensor(value) -> bool:
+    # an argparse.Namespace (timm's training args, which the unpickler may build) carries any
+    # attribute, `shape` too
+    return hasattr(value, "shape") and not isinstance(value, argparse.Namespace)
+
+
 def _is_tensor_dict(obj) -> bool:
     return (
         isinstance(obj, dict)
         and bool(obj)
-        and all(isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items())
+        and all(isinstance(k, str) and _is_tensor(v) for k, v in obj.items())
     )
 
 
@@ -229,20 +235,18 @@ def _unwrap(raw, use_ema, path):
         )
     keys = [k for k in raw if isinstance(k, str)]
     named = f"[{', '.join(shown(k) for k in list(raw)[:10])}]"  # what a message names
+    wrappers = EMA_KEYS if use_ema else WRAPPER_KEYS
+    for key in wrappers:
+        if _is_tensor_dict(raw.get(key)):
+            return raw[key], key, sorted(k for k in keys if k != key)
     if use_ema:
-        for key in EMA_KEYS:
-            if _is_tensor_dict(raw.get(key)):
-                return raw[key], key, sorted(k for k in keys if k != key)
         raise CheckpointError(
             f"--use-ema: {shown(path, 1000)} has no EMA weights (looked for "
             f"{', '.join(EMA_KEYS)}); it holds {named}"
         )
-    for key in WRAPPER_KEYS:
-        if _is_tensor_dict(raw.get(key)):
-            return raw[key], key, sorted(k for k in keys if k != key)
     if _is_tensor_dict(raw):
         return raw, None, []
-    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and hasattr(v, "shape")}
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str) and _is_tensor(v)}
     if not tensors:
         note = (
             "" if len(keys) == len(raw) else " (a state dict is keyed by parameter names, strings)"
@@ -258,15 +262,15 @@ def _unwrap(raw, use_ema, path):
 
 
 def _strip_prefixes(tensors):
+    """(`tensors` with the wrappers' prefixes that all keys share taken off, one at a time,
+    those prefixes)."""
     stripped = []
-    changed = True
-    while changed:
-        changed = False
-        for prefix in STRIPPABLE_PREFIXES:
-            if tensors and all(k.startswith(prefix) for k in tensors):
-                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
-                stripped.append(prefix)
-                changed = True
+    while tensors:
+        shared = [p for p in STRIPPABLE_PREFIXES if all(k.startswith(p) for k in tensors)]
+        if not shared:
+            break
+        tensors = {k[len(shared[0]) :]: v for k, v in tensors.items()}
+        stripped.append(shared[0])
     return tensors, stripped
 
 

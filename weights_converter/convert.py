@@ -11,27 +11,24 @@ from convmixer_tf import contract, labels
 from convmixer_tf.config import ConvMixerConfig, get_variant
 from convmixer_tf.errors import BadInput
 from convmixer_tf.model import ConvMixer
-from weights_converter import layouts, mapping
+from weights_converter import hub, layouts, mapping
 from weights_converter.checkpoint import Checkpoint, read_checkpoint
 
 
 @dataclasses.dataclass
 class Conversion:
-    """A converted Keras model and the account of how it was made. `state_dicts` holds the
-    tensors under each layout's names, for the PyTorch reference to load."""
+    """A converted Keras model and the account of how it was made. `canonical` holds the
+    tensors under timm's names, for the PyTorch reference to load under its own."""
 
     model: object  # keras.Model
     config: ConvMixerConfig
     layout: str
     matched_variant: Optional[str]
     activation_source: str  # "flag", "variant", "variant name" or "default"
-    include_top: bool
-    copied: int
-    state_dicts: Dict[str, Dict[str, np.ndarray]]
+    canonical: Dict[str, np.ndarray]
     checkpoint: Optional[Checkpoint] = None
-    class_names_source: str = (
-        "none"  # "labels file", "ImageNet-1k (timm)", the hub's config or "none"
-    )
+    # "labels file", "ImageNet-1k (timm)", "the hub's config.json" or "none"
+    class_names_source: str = "none"
 
     def summary(self) -> dict:
         return {
@@ -39,17 +36,18 @@ class Conversion:
             "checkpoint": self.checkpoint.summary() if self.checkpoint else None,
             "layout": self.layout,
             "config": self.config.to_dict(),
-            "include_top": self.include_top,
+            "include_top": self.config.num_classes > 0,
             "matched_variant": self.matched_variant,
             "activation_source": self.activation_source,
-            "weights_copied": self.copied,
+            # every weight, each once (_fill)
+            "weights_copied": len(self.model.weights),
             "unused_keys": [],
         }
 
     def release(self) -> None:
-        """Drops the PyTorch tensors (the checkpoint's, and each layout's names for them): the
+        """Drops the PyTorch tensors (the checkpoint's, and the canonical names for them): the
         Keras model holds its own copy of every weight."""
-        self.state_dicts.clear()
+        self.canonical.clear()
         if self.checkpoint is not None:
             self.checkpoint.state_dict.clear()
 
@@ -57,7 +55,7 @@ class Conversion:
         c = self.config
         return (
             f"{c.describe()}, {c.activation} ({self.activation_source}), "
-            f"{c.num_classes if self.include_top else 'no'} classes (names: {self.class_names_source}), "
+            f"{c.num_classes or 'no'} classes (names: {self.class_names_source}), "
             f"layout {self.layout}, matches {self.matched_variant or 'no released variant'}"
         )
 
@@ -67,8 +65,6 @@ def convert_state_dict(
     variant: Optional[str] = None,
     *,
     activation: Optional[str] = None,
-    input_shape: Optional[Sequence[Optional[int]]] = None,
-    layout: Optional[str] = None,
     class_names: Optional[Sequence[str]] = None,
     pretrained_cfg: Optional[dict] = None,
 ) -> Conversion:
@@ -79,8 +75,6 @@ def convert_state_dict(
         variant: a name from `convmixer_tf.list_variants()` that the checkpoint must
             match; it also decides the activation unless `activation` is given.
         activation: "gelu" or "relu"; weights cannot tell which one was trained.
-        input_shape: Keras input shape; default (None, None, 3), any size.
-        layout: force one of `layouts.LAYOUTS` instead of detecting it.
         class_names: one name per class, stored with the model; default ImageNet-1k's for
             a 1000-class released variant (from timm, when it is installed).
         pretrained_cfg: what the weights' source says of them (`hub.Source.pretrained_cfg`):
@@ -89,17 +83,12 @@ def convert_state_dict(
     Every Keras weight is filled exactly once, every tensor is used or named, every
     shape is checked before anything is copied; an unexpected tensor is an error.
     """
-    canonical, layout = layouts.to_canonical(state_dict, layout)
+    canonical, layout = layouts.to_canonical(state_dict)
     mapping.check_finite(state_dict)
     config, matched, activation_source = _architecture(state_dict, variant, activation, layout)
     include_top = mapping.has_head(canonical)
     rows = mapping.plan(canonical, config, include_top, layout=layout)
-    model = ConvMixer(
-        **config.to_dict(),
-        input_shape=input_shape,
-        include_top=include_top,
-        name=matched or "convmixer",
-    )
+    model = ConvMixer(**config.to_dict(), include_top=include_top, name=matched or "convmixer")
     _fill(model, rows, canonical)
     cfg = dict(pretrained_cfg or {})
     info = contract.info_of(model)
@@ -109,18 +98,13 @@ def convert_state_dict(
         info = info.replace(preprocessing=cfg["preprocessing"])
     names, names_source = _class_names(class_names, cfg, matched, config, include_top)
     contract.attach(model, info.replace(class_names=names, source=cfg.get("source")))
-    state_dicts = {
-        name: layouts.from_canonical(canonical, name, config.depth) for name in layouts.LAYOUTS
-    }
     return Conversion(
         model,
         config,
         layout,
         matched,
         activation_source,
-        include_top,
-        len(rows),
-        state_dicts,
+        canonical,
         class_names_source=names_source,
     )
 
@@ -150,17 +134,17 @@ def _class_names(given, cfg, matched, config, include_top):
     """(names, where they came from): given ones, else the source's (a hub config), else
     ImageNet-1k's for a released variant's 1000-class head."""
     if given is not None:
-        names, origin = tuple(given), "labels file"
+        names, source = tuple(given), "labels file"
+        origin = source
     elif cfg.get("class_names") is not None:
-        names, origin = tuple(cfg["class_names"]), "the hub's config.json"
+        names, source = tuple(cfg["class_names"]), "the hub's config.json"
+        origin = f"label_names of config.json of hf-hub:{cfg['source']['repo']}"
     else:
         released = matched is not None and get_variant(matched).timm_name is not None
         names = None
         if released and include_top and config.num_classes == 1000:
             names = labels.imagenet_class_names()
         return names, "ImageNet-1k (timm)" if names is not None else "none"
-    if origin != "labels file":
-        origin = f"label_names of config.json of hf-hub:{cfg['source']['repo']}"
     if not include_top:
         raise mapping.MappingError(
             f"class names were given ({origin}), but the checkpoint has no classifier head"
@@ -169,36 +153,31 @@ def _class_names(given, cfg, matched, config, include_top):
         labels.check_class_names(names, config.num_classes)
     except BadInput as err:
         raise BadInput(f"{origin}: {err}") from None
-    return names, "labels file" if given is not None else "the hub's config.json"
+    return names, source
 
 
-def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False, input_shape=None):
+def convert_checkpoint(path, variant=None, *, activation=None, use_ema=False):
     """Reads a PyTorch ConvMixer checkpoint file (or `hf-hub:OWNER/NAME[@REV]`) and returns
-    the Keras model.
+    the Keras model, which takes any input size (`convmixer_tf.rebuild` fixes one).
 
     Example:
         >>> model = convert_checkpoint("convmixer_768_32.pth.tar")  # doctest: +SKIP
         >>> model.save("convmixer_768_32.keras")  # doctest: +SKIP
     """
-    return convert_file(
-        path, variant, activation=activation, use_ema=use_ema, input_shape=input_shape
-    ).model
+    return convert_file(path, variant, activation=activation, use_ema=use_ema).model
 
 
 def convert_file(
-    path, variant=None, *, activation=None, use_ema=False, input_shape=None, class_names=None
+    path, variant=None, *, activation=None, use_ema=False, class_names=None
 ) -> Conversion:
     """Like `convert_checkpoint`, returning the full `Conversion` record (`path` may also be
     a `hub.Source` already resolved)."""
-    from weights_converter import hub
-
     source = path if isinstance(path, hub.Source) else hub.resolve(path)
     checkpoint = read_checkpoint(source.path, use_ema=use_ema)
     conversion = convert_state_dict(
         checkpoint.state_dict,
         variant,
         activation=activation,
-        input_shape=input_shape,
         class_names=class_names,
         pretrained_cfg=source.pretrained_cfg,
     )
@@ -207,15 +186,12 @@ def convert_file(
 
 
 def _fill(model, rows, state_dict) -> None:
+    """Copies each row's tensor into its Keras weight; `mapping.plan` has checked every
+    shape (and Keras' assign refuses another, a bug of the table's)."""
     filled = set()
     for row in rows:
         variable = getattr(model.get_layer(row.layer), row.weight)
         value = mapping.TRANSFORMS[row.transform].to_keras(state_dict[row.key])
-        if tuple(variable.shape) != value.shape:
-            raise mapping.MappingError(
-                f"{row.key} -> {row.layer}.{row.weight}: shape {value.shape} after "
-                f"{row.transform}, Keras expects {tuple(variable.shape)}"
-            )
         variable.assign(np.ascontiguousarray(value, dtype=np.float32))
         filled.add(id(variable))
     missed = [w.path for w in model.weights if id(w) not in filled]  # would keep their random init

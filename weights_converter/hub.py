@@ -34,35 +34,12 @@ class NotReachable(BadInput):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """A checkpoint file and what is known of where it came from."""
+    """A checkpoint file, its repo's config.json (None: a file, or a repo without one) and
+    what they say of the weights (`pretrained_cfg`), checked before any weights are read."""
 
     path: str
-    repo: Optional[str] = None
-    revision: Optional[str] = None
-    commit: Optional[str] = None
+    pretrained_cfg: dict
     config: Optional[dict] = None
-    pretrained_cfg: dict = dataclasses.field(init=False, repr=False)
-
-    def __post_init__(self):
-        # What the source says of the weights, in timm's word their pretrained_cfg
-        # ({"preprocessing", "class_names", "source"}): every value checked now, before any
-        # weights are read.
-        object.__setattr__(self, "pretrained_cfg", self._read_pretrained_cfg())
-
-    def _read_pretrained_cfg(self) -> dict:
-        if self.repo is None:
-            return {"source": {"file": _file_name(self.path)}}
-        where = f"config.json of {PREFIX}{self.repo}"
-        cfg = read_config(self.config or {}, where)
-        source = {
-            "repo": self.repo,
-            "revision": self.revision or "main",
-            "commit": self.commit,
-            "file": _file_name(self.path),
-            "license": cfg.pop("license"),
-            "architecture": cfg.pop("architecture"),
-        }
-        return dict(cfg, source=source)
 
 
 def _file_name(path) -> str:
@@ -71,35 +48,44 @@ def _file_name(path) -> str:
     return os.fsencode(os.path.basename(path)).decode("utf-8", "backslashreplace")
 
 
-def read_config(config: dict, where: str) -> dict:
-    """What a timm repo's config.json says of its weights, every value checked as it enters:
-    {"preprocessing" (None without mean and std), "class_names", "license",
-    "architecture"}. BadInput names `where`, the field and what it may be."""
-    cfg = _field(config, "pretrained_cfg", (dict,), where, default=None)
+def pretrained_cfg(path, *, repo=None, revision=None, config=None) -> dict:
+    """What a source says of its weights, in timm's word their pretrained_cfg:
+    {"preprocessing" (None without mean and std), "class_names", "source" (repo, revision,
+    commit, file, license, architecture)}, each value of the repo's config.json checked as
+    it enters (BadInput names the field and what it may be). A file says its name alone;
+    one in the Hugging Face cache, its snapshot's folder, the commit."""
+    if repo is None:
+        return {"source": {"file": _file_name(path)}}
+    config = config or {}
+    where = f"config.json of {PREFIX}{repo}"
+    cfg = _field(config, "pretrained_cfg", dict, where)
     pretrained, prefix = (config, "") if cfg is None else (cfg, "pretrained_cfg.")
-    names = _field(config, "label_names", (list,), where, default=None)
+    names = _field(config, "label_names", list, where)
     if names is None:
-        names = _field(pretrained, "label_names", (list,), where, prefix=prefix, default=None)
+        names = _field(pretrained, "label_names", list, where, prefix=prefix)
         field = f"{prefix}label_names"
     else:
         field = "label_names"
     if names is not None and not all(isinstance(name, str) for name in names):
         raise BadInput(f"{where}: {field} must be a list of strings, got {_shown(names)}")
-    return {
-        "preprocessing": _preprocessing(pretrained, where, prefix),
-        "class_names": tuple(names) if names else None,
-        "license": _field(pretrained, "license", (str,), where, prefix=prefix, default=None),
-        "architecture": _field(config, "architecture", (str,), where, default=None),
+    preprocessing = _preprocessing(pretrained, where, prefix)
+    source = {
+        "repo": repo,
+        "revision": revision or "main",
+        "commit": os.path.basename(os.path.dirname(path)) if "snapshots" in path else None,
+        "file": _file_name(path),
+        "license": _field(pretrained, "license", str, where, prefix=prefix),
+        "architecture": _field(config, "architecture", str, where),
     }
+    class_names = tuple(names) if names else None
+    return {"preprocessing": preprocessing, "class_names": class_names, "source": source}
 
 
-def _field(data: dict, key: str, kinds: tuple, where: str, *, prefix: str = "", default):
-    """data[key] when it is one of `kinds` (null or absent: `default`); BadInput otherwise."""
+def _field(data: dict, key: str, kind: type, where: str, *, prefix: str = ""):
+    """data[key] when it is a `kind` (null or absent: None); BadInput otherwise."""
     value = data.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        wanted = " or ".join("an object" if k is dict else f"a {k.__name__}" for k in kinds)
+    if value is not None and not isinstance(value, kind):
+        wanted = "an object" if kind is dict else f"a {kind.__name__}"
         raise BadInput(f"{where}: {prefix}{key} must be {wanted}, got {_shown(value)}")
     return value
 
@@ -157,7 +143,7 @@ def parse(text: str):
 def resolve(checkpoint) -> Source:
     """The file behind `checkpoint` (a path, or a Hub id) and its repo's config.json."""
     if not is_hub_id(checkpoint):
-        return Source(os.fspath(checkpoint))
+        return Source(os.fspath(checkpoint), pretrained_cfg(checkpoint))
     repo, revision = parse(checkpoint)
     try:
         from huggingface_hub import constants, hf_hub_download
@@ -194,8 +180,8 @@ def resolve(checkpoint) -> Source:
             f"{repo} holds no ConvMixer weights{where}: neither {' nor '.join(WEIGHT_FILES)}"
         )
     config = _optional_json(hf_hub_download, repo, revision)
-    commit = os.path.basename(os.path.dirname(path)) if "snapshots" in path else None
-    return Source(path, repo, revision, commit, config)
+    cfg = pretrained_cfg(path, repo=repo, revision=revision, config=config)
+    return Source(path, cfg, config)
 
 
 def _cached_snapshot(repo, revision) -> Optional[str]:
@@ -217,11 +203,8 @@ def _optional_json(download, repo, revision) -> Optional[dict]:
         path = download(repo, "config.json", revision=revision)
     except (EntryNotFoundError, LocalEntryNotFoundError):  # none (here): the weights alone
         return None
-    where = f"config.json of {PREFIX}{repo}"
-    if os.path.getsize(path) > MAX_CONFIG_BYTES:
-        raise BadInput(f"{where} holds more than {MAX_CONFIG_BYTES} bytes; a config has kilobytes")
-    with open(path, "rb") as f:
-        return parse_config(f.read(), where)
+    with open(path, "rb") as f:  # a byte more than a config may hold, for parse_config to refuse
+        return parse_config(f.read(MAX_CONFIG_BYTES + 1), f"config.json of {PREFIX}{repo}")
 
 
 def parse_config(data: bytes, where: str) -> dict:

@@ -27,14 +27,12 @@ class Layout:
     in the head's row {depth+N} the number of blocks plus N (pooling and flattening sit
     between the last block and the head, and hold no weights)."""
 
-    name: str
     description: str
     modules: Dict[str, str]
 
 
-_TABLES = (
-    Layout(
-        "timm",
+LAYOUTS = {
+    "timm": Layout(
         "timm's ConvMixer",
         {
             "stem.0": "stem.0",
@@ -46,8 +44,7 @@ _TABLES = (
             "head": "head",
         },
     ),
-    Layout(
-        "sequential",
+    "sequential": Layout(
         "the paper's nn.Sequential listing",
         {
             "stem.0": "0",
@@ -59,8 +56,7 @@ _TABLES = (
             "head": "{depth+5}",
         },
     ),
-    Layout(
-        "one_liner",
+    "one_liner": Layout(
         "the paper's 280-character one-liner",
         {
             "stem.0": "0.0",
@@ -72,8 +68,7 @@ _TABLES = (
             "head": "{depth+3}",
         },
     ),
-    Layout(
-        "labml",
+    "labml": Layout(
         "labml.ai's annotated ConvMixer",
         {
             "stem.0": "patch_emb.conv",
@@ -85,8 +80,7 @@ _TABLES = (
             "head": "classification.linear",
         },
     ),
-)
-LAYOUTS = {layout.name: layout for layout in _TABLES}
+}
 _FIELD = re.compile(r"\{(i|depth)(?:\+(\d+))?\}")
 _MAX_DIGITS = 9  # a block index longer than this is no network's
 
@@ -179,8 +173,7 @@ def to_canonical(
     canonical = {named: module for module, named in modules(layout, depth).items()}
     out = {}
     for key, value in state_dict.items():
-        module, _, weight = key.rpartition(".")
-        new = f"{canonical[module]}.{weight}" if module in canonical else key
+        new = _renamed(key, canonical)
         if new in out:
             raise MappingError(
                 f"two keys name the same tensor of a {layout} checkpoint: {shown(key)}"
@@ -194,22 +187,20 @@ def from_canonical(
 ) -> Dict[str, np.ndarray]:
     """Renames canonical (timm) keys to `layout`."""
     table = modules(layout, depth)
-    out = {}
-    for key, value in state_dict.items():
-        module, _, weight = key.rpartition(".")
-        new = f"{table[module]}.{weight}" if module in table else key
-        out[new] = value
-    return out
+    return {_renamed(key, table): value for key, value in state_dict.items()}
 
 
 def original_key(key: str, layout: str, depth: int) -> str:
     """`layout`'s name for the canonical `key` (a key the layout has no name for is its
     own): what an error message names."""
+    return _renamed(key, modules(layout, depth))
+
+
+def _renamed(key: str, table: Dict[str, str]) -> str:
+    """`key` with its module renamed by `table` (module -> module); a module the table
+    does not name stays as it is."""
     module, _, weight = key.rpartition(".")
-    table = modules(layout, depth)
-    if module not in table:
-        return key
-    return f"{table[module]}.{weight}"
+    return f"{table[module]}.{weight}" if module in table else key
 
 
 def shown(name, limit: int = 80) -> str:

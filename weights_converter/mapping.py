@@ -30,21 +30,18 @@ from weights_converter.layouts import (
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    name: str
     to_keras: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
 
 
 TRANSFORMS = {
-    "identity": Transform("identity", lambda a: a, lambda a: a),
+    "identity": Transform(lambda a: a, lambda a: a),
     # Conv2d (O, I, kh, kw) <-> Conv2D (kh, kw, I, O)
-    "conv": Transform("conv", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
+    "conv": Transform(lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
     # depthwise Conv2d (C, 1, k, k) <-> DepthwiseConv2D (k, k, C, 1)
-    "depthwise": Transform(
-        "depthwise", lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1)
-    ),
+    "depthwise": Transform(lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1)),
     # Linear (out, in) <-> Dense (in, out)
-    "linear": Transform("linear", lambda a: a.T, lambda a: a.T),
+    "linear": Transform(lambda a: a.T, lambda a: a.T),
 }
 
 
@@ -128,15 +125,17 @@ def infer_config(
     sd, layout = to_canonical(state_dict, layout)
     depth = depth_of(sd, "timm")  # the renamed blocks: as many as the layout's
 
-    def need(key, shape_wanted):
+    def need(key, wanted, fits=lambda shape: True):
+        """The shape of `key`: (n, c, k, k), as `fits` wants it; MappingError otherwise."""
         named = shown(original_key(key, layout, depth))
         if key not in sd:
             raise MappingError(
                 f"missing key {named}: the checkpoint is incomplete or not a ConvMixer"
             )
-        if sd[key].ndim != 4 or sd[key].shape[2] != sd[key].shape[3]:
-            raise MappingError(f"{named} has shape {tuple(sd[key].shape)}, expected {shape_wanted}")
-        return sd[key].shape
+        shape = sd[key].shape
+        if len(shape) != 4 or shape[2] != shape[3] or not fits(shape):
+            raise MappingError(f"{named} has shape {tuple(shape)}, expected {wanted}")
+        return shape
 
     dim, channels, patch, _ = need("stem.0.weight", "(dim, 3, p, p)")
     if channels != 3:
@@ -147,10 +146,7 @@ def infer_config(
     if depth == 0:
         raise MappingError("the checkpoint has no mixer blocks: it is not a ConvMixer")
     wanted = f"({dim}, 1, k, k) (depthwise) or ({dim}, {dim}, k, k)"
-    spatial = need("blocks.0.0.fn.0.weight", wanted)
-    if spatial[0] != dim or spatial[1] not in (1, dim):
-        named = shown(original_key("blocks.0.0.fn.0.weight", layout, depth))
-        raise MappingError(f"{named} has shape {tuple(spatial)}, expected {wanted}")
+    spatial = need("blocks.0.0.fn.0.weight", wanted, lambda s: s[0] == dim and s[1] in (1, dim))
     head = sd.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 0  # 0: no head
     base = ConvMixerConfig(

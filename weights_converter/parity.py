@@ -33,9 +33,8 @@ class ParityError(CheckFailed):
 class StageDiff:
     name: str
     max_abs: float
-    max_rel: (
-        float  # max |keras - torch| / max(1, max |torch|) over the stage output (scores.allowed)
-    )
+    # max |keras - torch| / max(1, max |torch|) over the stage output (scores.allowed)
+    max_rel: float
     diverged: bool
 
 
@@ -114,21 +113,18 @@ def paper_convmixer(
 
 
 def reference_model(
-    config: ConvMixerConfig,
-    include_top: bool = True,
-    variant: Optional[str] = None,
-    *,
-    prefer_timm: bool = True,
+    config: ConvMixerConfig, include_top: bool = True, variant: Optional[str] = None
 ):
     """Builds the PyTorch ConvMixer for `config`; returns (module, description, layout).
 
     For a released variant the architecture, activation included, is timm's own
-    registered model, so a wrong --activation shows up as a parity failure.
+    registered model, so a wrong --activation shows up as a parity failure. Without timm,
+    or for a full k x k convolution, it is the paper's nn.Sequential (`paper_convmixer`).
     """
     import torch.nn as nn
 
     num_classes = config.num_classes if include_top else 0
-    timm = _import_timm() if prefer_timm else None
+    timm = _import_timm()
     if timm is not None and config.depthwise:
         if variant in VARIANTS and VARIANTS[variant].timm_name:
             model = timm.create_model(
@@ -167,18 +163,6 @@ def reference_model(
         f"paper nn.Sequential({config.describe()}, {config.activation})",
         "sequential",
     )
-
-
-def reference(config: ConvMixerConfig, state_dicts, variant: Optional[str] = None):
-    """The reference network for `config` with its layout's tensors (`state_dicts`, by
-    layout) loaded strictly; returns (module, description)."""
-    import torch
-
-    model, description, layout = reference_model(config, config.num_classes > 0, variant)
-    model.load_state_dict(
-        {k: torch.from_numpy(np.asarray(v)) for k, v in state_dicts[layout].items()}, strict=True
-    )
-    return model, description
 
 
 def seeded_inputs(batch_size: int, size: int, seed: int = 0) -> np.ndarray:
@@ -318,15 +302,19 @@ def prove(
         True
     """
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         raise BadInput(
             "parity needs the PyTorch network: pip install 'convmixer-tf[timm]' "
             "(or pass --skip-parity to convert without the proof)"
         ) from None
-    torch_model, description = reference(
-        conversion.config, conversion.state_dicts, conversion.matched_variant
+    config = conversion.config
+    torch_model, description, layout = reference_model(
+        config, config.num_classes > 0, conversion.matched_variant
     )
+    # the tensors under the reference's own names, loaded strictly
+    tensors = layouts.from_canonical(conversion.canonical, layout, config.depth)
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
     pre = contract.info_of(conversion.model).preprocessing
     inputs = seeded_inputs(SEEDED_BATCH, pre.input_size)
     sets = [{"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH}]

@@ -36,21 +36,16 @@ def default_output_dir(checkpoint_path) -> str:
     path = os.path.abspath(os.fspath(checkpoint_path))
     base = os.path.basename(path)
     base = next((base[: -len(s)] for s in SUFFIXES if base.endswith(s)), base)
-    longest = _longest_name(os.path.dirname(path))
+    try:  # the longest file name the folder's file system takes, in bytes
+        longest = os.pathconf(os.path.dirname(path), "PC_NAME_MAX")
+    except (OSError, ValueError):  # not known
+        longest = None
     if longest and len(os.fsencode(f"{base}_keras")) > longest:
         raise BadInput(
             f"the default output for {shown(path, 1000)} would be a name longer than {longest} "
             "bytes, which its file system refuses: pass --output DIR"
         )
     return os.path.join(os.path.dirname(path), f"{base}_keras")
-
-
-def _longest_name(folder) -> Optional[int]:
-    """The longest file name `folder`'s file system takes, in bytes (None: not known)."""
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +167,9 @@ def convert_and_verify(
         # The one place memory is given back: the Keras model holds its own copy of every
         # weight, and exporting, the step that needs the most, comes next.
         conversion.release()
-        files = []
-        if parity is None or parity.passed:
-            files = _write_files(
+        report = Report(staging.output, conversion.summary(), parity, [], timings)
+        if report.passed:
+            report.files = _write_files(
                 conversion.model,
                 staging.path,
                 exports=exports,
@@ -182,7 +177,6 @@ def convert_and_verify(
                 timings=timings,
                 log=log,
             )
-        report = Report(staging.output, conversion.summary(), parity, files, timings)
         # what the final move replaces is known only as it happens
         for replaced in staging.moves():
             _write_report(staging.path, report, conversion.model, replaced)
