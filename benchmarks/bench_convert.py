@@ -47,7 +47,7 @@ def measure_once(ckpt, out_dir):
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
     start = time.perf_counter()
     conversion = convert_file(ckpt)
-    conversion.checkpoint.release()  # as the converter does once parity has run
+    conversion.release()  # as the converter does once parity has run
     conversion.model.save(os.path.join(out_dir, "model.keras"))
     seconds = time.perf_counter() - start
     peak = _status_kb("VmHWM")

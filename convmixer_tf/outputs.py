@@ -236,11 +236,20 @@ def _opened(path):
     return open(path, "rb", opener=lambda name, flags: os.open(name, flags | _NO_LINK_NO_WAIT))
 
 
+def sha256(f):
+    """The sha256 hash object of what is left to read of the binary file `f`, read a MiB at a
+    time (hashlib.file_digest does the same from Python 3.11 on)."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest
+
+
 def _digest(path) -> tuple:
     """("sha256=DIGEST", "SIZE") of a file as read, as a wheel's RECORD writes them (a link
     is not followed)."""
     with _opened(path) as f:
-        digest = hashlib.file_digest(f, "sha256").digest()
+        digest = sha256(f).digest()
         size = f.tell()
     return "sha256=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode(), str(size)
 

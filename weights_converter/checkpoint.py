@@ -302,7 +302,7 @@ def _dense(key, tensor) -> np.ndarray:
         if tensor.is_floating_point():
             tensor = tensor.detach().float()
         return tensor.detach().numpy()
-    except (TypeError, RuntimeError, NotImplementedError) as err:
+    except (TypeError, RuntimeError, NotImplementedError, ValueError) as err:
         raise CheckpointError(
             f"tensor {shown(key)} cannot be read as an array: {printable(one_line(err))[:200]}"
         ) from None

@@ -9,7 +9,7 @@ import hashlib
 import os
 from typing import Callable, Optional
 
-from convmixer_tf import contract, saving, temporaries
+from convmixer_tf import contract, outputs, saving, temporaries
 from convmixer_tf.errors import BadInput
 from weights_converter import hub
 from weights_converter.convert import convert_file
@@ -72,4 +72,4 @@ def _from_cache(path, variant, weights, log):
 
 def _sha256(path) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return outputs.sha256(f).hexdigest()
