@@ -125,6 +125,19 @@ ROWS = [
     ("99 headers", request(headers=[f"X-{i}: {i}" for i in range(98)]), 200),
     # protocol versions
     ("HTTP/0.9", "GET /\r\n\r\n", 400),
+    # HTTP/0.9 named on the request line: http.server would answer with no status line and
+    # no headers at all, an error as much as a page
+    ("HTTP/0.9 named", request(version="HTTP/0.9"), 200),
+    ("HTTP/0.9 named, HEAD", request(method="HEAD", version="HTTP/0.9"), 200),
+    ("HTTP/0.9 named, not found", request("/setup.cfg", version="HTTP/0.9"), 404),
+    ("HTTP/0.9 named, evil host", request(host="evil.example", version="HTTP/0.9"), 421),
+    ("HTTP/0.9 named, no host", request(host=None, version="HTTP/0.9"), 400),
+    ("HTTP/0.9 named, POST", request(method="POST", version="HTTP/0.9"), 501),
+    (
+        "HTTP/0.9 named, 101 headers",
+        request(version="HTTP/0.9", headers=[f"X-{i}: {i}" for i in range(101)]),
+        431,
+    ),
     ("HTTP/0.9 POST", "POST /\r\n\r\n", 400),
     ("HTTP/1.0 without Host", request(host=None, version="HTTP/1.0"), 400),
     ("HTTP/1.0 with Host", request(version="HTTP/1.0"), 200),
