@@ -7,6 +7,7 @@ command itself, serving as a user runs it; bad hosts and ports give their own ad
 import contextlib
 import errno
 import http.client
+import os
 import signal
 import socket
 import socketserver
@@ -324,3 +325,28 @@ def test_a_model_path_reaches_the_log_escaped(exported, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert "page\\n\\x1b]0;pwned\\x07.tflite" in done.stderr
+
+
+def test_the_model_served_is_the_file_checked_whatever_is_put_at_its_path(exported, tmp_path):
+    """The page's model.tflite is the file the command checked when it started, as its
+    config describes it: a FIFO put at its path later is never opened (it would hold the
+    request forever), another file put there is not served, and the file itself changed
+    in place (as `cp` writes) is no longer served at all."""
+    model = tmp_path / "swap.tflite"
+    original = (exported / "model_int8.tflite").read_bytes()
+    model.write_bytes(original)
+    with serving("--model", str(model)) as (_, port):
+        get = fill(request("/model.tflite"), port).encode()
+        assert exchange(get, port)[::2] == (200, original)
+        os.remove(model)
+        os.mkfifo(model)
+        assert exchange(get, port)[::2] == (200, original)
+        os.remove(model)
+        model.write_bytes((exported / "model.tflite").read_bytes())
+        assert exchange(get, port)[::2] == (200, original)
+    model.write_bytes(original)
+    with serving("--model", str(model)) as (_, port):
+        with open(model, "r+b") as f:
+            f.write(b"TFL3")
+        status, headers, _ = exchange(fill(request("/model.tflite"), port).encode(), port)
+        assert (status, headers["X-Content-Type-Options"]) == (404, "nosniff")

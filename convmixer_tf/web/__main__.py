@@ -103,7 +103,7 @@ def _web(args, log) -> int:
 
     site = Site.build(args.model, args.mediapipe)
     config = site.config
-    model = site.files[MODEL]
+    model = site.files[MODEL].path
     # the name is one printable line (the facts' rule); the path is the user's, shown escaped
     source = cli.escaped(model)
     shown = f"{config['name']} ({config['classes']} classes, {config['size']} px) from {source}"

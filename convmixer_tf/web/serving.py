@@ -214,8 +214,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name = self.path.split("?", 1)[0].split("#", 1)[0][1:] or "index.html"
         try:
             data = self.site.open(name)
-        except (KeyError, OSError):  # OSError: the file went away while serving
+        except KeyError:
             self.send_error(404, "not part of this page")
+            return
+        except OSError:  # gone, no longer a regular file, or changed since it was checked
+            self.send_error(404, "no longer the file this command started with")
             return
         with data:
             size = data.seek(0, os.SEEK_END)
