@@ -152,6 +152,27 @@ def once(tmp_path_factory, name, make):
     return folder
 
 
+def run_with_stdio(command, *, stdout="pipe", stderr="pipe", timeout=300, **popen):
+    """`command` run with its stdout and its stderr each a pipe, closed (as `>&-` and
+    `2>&-` leave them) or, for stdout, /dev/full (every write: ENOSPC): (exit code, what
+    the pipes received as text)."""
+    import subprocess
+
+    closed = [fd for fd, how in ((1, stdout), (2, stderr)) if how == "closed"]
+    given = {"pipe": subprocess.PIPE, "closed": None}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            command,
+            stdout=full if stdout == "full" else given[stdout],
+            stderr=given[stderr],
+            preexec_fn=lambda: [os.close(fd) for fd in closed],
+            timeout=timeout,
+            text=True,
+            **popen,
+        )
+    return done.returncode, done.stdout or "", done.stderr or ""
+
+
 def write_pngs(folder, images, names=None):
     """Raw RGB images as PNG files (lossless: the same pixels read back): the folder."""
     from PIL import Image

@@ -14,7 +14,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import write_pngs
+from conftest import run_with_stdio, write_pngs
 
 from convmixer_tf.predict.__main__ import main
 
@@ -547,3 +547,46 @@ def test_a_closed_stdout_is_a_quiet_end(files, flags):
         _, err = process.communicate(timeout=120)
     assert process.returncode == 141, err
     assert "Broken pipe" not in err and "Exception" not in err and "error" not in err, err
+
+
+def _predict(files, *args):
+    command = [sys.executable, "-m", "convmixer_tf.predict", "--model"]
+    return [*command, str(files["ours"] / "model.onnx"), files["images"], *args]
+
+
+def test_stdout_closed_before_the_start_is_a_reader_already_gone(files):
+    """`predict ... >&-`: the first result ends the run, quietly, as `| head -0` would (141);
+    it used to end in an AttributeError's traceback (exit 3)."""
+    code, _, err = run_with_stdio(_predict(files), stdout="closed", env=ENV)
+    assert code == 141, err
+    assert "Traceback" not in err and "error" not in err, err
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["all classified", "one unreadable"])
+def test_stderr_closed_is_silence_and_the_exit_code_tells(files, tmp_path, bad):
+    """`predict --json ... 2>&-`: stdout holds the JSON lines and nothing else (no progress,
+    warning or error line falls back to it), and the exit code is the run's own: 0 when
+    every image was classified (it was 1: the console's flush failed), 1 when one was not."""
+    images = [files["images"], *([str(_copy_bytes(tmp_path / "bad.png", b"not a png"))] * bad)]
+    command = _predict(files, "--json")
+    command[-2:-1] = images
+    code, out, _ = run_with_stdio(command, stderr="closed", env=ENV)
+    assert code == int(bad)
+    lines = out.splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["top"] for line in lines), out
+
+
+def test_stdout_on_a_full_disk_is_exit_2_in_one_line(files):
+    """`predict ... > /dev/full`: the error says so, and the exit code stays 2 (Python's own
+    flush at exit made it 120)."""
+    code, _, err = run_with_stdio(_predict(files), stdout="full", env=ENV)
+    assert code == 2, err
+    assert err.splitlines()[-1] == (
+        "error: cannot write the results to stdout: No space left on device"
+    ), err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def _copy_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path

@@ -18,6 +18,7 @@ import time
 import urllib.parse
 
 import pytest
+from conftest import run_with_stdio
 
 from convmixer_tf.web import CSP, Site
 from convmixer_tf.web.__main__ import main
@@ -350,3 +351,38 @@ def test_the_model_served_is_the_file_checked_whatever_is_put_at_its_path(export
             f.write(b"TFL3")
         status, headers, _ = exchange(fill(request("/model.tflite"), port).encode(), port)
         assert (status, headers["X-Content-Type-Options"]) == (404, "nosniff")
+
+
+@pytest.mark.parametrize(
+    "stdout, stderr",
+    [("closed", "pipe"), ("pipe", "closed"), ("full", "pipe")],
+    ids=["stdout closed", "stderr closed", "stdout full"],
+)
+def test_web_output_prints_no_result_so_stdout_and_stderr_never_fail_it(
+    exported, tmp_path, stdout, stderr
+):
+    """`web --output` prints nothing on stdout: a closed or full stdout changes nothing (a
+    closed one was exit 3); a closed stderr is silence, and the exit code tells (the
+    progress line fell back to stdout, then the console's flush made it exit 1)."""
+    command = [sys.executable, "-m", "convmixer_tf.web", "--model"]
+    command += [str(exported / "model_int8.tflite"), "--output", str(tmp_path / "site")]
+    code, out, err = run_with_stdio(command, stdout=stdout, stderr=stderr)
+    assert (code, out) == (0, ""), err
+    assert "Traceback" not in err
+    assert (tmp_path / "site" / "model.tflite").read_bytes() == (
+        exported / "model_int8.tflite"
+    ).read_bytes()
+    code, out, err = run_with_stdio(command, stdout=stdout, stderr=stderr)  # exists: exit 2
+    assert (code, out) == (2, ""), err
+    assert err in ("", f"error: output {tmp_path / 'site'} exists; pass --force to replace it\n")
+
+
+def test_serving_with_stdout_closed_ends_at_its_address_line(exported):
+    """The address is the serving command's one result: with stdout closed it ends there,
+    quietly, as any command whose reader went away (141)."""
+    command = [sys.executable, "-m", "convmixer_tf.web", "--port", "0", "--model"]
+    code, _, err = run_with_stdio(
+        [*command, str(exported / "model_int8.tflite")], stdout="closed", timeout=60
+    )
+    assert code == 141, err
+    assert "Traceback" not in err and "error" not in err, err
