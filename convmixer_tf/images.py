@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import os
 import stat
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -39,19 +39,33 @@ def list_images(directory) -> List[str]:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise BadInput(f"image directory not found: {directory}")
-
-    def refuse(err: OSError):
-        raise BadInput(f"cannot list {err.filename}: {err.strerror}")
-
     found = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(directory, onerror=refuse)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS) and _is_regular(os.path.join(root, name))
+        path
+        for path in files_under(directory)
+        if path.lower().endswith(IMAGE_EXTENSIONS) and _is_regular(path)
     )
     if not found:
         raise BadInput(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {directory}")
     return found
+
+
+def files_under(directory: str) -> Iterator[str]:
+    """The path of everything but a folder under `directory` (links to folders included,
+    not followed), folder by folder; BadInput naming a folder that cannot be listed. A
+    loop, not os.walk, which recurses once a level: a folder nested past Python's
+    recursion limit raised RecursionError."""
+    pending = [directory]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    else:
+                        yield entry.path
+        except OSError as err:
+            raise BadInput(f"cannot list {folder}: {err.strerror}") from None
 
 
 def _is_regular(path) -> bool:

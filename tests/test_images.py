@@ -519,6 +519,27 @@ def test_a_folder_lists_regular_image_files_only_any_name(tmp_path):
         assert load_image(path, SMALL).shape == (32, 32, 3)
 
 
+def test_a_folder_nested_past_python_s_recursion_limit_is_listed(tmp_path, nested):
+    """os.walk recursed once a level (RecursionError, exit 3, at 1,500 levels)."""
+    deepest = nested(1500)
+    images = [os.path.join(deepest, "x.png"), os.path.join(os.path.dirname(deepest), "y.png")]
+    for path in images:
+        _write(path, _saved(_photo(), "PNG"))
+    assert list_images(tmp_path / "deep") == sorted(images)
+
+
+def test_a_training_class_nested_past_python_s_recursion_limit_is_read(tmp_path, nested):
+    from convmixer_tf.data import open_dataset
+
+    deepest = nested(1500)
+    root = str(tmp_path / "deep")
+    os.mkdir(os.path.join(root, "b"))
+    _write(os.path.join(deepest, "x.png"), _saved(_photo(), "PNG"))
+    _write(os.path.join(root, "b", "y.png"), _saved(_photo(), "PNG"))
+    source = open_dataset(data_dir=root, val_fraction=0.0)
+    assert source.class_names == ["a", "b"] and source.train_size == 2
+
+
 LIST = """
 import json, sys
 from convmixer_tf.errors import BadInput
