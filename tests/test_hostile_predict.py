@@ -4,6 +4,7 @@ each format, a model that gives NaN, control characters in names, a closed stdou
 classes, deep JSON and a zip bomb. Each row: the exit code and the one line promised, no
 traceback, no hang. The files are a tiny model's, made once for the module."""
 
+import base64
 import io
 import json
 import os
@@ -521,6 +522,21 @@ def test_a_name_that_is_not_utf8_is_shown_by_its_bytes(files, tmp_path, capsys):
     os.rename(folder / "000.png", os.path.join(os.fsencode(folder), b"\xff.png"))
     assert main(["--model", str(files["ours"] / "model.onnx"), str(folder), "--top-k", "1"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"{folder}/\\xff.png"
+
+
+def test_json_gives_a_name_that_is_not_utf8_as_ls_shows_it_and_its_bytes(files, tmp_path, capsys):
+    """A lone surrogate escape (`\\udcff`) is not Unicode: strict parsers refuse it, and jq
+    turns it into U+FFFD. The name is the text `ls -b` shows, its bytes in base64 beside it."""
+    folder = tmp_path / "photos"
+    write_pngs(folder, np.zeros((2, 40, 40, 3)), names=["caf\xe9.png", "n.png"])
+    os.rename(folder / "n.png", os.path.join(os.fsencode(folder), b"n\xff\\.png"))
+    assert main(["--model", str(files["ours"] / "model.onnx"), str(folder), "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and not any("\\ud" in line for line in lines), lines
+    rows = sorted((json.loads(line) for line in lines), key=lambda row: row["image"])
+    assert rows[0]["image"] == f"{folder}/caf\xe9.png" and "image_base64" not in rows[0]
+    assert rows[1]["image"] == f"{folder}/n\\xff\\\\.png"
+    assert base64.b64decode(rows[1]["image_base64"]) == os.fsencode(folder) + b"/n\xff\\.png"
 
 
 @pytest.mark.parametrize("flags", [[], ["--json"]])
