@@ -5,8 +5,10 @@ the check before TensorFlow's decoders)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import threading
 
 import numpy as np
 
@@ -16,8 +18,14 @@ from convmixer_tf.errors import BadInput, one_line
 # (timm's resize of a long thin image or a small crop_pct can be far larger; such an image's
 # crop is resized alone). A larger JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's
 # DCT scaling) when that fits; any other larger image is refused, from its header, before
-# decoding. PIL holds 4 bytes a pixel: one image at the limit takes about 1 GB to transform.
+# decoding.
 MAX_PIXELS = 1 << 26
+# PIL holds an image as rows: 4 bytes a pixel (RGB is stored as RGBX) and a pointer of 8
+# bytes a row, so a long thin image holds far more than its pixels (1 x 67,108,864: 805 MB
+# as RGB, 604 MB more as decoded grey). The most one image may hold (`held_bytes`), decoded
+# or resized: what 8192 x 8192 pixels hold. It bounds the images decoded at once too
+# (`holding`).
+MAX_HELD_BYTES = 8192 * (8 + 4 * 8192)
 # The largest image file read: 8 bytes a pixel (16-bit RGBA, uncompressed) at MAX_PIXELS.
 MAX_FILE_BYTES = 8 * MAX_PIXELS
 # The formats read, by the bytes their files start with (what TensorFlow's decoders read).
@@ -77,13 +85,51 @@ def header(file, *, reduce: bool):
     except Exception as err:  # noqa: BLE001 - PIL raises many kinds on damaged bytes
         raise _damaged(name, err) from None
     width, height = image.size
-    if width * height > MAX_PIXELS and reduce and _reducible(image):
+    if not fits(width, height) and reduce and _reducible(image):
         # libjpeg's DCT scaling: the smallest of 1/2, 1/4, 1/8 that fits
-        factor = next((f for f in (2, 4, 8) if -(-width // f) * -(-height // f) <= MAX_PIXELS), 8)
+        factor = next((f for f in (2, 4, 8) if fits(-(-width // f), -(-height // f))), 8)
         image.draft(None, (max(1, width // factor), max(1, height // factor)))
     if image.size[0] * image.size[1] > MAX_PIXELS:
         raise BadInput(f"{width} x {height} pixels: more than the {MAX_PIXELS} decoded at most")
+    held = held_bytes(*image.size)
+    if held > MAX_HELD_BYTES:
+        raise BadInput(
+            f"{width} x {height} pixels: {held} bytes as PIL holds them (4 a pixel, 8 a row), "
+            f"more than the {MAX_HELD_BYTES} decoded at most"
+        )
     return image
+
+
+def held_bytes(width: int, height: int) -> int:
+    """The memory PIL holds for a `width` x `height` image of 4 bytes a pixel (RGB, RGBA)."""
+    return height * (8 + 4 * width)
+
+
+def fits(width: int, height: int) -> bool:
+    """Whether an image of that size may be decoded, or made by a resize."""
+    return width * height <= MAX_PIXELS and held_bytes(width, height) <= MAX_HELD_BYTES
+
+
+_held = {"bytes": 0}  # what the images decoded at once (`holding`) hold together
+_released = threading.Condition()
+
+
+@contextlib.contextmanager
+def holding(image):
+    """The block that decodes (and transforms) `image`, a `header`, waits until what the
+    images in such blocks hold together, this one's `held_bytes` included, is at most
+    MAX_HELD_BYTES; one alone always runs. Threads that load images at once (predict's
+    loaders) so hold about one image at the limit between them, not one each."""
+    size = held_bytes(*image.size)
+    with _released:
+        _released.wait_for(lambda: not _held["bytes"] or _held["bytes"] + size <= MAX_HELD_BYTES)
+        _held["bytes"] += size
+    try:
+        yield
+    finally:
+        with _released:
+            _held["bytes"] -= size
+            _released.notify_all()
 
 
 def _damaged(name: str, err: Exception) -> BadInput:

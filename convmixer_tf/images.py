@@ -7,7 +7,7 @@ geometry `Preprocessing.eval_crop` computes for two executors:
 - `eval_transform`: TensorFlow ops, for tf.data pipelines, on an image TensorFlow decoded
   (`decode_file`, checked first by `decoded`).
 TensorFlow's resizes the crop alone; PIL's too where timm's whole resize would pass
-MAX_PIXELS (a long thin image, a tiny crop_pct)."""
+`decoding` allows (a long thin image, a tiny crop_pct)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import numpy as np
 
 from convmixer_tf import decoding
 from convmixer_tf.config import PIXEL_MAX, Preprocessing
-from convmixer_tf.decoding import MAX_PIXELS
 from convmixer_tf.errors import BadInput, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -87,7 +86,7 @@ def _transformed(image, preprocessing: Preprocessing) -> np.ndarray:
     crop = preprocessing.eval_crop(*image.size)
     resample = Image.Resampling[PIL_FILTERS[preprocessing.interpolation]]
     size = crop.size
-    if crop.resized[0] * crop.resized[1] <= MAX_PIXELS:
+    if decoding.fits(*crop.resized):
         # timm's own steps, so its own pixels
         left, top = crop.corner
         resized = image.resize(crop.resized, resample)
@@ -119,7 +118,7 @@ def load_image(source, preprocessing: Preprocessing, *, normalize: bool = True) 
 
     Returns float32 (size, size, 3). Raises BadInput, with a one-line reason that does not
     name the file (the caller does), for anything that does not give an image: not a
-    regular file, another format, damaged bytes, more than MAX_PIXELS.
+    regular file, another format, damaged bytes, larger than `decoding` allows.
 
     Example:
         >>> load_image("cat.jpg", Preprocessing()).shape      # doctest: +SKIP
@@ -129,8 +128,10 @@ def load_image(source, preprocessing: Preprocessing, *, normalize: bool = True) 
         contextlib.nullcontext(source) if hasattr(source, "read") else decoding.open_file(source)
     )
     with opened as file:
-        image = decoding.rgb(decoding.header(file, reduce=True))
-    return _finished(_transformed(image, preprocessing), preprocessing, normalize)
+        image = decoding.header(file, reduce=True)
+        with decoding.holding(image):
+            pixels = _transformed(decoding.rgb(image), preprocessing)
+    return _finished(pixels, preprocessing, normalize)
 
 
 # --------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def load_image(source, preprocessing: Preprocessing, *, normalize: bool = True) 
 def decoded(path):
     """The image in file `path` as TensorFlow's decoders give it to a tf.data pipeline
     (uint8 H x W x 3, an animation's first frame); BadInput with the reason when it does
-    not decode, or has more than MAX_PIXELS pixels (read from its header first)."""
+    not decode, or is larger than `decoding` allows (read from its header first)."""
     import tensorflow as tf
 
     with decoding.open_file(path) as file:

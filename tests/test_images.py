@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from convmixer_tf.config import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from convmixer_tf.decoding import MAX_HELD_BYTES, MAX_PIXELS
 from convmixer_tf.errors import BadInput
-from convmixer_tf.images import MAX_PIXELS, decoded, eval_transform, list_images, load_image
+from convmixer_tf.images import decoded, eval_transform, list_images, load_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = Preprocessing(input_size=32, crop_pct=0.875)
@@ -45,6 +46,15 @@ def _png(width: int, height: int, *, depth: int = 8, rows=None) -> bytes:
     parts = [packer.compress(b"\0" + (rows(y) if rows else blank)) for y in range(height)]
     header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
     body = _chunk(b"IDAT", b"".join(parts) + packer.flush())
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + body + _chunk(b"IEND", b"")
+
+
+@functools.lru_cache(maxsize=None)
+def _thin_png(height: int) -> bytes:
+    """A grey PNG one pixel wide: its rows of two bytes compress to almost nothing (130 KB
+    for 67,108,864 of them), and PIL holds a pointer for each."""
+    header = struct.pack(">IIBBBBB", 1, height, 8, 0, 0, 0, 0)
+    body = _chunk(b"IDAT", zlib.compress(b"\0\x80" * height, 9))
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + body + _chunk(b"IEND", b"")
 
 
@@ -169,6 +179,10 @@ def _row(name, make, expected, crop_pct=None):
 
 IMAGE = "image"
 LIMIT = rf"pixels: more than the {MAX_PIXELS} decoded at most$"
+ROWS = (
+    rf"^1 x 67108864 pixels: 805306368 bytes as PIL holds them \(4 a pixel, 8 a row\), "
+    rf"more than the {MAX_HELD_BYTES} decoded at most$"
+)
 NOT_OURS = r"^not a JPEG, PNG, GIF, BMP or WebP image \(it starts with "
 # how to make the file in a folder, what load_image gives (IMAGE, or a pattern of BadInput's
 # message) and the crop_pct it runs with (SMALL's when None)
@@ -179,6 +193,9 @@ HOSTILE = [
     _row("png 200000 x 1", _file(lambda: _png(200000, 1, rows=lambda y: b"\xc8" * 200000)), IMAGE),
     _row("png 1000000 x 1", _file(lambda: _png(1000000, 1)), IMAGE),
     _row("png 1 x 1000000", _file(lambda: _png(1, 1000000)), IMAGE),
+    # PIL holds 8 bytes a row beside 4 a pixel: at MAX_PIXELS, this one took 1.4 GB
+    _row("png 1 x 67108864", _file(lambda: _thin_png(1 << 26)), ROWS),
+    _row("png 1 x 4194304", _file(lambda: _thin_png(1 << 22)), IMAGE),
     _row("crop_pct 1e-6", _file(lambda: _saved(_photo(), "PNG")), IMAGE, crop_pct=1e-6),
     _row("animated gif", _file(lambda: _animation("GIF")), IMAGE),
     _row("animated webp", _file(lambda: _animation("WEBP", lossless=True)), IMAGE),
@@ -218,6 +235,7 @@ HOSTILE = [
 # The pixels some rows must give (raw RGB, the whole crop).
 PIXELS = {
     "png 200000 x 1": (200, 200, 200),
+    "png 1 x 4194304": (128, 128, 128),
     "jpeg 8200 x 8200": (127, 127, 127),  # the middle of a left-to-right ramp
     "cmyk jpeg": (255, 0, 255),  # no cyan, full magenta: PIL's naive conversion
     "16-bit png": (128, 128, 128),  # 0x8000 of 0xffff, not clipped to white
@@ -296,6 +314,44 @@ def test_a_hostile_file_gives_an_image_or_bad_input_in_bounded_memory(
         assert re.search(expected, got.get("error", "")), got
 
 
+@pytest.mark.parametrize("budget, most", [(20_000, 1), (10**9, 2)])
+def test_images_decoded_at_once_hold_no_more_than_one_at_the_limit(
+    tmp_path, monkeypatch, budget, most
+):
+    """Two threads load images (predict's loaders): while what the images being decoded hold
+    together would pass MAX_HELD_BYTES, a decode waits for the other (two at the limit took
+    twice the memory of one); under it, both run."""
+    import threading
+    import time
+
+    from convmixer_tf import decoding
+
+    decode, inside, seen = decoding.rgb, [], []
+    lock = threading.Lock()
+
+    def watched(image):
+        with lock:
+            inside.append(image)
+            seen.append(len(inside))
+        time.sleep(0.05)
+        with lock:
+            inside.remove(image)
+        return decode(image)
+
+    monkeypatch.setattr(decoding, "MAX_HELD_BYTES", budget)  # a 64 x 48 image holds 12,672
+    monkeypatch.setattr(decoding, "rgb", watched)
+    paths = [_write(tmp_path / f"{i}.png", _saved(_photo(seed=i), "PNG")) for i in range(6)]
+    threads = [
+        threading.Thread(target=lambda part=paths[i::2]: [load_image(p, SMALL) for p in part])
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert max(seen) == most and len(seen) == 6
+
+
 def test_an_animation_gives_its_first_frame_and_decodes_no_other(monkeypatch):
     from PIL import GifImagePlugin, WebPImagePlugin
 
@@ -364,7 +420,7 @@ def test_the_crop_alone_is_timm_s_resize_then_crop(width, height, size, crop_pct
     on the border of two pixels may take either."""
     from PIL import Image
 
-    from convmixer_tf import images
+    from convmixer_tf import decoding, images
 
     pre = Preprocessing(input_size=size, crop_pct=crop_pct, interpolation=interpolation)
     crop = pre.eval_crop(width, height)
@@ -373,11 +429,11 @@ def test_the_crop_alone_is_timm_s_resize_then_crop(width, height, size, crop_pct
     assert 0 <= left < right <= width and 0 <= top < bottom <= height
     image = Image.fromarray(_photo(width, height))
     whole = images._transformed(image, pre)
-    old, images.MAX_PIXELS = images.MAX_PIXELS, 0
+    old, decoding.MAX_PIXELS = decoding.MAX_PIXELS, 0
     try:
         alone = images._transformed(image, pre)
     finally:
-        images.MAX_PIXELS = old
+        decoding.MAX_PIXELS = old
     assert np.abs(whole.astype(int) - alone).max() <= 3
 
 
