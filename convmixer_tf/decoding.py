@@ -85,6 +85,8 @@ def header(file, *, reduce: bool):
     except Exception as err:  # noqa: BLE001 - PIL raises many kinds on damaged bytes
         raise _damaged(name, err) from None
     width, height = image.size
+    if name == "JPEG":
+        _check_jpeg_data(file, width, height)
     if not fits(width, height) and reduce and _reducible(image):
         # libjpeg's DCT scaling: the smallest of 1/2, 1/4, 1/8 that fits
         factor = next((f for f in (2, 4, 8) if fits(-(-width // f), -(-height // f))), 8)
@@ -98,6 +100,22 @@ def header(file, *, reduce: bool):
             f"more than the {MAX_HELD_BYTES} decoded at most"
         )
     return image
+
+
+def _check_jpeg_data(file, width: int, height: int) -> None:
+    """BadInput when the JPEG in `file` is too short for the size its frame header gives.
+    Huffman coding spends a bit at least on each 8 x 8 block of the first component (the
+    shortest code, for a block like the one before it); libjpeg, meeting the end of the
+    data early, fills the rest with grey and only warns, which PIL does not pass on."""
+    at = file.tell()
+    size = file.seek(0, os.SEEK_END)
+    file.seek(at)
+    blocks = -(-width // 8) * -(-height // 8)
+    if size * 8 < blocks:
+        raise BadInput(
+            f"truncated or damaged JPEG file: its {size} bytes cannot hold the {blocks} blocks "
+            f"of {width} x {height} pixels (a bit a block at least)"
+        )
 
 
 def held_bytes(width: int, height: int) -> int:

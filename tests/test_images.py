@@ -58,6 +58,25 @@ def _thin_png(height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + body + _chunk(b"IEND", b"")
 
 
+def _sof_lie(width: int, height: int) -> bytes:
+    """A 16 x 16 JPEG whose frame header (SOF0) claims `width` x `height`: libjpeg reads the
+    few blocks there are, meets the end, and fills the rest with grey, warning only."""
+    from PIL import Image
+
+    data = bytearray(_saved(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG"))
+    at = data.index(b"\xff\xc0") + 5
+    data[at : at + 4] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _flat_jpeg(**options) -> bytes:
+    """4096 x 4096 of one grey, Huffman tables optimised: 2 bits a block, the least any
+    real JPEG holds."""
+    from PIL import Image
+
+    return _saved(Image.new("L", (4096, 4096), 0), "JPEG", optimize=True, **options)
+
+
 def _photo(width=64, height=48, seed=0) -> np.ndarray:
     """A smooth random image (a photo's statistics more than noise's)."""
     walk = np.random.default_rng(seed).normal(0, 1, (height, width, 3)).cumsum(0).cumsum(1)
@@ -230,6 +249,16 @@ HOSTILE = [
     _row("palette png with transparency", _file(_palette_with_transparency), IMAGE),
     _row("1 x 1", _file(lambda: _saved(np.full((1, 1, 3), 7, np.uint8), "PNG")), IMAGE),
     _row("jpeg 8200 x 8200", _file(_big_jpeg), IMAGE),
+    _row(
+        "jpeg claiming 65500 x 65500 over 16 x 16",
+        _file(lambda: _sof_lie(65500, 65500)),
+        r"^truncated or damaged JPEG file: its \d+ bytes cannot hold the 67043344 blocks of "
+        r"65500 x 65500 pixels \(a bit a block at least\)$",
+    ),
+    # a lie its bytes could hold is not told from a picture: small, and grey where data ends
+    _row("jpeg claiming 64 x 64 over 16 x 16", _file(lambda: _sof_lie(64, 64)), IMAGE),
+    _row("jpeg 4096 x 4096 of one grey", _file(_flat_jpeg), IMAGE),
+    _row("progressive jpeg of one grey", _file(lambda: _flat_jpeg(progressive=True)), IMAGE),
     _row("progressive jpeg", _file(lambda: _big_jpeg(progressive=True)), "^8200 x 8200 " + LIMIT),
 ]
 # The pixels some rows must give (raw RGB, the whole crop).
