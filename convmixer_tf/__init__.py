@@ -4,6 +4,8 @@ Importing the package loads no Keras: the builder imports it when called, so com
 lines answer --help and check their arguments at once.
 """
 
+# First: a command line stops on SIGINT and SIGTERM from here on (see `interrupts`).
+from convmixer_tf import interrupts  # noqa: F401
 from convmixer_tf.config import (
     VARIANTS,
     ConvMixerConfig,

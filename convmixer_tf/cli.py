@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ import traceback
 import warnings
 from typing import Callable
 
-from convmixer_tf import interrupts, temporaries
+from convmixer_tf import errors, interrupts, temporaries
 from convmixer_tf.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, exit_code, one_line
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -50,48 +51,55 @@ def run_command(
 
     SIGINT and SIGTERM stop the process at once, whatever it is doing: what this run was
     staging is removed and it exits 128 + the signal. Nothing is raised into the job,
-    so no library code can swallow the signal and go on to report success.
+    so no library code can swallow the signal and go on to report success. Results go to
+    sys.stdout however they are printed (`_results`: a closed or full stdout ends the job).
     """
     if not verbose:
         for key, value in NATIVE_LOG_ENV.items():
             os.environ.setdefault(key, value)
-    console, owned = _user_stream(sys.stderr, 2)
+    _fill_closed_std_fds()
+    console, owned = _user_stream(sys.stderr, 2, _UserStream)
 
     def interrupted(signum, frame):
         if interrupts.interrupt(signum):  # False: the output is being moved into place, or is
-            sys.stdout.flush()
+            with contextlib.suppress(Exception):  # a stdout that fails says nothing more
+                sys.stdout.flush()
             print("error: interrupted", file=console, flush=True)
             os._exit(128 + signum)
 
     interrupts.begin_command()
     previous = {signum: signal.signal(signum, interrupted) for signum in SIGNALS}
     try:
-        with temporaries.redirected(), _quiet() if not verbose else contextlib.nullcontext():
+        with (
+            temporaries.redirected(),
+            _results(),
+            _quiet() if not verbose else contextlib.nullcontext(),
+        ):
             return job(
                 lambda message: None if quiet else print(message, file=console, flush=True), console
             )
     except StdoutClosed:
-        _to_devnull(sys.stdout)  # fd 1 again, now that _quiet gave it back: exit flushes it
         return EXIT_STDOUT_CLOSED
     except BaseException as err:  # noqa: BLE001 - every outcome becomes an exit code
-        code = exit_code(err)
-        if code == EXIT_INTERNAL:
-            print(
-                "error: internal error (a bug; please report it with this traceback):", file=console
-            )
-            traceback.print_exception(err, file=console)
-        elif code in (EXIT_FAILED, EXIT_BAD_INPUT):
-            line = one_line(err)
-            print(
-                f"error: {line if line.isprintable() else escaped(line)}", file=console, flush=True
-            )
-        return code
+        return _reported(err, console)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         console.flush()
         if owned:
             console.close()
+
+
+def _reported(err: BaseException, console) -> int:
+    """Prints what ended a job (one line; a bug's traceback) and returns its exit code."""
+    code = exit_code(err)
+    if code == EXIT_INTERNAL:
+        print("error: internal error (a bug; please report it with this traceback):", file=console)
+        traceback.print_exception(err, file=console)
+    elif code in (EXIT_FAILED, EXIT_BAD_INPUT):
+        line = one_line(err)
+        print(f"error: {line if line.isprintable() else escaped(line)}", file=console, flush=True)
+    return code
 
 
 class StdoutClosed(Exception):
@@ -119,6 +127,93 @@ def _to_devnull(stream) -> None:
         pass
     finally:
         os.close(devnull)
+
+
+def _fill_closed_std_fds() -> None:
+    """Gives a stdin, stdout or stderr closed before the start (`<&-`, `>&-`, `2>&-`)
+    something to be, so that no file opened later takes its number (native libraries
+    write their logs to fd 2, whatever it has become): stdin and stderr os.devnull (a
+    closed stderr is silence), stdout a pipe that no one reads (a closed stdout is a
+    reader already gone)."""
+    closed = [fd for fd in (0, 1, 2) if not _is_open(fd)]
+    for _ in closed:
+        os.open(os.devnull, os.O_RDWR)  # the lowest free number: each closed one in turn
+    if 1 in closed:
+        read, write = os.pipe()
+        os.dup2(write, 1)
+        os.close(write)
+        os.close(read)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if fd in closed:
+            setattr(sys, name, open(fd, "w", closefd=False))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class _UserStream(io.TextIOWrapper):
+    """A copy of the user's stderr, or of stdout (`_Results`), that stays open while
+    `_quiet` silences its fd. A write or flush that fails (the fd closed before the start, a
+    full disk, a reader gone) points it at os.devnull, so that nothing still buffered fails
+    again: on stderr the command goes on, silent there (the exit code tells)."""
+
+    results = False
+    failed = False
+
+    def write(self, text) -> int:
+        try:
+            return super().write(text)
+        except OSError as err:
+            self._failed(err)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as err:
+            self._failed(err)
+
+    def _failed(self, err: OSError) -> None:
+        _to_devnull(self)
+        self.failed = True
+        if self.results and isinstance(err, BrokenPipeError):
+            raise StdoutClosed() from None
+        if self.results:
+            raise errors.BadInput(f"cannot write the results to stdout: {err.strerror}") from None
+
+
+class _Results(_UserStream):
+    """stdout, for the results: a write that fails ends the command, StdoutClosed when the
+    reader has gone, BadInput naming stdout otherwise."""
+
+    results = True
+
+
+@contextlib.contextmanager
+def _results():
+    """sys.stdout is `_Results` for the duration (where it is the user's fd 1), flushed at
+    the end: where the reader of stdout has gone (a pipe closed, or stdout closed before
+    the start) the job ends there, quietly (EXIT_STDOUT_CLOSED); where it refuses a write
+    otherwise (a full disk) it is exit 2, one line. After a failure fd 1 itself points at
+    os.devnull too: Python's own flush at exit would fail again, and exit 120."""
+    saved = sys.stdout
+    stream, owned = _user_stream(saved, 1, _Results)
+    sys.stdout = stream
+    try:
+        yield
+        stream.flush()
+    finally:
+        sys.stdout = saved
+        if getattr(stream, "failed", False):
+            _to_devnull(saved)
+        if owned:
+            with contextlib.suppress(Exception):  # the job's own error is the one to report
+                stream.close()
 
 
 # How `escaped` writes the backslash and the usual control characters (as `ls -b` does).
@@ -185,40 +280,38 @@ def exit(code: int):
 def _quiet():
     """Sends what native code prints on fd 1 and fd 2 (C++ logs, gloo's printf), Python's
     own stderr, its warnings and log records below errors to /dev/null for the duration;
-    sys.stdout keeps reaching the user's stdout (results, --json)."""
+    sys.stdout (`_results`, a copy of fd 1) keeps reaching the user's stdout."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    saved_streams, level = (sys.stdout, sys.stderr), logging.root.manager.disable
-    stdout, owned = _user_stream(sys.stdout, 1)
+    saved_stderr, level = sys.stderr, logging.root.manager.disable
     sink = open(os.devnull, "w")
     try:
-        sys.stdout.flush()
         for fd in (1, 2):
             os.dup2(devnull, fd)
-        sys.stdout, sys.stderr = stdout, sink
+        sys.stderr = sink
         logging.disable(logging.WARNING)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        sys.stdout.flush()
-        sys.stdout, sys.stderr = saved_streams
+        sys.stderr = saved_stderr
         logging.disable(level)
         for fd, copy in saved.items():
             os.dup2(copy, fd)
             os.close(copy)
         os.close(devnull)
         sink.close()
-        if owned:
-            stdout.close()
 
 
-def _user_stream(stream, fd):
-    """A stream to what `stream` (fd `fd`) reaches now, that stays open when fd is silenced."""
+def _user_stream(stream, fd, kind):
+    """A `kind` stream to what `stream` (fd `fd`) reaches now, line-buffered, in its
+    encoding, that stays open when fd is silenced; `stream` itself (and False: not ours to
+    close) where it is not fd `fd` (pytest's capture, a notebook)."""
     try:
         if stream.fileno() == fd:
-            return os.fdopen(os.dup(fd), "w", buffering=1), True
-    except (AttributeError, OSError, ValueError):  # pytest's capture, a notebook, ...
+            raw = io.BufferedWriter(io.FileIO(os.dup(fd), "w"))
+            return kind(raw, stream.encoding, stream.errors, line_buffering=True), True
+    except (AttributeError, OSError, ValueError):
         pass
     return stream, False
 

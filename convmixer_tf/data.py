@@ -18,6 +18,7 @@ from convmixer_tf.images import (
     TFDS_PREFIX,
     decode_file,
     decoded,
+    files_under,
     list_images,
     parse_source,
 )
@@ -166,7 +167,7 @@ def _hold_out(files, fraction, seed):
 def _has_images(folder, name) -> bool:
     path = os.path.join(folder, name)
     return os.path.isdir(path) and any(
-        f.lower().endswith(IMAGE_EXTENSIONS) for _, _, fs in os.walk(path) for f in fs
+        f.lower().endswith(IMAGE_EXTENSIONS) for f in files_under(path)
     )
 
 

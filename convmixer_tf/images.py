@@ -3,11 +3,11 @@ timm's evaluation transform (resize by crop_pct, centre crop, the normalisation)
 geometry `Preprocessing.eval_crop` computes for two executors:
 - `load_image`: PIL and numpy, no TensorFlow: timm's transform itself (timm's is PIL's),
   for `predict` and the tools that read a folder of images (calibration, parity). It reads
-  through Python, bounds the pixels decoded and turns any failure into `BadInput`.
+  through Python within bounds (`decoding`) and turns any failure into `BadInput`.
 - `eval_transform`: TensorFlow ops, for tf.data pipelines, on an image TensorFlow decoded
   (`decode_file`, checked first by `decoded`).
 TensorFlow's resizes the crop alone; PIL's too where timm's whole resize would pass
-MAX_PIXELS (a long thin image, a tiny crop_pct)."""
+`decoding` allows (a long thin image, a tiny crop_pct)."""
 
 from __future__ import annotations
 
@@ -16,32 +16,16 @@ import dataclasses
 import functools
 import os
 import stat
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from convmixer_tf import decoding
 from convmixer_tf.config import PIXEL_MAX, Preprocessing
 from convmixer_tf.errors import BadInput, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 TFDS_PREFIX = "tfds:"
-# The most pixels decoded from one file (8192 x 8192), and the most of a resized image
-# (timm's resize of a long thin image or a small crop_pct can be far larger; such an image's
-# crop is resized alone). A larger JPEG is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's
-# DCT scaling) when that fits; any other larger image is refused, from its header, before
-# decoding. PIL holds 4 bytes a pixel: one image at the limit takes about 1 GB to transform.
-MAX_PIXELS = 1 << 26
-# The largest image file read: 8 bytes a pixel (16-bit RGBA, uncompressed) at MAX_PIXELS.
-MAX_FILE_BYTES = 8 * MAX_PIXELS
-# The formats read, by the bytes their files start with (what TensorFlow's decoders read).
-SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"GIF8", "GIF"),  # GIF87a, GIF89a
-    (b"BM", "BMP"),
-    (b"RIFF", "WEBP"),  # RIFF....WEBP
-)
-FORMAT_NAMES = "a JPEG, PNG, GIF, BMP or WebP image"
 # Preprocessing.interpolation -> PIL's filter, and TensorFlow's ScaleAndTranslate kernel
 # (antialiased, it is PIL's filter; nearest is the box of one source pixel, not widened)
 PIL_FILTERS = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST", "area": "BOX"}
@@ -54,19 +38,33 @@ def list_images(directory) -> List[str]:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise BadInput(f"image directory not found: {directory}")
-
-    def refuse(err: OSError):
-        raise BadInput(f"cannot list {err.filename}: {err.strerror}")
-
     found = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(directory, onerror=refuse)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS) and _is_regular(os.path.join(root, name))
+        path
+        for path in files_under(directory)
+        if path.lower().endswith(IMAGE_EXTENSIONS) and _is_regular(path)
     )
     if not found:
         raise BadInput(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {directory}")
     return found
+
+
+def files_under(directory: str) -> Iterator[str]:
+    """The path of everything but a folder under `directory` (links to folders included,
+    not followed), folder by folder; BadInput naming a folder that cannot be listed. A
+    loop, not os.walk, which recurses once a level: a folder nested past Python's
+    recursion limit raised RecursionError."""
+    pending = [directory]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    else:
+                        yield entry.path
+        except OSError as err:
+            raise BadInput(f"cannot list {folder}: {err.strerror}") from None
 
 
 def _is_regular(path) -> bool:
@@ -78,93 +76,7 @@ def _is_regular(path) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Reading a file: PIL, lazily (its header first), bounded
-
-
-def _open_file(path):
-    """`path` opened for reading, through its bytes (a name that is not UTF-8 opens too);
-    BadInput for anything but a regular file. O_NONBLOCK: a FIFO put in its place after
-    listing does not block the open, and fstat then refuses it."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(os.fsencode(path), flags)
-    except OSError as err:
-        raise BadInput(f"cannot open: {err.strerror}") from None
-    status = os.fstat(fd)
-    if not stat.S_ISREG(status.st_mode):
-        os.close(fd)
-        raise BadInput("not a regular file")
-    if status.st_size > MAX_FILE_BYTES:
-        os.close(fd)
-        raise BadInput(f"{status.st_size} bytes: more than the {MAX_FILE_BYTES} read at most")
-    return os.fdopen(fd, "rb")
-
-
-def _format_of(head: bytes) -> str:
-    for signature, name in SIGNATURES:
-        if head.startswith(signature) and (name != "WEBP" or head[8:12] == b"WEBP"):
-            return name
-    raise BadInput(f"not {FORMAT_NAMES} (it starts with {head[:8]!r})")
-
-
-def _reader(name: str):
-    """PIL's reader of format `name`, used directly: no other format is tried, and PIL's
-    own decompression-bomb check gives way to MAX_PIXELS (which reduces JPEGs instead)."""
-    from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
-
-    readers = (JpegImagePlugin.JpegImageFile, PngImagePlugin.PngImageFile)
-    readers += (GifImagePlugin.GifImageFile, BmpImagePlugin.BmpImageFile)
-    return {reader.format: reader for reader in readers + (WebPImagePlugin.WebPImageFile,)}[name]
-
-
-def _identified(file, *, reduce: bool):
-    """The image in binary `file`, its header read and nothing decoded; at most MAX_PIXELS
-    (a larger JPEG set to decode reduced, with `reduce`); BadInput otherwise."""
-    name = _format_of(file.read(16))
-    file.seek(0)
-    try:
-        image = _reader(name)(file)
-    except Exception as err:  # noqa: BLE001 - PIL raises many kinds on damaged bytes
-        raise _damaged(name, err) from None
-    width, height = image.size
-    if width * height > MAX_PIXELS and reduce and _reducible(image):
-        # libjpeg's DCT scaling: the smallest of 1/2, 1/4, 1/8 that fits
-        factor = next((f for f in (2, 4, 8) if -(-width // f) * -(-height // f) <= MAX_PIXELS), 8)
-        image.draft(None, (max(1, width // factor), max(1, height // factor)))
-    if image.size[0] * image.size[1] > MAX_PIXELS:
-        raise BadInput(f"{width} x {height} pixels: more than the {MAX_PIXELS} decoded at most")
-    return image
-
-
-def _damaged(name: str, err: Exception) -> BadInput:
-    """What PIL's `err` on a `name` file means, in one line."""
-    from PIL import Image
-
-    if isinstance(err, Image.DecompressionBombError):  # a size PIL checks itself: a GIF frame's
-        return BadInput(f"more than the {MAX_PIXELS} pixels decoded at most: {one_line(err)}")
-    return BadInput(f"truncated or damaged {name} file: {one_line(err)[:200]}")
-
-
-def _reducible(image) -> bool:
-    """A JPEG that libjpeg decodes in one pass: a progressive one keeps every DCT
-    coefficient of the full size in memory however much it is reduced."""
-    return image.format == "JPEG" and not image.info.get("progressive")
-
-
-def _rgb(image):
-    """The decoded first frame of `image` as an RGB PIL image; BadInput when it does not
-    decode."""
-    try:
-        image.load()
-        if image.mode.startswith("I;16"):
-            # 16-bit grey: its top 8 bits, as TensorFlow's decoder gives (PIL's own
-            # conversion clips at 255: a white image)
-            from PIL import Image
-
-            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
-        return image if image.mode == "RGB" else image.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - PIL raises many kinds on damaged bytes
-        raise _damaged(image.format, err) from None
+# PIL: a file read within bounds (`decoding`), then timm's transform
 
 
 def _transformed(image, preprocessing: Preprocessing) -> np.ndarray:
@@ -174,7 +86,7 @@ def _transformed(image, preprocessing: Preprocessing) -> np.ndarray:
     crop = preprocessing.eval_crop(*image.size)
     resample = Image.Resampling[PIL_FILTERS[preprocessing.interpolation]]
     size = crop.size
-    if crop.resized[0] * crop.resized[1] <= MAX_PIXELS:
+    if decoding.fits(*crop.resized):
         # timm's own steps, so its own pixels
         left, top = crop.corner
         resized = image.resize(crop.resized, resample)
@@ -206,16 +118,20 @@ def load_image(source, preprocessing: Preprocessing, *, normalize: bool = True) 
 
     Returns float32 (size, size, 3). Raises BadInput, with a one-line reason that does not
     name the file (the caller does), for anything that does not give an image: not a
-    regular file, another format, damaged bytes, more than MAX_PIXELS.
+    regular file, another format, damaged bytes, larger than `decoding` allows.
 
     Example:
         >>> load_image("cat.jpg", Preprocessing()).shape      # doctest: +SKIP
         (224, 224, 3)
     """
-    opened = contextlib.nullcontext(source) if hasattr(source, "read") else _open_file(source)
+    opened = (
+        contextlib.nullcontext(source) if hasattr(source, "read") else decoding.open_file(source)
+    )
     with opened as file:
-        image = _rgb(_identified(file, reduce=True))
-    return _finished(_transformed(image, preprocessing), preprocessing, normalize)
+        image = decoding.header(file, reduce=True)
+        with decoding.holding(image):
+            pixels = _transformed(decoding.rgb(image), preprocessing)
+    return _finished(pixels, preprocessing, normalize)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,11 +141,11 @@ def load_image(source, preprocessing: Preprocessing, *, normalize: bool = True) 
 def decoded(path):
     """The image in file `path` as TensorFlow's decoders give it to a tf.data pipeline
     (uint8 H x W x 3, an animation's first frame); BadInput with the reason when it does
-    not decode, or has more than MAX_PIXELS pixels (read from its header first)."""
+    not decode, or is larger than `decoding` allows (read from its header first)."""
     import tensorflow as tf
 
-    with _open_file(path) as file:
-        _identified(file, reduce=False)
+    with decoding.open_file(path) as file:
+        decoding.header(file, reduce=False)
         file.seek(0)
         data = file.read()
     try:

@@ -1,6 +1,12 @@
 """What a SIGINT / SIGTERM undoes before the process stops, and the moment that must not
 be cut short: the command lines' handler calls `interrupt`; code that starts something to
-undo (a child process, a file or folder being written) registers it for the duration."""
+undo (a child process, a file or folder being written) registers it for the duration.
+
+Imported first by the package: in an interpreter started to run a command line, SIGINT
+and SIGTERM stop it from then on (`stop_now`), before the command's start-up
+(`cli.run_command`) sets a handler of its own: its imports take most of a second, during
+which Python would print a KeyboardInterrupt traceback (SIGINT) or die without a word
+(SIGTERM)."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 from typing import Callable
 
 # Interrupts: what to undo, and the moment that must not be cut short
@@ -76,3 +83,29 @@ def remove_file(path) -> None:
     """os.remove, where a file already gone is no error."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
+
+
+def stop_now(signum, frame) -> None:
+    """A command's handler of SIGINT and SIGTERM before its start-up sets its own (and after
+    it gives it back): what `interrupt` undoes, then `error: interrupted` and 128 + the
+    signal; after the final move, nothing (the work is done)."""
+    if interrupt(signum):
+        with contextlib.suppress(OSError):  # stderr closed: the exit code tells
+            os.write(2, b"error: interrupted\n")
+        os._exit(128 + signum)
+
+
+def run_as_a_command() -> bool:
+    """Whether this interpreter was started to run a module of this project (`python -m
+    convmixer_tf.predict`, `python -m weights_converter`) or a `convmixer-*` script: not
+    a notebook, a test run, a program of the user's or an export's worker process."""
+    argv, started = sys.argv, getattr(sys, "orig_argv", [])
+    if argv[:1] == ["-m"]:  # python -m NAME ARGS: sys.argv[0] is "-m" while NAME is found
+        module = started[-len(argv)].removeprefix("-m")
+        return module.split(".")[0] in ("convmixer_tf", "weights_converter")
+    return len(started) > 1 and os.path.basename(started[1]).startswith("convmixer-")
+
+
+if run_as_a_command():
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, stop_now)

@@ -66,13 +66,19 @@ def jsonable(value):  # json.dumps' default= for numpy scalars and arrays
 
 def follow_umask(root) -> None:
     """Gives every folder under `root` the mode the umask gives new folders (TensorFlow
-    makes its own 0755 whatever the umask)."""
+    makes its own 0755 whatever the umask). A loop, not os.walk, which recurses once a
+    level; a folder that cannot be listed is skipped, as os.walk skips it."""
     mode = 0o777 & ~umask()
-    for folder, dirs, _ in os.walk(root):
-        for name in dirs:
-            path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                os.chmod(path, mode)
+    pending = [os.fspath(root)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                folders = [entry.path for entry in entries if entry.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for path in folders:
+            os.chmod(path, mode)
+        pending += folders
 
 
 def umask() -> int:

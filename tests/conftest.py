@@ -152,6 +152,57 @@ def once(tmp_path_factory, name, make):
     return folder
 
 
+def run_with_stdio(command, *, stdout="pipe", stderr="pipe", timeout=300, **popen):
+    """`command` run with its stdout and its stderr each a pipe, closed (as `>&-` and
+    `2>&-` leave them) or, for stdout, /dev/full (every write: ENOSPC): (exit code, what
+    the pipes received as text)."""
+    import subprocess
+
+    closed = [fd for fd, how in ((1, stdout), (2, stderr)) if how == "closed"]
+    given = {"pipe": subprocess.PIPE, "closed": None}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            command,
+            stdout=full if stdout == "full" else given[stdout],
+            stderr=given[stderr],
+            preexec_fn=lambda: [os.close(fd) for fd in closed],
+            timeout=timeout,
+            text=True,
+            **popen,
+        )
+    return done.returncode, done.stdout or "", done.stderr or ""
+
+
+@pytest.fixture
+def nested(tmp_path):
+    """`nested(depth)`: a folder `depth` levels below tmp_path/deep (a/a/...), made and, after
+    the test, removed level by level: os.makedirs and shutil.rmtree recurse, and pytest's
+    own clean-up would meet Python's recursion limit."""
+    made = []
+
+    def make(depth: int):
+        path = str(tmp_path / "deep")
+        os.mkdir(path)
+        made.append(path)
+        for _ in range(depth):
+            path = os.path.join(path, "a")
+            os.mkdir(path)
+            made.append(path)
+        return path
+
+    yield make
+    import shutil
+
+    for folder in reversed(made):
+        for name in set(os.listdir(folder)) - {"a"}:
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        os.rmdir(folder)
+
+
 def write_pngs(folder, images, names=None):
     """Raw RGB images as PNG files (lossless: the same pixels read back): the folder."""
     from PIL import Image

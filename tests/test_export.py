@@ -1,9 +1,10 @@
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
-from conftest import randomize_batchnorm
+from conftest import randomize_batchnorm, run_with_stdio
 
 import convmixer_tf
 from convmixer_tf import export as exporters
@@ -493,3 +494,31 @@ def test_quantised_rows_say_something_when_scores_tie():
     assert row[
         "top1_best_classes"
     ] == 2 and "on 50% of the images (a median of 2 of 1000)" in exporters.tie_note(row)
+
+
+@pytest.mark.slow  # three exports in fresh interpreters: about 30 s here
+@pytest.mark.parametrize(
+    "stdout, stderr, code",
+    [("closed", "pipe", 141), ("pipe", "closed", 0), ("full", "pipe", 2)],
+    ids=["stdout closed", "stderr closed", "stdout full"],
+)
+def test_the_export_s_table_meets_a_closed_or_full_stdout(tmp_path, tiny, stdout, stderr, code):
+    """The table of files is the export's result on stdout: closed, the export ends where it
+    prints it, quietly (141; it was exit 3); full, one error line, exit 2 (it was 120); a
+    closed stderr is silence, stdout holds the table alone and the exit code is 0 (it was
+    1). The output folder is complete and in place each time: the table comes after."""
+    tiny.save(tmp_path / "tiny.keras")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "convmixer_tf.export", "--model", str(tmp_path / "tiny.keras")]
+    command += ["--formats", "onnx", "--processes", "1", "--output", str(out)]
+    got, text, err = run_with_stdio(command, stdout=stdout, stderr=stderr)
+    assert got == code, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert sorted(os.listdir(out)) == ["RECORD", "export_report.json", "model.onnx"]
+    if stdout == "full":
+        assert err.splitlines()[-1] == (
+            "error: cannot write the results to stdout: No space left on device"
+        )
+    if stderr == "closed":
+        assert text.splitlines()[:2] == [f"wrote {out}", text.splitlines()[1]], text
+        assert text.splitlines()[1].split()[:2] == ["format", "file"], text

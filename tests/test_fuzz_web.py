@@ -49,7 +49,9 @@ TOKEN = st.from_regex(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,12}\Z")
 TEXT = st.binary(max_size=200).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
 WORD = TEXT.map(lambda b: b.replace(b" ", b""))
 METHODS = st.one_of(st.sampled_from(["GET", "HEAD", "POST", "PUT", "OPTIONS", "get"]), TOKEN)
-VERSIONS = st.sampled_from(["HTTP/1.1", "HTTP/1.0", "", "HTTP/2.0", "HTTP/1.x", "http/1.1"])
+VERSIONS = st.sampled_from(
+    ["HTTP/1.1", "HTTP/1.0", "HTTP/0.9", "", "HTTP/2.0", "HTTP/1.x", "http/1.1"]
+)
 PREFIXES = ["/", "//", "http://{here}/", "HTTP://{here}/", "http://evil.example/", "", "*"]
 TARGETS = st.one_of(
     st.tuples(
@@ -92,13 +94,14 @@ def rendered(request: dict, port: int) -> bytes:
 
 def proper(raw: bytes, port: int) -> bool:
     """Whether `raw` is a GET or HEAD of one of the site's names, addressed to the server
-    at 127.0.0.1:`port`, as HTTP/1.0 and HTTP/1.1 define it."""
+    at 127.0.0.1:`port`, as HTTP/1.0 and HTTP/1.1 define it (a request line naming HTTP/0.9
+    is answered as HTTP/1.0)."""
     lines = raw.decode("latin-1").split("\r\n")
     words = lines[0].split()
     if (
         len(words) != 3
         or words[0] not in ("GET", "HEAD")
-        or words[2] not in ("HTTP/1.0", "HTTP/1.1")
+        or words[2] not in ("HTTP/0.9", "HTTP/1.0", "HTTP/1.1")
     ):
         return False
     hosts = [

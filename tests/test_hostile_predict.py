@@ -4,17 +4,20 @@ each format, a model that gives NaN, control characters in names, a closed stdou
 classes, deep JSON and a zip bomb. Each row: the exit code and the one line promised, no
 traceback, no hang. The files are a tiny model's, made once for the module."""
 
+import base64
 import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
-from conftest import write_pngs
+from conftest import run_with_stdio, write_pngs
 
 from convmixer_tf.predict.__main__ import main
 
@@ -523,6 +526,51 @@ def test_a_name_that_is_not_utf8_is_shown_by_its_bytes(files, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == f"{folder}/\\xff.png"
 
 
+def _grey_png(path, width: int, height: int):
+    """A grey PNG of any size, row by row (zlib streams it): 80 KB for 8192 x 8192."""
+    packer = zlib.compressobj(9)
+    rows = [packer.compress(b"\0" + b"\x80" * width) for _ in range(height)]
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunks = [(b"IHDR", header), (b"IDAT", b"".join(rows) + packer.flush()), (b"IEND", b"")]
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        for kind, data in chunks:
+            crc = struct.pack(">I", zlib.crc32(kind + data))
+            f.write(struct.pack(">I", len(data)) + kind + data + crc)
+    return str(path)
+
+
+@pytest.mark.slow  # five decodes of 8192 x 8192: about 10 s here
+def test_the_loaders_decode_one_image_at_the_limit_at_a_time(files, tmp_path):
+    """Four images at the pixel limit take about what one takes: the two loader threads
+    decoded two at once (727 MB against 400 MB for one, measured here)."""
+    folder = tmp_path / "large"
+    folder.mkdir()
+    for i in range(4):
+        _grey_png(folder / f"{i}.png", 8192, 8192)
+    model = ["--model", str(files["ours"] / "model.onnx"), "--top-k", "1", "--quiet"]
+    code, _, err, one = _run([*model, str(folder / "0.png")])
+    assert code == 0, err
+    code, out, err, four = _run([*model, str(folder)])
+    assert code == 0 and out.count(".png") == 4, err
+    assert four < one + 128, (one, four)
+
+
+def test_json_gives_a_name_that_is_not_utf8_as_ls_shows_it_and_its_bytes(files, tmp_path, capsys):
+    """A lone surrogate escape (`\\udcff`) is not Unicode: strict parsers refuse it, and jq
+    turns it into U+FFFD. The name is the text `ls -b` shows, its bytes in base64 beside it."""
+    folder = tmp_path / "photos"
+    write_pngs(folder, np.zeros((2, 40, 40, 3)), names=["caf\xe9.png", "n.png"])
+    os.rename(folder / "n.png", os.path.join(os.fsencode(folder), b"n\xff\\.png"))
+    assert main(["--model", str(files["ours"] / "model.onnx"), str(folder), "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and not any("\\ud" in line for line in lines), lines
+    rows = sorted((json.loads(line) for line in lines), key=lambda row: row["image"])
+    assert rows[0]["image"] == f"{folder}/caf\xe9.png" and "image_base64" not in rows[0]
+    assert rows[1]["image"] == f"{folder}/n\\xff\\\\.png"
+    assert base64.b64decode(rows[1]["image_base64"]) == os.fsencode(folder) + b"/n\xff\\.png"
+
+
 @pytest.mark.parametrize("flags", [[], ["--json"]])
 def test_a_closed_stdout_is_a_quiet_end(files, flags):
     """`predict ... | head -1`, the reader gone before the first line: exit 141 (what a shell
@@ -547,3 +595,46 @@ def test_a_closed_stdout_is_a_quiet_end(files, flags):
         _, err = process.communicate(timeout=120)
     assert process.returncode == 141, err
     assert "Broken pipe" not in err and "Exception" not in err and "error" not in err, err
+
+
+def _predict(files, *args):
+    command = [sys.executable, "-m", "convmixer_tf.predict", "--model"]
+    return [*command, str(files["ours"] / "model.onnx"), files["images"], *args]
+
+
+def test_stdout_closed_before_the_start_is_a_reader_already_gone(files):
+    """`predict ... >&-`: the first result ends the run, quietly, as `| head -0` would (141);
+    it used to end in an AttributeError's traceback (exit 3)."""
+    code, _, err = run_with_stdio(_predict(files), stdout="closed", env=ENV)
+    assert code == 141, err
+    assert "Traceback" not in err and "error" not in err, err
+
+
+@pytest.mark.parametrize("bad", [False, True], ids=["all classified", "one unreadable"])
+def test_stderr_closed_is_silence_and_the_exit_code_tells(files, tmp_path, bad):
+    """`predict --json ... 2>&-`: stdout holds the JSON lines and nothing else (no progress,
+    warning or error line falls back to it), and the exit code is the run's own: 0 when
+    every image was classified (it was 1: the console's flush failed), 1 when one was not."""
+    images = [files["images"], *([str(_copy_bytes(tmp_path / "bad.png", b"not a png"))] * bad)]
+    command = _predict(files, "--json")
+    command[-2:-1] = images
+    code, out, _ = run_with_stdio(command, stderr="closed", env=ENV)
+    assert code == int(bad)
+    lines = out.splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["top"] for line in lines), out
+
+
+def test_stdout_on_a_full_disk_is_exit_2_in_one_line(files):
+    """`predict ... > /dev/full`: the error says so, and the exit code stays 2 (Python's own
+    flush at exit made it 120)."""
+    code, _, err = run_with_stdio(_predict(files), stdout="full", env=ENV)
+    assert code == 2, err
+    assert err.splitlines()[-1] == (
+        "error: cannot write the results to stdout: No space left on device"
+    ), err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def _copy_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path

@@ -7,6 +7,7 @@ command itself, serving as a user runs it; bad hosts and ports give their own ad
 import contextlib
 import errno
 import http.client
+import os
 import signal
 import socket
 import socketserver
@@ -17,6 +18,7 @@ import time
 import urllib.parse
 
 import pytest
+from conftest import run_with_stdio
 
 from convmixer_tf.web import CSP, Site
 from convmixer_tf.web.__main__ import main
@@ -125,6 +127,19 @@ ROWS = [
     ("99 headers", request(headers=[f"X-{i}: {i}" for i in range(98)]), 200),
     # protocol versions
     ("HTTP/0.9", "GET /\r\n\r\n", 400),
+    # HTTP/0.9 named on the request line: http.server would answer with no status line and
+    # no headers at all, an error as much as a page
+    ("HTTP/0.9 named", request(version="HTTP/0.9"), 200),
+    ("HTTP/0.9 named, HEAD", request(method="HEAD", version="HTTP/0.9"), 200),
+    ("HTTP/0.9 named, not found", request("/setup.cfg", version="HTTP/0.9"), 404),
+    ("HTTP/0.9 named, evil host", request(host="evil.example", version="HTTP/0.9"), 421),
+    ("HTTP/0.9 named, no host", request(host=None, version="HTTP/0.9"), 400),
+    ("HTTP/0.9 named, POST", request(method="POST", version="HTTP/0.9"), 501),
+    (
+        "HTTP/0.9 named, 101 headers",
+        request(version="HTTP/0.9", headers=[f"X-{i}: {i}" for i in range(101)]),
+        431,
+    ),
     ("HTTP/0.9 POST", "POST /\r\n\r\n", 400),
     ("HTTP/1.0 without Host", request(host=None, version="HTTP/1.0"), 400),
     ("HTTP/1.0 with Host", request(version="HTTP/1.0"), 200),
@@ -311,3 +326,63 @@ def test_a_model_path_reaches_the_log_escaped(exported, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert "page\\n\\x1b]0;pwned\\x07.tflite" in done.stderr
+
+
+def test_the_model_served_is_the_file_checked_whatever_is_put_at_its_path(exported, tmp_path):
+    """The page's model.tflite is the file the command checked when it started, as its
+    config describes it: a FIFO put at its path later is never opened (it would hold the
+    request forever), another file put there is not served, and the file itself changed
+    in place (as `cp` writes) is no longer served at all."""
+    model = tmp_path / "swap.tflite"
+    original = (exported / "model_int8.tflite").read_bytes()
+    model.write_bytes(original)
+    with serving("--model", str(model)) as (_, port):
+        get = fill(request("/model.tflite"), port).encode()
+        assert exchange(get, port)[::2] == (200, original)
+        os.remove(model)
+        os.mkfifo(model)
+        assert exchange(get, port)[::2] == (200, original)
+        os.remove(model)
+        model.write_bytes((exported / "model.tflite").read_bytes())
+        assert exchange(get, port)[::2] == (200, original)
+    model.write_bytes(original)
+    with serving("--model", str(model)) as (_, port):
+        with open(model, "r+b") as f:
+            f.write(b"TFL3")
+        status, headers, _ = exchange(fill(request("/model.tflite"), port).encode(), port)
+        assert (status, headers["X-Content-Type-Options"]) == (404, "nosniff")
+
+
+@pytest.mark.parametrize(
+    "stdout, stderr",
+    [("closed", "pipe"), ("pipe", "closed"), ("full", "pipe")],
+    ids=["stdout closed", "stderr closed", "stdout full"],
+)
+def test_web_output_prints_no_result_so_stdout_and_stderr_never_fail_it(
+    exported, tmp_path, stdout, stderr
+):
+    """`web --output` prints nothing on stdout: a closed or full stdout changes nothing (a
+    closed one was exit 3); a closed stderr is silence, and the exit code tells (the
+    progress line fell back to stdout, then the console's flush made it exit 1)."""
+    command = [sys.executable, "-m", "convmixer_tf.web", "--model"]
+    command += [str(exported / "model_int8.tflite"), "--output", str(tmp_path / "site")]
+    code, out, err = run_with_stdio(command, stdout=stdout, stderr=stderr)
+    assert (code, out) == (0, ""), err
+    assert "Traceback" not in err
+    assert (tmp_path / "site" / "model.tflite").read_bytes() == (
+        exported / "model_int8.tflite"
+    ).read_bytes()
+    code, out, err = run_with_stdio(command, stdout=stdout, stderr=stderr)  # exists: exit 2
+    assert (code, out) == (2, ""), err
+    assert err in ("", f"error: output {tmp_path / 'site'} exists; pass --force to replace it\n")
+
+
+def test_serving_with_stdout_closed_ends_at_its_address_line(exported):
+    """The address is the serving command's one result: with stdout closed it ends there,
+    quietly, as any command whose reader went away (141)."""
+    command = [sys.executable, "-m", "convmixer_tf.web", "--port", "0", "--model"]
+    code, _, err = run_with_stdio(
+        [*command, str(exported / "model_int8.tflite")], stdout="closed", timeout=60
+    )
+    assert code == 141, err
+    assert "Traceback" not in err and "error" not in err, err

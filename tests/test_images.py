@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from convmixer_tf.config import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from convmixer_tf.decoding import MAX_HELD_BYTES, MAX_PIXELS
 from convmixer_tf.errors import BadInput
-from convmixer_tf.images import MAX_PIXELS, decoded, eval_transform, list_images, load_image
+from convmixer_tf.images import decoded, eval_transform, list_images, load_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = Preprocessing(input_size=32, crop_pct=0.875)
@@ -46,6 +47,34 @@ def _png(width: int, height: int, *, depth: int = 8, rows=None) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)
     body = _chunk(b"IDAT", b"".join(parts) + packer.flush())
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + body + _chunk(b"IEND", b"")
+
+
+@functools.lru_cache(maxsize=None)
+def _thin_png(height: int) -> bytes:
+    """A grey PNG one pixel wide: its rows of two bytes compress to almost nothing (130 KB
+    for 67,108,864 of them), and PIL holds a pointer for each."""
+    header = struct.pack(">IIBBBBB", 1, height, 8, 0, 0, 0, 0)
+    body = _chunk(b"IDAT", zlib.compress(b"\0\x80" * height, 9))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + body + _chunk(b"IEND", b"")
+
+
+def _sof_lie(width: int, height: int) -> bytes:
+    """A 16 x 16 JPEG whose frame header (SOF0) claims `width` x `height`: libjpeg reads the
+    few blocks there are, meets the end, and fills the rest with grey, warning only."""
+    from PIL import Image
+
+    data = bytearray(_saved(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG"))
+    at = data.index(b"\xff\xc0") + 5
+    data[at : at + 4] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _flat_jpeg(**options) -> bytes:
+    """4096 x 4096 of one grey, Huffman tables optimised: 2 bits a block, the least any
+    real JPEG holds."""
+    from PIL import Image
+
+    return _saved(Image.new("L", (4096, 4096), 0), "JPEG", optimize=True, **options)
 
 
 def _photo(width=64, height=48, seed=0) -> np.ndarray:
@@ -169,6 +198,10 @@ def _row(name, make, expected, crop_pct=None):
 
 IMAGE = "image"
 LIMIT = rf"pixels: more than the {MAX_PIXELS} decoded at most$"
+ROWS = (
+    rf"^1 x 67108864 pixels: 805306368 bytes as PIL holds them \(4 a pixel, 8 a row\), "
+    rf"more than the {MAX_HELD_BYTES} decoded at most$"
+)
 NOT_OURS = r"^not a JPEG, PNG, GIF, BMP or WebP image \(it starts with "
 # how to make the file in a folder, what load_image gives (IMAGE, or a pattern of BadInput's
 # message) and the crop_pct it runs with (SMALL's when None)
@@ -179,6 +212,9 @@ HOSTILE = [
     _row("png 200000 x 1", _file(lambda: _png(200000, 1, rows=lambda y: b"\xc8" * 200000)), IMAGE),
     _row("png 1000000 x 1", _file(lambda: _png(1000000, 1)), IMAGE),
     _row("png 1 x 1000000", _file(lambda: _png(1, 1000000)), IMAGE),
+    # PIL holds 8 bytes a row beside 4 a pixel: at MAX_PIXELS, this one took 1.4 GB
+    _row("png 1 x 67108864", _file(lambda: _thin_png(1 << 26)), ROWS),
+    _row("png 1 x 4194304", _file(lambda: _thin_png(1 << 22)), IMAGE),
     _row("crop_pct 1e-6", _file(lambda: _saved(_photo(), "PNG")), IMAGE, crop_pct=1e-6),
     _row("animated gif", _file(lambda: _animation("GIF")), IMAGE),
     _row("animated webp", _file(lambda: _animation("WEBP", lossless=True)), IMAGE),
@@ -213,11 +249,22 @@ HOSTILE = [
     _row("palette png with transparency", _file(_palette_with_transparency), IMAGE),
     _row("1 x 1", _file(lambda: _saved(np.full((1, 1, 3), 7, np.uint8), "PNG")), IMAGE),
     _row("jpeg 8200 x 8200", _file(_big_jpeg), IMAGE),
+    _row(
+        "jpeg claiming 65500 x 65500 over 16 x 16",
+        _file(lambda: _sof_lie(65500, 65500)),
+        r"^truncated or damaged JPEG file: its \d+ bytes cannot hold the 67043344 blocks of "
+        r"65500 x 65500 pixels \(a bit a block at least\)$",
+    ),
+    # a lie its bytes could hold is not told from a picture: small, and grey where data ends
+    _row("jpeg claiming 64 x 64 over 16 x 16", _file(lambda: _sof_lie(64, 64)), IMAGE),
+    _row("jpeg 4096 x 4096 of one grey", _file(_flat_jpeg), IMAGE),
+    _row("progressive jpeg of one grey", _file(lambda: _flat_jpeg(progressive=True)), IMAGE),
     _row("progressive jpeg", _file(lambda: _big_jpeg(progressive=True)), "^8200 x 8200 " + LIMIT),
 ]
 # The pixels some rows must give (raw RGB, the whole crop).
 PIXELS = {
     "png 200000 x 1": (200, 200, 200),
+    "png 1 x 4194304": (128, 128, 128),
     "jpeg 8200 x 8200": (127, 127, 127),  # the middle of a left-to-right ramp
     "cmyk jpeg": (255, 0, 255),  # no cyan, full magenta: PIL's naive conversion
     "16-bit png": (128, 128, 128),  # 0x8000 of 0xffff, not clipped to white
@@ -296,6 +343,44 @@ def test_a_hostile_file_gives_an_image_or_bad_input_in_bounded_memory(
         assert re.search(expected, got.get("error", "")), got
 
 
+@pytest.mark.parametrize("budget, most", [(20_000, 1), (10**9, 2)])
+def test_images_decoded_at_once_hold_no_more_than_one_at_the_limit(
+    tmp_path, monkeypatch, budget, most
+):
+    """Two threads load images (predict's loaders): while what the images being decoded hold
+    together would pass MAX_HELD_BYTES, a decode waits for the other (two at the limit took
+    twice the memory of one); under it, both run."""
+    import threading
+    import time
+
+    from convmixer_tf import decoding
+
+    decode, inside, seen = decoding.rgb, [], []
+    lock = threading.Lock()
+
+    def watched(image):
+        with lock:
+            inside.append(image)
+            seen.append(len(inside))
+        time.sleep(0.05)
+        with lock:
+            inside.remove(image)
+        return decode(image)
+
+    monkeypatch.setattr(decoding, "MAX_HELD_BYTES", budget)  # a 64 x 48 image holds 12,672
+    monkeypatch.setattr(decoding, "rgb", watched)
+    paths = [_write(tmp_path / f"{i}.png", _saved(_photo(seed=i), "PNG")) for i in range(6)]
+    threads = [
+        threading.Thread(target=lambda part=paths[i::2]: [load_image(p, SMALL) for p in part])
+        for i in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert max(seen) == most and len(seen) == 6
+
+
 def test_an_animation_gives_its_first_frame_and_decodes_no_other(monkeypatch):
     from PIL import GifImagePlugin, WebPImagePlugin
 
@@ -364,7 +449,7 @@ def test_the_crop_alone_is_timm_s_resize_then_crop(width, height, size, crop_pct
     on the border of two pixels may take either."""
     from PIL import Image
 
-    from convmixer_tf import images
+    from convmixer_tf import decoding, images
 
     pre = Preprocessing(input_size=size, crop_pct=crop_pct, interpolation=interpolation)
     crop = pre.eval_crop(width, height)
@@ -373,11 +458,11 @@ def test_the_crop_alone_is_timm_s_resize_then_crop(width, height, size, crop_pct
     assert 0 <= left < right <= width and 0 <= top < bottom <= height
     image = Image.fromarray(_photo(width, height))
     whole = images._transformed(image, pre)
-    old, images.MAX_PIXELS = images.MAX_PIXELS, 0
+    old, decoding.MAX_PIXELS = decoding.MAX_PIXELS, 0
     try:
         alone = images._transformed(image, pre)
     finally:
-        images.MAX_PIXELS = old
+        decoding.MAX_PIXELS = old
     assert np.abs(whole.astype(int) - alone).max() <= 3
 
 
@@ -517,6 +602,27 @@ def test_a_folder_lists_regular_image_files_only_any_name(tmp_path):
     assert names == ["a.png", os.fsdecode(b"caf\xe9 \xff.png"), os.path.join("sub.jpg", "b.JPG")]
     for path in found:
         assert load_image(path, SMALL).shape == (32, 32, 3)
+
+
+def test_a_folder_nested_past_python_s_recursion_limit_is_listed(tmp_path, nested):
+    """os.walk recursed once a level (RecursionError, exit 3, at 1,500 levels)."""
+    deepest = nested(1500)
+    images = [os.path.join(deepest, "x.png"), os.path.join(os.path.dirname(deepest), "y.png")]
+    for path in images:
+        _write(path, _saved(_photo(), "PNG"))
+    assert list_images(tmp_path / "deep") == sorted(images)
+
+
+def test_a_training_class_nested_past_python_s_recursion_limit_is_read(tmp_path, nested):
+    from convmixer_tf.data import open_dataset
+
+    deepest = nested(1500)
+    root = str(tmp_path / "deep")
+    os.mkdir(os.path.join(root, "b"))
+    _write(os.path.join(deepest, "x.png"), _saved(_photo(), "PNG"))
+    _write(os.path.join(root, "b", "y.png"), _saved(_photo(), "PNG"))
+    source = open_dataset(data_dir=root, val_fraction=0.0)
+    assert source.class_names == ["a", "b"] and source.train_size == 2
 
 
 LIST = """

@@ -334,3 +334,42 @@ def test_a_command_keeps_its_temporary_files_in_one_folder_and_restores_the_envi
     with temporaries.environment(TMPDIR="elsewhere", OTHER="x"):
         assert os.environ["TMPDIR"] == "elsewhere"
     assert "TMPDIR" not in os.environ and "OTHER" not in os.environ
+
+
+@pytest.mark.parametrize(
+    "moment, signum",
+    [
+        ("numpy", signal.SIGINT),
+        ("convmixer_tf.contract", signal.SIGINT),
+        ("convmixer_tf.predict", signal.SIGINT),
+        ("convmixer_tf.config", signal.SIGTERM),
+    ],
+)
+def test_a_signal_while_a_command_still_imports_is_its_exit_code_in_one_line(
+    tiny_model, moment, signum
+):
+    """Start-up included: a signal while the command's modules are still being imported,
+    before `cli.run_command` sets its handler, is 128 + the signal and `error: interrupted`
+    (it was a KeyboardInterrupt traceback and exit 1 or death by SIGINT; death by SIGTERM).
+    The moment is the line `python -X importtime` writes when that module has loaded."""
+    image = os.path.join(os.path.dirname(tiny_model), "x.png")
+    if not os.path.exists(image):
+        from PIL import Image
+
+        Image.new("RGB", (40, 40)).save(image)
+    command = [sys.executable, "-X", "importtime", "-m", "convmixer_tf.predict"]
+    with subprocess.Popen(
+        [*command, "--model", str(tiny_model), image],
+        env=dict(os.environ, PYTHONPATH=REPO),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    ) as proc:
+        for line in proc.stderr:
+            if line.startswith("import time:") and line.split("|")[-1].strip() == moment:
+                proc.send_signal(signum)
+                break
+        said = [line for line in proc.stderr if not line.startswith("import time:")]
+    assert proc.returncode == 128 + signum, said
+    assert said == ["error: interrupted\n"]

@@ -714,6 +714,19 @@ def test_labels_without_their_bom_and_duplicates_when_asked(tmp_path, tiny_keras
 # ---------------------------------------------------------------- 12. file modes
 
 
+def test_folders_nested_past_python_s_recursion_limit_follow_the_umask(tmp_path, nested):
+    """outputs.follow_umask walked with os.walk, which recursed once a level."""
+    deepest = nested(1500)
+    for path in (deepest, os.path.dirname(deepest)):
+        os.chmod(path, 0o700)
+    previous = os.umask(0o002)
+    try:
+        outputs.follow_umask(tmp_path / "deep")
+    finally:
+        os.umask(previous)
+    assert {os.stat(p).st_mode & 0o777 for p in (deepest, os.path.dirname(deepest))} == {0o775}
+
+
 def test_written_files_and_folders_follow_the_umask(tmp_path, checkpoint):
     # 002, not the usual 022: TensorFlow makes its folders 0755 whatever the umask, which 022 would hide.
     previous = os.umask(0o002)

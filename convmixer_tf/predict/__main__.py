@@ -11,7 +11,9 @@ named on stderr; the others are classified), 2 bad arguments or model, 3 interna
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import sys
 import time
 
@@ -28,6 +30,8 @@ transform. Scores are probabilities.
 
 --json prints one JSON object per image on stdout:
   {"image": PATH, "top": [{"name": NAME, "score": PROBABILITY}, ...]}
+A PATH that is not UTF-8 is shown as `ls -b` shows it (\\xff for the byte 0xff, \\\\ for
+a backslash), and "image_base64" beside it holds its bytes.
 """
 
 
@@ -112,9 +116,22 @@ def _above(bar, line: str, stream) -> None:
 
 def _shown(result, as_json: bool) -> str:
     if as_json:  # ASCII, every control character escaped; no NaN (strict parsers refuse it)
-        return json.dumps(result.to_dict(), allow_nan=False)
+        return json.dumps(_json(result), allow_nan=False)
     rows = [f"  {score:7.2%}  {name}" for name, score in result.top]
     return "\n".join([cli.escaped(result.image), *rows])
+
+
+def _json(result) -> dict:
+    """The JSON object of `result`. A name that is not UTF-8 (the file system's bytes, held
+    in a str as lone surrogates, which are not Unicode: strict parsers refuse them) is the
+    text `ls -b` shows (`\\xff`), with its bytes in base64 as `image_base64`."""
+    fields = result.to_dict()
+    try:
+        result.image.encode("utf-8")
+    except UnicodeEncodeError:
+        fields["image"] = cli.escaped(result.image)
+        fields["image_base64"] = base64.b64encode(os.fsencode(result.image)).decode("ascii")
+    return fields
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def _web(args, log) -> int:
 
     site = Site.build(args.model, args.mediapipe)
     config = site.config
-    model = site.files[MODEL]
+    model = site.files[MODEL].path
     # the name is one printable line (the facts' rule); the path is the user's, shown escaped
     source = cli.escaped(model)
     shown = f"{config['name']} ({config['classes']} classes, {config['size']} px) from {source}"
@@ -136,7 +136,7 @@ def _serve(site, args, log, shown) -> int:
             f"from another device: {where} (no camera there: browsers allow it on https or localhost only)"
         )
     local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    print(f"http://{url_host(local)}:{port}/", flush=True)
+    cli.print_result(f"http://{url_host(local)}:{port}/")
     # A server has nothing to lose on Ctrl-C: it ends the serving, exit 0.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

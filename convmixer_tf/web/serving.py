@@ -153,6 +153,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     host_name: Optional[str]  # --host, where it is a name and not an address
     default_request_version = "HTTP/1.0"  # never answer as HTTP/0.9, which has no headers
     timeout = TIMEOUT_S
+    _version = default_request_version
+
+    @property
+    def request_version(self) -> str:
+        return self._version
+
+    @request_version.setter
+    def request_version(self, version: str) -> None:
+        # http.server sends no status line and no headers (so no CSP, no nosniff) when the
+        # request line names HTTP/0.9, whatever the status: every such request is answered
+        # as the HTTP/1.0 one it otherwise is, errors found while parsing it included.
+        self._version = "HTTP/1.0" if version == "HTTP/0.9" else version
 
     def version_string(self):
         return "convmixer-web"
@@ -202,8 +214,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name = self.path.split("?", 1)[0].split("#", 1)[0][1:] or "index.html"
         try:
             data = self.site.open(name)
-        except (KeyError, OSError):  # OSError: the file went away while serving
+        except KeyError:
             self.send_error(404, "not part of this page")
+            return
+        except OSError:  # gone, no longer a regular file, or changed since it was checked
+            self.send_error(404, "no longer the file this command started with")
             return
         with data:
             size = data.seek(0, os.SEEK_END)
