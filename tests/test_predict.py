@@ -21,7 +21,7 @@ from convmixer_tf.predict.__main__ import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELD_OUT = 200  # held-out digits each file classifies
-FILES = ["model.keras", *(fmt.filename for fmt in registry.BUILT_IN)]
+FILES = ["model.keras", *(fmt.filename for fmt in registry.FORMATS)]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def scores(trained, exported, held_out):
 
 @pytest.mark.parametrize("name", FILES[1:])
 def test_every_file_agrees_with_model_keras_on_held_out_digits(scores, held_out, name):
-    fmt = {f.filename: f for f in registry.BUILT_IN}[name]
+    fmt = {f.filename: f for f in registry.FORMATS}[name]
     keras, file = scores["model.keras"], scores[name]
     agreement = np.mean(file.argmax(1) == keras.argmax(1))
     if fmt.tolerance is None:  # quantised

@@ -146,9 +146,8 @@ def convert_and_verify(
     """
     from convmixer_tf.labels import read_labels
 
-    exports = [
-        fmt.name for fmt in registry.resolve(options.export.formats)
-    ]  # checked before any work
+    # the formats are checked before any work
+    exports = [fmt.name for fmt in registry.resolve(options.export.formats)]
     class_names = None
     if options.labels:
         class_names = read_labels(options.labels, options.allow_duplicate_labels)

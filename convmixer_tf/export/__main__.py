@@ -74,8 +74,10 @@ def add_export_options(group, *, flag: str = "--formats", default=DEFAULT_FORMAT
     )
     group.add_argument(
         "--quantize",
-        choices=[fmt.quantize for fmt in registry.FORMATS if fmt.quantize],
-        help="also write this quantised TFLite file",
+        choices=[
+            name.removeprefix("tflite_") for name in registry.names() if name.startswith("tflite_")
+        ],
+        help="also write this quantised TFLite file (--quantize int8 adds tflite_int8)",
     )
     group.add_argument(
         "--calibration-data",

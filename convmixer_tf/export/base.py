@@ -38,9 +38,6 @@ class ExportFormat:
         calibrated: it needs calibration images.
         describe: `describe(path, check)` -> what its report row adds (`verify.Check`); a
             "problem" in it fails the file.
-        recognises: `recognises(path)` -> True for a file of this format, where the end of
-            its name does not tell (`registry.find`): a SavedModel is a folder.
-        quantize: the value of the export CLI's --quantize that adds this format.
         group: formats that share work (a traced graph, a converted file) are written by
             one process when the formats of a run are written in parallel.
         facts: `facts(path)` -> the `ModelInfo` a file of this format carries (what
@@ -57,8 +54,6 @@ class ExportFormat:
     aliases: tuple = ()
     calibrated: bool = False
     describe: Optional[Callable] = None
-    recognises: Optional[Callable] = None
-    quantize: Optional[str] = None
     group: str = "main"
     facts: Optional[Callable] = None
 

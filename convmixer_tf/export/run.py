@@ -162,9 +162,7 @@ def _write(chosen, job: ExportJob, directory, held_out, reference, *, options, l
     other here."""
     groups = {}
     for fmt in chosen:
-        # a worker knows the built-in formats only
-        group = fmt.group if fmt in registry.BUILT_IN else "main"
-        groups.setdefault(group, []).append(fmt)
+        groups.setdefault(fmt.group, []).append(fmt)
     # this process: the main group
     groups = dict(sorted(groups.items(), key=lambda item: item[0] != "main"))
     if options.processes:

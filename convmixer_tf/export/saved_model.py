@@ -49,6 +49,11 @@ def export_saved_model(model, path, *, info=None) -> str:
     return os.fspath(path)
 
 
+def is_saved_model(path) -> bool:
+    """A SavedModel is a folder, of any name, that holds saved_model.pb."""
+    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
 def read_facts(path):
     """The facts a SavedModel carries (its asset), or None."""
     data = contract.facts_file(os.path.join(os.fspath(path), "assets", INFO_MEMBER))
@@ -108,14 +113,17 @@ def _past_identities(nodes: dict, name: str):
     return node
 
 
+def _write(job, path):
+    return export_saved_model(job.model, path, info=job.info)
+
+
 FORMAT = ExportFormat(
     name="saved_model",
     filename="saved_model",
     aliases=("savedmodel",),
     summary="TensorFlow SavedModel, signature serving_default: images -> logits, dynamic batch",
-    write=lambda job, path: export_saved_model(job.model, path, info=job.info),
+    write=_write,
     load=SavedModelRunner,
     tolerance=1e-4,
-    recognises=lambda path: os.path.isfile(os.path.join(path, "saved_model.pb")),
     facts=read_facts,
 )

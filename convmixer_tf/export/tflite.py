@@ -11,6 +11,7 @@ converter's float16 quantisation writes), made from it without a second conversi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Callable, Iterable, Optional
@@ -282,21 +283,18 @@ class TFLiteRunner:
         return y
 
 
-def _writer(quantization):
-    def write(job, path):
-        _check(job.model, quantization, job.calibration_samples)
-        layout = _tiling(job.info, quantization)
-        traced = job.shared(
-            ("tflite", layout), lambda: trace(job.model, job.info, layout, output=job.tflite_output)
+def _write(job, path, *, quantization):
+    _check(job.model, quantization, job.calibration_samples)
+    layout = _tiling(job.info, quantization)
+    traced = job.shared(
+        ("tflite", layout), lambda: trace(job.model, job.info, layout, output=job.tflite_output)
+    )
+    if quantization in (None, "float16"):  # one float32 conversion for both files
+        float32 = job.shared(("tflite", layout, None), lambda: convert(traced))
+        return write_file(
+            path, traced, float32 if quantization is None else float16_weights(float32)
         )
-        if quantization in (None, "float16"):  # one float32 conversion for both files
-            float32 = job.shared(("tflite", layout, None), lambda: convert(traced))
-            return write_file(
-                path, traced, float32 if quantization is None else float16_weights(float32)
-            )
-        return write_file(path, traced, convert(traced, quantization, job.calibration_samples))
-
-    return write
+    return write_file(path, traced, convert(traced, quantization, job.calibration_samples))
 
 
 def _describe(path, check=None) -> dict:
@@ -346,19 +344,18 @@ def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()
         name=name,
         filename=filename,
         summary=summary,
-        write=_writer(quantization),
+        write=functools.partial(_write, quantization=quantization),
         load=TFLiteRunner,
         tolerance=tolerance,
         aliases=aliases,
         calibrated=quantization == "int8",
         describe=_describe,
-        quantize=quantization,
         group=GROUPS[quantization],
         facts=packed_facts,
     )
 
 
-FORMATS = [
+FORMATS = (
     _format(
         "tflite",
         "model.tflite",
@@ -387,4 +384,4 @@ FORMATS = [
         "int8",
         "TFLite full integer: int8 weights and activations, uint8 raw-RGB input (calibrated)",
     ),
-]
+)

@@ -12,7 +12,7 @@ import numpy as np
 
 from convmixer_tf import contract
 from convmixer_tf.export import registry
-from convmixer_tf.export.base import ExportError, ExportJob
+from convmixer_tf.export.base import ExportError, ExportFormat, ExportJob
 from convmixer_tf.export.scores import agreement, allowed, as_output
 
 
@@ -23,9 +23,9 @@ class Runner:
         kind: its format name; output: "logits" or "probabilities".
     """
 
-    def __init__(self, path, threads: int = 2, name: Optional[str] = None):
+    def __init__(self, path, threads: int = 2, *, fmt: Optional[ExportFormat] = None):
         self.path = os.fspath(path)
-        self.format = registry.get(name) if name is not None else registry.find(self.path)[1]
+        self.format = fmt or registry.find(self.path)[1]
         self.kind = self.format.name
         self._run = self.format.load(self.path, threads)
         self.output = getattr(self._run, "output", "logits")
@@ -128,7 +128,7 @@ def write_and_check(formats, job: ExportJob, directory, held_out, reference, *, 
         log(f"  {fmt.name} -> {fmt.filename}")
         start = time.perf_counter()
         fmt.write(job, path)
-        runner = Runner(path, name=fmt.name)
+        runner = Runner(path, fmt=fmt)
         row = compare(
             Check(runner, job.model, held_out, fmt.tolerance, job.info, job.shared), reference
         )
