@@ -12,8 +12,8 @@ from convmixer_tf.config import (
     get_variant,
     list_variants,
 )
-from convmixer_tf.contract import ModelInfo, info_of
 from convmixer_tf.factory import create_model
+from convmixer_tf.facts import Facts, facts_of
 from convmixer_tf.model import ConvMixer, build, config_from_model, rebuild
 from convmixer_tf.saving import load_model, save_model
 from convmixer_tf.version import __version__
@@ -22,7 +22,7 @@ __all__ = [
     "VARIANTS",
     "ConvMixer",
     "ConvMixerConfig",
-    "ModelInfo",
+    "Facts",
     "Preprocessing",
     "Variant",
     "__version__",
@@ -30,7 +30,7 @@ __all__ = [
     "config_from_model",
     "create_model",
     "get_variant",
-    "info_of",
+    "facts_of",
     "list_variants",
     "load_model",
     "rebuild",

@@ -12,9 +12,10 @@ import pytest
 from conftest import randomize_batchnorm
 
 import convmixer_tf
-from convmixer_tf import contract, saving
 from convmixer_tf import export as exporters
+from convmixer_tf import saving
 from convmixer_tf.export import keras_file, registry
+from convmixer_tf.facts import FACTS_FILE, attach, facts_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ COPY = registry.ExportFormat(
     load=keras_file.KerasRunner,
     tolerance=1e-6,
     describe=where_checked,
-    facts=saving.stored_info,
+    facts=saving.stored_facts,
 )
 
 
@@ -72,13 +73,13 @@ def test_a_new_format_follows_the_recipe(tmp_path, monkeypatch):
         assert row["format"] == "keras_copy" and row["passed"] and row["max_abs"] <= 1e-6
         assert row["pid"] == os.getpid() and os.listdir(out) == ["model_copy.keras"]
     x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
-    pre = convmixer_tf.info_of(model).preprocessing
+    pre = convmixer_tf.facts_of(model).preprocessing
     reference = convmixer_tf.rebuild(model, preprocessing=(pre.mean, pre.std))
     # recognised from the file's name
     row = exporters.verify(out / "model_copy.keras", reference, x, tolerance=1e-6)
     assert row["format"] == "keras_copy" and row["passed"]
     opened = open_model(out / "model_copy.keras")
-    assert opened.kind == "keras_copy" and opened.info == convmixer_tf.info_of(reference)
+    assert opened.kind == "keras_copy" and opened.facts == convmixer_tf.facts_of(reference)
 
 
 def test_the_documented_format_table_is_the_list_of_formats():
@@ -146,11 +147,11 @@ def test_model_facts_travel_inside_the_keras_file(tmp_path):
         "convmixer_256_8", input_shape=(32, 32, 3), include_preprocessing=True
     )
     names = tuple(f"class {i}" for i in range(10))
-    info = contract.info_of(model).replace(class_names=names)
-    assert info.preprocessing.crop_pct == 1.0 and info.variant == "convmixer_256_8"
-    path = saving.save_model(model, tmp_path / "m.keras", info)
+    facts = facts_of(model).replace(class_names=names)
+    assert facts.preprocessing.crop_pct == 1.0 and facts.variant == "convmixer_256_8"
+    path = saving.save_model(attach(model, facts), tmp_path / "m.keras")
     loaded = saving.load_model(path)
-    assert contract.info_of(loaded) == info
+    assert facts_of(loaded) == facts
     # A headless model says so instead of pretending to have 1000 classes.
     features = convmixer_tf.ConvMixer(
         dim=8, depth=1, kernel_size=3, patch_size=2, include_top=False
@@ -163,7 +164,7 @@ def test_model_facts_travel_inside_the_keras_file(tmp_path):
         == 0
     )
     with pytest.raises(ValueError, match="3 class names for a model with 10 classes"):
-        info.replace(class_names=("a", "b", "c"))
+        facts.replace(class_names=("a", "b", "c"))
     # Plain Keras, in a process that never imports us, still loads the file.
     script = (
         "import sys, keras; m = keras.models.load_model(sys.argv[1]); "
@@ -178,7 +179,7 @@ def test_model_facts_travel_inside_the_keras_file(tmp_path):
         env=dict(os.environ, PYTHONPATH=""),
     )
     assert proc.returncode == 0 and "(None, 10)" in proc.stdout, proc.stderr[-2000:]
-    stored = json.loads(__import__("zipfile").ZipFile(path).read(contract.INFO_MEMBER))
+    stored = json.loads(__import__("zipfile").ZipFile(path).read(FACTS_FILE))
     assert stored["class_names"] == list(names) and stored["config"]["dim"] == 256
 
 
@@ -412,7 +413,7 @@ def test_the_normalisation_has_one_definition(tmp_path):
     np.testing.assert_allclose(
         raw * graph.pre.scale + graph.pre.shift, expected, rtol=1e-5, atol=1e-5
     )
-    info = convmixer_tf.info_of(model).replace(raw_rgb=False)
+    info = convmixer_tf.facts_of(model).replace(raw_rgb=False)
     meta = tflite.file_metadata(info, 16)
     np.testing.assert_allclose(
         (raw - np.array(meta.mean)) / np.array(meta.std), expected, rtol=1e-5, atol=1e-5

@@ -443,8 +443,7 @@ def test_one_run_writes_the_tflite_files_separate_conversions_would(tmp_path, ti
         np.testing.assert_allclose(
             _outputs(shared, held_out), _outputs(alone, held_out), atol=1e-6, err_msg=name
         )
-    info = convmixer_tf.info_of(app)
-    traced = tflite.trace(app, info, tflite._tiling(info, "float16"))
+    traced = tflite.trace(app, tflite._tiling(convmixer_tf.facts_of(app).config.dim, "float16"))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([traced.function], traced.module)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]

@@ -64,18 +64,17 @@ def test_a_job_travels_to_a_worker_whole(tiny):
     outputs, its facts attached, the options, and resources of its own."""
     import pickle
 
-    from convmixer_tf import contract
     from convmixer_tf.export.run import prepare_job
 
     options = exporters.ExportOptions(formats=("tflite_int8",), nchw=True, opset=15)
-    job, held_out = prepare_job(tiny, contract.info_of(tiny), options, calibrated=True)
+    job, held_out = prepare_job(tiny, options, calibrated=True)
     job.scratch()
     try:
         copy = pickle.loads(pickle.dumps(job))
         np.testing.assert_array_equal(
             copy.model.predict(held_out, verbose=0), job.model.predict(held_out, verbose=0)
         )
-        assert contract.info_of(copy.model) == copy.info == job.info and job.info.raw_rgb
+        assert copy.facts == job.facts and job.facts.raw_rgb
         assert (copy.nchw, copy.opset) == (True, 15)
         assert copy.calibration_source == job.calibration_source != ""
         np.testing.assert_array_equal(copy.calibration, job.calibration)
@@ -107,14 +106,13 @@ def refusing_write(job, path):
 def test_a_failure_in_a_worker_is_raised_here_as_what_it_is(tmp_path, tiny):
     """A worker's exception comes back with its kind and message (here BadInput, from a
     format's writer), so the exit code is the one it would be here."""
-    from convmixer_tf import contract
     from convmixer_tf.export.run import prepare_job
 
     plugin = registry.ExportFormat(
         name="refusing", filename="x.bin", summary="", write=refusing_write, load=None
     )
     options = exporters.ExportOptions(formats=("onnx",), verify_count=2)
-    job, held_out = prepare_job(tiny, contract.info_of(tiny), options, calibrated=False)
+    job, held_out = prepare_job(tiny, options, calibrated=False)
     try:
         with pytest.raises(BadInput, match="refused by its writer"):
             parallel.write_in_processes(

@@ -15,7 +15,8 @@ import pytest
 from conftest import write_folder
 
 import convmixer_tf
-from convmixer_tf import contract, labels, outputs, staging, temporaries
+from convmixer_tf import labels, outputs, staging, temporaries
+from convmixer_tf.facts import FACTS_FILE, attach, facts_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO)
@@ -332,9 +333,8 @@ def test_evaluate_refuses_a_dataset_of_other_classes(tmp_path, capsys):
         include_preprocessing=True,
     )
     trained = convmixer_tf.save_model(
-        model,
+        attach(model, facts_of(model).replace(class_names=("cat", "dog", "eel"))),
         tmp_path / "pets.keras",
-        contract.info_of(model).replace(class_names=("cat", "dog", "eel")),
     )
     fruit = write_folder(tmp_path / "fruit", per_class=2, names=["apple", "banana", "cherry"])
     pets = write_folder(tmp_path / "pets", per_class=2, names=["cat", "dog", "eel"])
@@ -760,7 +760,7 @@ def test_messages_name_the_real_problem(tmp_path, checkpoint, tiny_keras, capsys
         with zipfile.ZipFile(tiny_keras) as src, zipfile.ZipFile(edited, "w") as dst:
             for item in src.namelist():
                 data = src.read(item)
-                if item == contract.INFO_MEMBER:
+                if item == FACTS_FILE:
                     data = json.dumps(change(json.loads(data)))
                 dst.writestr(item, data)
         assert (

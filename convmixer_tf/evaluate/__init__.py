@@ -10,9 +10,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from convmixer_tf import contract
 from convmixer_tf.config import VARIANTS, Preprocessing
 from convmixer_tf.errors import BadInput
+from convmixer_tf.facts import facts_of
 from convmixer_tf.labels import imagenet_class_names
 
 
@@ -22,7 +22,7 @@ def preprocessing_for(model, preset: Optional[str] = None, **overrides) -> Prepr
     where not None."""
     if preset is not None and preset not in VARIANTS:
         raise BadInput(f"unknown preset {preset!r}; allowed values: {', '.join(VARIANTS)}")
-    base = VARIANTS[preset].preprocessing if preset else contract.info_of(model).preprocessing
+    base = VARIANTS[preset].preprocessing if preset else facts_of(model).preprocessing
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -32,7 +32,7 @@ def check_classes(model, class_names, allow_mismatch: bool = False) -> str:
 
     A model saved without class names (older files) is checked by class count only.
     """
-    model_names = contract.info_of(model).class_names
+    model_names = facts_of(model).class_names
     count = model.output_shape[-1]
     if model_names is None:
         verdict = (
@@ -114,7 +114,7 @@ def evaluate(
     if limit is not None:
         dataset = dataset.take(limit)
     batches = eval_pipeline(
-        dataset, preprocessing, batch_size, normalize=not contract.info_of(model).raw_rgb
+        dataset, preprocessing, batch_size, normalize=not facts_of(model).raw_rgb
     )
     num_classes = model.output_shape[-1]
     total = {"loss_sum": 0.0, "top1": 0, "top5": 0, "count": 0}
