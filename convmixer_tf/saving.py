@@ -27,8 +27,8 @@ from convmixer_tf.facts import (
 HUB_SCHEME = "hf://"
 
 
-def _check_agrees(model, facts: Facts, path) -> None:
-    """BadInput naming the file when its stored facts and its layers disagree."""
+def _check_agrees(model, stored: Facts, path) -> None:
+    """BadInput naming the file when the facts stored in it and its layers disagree."""
     layers = layer_facts(model)
     found = {
         "architecture": layers["config"],
@@ -36,16 +36,16 @@ def _check_agrees(model, facts: Facts, path) -> None:
         "pooling": layers["pooling"],
         "classifier activation": _activation(layers["classifier_activation"]),
     }
-    stored = {
-        "architecture": facts.config,
-        "preprocessing layer": facts.raw_rgb,
-        "pooling": facts.pooling,
-        "classifier activation": _activation(facts.classifier_activation),
+    claimed = {
+        "architecture": stored.config,
+        "preprocessing layer": stored.raw_rgb,
+        "pooling": stored.pooling,
+        "classifier activation": _activation(stored.classifier_activation),
     }
     wrong = [
-        f"{key}: the layers say {found[key]}, {FACTS_FILE} says {stored[key]}"
+        f"{key}: the layers say {found[key]}, {FACTS_FILE} says {claimed[key]}"
         for key in found
-        if found[key] != stored[key]
+        if found[key] != claimed[key]
     ]
     if wrong:
         raise BadInput(

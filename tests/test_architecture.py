@@ -253,6 +253,22 @@ def test_the_library_stays_small_and_plain():
     assert not problems, problems
 
 
+def test_a_model_carries_its_facts_and_nothing_passes_them_beside_it():
+    """Facts travel on one channel, the model (`facts.attach`, `facts_of`): no function of
+    the library takes a model and its facts (or "info") side by side."""
+    import ast
+
+    beside = []
+    for path in LIBRARY:
+        for node in _functions(ast.parse(open(path).read())):
+            arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            names = {argument.arg for argument in arguments}
+            alongside = "model" in names and names & {"facts", "info"}
+            if alongside and node.name != "attach":  # attach puts them on the model
+                beside.append(f"{os.path.relpath(path, REPO)}: {node.name}")
+    assert not beside, beside
+
+
 def test_pixel_scale_arithmetic_lives_in_one_module():
     hits = []
     for path in LIBRARY:

@@ -28,7 +28,7 @@ class ExportOptions:
     """What to write, and how: one object, passed down whole.
 
     Attributes:
-        formats: registered format names (aliases allowed), or "all".
+        formats: names of `registry.FORMATS` (aliases allowed), or "all".
         calibration_data: an image folder or "tfds:NAME[:SPLIT]" for int8 calibration and
             the held-out check images; None: synthetic images (the rows say so).
         calibration_count: images int8 formats are calibrated on.
