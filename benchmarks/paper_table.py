@@ -190,7 +190,7 @@ def our_runtimes(timm_model, images, settings: Settings, tmp: str) -> dict:
     params = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     model = convmixer_tf.rebuild(model, input_shape=(settings.size, settings.size, 3))
     nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-    preprocessing = convmixer_tf.contract.info_of(model).preprocessing
+    preprocessing = convmixer_tf.facts_of(model).preprocessing
     calibration = preprocessing.normalize(
         synthetic_images(settings.calibration, settings.size, seed=1)
     )

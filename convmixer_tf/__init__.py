@@ -14,8 +14,8 @@ from convmixer_tf.config import (
     get_variant,
     list_variants,
 )
-from convmixer_tf.contract import ModelInfo, info_of
 from convmixer_tf.factory import create_model
+from convmixer_tf.facts import Facts, facts_of
 from convmixer_tf.model import ConvMixer, build, rebuild
 from convmixer_tf.saving import load_model, save_model
 from convmixer_tf.version import __version__
@@ -24,14 +24,14 @@ __all__ = [
     "VARIANTS",
     "ConvMixer",
     "ConvMixerConfig",
-    "ModelInfo",
+    "Facts",
     "Preprocessing",
     "Variant",
     "__version__",
     "build",
     "create_model",
     "get_variant",
-    "info_of",
+    "facts_of",
     "list_variants",
     "load_model",
     "rebuild",

@@ -18,7 +18,7 @@ In Keras (stock layers: plain `keras.models.load_model` loads `model.keras` too)
 import convmixer_tf
 
 model = convmixer_tf.load_model("{keras}")
-info = convmixer_tf.info_of(model)     # preprocessing and class names travel with the model
+facts = convmixer_tf.facts_of(model)  # preprocessing and class names travel with the model
 ```
 
 On a phone, with MediaPipe Tasks' ImageClassifier (Android, iOS, web and Python):
@@ -41,14 +41,14 @@ logits = onnxruntime.InferenceSession("model.onnx").run(["logits"], {{"images": 
 """
 
 
-def model_card(info, report: Optional[dict] = None) -> str:
-    """README.md text for a model with facts `info` (and the converter's `report`).
+def model_card(facts, report: Optional[dict] = None) -> str:
+    """README.md text for a model with `facts` (and the converter's `report`).
 
     Text from outside (a Hub repo's config, a file name) reaches the card only as YAML
     written by a YAML library (the front matter) or as escaped Markdown text (the body).
     """
-    source = info.source or {}
-    lines = ["---", front_matter(source).rstrip("\n"), "---", "", *_summary(info), ""]
+    source = facts.source or {}
+    lines = ["---", front_matter(source).rstrip("\n"), "---", "", *_summary(facts), ""]
     lines += _weights(source)
     lines += _parity((report or {}).get("parity") or {})
     lines += _files((report or {}).get("files", []))
@@ -84,11 +84,11 @@ def text(value) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", plain)
 
 
-def _summary(info) -> list:
-    c, pre = info.config, info.preprocessing
-    names = "" if info.class_names is None else " (names inside)"
+def _summary(facts) -> list:
+    c, pre = facts.config, facts.preprocessing
+    names = "" if facts.class_names is None else " (names inside)"
     return [
-        f"# ConvMixer-{c.dim}/{c.depth} ({text(info.variant or 'ConvMixer')}) for Keras 3",
+        f"# ConvMixer-{c.dim}/{c.depth} ({text(facts.variant or 'ConvMixer')}) for Keras 3",
         "",
         f"Kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}, "
         f"{c.num_classes or 'no'} classes{names}; input {pre.input_size} px, "

@@ -1,5 +1,5 @@
-"""ConvMixer configurations: the architecture, the input preprocessing (and its maths),
-and one table of named variants.
+"""ConvMixer configurations: the architecture and the names of its layers, the input
+preprocessing (and its maths), and one table of named variants.
 
 Variants are data. The released ImageNet models keep timm's names (which is what
 checkpoints and users call them); the CIFAR-10 rows are the paper's small models.
@@ -32,6 +32,29 @@ PIXEL_MAX = 255.0
 # The largest input side accepted anywhere (pixels): a larger one is refused before any
 # memory is reserved for it (the released models take 224).
 MAX_INPUT_SIZE = 4096
+
+
+# Layer names (a mapping table, a parity probe or an exporter finds layers by these)
+INPUT = "images"
+PREPROCESSING = "preprocessing"
+STEM_CONV = "stem_conv"
+STEM_ACT = "stem_act"
+STEM_BN = "stem_bn"
+POOLING_LAYERS = {"avg": "avg_pool", "max": "max_pool"}
+HEAD = "head"
+BLOCK_PARTS = ("dw_conv", "dw_act", "dw_bn", "add", "pw_conv", "pw_act", "pw_bn")
+
+
+def block_layer(i: int, part: str) -> str:
+    """The name of part `part` (one of BLOCK_PARTS) of mixer block `i` (from 0, like timm)."""
+    if part not in BLOCK_PARTS:
+        raise ValueError(f"part must be one of {BLOCK_PARTS}, got {part!r}")
+    return f"block{i}_{part}"
+
+
+def stage_layers(depth: int) -> list:
+    """The layers whose outputs are the network's stages: the stem and each block."""
+    return [STEM_BN] + [block_layer(i, "pw_bn") for i in range(depth)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,16 +12,23 @@ from __future__ import annotations
 import contextlib
 from typing import Optional, Sequence
 
-from convmixer_tf import contract
 from convmixer_tf.config import (
+    HEAD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INPUT,
+    POOLING_LAYERS,
+    PREPROCESSING,
+    STEM_ACT,
+    STEM_BN,
+    STEM_CONV,
     ConvMixerConfig,
     Preprocessing,
+    block_layer,
     get_variant,
 )
-from convmixer_tf.contract import HEAD, INPUT, POOLING_LAYERS, PREPROCESSING, ModelInfo, block_layer
 from convmixer_tf.errors import BadInput
+from convmixer_tf.facts import Facts, attach, facts_of
 
 # PyTorch BatchNorm2d defaults. Keras' own (1e-3, 0.99) would change the numbers.
 BN_EPSILON = 1e-5
@@ -80,44 +87,40 @@ def ConvMixer(
         num_classes=num_classes if include_top else 0,
         depthwise=depthwise,
     )
-    info = ModelInfo(
+    facts = Facts(
         config,
         Preprocessing(mean=tuple(mean), std=tuple(std)),
         raw_rgb=include_preprocessing,
         pooling=pooling,
         classifier_activation=classifier_activation if include_top else None,
     )
-    return build(info, input_shape, name=name)
+    return build(facts, input_shape, name=name)
 
 
 def build(
-    info: ModelInfo, input_shape=None, *, name: str = "convmixer", synchronized_bn: bool = False
+    facts: Facts, input_shape=None, *, name: str = "convmixer", synchronized_bn: bool = False
 ):
-    """The Keras model `info` describes (fresh weights), under the current dtype policy.
+    """The Keras model `facts` describes (fresh weights), under the current dtype policy.
 
     A mixed-precision policy keeps the head in float32 (softmax and loss in full precision).
     The preprocessing's input size follows a fixed square input shape.
     """
     import keras
 
-    c = info.config
+    c = facts.config
     input_shape = _check_input_shape(input_shape, c.patch_size)
     inputs = keras.Input(shape=input_shape, name=INPUT)
     x = inputs
-    if info.raw_rgb:
-        scale, offset = info.preprocessing.scale_offset()
+    if facts.raw_rgb:
+        scale, offset = facts.preprocessing.scale_offset()
         x = keras.layers.Rescaling(scale=list(scale), offset=list(offset), name=PREPROCESSING)(x)
-    x = keras.layers.Conv2D(c.dim, c.patch_size, strides=c.patch_size, name=contract.STEM_CONV)(x)
-    x = _activated(
-        x, c.activation, (contract.STEM_ACT, contract.STEM_BN), synchronized=synchronized_bn
-    )
+    x = keras.layers.Conv2D(c.dim, c.patch_size, strides=c.patch_size, name=STEM_CONV)(x)
+    x = _activated(x, c.activation, (STEM_ACT, STEM_BN), synchronized=synchronized_bn)
     for i in range(c.depth):
         x = _block(x, i, c, synchronized=synchronized_bn)
-    x = _head(x, info)
+    x = _head(x, facts)
     model = keras.Model(inputs, x, name=name)
-    return contract.attach(
-        model, info.replace(preprocessing=info.preprocessing.for_input(input_shape))
-    )
+    return attach(model, facts.replace(preprocessing=facts.preprocessing.for_input(input_shape)))
 
 
 def _activated(x, activation: str, names, *, synchronized: bool):
@@ -157,20 +160,20 @@ def _block(x, i: int, c: ConvMixerConfig, *, synchronized: bool):
     return _activated(x, c.activation, names, synchronized=synchronized)
 
 
-def _head(x, info: ModelInfo):
+def _head(x, facts: Facts):
     """Global pooling (or none) and the classifier (or none); float32 under mixed precision."""
     import keras
 
-    if info.pooling == "avg":
+    if facts.pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name=POOLING_LAYERS["avg"])(x)
-    elif info.pooling == "max":
+    elif facts.pooling == "max":
         x = keras.layers.GlobalMaxPooling2D(name=POOLING_LAYERS["max"])(x)
-    if not info.config.num_classes:
+    if not facts.config.num_classes:
         return x
     mixed = keras.config.dtype_policy().name != "float32"
     head = keras.layers.Dense(
-        info.config.num_classes,
-        activation=info.classifier_activation,
+        facts.config.num_classes,
+        activation=facts.classifier_activation,
         name=HEAD,
         dtype="float32" if mixed else None,
     )
@@ -200,11 +203,11 @@ def build_variant(name: str, **overrides):
     )
     arguments.update(overrides)
     model = ConvMixer(**arguments)
-    info = contract.info_of(model)
+    facts = facts_of(model)
     # the variant's transform
-    kept = pre.replace(mean=info.preprocessing.mean, std=info.preprocessing.std)
-    return contract.attach(
-        model, info.replace(preprocessing=kept.for_input(model.input_shape[1:]), variant=name)
+    kept = pre.replace(mean=facts.preprocessing.mean, std=facts.preprocessing.std)
+    return attach(
+        model, facts.replace(preprocessing=kept.for_input(model.input_shape[1:]), variant=name)
     )
 
 
@@ -240,26 +243,28 @@ def rebuild(
         >>> app_model = rebuild(model, input_shape=(224, 224, 3),
         ...                     preprocessing=(IMAGENET_MEAN, IMAGENET_STD))  # doctest: +SKIP
     """
-    info = contract.info_of(model)
+    facts = facts_of(model)
     if preprocessing is not None:
         if not isinstance(preprocessing, Preprocessing):
             mean, std = preprocessing
-            preprocessing = info.preprocessing.replace(mean=tuple(mean), std=tuple(std))
-        if info.raw_rgb:
+            preprocessing = facts.preprocessing.replace(mean=tuple(mean), std=tuple(std))
+        if facts.raw_rgb:
             preprocessing = preprocessing.replace(
-                mean=info.preprocessing.mean, std=info.preprocessing.std
+                mean=facts.preprocessing.mean, std=facts.preprocessing.std
             )
-        info = info.replace(
+        facts = facts.replace(
             preprocessing=preprocessing, raw_rgb=True if raw_rgb is None else raw_rgb
         )
     elif raw_rgb is not None:
-        info = info.replace(raw_rgb=raw_rgb)
-    new_head = num_classes is not None and num_classes != info.config.num_classes
+        facts = facts.replace(raw_rgb=raw_rgb)
+    new_head = num_classes is not None and num_classes != facts.config.num_classes
     if new_head:
-        info = info.replace(config=info.config.replace(num_classes=num_classes), class_names=None)
+        facts = facts.replace(
+            config=facts.config.replace(num_classes=num_classes), class_names=None
+        )
     with _dtype_policy(dtype_policy):
         rebuilt = build(
-            info,
+            facts,
             input_shape or model.input_shape[1:],
             name=model.name,
             synchronized_bn=synchronized_bn,

@@ -2,52 +2,50 @@
 member plain `keras.models.load_model` ignores), Keras' unzipped Hub layout with the facts
 beside it, and `hf://OWNER/NAME` on the Hub or in its cache. Loading checks the stored
 facts against the layers; files of earlier versions are read through
-`contract.legacy_info`."""
+`legacy_facts`."""
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from typing import Optional
 
-from convmixer_tf.contract import (
-    INFO_MEMBER,
-    INFO_VERSION,
-    ModelInfo,
+from convmixer_tf.errors import BadInput, one_line
+from convmixer_tf.facts import (
+    FACTS_FILE,
+    FACTS_VERSION,
+    Facts,
     attach,
-    facts_file,
-    facts_from_json,
-    info_of,
+    facts_of,
+    file_bytes,
     layer_facts,
-    legacy_info,
+    legacy_facts,
     read_json,
     zip_member,
 )
-from convmixer_tf.errors import BadInput, one_line
 
 HUB_SCHEME = "hf://"
 
 
-def _check_agrees(model, info: ModelInfo, path) -> None:
-    """ValueError naming the file when its stored facts and its layers disagree."""
-    facts = layer_facts(model)
+def _check_agrees(model, stored: Facts, path) -> None:
+    """BadInput naming the file when the facts stored in it and its layers disagree."""
+    layers = layer_facts(model)
     found = {
-        "architecture": facts["config"],
-        "preprocessing layer": facts["raw_rgb"],
-        "pooling": facts["pooling"],
-        "classifier activation": _activation(facts["classifier_activation"]),
+        "architecture": layers["config"],
+        "preprocessing layer": layers["raw_rgb"],
+        "pooling": layers["pooling"],
+        "classifier activation": _activation(layers["classifier_activation"]),
     }
-    stored = {
-        "architecture": info.config,
-        "preprocessing layer": info.raw_rgb,
-        "pooling": info.pooling,
-        "classifier activation": _activation(info.classifier_activation),
+    claimed = {
+        "architecture": stored.config,
+        "preprocessing layer": stored.raw_rgb,
+        "pooling": stored.pooling,
+        "classifier activation": _activation(stored.classifier_activation),
     }
     wrong = [
-        f"{key}: the layers say {found[key]}, {INFO_MEMBER} says {stored[key]}"
+        f"{key}: the layers say {found[key]}, {FACTS_FILE} says {claimed[key]}"
         for key in found
-        if found[key] != stored[key]
+        if found[key] != claimed[key]
     ]
     if wrong:
         raise BadInput(
@@ -60,44 +58,44 @@ def _activation(name: Optional[str]) -> str:
     return "none (logits)" if name in (None, "linear") else name
 
 
-def stored_info(path, model=None) -> Optional[ModelInfo]:
-    """The ModelInfo inside a .keras file, or beside Keras' unzipped layout in a folder
+def stored_facts(path, model=None) -> Optional[Facts]:
+    """The facts inside a .keras file, or beside Keras' unzipped layout in a folder
     (`model`: the file's model, needed for files of an earlier version); None for a file
-    saved without one. Read within `contract.read_json`'s limits; BadInput naming the
+    saved without one. Read within `read_json`'s limits; BadInput naming the
     file when the facts cannot be read."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        data = facts_file(os.path.join(path, INFO_MEMBER))
+        data = file_bytes(os.path.join(path, FACTS_FILE))
     else:
-        data = zip_member(path, INFO_MEMBER)
+        data = zip_member(path, FACTS_FILE)
     if data is None:
         return None
     stored = read_json(data, path)
-    if stored.get("version") == INFO_VERSION:
-        return facts_from_json(data, path)
+    if stored.get("version") == FACTS_VERSION:
+        return Facts.from_json(data, path)
     if stored.get("version") != 1 or model is None:  # version 1 is completed from the layers
         raise BadInput(
-            f"{path}: its {INFO_MEMBER} has version {stored.get('version')!r:.40} "
-            f"(this version reads {INFO_VERSION}, and 1 with the model)"
+            f"{path}: its {FACTS_FILE} has version {stored.get('version')!r:.40} "
+            f"(this version reads {FACTS_VERSION}, and 1 with the model)"
         )
     try:
-        return legacy_info(model, stored)
+        return legacy_facts(model, stored)
     except BadInput as err:
-        raise BadInput(f"{path}: cannot read its {INFO_MEMBER}: {err}") from None
+        raise BadInput(f"{path}: cannot read its {FACTS_FILE}: {err}") from None
 
 
-def save_model(model, path, info: Optional[ModelInfo] = None) -> str:
-    """Saves `model` with its facts: as a .keras file with them inside, written atomically
-    (a reader sees no file or the whole one), or, for `hf://OWNER/NAME`, as Keras' own Hub
-    layout with them beside it and a model card, uploaded. Plain Keras loads either."""
-    info = info or info_of(model)
+def save_model(model, path) -> str:
+    """Saves `model` with its facts (`facts_of`): as a .keras file with them inside, written
+    atomically (a reader sees no file or the whole one), or, for `hf://OWNER/NAME`, as
+    Keras' own Hub layout with them beside it and a model card, uploaded. Plain Keras
+    loads either."""
     if str(path).startswith(HUB_SCHEME):
         from huggingface_hub import HfApi
 
         from convmixer_tf.temporaries import temporary_folder
 
         with temporary_folder() as folder:
-            write_hub_folder(model, os.path.join(folder, "model"), info)
+            write_hub_folder(model, os.path.join(folder, "model"))
             repo = HfApi().create_repo(str(path)[len(HUB_SCHEME) :], exist_ok=True).repo_id
             HfApi().upload_folder(repo_id=repo, folder_path=os.path.join(folder, "model"))
         return str(path)
@@ -108,7 +106,7 @@ def save_model(model, path, info: Optional[ModelInfo] = None) -> str:
     try:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:
-            archive.writestr(INFO_MEMBER, json.dumps(info.to_dict(), indent=2))
+            archive.writestr(FACTS_FILE, facts_of(model).to_json())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -116,17 +114,17 @@ def save_model(model, path, info: Optional[ModelInfo] = None) -> str:
     return path
 
 
-def write_hub_folder(model, folder, info: Optional[ModelInfo] = None) -> str:
+def write_hub_folder(model, folder) -> str:
     """Keras' unzipped layout of `model` in `folder` (what `model.save("hf://...")` uploads:
     config.json, metadata.json, model.weights.h5), its facts beside it, and a model card."""
     from convmixer_tf.card import model_card
 
-    info = info or info_of(model)
+    facts = facts_of(model)
     model.save(folder, zipped=False)
-    with open(os.path.join(folder, INFO_MEMBER), "w") as f:
-        json.dump(info.to_dict(), f, indent=2)
+    with open(os.path.join(folder, FACTS_FILE), "w") as f:
+        f.write(facts.to_json())
     with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(model_card(info))
+        f.write(model_card(facts))
     return folder
 
 
@@ -165,7 +163,7 @@ def load_model(path, role: str = "model"):
 
     Example:
         >>> model = load_model("convmixer_768_32_keras/model.keras")   # doctest: +SKIP
-        >>> info_of(model).class_names[:2]                             # doctest: +SKIP
+        >>> facts_of(model).class_names[:2]                             # doctest: +SKIP
         ('tench', 'goldfish')
     """
     import keras
@@ -187,11 +185,11 @@ def load_model(path, role: str = "model"):
         model = keras.models.load_model(path, compile=False)
     except Exception as err:  # noqa: BLE001 - any reason the file does not load
         raise BadInput(f"cannot load {role} {path}: {one_line(err)[:300]}") from None
-    info = stored_info(path, model)
-    if info is None:
+    facts = stored_facts(path, model)
+    if facts is None:
         try:
-            info = legacy_info(model)
+            facts = legacy_facts(model)
         except BadInput as err:  # a preprocessing layer of non-finite numbers, say
             raise BadInput(f"{path}: {err}") from None
-    _check_agrees(model, info, path)
-    return attach(model, info)
+    _check_agrees(model, facts, path)
+    return attach(model, facts)

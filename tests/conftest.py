@@ -234,8 +234,10 @@ def _train_on_digits(digits, path):
         loss=keras.losses.SparseCategoricalCrossentropy(True),
     )
     model.fit(*digits["train"], batch_size=64, epochs=6, verbose=0)
-    info = convmixer_tf.info_of(model).replace(class_names=DIGIT_NAMES)
-    convmixer_tf.save_model(model, path, info)
+    from convmixer_tf.facts import attach
+
+    facts = convmixer_tf.facts_of(model).replace(class_names=DIGIT_NAMES)
+    convmixer_tf.save_model(attach(model, facts), path)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

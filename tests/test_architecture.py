@@ -12,40 +12,45 @@ import pytest
 from conftest import randomize_batchnorm
 
 import convmixer_tf
-from convmixer_tf import contract, saving
 from convmixer_tf import export as exporters
-from convmixer_tf.export import registry
+from convmixer_tf import saving
+from convmixer_tf.export import keras_file, registry
+from convmixer_tf.facts import FACTS_FILE, attach, facts_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class _KerasCopyRunner:
-    output = "logits"
-
-    def __init__(self, path, threads=2):
-        import keras
-
-        self.model = keras.models.load_model(path, compile=False)
-
-    def __call__(self, images):
-        return np.asarray(self.model.predict(images, verbose=0))
+def write_copy(job, path):
+    """A throwaway format's writer: the export graph as another .keras file, facts inside
+    (`saving.save_model` writes atomically)."""
+    saving.save_model(job.model, path)
 
 
-def _throwaway_format():
-    """A format defined here and nowhere else: the export graph saved as another .keras file."""
-    return registry.ExportFormat(
-        name="keras_copy",
-        filename="copy.keras",
-        summary="the export graph as a .keras file (test only)",
-        write=lambda job, path: job.model.save(path),
-        load=_KerasCopyRunner,
-        tolerance=1e-6,
-        recognises=lambda path: str(path).endswith("copy.keras"),
-    )
+def where_checked(path, check):
+    """What its row adds: the process that wrote and checked the file."""
+    return {"pid": os.getpid()}
 
 
-def test_a_new_format_is_one_registration(tmp_path):
+# A format defined here and nowhere else, as docs/architecture.md's recipe says: its
+# callables are module-level (a worker process gets the format pickled).
+COPY = registry.ExportFormat(
+    name="keras_copy",
+    filename="model_copy.keras",
+    summary="the export graph as a .keras file (test only)",
+    write=write_copy,
+    load=keras_file.KerasRunner,
+    tolerance=1e-6,
+    describe=where_checked,
+    facts=saving.stored_facts,
+)
+
+
+def test_a_new_format_follows_the_recipe(tmp_path, monkeypatch):
+    """The recipe for adding a format, followed: FORMATS patched with one more, which both
+    command lines list, the run writes and verifies in one process and with the default,
+    and `verify` and `open_model` recognise by its file's name."""
     from convmixer_tf.export.__main__ import build_parser as export_parser
+    from convmixer_tf.export.model_file import open_model
     from weights_converter.__main__ import build_parser as converter_parser
 
     model = randomize_batchnorm(
@@ -54,34 +59,27 @@ def test_a_new_format_is_one_registration(tmp_path):
         )
     )
     assert "keras_copy" not in registry.names()
-    with registry.registered(_throwaway_format()):
-        for parser in (export_parser(), converter_parser()):
-            assert "keras_copy" in parser.format_help() and "copy.keras" in parser.format_help()
-        assert "keras_copy" in exporters.check_formats(["all"])
-        options = exporters.ExportOptions(formats=("keras_copy",), verify_count=3, latency_runs=1)
-        rows = exporters.export_formats(model, tmp_path, options)
-        assert (
-            [r["format"] for r in rows] == ["keras_copy"]
-            and rows[0]["passed"]
-            and rows[0]["max_abs"] <= 1e-6
+    monkeypatch.setattr(registry, "FORMATS", (*registry.FORMATS, COPY))
+    for parser in (export_parser(), converter_parser()):
+        assert "keras_copy" in parser.format_help() and "model_copy.keras" in parser.format_help()
+    assert "keras_copy" in exporters.check_formats(["all"])
+    for processes in (1, None):
+        out = tmp_path / str(processes)
+        out.mkdir()
+        options = exporters.ExportOptions(
+            formats=("keras_copy",), verify_count=3, latency_runs=1, processes=processes
         )
-        assert os.listdir(tmp_path) == ["copy.keras"]
-        x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
-        reference = convmixer_tf.rebuild(
-            model,
-            preprocessing=(
-                model.convmixer_info.preprocessing.mean,
-                model.convmixer_info.preprocessing.std,
-            ),
-        )
-        # recognised from the file
-        row = exporters.verify(tmp_path / "copy.keras", reference, x, tolerance=1e-6)
-        assert row["format"] == "keras_copy" and row["passed"]
-        with pytest.raises(ValueError, match="already registered"):
-            registry.register(_throwaway_format())
-    assert (
-        "keras_copy" not in registry.names() and "keras_copy" not in export_parser().format_help()
-    )
+        (row,) = exporters.export_formats(model, out, options)
+        assert row["format"] == "keras_copy" and row["passed"] and row["max_abs"] <= 1e-6
+        assert row["pid"] == os.getpid() and os.listdir(out) == ["model_copy.keras"]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    pre = convmixer_tf.facts_of(model).preprocessing
+    reference = convmixer_tf.rebuild(model, preprocessing=(pre.mean, pre.std))
+    # recognised from the file's name
+    row = exporters.verify(out / "model_copy.keras", reference, x, tolerance=1e-6)
+    assert row["format"] == "keras_copy" and row["passed"]
+    opened = open_model(out / "model_copy.keras")
+    assert opened.kind == "keras_copy" and opened.facts == convmixer_tf.facts_of(reference)
 
 
 def test_the_documented_format_table_is_the_list_of_formats():
@@ -149,20 +147,20 @@ def test_model_facts_travel_inside_the_keras_file(tmp_path):
         "convmixer_256_8", input_shape=(32, 32, 3), include_preprocessing=True
     )
     names = tuple(f"class {i}" for i in range(10))
-    info = contract.info_of(model).replace(class_names=names)
-    assert info.preprocessing.crop_pct == 1.0 and info.variant == "convmixer_256_8"
-    path = saving.save_model(model, tmp_path / "m.keras", info)
+    facts = facts_of(model).replace(class_names=names)
+    assert facts.preprocessing.crop_pct == 1.0 and facts.variant == "convmixer_256_8"
+    path = saving.save_model(attach(model, facts), tmp_path / "m.keras")
     loaded = saving.load_model(path)
-    assert contract.info_of(loaded) == info
+    assert facts_of(loaded) == facts
     # A headless model says so instead of pretending to have 1000 classes.
     features = convmixer_tf.ConvMixer(
         dim=8, depth=1, kernel_size=3, patch_size=2, include_top=False
     )
-    assert convmixer_tf.info_of(features).config.num_classes == 0
+    assert convmixer_tf.facts_of(features).config.num_classes == 0
     rebuilt = convmixer_tf.rebuild(features, input_shape=(8, 8, 3))
-    assert convmixer_tf.info_of(rebuilt).config.num_classes == 0
+    assert convmixer_tf.facts_of(rebuilt).config.num_classes == 0
     with pytest.raises(ValueError, match="3 class names for a model with 10 classes"):
-        info.replace(class_names=("a", "b", "c"))
+        facts.replace(class_names=("a", "b", "c"))
     # Plain Keras, in a process that never imports us, still loads the file.
     script = (
         "import sys, keras; m = keras.models.load_model(sys.argv[1]); "
@@ -177,7 +175,7 @@ def test_model_facts_travel_inside_the_keras_file(tmp_path):
         env=dict(os.environ, PYTHONPATH=""),
     )
     assert proc.returncode == 0 and "(None, 10)" in proc.stdout, proc.stderr[-2000:]
-    stored = json.loads(__import__("zipfile").ZipFile(path).read(contract.INFO_MEMBER))
+    stored = json.loads(__import__("zipfile").ZipFile(path).read(FACTS_FILE))
     assert stored["class_names"] == list(names) and stored["config"]["dim"] == 256
 
 
@@ -251,6 +249,22 @@ def test_the_library_stays_small_and_plain():
     assert not problems, problems
 
 
+def test_a_model_carries_its_facts_and_nothing_passes_them_beside_it():
+    """Facts travel on one channel, the model (`facts.attach`, `facts_of`): no function of
+    the library takes a model and its facts (or "info") side by side."""
+    import ast
+
+    beside = []
+    for path in LIBRARY:
+        for node in _functions(ast.parse(open(path).read())):
+            arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            names = {argument.arg for argument in arguments}
+            alongside = "model" in names and names & {"facts", "info"}
+            if alongside and node.name != "attach":  # attach puts them on the model
+                beside.append(f"{os.path.relpath(path, REPO)}: {node.name}")
+    assert not beside, beside
+
+
 def test_pixel_scale_arithmetic_lives_in_one_module():
     hits = []
     for path in LIBRARY:
@@ -270,7 +284,7 @@ def test_pixel_scale_arithmetic_lives_in_one_module():
     ], hits
 
 
-def test_formats_are_one_explicit_list_that_both_command_lines_offer():
+def test_formats_are_one_explicit_tuple_that_both_command_lines_offer():
     import ast
 
     from convmixer_tf.export.__main__ import build_parser as export_parser
@@ -282,14 +296,17 @@ def test_formats_are_one_explicit_list_that_both_command_lines_offer():
         for node in ast.parse(source).body
         if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "FORMATS"
     )
-    assert isinstance(listed, ast.List)  # a literal list: grep finds every format
+    assert isinstance(listed, ast.Tuple)  # a literal tuple: grep finds every format
     names = [f.name for f in registry.FORMATS]
     assert exporters.check_formats(["all"]) == names and len(listed.elts) <= len(names)
     for parser in (export_parser(), converter_parser()):
         shown = parser.format_help()
         assert all(re.search(rf"\b{name}\b", shown) for name in names), shown
     quantize = next(a for a in export_parser()._actions if a.dest == "quantize")
-    assert set(quantize.choices) == {f.quantize for f in registry.FORMATS if f.quantize}
+    # each value adds its TFLite file
+    assert {f"tflite_{value}" for value in quantize.choices} == {
+        name for name in names if name.startswith("tflite_")
+    }
 
 
 # The export options both command lines offer, and how each reads them back.
@@ -408,7 +425,7 @@ def test_the_normalisation_has_one_definition(tmp_path):
     np.testing.assert_allclose(
         raw * graph.pre.scale + graph.pre.shift, expected, rtol=1e-5, atol=1e-5
     )
-    info = convmixer_tf.info_of(model).replace(raw_rgb=False)
+    info = convmixer_tf.facts_of(model).replace(raw_rgb=False)
     meta = tflite.file_metadata(info, 16)
     np.testing.assert_allclose(
         (raw - np.array(meta.mean)) / np.array(meta.std), expected, rtol=1e-5, atol=1e-5

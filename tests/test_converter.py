@@ -651,4 +651,4 @@ def test_a_labels_file_names_the_classes_or_is_refused_naming_it(tmp_path, capsy
     assert main([*argv, "--output", str(tmp_path / "out")]) == 0
     assert json.loads(capsys.readouterr().out)["conversion"]["class_names"] == "labels file"
     model = convmixer_tf.load_model(tmp_path / "out" / "model.keras")
-    assert convmixer_tf.info_of(model).class_names == tuple(f"class {i}" for i in range(10))
+    assert convmixer_tf.facts_of(model).class_names == tuple(f"class {i}" for i in range(10))

@@ -306,10 +306,10 @@ def test_cli_all_formats(tmp_path, tiny, capsys):
     )
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["format"] for r in rows] == [f.name for f in exporters.FORMATS]
+    assert [r["format"] for r in rows] == [f.name for f in exporters.registry.FORMATS]
     assert all(r["passed"] for r in rows)
     assert sorted(os.listdir(out)) == sorted(
-        [f.filename for f in exporters.FORMATS] + ["export_report.json", "RECORD"]
+        [f.filename for f in exporters.registry.FORMATS] + ["export_report.json", "RECORD"]
     )
     for r in rows:
         assert r["input"] == "raw RGB 0-255" and r["latency_ms"] > 0
@@ -420,18 +420,23 @@ def test_one_run_writes_the_tflite_files_separate_conversions_would(tmp_path, ti
     # what the run calibrates on (8) and checks with (4)
     images = synthetic_images(12, SIZE, seed=0)
     calib, held_out = images[:8], images[8:]
-    names = ["tflite", "tflite_float16", "tflite_dynamic", "tflite_int8"]
+    quantizations = {
+        "tflite": None,
+        "tflite_float16": "float16",
+        "tflite_dynamic": "dynamic",
+        "tflite_int8": "int8",
+    }
     (tmp_path / "run").mkdir()
     options = exporters.ExportOptions(
-        formats=names, calibration_count=8, verify_count=4, processes=2
+        formats=tuple(quantizations), calibration_count=8, verify_count=4, processes=2
     )
     exporters.export_formats(app, tmp_path / "run", options)
-    for name in names:
+    for name, quantization in quantizations.items():
         fmt = exporters.registry.get(name)
         alone = exporters.export_tflite(
             app,
             tmp_path / fmt.filename,
-            quantization=fmt.quantize,
+            quantization=quantization,
             representative_data=lambda: (im[None] for im in calib),
         )
         shared = tmp_path / "run" / fmt.filename
@@ -439,8 +444,7 @@ def test_one_run_writes_the_tflite_files_separate_conversions_would(tmp_path, ti
         np.testing.assert_allclose(
             _outputs(shared, held_out), _outputs(alone, held_out), atol=1e-6, err_msg=name
         )
-    info = convmixer_tf.info_of(app)
-    traced = tflite.trace(app, info, tflite._tiling(info, "float16"))
+    traced = tflite.trace(app, tflite._tiling(convmixer_tf.facts_of(app).config.dim, "float16"))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([traced.function], traced.module)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convmixer_tf import contract, labels, saving
+from convmixer_tf import labels, saving
 from convmixer_tf.config import ConvMixerConfig
 from convmixer_tf.errors import BadInput
 from convmixer_tf.export import metadata, onnx, saved_model
+from convmixer_tf.facts import Facts
 
 # A deadline per example: bounded time (the slowest honest example takes milliseconds; a
 # shared two-core machine gets slack).
@@ -34,7 +35,7 @@ def fuzzed(*strategies):
     return tests
 
 
-def holds(read, *args, kinds=(contract.ModelInfo, type(None))):
+def holds(read, *args, kinds=(Facts, type(None))):
     """read(*args) is a result of `kinds`, or BadInput with a one-line message."""
     try:
         result = read(*args)
@@ -52,9 +53,11 @@ JSON = st.recursive(
     ),
     max_leaves=24,
 )
-VALID = contract.ModelInfo(
-    ConvMixerConfig(dim=8, depth=1, num_classes=3), class_names=("cat", "dog", "eel")
-).to_dict()
+VALID = json.loads(
+    Facts(
+        ConvMixerConfig(dim=8, depth=1, num_classes=3), class_names=("cat", "dog", "eel")
+    ).to_json()
+)
 PLACES = [(key,) for key in VALID] + [
     (group, key) for group in ("config", "preprocessing") for key in VALID[group]
 ]
@@ -95,7 +98,7 @@ def folder(tmp_path_factory):
 
 
 def _facts_text(data):
-    holds(contract.facts_from_json, data, "facts")
+    holds(Facts.from_json, data, "facts")
 
 
 test_facts_json, test_facts_json_slow = fuzzed(DATA)(_facts_text)
@@ -112,7 +115,7 @@ def _zipped(name: bytes, data: bytes) -> bytes:
 def _keras_member(folder, data):
     path = folder / "model.keras"
     path.write_bytes(_zipped("convmixer.json", data))
-    holds(saving.stored_info, path)
+    holds(saving.stored_facts, path)
 
 
 test_keras_member, test_keras_member_slow = fuzzed(DATA)(_keras_member)
@@ -164,7 +167,7 @@ def _onnx_metadata(folder, text, others):
     path = folder / "model.onnx"
     path.write_bytes(_onnx_model(text, others))
     try:
-        expected = contract.facts_from_json(text, str(path))
+        expected = Facts.from_json(text, str(path))
     except BadInput:
         expected = BadInput
     found = holds(onnx.read_facts, path)
@@ -204,7 +207,7 @@ test_onnx_bytes, test_onnx_bytes_slow = fuzzed(damaged(GOOD_ONNX))(_onnx_bytes)
 
 def _zip_bytes(folder, data):
     (folder / "damaged.keras").write_bytes(data)
-    holds(saving.stored_info, folder / "damaged.keras")
+    holds(saving.stored_facts, folder / "damaged.keras")
     (folder / "damaged.tflite").write_bytes(TFLITE_HEAD + data)
     holds(metadata.packed_facts, folder / "damaged.tflite")
 

@@ -14,8 +14,9 @@ import pytest
 from torch_helpers import timm_convmixer, torch
 
 import convmixer_tf
-from convmixer_tf import contract, saving
 from convmixer_tf import export as exporters
+from convmixer_tf import saving
+from convmixer_tf.facts import attach, facts_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITS = ("1" * 40, "2" * 40)
@@ -141,7 +142,7 @@ def test_timm_reads_the_cache_and_the_converter_matches_it(tmp_path):
     np.testing.assert_allclose(
         model.predict(x, verbose=0), np.load(tmp_path / "timm.npy"), atol=1e-4
     )
-    info = convmixer_tf.info_of(model)
+    info = convmixer_tf.facts_of(model)
     cfg = TIMM_CONFIG["pretrained_cfg"]
     assert (info.preprocessing.crop_pct, info.preprocessing.mean, info.preprocessing.std) == (
         cfg["crop_pct"],
@@ -174,7 +175,7 @@ def test_a_pinned_revision_a_missing_id_and_a_repo_without_weights(offline, tmp_
     code, err = convert(f"hf-hub:someone/cifar-convmixer@{COMMITS[1]}", tmp_path / "pinned")
     assert code == 0, err[-3000:]
     pinned = convmixer_tf.load_model(tmp_path / "pinned" / "model.keras")
-    source = convmixer_tf.info_of(pinned).source
+    source = convmixer_tf.facts_of(pinned).source
     assert source["commit"] == COMMITS[1] and source["repo"] == "someone/cifar-convmixer"
     weights = pinned.get_layer("stem_conv").get_weights()[0]
     assert np.allclose(weights, tiny(2).stem[0].weight.detach().numpy().transpose(2, 3, 1, 0))
@@ -238,8 +239,8 @@ def test_hf_layout_keeps_the_models_facts(offline, tmp_path):
         include_preprocessing=True,
         mean=(0.1, 0.2, 0.3),
     )
-    info = contract.info_of(model).replace(class_names=("cat", "dog", "eel"))
-    folder = saving.write_hub_folder(model, tmp_path / "keras_layout", info)
+    facts = facts_of(model).replace(class_names=("cat", "dog", "eel"))
+    folder = saving.write_hub_folder(attach(model, facts), tmp_path / "keras_layout")
     written = set(os.listdir(folder))
     assert {
         "config.json",
@@ -258,7 +259,7 @@ def test_hf_layout_keeps_the_models_facts(offline, tmp_path):
         },
     )
     loaded = convmixer_tf.load_model("hf://someone/pets")
-    assert convmixer_tf.info_of(loaded) == info
+    assert convmixer_tf.facts_of(loaded) == facts
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
@@ -294,10 +295,10 @@ def test_a_cache_entry_that_is_not_what_its_name_promises_is_converted_again(off
         again = convmixer_tf.create_model(
             "convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer"
         )
-        assert convmixer_tf.info_of(again).config.dim == 256, entry
+        assert convmixer_tf.facts_of(again).config.dim == 256, entry
         np.testing.assert_allclose(again.predict(x, verbose=0), expected, atol=1e-6, err_msg=entry)
         # replaced
-        assert convmixer_tf.info_of(convmixer_tf.load_model(cached)).config.dim == 256, entry
+        assert convmixer_tf.facts_of(convmixer_tf.load_model(cached)).config.dim == 256, entry
     dead, live = _temporaries(cached)
     os.remove(cached)
     convmixer_tf.create_model("convmixer_256_8", pretrained="hf-hub:someone/cifar-convmixer")

@@ -340,7 +340,7 @@ def test_a_command_keeps_its_temporary_files_in_one_folder_and_restores_the_envi
     "moment, signum",
     [
         ("numpy", signal.SIGINT),
-        ("convmixer_tf.contract", signal.SIGINT),
+        ("convmixer_tf.facts", signal.SIGINT),
         ("convmixer_tf.predict", signal.SIGINT),
         ("convmixer_tf.config", signal.SIGTERM),
     ],

@@ -10,10 +10,10 @@ import pytest
 from conftest import DIGIT_NAMES, DIGIT_SIZE
 
 import convmixer_tf
-from convmixer_tf import contract
 from convmixer_tf import export as exporters
 from convmixer_tf.export import metadata, mobile
 from convmixer_tf.export.scores import softmax
+from convmixer_tf.facts import facts_of
 
 pytest.importorskip("mediapipe")
 
@@ -196,7 +196,7 @@ def test_converter_labels_flag(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["conversion"]["class_names"] == "labels file"
     out = tmp_path / "m_keras"
-    assert contract.info_of(convmixer_tf.load_model(out / "model.keras")).class_names[3] == "c3"
+    assert facts_of(convmixer_tf.load_model(out / "model.keras")).class_names[3] == "c3"
     assert metadata.packed_labels(out / "model.tflite")[9] == "c9"
 
 
@@ -213,7 +213,7 @@ def test_files_without_metadata_still_verify(tmp_path):
         input_shape=(SIZE, SIZE, 3),
         include_preprocessing=True,
     )
-    traced = tflite.trace(model, convmixer_tf.info_of(model), (1, 9), output="logits")
+    traced = tflite.trace(model, (1, 9), output="logits")
     path = tmp_path / "old.tflite"
     path.write_bytes(tflite.convert(traced))
     assert metadata.read_metadata(path) is None
@@ -238,11 +238,7 @@ def test_released_variant_gets_imagenet_names_in_mediapipe(tmp_path):
     assert main(["--torch-ckpt", str(ckpt), "--export", "tflite", "--quiet"]) == 0
     out = tmp_path / "c_keras"
     first = timm.data.ImageNetInfo().label_descriptions()[0].split(",")[0]
-    assert (
-        contract.info_of(convmixer_tf.load_model(out / "model.keras")).class_names[0]
-        == first
-        == "tench"
-    )
+    assert facts_of(convmixer_tf.load_model(out / "model.keras")).class_names[0] == first == "tench"
     image = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
     scores, names, _ = mobile.classify(out / "model.tflite", image, 1000)
     assert names[0] == "tench" and len(set(names)) > 990 and abs(float(scores.sum()) - 1.0) < 1e-3

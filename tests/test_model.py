@@ -118,7 +118,7 @@ def test_get_config_from_config_round_trip():
     assert [layer.name for layer in clone.layers] == [layer.name for layer in model.layers]
     x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_array_equal(np.asarray(clone(x)), np.asarray(model(x)))
-    assert convmixer_tf.info_of(clone).config == convmixer_tf.ConvMixerConfig(**TINY)
+    assert convmixer_tf.facts_of(clone).config == convmixer_tf.ConvMixerConfig(**TINY)
 
 
 LOAD_WITHOUT_PACKAGE = r"""

@@ -1,7 +1,9 @@
-"""Formats written side by side in worker processes: the job a worker gets, plug-in formats
-still written (here), low memory written in one process, a worker the kernel kills reported
-as what it is (exit 1, its formats, the signal, the way round), never as a bug."""
+"""Formats written side by side in worker processes: the job and the formats a worker gets
+(a format a test adds is written there too), low memory written in one process, a worker
+the kernel kills reported as what it is (exit 1, its formats, the signal, the way round),
+never as a bug."""
 
+import dataclasses
 import os
 import re
 import signal
@@ -17,6 +19,7 @@ from test_interrupts import alive, mapped, start, workers_of
 
 import convmixer_tf
 from convmixer_tf import export as exporters
+from convmixer_tf.errors import BadInput
 from convmixer_tf.export import parallel, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,39 +39,24 @@ def tiny():
     return randomize_batchnorm(model)
 
 
-class KerasCopyRunner:
-    output = "logits"
+def test_a_format_the_registry_does_not_list_is_written_by_a_worker_too(
+    tmp_path, tiny, monkeypatch
+):
+    """A worker gets its formats pickled, as it gets the job: a format a test patches into
+    FORMATS, in a group of its own, is written and checked by a worker like any other."""
+    from test_architecture import COPY
 
-    def __init__(self, path, threads=2):
-        import keras
-
-        self.model = keras.models.load_model(path, compile=False)
-
-    def __call__(self, images):
-        return np.asarray(self.model.predict(images, verbose=0))
-
-
-def test_a_registered_format_is_written_when_formats_go_side_by_side(tmp_path, tiny):
-    """Workers are fresh interpreters that know the built-in formats only: a plug-in is
-    written by the process that registered it, whatever group it names."""
-    plugin = registry.ExportFormat(
-        name="keras_copy",
-        filename="copy.keras",
-        summary="the export graph as a .keras file (test only)",
-        write=lambda job, path: job.model.save(path),
-        load=KerasCopyRunner,
-        tolerance=1e-6,
-        recognises=lambda path: str(path).endswith("copy.keras"),
-        group="elsewhere",
+    monkeypatch.setattr(
+        registry, "FORMATS", (*registry.FORMATS, dataclasses.replace(COPY, group="elsewhere"))
     )
-    with registry.registered(plugin):
-        options = exporters.ExportOptions(
-            formats=("onnx", "keras_copy", "tflite"), processes=2, verify_count=2, latency_runs=1
-        )
-        rows = exporters.export_formats(tiny, tmp_path, options)
-    assert [row["format"] for row in rows] == ["onnx", "keras_copy", "tflite"]
+    options = exporters.ExportOptions(
+        formats=("onnx", "keras_copy"), processes=2, verify_count=2, latency_runs=1
+    )
+    rows = exporters.export_formats(tiny, tmp_path, options)
+    assert [row["format"] for row in rows] == ["onnx", "keras_copy"]
     assert all(row["passed"] for row in rows)
-    assert sorted(os.listdir(tmp_path)) == ["copy.keras", "model.onnx", "model.tflite"]
+    assert rows[1]["pid"] != os.getpid()  # written and checked in a worker
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model_copy.keras"]
 
 
 def test_a_job_travels_to_a_worker_whole(tiny):
@@ -76,18 +64,17 @@ def test_a_job_travels_to_a_worker_whole(tiny):
     outputs, its facts attached, the options, and resources of its own."""
     import pickle
 
-    from convmixer_tf import contract
     from convmixer_tf.export.run import prepare_job
 
     options = exporters.ExportOptions(formats=("tflite_int8",), nchw=True, opset=15)
-    job, held_out = prepare_job(tiny, contract.info_of(tiny), options, calibrated=True)
+    job, held_out = prepare_job(tiny, options, calibrated=True)
     job.scratch()
     try:
         copy = pickle.loads(pickle.dumps(job))
         np.testing.assert_array_equal(
             copy.model.predict(held_out, verbose=0), job.model.predict(held_out, verbose=0)
         )
-        assert contract.info_of(copy.model) == copy.info == job.info and job.info.raw_rgb
+        assert copy.facts == job.facts and job.facts.raw_rgb
         assert (copy.nchw, copy.opset) == (True, 15)
         assert copy.calibration_source == job.calibration_source != ""
         np.testing.assert_array_equal(copy.calibration, job.calibration)
@@ -111,21 +98,23 @@ def test_a_failure_here_stops_the_workers(tmp_path, tiny, monkeypatch):
     assert workers_of(os.getpid()) == []
 
 
+def refusing_write(job, path):
+    raise BadInput("refused by its writer")
+
+
 @pytest.mark.slow
 def test_a_failure_in_a_worker_is_raised_here_as_what_it_is(tmp_path, tiny):
-    """A worker's exception comes back with its kind and message (here BadInput: a fresh
-    interpreter knows no plug-in format), so the exit code is the one it would be here."""
-    from convmixer_tf import contract
-    from convmixer_tf.errors import BadInput
+    """A worker's exception comes back with its kind and message (here BadInput, from a
+    format's writer), so the exit code is the one it would be here."""
     from convmixer_tf.export.run import prepare_job
 
     plugin = registry.ExportFormat(
-        name="elsewhere_only", filename="x.bin", summary="", write=None, load=None
+        name="refusing", filename="x.bin", summary="", write=refusing_write, load=None
     )
     options = exporters.ExportOptions(formats=("onnx",), verify_count=2)
-    job, held_out = prepare_job(tiny, contract.info_of(tiny), options, calibrated=False)
+    job, held_out = prepare_job(tiny, options, calibrated=False)
     try:
-        with pytest.raises(BadInput, match="unknown export format 'elsewhere_only'"):
+        with pytest.raises(BadInput, match="refused by its writer"):
             parallel.write_in_processes(
                 {"main": [], "other": [plugin]}, job, tmp_path, held_out, held_out, log=print
             )

@@ -21,7 +21,7 @@ from convmixer_tf.predict.__main__ import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELD_OUT = 200  # held-out digits each file classifies
-FILES = ["model.keras", *(fmt.filename for fmt in registry.BUILT_IN)]
+FILES = ["model.keras", *(fmt.filename for fmt in registry.FORMATS)]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def scores(trained, exported, held_out):
 
 @pytest.mark.parametrize("name", FILES[1:])
 def test_every_file_agrees_with_model_keras_on_held_out_digits(scores, held_out, name):
-    fmt = {f.filename: f for f in registry.BUILT_IN}[name]
+    fmt = {f.filename: f for f in registry.FORMATS}[name]
     keras, file = scores["model.keras"], scores[name]
     agreement = np.mean(file.argmax(1) == keras.argmax(1))
     if fmt.tolerance is None:  # quantised
@@ -64,7 +64,7 @@ def test_a_file_copied_alone_still_gives_names(exported, held_out, tmp_path, nam
     alone.parent.mkdir()
     copy(exported / name, alone)
     classifier = Classifier(alone)
-    assert classifier.names == DIGIT_NAMES and classifier.info.preprocessing.input_size == 32
+    assert classifier.names == DIGIT_NAMES and classifier.facts.preprocessing.input_size == 32
     image = os.path.join(held_out[0], "000.png")
     assert next(classify(classifier, [image])).top[0][0] == DIGIT_NAMES[held_out[1][0]]
 
@@ -206,7 +206,7 @@ import numpy as np
 from convmixer_tf.predict import Classifier
 
 classifier = Classifier(sys.argv[1])
-size = classifier.info.preprocessing.input_size
+size = classifier.facts.preprocessing.input_size
 scores = classifier.probabilities(np.full((1, size, size, 3), 128.0, np.float32))
 assert scores.shape == (1, 10) and abs(float(scores.sum()) - 1) < 1e-2, scores
 print(sorted(name for name in ("tensorflow", "keras", "onnx") if name in sys.modules))
@@ -268,7 +268,7 @@ def test_large_inputs_are_loaded_a_few_at_a_time():
 
     class Counting(Classifier):
         def __init__(self, size):  # no file: what classify reads of a classifier
-            self.info = types.SimpleNamespace(preprocessing=Preprocessing(input_size=size))
+            self.facts = types.SimpleNamespace(preprocessing=Preprocessing(input_size=size))
             self.names = ("a", "b")
             self.loaded, self.most, self.batches = 0, 0, []
             self.lock = threading.Lock()

@@ -15,7 +15,8 @@ import pytest
 from conftest import write_folder
 
 import convmixer_tf
-from convmixer_tf import contract, labels, outputs, staging, temporaries
+from convmixer_tf import labels, outputs, staging, temporaries
+from convmixer_tf.facts import FACTS_FILE, attach, facts_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO)
@@ -326,8 +327,8 @@ def test_evaluate_refuses_other_classes_in_a_process_of_its_own(tmp_path):
     model = convmixer_tf.ConvMixer(
         dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=3, input_shape=(32, 32, 3)
     )
-    info = contract.info_of(model).replace(class_names=("cat", "dog", "eel"))
-    trained = convmixer_tf.save_model(model, tmp_path / "pets.keras", info)
+    attach(model, facts_of(model).replace(class_names=("cat", "dog", "eel")))
+    trained = convmixer_tf.save_model(model, tmp_path / "pets.keras")
     fruit = write_folder(tmp_path / "fruit", per_class=2, names=["apple", "banana", "cherry"])
     command = [sys.executable, "-m", "convmixer_tf.evaluate", "--model", str(trained)]
     done = subprocess.run(
@@ -350,9 +351,8 @@ def test_evaluate_refuses_a_dataset_of_other_classes(tmp_path, capsys):
         include_preprocessing=True,
     )
     trained = convmixer_tf.save_model(
-        model,
+        attach(model, facts_of(model).replace(class_names=("cat", "dog", "eel"))),
         tmp_path / "pets.keras",
-        contract.info_of(model).replace(class_names=("cat", "dog", "eel")),
     )
     fruit = write_folder(tmp_path / "fruit", per_class=2, names=["apple", "banana", "cherry"])
     pets = write_folder(tmp_path / "pets", per_class=2, names=["cat", "dog", "eel"])
@@ -791,7 +791,7 @@ def test_messages_name_the_real_problem(tmp_path, checkpoint, tiny_keras, capsys
         with zipfile.ZipFile(tiny_keras) as src, zipfile.ZipFile(edited, "w") as dst:
             for item in src.namelist():
                 data = src.read(item)
-                if item == contract.INFO_MEMBER:
+                if item == FACTS_FILE:
                     data = json.dumps(change(json.loads(data)))
                 dst.writestr(item, data)
         assert (

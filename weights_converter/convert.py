@@ -7,10 +7,11 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from convmixer_tf import contract, labels
-from convmixer_tf.config import ConvMixerConfig, get_variant
+from convmixer_tf import labels
+from convmixer_tf.config import ConvMixerConfig, Preprocessing, get_variant
 from convmixer_tf.errors import BadInput
-from convmixer_tf.model import ConvMixer
+from convmixer_tf.facts import Facts, facts_of
+from convmixer_tf.model import build
 from weights_converter import hub, layouts, mapping
 from weights_converter.checkpoint import Checkpoint, read_checkpoint
 
@@ -88,16 +89,13 @@ def convert_state_dict(
     config, matched, activation_source = _architecture(state_dict, variant, activation, layout)
     include_top = mapping.has_head(canonical)
     rows = mapping.plan(canonical, config, include_top, layout=layout)
-    model = ConvMixer(**config.to_dict(), include_top=include_top, name=matched or "convmixer")
-    _fill(model, rows, canonical)
     cfg = dict(pretrained_cfg or {})
-    info = contract.info_of(model)
-    if matched:
-        info = info.replace(preprocessing=get_variant(matched).preprocessing, variant=matched)
-    if cfg.get("preprocessing"):
-        info = info.replace(preprocessing=cfg["preprocessing"])
     names, names_source = _class_names(class_names, cfg, matched, config, include_top)
-    contract.attach(model, info.replace(class_names=names, source=cfg.get("source")))
+    # the transform: the source's, else the released variant's, else ImageNet's
+    pre = cfg.get("preprocessing") or (get_variant(matched).preprocessing if matched else None)
+    facts = Facts(config, pre or Preprocessing(), names, matched, source=cfg.get("source"))
+    model = build(facts, name=matched or "convmixer")
+    _fill(model, rows, canonical)
     return Conversion(
         model,
         config,
@@ -214,7 +212,7 @@ def keras_to_state_dict(model, layout: str = "timm", framework: str = "numpy") -
     """
     if framework not in ("numpy", "torch"):
         raise ValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
-    config = contract.info_of(model).config
+    config = facts_of(model).config
     out = {}
     for row in mapping.weight_table(config, config.num_classes > 0):
         value = np.asarray(

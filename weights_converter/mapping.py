@@ -14,8 +14,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from convmixer_tf import contract
-from convmixer_tf.config import VARIANTS, ConvMixerConfig
+from convmixer_tf.config import HEAD, STEM_BN, STEM_CONV, VARIANTS, ConvMixerConfig, block_layer
 from weights_converter.layouts import (
     IGNORED_SUFFIXES,
     MappingError,
@@ -74,18 +73,18 @@ def weight_table(config: ConvMixerConfig, include_top: bool = True) -> List[Row]
         )
         return [Row(layer, w, f"{key}.{t}", "identity") for w, t in pairs]
 
-    rows = conv(contract.STEM_CONV, "stem.0") + bn(contract.STEM_BN, "stem.2")
+    rows = conv(STEM_CONV, "stem.0") + bn(STEM_BN, "stem.2")
     spatial = "depthwise" if config.depthwise else "conv"
     for i in range(config.depth):
-        layer = functools.partial(contract.block_layer, i)
+        layer = functools.partial(block_layer, i)
         rows += conv(layer("dw_conv"), f"blocks.{i}.0.fn.0", spatial)
         rows += bn(layer("dw_bn"), f"blocks.{i}.0.fn.2")
         rows += conv(layer("pw_conv"), f"blocks.{i}.1")
         rows += bn(layer("pw_bn"), f"blocks.{i}.3")
     if include_top:
         rows += [
-            Row(contract.HEAD, "kernel", "head.weight", "linear"),
-            Row(contract.HEAD, "bias", "head.bias", "identity"),
+            Row(HEAD, "kernel", "head.weight", "linear"),
+            Row(HEAD, "bias", "head.bias", "identity"),
         ]
     return rows
 

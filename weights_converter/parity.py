@@ -15,10 +15,10 @@ from typing import List, Optional
 
 import numpy as np
 
-from convmixer_tf import contract
-from convmixer_tf.config import VARIANTS, ConvMixerConfig
+from convmixer_tf.config import VARIANTS, ConvMixerConfig, stage_layers
 from convmixer_tf.errors import BadInput, CheckFailed
 from convmixer_tf.export.scores import allowed
+from convmixer_tf.facts import facts_of
 from weights_converter import layouts
 
 DEFAULT_TOLERANCE = 1e-4
@@ -213,11 +213,7 @@ def check_parity(
     final.diverged = final.max_abs > tolerance
     keras_out, torch_out = keras_outs[-1], torch_outs[-1][1]
     top1 = None
-    if (
-        keras_out.ndim == 2
-        and keras_out.shape[1] > 1
-        and contract.info_of(keras_model).config.num_classes
-    ):
+    if keras_out.ndim == 2 and keras_out.shape[1] > 1 and facts_of(keras_model).config.num_classes:
         top1 = float(np.mean(keras_out.argmax(1) == torch_out.argmax(1)))
     return ParityReport(
         passed=bool(not final.diverged and np.isfinite(keras_out).all()),
@@ -267,7 +263,7 @@ def _torch_stages(torch_model, inputs) -> list:
 def _keras_stages(keras_model, inputs, depth) -> list:
     import keras
 
-    layers = contract.stage_layers(depth)
+    layers = stage_layers(depth)
     probe = keras.Model(
         keras_model.input, [keras_model.get_layer(n).output for n in layers] + [keras_model.output]
     )
@@ -315,7 +311,7 @@ def prove(
     # the tensors under the reference's own names, loaded strictly
     tensors = layouts.from_canonical(conversion.canonical, layout, config.depth)
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
-    pre = contract.info_of(conversion.model).preprocessing
+    pre = facts_of(conversion.model).preprocessing
     inputs = seeded_inputs(SEEDED_BATCH, pre.input_size)
     sets = [{"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH}]
     if images:

@@ -210,16 +210,14 @@ def _write_files(model, folder, *, exports, options: ConvertOptions, timings, lo
 
 def _write_report(folder, report: Report, model, replaced):
     """report.json, and with a model the model card that lets the folder go to the Hub as it is."""
-    from convmixer_tf import contract
     from convmixer_tf.card import model_card
+    from convmixer_tf.facts import facts_of
 
     report.replaced = replaced
     content = report.to_dict()
     outputs.write_json_atomic(os.path.join(folder, REPORT), content)
     if report.passed:
-        outputs.write_atomic(
-            os.path.join(folder, CARD), model_card(contract.info_of(model), content)
-        )
+        outputs.write_atomic(os.path.join(folder, CARD), model_card(facts_of(model), content))
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ import hashlib
 import os
 from typing import Callable, Optional
 
-from convmixer_tf import contract, outputs, saving, temporaries
+from convmixer_tf import outputs, saving, temporaries
 from convmixer_tf.errors import BadInput
+from convmixer_tf.facts import attach, facts_of
 from weights_converter import hub
 from weights_converter.convert import convert_file
 from weights_converter.parity import ParityError, prove
@@ -43,12 +44,12 @@ def pretrained(
     parity = prove(conversion)
     if not parity.passed:
         raise ParityError(parity.describe())
-    info = contract.info_of(conversion.model)
-    info = info.replace(source=dict(info.source or {}, sha256=weights))
+    facts = facts_of(conversion.model)
+    model = attach(conversion.model, facts.replace(source=dict(facts.source or {}, sha256=weights)))
     os.makedirs(cache_folder(), exist_ok=True)
     temporaries.remove_stale_temporaries(cache_folder())  # of conversions that were killed
-    saving.save_model(conversion.model, cached, info)
-    return contract.attach(conversion.model, info)
+    saving.save_model(model, cached)
+    return model
 
 
 def _from_cache(path, variant, weights, log):
@@ -61,9 +62,9 @@ def _from_cache(path, variant, weights, log):
     except BadInput as err:
         log(f"the cached {path} cannot be read ({err}); converting again")
         return None
-    info = contract.info_of(model)
-    if (info.source or {}).get("sha256") != weights or (
-        variant is not None and info.variant != variant
+    facts = facts_of(model)
+    if (facts.source or {}).get("sha256") != weights or (
+        variant is not None and facts.variant != variant
     ):
         log(f"the cached {path} is not the conversion of these weights; converting again")
         return None

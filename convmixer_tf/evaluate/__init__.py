@@ -9,9 +9,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from convmixer_tf import contract
 from convmixer_tf.config import Preprocessing, get_variant
 from convmixer_tf.errors import BadInput
+from convmixer_tf.facts import facts_of
 from convmixer_tf.labels import imagenet_class_names
 
 
@@ -19,7 +19,7 @@ def preprocessing_for(model, preset: Optional[str] = None, **overrides) -> Prepr
     """The evaluation transform for `model`: a variant's (by `preset`), else the one stored
     with the model; then `overrides` (input_size, crop_pct, interpolation, mean, std)
     where not None."""
-    stored = contract.info_of(model).preprocessing
+    stored = facts_of(model).preprocessing
     base = stored if preset is None else get_variant(preset).preprocessing
     return base.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -30,7 +30,7 @@ def check_classes(model, class_names, allow_mismatch: bool = False) -> str:
 
     A model saved without class names (older files) is checked by class count only.
     """
-    model_names = contract.info_of(model).class_names
+    model_names = facts_of(model).class_names
     count = model.output_shape[-1]
     if len(class_names) != count:
         problem = f"the model has {count} classes, the dataset {len(class_names)}"
@@ -110,7 +110,7 @@ def evaluate(
     if limit is not None:
         dataset = dataset.take(limit)
     batches = eval_pipeline(
-        dataset, preprocessing, batch_size, normalize=not contract.info_of(model).raw_rgb
+        dataset, preprocessing, batch_size, normalize=not facts_of(model).raw_rgb
     )
     num_classes = model.output_shape[-1]
     total = {"loss_sum": 0.0, "top1": 0, "top5": 0, "count": 0}

@@ -13,7 +13,6 @@ from convmixer_tf.export import registry
 from convmixer_tf.export.base import ExportError, ExportFormat, ExportJob
 from convmixer_tf.export.calibration import CALIBRATION_COUNT, VERIFY_COUNT
 from convmixer_tf.export.onnx import export_onnx
-from convmixer_tf.export.registry import FORMATS
 from convmixer_tf.export.report import format_rows, tie_note, top1_text
 from convmixer_tf.export.run import ExportOptions, check_formats, export_formats, prepare_job
 from convmixer_tf.export.saved_model import export_saved_model
@@ -22,7 +21,6 @@ from convmixer_tf.export.verify import Runner, verify
 
 __all__ = [
     "CALIBRATION_COUNT",
-    "FORMATS",
     "VERIFY_COUNT",
     "ExportError",
     "ExportFormat",

@@ -74,8 +74,10 @@ def add_export_options(group, *, flag: str = "--formats", default=DEFAULT_FORMAT
     )
     group.add_argument(
         "--quantize",
-        choices=[fmt.quantize for fmt in registry.FORMATS if fmt.quantize],
-        help="also write this quantised TFLite file",
+        choices=[
+            name.removeprefix("tflite_") for name in registry.names() if name.startswith("tflite_")
+        ],
+        help="also write this quantised TFLite file (--quantize int8 adds tflite_int8)",
     )
     group.add_argument(
         "--calibration-data",
@@ -150,8 +152,8 @@ def main(argv=None) -> int:
 
 
 def _export(args, log) -> int:
-    from convmixer_tf import contract
     from convmixer_tf import export as exporters
+    from convmixer_tf.facts import facts_of
     from convmixer_tf.labels import check_class_names
 
     options = _options_from(args)
@@ -160,7 +162,7 @@ def _export(args, log) -> int:
     with staged(output, args.force, inputs) as staging:  # checked before the model loads
         model = load_float32_model(args.model)
         if options.class_names is not None:  # before any work
-            check_class_names(options.class_names, contract.info_of(model).config.num_classes)
+            check_class_names(options.class_names, facts_of(model).config.num_classes)
         rows = exporters.export_formats(model, staging.path, options, log=log)
         outputs.write_json_atomic(os.path.join(staging.path, REPORT), rows)
     print(json.dumps(rows, indent=2) if args.json else exporters.format_rows(rows, staging.output))

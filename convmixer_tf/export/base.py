@@ -8,8 +8,9 @@ import dataclasses
 import shutil
 from typing import Callable, Dict, Iterable, Optional
 
-from convmixer_tf import contract, interrupts, temporaries
+from convmixer_tf import interrupts, temporaries
 from convmixer_tf.errors import BadInput, CheckFailed
+from convmixer_tf.facts import Facts, attach, facts_of
 
 OUTPUTS = ("logits", "probabilities")
 
@@ -38,14 +39,11 @@ class ExportFormat:
         calibrated: it needs calibration images.
         describe: `describe(path, check)` -> what its report row adds (`verify.Check`); a
             "problem" in it fails the file.
-        recognises: `recognises(path)` -> True for a file of this format, where the end of
-            its name does not tell (`registry.find`): a SavedModel is a folder.
-        quantize: the value of the export CLI's --quantize that adds this format.
         group: formats that share work (a traced graph, a converted file) are written by
             one process when the formats of a run are written in parallel.
-        facts: `facts(path)` -> the `ModelInfo` a file of this format carries (what
+        facts: `facts(path)` -> the `Facts` a file of this format carries (what
             `convmixer_tf.predict` reads), or None for a file that carries none; BadInput
-            when they cannot be read (`contract.read_json` sets the limits).
+            when they cannot be read (`read_json` sets the limits).
     """
 
     name: str
@@ -57,8 +55,6 @@ class ExportFormat:
     aliases: tuple = ()
     calibrated: bool = False
     describe: Optional[Callable] = None
-    recognises: Optional[Callable] = None
-    quantize: Optional[str] = None
     group: str = "main"
     facts: Optional[Callable] = None
 
@@ -97,8 +93,7 @@ class ExportJob:
 
     Attributes:
         model: the Keras graph the files are made from (fixed input size; raw RGB in when
-            `info.raw_rgb`).
-        info: its `ModelInfo` (preprocessing, class names): the facts every writer reads.
+            its facts say so), carrying its facts (`facts`: preprocessing, class names).
         nchw: ONNX input as [N, 3, H, W].
         opset: ONNX opset, None for the default.
         tflite_output: "probabilities" (softmax at the end, what phone apps show) or "logits".
@@ -108,7 +103,6 @@ class ExportJob:
     """
 
     model: object
-    info: object
     nchw: bool = False
     opset: Optional[int] = None
     tflite_output: str = "probabilities"
@@ -121,8 +115,9 @@ class ExportJob:
             raise BadInput(f"tflite_output must be one of {OUTPUTS}, got {self.tflite_output!r}")
 
     @property
-    def raw_rgb(self) -> bool:
-        return self.info.raw_rgb
+    def facts(self) -> Facts:
+        """The model's facts, what every writer reads: those it carries (`facts_of`)."""
+        return facts_of(self.model)
 
     def shared(self, key, make: Callable[[], object]):
         """`make()` once per key for the whole run (a traced graph several files come from)."""
@@ -149,12 +144,13 @@ class ExportJob:
             for field in dataclasses.fields(self)
             if field.name not in ("model", "resources")
         }
-        return _rebuilt, (self.model.get_config(), self.model.get_weights(), fields)
+        model = (self.model.get_config(), self.model.get_weights(), self.facts)
+        return _rebuilt, (*model, fields)
 
 
-def _rebuilt(config, weights, fields: dict) -> ExportJob:
+def _rebuilt(config, weights, facts, fields: dict) -> ExportJob:
     import keras
 
     model = keras.Model.from_config(config)
     model.set_weights(weights)
-    return ExportJob(contract.attach(model, fields["info"]), **fields)
+    return ExportJob(attach(model, facts), **fields)

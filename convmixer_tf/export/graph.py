@@ -14,8 +14,9 @@ from typing import List
 
 import numpy as np
 
-from convmixer_tf import contract
+from convmixer_tf.config import HEAD, STEM_BN, STEM_CONV, block_layer
 from convmixer_tf.errors import BadInput
+from convmixer_tf.facts import facts_of
 
 # LiteRT's XNNPACK runs a depthwise kernel of up to 9 taps in one pass; 10-25 taps take
 # a slower kernel, and more than 25 a multi-pass one that is slower still. Kernels
@@ -64,9 +65,8 @@ class InferenceGraph:
     """A ConvMixer forward pass as a tf.function over constants.
 
     Args:
-        model: a Keras ConvMixer built by convmixer_tf; a model that takes raw RGB gives a
-            graph that does (its normalisation as one multiply-add).
-        info: the model's facts, when the caller holds them (default: `info_of(model)`).
+        model: a Keras ConvMixer built by convmixer_tf, carrying its facts; a model that
+            takes raw RGB gives a graph that does (its normalisation as one multiply-add).
         depthwise: "native" (one DEPTHWISE_CONV_2D) or "tiled" (k x k, k > 5, as a sum
             of the small tiles of `tile_plan(k)`, for LiteRT/XNNPACK).
         channel_groups: with "tiled", the depthwise branch (tiles, activation, BatchNorm)
@@ -87,7 +87,6 @@ class InferenceGraph:
         self,
         model,
         *,
-        info=None,
         depthwise: str = "native",
         gelu: str = "builtin",
         affine: str = "ops",
@@ -96,10 +95,10 @@ class InferenceGraph:
         probabilities: bool = False,
     ):
         _check_forms(depthwise, gelu, affine)
-        info = info or contract.info_of(model)
-        self.config = info.config
-        self.pooling = info.pooling
-        self.raw_rgb = info.raw_rgb
+        facts = facts_of(model)
+        self.config = facts.config
+        self.pooling = facts.pooling
+        self.raw_rgb = facts.raw_rgb
         self.depthwise = depthwise
         self.gelu = gelu
         self.affine = affine
@@ -107,19 +106,19 @@ class InferenceGraph:
             raise ValueError(
                 f"channel_groups must divide the width {self.config.dim}, got {channel_groups}"
             )
-        if info.classifier_activation not in (None, "linear", "softmax"):
+        if facts.classifier_activation not in (None, "linear", "softmax"):
             raise BadInput(
-                f"classifier activation {info.classifier_activation!r} is not exportable"
+                f"classifier activation {facts.classifier_activation!r} is not exportable"
             )
         self.input_shape = tuple(model.input_shape[1:])
         self.pre = None
-        if info.raw_rgb:
+        if facts.raw_rgb:
             self.pre = Affine(
-                *(np.asarray(v, np.float32) for v in info.preprocessing.scale_offset())
+                *(np.asarray(v, np.float32) for v in facts.preprocessing.scale_offset())
             )
         self._read_weights(model)
         self.softmax = self.head is not None and (
-            probabilities or info.classifier_activation == "softmax"
+            probabilities or facts.classifier_activation == "softmax"
         )
         self._fold_batchnorm()
         self.plan = None
@@ -132,18 +131,18 @@ class InferenceGraph:
     def _read_weights(self, model):
         """The stem, blocks and head of `model` as numpy weights (BatchNorms as affines)."""
         layer = {layer.name: layer for layer in model.layers}
-        self.stem = _conv(layer[contract.STEM_CONV])
-        self.stem_bn = _bn_affine(layer[contract.STEM_BN])
+        self.stem = _conv(layer[STEM_CONV])
+        self.stem_bn = _bn_affine(layer[STEM_BN])
         self.blocks = [
             Block(
-                _conv(layer[contract.block_layer(i, "dw_conv")]),
-                _bn_affine(layer[contract.block_layer(i, "dw_bn")]),
-                _conv(layer[contract.block_layer(i, "pw_conv")]),
-                _bn_affine(layer[contract.block_layer(i, "pw_bn")]),
+                _conv(layer[block_layer(i, "dw_conv")]),
+                _bn_affine(layer[block_layer(i, "dw_bn")]),
+                _conv(layer[block_layer(i, "pw_conv")]),
+                _bn_affine(layer[block_layer(i, "pw_bn")]),
             )
             for i in range(self.config.depth)
         ]
-        self.head = _conv(layer[contract.HEAD]) if self.config.num_classes else None
+        self.head = _conv(layer[HEAD]) if self.config.num_classes else None
 
     def _fold_batchnorm(self):
         """Moves BatchNorm arithmetic into neighbouring convolutions where that is exact.

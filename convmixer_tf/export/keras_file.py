@@ -15,21 +15,22 @@ class KerasRunner:
     """Runs a `.keras` file in Keras on NHWC float32 batches (as the model takes them).
 
     Attributes:
-        info: its facts, as `saving.load_model` read them (stored in the file, or from its
+        facts: its facts, as `saving.load_model` read them (stored in the file, or from its
             layers for a file of an earlier version).
         input_shape, output_shape: one image's, as the graph has them (None: any size).
         output: "probabilities" when its head ends in a softmax, else "logits".
     """
 
     def __init__(self, path, threads: int = 2):
-        from convmixer_tf.contract import info_of
+        from convmixer_tf.facts import facts_of
         from convmixer_tf.saving import load_model
 
         self.model = load_model(os.fspath(path))
-        self.info = info_of(self.model)
+        self.facts = facts_of(self.model)
         self.input_shape = tuple(self.model.input_shape[1:])
         self.output_shape = tuple(self.model.output_shape[1:])
-        self.output = "probabilities" if self.info.classifier_activation == "softmax" else "logits"
+        softmax = self.facts.classifier_activation == "softmax"
+        self.output = "probabilities" if softmax else "logits"
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict(images, verbose=0))
@@ -38,13 +39,13 @@ class KerasRunner:
 def _write(job, path):
     from convmixer_tf.saving import save_model
 
-    return save_model(job.model, path, job.info)
+    return save_model(job.model, path)
 
 
 def _read_facts(path):
-    from convmixer_tf.saving import stored_info
+    from convmixer_tf.saving import stored_facts
 
-    return stored_info(path)
+    return stored_facts(path)
 
 
 FORMAT = ExportFormat(

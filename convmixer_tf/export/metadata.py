@@ -23,12 +23,11 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from convmixer_tf.config import PIXEL_MAX
-from convmixer_tf.contract import facts_from_json, zip_member
 from convmixer_tf.errors import BadInput
+from convmixer_tf.facts import FACTS_FILE, Facts, zip_member
 
 METADATA_NAME = "TFLITE_METADATA"
 LABELS_FILE = "labels.txt"
-FACTS_FILE = "convmixer.json"  # the model's facts (contract.facts_json), packed beside the labels
 MIN_PARSER_VERSION = "1.0.0"  # no field here needs a newer parser
 
 # Enum and union values of metadata_schema.fbs.
@@ -50,7 +49,7 @@ class Metadata:
             raw RGB.
         output: "probabilities" or "logits".
         class_names: one per output class, or None (no labels file).
-        facts: the model's facts as JSON (`contract.facts_json`), packed as FACTS_FILE.
+        facts: the model's facts as JSON (`Facts.to_json`), packed as FACTS_FILE.
     """
 
     name: str
@@ -205,7 +204,7 @@ def packed_labels(path) -> Optional[list]:
 
 
 def packed_file(path, name) -> Optional[bytes]:
-    """The bytes of file `name` packed in a .tflite file (at most `contract.FACTS_LIMIT`),
+    """The bytes of file `name` packed in a .tflite file (at most `facts.FACTS_LIMIT`),
     or None when the file packs no archive or the archive no such file; BadInput for an
     archive that cannot be read or a member larger than that."""
     if not zipfile.is_zipfile(path):
@@ -223,7 +222,7 @@ def packed_facts(path):
             f"{path} is truncated or damaged: the zip archive at its end, which holds its "
             f"{FACTS_FILE}, cannot be read"
         )
-    return None if data is None else facts_from_json(data, path)
+    return None if data is None else Facts.from_json(data, path)
 
 
 def _mentions(path, text: bytes) -> bool:

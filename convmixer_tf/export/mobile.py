@@ -37,12 +37,12 @@ def gpu_compatibility(path) -> str:
     )
 
 
-def pixels(images: np.ndarray, info=None) -> np.ndarray:
+def pixels(images: np.ndarray, facts=None) -> np.ndarray:
     """The uint8 RGB images an app would hand over, from a file's float inputs: raw RGB,
-    or normalised ones (for a model whose `info` says it does not take raw RGB)."""
+    or normalised ones (for a model whose `facts` say it does not take raw RGB)."""
     x = np.asarray(images, np.float64)
-    if info is not None and not info.raw_rgb:
-        x = info.preprocessing.denormalize(x)
+    if facts is not None and not facts.raw_rgb:
+        x = facts.preprocessing.denormalize(x)
     return np.clip(np.round(x), 0, PIXEL_MAX).astype(np.uint8)
 
 
@@ -110,19 +110,19 @@ def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict
     """
     from convmixer_tf.export.scores import agreement, as_output
 
-    skipped = _not_for_mediapipe(path, check.info, has_metadata)
+    skipped = _not_for_mediapipe(path, check.facts, has_metadata)
     if skipped is not None:
         return {"status": skipped}
-    info, runner = check.info, check.runner
-    images = pixels(check.inputs, info)
-    if info.raw_rgb:
+    facts, runner = check.facts, check.runner
+    images = pixels(check.inputs, facts)
+    if facts.raw_rgb:
         fed = images.astype(np.float32)
     else:
-        fed = info.preprocessing.normalize(images).astype(np.float32)
+        fed = facts.preprocessing.normalize(images).astype(np.float32)
     logits = check.shared(
         ("keras", "app pixels"), lambda: np.asarray(check.model.predict(fed, verbose=0))
     )
-    reference = as_output(info, logits, runner.output)
+    reference = as_output(facts, logits, runner.output)
     try:
         classifier = open_classifier(path, reference.shape[1], runner.output == "logits")
     except (RuntimeError, ValueError) as err:  # MediaPipe refusing the file is the finding
@@ -147,7 +147,7 @@ def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict
     return row
 
 
-def _not_for_mediapipe(path, info, has_metadata: Optional[bool]) -> Optional[str]:
+def _not_for_mediapipe(path, facts, has_metadata: Optional[bool]) -> Optional[str]:
     """Why MediaPipe is not asked about this file (its status), or None."""
     from convmixer_tf.export.metadata import read_metadata
 
@@ -160,9 +160,9 @@ def _not_for_mediapipe(path, info, has_metadata: Optional[bool]) -> Optional[str
     if not has_metadata:
         return "skipped: the file has no metadata (written before files carried it)"
     per_channel = any(
-        len(set(values)) > 1 for values in (info.preprocessing.mean, info.preprocessing.std)
+        len(set(values)) > 1 for values in (facts.preprocessing.mean, facts.preprocessing.std)
     )
-    if not info.raw_rgb and per_channel:
+    if not facts.raw_rgb and per_channel:
         # MediaPipe refuses "Per-channel image normalization"; the file is right for others.
         return (
             "not for MediaPipe: the file takes per-channel normalised input, which MediaPipe "
@@ -183,7 +183,7 @@ def _problems(row, scores, names, check, reference) -> list:
         problems.append(
             f"its scores differ from LiteRT's on the same file by {row['max_abs_vs_litert']:.3g}"
         )
-    expected = check.info.class_names
+    expected = check.facts.class_names
     if expected is not None and tuple(names) != tuple(expected):
         first = next(i for i, (a, b) in enumerate(zip(names, expected)) if a != b)
         problems.append(f"category {first} is named {names[first]!r}, expected {expected[first]!r}")

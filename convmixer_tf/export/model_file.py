@@ -12,16 +12,16 @@ import os
 
 import numpy as np
 
-from convmixer_tf.contract import INFO_MEMBER, ModelInfo
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export import registry
 from convmixer_tf.export.base import ExportFormat
 from convmixer_tf.export.scores import softmax
+from convmixer_tf.facts import FACTS_FILE, Facts
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelFile:
-    """An opened model file: its path, its format, its facts (`info`) and its runner (a
+    """An opened model file: its path, its format, its `facts` and its runner (a
     session of its runtime; see `ExportFormat.load`).
 
     Example:
@@ -32,7 +32,7 @@ class ModelFile:
 
     path: str
     format: ExportFormat
-    info: ModelInfo
+    facts: Facts
     runner: object
 
     @property
@@ -42,8 +42,8 @@ class ModelFile:
     @property
     def class_names(self) -> tuple:
         """The facts' class names, or "class 0", "class 1", ... (one per output)."""
-        names = self.info.class_names
-        classes = self.info.config.num_classes
+        names = self.facts.class_names
+        classes = self.facts.config.num_classes
         return tuple(names) if names else tuple(f"class {i}" for i in range(classes))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -62,16 +62,16 @@ def open_model(path, *, threads: int = 2, in_folder: str = registry.KERAS.filena
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise BadInput(f"{path} is empty, not a model file")
     runner = _parsed(path, fmt, threads)
-    info = getattr(runner, "info", None)  # a .keras file's, read with its layers
-    if info is None and fmt.facts is not None:
-        info = fmt.facts(path)
-    if info is None:
+    facts = getattr(runner, "facts", None)  # a .keras file's, read with its layers
+    if facts is None and fmt.facts is not None:
+        facts = fmt.facts(path)
+    if facts is None:
         raise BadInput(
-            f"{path} holds no {INFO_MEMBER}: not written by this project (or written before "
+            f"{path} holds no {FACTS_FILE}: not written by this project (or written before "
             "files carried their facts: export it again with this version)"
         )
-    check_graph(path, info, runner)
-    return ModelFile(path, fmt, info, runner)
+    check_graph(path, facts, runner)
+    return ModelFile(path, fmt, facts, runner)
 
 
 def _parsed(path, fmt: ExportFormat, threads: int):
@@ -87,11 +87,11 @@ def _parsed(path, fmt: ExportFormat, threads: int):
         ) from None
 
 
-def check_graph(path, info: ModelInfo, runner) -> None:
-    """BadInput naming `path` and both sides when the facts `info` and the graph `runner`
+def check_graph(path, facts: Facts, runner) -> None:
+    """BadInput naming `path` and both sides when `facts` and the graph `runner`
     runs disagree (classes, input size, a softmax at the end), or when the graph gives
     features, not classes (no classifier head)."""
-    classes, size = info.config.num_classes, info.preprocessing.input_size
+    classes, size = facts.config.num_classes, facts.preprocessing.input_size
     out = getattr(runner, "output_shape", None)
     if classes == 0 or (out is not None and len(out) != 1):
         shown = f"outputs of shape {list(out)}" if out is not None else "no classes"
@@ -105,5 +105,5 @@ def check_graph(path, info: ModelInfo, runner) -> None:
         raise BadInput(
             f"{path}: its facts say {size} px, its graph takes {shape[0]} x {shape[1]} px"
         )
-    if info.classifier_activation == "softmax" and runner.output != "probabilities":
+    if facts.classifier_activation == "softmax" and runner.output != "probabilities":
         raise BadInput(f"{path}: its facts say its head ends in a softmax, its graph gives logits")

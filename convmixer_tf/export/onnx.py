@@ -12,9 +12,9 @@ import contextlib
 import mmap
 import os
 
-from convmixer_tf import contract
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
+from convmixer_tf.facts import FACTS_FILE, FACTS_LIMIT, Facts, facts_of
 from convmixer_tf.outputs import write_atomic
 from convmixer_tf.temporaries import environment
 
@@ -30,10 +30,9 @@ def export_onnx(
     *,
     nchw: bool = False,
     dynamic_batch: bool = True,
-    info=None,
 ) -> str:
-    """Converts `model` (facts `info`, default its own) to ONNX; input `images` (NHWC, or
-    NCHW with nchw=True), output `logits`.
+    """Converts `model` to ONNX, its facts inside; input `images` (NHWC, or NCHW with
+    nchw=True), output `logits`.
 
     Example:
         >>> export_onnx(model, "model.onnx", nchw=True)  # doctest: +SKIP
@@ -45,7 +44,7 @@ def export_onnx(
     from convmixer_tf.export.graph import InferenceGraph
 
     check_opset(opset)
-    graph = InferenceGraph(model, info=info, depthwise="native", gelu=GELU_FORM, affine="conv")
+    graph = InferenceGraph(model, depthwise="native", gelu=GELU_FORM, affine="conv")
     shape = [None if dynamic_batch else 1, *model.input_shape[1:]]
     spec = (tf.TensorSpec(shape, tf.float32, name="images"),)
 
@@ -67,7 +66,7 @@ def export_onnx(
     except Exception as err:
         raise ExportError(f"ONNX conversion failed: {one_line(err)[:500]}") from None
     _gelu_in_fusable_form(proto)
-    describe_itself(proto, info or contract.info_of(model))
+    describe_itself(proto, facts_of(model))
     check_onnx(proto)
     write_atomic(path, proto.SerializeToString())
     return os.fspath(path)
@@ -78,13 +77,13 @@ def check_opset(opset: int) -> None:
         raise BadInput(f"opset must be between 13 and {MAX_OPSET} (tf2onnx 1.17), got {opset}")
 
 
-def describe_itself(proto, info) -> None:
-    """The model's facts in the file: metadata_props[INFO_MEMBER], which onnxruntime reads
+def describe_itself(proto, facts) -> None:
+    """The model's facts in the file: metadata_props[FACTS_FILE], which onnxruntime reads
     as get_modelmeta().custom_metadata_map (docs/try-it.md describes the keys)."""
     for prop in list(proto.metadata_props):
-        if prop.key == contract.INFO_MEMBER:
+        if prop.key == FACTS_FILE:
             proto.metadata_props.remove(prop)
-    proto.metadata_props.add(key=contract.INFO_MEMBER, value=contract.facts_json(info))
+    proto.metadata_props.add(key=FACTS_FILE, value=facts.to_json())
 
 
 def read_facts(path):
@@ -95,8 +94,8 @@ def read_facts(path):
         for number, span in _fields(data, 0, len(data)):
             if number == 14 and isinstance(span, tuple):  # ModelProto.metadata_props
                 entry = dict(_fields(data, *span))  # StringStringEntryProto: key 1, value 2
-                if _text(data, entry.get(1)) == contract.INFO_MEMBER.encode():
-                    return contract.facts_from_json(_text(data, entry.get(2), path), path)
+                if _text(data, entry.get(1)) == FACTS_FILE.encode():
+                    return Facts.from_json(_text(data, entry.get(2), path), path)
     return None
 
 
@@ -176,10 +175,8 @@ def _text(data, span, where=None) -> bytes:
     """The bytes of a length-delimited field (b"" for a missing or wrong-typed one)."""
     if not isinstance(span, tuple):
         return b""
-    if where is not None and span[1] - span[0] > contract.FACTS_LIMIT:
-        raise BadInput(
-            f"{where}: its {contract.INFO_MEMBER} is larger than {contract.FACTS_LIMIT} bytes"
-        )
+    if where is not None and span[1] - span[0] > FACTS_LIMIT:
+        raise BadInput(f"{where}: its {FACTS_FILE} is larger than {FACTS_LIMIT} bytes")
     return data[span[0] : span[1]]
 
 
@@ -336,9 +333,7 @@ def float_onnx(job) -> str:
 
     def convert():
         path = os.path.join(job.scratch(), f"float-{'nchw' if job.nchw else 'nhwc'}.onnx")
-        return export_onnx(
-            job.model, path, job.opset or DEFAULT_OPSET, nchw=job.nchw, info=job.info
-        )
+        return export_onnx(job.model, path, job.opset or DEFAULT_OPSET, nchw=job.nchw)
 
     return job.shared(("onnx", job.nchw, job.opset), convert)
 

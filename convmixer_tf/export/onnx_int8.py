@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from convmixer_tf import contract
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.onnx import (
@@ -26,6 +25,7 @@ from convmixer_tf.export.onnx import (
     float_onnx,
     read_facts,
 )
+from convmixer_tf.facts import facts_of
 from convmixer_tf.outputs import write_atomic
 from convmixer_tf.temporaries import temporary_folder
 
@@ -57,7 +57,6 @@ def export_onnx_int8(
     reduce_range: bool = REDUCE_RANGE,
     float_ops: Sequence[str] = FLOAT_OPS,
     float_path: Optional[str] = None,
-    info=None,
 ) -> str:
     """Writes `model` as a statically quantised (QDQ, int8 weights, uint8 activations) ONNX file.
 
@@ -73,7 +72,8 @@ def export_onnx_int8(
         float_ops: op types left in float.
         float_path: the float ONNX file of `model` (same nchw and opset), when already
             written; else it is converted here.
-        info: the model's facts, written into the file (default: its own).
+
+    The model's facts go into the file.
 
     Example:
         >>> export_onnx_int8(model, "model_int8.onnx", calibration=images)  # doctest: +SKIP
@@ -109,7 +109,7 @@ def export_onnx_int8(
         import onnx
 
         proto = onnx.load(quantised)
-        describe_itself(proto, info or contract.info_of(model))
+        describe_itself(proto, facts_of(model))
         check_onnx(proto)
         write_atomic(path, proto.SerializeToString())
     return os.fspath(path)
@@ -160,7 +160,6 @@ def _write(job, path):
         nchw=job.nchw,
         opset=job.opset or DEFAULT_OPSET,
         float_path=float_onnx(job),
-        info=job.info,
     )
 
 

@@ -2,7 +2,8 @@
 (`ExportFormat.group`: a traced graph, a converted file), the first aside, is written and
 checked by a worker process of its own while this process writes the first group. A worker
 is the standard library's `ProcessPoolExecutor` with the spawn context (a fresh interpreter);
-the job travels pickled (`ExportJob.__reduce__`), the rows come back as its result, and the
+the job and the formats travel pickled (`ExportJob.__reduce__`; a format's callables are
+module-level functions and classes, which pickle by name), the rows come back as its result, and the
 files are timed afterwards, here. It costs the start of a Python with TensorFlow (a few
 seconds) and earns a core: conversions and checks are mostly single-threaded.
 
@@ -22,7 +23,6 @@ import signal
 import threading
 
 from convmixer_tf import interrupts
-from convmixer_tf.export import registry
 from convmixer_tf.export.base import ExportError
 from convmixer_tf.export.verify import Runner, write_and_check
 
@@ -72,13 +72,12 @@ def write_in_processes(groups: dict, job, directory, held_out, reference, *, log
 def _worker(formats, *job):
     """A process of its own writing `formats`; yields `result()`, its {name: (row, runner)}.
     It is killed on SIGINT / SIGTERM and when the block fails, and waited for."""
-    names = [fmt.name for fmt in formats]
     before = set(multiprocessing.active_children())
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=1, mp_context=spawn, initializer=_end_with_parent
     ) as pool:
-        future = pool.submit(_write, names, *job)
+        future = pool.submit(_write, formats, *job)
         (process,) = set(multiprocessing.active_children()) - before
 
         def kill():
@@ -87,13 +86,13 @@ def _worker(formats, *job):
 
         with interrupts.on_interrupt(kill):
             try:
-                yield lambda: _result(future, pool, process, names)
+                yield lambda: _result(future, pool, process, formats)
             except BaseException:
                 kill()
                 raise
 
 
-def _result(future, pool, process, names) -> dict:
+def _result(future, pool, process, formats) -> dict:
     """A worker's rows, each with a runner of its file here; its death raised as what it is."""
     try:
         rows = future.result()
@@ -104,17 +103,17 @@ def _result(future, pool, process, names) -> dict:
         code = -process.exitcode
         name = signal.Signals(code).name if code in signal.valid_signals() else str(code)
         raise ExportError(
-            f"the process writing {', '.join(names)} was killed by signal {code} ({name}), "
+            f"the process writing {', '.join(fmt.name for fmt in formats)} was killed by signal {code} ({name}), "
             "most likely by the kernel for want of memory: pass --processes 1 (one file after "
             "the other, in less memory) or write fewer formats at once"
         ) from None
-    return {name: (row, Runner(row["path"], name=name)) for name, row in rows.items()}
+    return {fmt.name: (rows[fmt.name], Runner(rows[fmt.name]["path"], fmt=fmt)) for fmt in formats}
 
 
-def _write(names, job, directory, held_out, reference) -> dict:
-    """A worker's task: {name: row} of its formats (built-in ones: a fresh interpreter knows
-    no other), written and checked in turn."""
-    formats = [registry.get(name) for name in names]
+def _write(formats, job, directory, held_out, reference) -> dict:
+    """A worker's task: {name: row} of its formats, written and checked in turn. The formats
+    come pickled, as the job does: a format the registry does not list (a test's) is
+    written by a worker all the same."""
     try:
         done = write_and_check(
             formats, job, directory, held_out, reference, log=lambda message: None

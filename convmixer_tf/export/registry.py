@@ -1,13 +1,13 @@
-"""The export formats, as one explicit list: `FORMATS`, in the order "all" writes them.
+"""The export formats, as one explicit tuple: `FORMATS`, in the order "all" writes them.
 
 Everything else (export_formats, verify, both command lines' choices and help, the
-README's table) reads this list. A new format is one module that defines its
-`ExportFormat`, plus one entry here. Nothing here imports TensorFlow.
+README's table) reads this tuple when it runs, so a test that needs a format of its own
+patches it (`monkeypatch.setattr(registry, "FORMATS", ...)`). A new format is one module
+that defines its `ExportFormat`, plus one entry here. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -15,10 +15,12 @@ from convmixer_tf.errors import BadInput
 from convmixer_tf.export import keras_file, onnx, onnx_int8, saved_model, tflite
 from convmixer_tf.export.base import ExportFormat
 
-FORMATS: List[ExportFormat] = [saved_model.FORMAT, *tflite.FORMATS, onnx.FORMAT, onnx_int8.FORMAT]
-# The formats every process knows: a worker process (a fresh interpreter) writes these only;
-# formats registered later (plug-ins) are written in the process that registered them.
-BUILT_IN = tuple(FORMATS)
+FORMATS: Tuple[ExportFormat, ...] = (
+    saved_model.FORMAT,
+    *tflite.FORMATS,
+    onnx.FORMAT,
+    onnx_int8.FORMAT,
+)
 # The .keras file: read as the exported files are (predict, web), written by the converter
 # and training rather than by the export.
 KERAS = keras_file.FORMAT
@@ -46,20 +48,22 @@ def resolve(requested: Sequence[str]) -> List[ExportFormat]:
 
 def find(path, *, in_folder: str = KERAS.filename) -> Tuple[str, ExportFormat]:
     """The model file at `path` and its format: what decides, everywhere, what kind of file
-    a path is. A file is known by the end of its name, as its format's file ends
-    (`model_int8.onnx` -> onnx_int8, `cats.tflite` -> tflite, `x.keras` -> KERAS; the
-    longest match wins), unless its format says otherwise (`recognises`); a folder is a
-    SavedModel, or holds `in_folder` (the converter's output folder holds model.keras).
+    a path is. A folder holding saved_model.pb is a SavedModel, whatever its name; a file
+    is known by the end of its name, as its format's file ends (`model_int8.onnx` ->
+    onnx_int8, `cats.tflite` -> tflite, `x.keras` -> KERAS; the longest match wins); any
+    other folder holds `in_folder` (the converter's output folder holds model.keras).
     BadInput naming the path otherwise: missing, not a regular file (a FIFO would block
     its reader), of no known kind, or a folder of several model files."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise BadInput(f"model not found: {path}")
-    fmt = _by_name(path)
-    if os.path.isdir(path) and (fmt is None or fmt.recognises is None):
+    fmt = _kind(path)
+    if fmt is saved_model.FORMAT:
+        return path, fmt
+    if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, in_folder)):
             return find(os.path.join(path, in_folder))
-        found = sorted(name for name in os.listdir(path) if _by_name(os.path.join(path, name)))
+        found = sorted(name for name in os.listdir(path) if _kind(os.path.join(path, name)))
         if found:
             raise BadInput(
                 f"{path} holds no {in_folder}; name one of its model files ({', '.join(found[:8])})"
@@ -70,18 +74,18 @@ def find(path, *, in_folder: str = KERAS.filename) -> Tuple[str, ExportFormat]:
             f"{path} is not a model file this project writes (.keras, .tflite, .onnx or a "
             "SavedModel folder)"
         )
-    if fmt.recognises is None and not os.path.isfile(path):
+    if not os.path.isfile(path):
         raise BadInput(f"{path} is not a regular file")
     return path, fmt
 
 
-def _by_name(path: str) -> Optional[ExportFormat]:
-    """The format of the file at `path` by the end of its name (or by its own `recognises`)."""
-    matches = [
-        fmt
-        for fmt in (*FORMATS, KERAS)
-        if (fmt.recognises(path) if fmt.recognises else path.endswith(_ending(fmt)))
-    ]
+def _kind(path: str) -> Optional[ExportFormat]:
+    """The format of `path`: a SavedModel by what its folder holds, a file by the end of
+    its name (None: neither)."""
+    if saved_model.is_saved_model(path):
+        return saved_model.FORMAT
+    files = [fmt for fmt in (*FORMATS, KERAS) if fmt is not saved_model.FORMAT]
+    matches = [fmt for fmt in files if path.endswith(_ending(fmt))]
     return max(matches, key=lambda fmt: len(_ending(fmt)), default=None)
 
 
@@ -111,24 +115,3 @@ def markdown_table() -> str:
         )
         lines.append(f"| `{f.name}` | `{f.filename}` | {f.summary} | {check} |")
     return "\n".join(lines)
-
-
-def register(fmt: ExportFormat) -> ExportFormat:
-    """Appends a format (a name already taken is an error): for plug-ins and tests."""
-    clash = sorted(
-        {name for f in FORMATS for name in (f.name, *f.aliases)} & {fmt.name, *fmt.aliases}
-    )
-    if clash:
-        raise ValueError(f"export format name already registered: {', '.join(clash)}")
-    FORMATS.append(fmt)
-    return fmt
-
-
-@contextlib.contextmanager
-def registered(fmt: ExportFormat):
-    """Registers `fmt` for the duration of a `with` block."""
-    register(fmt)
-    try:
-        yield fmt
-    finally:
-        FORMATS.remove(fmt)

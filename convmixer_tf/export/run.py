@@ -9,7 +9,6 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from convmixer_tf import contract
 from convmixer_tf.config import Preprocessing
 from convmixer_tf.errors import BadInput
 from convmixer_tf.export import registry
@@ -18,6 +17,7 @@ from convmixer_tf.export.calibration import CALIBRATION_COUNT, VERIFY_COUNT, loa
 from convmixer_tf.export.onnx import check_opset
 from convmixer_tf.export.parallel import cores, memory_allows, write_in_processes
 from convmixer_tf.export.verify import write_and_check
+from convmixer_tf.facts import attach, facts_of
 from convmixer_tf.labels import check_class_names
 
 DEFAULT_FORMATS = ("saved_model", "tflite", "onnx")
@@ -28,7 +28,7 @@ class ExportOptions:
     """What to write, and how: one object, passed down whole.
 
     Attributes:
-        formats: registered format names (aliases allowed), or "all".
+        formats: names of `registry.FORMATS` (aliases allowed), or "all".
         calibration_data: an image folder or "tfds:NAME[:SPLIT]" for int8 calibration and
             the held-out check images; None: synthetic images (the rows say so).
         calibration_count: images int8 formats are calibrated on.
@@ -88,8 +88,8 @@ def export_formats(
 ) -> list:
     """Writes each format of `options` into `directory`, verifies it, returns one row per file.
 
-    `model` is a Keras ConvMixer (any input size: fixed to the preprocessing size here);
-    its facts (`info_of`) are read once, here. `directory` exists. Raises ExportError when
+    `model` is a Keras ConvMixer (any input size: fixed to the preprocessing size here),
+    carrying its facts (`facts_of`). `directory` exists. Raises ExportError when
     a file cannot be made or fails verification; files already written stay in
     `directory` (the command lines write into a staging folder).
 
@@ -98,7 +98,7 @@ def export_formats(
     """
     chosen = registry.resolve(options.formats)
     calibrated = any(fmt.calibrated for fmt in chosen)
-    job, held_out = prepare_job(model, contract.info_of(model), options, calibrated)
+    job, held_out = prepare_job(model, options, calibrated)
     reference = job.model.predict(held_out, verbose=0, batch_size=8)
     try:
         written = _write(chosen, job, directory, held_out, reference, options=options, log=log)
@@ -110,33 +110,32 @@ def export_formats(
     inputs = job.calibration_source
     if calibrated:
         inputs = f"{inputs}, last {len(held_out)} (held out from calibration)"
-    kind = "raw RGB 0-255" if job.raw_rgb else "normalised"
+    kind = "raw RGB 0-255" if job.facts.raw_rgb else "normalised"
     return [dict(rows[fmt.name], path=fmt.filename, inputs=inputs, input=kind) for fmt in chosen]
 
 
-def prepare_job(
-    model, info, options: ExportOptions, calibrated: bool
-) -> Tuple[ExportJob, np.ndarray]:
+def prepare_job(model, options: ExportOptions, calibrated: bool) -> Tuple[ExportJob, np.ndarray]:
     """The job of a run (the model at its export size, raw RGB in when `options.raw_rgb`, with
     its facts; the calibration images when `calibrated`) and the held-out images."""
     from convmixer_tf.model import rebuild
 
-    pre = options.preprocessing or info.preprocessing
+    facts = facts_of(model)
+    pre = options.preprocessing or facts.preprocessing
     if options.image_size:
         pre = pre.replace(input_size=options.image_size)
     height, width = model.input_shape[1:3]
     if height != width:
         raise BadInput(f"export needs a square input, the model takes {(height, width)}")
     size = height or pre.input_size  # a model of a fixed size exports at that size
-    exported = rebuild(model, (size, size, 3), pre, raw_rgb=options.raw_rgb or info.raw_rgb)
-    info = contract.info_of(exported)
+    exported = rebuild(model, (size, size, 3), pre, raw_rgb=options.raw_rgb or facts.raw_rgb)
+    facts = facts_of(exported)
     if options.class_names:
-        check_class_names(options.class_names, info.config.num_classes)
-        info = info.replace(class_names=options.class_names)
-        contract.attach(exported, info)
+        check_class_names(options.class_names, facts.config.num_classes)
+        facts = facts.replace(class_names=options.class_names)
+        attach(exported, facts)
     count = options.verify_count + (options.calibration_count if calibrated else 0)
     images, source = load_images(
-        options.calibration_data, info.preprocessing, count, raw_rgb=info.raw_rgb
+        options.calibration_data, facts.preprocessing, count, raw_rgb=facts.raw_rgb
     )
     if calibrated and len(images) <= options.verify_count:
         raise BadInput(
@@ -147,7 +146,6 @@ def prepare_job(
     calibration = images[: -options.verify_count] if calibrated else None
     job = ExportJob(
         exported,
-        info,
         nchw=options.nchw,
         opset=options.opset,
         tflite_output=options.tflite_output,
@@ -162,9 +160,7 @@ def _write(chosen, job: ExportJob, directory, held_out, reference, *, options, l
     other here."""
     groups = {}
     for fmt in chosen:
-        # a worker knows the built-in formats only
-        group = fmt.group if fmt in registry.BUILT_IN else "main"
-        groups.setdefault(group, []).append(fmt)
+        groups.setdefault(fmt.group, []).append(fmt)
     # this process: the main group
     groups = dict(sorted(groups.items(), key=lambda item: item[0] != "main"))
     if options.processes:

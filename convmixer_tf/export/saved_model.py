@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import os
 
-from convmixer_tf import contract
-from convmixer_tf.contract import INFO_MEMBER
 from convmixer_tf.errors import BadInput
 from convmixer_tf.export.base import ExportFormat
+from convmixer_tf.facts import FACTS_FILE, Facts, facts_of, file_bytes
 from convmixer_tf.outputs import follow_umask
 from convmixer_tf.temporaries import temporary_folder
 
 
-def export_saved_model(model, path, *, info=None) -> str:
+def export_saved_model(model, path) -> str:
     """Writes `model` as a TensorFlow SavedModel directory.
 
     The `serving_default` signature takes `images` (float32, [batch, H, W, 3], batch
     dynamic) and returns {"logits": ...}: raw RGB pixels when the model takes them (its
     preprocessing layer; `rebuild(model, preprocessing=(mean, std))` adds one). The model's
-    facts (`info`, default its own) go with it as the asset `assets/convmixer.json`.
+    facts go with it as the asset `assets/convmixer.json`.
 
     Example:
         >>> export_saved_model(model, "out/saved_model")  # doctest: +SKIP
@@ -40,19 +39,24 @@ def export_saved_model(model, path, *, info=None) -> str:
     signature = serving.get_concrete_function()
     module.serving = serving
     with temporary_folder() as folder:
-        facts = os.path.join(folder, INFO_MEMBER)  # the asset keeps its file's name
-        with open(facts, "w") as f:
-            f.write(contract.facts_json(info or contract.info_of(model)))
-        module.facts = tf.saved_model.Asset(facts)
+        asset = os.path.join(folder, FACTS_FILE)  # the asset keeps its file's name
+        with open(asset, "w") as f:
+            f.write(facts_of(model).to_json())
+        module.facts = tf.saved_model.Asset(asset)
         tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": signature})
     follow_umask(path)  # TensorFlow makes its folders 0755 whatever the umask
     return os.fspath(path)
 
 
+def is_saved_model(path) -> bool:
+    """A SavedModel is a folder, of any name, that holds saved_model.pb."""
+    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
 def read_facts(path):
     """The facts a SavedModel carries (its asset), or None."""
-    data = contract.facts_file(os.path.join(os.fspath(path), "assets", INFO_MEMBER))
-    return None if data is None else contract.facts_from_json(data, path)
+    data = file_bytes(os.path.join(os.fspath(path), "assets", FACTS_FILE))
+    return None if data is None else Facts.from_json(data, path)
 
 
 class SavedModelRunner:
@@ -108,14 +112,17 @@ def _past_identities(nodes: dict, name: str):
     return node
 
 
+def _write(job, path):
+    return export_saved_model(job.model, path)
+
+
 FORMAT = ExportFormat(
     name="saved_model",
     filename="saved_model",
     aliases=("savedmodel",),
     summary="TensorFlow SavedModel, signature serving_default: images -> logits, dynamic batch",
-    write=lambda job, path: export_saved_model(job.model, path, info=job.info),
+    write=_write,
     load=SavedModelRunner,
     tolerance=1e-4,
-    recognises=lambda path: os.path.isfile(os.path.join(path, "saved_model.pb")),
     facts=read_facts,
 )

@@ -23,10 +23,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def as_output(info, computed: np.ndarray, output: str) -> np.ndarray:
+def as_output(facts, computed: np.ndarray, output: str) -> np.ndarray:
     """A model's outputs `computed`, as probabilities when `output` asks for them and the
-    model (facts `info`) gives logits."""
-    linear = info.config.num_classes and info.classifier_activation in (None, "linear")
+    model (its `facts`) gives logits."""
+    linear = facts.config.num_classes and facts.classifier_activation in (None, "linear")
     return softmax(computed) if output == "probabilities" and linear else computed
 
 

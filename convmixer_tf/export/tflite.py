@@ -11,18 +11,20 @@ converter's float16 quantisation writes), made from it without a second conversi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from convmixer_tf import contract, outputs
+from convmixer_tf import outputs
 from convmixer_tf.config import PIXEL_MAX
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat
 from convmixer_tf.export.float16 import float16_weights
 from convmixer_tf.export.metadata import Metadata, packed_facts, with_metadata
+from convmixer_tf.facts import facts_of
 from convmixer_tf.version import __version__
 
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
@@ -50,7 +52,6 @@ def export_tflite(
     batch_size: int = 1,
     tiled_depthwise: bool = True,
     output: str = "probabilities",
-    class_names=None,
 ) -> str:
     """Converts `model` to a .tflite file of builtin ops, with TFLite metadata.
 
@@ -66,7 +67,8 @@ def export_tflite(
         tiled_depthwise: emit k x k depthwise convolutions (k > 5) as the small tiles of
             `graph.tile_plan` (XNNPACK is slow on large depthwise kernels).
         output: "probabilities" (a softmax at the end, what apps show) or "logits".
-        class_names: the labels packed into the file; default those stored with the model.
+
+    The labels packed into the file are the class names of the model's facts.
 
     A model that takes normalised input gets the normalisation of raw RGB into its graph
     with `rebuild(model, preprocessing=(mean, std))` first.
@@ -74,14 +76,10 @@ def export_tflite(
     Example:
         >>> export_tflite(model, "model.tflite")  # doctest: +SKIP
     """
-    info = contract.info_of(model)
-    if class_names is not None:
-        info = info.replace(class_names=tuple(class_names))
     _check(model, quantization, representative_data)
     traced = trace(
         model,
-        info,
-        _tiling(info, quantization),
+        _tiling(facts_of(model).config.dim, quantization),
         batch_size=batch_size,
         tiled_depthwise=tiled_depthwise,
         output=output,
@@ -101,9 +99,10 @@ def _check(model, quantization, representative_data):
         )
 
 
-def _tiling(info, quantization) -> tuple:
+def _tiling(dim: int, quantization) -> tuple:
+    """The tile layout of a file (see TILING) of a model `dim` channels wide."""
     groups, taps = TILING["float" if quantization in (None, "float16") else "quantized"]
-    return math.gcd(info.config.dim, groups), taps
+    return math.gcd(dim, groups), taps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +116,10 @@ class Traced:
     metadata: Metadata
 
 
-def trace(
-    model, info, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities"
-) -> Traced:
-    """The inference graph of `model` (facts `info`: its class names go into the files'
-    labels) with tile layout (groups, taps), traced once: every file of that layout is
-    converted from it."""
+def trace(model, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities") -> Traced:
+    """The inference graph of `model` (its facts' class names go into the files' labels)
+    with tile layout (groups, taps), traced once: every file of that layout is converted
+    from it."""
     import tensorflow as tf
 
     from convmixer_tf.export.graph import InferenceGraph
@@ -130,7 +127,6 @@ def trace(
     groups, taps = layout
     graph = InferenceGraph(
         model,
-        info=info,
         depthwise="tiled" if tiled_depthwise else "native",
         channel_groups=groups,
         tile_taps=taps,
@@ -145,26 +141,26 @@ def trace(
         serving.get_concrete_function(),
         module,
         graph.raw_rgb,
-        file_metadata(info, int(model.input_shape[1]), output, model.name),
+        file_metadata(facts_of(model), int(model.input_shape[1]), output, model.name),
     )
 
 
 def file_metadata(
-    info, size: int, output: str = "probabilities", name: str = "convmixer"
+    facts, size: int, output: str = "probabilities", name: str = "convmixer"
 ) -> Metadata:
-    """The metadata of a TFLite file of a model with facts `info`: what it is, the input
+    """The metadata of a TFLite file of a model with `facts`: what it is, the input
     normalisation a client applies (none for a graph taking raw RGB), the class names, and
     the facts themselves (what `predict` reads)."""
     mean, std = (
-        info.preprocessing.pixel_mean_std() if not info.raw_rgb else ((0.0,) * 3, (1.0,) * 3)
+        facts.preprocessing.pixel_mean_std() if not facts.raw_rgb else ((0.0,) * 3, (1.0,) * 3)
     )
-    c = info.config
+    c = facts.config
     description = (
         f"ConvMixer-{c.dim}/{c.depth} (kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}) "
         f"image classifier, {c.num_classes} classes, {output}; input {size} px RGB"
     )
     return Metadata(
-        name=info.variant or name,
+        name=facts.variant or name,
         description=description,
         version=f"convmixer-tf {__version__}",
         license=LICENSE,
@@ -172,8 +168,8 @@ def file_metadata(
         mean=mean,
         std=std,
         output=output,
-        class_names=info.class_names,
-        facts=contract.facts_json(info),
+        class_names=facts.class_names,
+        facts=facts.to_json(),
     )
 
 
@@ -271,8 +267,8 @@ class TFLiteRunner:
         dtype = self._input["dtype"]
         if dtype != np.float32:  # quantised input: q = x / scale + zero_point
             scale, zero = self._input["quantization"]
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+            bounds = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero), bounds.min, bounds.max).astype(dtype)
         self._interpreter.set_tensor(self._input["index"], x)
         self._interpreter.invoke()
         y = self._interpreter.get_tensor(self._output["index"])
@@ -282,21 +278,18 @@ class TFLiteRunner:
         return y
 
 
-def _writer(quantization):
-    def write(job, path):
-        _check(job.model, quantization, job.calibration_samples)
-        layout = _tiling(job.info, quantization)
-        traced = job.shared(
-            ("tflite", layout), lambda: trace(job.model, job.info, layout, output=job.tflite_output)
+def _write(job, path, *, quantization):
+    _check(job.model, quantization, job.calibration_samples)
+    layout = _tiling(job.facts.config.dim, quantization)
+    traced = job.shared(
+        ("tflite", layout), lambda: trace(job.model, layout, output=job.tflite_output)
+    )
+    if quantization in (None, "float16"):  # one float32 conversion for both files
+        float32 = job.shared(("tflite", layout, None), lambda: convert(traced))
+        return write_file(
+            path, traced, float32 if quantization is None else float16_weights(float32)
         )
-        if quantization in (None, "float16"):  # one float32 conversion for both files
-            float32 = job.shared(("tflite", layout, None), lambda: convert(traced))
-            return write_file(
-                path, traced, float32 if quantization is None else float16_weights(float32)
-            )
-        return write_file(path, traced, convert(traced, quantization, job.calibration_samples))
-
-    return write
+    return write_file(path, traced, convert(traced, quantization, job.calibration_samples))
 
 
 def _describe(path, check=None) -> dict:
@@ -346,19 +339,18 @@ def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()
         name=name,
         filename=filename,
         summary=summary,
-        write=_writer(quantization),
+        write=functools.partial(_write, quantization=quantization),
         load=TFLiteRunner,
         tolerance=tolerance,
         aliases=aliases,
         calibrated=quantization == "int8",
         describe=_describe,
-        quantize=quantization,
         group=GROUPS[quantization],
         facts=packed_facts,
     )
 
 
-FORMATS = [
+FORMATS = (
     _format(
         "tflite",
         "model.tflite",
@@ -387,4 +379,4 @@ FORMATS = [
         "int8",
         "TFLite full integer: int8 weights and activations, uint8 raw-RGB input (calibrated)",
     ),
-]
+)

@@ -10,10 +10,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from convmixer_tf import contract
 from convmixer_tf.export import registry
-from convmixer_tf.export.base import ExportError, ExportJob
+from convmixer_tf.export.base import ExportError, ExportFormat, ExportJob
 from convmixer_tf.export.scores import agreement, allowed, as_output
+from convmixer_tf.facts import Facts, facts_of
 
 
 class Runner:
@@ -23,9 +23,9 @@ class Runner:
         kind: its format name; output: "logits" or "probabilities".
     """
 
-    def __init__(self, path, threads: int = 2, name: Optional[str] = None):
+    def __init__(self, path, threads: int = 2, *, fmt: Optional[ExportFormat] = None):
         self.path = os.fspath(path)
-        self.format = registry.get(name) if name is not None else registry.find(self.path)[1]
+        self.format = fmt or registry.find(self.path)[1]
         self.kind = self.format.name
         self._run = self.format.load(self.path, threads)
         self.output = getattr(self._run, "output", "logits")
@@ -50,8 +50,8 @@ class Runner:
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """One file's check: its runner, the Keras model taking the file's inputs, the
-    held-out inputs, the tolerance (None for a quantised file), the model's facts, and
+    """One file's check: its runner, the Keras model taking the file's inputs (and carrying
+    the facts, `facts`), the held-out inputs, the tolerance (None for a quantised file), and
     `shared(key, make)`: `make()` once for all the files of a run (what a format's own
     checks, its `describe`, compute alike)."""
 
@@ -59,8 +59,11 @@ class Check:
     model: object
     inputs: np.ndarray
     tolerance: Optional[float]
-    info: object
     shared: Callable = lambda key, make: make()
+
+    @property
+    def facts(self) -> Facts:
+        return facts_of(self.model)
 
 
 def verify(path, model, inputs: np.ndarray, *, tolerance: Optional[float] = None) -> dict:
@@ -83,14 +86,14 @@ def verify(path, model, inputs: np.ndarray, *, tolerance: Optional[float] = None
         True
     """
     inputs = np.asarray(inputs, np.float32)
-    check = Check(Runner(path), model, inputs, tolerance, contract.info_of(model))
+    check = Check(Runner(path), model, inputs, tolerance)
     return compare(check, np.asarray(model.predict(inputs, verbose=0, batch_size=8)))
 
 
 def compare(check: Check, reference: np.ndarray) -> dict:
     """The row of `verify` for a check whose Keras outputs (`reference`, logits) are known."""
     runner, tolerance = check.runner, check.tolerance
-    reference = as_output(check.info, reference, runner.output)
+    reference = as_output(check.facts, reference, runner.output)
     out = runner(check.inputs)
     if out.shape != reference.shape:
         raise RuntimeError(f"{runner.path}: output shape {out.shape} != Keras {reference.shape}")
@@ -128,10 +131,8 @@ def write_and_check(formats, job: ExportJob, directory, held_out, reference, *, 
         log(f"  {fmt.name} -> {fmt.filename}")
         start = time.perf_counter()
         fmt.write(job, path)
-        runner = Runner(path, name=fmt.name)
-        row = compare(
-            Check(runner, job.model, held_out, fmt.tolerance, job.info, job.shared), reference
-        )
+        runner = Runner(path, fmt=fmt)
+        row = compare(Check(runner, job.model, held_out, fmt.tolerance, job.shared), reference)
         if row.get("problem"):
             raise ExportError(f"{fmt.name}: {fmt.filename}: {row['problem']}")
         if not row["passed"]:

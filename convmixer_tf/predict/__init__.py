@@ -1,6 +1,6 @@
 """Classify images with any file this project writes: `model.keras`, `saved_model/`, each
 `.tflite`, each `.onnx`, or a converted folder. Every file describes itself (its facts:
-the preprocessing and the class names, `contract.facts_json`), so a file copied alone to
+the preprocessing and the class names, `Facts.to_json`), so a file copied alone to
 another machine still gives names. Images are decoded and transformed (timm's eval
 transform, `images.eval_transform`) ahead of the model on a few threads, and batched.
 A file is opened and checked by `export.model_file.open_model` before any image is read.
@@ -48,7 +48,7 @@ class Result:
 
 class Classifier:
     """A model file, read as it describes itself and checked against its graph
-    (`export.model_file.open_model`): its facts (`info`: preprocessing, class names) and a
+    (`export.model_file.open_model`): its `facts` (preprocessing, class names) and a
     runner in its own runtime (Keras, TensorFlow, LiteRT, onnxruntime).
 
     Example:
@@ -63,7 +63,7 @@ class Classifier:
         self.model = open_model(path, threads=threads)
         self.path = self.model.path
         self.kind = self.model.kind
-        self.info = self.model.info
+        self.facts = self.model.facts
         self.names = self.model.class_names
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -76,7 +76,7 @@ class Classifier:
         one-line reason) when the file does not decode."""
         from convmixer_tf.images import load_image
 
-        return load_image(path, self.info.preprocessing, normalize=not self.info.raw_rgb)
+        return load_image(path, self.facts.preprocessing, normalize=not self.facts.raw_rgb)
 
     def top(self, probabilities: np.ndarray, k: int = TOP_K) -> tuple:
         """The `k` best (name, probability) pairs (all of them, when there are fewer)."""
@@ -117,7 +117,7 @@ def classify(
     two batches ahead of the model (fewer when they are large: LOADED_BYTES), and
     classified `batch_size` at a time. An image whose scores are not all finite numbers
     (NaN, infinity) gets an error, not a classification."""
-    size = classifier.info.preprocessing.input_size
+    size = classifier.facts.preprocessing.input_size
     ahead = max(1, min(2 * batch_size, LOADED_BYTES // (size * size * 3 * 4)))
     batch_size = min(batch_size, ahead)
     with concurrent.futures.ThreadPoolExecutor(max_workers=loaders) as pool:

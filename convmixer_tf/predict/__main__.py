@@ -72,8 +72,8 @@ def _predict(args, log, console) -> int:
     classifier = Classifier(args.model)
     log(
         f"{cli.escaped(classifier.path)} ({classifier.kind}): "
-        f"{classifier.info.config.num_classes} classes, "
-        f"{classifier.info.preprocessing.input_size} px; {len(paths)} images"
+        f"{classifier.facts.config.num_classes} classes, "
+        f"{classifier.facts.preprocessing.input_size} px; {len(paths)} images"
     )
     failed = 0
     started = time.perf_counter()

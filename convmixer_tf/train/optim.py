@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import keras
 
-from convmixer_tf.contract import HEAD
+from convmixer_tf.config import HEAD
 
 
 @keras.saving.register_keras_serializable(package="convmixer_tf")

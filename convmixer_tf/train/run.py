@@ -17,10 +17,12 @@ from typing import Callable, Optional
 
 import keras
 
-from convmixer_tf import contract, outputs
+from convmixer_tf import outputs
 from convmixer_tf.augment import Augmenter
+from convmixer_tf.config import HEAD
 from convmixer_tf.data import DataSource, open_dataset, warn_skipped
 from convmixer_tf.errors import BadInput, CheckFailed, one_line
+from convmixer_tf.facts import attach, facts_of
 from convmixer_tf.model import build_variant, rebuild
 from convmixer_tf.pipelines import Shard, eval_pipeline, train_pipeline
 from convmixer_tf.saving import load_model, save_model
@@ -110,7 +112,7 @@ def _open(config: TrainConfig, shard: Shard) -> DataSource:
 
 def _plan(config: TrainConfig, shard: Shard, source: DataSource, initial, log) -> Run:
     """The run's size, devices and steps, checked against the data; said in one line."""
-    pre = contract.info_of(initial).preprocessing
+    pre = facts_of(initial).preprocessing
     size = config.image_size or initial.input_shape[1] or pre.input_size
     scope, replicas, kind = distribution(config.distribute)
     if config.batch_size % replicas:
@@ -143,7 +145,7 @@ def _trainable(run: Run, initial):
         )
         if config.freeze_backbone:
             for layer in model.layers:
-                layer.trainable = layer.name == contract.HEAD
+                layer.trainable = layer.name == HEAD
         # fp16 gets loss scaling: the model's policy says so
         compile_model(model, config, run.steps)
     return model
@@ -156,7 +158,7 @@ def _trainable(run: Run, initial):
 def _fit_and_save(run: Run, model) -> dict:
     shard = run.shard
     # timm's eval transform at the training size; no crop for a set of images already that size
-    eval_pre = contract.info_of(model).preprocessing.replace(input_size=run.size)
+    eval_pre = facts_of(model).preprocessing.replace(input_size=run.size)
     if run.source.image_shape is not None and tuple(run.source.image_shape) == (run.size, run.size):
         eval_pre = eval_pre.replace(crop_pct=1.0)
     progress = Progress(run.log, run.config.verbose)
@@ -216,10 +218,10 @@ def _validation_data(run: Run, eval_pre):
 def _save(run: Run, model, eval_pre, metrics) -> None:
     """model.keras (float32, with its facts), then metrics.json, last: the run is finished."""
     final = rebuild(model, dtype_policy="float32")
-    info = contract.info_of(final).replace(
+    facts = facts_of(final).replace(
         preprocessing=eval_pre, class_names=tuple(run.source.class_names)
     )
-    save_model(final, os.path.join(run.folder, "model.keras"), info)
+    save_model(attach(final, facts), os.path.join(run.folder, "model.keras"))
     shutil.rmtree(os.path.join(run.folder, "backup"), ignore_errors=True)
     outputs.follow_umask(run.folder)  # TensorBoard makes its folders 0755 whatever the umask
     outputs.write_json_atomic(os.path.join(run.folder, "metrics.json"), metrics)

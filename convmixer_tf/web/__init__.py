@@ -160,14 +160,14 @@ def page_config(path: str) -> dict:
     path, _ = find(path, in_folder=MODEL)
     if not path.endswith(".tflite"):
         raise BadInput(f"{path} is not a .tflite file (the page runs the file a phone app ships)")
-    info = open_model(path, threads=1).info
-    config = info.config
-    name = info.variant or f"ConvMixer-{config.dim}/{config.depth}"
+    facts = open_model(path, threads=1).facts
+    config = facts.config
+    name = facts.variant or f"ConvMixer-{config.dim}/{config.depth}"
     return {
         "written_by": WRITTEN_BY,
         "name": name,
         "classes": config.num_classes,
-        "size": info.preprocessing.input_size,
+        "size": facts.preprocessing.input_size,
         "file": os.path.basename(path),
     }
 

@@ -1,11 +1,12 @@
-"""What a ConvMixer model is, in one place: the layer names every reader relies on, and
-the facts that travel with the model (`ModelInfo`: architecture, how it was built,
-preprocessing, class names, where its weights came from).
+"""A ConvMixer's facts (`Facts`: its architecture, how it was built, its preprocessing,
+class names, where its weights came from), which travel with the model and inside every
+file written from it: their one JSON form (`Facts.to_json`, the file `FACTS_FILE`), read
+back within limits (`Facts.from_json`, `read_json`, `file_bytes`, `zip_member`).
 
-A model built here carries its facts (`info_of`); `saving` stores them in and reads them
-from files. A model that carries none (loaded by plain Keras, or from a file saved before
-facts were stored) is described from its layers by one function, `legacy_info`. No Keras
-import at import time.
+A model built here carries its facts (`attach`, `facts_of`); `saving` stores them in and
+reads them from .keras files. A model that carries none (loaded by plain Keras, or from a
+file saved before facts were stored) is described from its layers by one function,
+`legacy_facts`. No Keras import at import time.
 """
 
 from __future__ import annotations
@@ -20,35 +21,22 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from convmixer_tf.config import VARIANTS, ConvMixerConfig, Preprocessing
+from convmixer_tf.config import (
+    HEAD,
+    POOLING_LAYERS,
+    PREPROCESSING,
+    STEM_ACT,
+    STEM_CONV,
+    VARIANTS,
+    ConvMixerConfig,
+    Preprocessing,
+    block_layer,
+)
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.labels import check_class_names, check_text
 
-# Layer names (a mapping table, a parity probe or an exporter finds layers by these)
-INPUT = "images"
-PREPROCESSING = "preprocessing"
-STEM_CONV = "stem_conv"
-STEM_ACT = "stem_act"
-STEM_BN = "stem_bn"
-POOLING_LAYERS = {"avg": "avg_pool", "max": "max_pool"}
-HEAD = "head"
-BLOCK_PARTS = ("dw_conv", "dw_act", "dw_bn", "add", "pw_conv", "pw_act", "pw_bn")
-
-
-def block_layer(i: int, part: str) -> str:
-    """The name of part `part` (one of BLOCK_PARTS) of mixer block `i` (from 0, like timm)."""
-    if part not in BLOCK_PARTS:
-        raise ValueError(f"part must be one of {BLOCK_PARTS}, got {part!r}")
-    return f"block{i}_{part}"
-
-
-def stage_layers(depth: int) -> list:
-    """The layers whose outputs are the network's stages: the stem and each block."""
-    return [STEM_BN] + [block_layer(i, "pw_bn") for i in range(depth)]
-
-
-INFO_MEMBER = "convmixer.json"
-INFO_VERSION = 2
+FACTS_FILE = "convmixer.json"
+FACTS_VERSION = 2
 POOLINGS = ("avg", "max", None)
 # The most a file's facts may take (bytes) and the deepest their JSON may nest: the facts of
 # a model with 21,841 long class names take about 1 MB, and nest three levels.
@@ -57,7 +45,7 @@ NESTING_LIMIT = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelInfo:
+class Facts:
     """What a ConvMixer is, stored with it.
 
     Args:
@@ -97,16 +85,11 @@ class ModelInfo:
             if not isinstance(value, (str, int, float, type(None))):
                 raise BadInput(f"source {key!r:.40} must be text, a number or null")
 
-    def replace(self, **changes) -> "ModelInfo":
+    def replace(self, **changes) -> "Facts":
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["class_names"] = list(self.class_names) if self.class_names is not None else None
-        return {"version": INFO_VERSION, **data}
-
     @classmethod
-    def from_dict(cls, data) -> "ModelInfo":
+    def from_dict(cls, data) -> "Facts":
         """The facts of a stored dict (this version's); ValueError naming a malformed field."""
         fields = {
             "config": (dict,),
@@ -142,27 +125,27 @@ class ModelInfo:
                 f"'config' or 'preprocessing' has missing or unknown fields ({err})"
             ) from None
 
+    def to_json(self) -> str:
+        """The facts as every file written here carries them (`FACTS_FILE`): a `.keras`
+        zip member, a SavedModel asset, a member of a TFLite file's packed zip, an ONNX
+        metadata_props entry. docs/try-it.md describes the keys."""
+        data = dict(dataclasses.asdict(self), class_names=self.class_names)
+        return json.dumps({"version": FACTS_VERSION, **data}, indent=2)
 
-def facts_json(info: ModelInfo) -> str:
-    """The facts as every file written here carries them (`INFO_MEMBER`): a `.keras` zip
-    member, a SavedModel asset, a member of a TFLite file's packed zip, an ONNX
-    metadata_props entry. docs/try-it.md describes the keys."""
-    return json.dumps(info.to_dict(), indent=2)
-
-
-def facts_from_json(data, where) -> ModelInfo:
-    """The facts in `data` (what `facts_json` wrote, as text or UTF-8 bytes); BadInput
-    naming `where` otherwise (see `read_json` for the limits)."""
-    stored = read_json(data, where)
-    if stored.get("version") != INFO_VERSION:
-        raise BadInput(
-            f"{where}: its {INFO_MEMBER} has version {stored.get('version')!r:.40} "
-            f"(this version reads {INFO_VERSION})"
-        )
-    try:
-        return ModelInfo.from_dict(stored)
-    except BadInput as err:  # a field out of range
-        raise BadInput(f"{where}: cannot read its {INFO_MEMBER}: {err}") from None
+    @classmethod
+    def from_json(cls, data, where) -> "Facts":
+        """The facts in `data` (what `to_json` wrote, as text or UTF-8 bytes); BadInput
+        naming `where` otherwise (see `read_json` for the limits)."""
+        stored = read_json(data, where)
+        if stored.get("version") != FACTS_VERSION:
+            raise BadInput(
+                f"{where}: its {FACTS_FILE} has version {stored.get('version')!r:.40} "
+                f"(this version reads {FACTS_VERSION})"
+            )
+        try:
+            return cls.from_dict(stored)
+        except BadInput as err:  # a field out of range
+            raise BadInput(f"{where}: cannot read its {FACTS_FILE}: {err}") from None
 
 
 def read_json(data, where) -> dict:
@@ -170,18 +153,18 @@ def read_json(data, where) -> dict:
     FACTS_LIMIT bytes, nested at most NESTING_LIMIT levels; BadInput naming `where`
     otherwise (deep nesting included: it would be a RecursionError)."""
     if len(data) > FACTS_LIMIT:
-        raise BadInput(f"{where}: its {INFO_MEMBER} is larger than {FACTS_LIMIT} bytes")
-    too_deep = BadInput(f"{where}: its {INFO_MEMBER} nests deeper than {NESTING_LIMIT} levels")
+        raise BadInput(f"{where}: its {FACTS_FILE} is larger than {FACTS_LIMIT} bytes")
+    too_deep = BadInput(f"{where}: its {FACTS_FILE} nests deeper than {NESTING_LIMIT} levels")
     try:
         stored = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except RecursionError:  # deeper than json itself can go
         raise too_deep from None
     except ValueError as err:  # not UTF-8, not JSON
-        raise BadInput(f"{where}: cannot read its {INFO_MEMBER}: {one_line(err)[:200]}") from None
+        raise BadInput(f"{where}: cannot read its {FACTS_FILE}: {one_line(err)[:200]}") from None
     if _depth(stored) > NESTING_LIMIT:
         raise too_deep
     if not isinstance(stored, dict):
-        raise BadInput(f"{where}: its {INFO_MEMBER} is not a JSON object")
+        raise BadInput(f"{where}: its {FACTS_FILE} is not a JSON object")
     return stored
 
 
@@ -198,9 +181,9 @@ def _depth(value) -> int:
     return deepest
 
 
-def facts_file(path) -> Optional[bytes]:
-    """The bytes of the facts file `path` (a SavedModel's asset, the facts beside Keras'
-    unzipped layout), or None when there is none; BadInput for anything but a regular file
+def file_bytes(path) -> Optional[bytes]:
+    """The bytes of the file `path` that holds facts (a SavedModel's asset, the facts beside
+    Keras' unzipped layout), or None when there is none; BadInput for anything but a regular file
     of at most FACTS_LIMIT bytes (a FIFO would block the read)."""
     if not os.path.lexists(path):
         return None
@@ -244,17 +227,18 @@ def zip_member(path, name, *, limit: int = FACTS_LIMIT) -> Optional[bytes]:
     return data
 
 
-def attach(model, info: ModelInfo):
-    """Stores `info` on the in-memory `model` (and returns the model)."""
-    model.convmixer_info = info
+def attach(model, facts: Facts):
+    """Stores `facts` on the in-memory `model` (and returns the model): the one channel
+    they travel on, read back with `facts_of`."""
+    model.convmixer_facts = facts
     return model
 
 
-def info_of(model) -> ModelInfo:
+def facts_of(model) -> Facts:
     """The facts of `model`: those it carries, or, for a model loaded by plain Keras from a
-    file without them, what an earlier version would have stored (`legacy_info`)."""
-    info = getattr(model, "convmixer_info", None)
-    return info if isinstance(info, ModelInfo) else legacy_info(model)
+    file without them, what an earlier version would have stored (`legacy_facts`)."""
+    facts = getattr(model, "convmixer_facts", None)
+    return facts if isinstance(facts, Facts) else legacy_facts(model)
 
 
 def layer_facts(model) -> dict:
@@ -293,26 +277,27 @@ def layer_facts(model) -> dict:
     }
 
 
-def legacy_info(model, stored: Optional[dict] = None) -> ModelInfo:
+def legacy_facts(model, stored: Optional[dict] = None) -> Facts:
     """The facts of a model saved by an earlier version: its version-1 `stored` facts
     (config, preprocessing, class names, variant), or none at all, completed from its layers."""
-    facts = layer_facts(model)
-    linear = facts["classifier_activation"] in (None, "linear")
+    found = layer_facts(model)
+    linear = found["classifier_activation"] in (None, "linear")
     built = dict(
-        raw_rgb=facts["raw_rgb"],
-        pooling=facts["pooling"],
-        classifier_activation=None if linear else facts["classifier_activation"],
+        raw_rgb=found["raw_rgb"],
+        pooling=found["pooling"],
+        classifier_activation=None if linear else found["classifier_activation"],
     )
     if stored is not None:
-        info = ModelInfo.from_dict(dict(stored, **built, source=None))
-        if facts["raw_rgb"]:
-            info = info.replace(preprocessing=info.preprocessing.replace(**facts["normalisation"]))
-        return info
+        facts = Facts.from_dict(dict(stored, **built, source=None))
+        if found["raw_rgb"]:
+            pre = facts.preprocessing.replace(**found["normalisation"])
+            facts = facts.replace(preprocessing=pre)
+        return facts
     # No facts at all. The converter named a converted released model after its variant,
     # so the model's name is the one fact left of the transform it needs (a guess from a
     # name, for these files only); anything else gets ImageNet's.
     variant = model.name if model.name in VARIANTS else None
     pre = VARIANTS[variant].preprocessing if variant else Preprocessing()
-    if facts["normalisation"]:
-        pre = pre.replace(**facts["normalisation"])
-    return ModelInfo(facts["config"], pre.for_input(model.input_shape[1:]), None, variant, **built)
+    if found["normalisation"]:
+        pre = pre.replace(**found["normalisation"])
+    return Facts(found["config"], pre.for_input(model.input_shape[1:]), None, variant, **built)
