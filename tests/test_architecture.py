@@ -122,6 +122,7 @@ def _converter_printing(tmp_path, *flags):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_command_lines_print_only_their_own_lines(tmp_path):
     default = _converter_printing(tmp_path)
     assert default.returncode == 0, default.stderr[-2000:]

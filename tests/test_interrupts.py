@@ -122,8 +122,9 @@ def test_sigterm_at_any_moment_of_an_export(tmp_path, tiny_model):
     assert sweep(export_command(tiny_model, out), out, tmp_path, fractions) >= len(fractions) - 2
 
 
+@pytest.mark.slow
 def test_sigterm_at_a_few_moments_of_an_export(tmp_path, tiny_model):
-    """Two points of the sweep above: start-up done, and mid-run (workers side by side)."""
+    """Two points of the sweep above: start-up, and mid-run (workers side by side)."""
     out = tmp_path / "out"
     assert sweep(export_command(tiny_model, out), out, tmp_path, (0.0, 0.4)) >= 1
 

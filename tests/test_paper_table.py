@@ -26,24 +26,17 @@ def convmixer_gmacs(name, size=224):
 
 
 @pytest.mark.slow
-def test_the_paper_table_in_quick_mode(tmp_path):
+def test_the_paper_table_in_quick_mode_as_its_notebook_makes_it(tmp_path, monkeypatch):
+    """notebooks/04 runs `benchmarks/paper_table.py --quick` (CI's small settings) and shows
+    the table it writes; the table is checked here."""
     import timm
+    from test_notebooks import NOTEBOOKS, run_notebook
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "benchmarks", "paper_table.py"),
-            "--quick",
-            "--output-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.load(open(tmp_path / "paper_table.json"))
-    table = open(tmp_path / "paper_table.md").read()
+    (notebook,) = [path for path in NOTEBOOKS if "04_the_paper" in path]
+    run_notebook(notebook, tmp_path, monkeypatch)
+    written = tmp_path / "notebook_outputs" / "04_paper"
+    result = json.load(open(written / "paper_table.json"))
+    table = open(written / "paper_table.md").read()
     assert result["quick"] and "Quick run" in table
     rows = result["rows"]
     assert [row["network"] for row in rows] == [

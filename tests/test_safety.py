@@ -169,6 +169,7 @@ def _race(tmp_path, checkpoint, out, *extra):
     return results
 
 
+@pytest.mark.slow
 def test_two_converters_racing_to_one_new_output(tmp_path, checkpoint):
     out = tmp_path / "out"
     results = _race(tmp_path, checkpoint, out)
