@@ -433,6 +433,24 @@ def test_the_demo_takes_the_released_weights_where_the_cache_has_them(offline, t
         demo.write_demo_checkpoint = real
 
 
+def test_the_demo_prints_an_odd_folder_escaped(tmp_path, monkeypatch, capsys):
+    """Every line the demo prints with a name in it (the commands it runs, the ones it
+    suggests) shows the name as `ls -b` does: a newline or an escape sequence in --output
+    forges no line and reaches no terminal."""
+    from convmixer_tf.cli import escaped
+    from weights_converter import demo
+
+    monkeypatch.setattr(demo, "PHOTO", str(tmp_path / "absent.jpg"))
+    out = tmp_path / os.fsdecode(b"d\xff\n\x1b[31m")
+    out.mkdir()
+    (out / "model_int8.tflite").write_bytes(b"")
+    assert demo._run([sys.executable, "-c", "pass", str(out)]) == 0
+    assert demo._try_it(str(out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(escaped(str(out))) == 3, printed
+    assert all(line.isprintable() for line in printed.splitlines()), printed
+
+
 def _run_demo(env, out, *more):
     return subprocess.run(
         [sys.executable, "-m", "weights_converter.demo", "--output", str(out), *more],
