@@ -73,7 +73,11 @@ def write_demo_checkpoint(path, variant: str = VARIANT, seed: int = 0) -> str:
     return path
 
 
-def released_or_seeded(folder, say=print) -> str:
+def _say(line: str) -> None:
+    print(line, flush=True)  # at once, before the minutes of work that follow
+
+
+def released_or_seeded(folder, say=_say) -> str:
     """What the demo converts: the released weights' Hub id when the Hub or its cache has
     them (online, this downloads them into the cache), else a seeded checkpoint written
     into `folder`, saying so in one line."""
