@@ -385,6 +385,99 @@ def test_parity_images_and_json(tmp_path, capsys):
     assert len(report["parity"]["stages"]) == TINY["depth"] + 2
 
 
+def test_parity_runs_released_variants_at_224_and_a_costly_network_smaller():
+    """What parity keeps of one image follows the network: every variant at its input size
+    (the released ones' 224 px), while a patch of 1 px, whose stages each hold the whole 224 x 224 x dim map,
+    runs on smaller images, and a network too wide for even one patch on one patch."""
+    from convmixer_tf.config import VARIANTS, ConvMixerConfig
+    from weights_converter.parity import PARITY_BUDGET_BYTES, parity_size, stage_bytes
+
+    for name, variant in VARIANTS.items():  # the released ones at 224, CIFAR-10's at 32
+        size = variant.preprocessing.input_size
+        assert parity_size(variant.config, size) == size, name
+    costly = ConvMixerConfig(dim=256, depth=4, kernel_size=1, patch_size=1, num_classes=3)
+    size = parity_size(costly, 224)
+    assert stage_bytes(costly, 224) > PARITY_BUDGET_BYTES >= stage_bytes(costly, size)
+    assert stage_bytes(costly, size + 1) > PARITY_BUDGET_BYTES and size >= 100
+    wide = ConvMixerConfig(dim=1 << 24, depth=2, kernel_size=3, patch_size=7, num_classes=3)
+    assert parity_size(wide, 224) == 7
+    assert parity_size(ConvMixerConfig(**TINY), 32) == 32
+
+
+def test_parity_says_the_size_it_ran_at(tmp_path, capsys, monkeypatch):
+    """A network whose stages would hold more than parity's budget at its input size is
+    checked on smaller seeded images, stage by stage as ever, and the report and the
+    progress line say which size and why; --parity-images still run at the input size."""
+    from PIL import Image
+
+    from convmixer_tf.config import ConvMixerConfig
+    from weights_converter import parity
+
+    monkeypatch.setattr(parity, "PARITY_BUDGET_BYTES", 1 << 20)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate([(200, 100, 50), (10, 220, 90)]):
+        Image.new("RGB", (64, 48), colour).save(images / f"img{i}.png")
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    out = tmp_path / "out"
+    argv = ["--torch-ckpt", str(path), "--parity-images", str(images), "--output", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())["parity"]
+    size = parity.parity_size(ConvMixerConfig(**TINY), 224)
+    assert size < 224 and size % TINY["patch_size"] == 0
+    seeded, pictures = report["inputs"]
+    assert seeded["size"] == size and report["input_shape"] == [size, size, 3]
+    assert seeded["size_reason"].startswith("not the input size 224: one image's stage")
+    assert pictures["size"] == 224 and report["num_inputs"] == 2 + pictures["count"]
+    assert f"of {size} and 224 px (not the input size 224" in err, err
+    assert len(report["stages"]) == TINY["depth"] + 2 and report["passed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config,limit_mib",
+    [
+        (dict(dim=256, depth=4, kernel_size=1, patch_size=1, num_classes=3), 3072),
+        ("convmixer_768_32", 3072),
+    ],
+    ids=["patch 1", "convmixer_768_32"],
+)
+def test_what_parity_costs_follows_the_network(tmp_path, config, limit_mib):
+    """A 1.1 MB checkpoint of ConvMixer-256/4 with a patch of 1 px peaked at 6.1 GB while
+    parity held 224 px stages of two images in both networks at once, and a Keras model
+    called eagerly kept every layer's output; convmixer_768_32 peaked at 3.5 GB. Both now
+    stay well under 3 GiB (the start-up alone, TensorFlow and torch, is over 1 GB)."""
+    if isinstance(config, str):
+        import timm
+
+        from weights_converter.demo import randomize_batchnorm
+
+        net = randomize_batchnorm(timm.create_model(config, pretrained=False), seed=3)
+    else:
+        net = timm_convmixer(**config)
+    path = save_checkpoint(net.state_dict(), tmp_path / "m.pth")
+    del net
+    script = (
+        "import resource, sys\n"
+        "from weights_converter.__main__ import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, "--torch-ckpt", str(path), "--quiet"],
+        env=dict(
+            os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    code, peak_mib = run.stdout.split()[-2:]
+    assert code == "0", run.stderr[-3000:]
+    assert int(peak_mib) < limit_mib, peak_mib
+
+
 def test_existing_output_needs_force(tmp_path, capsys):
     path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
     out = tmp_path / "out"
