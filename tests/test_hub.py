@@ -473,6 +473,17 @@ def test_without_network_the_hub_fails_fast_in_one_line_and_the_cache_still_serv
         assert err == "" and seconds < 2, (seconds, err[-2000:])
 
 
+@pytest.mark.parametrize(
+    "endpoint", ["http://[bad", "http://127.0.0.1:99999", "ftp://x", "", "http://127.0.0.1:9/x y"]
+)
+def test_an_hf_endpoint_that_is_no_url_is_one_line(tmp_path, endpoint):
+    """HF_ENDPOINT as a user may mistype it: BadInput in one line, as without a network
+    (huggingface_hub itself refuses some of these as it is imported)."""
+    out, err, seconds = _resolve_without_network("hf-hub:nobody/missing", tmp_path, endpoint)
+    assert out == [] and seconds < 8 and len(err.splitlines()) == 1, (seconds, err[-2000:])
+    assert err.startswith("error: ") and ("HF_ENDPOINT" in err or "cannot be reached" in err), err
+
+
 def test_without_network_the_demo_says_offline_within_seconds(tmp_path):
     """`make demo` on a machine without a network: its first line, the offline one, comes
     within seconds (it then converts seeded weights, which this test does not wait for)."""

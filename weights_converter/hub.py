@@ -10,7 +10,10 @@ weights' pretrained_cfg, and it travels with the converted model as part of its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.client
+import io
 import json
 import os
 import re
@@ -158,10 +161,15 @@ def resolve(checkpoint) -> Source:
     if not is_hub_id(checkpoint):
         return Source(os.fspath(checkpoint), pretrained_cfg(checkpoint))
     repo, revision = parse(checkpoint)
-    try:
-        import huggingface_hub  # noqa: F401 - only whether it is there
+    try:  # its lazy loader prints a failed import on stdout, where our results go
+        with contextlib.redirect_stdout(io.StringIO()):
+            from huggingface_hub import hf_hub_download  # noqa: F401 - whether it starts
     except ImportError:
         raise BadInput(f"{checkpoint} needs huggingface_hub: pip install huggingface_hub") from None
+    except ValueError as err:  # it reads HF_ENDPOINT as it is imported
+        raise BadInput(
+            f"huggingface_hub refuses its settings ({printable(one_line(err))}): check HF_ENDPOINT"
+        ) from None
     path = _weights(repo, revision, local=True)
     cached = path is not None
     if not cached:
@@ -228,22 +236,30 @@ def _check_reachable(repo, revision) -> None:
 
 
 def _silence(endpoint: str) -> Optional[str]:
-    """Why `endpoint` cannot be reached (refused, unresolved, no answer within
-    PROBE_TIMEOUT_S), None when it answers at all, an HTTP error or a certificate this
-    Python does not trust included: huggingface_hub then has its say."""
+    """Why `endpoint` cannot be reached (not an http(s) URL, refused, unresolved, no answer
+    within PROBE_TIMEOUT_S), None when it answers at all, an HTTP error or a certificate
+    this Python does not trust included: huggingface_hub then has its say."""
     try:
-        if urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
-            return f"the Hub cannot be reached at {shown(endpoint)}: HF_ENDPOINT is an http(s) URL"
+        _check_url(endpoint)
         request = urllib.request.Request(endpoint, method="HEAD")
         urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()
     except urllib.error.HTTPError:
         return None
-    except (OSError, ValueError) as err:  # URLError, a timeout, a malformed endpoint
+    except (OSError, ValueError, http.client.HTTPException) as err:  # a timeout, a bad URL
         reason = getattr(err, "reason", err)
         if isinstance(reason, ssl.SSLError):
             return None
-        return f"the Hub cannot be reached at {printable(endpoint)} ({printable(one_line(reason))})"
+        return f"the Hub cannot be reached at {shown(endpoint)} ({printable(one_line(reason))})"
     return None
+
+
+def _check_url(endpoint: str) -> None:
+    """ValueError unless `endpoint` is an http(s) URL with a host and a port that can be."""
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("HF_ENDPOINT is not an http(s) URL")
+    if parts.port == 0:  # (the property itself refuses a port past 65535)
+        raise ValueError("HF_ENDPOINT names port 0")
 
 
 def _not_reachable(repo, revision, why: str) -> NotReachable:
