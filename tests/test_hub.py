@@ -12,9 +12,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch_helpers import timm_convmixer, torch
 
 import convmixer_tf
@@ -482,6 +485,21 @@ def test_an_hf_endpoint_that_is_no_url_is_one_line(tmp_path, endpoint):
     out, err, seconds = _resolve_without_network("hf-hub:nobody/missing", tmp_path, endpoint)
     assert out == [] and seconds < 8 and len(err.splitlines()) == 1, (seconds, err[-2000:])
     assert err.startswith("error: ") and ("HF_ENDPOINT" in err or "cannot be reached" in err), err
+
+
+@settings(max_examples=300, deadline=200)
+@given(st.one_of(st.text(), st.from_regex(r"https?://[^/]*(:\d*)?(/.*)?", fullmatch=True)))
+def test_any_hf_endpoint_is_a_url_or_a_value_error(endpoint):
+    """The reader of HF_ENDPOINT: any text is an http(s) URL it can ask, or a ValueError
+    that the probe turns into the one line, never another exception."""
+    from weights_converter.hub import _check_url
+
+    try:
+        _check_url(endpoint)
+    except ValueError:
+        return
+    request = urllib.request.Request(endpoint, method="HEAD")
+    assert request.host
 
 
 def test_without_network_the_demo_says_offline_within_seconds(tmp_path):
