@@ -302,6 +302,29 @@ def test_the_papers_one_liner_converts_in_both_forms(tmp_path, depthwise):
     assert parity.passed and len(parity.stages) == TINY["depth"] + 2, parity.describe()
 
 
+def test_check_parity_takes_batches_of_several_sizes_and_refuses_none(tmp_path):
+    """The API parity's images go through: a list of batches of different sizes, judged as
+    one (a wrong weight at one size is found), and no image at all is a one-line refusal."""
+    from convmixer_tf.errors import BadInput
+    from weights_converter import check_parity
+
+    net = timm_convmixer()
+    model = convert_checkpoint(save_checkpoint(net.state_dict(), tmp_path / "m.pth"))
+    rng = np.random.default_rng(1)
+    batches = [
+        rng.normal(size=(n, side, side, 3)).astype("float32") for n, side in ((2, 32), (1, 48))
+    ]
+    parity = check_parity(net, model, batches, tolerance=1e-5)
+    assert parity.passed and parity.num_inputs == 3, parity.describe()
+    model.get_layer("block1_pw_bn").moving_mean.assign(
+        model.get_layer("block1_pw_bn").moving_mean + 1
+    )
+    parity = check_parity(net, model, batches, tolerance=1e-5)
+    assert not parity.passed and parity.first_divergent_stage == "block1", parity.describe()
+    with pytest.raises(BadInput, match="at least one image"):
+        check_parity(net, model, np.zeros((0, 32, 32, 3), "float32"))
+
+
 @pytest.mark.parametrize("layout", list(TARGETS))
 def test_errors_name_the_files_own_keys(tmp_path, capsys, layout):
     """A missing or mis-shaped tensor is named as the file names it, never by the canonical

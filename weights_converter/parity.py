@@ -247,6 +247,8 @@ def check_parity(
         inputs = seeded_inputs(batch_size, image_size, seed)
         input_sets = [{"source": f"seeded standard normal (seed {seed})", "count": batch_size}]
     batches = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
+    if not any(len(batch) for batch in batches):
+        raise BadInput("parity needs at least one image to run both networks on")
     stages, outputs = _compare(torch_model, keras_model, batches, tolerance)
     final = stages[-1]
     final.diverged = final.max_abs > tolerance or not np.isfinite(final.max_abs)
