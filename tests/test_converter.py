@@ -302,6 +302,29 @@ def test_the_papers_one_liner_converts_in_both_forms(tmp_path, depthwise):
     assert parity.passed and len(parity.stages) == TINY["depth"] + 2, parity.describe()
 
 
+def test_check_parity_takes_batches_of_several_sizes_and_refuses_none(tmp_path):
+    """The API parity's images go through: a list of batches of different sizes, judged as
+    one (a wrong weight at one size is found), and no image at all is a one-line refusal."""
+    from convmixer_tf.errors import BadInput
+    from weights_converter import check_parity
+
+    net = timm_convmixer()
+    model = convert_checkpoint(save_checkpoint(net.state_dict(), tmp_path / "m.pth"))
+    rng = np.random.default_rng(1)
+    batches = [
+        rng.normal(size=(n, side, side, 3)).astype("float32") for n, side in ((2, 32), (1, 48))
+    ]
+    parity = check_parity(net, model, batches, tolerance=1e-5)
+    assert parity.passed and parity.num_inputs == 3, parity.describe()
+    model.get_layer("block1_pw_bn").moving_mean.assign(
+        model.get_layer("block1_pw_bn").moving_mean + 1
+    )
+    parity = check_parity(net, model, batches, tolerance=1e-5)
+    assert not parity.passed and parity.first_divergent_stage == "block1", parity.describe()
+    with pytest.raises(BadInput, match="at least one image"):
+        check_parity(net, model, np.zeros((0, 32, 32, 3), "float32"))
+
+
 @pytest.mark.parametrize("layout", list(TARGETS))
 def test_errors_name_the_files_own_keys(tmp_path, capsys, layout):
     """A missing or mis-shaped tensor is named as the file names it, never by the canonical
@@ -383,6 +406,99 @@ def test_parity_images_and_json(tmp_path, capsys):
     assert [s["count"] for s in report["parity"]["inputs"]] == [2, 3]
     assert report["parity"]["top1_agreement"] == 1.0
     assert len(report["parity"]["stages"]) == TINY["depth"] + 2
+
+
+def test_parity_runs_released_variants_at_224_and_a_costly_network_smaller():
+    """What parity keeps of one image follows the network: every variant at its input size
+    (the released ones' 224 px), while a patch of 1 px, whose stages each hold the whole 224 x 224 x dim map,
+    runs on smaller images, and a network too wide for even one patch on one patch."""
+    from convmixer_tf.config import VARIANTS, ConvMixerConfig
+    from weights_converter.parity import PARITY_BUDGET_BYTES, parity_size, stage_bytes
+
+    for name, variant in VARIANTS.items():  # the released ones at 224, CIFAR-10's at 32
+        size = variant.preprocessing.input_size
+        assert parity_size(variant.config, size) == size, name
+    costly = ConvMixerConfig(dim=256, depth=4, kernel_size=1, patch_size=1, num_classes=3)
+    size = parity_size(costly, 224)
+    assert stage_bytes(costly, 224) > PARITY_BUDGET_BYTES >= stage_bytes(costly, size)
+    assert stage_bytes(costly, size + 1) > PARITY_BUDGET_BYTES and size >= 100
+    wide = ConvMixerConfig(dim=1 << 24, depth=2, kernel_size=3, patch_size=7, num_classes=3)
+    assert parity_size(wide, 224) == 7
+    assert parity_size(ConvMixerConfig(**TINY), 32) == 32
+
+
+def test_parity_says_the_size_it_ran_at(tmp_path, capsys, monkeypatch):
+    """A network whose stages would hold more than parity's budget at its input size is
+    checked on smaller seeded images, stage by stage as ever, and the report and the
+    progress line say which size and why; --parity-images still run at the input size."""
+    from PIL import Image
+
+    from convmixer_tf.config import ConvMixerConfig
+    from weights_converter import parity
+
+    monkeypatch.setattr(parity, "PARITY_BUDGET_BYTES", 1 << 20)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate([(200, 100, 50), (10, 220, 90)]):
+        Image.new("RGB", (64, 48), colour).save(images / f"img{i}.png")
+    path = save_checkpoint(timm_convmixer().state_dict(), tmp_path / "m.pth")
+    out = tmp_path / "out"
+    argv = ["--torch-ckpt", str(path), "--parity-images", str(images), "--output", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())["parity"]
+    size = parity.parity_size(ConvMixerConfig(**TINY), 224)
+    assert size < 224 and size % TINY["patch_size"] == 0
+    seeded, pictures = report["inputs"]
+    assert seeded["size"] == size and report["input_shape"] == [size, size, 3]
+    assert seeded["size_reason"].startswith("not the input size 224: one image's stage")
+    assert pictures["size"] == 224 and report["num_inputs"] == 2 + pictures["count"]
+    assert f"of {size} and 224 px (not the input size 224" in err, err
+    assert len(report["stages"]) == TINY["depth"] + 2 and report["passed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config,limit_mib",
+    [
+        (dict(dim=256, depth=4, kernel_size=1, patch_size=1, num_classes=3), 3072),
+        ("convmixer_768_32", 3072),
+    ],
+    ids=["patch 1", "convmixer_768_32"],
+)
+def test_what_parity_costs_follows_the_network(tmp_path, config, limit_mib):
+    """A 1.1 MB checkpoint of ConvMixer-256/4 with a patch of 1 px peaked at 6.1 GB while
+    parity held 224 px stages of two images in both networks at once, and a Keras model
+    called eagerly kept every layer's output; convmixer_768_32 peaked at 3.5 GB. Both now
+    stay well under 3 GiB (the start-up alone, TensorFlow and torch, is over 1 GB)."""
+    if isinstance(config, str):
+        import timm
+
+        from weights_converter.demo import randomize_batchnorm
+
+        net = randomize_batchnorm(timm.create_model(config, pretrained=False), seed=3)
+    else:
+        net = timm_convmixer(**config)
+    path = save_checkpoint(net.state_dict(), tmp_path / "m.pth")
+    del net
+    script = (
+        "import resource, sys\n"
+        "from weights_converter.__main__ import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, "--torch-ckpt", str(path), "--quiet"],
+        env=dict(
+            os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    code, peak_mib = run.stdout.split()[-2:]
+    assert code == "0", run.stderr[-3000:]
+    assert int(peak_mib) < limit_mib, peak_mib
 
 
 def test_existing_output_needs_force(tmp_path, capsys):

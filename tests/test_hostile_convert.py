@@ -464,6 +464,26 @@ def test_an_oddly_named_checkpoint_converts(tmp_path, capsys, name):
     assert report["conversion"]["checkpoint"]["path"] == str(path)
 
 
+@pytest.mark.parametrize("tolerance", ["1e-4", "1e-12"], ids=["converted", "parity failed"])
+def test_the_converter_prints_an_odd_name_escaped(tmp_path, capsys, tolerance):
+    """The checkpoint's name reaches every line the converter prints (the result, progress,
+    the failure's pointer to report.json) as `ls -b` shows it: a name that is not UTF-8 is
+    no UnicodeEncodeError on a strict stdout once the output is written, and no newline or
+    escape sequence from it reaches the terminal."""
+    from convmixer_tf.cli import escaped
+
+    name = os.fsdecode(b"l\xff\n\x1b[31m.pth")
+    path = save_checkpoint(_good(), tmp_path / name)
+    code = main(["--torch-ckpt", str(path), "--tolerance", tolerance])
+    captured = capsys.readouterr()
+    assert code == (0 if tolerance == "1e-4" else 1), captured.err[-3000:]
+    output = str(tmp_path / os.fsdecode(b"l\xff\n\x1b[31m_keras"))
+    assert os.path.isdir(output)
+    assert escaped(output) in captured.out, captured.out
+    for line in captured.out.splitlines() + captured.err.splitlines():
+        assert line.isprintable(), line
+
+
 def test_a_name_too_long_for_the_default_output_is_refused_in_one_line(tmp_path, capsys):
     path = save_checkpoint(_good(), tmp_path / ("m" * 250 + ".pth"))
     before = sorted(os.listdir(tmp_path))

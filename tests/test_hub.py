@@ -2,15 +2,22 @@
 huggingface_hub's own layout (blobs, refs, snapshots), which timm itself reads, then our
 converter, create_model(pretrained=...) and hf:// loading on the same cache."""
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch_helpers import timm_convmixer, torch
 
 import convmixer_tf
@@ -407,6 +414,115 @@ def test_a_hostile_config_json_is_exit_2_in_one_line(offline, tmp_path, capsys, 
     assert err.isprintable() and len(err) < 2000 and not out.exists(), (name, err[:2000])
 
 
+# ------------------------------------------------------------------ no network
+
+
+@contextlib.contextmanager
+def _unreachable_endpoint(kind):
+    """An HF_ENDPOINT that gives no answer: a port nothing listens on ("closed"), or one
+    that takes the connection and never says a word ("silent")."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    if kind == "closed":
+        server.close()
+    else:
+        server.listen(16)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+RESOLVE = (
+    "import sys, time\n"
+    "from convmixer_tf.errors import BadInput\n"
+    "from weights_converter import hub\n"
+    "start = time.perf_counter()\n"
+    "try:\n"
+    "    print(hub.resolve(sys.argv[1]).path)\n"
+    "except BadInput as err:\n"
+    "    print('error:', err, file=sys.stderr)\n"
+    "print(f'{time.perf_counter() - start:.2f}')\n"
+)
+
+
+def _resolve_without_network(name, cache, endpoint):
+    """hub.resolve(name) in a fresh process (huggingface_hub reads its settings at
+    import), online in its settings but with `endpoint` unreachable: (stdout lines, stderr,
+    seconds resolve took)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT=endpoint, PYTHONPATH=REPO)
+    run = subprocess.run(
+        [sys.executable, "-c", RESOLVE, name], env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = run.stdout.splitlines()
+    return lines[:-1], run.stderr.strip(), float(lines[-1])
+
+
+@pytest.mark.parametrize("kind", ["closed", "silent"])
+def test_without_network_the_hub_fails_fast_in_one_line_and_the_cache_still_serves(tmp_path, kind):
+    """No network and no HF_HUB_OFFLINE: a name the cache lacks is one quiet line within
+    seconds (huggingface_hub alone retries for most of a minute), naming the repo and the
+    unreachable Hub; a name the cache holds is read from it, without waiting on the Hub."""
+    cache = hub_cache(tmp_path / "hub", "someone/cached", {"model.safetensors": b"weights"})
+    with _unreachable_endpoint(kind) as endpoint:
+        out, err, seconds = _resolve_without_network("hf-hub:nobody/missing", cache, endpoint)
+        assert out == [] and seconds < 8, (seconds, err[-2000:])
+        assert len(err.splitlines()) == 1 and err.startswith("error: nobody/missing "), err
+        assert "cannot be reached" in err and endpoint in err, err
+        out, err, seconds = _resolve_without_network("hf-hub:someone/cached", cache, endpoint)
+        assert len(out) == 1 and out[0].endswith("model.safetensors"), (out, err[-2000:])
+        assert err == "" and seconds < 2, (seconds, err[-2000:])
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://[bad", "http://127.0.0.1:99999", "ftp://x", "", "http://127.0.0.1:9/x y"]
+)
+def test_an_hf_endpoint_that_is_no_url_is_one_line(tmp_path, endpoint):
+    """HF_ENDPOINT as a user may mistype it: BadInput in one line, as without a network
+    (huggingface_hub itself refuses some of these as it is imported)."""
+    out, err, seconds = _resolve_without_network("hf-hub:nobody/missing", tmp_path, endpoint)
+    assert out == [] and seconds < 8 and len(err.splitlines()) == 1, (seconds, err[-2000:])
+    assert err.startswith("error: ") and ("HF_ENDPOINT" in err or "cannot be reached" in err), err
+
+
+@settings(max_examples=300, deadline=200)
+@given(st.one_of(st.text(), st.from_regex(r"https?://[^/]*(:\d*)?(/.*)?", fullmatch=True)))
+def test_any_hf_endpoint_is_a_url_or_a_value_error(endpoint):
+    """The reader of HF_ENDPOINT: any text is an http(s) URL it can ask, or a ValueError
+    that the probe turns into the one line, never another exception."""
+    from weights_converter.hub import _check_url
+
+    try:
+        _check_url(endpoint)
+    except ValueError:
+        return
+    request = urllib.request.Request(endpoint, method="HEAD")
+    assert request.host
+
+
+def test_without_network_the_demo_says_offline_within_seconds(tmp_path):
+    """`make demo` on a machine without a network: its first line, the offline one, comes
+    within seconds (it then converts seeded weights, which this test does not wait for)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=REPO)
+    with _unreachable_endpoint("silent") as endpoint:
+        env["HF_ENDPOINT"] = endpoint
+        command = [sys.executable, "-m", "weights_converter.demo", "--output", str(tmp_path)]
+        start = time.perf_counter()
+        demo = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            ready, _, _ = select.select([demo.stdout], [], [], 60)
+            seconds = time.perf_counter() - start
+            first = demo.stdout.readline().decode() if ready else ""
+        finally:
+            demo.kill()
+            demo.communicate()
+    assert first == "offline: random weights; the answers below mean nothing\n", first
+    assert seconds < 8, seconds
+
+
 # ------------------------------------------------------------------ make demo
 
 
@@ -431,6 +547,24 @@ def test_the_demo_takes_the_released_weights_where_the_cache_has_them(offline, t
         assert len(written) == 1
     finally:
         demo.write_demo_checkpoint = real
+
+
+def test_the_demo_prints_an_odd_folder_escaped(tmp_path, monkeypatch, capsys):
+    """Every line the demo prints with a name in it (the commands it runs, the ones it
+    suggests) shows the name as `ls -b` does: a newline or an escape sequence in --output
+    forges no line and reaches no terminal."""
+    from convmixer_tf.cli import escaped
+    from weights_converter import demo
+
+    monkeypatch.setattr(demo, "PHOTO", str(tmp_path / "absent.jpg"))
+    out = tmp_path / os.fsdecode(b"d\xff\n\x1b[31m")
+    out.mkdir()
+    (out / "model_int8.tflite").write_bytes(b"")
+    assert demo._run([sys.executable, "-c", "pass", str(out)]) == 0
+    assert demo._try_it(str(out)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(escaped(str(out))) == 3, printed
+    assert all(line.isprintable() for line in printed.splitlines()), printed
 
 
 def _run_demo(env, out, *more):

@@ -139,7 +139,7 @@ def _convert(args, log) -> int:
     if args.json:
         print(json.dumps(content, indent=2, default=jsonable))
     else:
-        print(f"{content['status']}: {report.output}")
+        print(f"{content['status']}: {cli.escaped(report.output)}")
         if report.files:
             print(format_rows(report.files))
     if not report.passed:
@@ -147,7 +147,7 @@ def _convert(args, log) -> int:
         print(
             f"parity FAILED: max |logit diff| {parity.max_abs:.3g} > tolerance {parity.tolerance:.0e}; "
             f"first diverging stage: {parity.first_divergent_stage}; "
-            f"details in {os.path.join(report.output, 'report.json')}"
+            f"details in {cli.escaped(os.path.join(report.output, 'report.json'))}"
         )
     return errors.EXIT_OK if report.passed else errors.EXIT_FAILED
 

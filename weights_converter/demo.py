@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 
+from convmixer_tf import cli
 from convmixer_tf.config import get_variant
 from convmixer_tf.errors import EXIT_BAD_INPUT, BadInput
 from weights_converter import hub
@@ -72,7 +73,11 @@ def write_demo_checkpoint(path, variant: str = VARIANT, seed: int = 0) -> str:
     return path
 
 
-def released_or_seeded(folder, say=print) -> str:
+def _say(line: str) -> None:
+    print(line, flush=True)  # at once, before the minutes of work that follow
+
+
+def released_or_seeded(folder, say=_say) -> str:
     """What the demo converts: the released weights' Hub id when the Hub or its cache has
     them (online, this downloads them into the cache), else a seeded checkpoint written
     into `folder`, saying so in one line."""
@@ -93,7 +98,7 @@ def _nearby(path) -> str:
 
 
 def _run(command) -> int:
-    print(f"$ {shlex.join(['python', *command[1:]])}", flush=True)
+    print(f"$ {cli.escaped(shlex.join(['python', *command[1:]]))}", flush=True)
     return subprocess.run(command).returncode
 
 
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
     try:
         checkpoint = released_or_seeded(args.output)
     except (BadInput, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {cli.escaped(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     out = _nearby(os.path.join(args.output, f"{VARIANT}_keras"))
     convert = [sys.executable, "-m", "weights_converter", "--torch-ckpt", checkpoint]
@@ -130,10 +135,10 @@ def _try_it(out) -> int:
         )
     print("Try it (docs/try-it.md): classify your images with any file written, or open the")
     print("phone's file in a browser:")
-    print(f"  python -m convmixer_tf.predict --model {model} IMAGES...")
+    print(f"  python -m convmixer_tf.predict --model {cli.escaped(shlex.quote(model))} IMAGES...")
     phone = os.path.join(out, "model_int8.tflite")
     if os.path.isfile(phone):
-        print(f"  python -m convmixer_tf.web --model {phone}")
+        print(f"  python -m convmixer_tf.web --model {cli.escaped(shlex.quote(phone))}")
     return code
 
 

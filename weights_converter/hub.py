@@ -10,19 +10,29 @@ weights' pretrained_cfg, and it travels with the converted model as part of its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.client
+import io
 import json
 import os
 import re
 import reprlib
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import Optional
 
 from convmixer_tf.errors import BadInput, one_line
-from weights_converter.layouts import printable
+from weights_converter.layouts import printable, shown
 
 PREFIX = "hf-hub:"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # the Hub's OWNER/NAME
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's order: safetensors first
+# A Hub that answers at all answers a bare HEAD request within this; without a network,
+# huggingface_hub alone retries each file for most of a minute.
+PROBE_TIMEOUT_S = 3.0
 MAX_CONFIG_BYTES = 1 << 24  # timm's config.json is tens of kB, the names of 1000 classes
 _SHOWN = reprlib.Repr()  # for values nested too deep for JSON's writer
 _SHOWN.maxlevel = 3
@@ -141,67 +151,148 @@ def parse(text: str):
 
 
 def resolve(checkpoint) -> Source:
-    """The file behind `checkpoint` (a path, or a Hub id) and its repo's config.json."""
+    """The file behind `checkpoint` (a path, or a Hub id) and its repo's config.json.
+
+    A Hub id is read from the cache when the cache holds its weights (the Hub is not asked
+    whether they changed: `hf download` refreshes them). Otherwise one short request asks
+    whether the Hub (HF_ENDPOINT) answers at all before anything downloads, so that
+    without a network the answer is NotReachable within seconds, not after
+    huggingface_hub's retries."""
     if not is_hub_id(checkpoint):
         return Source(os.fspath(checkpoint), pretrained_cfg(checkpoint))
     repo, revision = parse(checkpoint)
-    try:
-        from huggingface_hub import constants, hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-        )
+    try:  # its lazy loader prints a failed import on stdout, where our results go
+        with contextlib.redirect_stdout(io.StringIO()):
+            from huggingface_hub import hf_hub_download  # noqa: F401 - whether it starts
     except ImportError:
         raise BadInput(f"{checkpoint} needs huggingface_hub: pip install huggingface_hub") from None
-    path, uncached = None, False
-    for name in WEIGHT_FILES:
-        try:
-            path = hf_hub_download(repo, name, revision=revision)
-            break
-        except LocalEntryNotFoundError:  # (a kind of EntryNotFoundError)
-            uncached = True
-        except EntryNotFoundError:
-            continue
-        except RepositoryNotFoundError:
-            raise BadInput(f"no repo {repo} on the Hugging Face Hub (or it is private)") from None
-    if path is None and uncached and not _cached_snapshot(repo, revision):
-        how = (
-            "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        )
-        raise NotReachable(
-            f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}) and {how}; fetch it where the Hub is reachable: "
-            f"hf download {repo}{' --revision ' + revision if revision else ''}"
-        )
-    if path is None:
-        where = " in the cache (hf download fetches all of a repo)" if uncached else ""
+    except ValueError as err:  # it reads HF_ENDPOINT as it is imported
         raise BadInput(
-            f"{repo} holds no ConvMixer weights{where}: neither {' nor '.join(WEIGHT_FILES)}"
-        )
-    config = _optional_json(hf_hub_download, repo, revision)
+            f"huggingface_hub refuses its settings ({printable(one_line(err))}): check HF_ENDPOINT"
+        ) from None
+    path = _weights(repo, revision, local=True)
+    cached = path is not None
+    if not cached:
+        _check_reachable(repo, revision)
+        path = _weights(repo, revision, local=False)
+    if path is None:
+        raise BadInput(f"{repo} holds no ConvMixer weights: neither {' nor '.join(WEIGHT_FILES)}")
+    config = _optional_json(repo, revision, local=cached)
     cfg = pretrained_cfg(path, repo=repo, revision=revision, config=config)
     return Source(path, cfg, config)
 
 
-def _cached_snapshot(repo, revision) -> Optional[str]:
-    """The cached snapshot folder of `repo` at `revision`, when there is one."""
-    from huggingface_hub import snapshot_download
+def _weights(repo, revision, *, local: bool) -> Optional[str]:
+    """The first of WEIGHT_FILES the repo holds (`_fetch`); None when it holds neither."""
+    for name in WEIGHT_FILES:
+        path = _fetch(repo, name, revision, local=local)
+        if path is not None:
+            return path
+    return None
 
+
+def _fetch(repo, name, revision, *, local: bool) -> Optional[str]:
+    """`name` of the repo at `revision`, from the cache alone (`local`: no request at all,
+    not even huggingface_hub's own for its headers) or from the Hub; None when the repo
+    has no such file (in the cache)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if local:
+        found = try_to_load_from_cache(repo, name, revision=revision)
+        return found if isinstance(found, str) else None  # else absent, or known absent
     try:
-        return snapshot_download(repo, revision=revision, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not cached, in any of the ways it can say so
+        return hf_hub_download(repo, name, revision=revision)
+    except LocalEntryNotFoundError:  # (a kind of EntryNotFoundError): the Hub stopped answering
+        raise _not_reachable(repo, revision, "the Hub stopped answering") from None
+    except EntryNotFoundError:
         return None
+    except RepositoryNotFoundError:
+        raise BadInput(f"no repo {repo} on the Hugging Face Hub (or it is private)") from None
+    except RevisionNotFoundError:
+        raise BadInput(f"{repo} has no revision {revision!r} on the Hugging Face Hub") from None
 
 
-def _optional_json(download, repo, revision) -> Optional[dict]:
-    """The repo's config.json as a dict, None when it has none; BadInput when it is there but
-    is not a JSON object."""
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+def _check_reachable(repo, revision) -> None:
+    """NotReachable, within PROBE_TIMEOUT_S, unless the Hub may be asked for `repo`: not
+    with HF_HUB_OFFLINE set, nor when its endpoint gives no answer. Offline, a snapshot in
+    the cache without weights is BadInput: fetching the rest of it is what would help."""
+    from huggingface_hub import constants
 
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _silence(constants.ENDPOINT)
+    if why is None:
+        return
+    if _cached_snapshot(repo, revision):
+        raise BadInput(
+            f"{repo} holds no ConvMixer weights in the cache (hf download fetches all of a "
+            f"repo): neither {' nor '.join(WEIGHT_FILES)}, and {why}"
+        )
+    raise _not_reachable(repo, revision, why)
+
+
+def _silence(endpoint: str) -> Optional[str]:
+    """Why `endpoint` cannot be reached (not an http(s) URL, refused, unresolved, no answer
+    within PROBE_TIMEOUT_S), None when it answers at all, an HTTP error or a certificate
+    this Python does not trust included: huggingface_hub then has its say."""
     try:
-        path = download(repo, "config.json", revision=revision)
-    except (EntryNotFoundError, LocalEntryNotFoundError):  # none (here): the weights alone
+        _check_url(endpoint)
+        request = urllib.request.Request(endpoint, method="HEAD")
+        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError, http.client.HTTPException) as err:  # a timeout, a bad URL
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):
+            return None
+        return f"the Hub cannot be reached at {shown(endpoint)} ({printable(one_line(reason))})"
+    return None
+
+
+def _check_url(endpoint: str) -> None:
+    """ValueError unless `endpoint` is an http(s) URL with a host and a port that can be."""
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("HF_ENDPOINT is not an http(s) URL")
+    if parts.port == 0:  # (the property itself refuses a port past 65535)
+        raise ValueError("HF_ENDPOINT names port 0")
+
+
+def _not_reachable(repo, revision, why: str) -> NotReachable:
+    from huggingface_hub import constants
+
+    return NotReachable(
+        f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) and {why}; fetch it where the Hub is reachable: "
+        f"hf download {repo}{' --revision ' + revision if revision else ''}"
+    )
+
+
+def _cached_snapshot(repo, revision) -> bool:
+    """Whether the cache holds a snapshot of `repo` at `revision` (a branch, a tag or a
+    commit), read from its layout: snapshot_download would ask the Hub for its headers."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo, repo_type="model"))
+    ref = os.path.join(folder, "refs", revision or "main")
+    try:
+        with open(ref, encoding="ascii") as f:
+            commit = f.read().strip()
+    except (OSError, ValueError):  # no such ref: the revision may be a commit
+        commit = revision or "main"
+    return os.path.isdir(os.path.join(folder, "snapshots", commit))
+
+
+def _optional_json(repo, revision, *, local: bool) -> Optional[dict]:
+    """The repo's config.json as a dict, None when it has none; BadInput when it is there but
+    is not a JSON object. Weights read from the cache take their config from it too."""
+    path = _fetch(repo, "config.json", revision, local=local)
+    if path is None:  # none: the weights alone
         return None
     with open(path, "rb") as f:  # a byte more than a config may hold, for parse_config to refuse
         return parse_config(f.read(MAX_CONFIG_BYTES + 1), f"config.json of {PREFIX}{repo}")

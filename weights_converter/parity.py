@@ -10,19 +10,26 @@ every block, naming the first stage that diverges.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import List, Optional
 
 import numpy as np
 
-from convmixer_tf.config import VARIANTS, ConvMixerConfig, stage_layers
+from convmixer_tf.config import VARIANTS, ConvMixerConfig
 from convmixer_tf.errors import BadInput, CheckFailed
 from convmixer_tf.export.scores import allowed
 from convmixer_tf.facts import facts_of
 from weights_converter import layouts
+from weights_converter.stages import KerasStages, TorchStages
 
 DEFAULT_TOLERANCE = 1e-4
 SEEDED_BATCH = 2  # seeded inputs every conversion is checked on
+# What one image's stage outputs may hold, the two networks together, at the seeded
+# inputs' size: every released variant fits at 224 px (convmixer_1536_20, the largest,
+# keeps 252 MiB), while a network whose stages keep more is checked on smaller images.
+PARITY_BUDGET_BYTES = 256 << 20
+MIB = 1 << 20
 
 
 class ParityError(CheckFailed):
@@ -55,12 +62,21 @@ class ParityReport:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def _sizes(self) -> str:
+        """' of 161 px (not the input size 224: ...)', as the input sets say."""
+        sizes = sorted({entry["size"] for entry in self.inputs if "size" in entry})
+        if not sizes:
+            return ""
+        reasons = [entry["size_reason"] for entry in self.inputs if "size_reason" in entry]
+        text = f" of {' and '.join(str(size) for size in sizes)} px"
+        return text + "".join(f" ({reason})" for reason in reasons)
+
     def describe(self) -> str:
         top1 = "n/a" if self.top1_agreement is None else f"{self.top1_agreement:.1%}"
         text = (
             f"parity {'PASSED' if self.passed else 'FAILED'}: max |logit diff| {self.max_abs:.2e} (tolerance "
             f"{self.tolerance:.0e}), max rel {self.max_rel:.2e}, top-1 agreement {top1} on {self.num_inputs} "
-            f"inputs; reference {self.reference}"
+            f"inputs{self._sizes()}; reference {self.reference}"
         )
         if self.first_divergent_stage:
             stage = next(s for s in self.stages if s.name == self.first_divergent_stage)
@@ -172,10 +188,34 @@ def seeded_inputs(batch_size: int, size: int, seed: int = 0) -> np.ndarray:
     )
 
 
+def parity_size(config: ConvMixerConfig, input_size: int) -> int:
+    """The image side the seeded parity inputs take: `input_size`, unless one image's stage
+    outputs there (the stem's and each block's, in both networks, float32) would hold more
+    than PARITY_BUDGET_BYTES; then the largest whole number of patches that fits, at least
+    one. What parity costs follows the network (a patch of 1 px keeps every pixel in every
+    stage), while every released variant runs at its own 224 px.
+
+    Example:
+        >>> parity_size(get_variant("convmixer_768_32").config, 224)  # doctest: +SKIP
+        224
+    """
+    per_token = stage_bytes(config, config.patch_size)
+    tokens = math.isqrt(PARITY_BUDGET_BYTES // per_token)
+    if tokens >= input_size // config.patch_size:
+        return input_size
+    return max(tokens, 1) * config.patch_size
+
+
+def stage_bytes(config: ConvMixerConfig, size: int) -> int:
+    """What one image of `size` px holds in stage outputs, both networks together."""
+    side = size // config.patch_size
+    return 2 * (config.depth + 1) * side * side * config.dim * 4
+
+
 def check_parity(
     torch_model,
     keras_model,
-    inputs: Optional[np.ndarray] = None,
+    inputs=None,
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     batch_size: int = 2,
@@ -184,14 +224,18 @@ def check_parity(
     input_sets: Optional[List[dict]] = None,
     reference: str = "",
 ) -> ParityReport:
-    """Compares a PyTorch ConvMixer and its Keras conversion on the same NHWC batch.
+    """Compares a PyTorch ConvMixer and its Keras conversion on the same NHWC images.
+
+    The images run one at a time, and only one image's stage outputs are held at once:
+    what parity costs is what one image costs.
 
     Args:
         torch_model: a ConvMixer in any layout the converter reads (timm's, the paper's
             nn.Sequential or one-liner, labml's), weights loaded.
         keras_model: the converted Keras model.
-        inputs: NHWC float32 batch in the network's input space; default a seeded
-            standard-normal batch of `batch_size` images of `image_size` pixels.
+        inputs: an NHWC float32 batch in the network's input space, or a list of such
+            batches (of different sizes); default a seeded standard-normal batch of
+            `batch_size` images of `image_size` pixels.
         tolerance: largest allowed absolute difference of the final outputs.
 
     Example:
@@ -202,16 +246,13 @@ def check_parity(
     if inputs is None:
         inputs = seeded_inputs(batch_size, image_size, seed)
         input_sets = [{"source": f"seeded standard normal (seed {seed})", "count": batch_size}]
-    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    torch_outs = _torch_stages(torch_model, inputs)
-    keras_outs = _keras_stages(keras_model, inputs, len(torch_outs) - 2)
-    stages = [
-        _diff(name, keras_out, ref, tolerance)
-        for (name, ref), keras_out in zip(torch_outs, keras_outs)
-    ]
+    batches = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
+    if not any(len(batch) for batch in batches):
+        raise BadInput("parity needs at least one image to run both networks on")
+    stages, outputs = _compare(torch_model, keras_model, batches, tolerance)
     final = stages[-1]
-    final.diverged = final.max_abs > tolerance
-    keras_out, torch_out = keras_outs[-1], torch_outs[-1][1]
+    final.diverged = final.max_abs > tolerance or not np.isfinite(final.max_abs)
+    keras_out, torch_out = (np.concatenate(side) for side in zip(*outputs))
     top1 = None
     if keras_out.ndim == 2 and keras_out.shape[1] > 1 and facts_of(keras_model).config.num_classes:
         top1 = float(np.mean(keras_out.argmax(1) == torch_out.argmax(1)))
@@ -221,8 +262,8 @@ def check_parity(
         max_abs=final.max_abs,
         max_rel=final.max_rel,
         top1_agreement=top1,
-        num_inputs=int(inputs.shape[0]),
-        input_shape=list(inputs.shape[1:]),
+        num_inputs=len(outputs),
+        input_shape=list(np.shape(batches[0])[1:]),
         inputs=input_sets or [],
         stages=stages,
         first_divergent_stage=next((s.name for s in stages if s.diverged), None),
@@ -230,52 +271,45 @@ def check_parity(
     )
 
 
-def _torch_stages(torch_model, inputs) -> list:
-    """(name, NHWC output) after the stem, each block, and at the end of the PyTorch model.
-    Whatever the layout, each stage ends with a BatchNorm: the stem's, and each block's
-    pointwise one; the layout's table says where they sit in `torch_model`."""
-    import torch
-
-    layout, depth = layouts.layout_of(torch_model.state_dict())
-    table = layouts.modules(layout, depth)
-    modules = [("stem", table["stem.2"])] + [
-        (f"block{i}", table[f"blocks.{i}.3"]) for i in range(depth)
-    ]
-    captured = {}
-    hooks = [
-        torch_model.get_submodule(module).register_forward_hook(
-            lambda m, args, out, name=name: captured.__setitem__(
-                name, out.detach().numpy().transpose(0, 2, 3, 1).copy()
-            )
-        )
-        for name, module in modules
-    ]
-    try:
-        torch_model.eval()
-        with torch.no_grad():
-            out = torch_model(torch.from_numpy(inputs.transpose(0, 3, 1, 2).copy())).numpy()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [(name, captured[name]) for name, _ in modules] + [("output", out)]
+def _compare(torch_model, keras_model, batches, tolerance):
+    """Each image of `batches` through both networks, one at a time: the stages' StageDiffs
+    over all of them, and each image's (Keras, PyTorch) outputs."""
+    torch_stages = TorchStages(torch_model)
+    keras_stages = KerasStages(keras_model, torch_stages.depth)
+    worst = largest = 0.0
+    outputs = []
+    for batch in batches:
+        for i in range(len(batch)):
+            image = np.ascontiguousarray(batch[i : i + 1], dtype=np.float32)
+            pairs = list(zip(torch_stages(image), keras_stages(image)))
+            for (name, ref), value in pairs:
+                if value.shape != ref.shape:
+                    raise ParityError(
+                        f"{name}: Keras shape {value.shape} != PyTorch shape {ref.shape}"
+                    )
+            worst = np.maximum(worst, [_max_abs_diff(value, ref) for (_, ref), value in pairs])
+            largest = np.maximum(largest, [_largest(ref) for (_, ref), _ in pairs])
+            outputs.append((pairs[-1][1], pairs[-1][0][1]))
+            del pairs  # before the next image's stages are made
+    names = [name for name, _ in torch_stages.modules] + ["output"]
+    return [
+        _stage(name, float(diff), float(ref), tolerance)
+        for name, diff, ref in zip(names, worst, largest)
+    ], outputs
 
 
-def _keras_stages(keras_model, inputs, depth) -> list:
-    import keras
-
-    layers = stage_layers(depth)
-    probe = keras.Model(
-        keras_model.input, [keras_model.get_layer(n).output for n in layers] + [keras_model.output]
-    )
-    return [keras.ops.convert_to_numpy(t) for t in probe(inputs, training=False)]
+def _max_abs_diff(value, ref) -> float:
+    return float(np.max(np.abs(value.astype(np.float64) - ref))) if value.size else 0.0
 
 
-def _diff(name, value, ref, tolerance) -> StageDiff:
-    if value.shape != ref.shape:
-        raise ParityError(f"{name}: Keras shape {value.shape} != PyTorch shape {ref.shape}")
-    max_abs = float(np.max(np.abs(value.astype(np.float64) - ref))) if value.size else 0.0
-    diverged = max_abs > allowed(tolerance, ref) or not np.isfinite(max_abs)
-    return StageDiff(name, max_abs, max_abs / allowed(1.0, ref), bool(diverged))
+def _largest(ref) -> float:
+    return float(np.abs(ref).max()) if ref.size else 0.0
+
+
+def _stage(name, max_abs, largest, tolerance) -> StageDiff:
+    """The stage's StageDiff: `largest` is the largest |PyTorch value| over all images."""
+    diverged = max_abs > allowed(tolerance, largest) or not np.isfinite(max_abs)
+    return StageDiff(name, max_abs, max_abs / allowed(1.0, largest), bool(diverged))
 
 
 def _import_timm():
@@ -312,16 +346,18 @@ def prove(
     tensors = layouts.from_canonical(conversion.canonical, layout, config.depth)
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
     pre = facts_of(conversion.model).preprocessing
-    inputs = seeded_inputs(SEEDED_BATCH, pre.input_size)
-    sets = [{"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH}]
+    inputs, sets = [], []
+    _add_seeded(inputs, sets, config, pre.input_size)
     if images:
         from convmixer_tf.images import parse_source, read_images
 
         pictures, names, _ = read_images(parse_source(images), pre)
-        inputs = np.concatenate([inputs, pictures])  # normalised, as the network sees them
+        inputs.append(pictures)  # normalised, as the network sees them; at the input size
         where = images if images.startswith("tfds:") else os.path.abspath(images)
         transform = f"resize {pre.interpolation} to {pre.input_size}/{pre.crop_pct}, centre crop {pre.input_size}"
-        sets.append({"source": where, "count": len(names), "transform": transform})
+        sets.append(
+            {"source": where, "count": len(names), "size": pre.input_size, "transform": transform}
+        )
     return check_parity(
         torch_model,
         conversion.model,
@@ -330,3 +366,18 @@ def prove(
         input_sets=sets,
         reference=description,
     )
+
+
+def _add_seeded(inputs: list, sets: list, config: ConvMixerConfig, input_size: int) -> None:
+    """The seeded batch, at `parity_size`, and its entry in the report, saying why when it is
+    smaller than the input size."""
+    size = parity_size(config, input_size)
+    inputs.append(seeded_inputs(SEEDED_BATCH, size))
+    entry = {"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH, "size": size}
+    if size < input_size:
+        entry["size_reason"] = (
+            f"not the input size {input_size}: one image's stage outputs there would hold "
+            f"{stage_bytes(config, input_size) / MIB:.0f} MiB in the two networks, more than "
+            f"parity's {PARITY_BUDGET_BYTES / MIB:.0f} MiB"
+        )
+    sets.append(entry)
