@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from torch_helpers import timm_convmixer, torch
 
 import convmixer_tf
-from convmixer_tf import export as exporters
 from convmixer_tf import saving
+from convmixer_tf.export import registry
 from convmixer_tf.facts import attach, facts_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -613,7 +613,7 @@ def test_make_demo_converts_the_released_weights_from_the_cache(tmp_path):
     assert "parity PASSED" in run.stderr
     assert re.search(r"  label \d+$", _photo_line(run.stdout))  # the config's class names
     written = sorted(os.listdir(tmp_path / "demo" / "convmixer_768_32_keras"))
-    exported = [f.filename for f in exporters.FORMATS]
+    exported = [f.filename for f in registry.FORMATS]
     assert written == sorted(exported + ["README.md", "RECORD", "model.keras", "report.json"])
 
 
