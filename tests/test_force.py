@@ -267,12 +267,16 @@ MARKERS = {
 }
 
 
+class Expired(BaseException):
+    """Raised by `_within` (not an OSError, which the code under test may catch)."""
+
+
 @contextlib.contextmanager
 def _within(seconds: int):
-    """TimeoutError when the block takes longer (a blocked open() is interrupted too)."""
+    """Expired when the block takes longer (a blocked open() is interrupted too)."""
 
     def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
+        raise Expired(f"still running after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(seconds)
@@ -320,6 +324,28 @@ def test_a_fifo_as_an_outputs_marker_or_record_is_refused_without_blocking(
         words = "already holds a finished run"
     assert words in line and "--output" in line, line
     assert _entries(out) == before and os.listdir(tmp_path) == ["out"]
+
+
+def test_an_evaluate_output_that_is_a_fifo_is_refused_without_blocking(
+    tmp_path, tiny_keras, capsys
+):
+    """evaluate --output names a file, replaced only when it holds an earlier metrics.json:
+    a FIFO there blocked the read that asks, forever."""
+    from convmixer_tf.evaluate.__main__ import main
+
+    os.mkfifo(tmp_path / "metrics.json")
+    data = write_folder(tmp_path / "data", per_class=2)
+    argv = ["--model", tiny_keras, "--data-dir", data, "--output", tmp_path / "metrics.json"]
+    with _within(60):
+        assert main([*map(str, argv), "--quiet"]) == 2
+    assert "is not an earlier output of this command" in one_error_line(capsys)
+    os.remove(tmp_path / "metrics.json")
+    assert main([*map(str, argv), "--quiet"]) == 0
+    assert main([*map(str, argv), "--quiet"]) == 0  # an earlier output: replaced
+    os.rename(tmp_path / "metrics.json", tmp_path / "earlier.json")
+    os.symlink(tmp_path / "earlier.json", tmp_path / "metrics.json")
+    assert main([*map(str, argv), "--quiet"]) == 2  # never through a link
+    assert "is not an earlier output of this command" in one_error_line(capsys)
 
 
 @pytest.mark.slow
