@@ -402,7 +402,7 @@ def _saved_model_member_rows():
         os.symlink(files["ours"] / "saved_model" / os.path.relpath(path, path.parents[1]), path)
 
     variables = "variables/variables.index", "variables/variables.data-00000-of-00001"
-    members = [*variables, "assets/convmixer.json", "fingerprint.pb"]
+    members = [*variables, "assets/convmixer.json", "fingerprint.pb", "saved_model.pb"]
     rows = [
         (
             f"saved-model-fifo-{m}",

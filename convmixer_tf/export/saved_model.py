@@ -49,8 +49,9 @@ def export_saved_model(model, path) -> str:
 
 
 def is_saved_model(path) -> bool:
-    """A SavedModel is a folder, of any name, that holds saved_model.pb."""
-    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+    """A SavedModel is a folder, of any name, that holds saved_model.pb (of any kind: one
+    that is not a regular file is named when it is opened, `check_members`)."""
+    return os.path.lexists(os.path.join(path, "saved_model.pb"))
 
 
 def read_facts(path):
