@@ -319,7 +319,7 @@ def test_a_fifo_as_an_outputs_marker_or_record_is_refused_without_blocking(
     with _within(60):
         assert rerun(out, *force) == 2
     line = one_error_line(capsys)
-    words = "did not write (it must list itself)" if name == "RECORD" else f"({name}"
+    words = "did not write (it must list itself)" if name == "RECORD" else name
     if command == "train" and not force:  # a finished run is not resumed: nothing is read
         words = "already holds a finished run"
     assert words in line and "--output" in line, line
