@@ -181,17 +181,17 @@ def _depth(value) -> int:
     return deepest
 
 
-def file_bytes(path) -> Optional[bytes]:
+def file_bytes(path, *, limit: int = FACTS_LIMIT) -> Optional[bytes]:
     """The bytes of the file `path` that holds facts (a SavedModel's asset, the facts beside
     Keras' unzipped layout), or None when there is none; BadInput for anything but a regular file
-    of at most FACTS_LIMIT bytes (a FIFO would block the read)."""
+    (a FIFO would block the read). At most `limit` bytes, and one more when it holds more."""
     if not os.path.lexists(path):
         return None
     if not os.path.isfile(path):
         raise BadInput(f"{path} is not a regular file")
     try:
         with open(path, "rb") as f:
-            return f.read(FACTS_LIMIT + 1)
+            return f.read(limit + 1)
     except OSError as err:
         raise BadInput(f"cannot read {path}: {err.strerror or err}") from None
 

@@ -326,8 +326,8 @@ def check_file(
             )
         return False
     try:
-        with open(path) as f:
-            ours = is_ours(json.load(f)) and not os.path.islink(path)
+        with _opened(path) as f:  # a FIFO reads as empty, a link is not followed: neither is ours
+            ours = is_ours(json.load(f))
     except (OSError, ValueError, UnicodeDecodeError):
         ours = False
     if not ours:

@@ -6,6 +6,8 @@ facts against the layers; files of earlier versions are read through
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import zipfile
 from typing import Optional
@@ -156,6 +158,144 @@ def _hub_folder(path) -> str:
     )
 
 
+# Keras' files: the architecture, and the weights it is built and filled with.
+KERAS_CONFIG, KERAS_WEIGHTS = "config.json", "model.weights.h5"
+# The most a config.json may take (bytes): convmixer_1536_20's takes about 300 KB.
+CONFIG_LIMIT = 16 * 2**20
+# The most a compressed member inflates to, per byte (deflate's best ratio is about 1032:1).
+INFLATION = 1032
+
+
+def check_declared_weights(path) -> None:
+    """BadInput naming the largest layer when the weights the `.keras` file (or Keras'
+    unzipped layout) at `path` declares in its config.json take more than its
+    model.weights.h5 holds: Keras allocates and initialises every declared weight before it
+    reads one, so a small file could otherwise ask for gigabytes. Counted from the config
+    alone (`declared_weights`), at the fewest bytes a weight is stored in (2)."""
+    config, held = _keras_members(path)
+    if config is None:
+        return  # not a Keras file at all: Keras says so
+    try:
+        counts = declared_weights(json.loads(config))
+    except RecursionError:
+        raise BadInput(f"{path}: its {KERAS_CONFIG} nests too deep") from None
+    except ValueError as err:  # not JSON, or not a Keras model's config
+        raise BadInput(f"{path}: cannot read its {KERAS_CONFIG}: {one_line(err)[:200]}") from None
+    total = sum(counts.values())
+    if 2 * total > held:
+        largest = max(counts, key=counts.get)
+        raise BadInput(
+            f"{path}: its {KERAS_CONFIG} declares {total:,} weights (layer {largest!r:.60} "
+            f"{counts[largest]:,}), more than its {KERAS_WEIGHTS} of {held:,} bytes holds: "
+            "the file was edited or is damaged"
+        )
+
+
+def _keras_members(path):
+    """(the bytes of config.json or None, the most bytes model.weights.h5 may hold)."""
+    if os.path.isdir(path):
+        weights = os.path.join(path, KERAS_WEIGHTS)
+        held = os.path.getsize(weights) if os.path.isfile(weights) else 0
+        config = file_bytes(os.path.join(path, KERAS_CONFIG), limit=CONFIG_LIMIT)
+        if config is not None and len(config) > CONFIG_LIMIT:
+            raise BadInput(f"{path}: its {KERAS_CONFIG} is larger than {CONFIG_LIMIT} bytes")
+        return config, held
+    if not zipfile.is_zipfile(path):
+        return None, 0
+    config = zip_member(path, KERAS_CONFIG, limit=CONFIG_LIMIT)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = next((i for i in archive.infolist() if i.filename == KERAS_WEIGHTS), None)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return config, 0
+    if member is None:
+        return config, 0
+    return config, min(member.file_size, INFLATION * member.compress_size)
+
+
+# The layers a ConvMixer is built of: those that hold weights, and those that pass their
+# input's channels on.
+_WEIGHTED = {"Conv2D", "DepthwiseConv2D", "Dense", "BatchNormalization"}
+_PASSING = {"InputLayer", "Rescaling", "Activation", "Add"}
+_PASSING |= {"GlobalAveragePooling2D", "GlobalMaxPooling2D"}
+
+
+def declared_weights(config) -> dict:
+    """{layer name: how many weights it declares} of a Keras functional model's config (the
+    JSON of config.json), each layer's input channels taken from the layers that feed it and
+    from its own build_config, the larger; ValueError naming a layer that is not one a
+    ConvMixer is built of, or a config that is not a model's."""
+    if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
+        raise ValueError("not a Keras model's config")
+    layers = config["config"].get("layers")
+    if not isinstance(layers, list):
+        raise ValueError("not a Keras functional model's config (no list of layers)")
+    channels, counts = {}, {}
+    for layer in layers:
+        if not isinstance(layer, dict) or not isinstance(layer.get("config"), dict):
+            raise ValueError("a layer that is not an object")
+        kind, name = layer.get("class_name"), str(layer.get("name") or "")
+        if not isinstance(kind, str) or kind not in _WEIGHTED | _PASSING:
+            raise ValueError(f"layer {name!r:.60} is a {kind!r:.40}, not a layer of a ConvMixer")
+        fed = [channels.get(source, 0) for source in _sources(layer.get("inbound_nodes"))]
+        given = layer["config"].get("batch_shape") if kind == "InputLayer" else None
+        built = layer.get("build_config") if kind != "InputLayer" else None
+        built = built.get("input_shape") if isinstance(built, dict) else None
+        inputs = max([*fed, *_last_sizes(given), *_last_sizes(built)], default=0)
+        channels[name], counts[name] = _weights_of(kind, layer["config"], inputs)
+    return counts
+
+
+def _sources(inbound) -> list:
+    """The names of the layers whose outputs a layer's inbound_nodes take (keras_history)."""
+    found, pending = [], [inbound]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            history = item.get("keras_history")
+            if isinstance(history, list) and history:
+                found.append(str(history[0]))
+            pending += list(item.values())
+        elif isinstance(item, list):
+            pending += item
+    return found
+
+
+def _last_sizes(shape) -> list:
+    """The last size of a shape ([None, 32, 32, 3] -> [3]), or of each of a list of shapes."""
+    if not isinstance(shape, list) or not shape:
+        return []
+    if all(isinstance(part, list) for part in shape):
+        return [size for part in shape for size in _last_sizes(part)]
+    return [_whole(shape[-1])] if shape[-1] is not None else []
+
+
+def _weights_of(kind: str, config: dict, inputs: int) -> tuple:
+    """(output channels, weights) of a layer of `kind` with `inputs` channels in."""
+    if kind == "Conv2D":
+        filters, groups = _whole(config.get("filters")), max(1, _whole(config.get("groups", 1)))
+        return filters, filters * (_area(config) * (inputs // groups) + 1)
+    if kind == "DepthwiseConv2D":
+        out = inputs * _whole(config.get("depth_multiplier", 1))
+        return out, out * (_area(config) + 1)
+    if kind == "Dense":
+        units = _whole(config.get("units"))
+        return units, units * (inputs + 1)
+    return inputs, 4 * inputs if kind == "BatchNormalization" else 0
+
+
+def _area(config: dict) -> int:
+    size = config.get("kernel_size")
+    sizes = size if isinstance(size, list) else [size, size]
+    return math.prod(_whole(side) for side in sizes)
+
+
+def _whole(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a size that is not a whole number: {value!r:.40}")
+    return value
+
+
 def load_model(path, role: str = "model"):
     """Loads a ConvMixer with its facts attached: a .keras file, a folder in Keras' unzipped
     layout, or `hf://OWNER/NAME[@REVISION]` (either, from the Hub or its cache).
@@ -181,6 +321,7 @@ def load_model(path, role: str = "model"):
             f"cannot load {role} {path}: not a .keras file (a .keras file is a zip archive; "
             "is it truncated or corrupt?)"
         )
+    check_declared_weights(path)
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as err:  # noqa: BLE001 - any reason the file does not load

@@ -4,6 +4,7 @@ training and the web page really write is refused (exit 2), so is an edited file
 and an output without a RECORD, and every file survives byte for byte."""
 
 import base64
+import contextlib
 import hashlib
 import os
 import shutil
@@ -255,6 +256,96 @@ def test_an_output_without_a_record_is_refused_with_a_way_out(earlier, command, 
     line = one_error_line(capsys)
     assert "no RECORD" in line and "move or delete it yourself, or choose another --output" in line
     assert checksums(out) == before and os.listdir(tmp_path) == ["out"]
+
+
+# The file each command's output is known by (a FIFO at its path, or at RECORD's, blocked open()).
+MARKERS = {
+    "converter": "report.json",
+    "export": "export_report.json",
+    "train": "config.json",
+    "web": "config.json",
+}
+
+
+class Expired(BaseException):
+    """Raised by `_within` (not an OSError, which the code under test may catch)."""
+
+
+@contextlib.contextmanager
+def _within(seconds: int):
+    """Expired when the block takes longer (a blocked open() is interrupted too)."""
+
+    def expired(signum, frame):
+        raise Expired(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _entries(root) -> dict:
+    """{relative path: (mode, size, mtime)} of everything under `root`, nothing opened."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            status = os.lstat(os.path.join(folder, name))
+            found[os.path.relpath(os.path.join(folder, name), root)] = (
+                status.st_mode,
+                status.st_size,
+                status.st_mtime_ns,
+            )
+    return found
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["", "force"])
+@pytest.mark.parametrize("entry", ["marker", "RECORD"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_fifo_as_an_outputs_marker_or_record_is_refused_without_blocking(
+    earlier, command, entry, force, tmp_path, capsys
+):
+    """An earlier output whose marker (report.json, config.json) or RECORD is a named pipe:
+    exit 2 naming it, at once, with or without --force, and nothing there touched."""
+    made, rerun = _made(earlier, command)
+    out = tmp_path / "out"
+    shutil.copytree(made, out, ignore=shutil.ignore_patterns("mediapipe"))
+    name = MARKERS[command] if entry == "marker" else "RECORD"
+    (out / name).unlink()
+    os.mkfifo(out / name)
+    before = _entries(out)
+    with _within(60):
+        assert rerun(out, *force) == 2
+    line = one_error_line(capsys)
+    words = "did not write (it must list itself)" if name == "RECORD" else name
+    if command == "train" and not force:  # a finished run is not resumed: nothing is read
+        words = "already holds a finished run"
+    assert words in line and "--output" in line, line
+    assert _entries(out) == before and os.listdir(tmp_path) == ["out"]
+
+
+def test_an_evaluate_output_that_is_a_fifo_is_refused_without_blocking(
+    tmp_path, tiny_keras, capsys
+):
+    """evaluate --output names a file, replaced only when it holds an earlier metrics.json:
+    a FIFO there blocked the read that asks, forever."""
+    from convmixer_tf.evaluate.__main__ import main
+
+    os.mkfifo(tmp_path / "metrics.json")
+    data = write_folder(tmp_path / "data", per_class=2)
+    argv = ["--model", tiny_keras, "--data-dir", data, "--output", tmp_path / "metrics.json"]
+    with _within(60):
+        assert main([*map(str, argv), "--quiet"]) == 2
+    assert "is not an earlier output of this command" in one_error_line(capsys)
+    os.remove(tmp_path / "metrics.json")
+    assert main([*map(str, argv), "--quiet"]) == 0
+    assert main([*map(str, argv), "--quiet"]) == 0  # an earlier output: replaced
+    os.rename(tmp_path / "metrics.json", tmp_path / "earlier.json")
+    os.symlink(tmp_path / "earlier.json", tmp_path / "metrics.json")
+    assert main([*map(str, argv), "--quiet"]) == 2  # never through a link
+    assert "is not an earlier output of this command" in one_error_line(capsys)
 
 
 @pytest.mark.slow

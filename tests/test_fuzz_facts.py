@@ -200,6 +200,7 @@ def _onnx_bytes(folder, data):
     path.write_bytes(data)
     holds(onnx.read_facts, path)
     holds(onnx.ends_in_softmax, path, kinds=bool)
+    holds(onnx.stem_facts, path, kinds=dict)
 
 
 test_onnx_bytes, test_onnx_bytes_slow = fuzzed(damaged(GOOD_ONNX))(_onnx_bytes)
@@ -261,3 +262,86 @@ def test_a_graph_that_feeds_itself_ends_the_walk_back(folder):
         helper.make_model(helper.make_graph(nodes, "loop", [], [output])).SerializeToString()
     )
     assert onnx.ends_in_softmax(path) is False
+
+
+def _layer(kind, name, source, **config):
+    """A layer of a Keras functional config, fed by layer `source` (None: none)."""
+    history = {"config": {"shape": [None, 8], "keras_history": [source, 0, 0]}}
+    inbound = [{"args": [history], "kwargs": {}}] if source else []
+    return {"class_name": kind, "name": name, "config": config, "inbound_nodes": inbound}
+
+
+KERAS_CONFIG = {
+    "class_name": "Functional",
+    "config": {
+        "layers": [
+            _layer("InputLayer", "images", None, batch_shape=[None, 32, 32, 3]),
+            _layer("Conv2D", "stem_conv", "images", filters=8, kernel_size=[4, 4], groups=1),
+            _layer("BatchNormalization", "stem_bn", "stem_conv"),
+            _layer("DepthwiseConv2D", "dw", "stem_bn", kernel_size=[3, 3], depth_multiplier=1),
+            _layer("GlobalAveragePooling2D", "avg_pool", "dw"),
+            _layer("Dense", "head", "avg_pool", units=3),
+        ]
+    },
+}
+KERAS_PLACES = [
+    ("config", "layers", i, "config", key)
+    for i in range(6)
+    for key in ("filters", "kernel_size", "units", "groups", "depth_multiplier", "batch_shape")
+] + [
+    ("config", "layers", i, key)
+    for i in range(6)
+    for key in ("class_name", "name", "inbound_nodes", "build_config")
+]
+
+
+@st.composite
+def keras_configs(draw):
+    """Keras' config.json of a small ConvMixer with a few fields replaced by any JSON (or
+    a huge size), or removed."""
+    found = copy.deepcopy(KERAS_CONFIG)
+    for place in draw(st.lists(st.sampled_from(KERAS_PLACES), max_size=3)):
+        where = found
+        for key in place[:-1]:
+            where = where[key]
+        if draw(st.booleans()):
+            where[place[-1]] = draw(JSON | st.integers(0, 10**12))
+        else:
+            where.pop(place[-1], None)
+    return found
+
+
+def _declared_weights(folder, config, weights_size):
+    """Any config.json: a count of weights per layer or BadInput naming the file, and a
+    count that is more than model.weights.h5 holds is refused (at 2 bytes a weight)."""
+    path = folder / "model.keras"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("config.json", config)
+        archive.writestr("model.weights.h5", bytes(weights_size))
+    try:
+        saving.check_declared_weights(path)
+        refused = False
+    except BadInput as err:
+        assert str(err) and "\n" not in str(err), repr(err)
+        refused = True
+    try:
+        counts = saving.declared_weights(json.loads(config))
+    except (ValueError, RecursionError):
+        return
+    assert all(isinstance(n, int) and n >= 0 for n in counts.values()), counts
+    assert refused == (2 * sum(counts.values()) > weights_size), counts
+
+
+KERAS_TEXTS = st.one_of(keras_configs().map(json.dumps), TEXTS)
+test_declared_weights, test_declared_weights_slow = fuzzed(KERAS_TEXTS, st.integers(0, 4000))(
+    _declared_weights
+)
+
+
+def test_the_weights_declared_are_the_weights_keras_builds():
+    """The count of a real model's config is the model's own."""
+    import convmixer_tf
+
+    model = convmixer_tf.ConvMixer(dim=8, depth=2, kernel_size=3, patch_size=4, num_classes=5)
+    config = json.loads(model.to_json())
+    assert sum(saving.declared_weights(config).values()) == model.count_params()

@@ -48,6 +48,7 @@ def files(tmp_path_factory):
     head-less one's (pooling None), "pooled": include_top=False with pooling, "nan": a
     model whose head gives NaN, "images": a folder of PNGs}."""
     import convmixer_tf
+    from convmixer_tf.export.tflite import export_tflite
 
     root = tmp_path_factory.mktemp("hostile")
     ours = convmixer_tf.ConvMixer(num_classes=3, include_preprocessing=True, **TINY)
@@ -57,13 +58,21 @@ def files(tmp_path_factory):
     features = convmixer_tf.ConvMixer(include_top=False, pooling=None, **TINY)
     pooled = convmixer_tf.ConvMixer(include_top=False, pooling="avg", **TINY)
     pixels = np.random.default_rng(0).integers(0, 256, (4, 40, 48, 3))
+    _export(ours, root / "ours", tflite_output="logits")
+    export_tflite(ours, root / "ours" / "model_int8.tflite", "int8", representative_data=_samples)
     return {
-        "ours": _export(ours, root / "ours", tflite_output="logits"),
+        "ours": root / "ours",
         "features": _export(features, root / "features"),
         "pooled": _export(pooled, root / "pooled"),
         "nan": _export(nan, root / "nan"),
         "images": write_pngs(root / "images", pixels),
     }
+
+
+def _samples():
+    """Calibration images for the int8 file (raw RGB, as the graph takes them)."""
+    pixels = np.random.default_rng(2).uniform(0, 255, (4, 1, 32, 32, 3))
+    return iter(pixels.astype(np.float32))
 
 
 # ----------------------------------------------------------- facts in each file, rewritten
@@ -217,6 +226,14 @@ def _rows():
                 "holds the format character U+200B",
             ),
         ]
+        facts += [
+            ("dim", dict(dim=16), "its facts say dim 16, its graph shows 8"),
+            ("patch", dict(patch_size=2), "its facts say patch_size 2, its graph shows 4"),
+        ]
+        if name == "model.tflite":  # a float graph that normalises raw pixels itself
+            facts.append(
+                ("raw-rgb", dict(raw_rgb=False), "say raw_rgb False, its graph shows True")
+            )
         for label, change, words in facts:
             expected = MISMATCH if keras and "px" not in label and "U+" not in words else words
 
@@ -316,8 +333,116 @@ def _rows():
             "is not a model file this project writes",
         ),
         ("a-fifo-named-onnx", lambda f, t: _fifo(t / "x.onnx"), 2, "is not a regular file"),
+        (
+            "int8-tflite-raw-rgb",  # its uint8 input takes raw pixels
+            lambda f, t: changed(f["ours"] / "model_int8.tflite", t / "m.tflite", raw_rgb=False),
+            2,
+            "its facts say raw_rgb False, its graph shows True",
+        ),
+        (
+            "onnx-its-runtime-cannot-run",
+            lambda f, t: _unrunnable_onnx(f, t / "m.onnx"),
+            2,
+            "m.onnx: its runtime cannot run its graph: [ONNXRuntimeError]",
+        ),
+        *_label_rows(),
+        *_saved_model_member_rows(),
     ]
     return rows
+
+
+def _label_rows():
+    """A .tflite whose labels.txt (what MediaPipe, the page and phone apps show) and whose
+    facts' class names (what predict shows) differ."""
+
+    def labelled(files, tmp, labels, names):
+        data = (files["ours"] / "model_int8.tflite").read_bytes()
+        if labels is not None:
+            data = _rewrite_zip(data, "labels.txt", labels)
+        facts = json.loads(_facts_of(files["ours"] / "model_int8.tflite"))
+        data = _rewrite_zip(
+            data, "convmixer.json", json.dumps(dict(facts, class_names=names)).encode()
+        )
+        (tmp / "m.tflite").write_bytes(data)
+        return tmp / "m.tflite"
+
+    cases = [
+        (
+            "differ",
+            b"cat\ndog\nbird\n",
+            ["cat", "dog", "ship"],
+            "class 2 is 'bird' in its labels.txt",
+        ),
+        ("count", b"cat\ndog\n", ["cat", "dog", "ship"], "names 2 classes, its convmixer.json 3"),
+        (
+            "no-names",
+            b"cat\ndog\nbird\n",
+            None,
+            "packs a labels.txt and its convmixer.json names no",
+        ),
+        ("no-labels", None, ["cat", "dog", "ship"], "names its classes and it packs no labels.txt"),
+    ]
+    return [
+        (f"tflite-labels-{label}", lambda f, t, a=labels, b=names: labelled(f, t, a, b), 2, words)
+        for label, labels, names, words in cases
+    ]
+
+
+def _saved_model_member_rows():
+    """A SavedModel whose members TensorFlow reads are FIFOs (its read would block forever)
+    or links out of the folder."""
+
+    def damaged(files, tmp, member, make):
+        shutil.copytree(files["ours"] / "saved_model", tmp / "sm")
+        os.remove(tmp / "sm" / member)
+        make(files, tmp / "sm" / member)
+        return tmp / "sm"
+
+    def link(files, path):
+        os.symlink(files["ours"] / "saved_model" / os.path.relpath(path, path.parents[1]), path)
+
+    variables = "variables/variables.index", "variables/variables.data-00000-of-00001"
+    members = [*variables, "assets/convmixer.json", "fingerprint.pb", "saved_model.pb"]
+    rows = [
+        (
+            f"saved-model-fifo-{m}",
+            lambda f, t, m=m: damaged(f, t, m, lambda _, p: os.mkfifo(p)),
+            2,
+            f"sm/{m} is not a regular file",
+        )
+        for m in members
+    ]
+    rows.append(
+        (
+            "saved-model-link-out",
+            lambda f, t: damaged(f, t, variables[0], link),
+            2,
+            "variables.index is a link",
+        )
+    )
+    return rows
+
+
+def _unrunnable_onnx(files, target):
+    """An ONNX graph onnxruntime loads but cannot run: a Reshape of 3 values to [-1, 7]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 32, 32, 3])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["m"], axes=[1, 2], keepdims=0),
+        helper.make_node("Reshape", ["m", "s"], ["logits"]),
+    ]
+    shape = numpy_helper.from_array(np.array([-1, 7], np.int64), "s")
+    graph = helper.make_graph(nodes, "g", [images], [logits], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    model.metadata_props.add(
+        key="convmixer.json", value=_facts_of(files["ours"] / "model.onnx").decode()
+    )
+    onnx.save(model, target)
+    return target
 
 
 def _copy(source, target):
@@ -638,3 +763,37 @@ def test_stdout_on_a_full_disk_is_exit_2_in_one_line(files):
 def _copy_bytes(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_model_whose_name_is_not_utf8_is_opened(files, tmp_path, capsys, name):
+    """`m\\xff.onnx`: the runtimes (C++ behind pybind11) refuse the surrogate escapes Python
+    holds such a name in; the file is opened by its bytes, and classified."""
+    stem, dot, end = name.rpartition(".")
+    target = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"m\xff" + (dot + end).encode()))
+    copy = shutil.copytree if name == "saved_model" else shutil.copy
+    copy(files["ours"] / name, target)
+    assert main(["--model", target, files["images"], "--top-k", "1", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("class ") == 4 and "Traceback" not in err, err
+
+
+def test_a_keras_file_declaring_more_weights_than_it_holds_is_refused_before_keras_builds_it(
+    files, tmp_path
+):
+    """A 57 KB .keras file whose config.json gives its head 10,000,000 units: Keras would
+    allocate and initialise 80 million weights (1.7 GB here, 13 GB for 75,000,000) before
+    reading one; refused from its config, in a process that never grows by that much."""
+    with zipfile.ZipFile(files["ours"] / "model.keras") as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    config = json.loads(members["config.json"])
+    head = next(layer for layer in config["config"]["layers"] if layer["name"] == "head")
+    head["config"]["units"] = 10_000_000
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "bomb.keras", "w", zipfile.ZIP_DEFLATED) as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+    code, out, err, peak = _run(["--model", str(tmp_path / "bomb.keras"), files["images"]])
+    words = "declares 90,000,640 weights (layer 'head' 90,000,000), more than its model.weights.h5"
+    assert code == 2 and words in err and err.count("\n") == 1, err
+    assert peak < 1000, peak

@@ -7,7 +7,9 @@ command itself, serving as a user runs it; bad hosts and ports give their own ad
 import contextlib
 import errno
 import http.client
+import json
 import os
+import shutil
 import signal
 import socket
 import socketserver
@@ -386,3 +388,74 @@ def test_serving_with_stdout_closed_ends_at_its_address_line(exported):
     )
     assert code == 141, err
     assert "Traceback" not in err and "error" not in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tmp_path_factory):
+    """A tiny 3-class model's full-integer .tflite (uint8 raw RGB in), no class names."""
+    from test_hostile_predict import TINY, _samples
+
+    import convmixer_tf
+    from convmixer_tf.export.tflite import export_tflite
+
+    model = convmixer_tf.ConvMixer(num_classes=3, include_preprocessing=True, **TINY)
+    path = tmp_path_factory.mktemp("tiny") / "model_int8.tflite"
+    return export_tflite(model, path, "int8", representative_data=_samples)
+
+
+def _labelled(source, target, labels: bytes, names):
+    from test_hostile_predict import _facts_of, _rewrite_zip
+
+    facts = json.loads(_facts_of(source))
+    data = _rewrite_zip(open(source, "rb").read(), "labels.txt", labels)
+    data = _rewrite_zip(data, "convmixer.json", json.dumps(dict(facts, class_names=names)).encode())
+    target.write_bytes(data)
+    return target
+
+
+def _facts_changed(source, target, **changes):
+    from test_hostile_predict import changed
+
+    return changed(source, target, **changes)
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (
+            lambda m, t: _facts_changed(m, t / "m.tflite", raw_rgb=False),
+            "its facts say raw_rgb False, its graph shows True",
+        ),
+        (
+            lambda m, t: _facts_changed(m, t / "m.tflite", dim=16),
+            "its facts say dim 16, its graph shows 8",
+        ),
+        (
+            lambda m, t: _labelled(
+                m, t / "m.tflite", b"cat\ndog\nbird\n", ["truck", "dog", "bird"]
+            ),
+            "class 0 is 'cat' in its labels.txt (what apps show) and 'truck' in its convmixer.json",
+        ),
+    ],
+    ids=["raw-rgb", "dim", "labels"],
+)
+def test_a_file_whose_facts_disagree_with_its_graph_or_labels_gets_no_page(
+    tiny_int8, tmp_path, capsys, make, words
+):
+    """The page would show MediaPipe's reading of the file (its labels, its own pixels),
+    predict the facts': a file whose two disagree is refused, exit 2, nothing written."""
+    model = make(tiny_int8, tmp_path)
+    assert main(["--model", str(model), "--output", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "site").exists()
+
+
+def test_a_file_whose_name_is_not_utf8_gets_its_page(tiny_int8, tmp_path):
+    """It was "truncated or damaged": LiteRT was given the name's surrogate escapes."""
+    from convmixer_tf.web import page_config
+
+    name = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"m\xff.tflite"))
+    shutil.copy(tiny_int8, name)
+    config = page_config(name)
+    assert config["file"] == os.fsdecode(b"m\xff.tflite") and config["classes"] == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 from typing import Callable, Dict, Iterable, Optional
 
@@ -31,7 +32,8 @@ class ExportFormat:
         load: `load(path, threads)` returns a runner: NHWC float32 images (in the file's
             input space) -> outputs, with an `output` attribute ("probabilities" when the
             graph ends in a softmax, else "logits") and, where the runtime tells,
-            `input_shape` and `output_shape` (one image's, NHWC; None for a free size).
+            `input_shape` and `output_shape` (one image's, NHWC; None for a free size),
+            and `shown`, the facts its graph shows ({"dim": 768, "raw_rgb": True, ...}).
             It raises what its runtime raises for a file that does not parse, or BadInput.
         tolerance: max abs difference from Keras for a float file, relative to the largest
             output when that is above 1; None for a quantised file (judged by top-1).
@@ -57,6 +59,26 @@ class ExportFormat:
     describe: Optional[Callable] = None
     group: str = "main"
     facts: Optional[Callable] = None
+
+
+@contextlib.contextmanager
+def runtime_path(path):
+    """`path` as the runtimes (C++ behind pybind11) take it, UTF-8 text: the name itself, or,
+    for a name that is not UTF-8 (Python holds its bytes as surrogate escapes, which pybind11
+    refuses), /proc/self/fd/N of a descriptor opened by its bytes, for as long as the block
+    runs (a runtime reads or maps its file while it loads it). BadInput where the system
+    has no /proc: the name is the problem."""
+    path = os.fspath(path)
+    if path.encode("utf-8", "surrogatepass").decode("utf-8", "replace") == path:
+        yield path
+        return
+    if not os.path.isdir("/proc/self/fd"):
+        raise BadInput(f"{path}: its name is not UTF-8, which the runtime cannot open; rename it")
+    fd = os.open(os.fsencode(path), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 class Resources:

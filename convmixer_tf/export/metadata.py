@@ -222,7 +222,33 @@ def packed_facts(path):
             f"{path} is truncated or damaged: the zip archive at its end, which holds its "
             f"{FACTS_FILE}, cannot be read"
         )
-    return None if data is None else Facts.from_json(data, path)
+    if data is None:
+        return None
+    facts = Facts.from_json(data, path)
+    _check_labels(path, facts)
+    return facts
+
+
+def _check_labels(path, facts: Facts) -> None:
+    """BadInput naming both when the file's labels (what MediaPipe, so the page and phone
+    apps, shows) and its facts' class names (what `predict` shows) differ."""
+    labels = packed_labels(path)
+    names = list(facts.class_names) if facts.class_names is not None else None
+    if labels == names:
+        return
+    if labels is None:
+        raise BadInput(f"{path}: its {FACTS_FILE} names its classes and it packs no {LABELS_FILE}")
+    if names is None:
+        raise BadInput(f"{path}: it packs a {LABELS_FILE} and its {FACTS_FILE} names no classes")
+    if len(labels) != len(names):
+        raise BadInput(
+            f"{path}: its {LABELS_FILE} names {len(labels)} classes, its {FACTS_FILE} {len(names)}"
+        )
+    i = next(i for i, (label, name) in enumerate(zip(labels, names)) if label != name)
+    raise BadInput(
+        f"{path}: class {i} is {labels[i]!r:.60} in its {LABELS_FILE} (what apps show) and "
+        f"{names[i]!r:.60} in its {FACTS_FILE} (what predict shows)"
+    )
 
 
 def _mentions(path, text: bytes) -> bool:

@@ -50,7 +50,7 @@ class ModelFile:
         """Class probabilities of a batch of images in the file's input space: its outputs,
         through a softmax unless its graph ends in one (a row may hold NaN or infinity
         when the graph makes them: the caller decides what such an image is)."""
-        out = np.asarray(self.runner(np.asarray(images, np.float32)), np.float32)
+        out = np.asarray(_run(self.path, self.runner, images), np.float32)
         return out if self.runner.output == "probabilities" else softmax(out)
 
 
@@ -71,6 +71,7 @@ def open_model(path, *, threads: int = 2, in_folder: str = registry.KERAS.filena
             "files carried their facts: export it again with this version)"
         )
     check_graph(path, facts, runner)
+    check_runs(path, facts, runner)
     return ModelFile(path, fmt, facts, runner)
 
 
@@ -107,3 +108,34 @@ def check_graph(path, facts: Facts, runner) -> None:
         )
     if facts.classifier_activation == "softmax" and runner.output != "probabilities":
         raise BadInput(f"{path}: its facts say its head ends in a softmax, its graph gives logits")
+    claimed = {"raw_rgb": facts.raw_rgb, **dataclasses.asdict(facts.config)}
+    for key, value in getattr(runner, "shown", {}).items():
+        if value != claimed[key]:
+            raise BadInput(f"{path}: its facts say {key} {claimed[key]}, its graph shows {value}")
+
+
+def check_runs(path, facts: Facts, runner) -> None:
+    """One black image through the graph, before any image is read: BadInput naming `path`
+    when its runtime cannot run it (a graph that loads but does not fit together is the
+    file's fault), or when it gives other than one row of the classes its facts name."""
+    size = facts.preprocessing.input_size
+    out = np.shape(_run(path, runner, np.zeros((1, size, size, 3), np.float32)))
+    if out != (1, facts.config.num_classes):
+        raise BadInput(
+            f"{path}: its facts say {facts.config.num_classes} classes, its graph gives "
+            f"outputs of shape {list(out)} for one image"
+        )
+
+
+def _run(path, runner, images):
+    """The runner's outputs for `images`; BadInput naming `path` and the runtime's first
+    line when its runtime fails on the file's own graph."""
+    try:
+        return runner(np.asarray(images, np.float32))
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the runtime raises for its graph
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BadInput(
+            f"{path}: its runtime cannot run its graph: {one_line(first)[:200]}"
+        ) from None

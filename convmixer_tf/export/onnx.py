@@ -13,7 +13,7 @@ import mmap
 import os
 
 from convmixer_tf.errors import BadInput, one_line
-from convmixer_tf.export.base import ExportError, ExportFormat
+from convmixer_tf.export.base import ExportError, ExportFormat, runtime_path
 from convmixer_tf.facts import FACTS_FILE, FACTS_LIMIT, Facts, facts_of
 from convmixer_tf.outputs import write_atomic
 from convmixer_tf.temporaries import environment
@@ -121,6 +121,48 @@ def ends_in_softmax(path) -> bool:
             break
         op_type, inputs = producers.get(inputs[0], (b"", []))
     return op_type == b"Softmax"
+
+
+def stem_facts(path) -> dict:
+    """What the graph shows of its facts (see `model_file.check_graph`): the stem's width and
+    patch, from the weight of its first Conv ([dim, 3, patch, patch]; an int8 file's past
+    its DequantizeLinear). Empty for a graph without one. Read as `read_facts` reads."""
+    with _mapped(path) as data:
+        graph = next((span for number, span in _fields(data, 0, len(data)) if number == 7), None)
+        if not isinstance(graph, tuple):
+            return {}
+        convs, producers = [], {}
+        weights = {}
+        for number, span in _fields(data, *graph):
+            if number == 1 and isinstance(span, tuple):  # GraphProto.node
+                node = [(n, _text(data, v)) for n, v in _fields(data, *span) if n in (1, 2, 4)]
+                inputs = [value for n, value in node if n == 1]
+                producers.update({value: inputs for n, value in node if n == 2})
+                convs += [inputs] if (4, b"Conv") in node else []
+            elif number == 5 and isinstance(span, tuple):  # GraphProto.initializer
+                tensor = list(_fields(data, *span))
+                weights[_text(data, dict(tensor).get(8))] = _tensor_dims(data, tensor)
+    if not convs or len(convs[0]) < 2:
+        return {}
+    weight = convs[0][1]
+    dims = weights.get(weight) or weights.get((producers.get(weight) or [b""])[0])
+    if not dims or len(dims) != 4 or dims[1] != 3:
+        return {}
+    return {"dim": dims[0], "patch_size": dims[2]}
+
+
+def _tensor_dims(data, tensor) -> list:
+    """TensorProto.dims (field 1: one varint each, or packed)."""
+    dims = []
+    for number, value in tensor:
+        if number == 1 and isinstance(value, int):
+            dims.append(value)
+        elif number == 1 and isinstance(value, tuple):
+            at = value[0]
+            while at < value[1]:
+                size, at = _varint(data, at, value[1])
+                dims.append(size)
+    return dims
 
 
 _PASSING = {b"Identity", b"Reshape", b"Flatten", b"Squeeze", b"QuantizeLinear", b"DequantizeLinear"}
@@ -295,9 +337,8 @@ class OnnxRunner:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(
-            os.fspath(path), options, providers=["CPUExecutionProvider"]
-        )
+        with runtime_path(path) as name:
+            self._session = ort.InferenceSession(name, options, providers=["CPUExecutionProvider"])
         inputs = self._session.get_inputs()
         if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
             taken = ", ".join(f"{i.type} {_dims(i.shape)}" for i in inputs)
@@ -310,6 +351,7 @@ class OnnxRunner:
         self._output = self._session.get_outputs()[0].name
         self.output_shape = tuple(_size(n) for n in self._session.get_outputs()[0].shape[1:])
         self.output = "probabilities" if ends_in_softmax(path) else "logits"
+        self.shown = stem_facts(path)
 
     def __call__(self, images):
         import numpy as np

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from convmixer_tf.errors import BadInput
-from convmixer_tf.export.base import ExportFormat
+from convmixer_tf.export.base import ExportFormat, runtime_path
 from convmixer_tf.facts import FACTS_FILE, Facts, facts_of, file_bytes
 from convmixer_tf.outputs import follow_umask
 from convmixer_tf.temporaries import temporary_folder
@@ -49,8 +49,9 @@ def export_saved_model(model, path) -> str:
 
 
 def is_saved_model(path) -> bool:
-    """A SavedModel is a folder, of any name, that holds saved_model.pb."""
-    return os.path.isfile(os.path.join(path, "saved_model.pb"))
+    """A SavedModel is a folder, of any name, that holds saved_model.pb (of any kind: one
+    that is not a regular file is named when it is opened, `check_members`)."""
+    return os.path.lexists(os.path.join(path, "saved_model.pb"))
 
 
 def read_facts(path):
@@ -67,7 +68,10 @@ class SavedModelRunner:
     def __init__(self, path, threads: int = 2):
         import tensorflow as tf
 
-        signatures = tf.saved_model.load(os.fspath(path)).signatures
+        check_members(path)
+        with runtime_path(path) as name:
+            loaded = tf.saved_model.load(name)
+        signatures = loaded.signatures
         if "serving_default" not in signatures:
             raise BadInput(
                 f"{path} has no serving_default signature: not a SavedModel written by this project"
@@ -83,9 +87,47 @@ class SavedModelRunner:
         self.input_shape = tuple(inputs["images"].shape[1:])
         self.output_shape = tuple(outputs["logits"].shape[1:])
         self.output = "probabilities" if _ends_in_softmax(self._fn) else "logits"
+        self.shown = _stem_facts(loaded)
 
     def __call__(self, images):
         return self._fn(images=images)["logits"].numpy()
+
+
+# The most entries a SavedModel folder may hold: one this project writes holds six.
+MEMBERS_LIMIT = 10_000
+
+
+def check_members(path) -> None:
+    """BadInput naming the first entry of the SavedModel folder `path` that is not a regular
+    file or a folder: TensorFlow's read of a FIFO (saved_model.pb, variables.index, ...)
+    blocks forever, and a link may lead out of the folder. Nothing is opened."""
+    pending, count = [os.fspath(path)], 0
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            raise BadInput(f"cannot read {folder}: {err.strerror or err}") from None
+        count += len(entries)
+        if count > MEMBERS_LIMIT:
+            raise BadInput(f"{path} holds more than {MEMBERS_LIMIT} entries: not a SavedModel")
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(entry.path)
+            elif not entry.is_file(follow_symlinks=False):
+                kind = "a link" if entry.is_symlink() else "not a regular file"
+                raise BadInput(f"{entry.path} is {kind}: a SavedModel holds files and folders only")
+
+
+def _stem_facts(loaded) -> dict:
+    """What the graph shows of its facts: the stem's width and patch, from its kernel (the
+    first 4-D weight, [patch, patch, 3, dim]) among those the module tracks."""
+    weights = getattr(loaded, "weights", None)
+    weights = weights if isinstance(weights, list) else []  # a foreign module's may be anything
+    kernel = next((w for w in weights if len(getattr(w, "shape", ())) == 4), None)
+    if kernel is None or kernel.shape[2] != 3:
+        return {}
+    return {"dim": int(kernel.shape[3]), "patch_size": int(kernel.shape[0])}
 
 
 def _ends_in_softmax(fn) -> bool:

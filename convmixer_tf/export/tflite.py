@@ -21,7 +21,7 @@ import numpy as np
 from convmixer_tf import outputs
 from convmixer_tf.config import PIXEL_MAX
 from convmixer_tf.errors import BadInput, one_line
-from convmixer_tf.export.base import ExportError, ExportFormat
+from convmixer_tf.export.base import ExportError, ExportFormat, runtime_path
 from convmixer_tf.export.float16 import float16_weights
 from convmixer_tf.export.metadata import Metadata, packed_facts, with_metadata
 from convmixer_tf.facts import facts_of
@@ -243,7 +243,8 @@ class TFLiteRunner:
     def __init__(self, path, threads: int = 2):
         from ai_edge_litert.interpreter import Interpreter
 
-        self._interpreter = Interpreter(model_path=os.fspath(path), num_threads=threads)
+        with runtime_path(path) as name:
+            self._interpreter = Interpreter(model_path=name, num_threads=threads)
         self._interpreter.allocate_tensors()
         inputs = self._interpreter.get_input_details()
         if len(inputs) != 1 or len(self._interpreter.get_output_details()) != 1:
@@ -256,6 +257,7 @@ class TFLiteRunner:
         self.output_shape = tuple(int(n) for n in self._output["shape"][1:])
         self.output = "probabilities" if _ends_in_softmax(self._interpreter) else "logits"
         self.output_step = float(self._output["quantization"][0])  # 0 for a float output
+        self.shown = _shown(self._interpreter, self._input)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         batch = int(self._input["shape"][0])
@@ -316,6 +318,22 @@ def _describe(path, check=None) -> dict:
 # seconds per image) is the longest task of all and gets a process to itself; the
 # dynamic-range file (a short conversion) joins the main process's formats.
 GROUPS = {None: "tflite-float", "float16": "tflite-float", "dynamic": "main", "int8": "tflite-int8"}
+
+
+def _shown(interpreter, image) -> dict:
+    """What the graph shows of its facts (`check_graph`): raw RGB in (uint8 in, or MUL and ADD
+    before the first convolution) and the stem's width and patch ([dim, patch, patch, 3])."""
+    ops = interpreter._get_ops_details()  # noqa: SLF001 - LiteRT's only view of the ops
+    names = [op["op_name"] for op in ops]
+    if "CONV_2D" not in names:
+        return {}
+    first = names.index("CONV_2D")
+    float_raw = set(names[:first]) - {"QUANTIZE", "DEQUANTIZE"} == {"MUL", "ADD"}
+    raw = image["dtype"] == np.uint8 if image["dtype"] != np.float32 else float_raw
+    shape = interpreter._get_tensor_details(int(ops[first]["inputs"][1]), 0)["shape"]
+    if len(shape) != 4:
+        return {"raw_rgb": raw}
+    return {"raw_rgb": raw, "dim": int(shape[0]), "patch_size": int(shape[1])}
 
 
 def _ends_in_softmax(interpreter) -> bool:
