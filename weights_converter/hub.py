@@ -255,6 +255,8 @@ def _silence(endpoint: str) -> Optional[str]:
 
 def _check_url(endpoint: str) -> None:
     """ValueError unless `endpoint` is an http(s) URL with a host and a port that can be."""
+    if not endpoint.isprintable() or " " in endpoint:
+        raise ValueError("HF_ENDPOINT holds a space or a control character")
     parts = urllib.parse.urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("HF_ENDPOINT is not an http(s) URL")
