@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from convmixer_tf.web import CSP, Site
@@ -94,10 +94,12 @@ def rendered(request: dict, port: int) -> bytes:
 
 def proper(raw: bytes, port: int) -> bool:
     """Whether `raw` is a GET or HEAD of one of the site's names, addressed to the server
-    at 127.0.0.1:`port`, as HTTP/1.0 and HTTP/1.1 define it (a request line naming HTTP/0.9
-    is answered as HTTP/1.0)."""
+    at 127.0.0.1:`port`, as HTTP/1.0 and HTTP/1.1 define it (a request of HTTP/0.9, named
+    or a GET line of two words, is answered as HTTP/1.0)."""
     lines = raw.decode("latin-1").split("\r\n")
     words = lines[0].split()
+    if words[:1] == ["GET"] and len(words) == 2:  # HTTP/0.9's simple request, GET alone
+        words.append("HTTP/0.9")
     if (
         len(words) != 3
         or words[0] not in ("GET", "HEAD")
@@ -156,8 +158,17 @@ def check(request: dict, port: int, raised: list) -> None:
     assert (status == 200) == proper(raw, port), (status, raw)
 
 
+SIMPLE_GET = {
+    "method": "GET",
+    "target": b"/index.html",
+    "version": "",
+    "headers": [(b"Host", b"{here}")],
+}
+
+
 @FAST
 @given(request=requests())
+@example(request=SIMPLE_GET)  # HTTP/0.9's form, with the Host served: the page
 def test_any_request_gets_a_valid_answer_and_only_the_sites_names_are_200(site_server, request):
     check(request, *site_server)
 
