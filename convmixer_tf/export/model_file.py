@@ -51,7 +51,19 @@ class ModelFile:
         through a softmax unless its graph ends in one (a row may hold NaN or infinity
         when the graph makes them: the caller decides what such an image is)."""
         out = np.asarray(_run(self.path, self.runner, images), np.float32)
+        if out.shape != (len(images), self.facts.config.num_classes):
+            raise BadInput(
+                f"{self.path}: its facts say {self.facts.config.num_classes} classes, its graph "
+                f"gives outputs of shape {list(out.shape)} for {len(images)} images"
+            )
         return out if self.runner.output == "probabilities" else softmax(out)
+
+    def check_runs(self) -> None:
+        """One black image through the graph: BadInput naming the file when its runtime
+        cannot run it (a graph that loads but does not fit together is the file's fault),
+        or when it gives other than one score per class. `predict` has its first batch."""
+        size = self.facts.preprocessing.input_size
+        self.probabilities(np.zeros((1, size, size, 3), np.float32))
 
 
 def open_model(path, *, threads: int = 2, in_folder: str = registry.KERAS.filename) -> ModelFile:
@@ -71,7 +83,6 @@ def open_model(path, *, threads: int = 2, in_folder: str = registry.KERAS.filena
             "files carried their facts: export it again with this version)"
         )
     check_graph(path, facts, runner)
-    check_runs(path, facts, runner)
     return ModelFile(path, fmt, facts, runner)
 
 
@@ -112,19 +123,6 @@ def check_graph(path, facts: Facts, runner) -> None:
     for key, value in getattr(runner, "shown", {}).items():
         if value != claimed[key]:
             raise BadInput(f"{path}: its facts say {key} {claimed[key]}, its graph shows {value}")
-
-
-def check_runs(path, facts: Facts, runner) -> None:
-    """One black image through the graph, before any image is read: BadInput naming `path`
-    when its runtime cannot run it (a graph that loads but does not fit together is the
-    file's fault), or when it gives other than one row of the classes its facts name."""
-    size = facts.preprocessing.input_size
-    out = np.shape(_run(path, runner, np.zeros((1, size, size, 3), np.float32)))
-    if out != (1, facts.config.num_classes):
-        raise BadInput(
-            f"{path}: its facts say {facts.config.num_classes} classes, its graph gives "
-            f"outputs of shape {list(out)} for one image"
-        )
 
 
 def _run(path, runner, images):

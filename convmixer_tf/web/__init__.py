@@ -160,7 +160,9 @@ def page_config(path: str) -> dict:
     path, _ = find(path, in_folder=MODEL)
     if not path.endswith(".tflite"):
         raise BadInput(f"{path} is not a .tflite file (the page runs the file a phone app ships)")
-    facts = open_model(path, threads=1).facts
+    model = open_model(path, threads=1)
+    model.check_runs()  # the page runs it in the browser, where a failure says little
+    facts = model.facts
     config = facts.config
     name = facts.variant or f"ConvMixer-{config.dim}/{config.depth}"
     return {
