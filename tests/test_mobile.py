@@ -223,6 +223,31 @@ def test_files_without_metadata_still_verify(tmp_path):
     assert row["mediapipe"]["status"].startswith("skipped: the file has no metadata")
 
 
+@pytest.mark.parametrize("pooling", [None, "avg"])
+def test_a_head_less_model_exports_to_tflite_and_mediapipe_is_not_asked(tmp_path, pooling):
+    """MediaPipe's ImageClassifier takes a classifier: a model that gives features is
+    exported and checked in LiteRT, and its row says why MediaPipe was skipped (pooling None
+    ended the export with exit 3 in the MediaPipe check)."""
+    from convmixer_tf.export.__main__ import main
+
+    model = convmixer_tf.ConvMixer(
+        dim=8,
+        depth=1,
+        kernel_size=3,
+        patch_size=4,
+        input_shape=(SIZE, SIZE, 3),
+        include_top=False,
+        pooling=pooling,
+        include_preprocessing=True,
+    )
+    convmixer_tf.save_model(model, tmp_path / "features.keras")
+    out = tmp_path / "out"
+    command = ["--model", str(tmp_path / "features.keras"), "--formats", "tflite"]
+    assert main([*command, "--output", str(out), "--quiet"]) == 0
+    (row,) = json.load(open(out / "export_report.json"))
+    assert row["passed"] and "gives features, not classes" in row["mediapipe"]["status"]
+
+
 @pytest.mark.slow
 def test_released_variant_gets_imagenet_names_in_mediapipe(tmp_path):
     import timm

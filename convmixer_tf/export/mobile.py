@@ -155,6 +155,8 @@ def _not_for_mediapipe(path, facts, has_metadata: Optional[bool]) -> Optional[st
         import mediapipe  # noqa: F401
     except ImportError:
         return MEDIAPIPE_MISSING
+    if not facts.config.num_classes:
+        return "not for MediaPipe: the model gives features, not classes (an image classifier)"
     if has_metadata is None:
         has_metadata = read_metadata(path) is not None
     if not has_metadata:
