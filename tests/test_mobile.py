@@ -10,6 +10,7 @@ import pytest
 from conftest import DIGIT_NAMES, DIGIT_SIZE
 
 import convmixer_tf
+import weights_converter  # noqa: F401  (keeps triton out: timm loads it after TensorFlow)
 from convmixer_tf import export as exporters
 from convmixer_tf.export import metadata, mobile
 from convmixer_tf.export.scores import softmax
