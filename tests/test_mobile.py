@@ -201,19 +201,22 @@ def test_converter_labels_flag(tmp_path, capsys):
     assert metadata.packed_labels(out / "model.tflite")[9] == "c9"
 
 
+# The smallest network at SIZE px, raw RGB in (what phone apps pass).
+TINY_RAW = dict(
+    dim=8,
+    depth=1,
+    kernel_size=3,
+    patch_size=4,
+    input_shape=(SIZE, SIZE, 3),
+    include_preprocessing=True,
+)
+
+
 def test_files_without_metadata_still_verify(tmp_path):
     """A .tflite written before files carried metadata: LiteRT checks it, MediaPipe is skipped."""
     from convmixer_tf.export import tflite
 
-    model = convmixer_tf.ConvMixer(
-        dim=8,
-        depth=1,
-        kernel_size=3,
-        patch_size=4,
-        num_classes=3,
-        input_shape=(SIZE, SIZE, 3),
-        include_preprocessing=True,
-    )
+    model = convmixer_tf.ConvMixer(num_classes=3, **TINY_RAW)
     traced = tflite.trace(model, (1, 9), output="logits")
     path = tmp_path / "old.tflite"
     path.write_bytes(tflite.convert(traced))
@@ -231,16 +234,7 @@ def test_a_head_less_model_exports_to_tflite_and_mediapipe_is_not_asked(tmp_path
     ended the export with exit 3 in the MediaPipe check)."""
     from convmixer_tf.export.__main__ import main
 
-    model = convmixer_tf.ConvMixer(
-        dim=8,
-        depth=1,
-        kernel_size=3,
-        patch_size=4,
-        input_shape=(SIZE, SIZE, 3),
-        include_top=False,
-        pooling=pooling,
-        include_preprocessing=True,
-    )
+    model = convmixer_tf.ConvMixer(include_top=False, pooling=pooling, **TINY_RAW)
     convmixer_tf.save_model(model, tmp_path / "features.keras")
     out = tmp_path / "out"
     command = ["--model", str(tmp_path / "features.keras"), "--formats", "tflite"]
