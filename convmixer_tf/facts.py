@@ -122,7 +122,7 @@ class Facts:
             )
         except (KeyError, TypeError) as err:
             raise BadInput(
-                f"'config' or 'preprocessing' has missing or unknown fields ({err})"
+                f"'config' or 'preprocessing' has missing or unknown fields ({one_line(err)[:200]})"
             ) from None
 
     def to_json(self) -> str:

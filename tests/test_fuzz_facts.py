@@ -104,6 +104,13 @@ def _facts_text(data):
 test_facts_json, test_facts_json_slow = fuzzed(DATA)(_facts_text)
 
 
+def test_a_config_field_named_by_a_newline_is_one_line():
+    """The slow property's find: the unknown field's name reached the message raw."""
+    facts = json.loads(Facts(ConvMixerConfig(dim=8, depth=1)).to_json())
+    facts["config"] = {"\n": None}
+    _facts_text(json.dumps(facts).encode())
+
+
 def _zipped(name: bytes, data: bytes) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
