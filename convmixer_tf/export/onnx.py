@@ -102,19 +102,44 @@ def read_facts(path):
 def ends_in_softmax(path) -> bool:
     """Whether the node that makes the graph's first output, past identities, reshapes and
     (de)quantisation, is a Softmax: what onnxruntime does not show of a graph."""
+    return _ends_in_softmax(_graph_index(path))
+
+
+def stem_facts(path) -> dict:
+    """What the graph shows of its facts (see `model_file.check_graph`): the stem's width and
+    patch, from the weight of its first Conv ([dim, 3, patch, patch]; an int8 file's past
+    its DequantizeLinear). Empty for a graph without one. Read as `read_facts` reads."""
+    return _stem_facts(_graph_index(path))
+
+
+def _graph_index(path):
+    """One pass over the file's graph: (producers: each node output -> (op type, inputs),
+    the first graph output's name, the inputs of each Conv in order, the initializers'
+    dims by name); None for a file without a graph."""
     with _mapped(path) as data:
         graph = next((span for number, span in _fields(data, 0, len(data)) if number == 7), None)
         if not isinstance(graph, tuple):
-            return False
-        producers, output = {}, None
+            return None
+        producers, output, convs, weights = {}, None, [], {}
         for number, span in _fields(data, *graph):
             if number == 1 and isinstance(span, tuple):  # GraphProto.node
                 node = [(n, _text(data, v)) for n, v in _fields(data, *span) if n in (1, 2, 4)]
                 inputs = [value for n, value in node if n == 1]
                 op_type = next((value for n, value in node if n == 4), b"")
                 producers.update({value: (op_type, inputs) for n, value in node if n == 2})
+                convs += [inputs] if op_type == b"Conv" else []
+            elif number == 5 and isinstance(span, tuple):  # GraphProto.initializer
+                tensor = list(_fields(data, *span))
+                weights[_text(data, dict(tensor).get(8))] = _tensor_dims(data, tensor)
             elif number == 12 and isinstance(span, tuple) and output is None:  # GraphProto.output
                 output = _text(data, dict(_fields(data, *span)).get(1))
+    return producers, output, convs, weights
+
+
+def _ends_in_softmax(index) -> bool:
+    if index is None:
+        return False
+    producers, output, _, _ = index
     op_type, inputs = producers.get(output, (b"", []))
     for _ in producers:  # a walk back, as long as the graph at most (a cycle ends it too)
         if op_type not in _PASSING or not inputs:
@@ -123,29 +148,14 @@ def ends_in_softmax(path) -> bool:
     return op_type == b"Softmax"
 
 
-def stem_facts(path) -> dict:
-    """What the graph shows of its facts (see `model_file.check_graph`): the stem's width and
-    patch, from the weight of its first Conv ([dim, 3, patch, patch]; an int8 file's past
-    its DequantizeLinear). Empty for a graph without one. Read as `read_facts` reads."""
-    with _mapped(path) as data:
-        graph = next((span for number, span in _fields(data, 0, len(data)) if number == 7), None)
-        if not isinstance(graph, tuple):
-            return {}
-        convs, producers = [], {}
-        weights = {}
-        for number, span in _fields(data, *graph):
-            if number == 1 and isinstance(span, tuple):  # GraphProto.node
-                node = [(n, _text(data, v)) for n, v in _fields(data, *span) if n in (1, 2, 4)]
-                inputs = [value for n, value in node if n == 1]
-                producers.update({value: inputs for n, value in node if n == 2})
-                convs += [inputs] if (4, b"Conv") in node else []
-            elif number == 5 and isinstance(span, tuple):  # GraphProto.initializer
-                tensor = list(_fields(data, *span))
-                weights[_text(data, dict(tensor).get(8))] = _tensor_dims(data, tensor)
+def _stem_facts(index) -> dict:
+    if index is None:
+        return {}
+    producers, _, convs, weights = index
     if not convs or len(convs[0]) < 2:
         return {}
     weight = convs[0][1]
-    dims = weights.get(weight) or weights.get((producers.get(weight) or [b""])[0])
+    dims = weights.get(weight) or weights.get((producers.get(weight, (b"", [b""]))[1] or [b""])[0])
     if not dims or len(dims) != 4 or dims[1] != 3:
         return {}
     return {"dim": dims[0], "patch_size": dims[2]}
@@ -350,8 +360,9 @@ class OnnxRunner:
         self.input_shape = tuple(shape[1:] + shape[:1] if self._nchw else shape)
         self._output = self._session.get_outputs()[0].name
         self.output_shape = tuple(_size(n) for n in self._session.get_outputs()[0].shape[1:])
-        self.output = "probabilities" if ends_in_softmax(path) else "logits"
-        self.shown = stem_facts(path)
+        graph = _graph_index(path)  # one pass over the file for both
+        self.output = "probabilities" if _ends_in_softmax(graph) else "logits"
+        self.shown = _stem_facts(graph)
 
     def __call__(self, images):
         import numpy as np
