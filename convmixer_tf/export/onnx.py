@@ -100,27 +100,24 @@ def read_facts(path):
 
 
 def ends_in_softmax(path) -> bool:
-    """Whether the node that makes the graph's first output, past identities, reshapes and
-    (de)quantisation, is a Softmax: what onnxruntime does not show of a graph."""
+    """Whether the first output comes from a Softmax, past identities, reshapes, (de)quantisers."""
     return _ends_in_softmax(_graph_index(path))
 
 
 def stem_facts(path) -> dict:
-    """What the graph shows of its facts (see `model_file.check_graph`): the stem's width and
-    patch, from the weight of its first Conv ([dim, 3, patch, patch]; an int8 file's past
-    its DequantizeLinear). Empty for a graph without one. Read as `read_facts` reads."""
+    """The stem's width and patch, from its first Conv's weight ([dim, 3, patch, patch]; an
+    int8 file's past its DequantizeLinear), for `model_file.check_graph`; or empty."""
     return _stem_facts(_graph_index(path))
 
 
 def _graph_index(path):
-    """One pass over the file's graph: (producers: each node output -> (op type, inputs),
-    the first graph output's name, the inputs of each Conv in order, the initializers'
-    dims by name); None for a file without a graph."""
+    """One pass over the graph: (producers, first output, each Conv's inputs, weights' dims)."""
     with _mapped(path) as data:
         graph = next((span for number, span in _fields(data, 0, len(data)) if number == 7), None)
+        producers, weights = {}, {}
+        output, convs = None, []
         if not isinstance(graph, tuple):
-            return None
-        producers, output, convs, weights = {}, None, [], {}
+            return producers, output, convs, weights
         for number, span in _fields(data, *graph):
             if number == 1 and isinstance(span, tuple):  # GraphProto.node
                 node = [(n, _text(data, v)) for n, v in _fields(data, *span) if n in (1, 2, 4)]
@@ -137,8 +134,6 @@ def _graph_index(path):
 
 
 def _ends_in_softmax(index) -> bool:
-    if index is None:
-        return False
     producers, output, _, _ = index
     op_type, inputs = producers.get(output, (b"", []))
     for _ in producers:  # a walk back, as long as the graph at most (a cycle ends it too)
@@ -149,8 +144,6 @@ def _ends_in_softmax(index) -> bool:
 
 
 def _stem_facts(index) -> dict:
-    if index is None:
-        return {}
     producers, _, convs, weights = index
     if not convs or len(convs[0]) < 2:
         return {}
