@@ -12,8 +12,6 @@ from convmixer_tf.errors import BadInput, CheckFailed
 from convmixer_tf.facts import Facts, attach, facts_of
 from convmixer_tf.temporaries import temporary_folder
 
-OUTPUTS = ("logits", "probabilities")
-
 
 class ExportError(CheckFailed):
     """An export produced no valid file, or one that does not match Keras (exit code 1)."""
@@ -107,10 +105,6 @@ class ExportJob:
     cleanup: contextlib.ExitStack = dataclasses.field(
         default_factory=contextlib.ExitStack, compare=False, repr=False
     )
-
-    def __post_init__(self):
-        if self.tflite_output not in OUTPUTS:
-            raise BadInput(f"tflite_output must be one of {OUTPUTS}, got {self.tflite_output!r}")
 
     @property
     def facts(self) -> Facts:

@@ -281,7 +281,6 @@ class TFLiteRunner:
 
 
 def _write(job, path, *, quantization):
-    _check(job.model, quantization, job.calibration_samples)
     layout = _tiling(job.facts.config.dim, quantization)
     traced = job.shared(
         ("tflite", layout), lambda: trace(job.model, layout, output=job.tflite_output)
