@@ -32,6 +32,8 @@ MAX_TILE_TAPS = 9
 Conv = collections.namedtuple("Conv", "kernel bias")
 Affine = collections.namedtuple("Affine", "scale shift")
 Block = collections.namedtuple("Block", "dw dw_bn pw pw_bn")
+# The forms each piece of the graph can take (see InferenceGraph).
+FORMS = {"depthwise": ("native", "tiled"), "gelu": ("builtin", "erf"), "affine": ("ops", "conv")}
 
 
 def _bn_affine(layer) -> Affine:
@@ -77,7 +79,7 @@ class InferenceGraph:
         tile_taps: int = MAX_TILE_TAPS,
         probabilities: bool = False,
     ):
-        _check_forms(depthwise, gelu, affine)
+        _check_forms(depthwise=depthwise, gelu=gelu, affine=affine)
         facts = facts_of(model)
         self.config = facts.config
         self.pooling = facts.pooling
@@ -268,17 +270,11 @@ class InferenceGraph:
         )
 
 
-def _check_forms(depthwise: str, gelu: str, affine: str) -> None:
-    forms = {
-        "depthwise": ("native", "tiled"),
-        "gelu": ("builtin", "erf"),
-        "affine": ("ops", "conv"),
-    }
-    given = {"depthwise": depthwise, "gelu": gelu, "affine": affine}
+def _check_forms(**given) -> None:
     wrong = [
-        f"{key} must be one of {forms[key]}, got {given[key]!r}"
-        for key in forms
-        if given[key] not in forms[key]
+        f"{key} must be one of {FORMS[key]}, got {value!r}"
+        for key, value in given.items()
+        if value not in FORMS[key]
     ]
     if wrong:
         raise ValueError("; ".join(wrong))
