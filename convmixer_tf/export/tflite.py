@@ -10,7 +10,7 @@ converter's float16 quantisation writes), made from it without a second conversi
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import functools
 import math
 import os
@@ -105,15 +105,9 @@ def _tiling(dim: int, quantization) -> tuple:
     return math.gcd(dim, groups), taps
 
 
-@dataclasses.dataclass(frozen=True)
-class Traced:
-    """A traced inference graph (its concrete function and the variables it reads), and
-    what its files say of it."""
-
-    function: object
-    module: object
-    raw_rgb: bool
-    metadata: Metadata
+# A traced inference graph (its concrete function and the variables it reads), and what its
+# files say of it.
+Traced = collections.namedtuple("Traced", "function module raw_rgb metadata")
 
 
 def trace(model, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities") -> Traced:
