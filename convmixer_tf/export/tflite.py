@@ -76,18 +76,6 @@ def export_tflite(
     Example:
         >>> export_tflite(model, "model.tflite")  # doctest: +SKIP
     """
-    _check(model, quantization, representative_data)
-    traced = trace(
-        model,
-        _tiling(facts_of(model).config.dim, quantization),
-        batch_size=batch_size,
-        tiled_depthwise=tiled_depthwise,
-        output=output,
-    )
-    return write_file(path, traced, convert(traced, quantization, representative_data))
-
-
-def _check(model, quantization, representative_data):
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if quantization == "int8" and representative_data is None:
@@ -97,6 +85,14 @@ def _check(model, quantization, representative_data):
             f"TFLite export needs a fixed input size; the model takes {model.input_shape[1:]}: "
             "rebuild it with input_shape=(H, W, 3)"
         )
+    traced = trace(
+        model,
+        _tiling(facts_of(model).config.dim, quantization),
+        batch_size=batch_size,
+        tiled_depthwise=tiled_depthwise,
+        output=output,
+    )
+    return write_file(path, traced, convert(traced, quantization, representative_data))
 
 
 def _tiling(dim: int, quantization) -> tuple:
