@@ -245,9 +245,9 @@ class TFLiteRunner:
         self._output = self._interpreter.get_output_details()[0]
         self.input_shape = tuple(int(n) for n in self._input["shape"][1:])
         self.output_shape = tuple(int(n) for n in self._output["shape"][1:])
-        self.output = "probabilities" if _ends_in_softmax(self._interpreter) else "logits"
+        softmax, self.shown = _graph_shows(self._interpreter, self._input)
+        self.output = "probabilities" if softmax else "logits"
         self.output_step = float(self._output["quantization"][0])  # 0 for a float output
-        self.shown = _shown(self._interpreter, self._input)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         batch = int(self._input["shape"][0])
@@ -309,36 +309,30 @@ def _describe(path, check=None) -> dict:
 GROUPS = {None: "tflite-float", "float16": "tflite-float", "dynamic": "main", "int8": "tflite-int8"}
 
 
-def _shown(interpreter, image) -> dict:
-    """What the graph shows of its facts (`check_graph`): raw RGB in (uint8 in, or MUL and ADD
-    before the first convolution) and the stem's width and patch ([dim, patch, patch, 3])."""
+def _graph_shows(interpreter, image) -> tuple:
+    """What the graph shows, from one read of its ops: whether the op that makes its output,
+    past reshapes and (de)quantisation, is a softmax; and of its facts (`check_graph`): raw
+    RGB in (uint8 in, or MUL and ADD before the first convolution) and the stem's width and
+    patch ([dim, patch, patch, 3])."""
     ops = interpreter._get_ops_details()  # noqa: SLF001 - LiteRT's only view of the ops
-    names = [op["op_name"] for op in ops]
-    if "CONV_2D" not in names:
-        return {}
-    first = names.index("CONV_2D")
-    float_raw = set(names[:first]) - {"QUANTIZE", "DEQUANTIZE"} == {"MUL", "ADD"}
-    raw = image["dtype"] == np.uint8 if image["dtype"] != np.float32 else float_raw
-    shape = interpreter._get_tensor_details(int(ops[first]["inputs"][1]), 0)["shape"]
-    if len(shape) != 4:
-        return {"raw_rgb": raw}
-    return {"raw_rgb": raw, "dim": int(shape[0]), "patch_size": int(shape[1])}
-
-
-def _ends_in_softmax(interpreter) -> bool:
-    """Whether the op that makes the graph's output, past reshapes and (de)quantisation,
-    is a softmax."""
-    producers = {}
-    for op in interpreter._get_ops_details():  # noqa: SLF001 - LiteRT's only view of the ops
-        for tensor in op["outputs"]:
-            if op["op_name"] != "DELEGATE":  # a delegate's node stands for the ops it runs
-                producers[int(tensor)] = op
+    # a delegate's node stands for the ops it runs
+    producers = {int(t): op for op in ops if op["op_name"] != "DELEGATE" for t in op["outputs"]}
     op = producers.get(int(interpreter.get_output_details()[0]["index"]))
     for _ in producers:  # a walk back, as long as the graph at most
         if op is None or op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE"):
             break
         op = producers.get(int(op["inputs"][0]))
-    return op is not None and op["op_name"] == "SOFTMAX"
+    softmax = op is not None and op["op_name"] == "SOFTMAX"
+    names = [op["op_name"] for op in ops]
+    if "CONV_2D" not in names:
+        return softmax, {}
+    first = names.index("CONV_2D")
+    float_raw = set(names[:first]) - {"QUANTIZE", "DEQUANTIZE"} == {"MUL", "ADD"}
+    raw = image["dtype"] == np.uint8 if image["dtype"] != np.float32 else float_raw
+    shape = interpreter._get_tensor_details(int(ops[first]["inputs"][1]), 0)["shape"]
+    if len(shape) != 4:
+        return softmax, {"raw_rgb": raw}
+    return softmax, {"raw_rgb": raw, "dim": int(shape[0]), "patch_size": int(shape[1])}
 
 
 def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()):
