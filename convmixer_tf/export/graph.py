@@ -83,7 +83,6 @@ class InferenceGraph:
         facts = facts_of(model)
         self.config = facts.config
         self.pooling = facts.pooling
-        self.raw_rgb = facts.raw_rgb
         self.depthwise = depthwise
         self.gelu = gelu
         self.affine = affine

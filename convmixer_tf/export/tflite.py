@@ -23,9 +23,8 @@ from convmixer_tf.config import PIXEL_MAX
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat, runtime_path
 from convmixer_tf.export.float16 import float16_weights
-from convmixer_tf.export.metadata import Metadata, packed_facts, with_metadata
+from convmixer_tf.export.metadata import packed_facts, with_metadata
 from convmixer_tf.facts import facts_of
-from convmixer_tf.version import __version__
 
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
 # The tiled depthwise branch's layout (channel groups, most taps per tile), by file. Float
@@ -36,8 +35,6 @@ QUANTIZATIONS = (None, "float16", "dynamic", "int8")
 # op: one group, tiles of up to 25 taps, half the per-channel parameters. bench_export
 # measures both.
 TILING = {"float": (4, 9), "quantized": (1, 25)}
-# What a file's metadata says of the weights' terms: this code is Apache-2.0; the weights are not ours.
-LICENSE = "code: Apache-2.0 (convmixer-tf); weights: the licence of the checkpoint they come from"
 # The output of full-integer files: quantised uint8, which MediaPipe reads with the file's
 # scale and zero point (it refuses int8 outputs).
 INT8_OUTPUT = "uint8"
@@ -101,9 +98,9 @@ def _tiling(dim: int, quantization) -> tuple:
     return math.gcd(dim, groups), taps
 
 
-# A traced inference graph (its concrete function and the variables it reads), and what its
-# files say of it.
-Traced = collections.namedtuple("Traced", "function module raw_rgb metadata")
+# A traced inference graph (its concrete function and the variables it reads), the model it
+# comes from and what it gives ("probabilities" or "logits"), which its files' metadata say.
+Traced = collections.namedtuple("Traced", "function module model output")
 
 
 def trace(model, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities") -> Traced:
@@ -127,47 +124,14 @@ def trace(model, layout, *, batch_size=1, tiled_depthwise=True, output="probabil
     serving = tf.function(lambda images: {output: graph(images)}, input_signature=[spec])
     module = tf.Module()
     module.weights = graph.tf_variables
-    return Traced(
-        serving.get_concrete_function(),
-        module,
-        graph.raw_rgb,
-        file_metadata(facts_of(model), int(model.input_shape[1]), output, model.name),
-    )
-
-
-def file_metadata(
-    facts, size: int, output: str = "probabilities", name: str = "convmixer"
-) -> Metadata:
-    """The metadata of a TFLite file of a model with `facts`: what it is, the input
-    normalisation a client applies (none for a graph taking raw RGB), the class names, and
-    the facts themselves (what `predict` reads)."""
-    mean, std = (
-        facts.preprocessing.pixel_mean_std() if not facts.raw_rgb else ((0.0,) * 3, (1.0,) * 3)
-    )
-    c = facts.config
-    description = (
-        f"ConvMixer-{c.dim}/{c.depth} (kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}) "
-        f"image classifier, {c.num_classes} classes, {output}; input {size} px RGB"
-    )
-    return Metadata(
-        name=facts.variant or name,
-        description=description,
-        version=f"convmixer-tf {__version__}",
-        license=LICENSE,
-        size=size,
-        mean=mean,
-        std=std,
-        output=output,
-        class_names=facts.class_names,
-        facts=facts.to_json(),
-    )
+    return Traced(serving.get_concrete_function(), module, model, output)
 
 
 def write_file(path, traced: Traced, flatbuffer: bytes) -> str:
     """Writes a converted flatbuffer as a .tflite file, with metadata, atomically, once
     its op list holds builtin ops only."""
     check_builtin_ops(flatbuffer)
-    outputs.write_atomic(path, with_metadata(flatbuffer, traced.metadata))
+    outputs.write_atomic(path, with_metadata(flatbuffer, traced.model, traced.output))
     return os.fspath(path)
 
 
@@ -183,11 +147,12 @@ def convert(traced: Traced, quantization=None, representative_data=None) -> byte
     if quantization in ("dynamic", "int8"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "int8":
+        raw_rgb = facts_of(traced.model).raw_rgb
         converter.representative_dataset = lambda: _calibration_samples(
-            representative_data, traced.raw_rgb
+            representative_data, raw_rgb
         )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8 if traced.raw_rgb else tf.int8
+        converter.inference_input_type = tf.uint8 if raw_rgb else tf.int8
         converter.inference_output_type = getattr(tf, INT8_OUTPUT)
     try:
         return converter.convert()
