@@ -157,17 +157,10 @@ def _output_tensor(w: _Builder, class_names, output: str):
 def with_metadata(flatbuffer: bytes, model, output: str) -> bytes:
     """A .tflite `flatbuffer` of the Keras `model` with its metadata (`metadata_flatbuffer`)
     in it, and its labels file and facts packed."""
-    from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
     tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
-    tflite.metadata = [m for m in (tflite.metadata or []) if m.name.decode() != METADATA_NAME]
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(metadata_flatbuffer(model, output), np.uint8)
-    tflite.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA_NAME.encode(), len(tflite.buffers) - 1
-    tflite.metadata.append(entry)
+    add_metadata(tflite, METADATA_NAME, metadata_flatbuffer(model, output))
     packed = io.BytesIO(flatbuffer_utils.convert_object_to_bytearray(tflite))
     facts = facts_of(model)
     with zipfile.ZipFile(packed, "a", compression=zipfile.ZIP_STORED) as archive:
@@ -175,6 +168,19 @@ def with_metadata(flatbuffer: bytes, model, output: str) -> bytes:
             archive.writestr(LABELS_FILE, "".join(f"{name}\n" for name in facts.class_names))
         archive.writestr(FACTS_FILE, facts.to_json())
     return packed.getvalue()
+
+
+def add_metadata(tflite, name: str, data: bytes) -> None:
+    """Puts `data` in a .tflite model object (flatbuffer_utils') as its metadata entry `name`,
+    a buffer of its own, in place of an earlier entry of that name."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(data, np.uint8)
+    tflite.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = name.encode(), len(tflite.buffers) - 1
+    tflite.metadata = [m for m in (tflite.metadata or []) if m.name != entry.name] + [entry]
 
 
 def read_metadata(path) -> Optional[bytes]:
