@@ -160,7 +160,7 @@ def _write(job, path):
     )
 
 
-def _describe(path, check=None) -> dict:
+def _describe(path, check) -> dict:
     weights = "per-channel" if PER_CHANNEL else "per-tensor"
     bits = (
         "7-bit range (reduce_range): no saturation on AVX2 CPUs without VNNI, accurate on VNNI ones too"

@@ -248,7 +248,7 @@ def _write(job, path, *, quantization):
     return write_file(path, traced, convert(traced, quantization, job.calibration_samples))
 
 
-def _describe(path, check=None) -> dict:
+def _describe(path, check) -> dict:
     """Its ops, its labels, whether the GPU delegate takes it, and what MediaPipe makes of it."""
     from convmixer_tf.export.metadata import packed_labels, read_metadata
     from convmixer_tf.export.mobile import gpu_compatibility, mediapipe_check
@@ -260,10 +260,9 @@ def _describe(path, check=None) -> dict:
         "labels": len(labels) if labels is not None else None,
         "gpu_delegate": gpu_compatibility(path),
     }
-    if check is not None:
-        row["mediapipe"] = mediapipe_check(path, check, has_metadata=row["metadata"])
-        if "problem" in row["mediapipe"]:
-            row["problem"] = row["mediapipe"]["problem"]
+    row["mediapipe"] = mediapipe_check(path, check, has_metadata=row["metadata"])
+    if "problem" in row["mediapipe"]:
+        row["problem"] = row["mediapipe"]["problem"]
     return row
 
 
