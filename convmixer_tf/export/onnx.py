@@ -308,13 +308,8 @@ def check_onnx(proto) -> None:
     import onnx
     import onnxruntime as ort
 
-    known = {"", "ai.onnx"}
     foreign = sorted(
-        {
-            f"{n.domain}:{n.op_type}" if n.domain else n.op_type
-            for n in proto.graph.node
-            if n.domain not in known
-        }
+        {f"{n.domain}:{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
     )
     if foreign:
         raise ExportError(f"tf2onnx left ops it could not convert: {', '.join(foreign)}")
