@@ -70,7 +70,7 @@ def test_every_tflite_file_works_in_mediapipe_with_names_and_probabilities(tmp_p
     ):
         file = out / name
         assert metadata.packed_labels(file) == list(CLASSES)
-        scores, names, _ = mobile.classify(file, test_x.astype(np.uint8), len(CLASSES))
+        scores, names = mobile.classify(file, test_x.astype(np.uint8), len(CLASSES))
         assert tuple(names) == CLASSES, name
         assert np.mean(scores.argmax(1) == test_y) >= 0.9, name  # the expected classes
         if tolerance is not None:
@@ -111,7 +111,7 @@ def test_tflite_logits_flag_keeps_logits(tmp_path, setting):
     )
     rows = json.load(open(tmp_path / "o" / "export_report.json"))
     assert [r["output"] for r in rows] == ["logits", "logits"]
-    scores, _, _ = mobile.classify(
+    scores, _ = mobile.classify(
         tmp_path / "o" / "model.tflite", test_x.astype(np.uint8), len(CLASSES), logits=True
     )
     logits = convmixer_tf.load_model(path).predict(test_x, verbose=0)
@@ -260,5 +260,5 @@ def test_released_variant_gets_imagenet_names_in_mediapipe(tmp_path):
     first = timm.data.ImageNetInfo().label_descriptions()[0].split(",")[0]
     assert facts_of(convmixer_tf.load_model(out / "model.keras")).class_names[0] == first == "tench"
     image = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
-    scores, names, _ = mobile.classify(out / "model.tflite", image, 1000)
+    scores, names = mobile.classify(out / "model.tflite", image, 1000)
     assert names[0] == "tench" and len(set(names)) > 990 and abs(float(scores.sum()) - 1.0) < 1e-3

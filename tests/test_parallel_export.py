@@ -78,7 +78,7 @@ def test_a_job_travels_to_a_worker_whole(tiny):
         assert (copy.nchw, copy.opset) == (True, 15)
         assert copy.calibration_source == job.calibration_source != ""
         np.testing.assert_array_equal(copy.calibration, job.calibration)
-        assert copy.resources is not job.resources and copy.resources._scratch is None
+        assert "scratch" in job.made and copy.made == {} and copy.cleanup is not job.cleanup
     finally:
         job.close()
 

@@ -6,14 +6,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
-from convmixer_tf import interrupts, temporaries
 from convmixer_tf.errors import BadInput, CheckFailed
 from convmixer_tf.facts import Facts, attach, facts_of
-
-OUTPUTS = ("logits", "probabilities")
+from convmixer_tf.temporaries import temporary_folder
 
 
 class ExportError(CheckFailed):
@@ -81,34 +78,6 @@ def runtime_path(path):
         os.close(fd)
 
 
-class Resources:
-    """What the writers of one run share beyond the job's facts: things made once (a traced
-    graph several files come from) and a temporary folder; released by `close`."""
-
-    def __init__(self):
-        self._made: Dict[object, object] = {}
-        self._scratch: Optional[str] = None
-        self._cleanup = contextlib.ExitStack()
-
-    def shared(self, key, make: Callable[[], object]):
-        if key not in self._made:
-            self._made[key] = make()
-        return self._made[key]
-
-    def scratch(self) -> str:
-        if self._scratch is None:
-            self._scratch = temporaries.make_temporary_folder()
-            self._cleanup.enter_context(interrupts.removed_on_interrupt(self._scratch))
-        return self._scratch
-
-    def close(self):
-        self._made.clear()
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-        self._cleanup.close()
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportJob:
     """What the writers of one export run share, complete when it is built.
@@ -122,6 +91,8 @@ class ExportJob:
         calibration: images in the files' input space for calibrated formats (never
             the images a file is checked on), or None.
         calibration_source: where they came from, for the report.
+        made: what the writers of the run made once (`shared`), its scratch folder among
+            them; `cleanup` removes that folder (`close`). A worker process gets its own.
     """
 
     model: object
@@ -130,11 +101,10 @@ class ExportJob:
     tflite_output: str = "probabilities"
     calibration: Optional[object] = None
     calibration_source: str = ""
-    resources: Resources = dataclasses.field(default_factory=Resources, compare=False, repr=False)
-
-    def __post_init__(self):
-        if self.tflite_output not in OUTPUTS:
-            raise BadInput(f"tflite_output must be one of {OUTPUTS}, got {self.tflite_output!r}")
+    made: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    cleanup: contextlib.ExitStack = dataclasses.field(
+        default_factory=contextlib.ExitStack, compare=False, repr=False
+    )
 
     @property
     def facts(self) -> Facts:
@@ -143,11 +113,13 @@ class ExportJob:
 
     def shared(self, key, make: Callable[[], object]):
         """`make()` once per key for the whole run (a traced graph several files come from)."""
-        return self.resources.shared(key, make)
+        if key not in self.made:
+            self.made[key] = make()
+        return self.made[key]
 
     def scratch(self) -> str:
         """A temporary folder that lives as long as the job (see `close`)."""
-        return self.resources.scratch()
+        return self.shared("scratch", lambda: self.cleanup.enter_context(temporary_folder()))
 
     def calibration_samples(self) -> Iterable:
         if self.calibration is None or not len(self.calibration):
@@ -155,16 +127,17 @@ class ExportJob:
         return (image[None] for image in self.calibration)
 
     def close(self):
-        self.resources.close()
+        self.made.clear()
+        self.cleanup.close()
 
     def __reduce__(self):
         """A worker process (`export.parallel`) gets the job with the model as its config and
         weights (cheaper than Keras' own pickling, a .keras archive; docs/export.md), its
-        facts attached, and resources of its own."""
+        facts attached, and nothing made yet."""
         fields = {
             field.name: getattr(self, field.name)
             for field in dataclasses.fields(self)
-            if field.name not in ("model", "resources")
+            if field.name not in ("model", "made", "cleanup")
         }
         model = (self.model.get_config(), self.model.get_weights(), self.facts)
         return _rebuilt, (*model, fields)

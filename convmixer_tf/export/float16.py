@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from convmixer_tf.export.metadata import add_metadata
+
 # The float16 file's reduced-precision metadata, as the converter writes it when told
 # that float16 accumulation is acceptable: delegates that compute in float16 (XNNPACK on
 # ARMv8.2, GPUs) may then run the whole network in it.
@@ -33,12 +35,7 @@ def float16_weights(flatbuffer: bytes) -> bytes:
     for old in set(halves) - still_read:
         model.buffers[old].data = None
     graph.operators = front + list(graph.operators)
-    entry = schema.MetadataT()
-    model.buffers.append(schema.BufferT())
-    model.buffers[-1].data = np.frombuffer(FLOAT16_PRECISION, np.uint8)
-    entry.name = b"reduced_precision_support"
-    entry.buffer = len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name != entry.name] + [entry]
+    add_metadata(model, "reduced_precision_support", FLOAT16_PRECISION)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 

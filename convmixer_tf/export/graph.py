@@ -8,7 +8,7 @@ file made from it is run in its own runtime and compared with the Keras model.
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import math
 from typing import List
 
@@ -26,29 +26,14 @@ FAST_DEPTHWISE_MAX = 5
 MAX_TILE_TAPS = 9
 
 
-@dataclasses.dataclass
-class Conv:
-    kernel: object
-    bias: object
-
-
-@dataclasses.dataclass
-class Affine:
-    """What is left of a BatchNorm after its activation: x * scale + shift (None: skipped)."""
-
-    scale: object
-    shift: object
-
-
-@dataclasses.dataclass
-class Block:
-    """One mixer block. With a tile plan, dw.kernel is [group][tile] kernels and dw.bias,
-    dw_bn.scale are per channel group."""
-
-    dw: Conv
-    dw_bn: Affine
-    pw: Conv
-    pw_bn: Affine
+# A convolution's weights, and what is left of a BatchNorm after its activation: x * scale +
+# shift (None: skipped). With a tile plan, a block's dw.kernel is [group][tile] kernels and
+# its dw.bias and dw_bn.scale are per channel group.
+Conv = collections.namedtuple("Conv", "kernel bias")
+Affine = collections.namedtuple("Affine", "scale shift")
+Block = collections.namedtuple("Block", "dw dw_bn pw pw_bn")
+# The forms each piece of the graph can take (see InferenceGraph).
+FORMS = {"depthwise": ("native", "tiled"), "gelu": ("builtin", "erf"), "affine": ("ops", "conv")}
 
 
 def _bn_affine(layer) -> Affine:
@@ -94,11 +79,10 @@ class InferenceGraph:
         tile_taps: int = MAX_TILE_TAPS,
         probabilities: bool = False,
     ):
-        _check_forms(depthwise, gelu, affine)
+        _check_forms(depthwise=depthwise, gelu=gelu, affine=affine)
         facts = facts_of(model)
         self.config = facts.config
         self.pooling = facts.pooling
-        self.raw_rgb = facts.raw_rgb
         self.depthwise = depthwise
         self.gelu = gelu
         self.affine = affine
@@ -110,7 +94,6 @@ class InferenceGraph:
             raise BadInput(
                 f"classifier activation {facts.classifier_activation!r} is not exportable"
             )
-        self.input_shape = tuple(model.input_shape[1:])
         self.pre = None
         if facts.raw_rgb:
             self.pre = Affine(
@@ -185,18 +168,16 @@ class InferenceGraph:
         # and converts in seconds instead of serialising every weight into the GraphDef.
         import tensorflow as tf
 
-        self._variables = []
+        self.tf_variables = []
 
         def wrap(value):
             if isinstance(value, np.ndarray):
-                self._variables.append(tf.Variable(value, trainable=False))
-                return self._variables[-1]
+                self.tf_variables.append(tf.Variable(value, trainable=False))
+                return self.tf_variables[-1]
             if isinstance(value, list):
                 return [wrap(v) for v in value]
-            if dataclasses.is_dataclass(value):
-                return type(value)(
-                    *(wrap(getattr(value, f.name)) for f in dataclasses.fields(value))
-                )
+            if isinstance(value, tuple):  # a Conv, an Affine, a Block
+                return type(value)(*(wrap(v) for v in value))
             return value
 
         self.stem = wrap(self.stem)
@@ -204,10 +185,6 @@ class InferenceGraph:
         self.blocks = wrap(self.blocks)
         self.head = wrap(self.head)
         self.pre = wrap(self.pre)
-
-    @property
-    def tf_variables(self) -> list:
-        return list(self._variables)
 
     def __call__(self, x):
         import tensorflow as tf
@@ -292,17 +269,11 @@ class InferenceGraph:
         )
 
 
-def _check_forms(depthwise: str, gelu: str, affine: str) -> None:
-    forms = {
-        "depthwise": ("native", "tiled"),
-        "gelu": ("builtin", "erf"),
-        "affine": ("ops", "conv"),
-    }
-    given = {"depthwise": depthwise, "gelu": gelu, "affine": affine}
+def _check_forms(**given) -> None:
     wrong = [
-        f"{key} must be one of {forms[key]}, got {given[key]!r}"
-        for key in forms
-        if given[key] not in forms[key]
+        f"{key} must be one of {FORMS[key]}, got {value!r}"
+        for key, value in given.items()
+        if value not in FORMS[key]
     ]
     if wrong:
         raise ValueError("; ".join(wrong))

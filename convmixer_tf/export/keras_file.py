@@ -1,6 +1,7 @@
 """The `.keras` file as a model file to read (the converter and training write it, through
-`saving.save_model`): its runner and its facts, so that `registry.find` and
-`model_file.open_model` treat it as they treat every exported file."""
+`saving.save_model`): its runner, which carries its facts (`model_file.open_model` reads
+them there), so that `registry.find` and `open_model` treat it as they treat every
+exported file."""
 
 from __future__ import annotations
 
@@ -42,12 +43,6 @@ def _write(job, path):
     return save_model(job.model, path)
 
 
-def _read_facts(path):
-    from convmixer_tf.saving import stored_facts
-
-    return stored_facts(path)
-
-
 FORMAT = ExportFormat(
     name="keras",
     filename="model.keras",
@@ -55,5 +50,4 @@ FORMAT = ExportFormat(
     write=_write,
     load=KerasRunner,
     tolerance=0.0,
-    facts=_read_facts,
 )

@@ -13,18 +13,18 @@ are packed there too, so the file describes itself to `convmixer_tf.predict`.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import mmap
 import os
 import zipfile
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 
 from convmixer_tf.config import PIXEL_MAX
 from convmixer_tf.errors import BadInput
-from convmixer_tf.facts import FACTS_FILE, Facts, zip_member
+from convmixer_tf.facts import FACTS_FILE, Facts, facts_of, zip_member
+from convmixer_tf.version import __version__
 
 METADATA_NAME = "TFLITE_METADATA"
 LABELS_FILE = "labels.txt"
@@ -37,31 +37,16 @@ _RGB = 1  # enum ColorSpaceType
 _TENSOR_AXIS_LABELS = 2  # enum AssociatedFileType
 
 
-@dataclasses.dataclass(frozen=True)
-class Metadata:
-    """What the metadata of one image-classifier file says.
+# What a file's metadata says of the weights' terms: this code is Apache-2.0; the weights are not ours.
+LICENSE = "code: Apache-2.0 (convmixer-tf); weights: the licence of the checkpoint they come from"
 
-    Attributes:
-        name, description, version, license: shown by model viewers and stores.
-        size: input height and width.
-        mean, std: the normalisation a client applies to raw pixels before feeding the
-            model, (pixel - mean) / std per channel; mean 0, std 1 when the graph takes
-            raw RGB.
-        output: "probabilities" or "logits".
-        class_names: one per output class, or None (no labels file).
-        facts: the model's facts as JSON (`Facts.to_json`), packed as FACTS_FILE.
-    """
 
-    name: str
-    description: str
-    version: str
-    license: str
-    size: int
-    mean: Tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: Tuple[float, float, float] = (1.0, 1.0, 1.0)
-    output: str = "probabilities"
-    class_names: Optional[Sequence[str]] = None
-    facts: Optional[str] = None
+def normalisation(facts) -> tuple:
+    """(mean, std): the normalisation a client applies to raw pixels before feeding the
+    model, (pixel - mean) / std per channel; mean 0, std 1 for a graph that takes raw RGB."""
+    if facts.raw_rgb:
+        return (0.0,) * 3, (1.0,) * 3
+    return facts.preprocessing.pixel_mean_std()
 
 
 class _Builder:
@@ -105,31 +90,39 @@ class _Builder:
         return bytes(self.b.Output())
 
 
-def metadata_flatbuffer(meta: Metadata) -> bytes:
-    """The ModelMetadata flatbuffer of `meta`."""
+def metadata_flatbuffer(model, output: str) -> bytes:
+    """The ModelMetadata flatbuffer of a TFLite file of the Keras `model` (a fixed input size,
+    carrying its facts) that gives `output` ("probabilities" or "logits"): what it is, the
+    input normalisation a client applies, the class names."""
+    facts, size = facts_of(model), int(model.input_shape[1])
+    c = facts.config
+    description = (
+        f"ConvMixer-{c.dim}/{c.depth} (kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}) "
+        f"image classifier, {c.num_classes} classes, {output}; input {size} px RGB"
+    )
     w = _Builder()
-    inp, out = _input_tensor(w, meta), _output_tensor(w, meta)
+    inp, out = _input_tensor(w, facts, size), _output_tensor(w, facts.class_names, output)
     subgraph = w.table(w.string("image_classifier"), None, w.vector([inp]), w.vector([out]))
     root = w.table(
-        w.string(meta.name),
-        w.string(meta.description),
-        w.string(meta.version),
+        w.string(facts.variant or model.name),
+        w.string(description),
+        w.string(f"convmixer-tf {__version__}"),
         w.vector([subgraph]),
         w.string("convmixer-tf"),
-        w.string(meta.license),
+        w.string(LICENSE),
         None,
         w.string(MIN_PARSER_VERSION),
     )
     return w.finish(root)
 
 
-def _input_tensor(w: _Builder, meta: Metadata):
-    """TensorMetadata of the image input: RGB of meta.size, its normalisation, its range."""
-    size = meta.size
+def _input_tensor(w: _Builder, facts, size: int):
+    """TensorMetadata of the image input: RGB of `size`, its normalisation, its range."""
+    mean, std = normalisation(facts)
     image = w.table(("int8", _RGB), ("offset", w.table(("uint32", size), ("uint32", size))))
-    norm = w.table(w.floats(meta.mean), w.floats(meta.std))
-    low = [(0.0 - m) / s for m, s in zip(meta.mean, meta.std)]
-    high = [(PIXEL_MAX - m) / s for m, s in zip(meta.mean, meta.std)]
+    norm = w.table(w.floats(mean), w.floats(std))
+    low = [(0.0 - m) / s for m, s in zip(mean, std)]
+    high = [(PIXEL_MAX - m) / s for m, s in zip(mean, std)]
     return w.table(
         w.string("image"),
         w.string(f"RGB image, {size}x{size}, pixels 0-{PIXEL_MAX:.0f}"),
@@ -140,13 +133,13 @@ def _input_tensor(w: _Builder, meta: Metadata):
     )
 
 
-def _output_tensor(w: _Builder, meta: Metadata):
+def _output_tensor(w: _Builder, class_names, output: str):
     """TensorMetadata of the scores: probabilities (range 0-1) or logits, and the labels file."""
     labels = None
-    if meta.class_names is not None:
+    if class_names is not None:
         about = w.string("class names, one per line, in output order")
         labels = w.vector([w.table(w.string(LABELS_FILE), about, ("int8", _TENSOR_AXIS_LABELS))])
-    probabilities = meta.output == "probabilities"
+    probabilities = output == "probabilities"
     value_range = None
     if probabilities:
         value_range = ("offset", w.table(w.floats([1.0]), w.floats([0.0])))
@@ -161,26 +154,33 @@ def _output_tensor(w: _Builder, meta: Metadata):
     )
 
 
-def with_metadata(model: bytes, meta: Metadata) -> bytes:
-    """`model` (a .tflite flatbuffer) with `meta` in it and its labels file packed."""
-    from tensorflow.lite.python import schema_py_generated as schema
+def with_metadata(flatbuffer: bytes, model, output: str) -> bytes:
+    """A .tflite `flatbuffer` of the Keras `model` with its metadata (`metadata_flatbuffer`)
+    in it, and its labels file and facts packed."""
     from tensorflow.lite.tools import flatbuffer_utils
 
-    tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(model))
-    tflite.metadata = [m for m in (tflite.metadata or []) if m.name.decode() != METADATA_NAME]
+    tflite = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    add_metadata(tflite, METADATA_NAME, metadata_flatbuffer(model, output))
+    packed = io.BytesIO(flatbuffer_utils.convert_object_to_bytearray(tflite))
+    facts = facts_of(model)
+    with zipfile.ZipFile(packed, "a", compression=zipfile.ZIP_STORED) as archive:
+        if facts.class_names is not None:
+            archive.writestr(LABELS_FILE, "".join(f"{name}\n" for name in facts.class_names))
+        archive.writestr(FACTS_FILE, facts.to_json())
+    return packed.getvalue()
+
+
+def add_metadata(tflite, name: str, data: bytes) -> None:
+    """Puts `data` in a .tflite model object (flatbuffer_utils') as its metadata entry `name`,
+    a buffer of its own, in place of an earlier entry of that name."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
     buffer = schema.BufferT()
-    buffer.data = np.frombuffer(metadata_flatbuffer(meta), np.uint8)
+    buffer.data = np.frombuffer(data, np.uint8)
     tflite.buffers.append(buffer)
     entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA_NAME.encode(), len(tflite.buffers) - 1
-    tflite.metadata.append(entry)
-    packed = io.BytesIO(flatbuffer_utils.convert_object_to_bytearray(tflite))
-    with zipfile.ZipFile(packed, "a", compression=zipfile.ZIP_STORED) as archive:
-        if meta.class_names is not None:
-            archive.writestr(LABELS_FILE, "".join(f"{name}\n" for name in meta.class_names))
-        if meta.facts is not None:
-            archive.writestr(FACTS_FILE, meta.facts)
-    return packed.getvalue()
+    entry.name, entry.buffer = name.encode(), len(tflite.buffers) - 1
+    tflite.metadata = [m for m in (tflite.metadata or []) if m.name != entry.name] + [entry]
 
 
 def read_metadata(path) -> Optional[bytes]:

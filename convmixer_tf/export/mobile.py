@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
 from typing import Optional
 
 import numpy as np
@@ -37,11 +36,11 @@ def gpu_compatibility(path) -> str:
     )
 
 
-def pixels(images: np.ndarray, facts=None) -> np.ndarray:
+def pixels(images: np.ndarray, facts) -> np.ndarray:
     """The uint8 RGB images an app would hand over, from a file's float inputs: raw RGB,
     or normalised ones (for a model whose `facts` say it does not take raw RGB)."""
     x = np.asarray(images, np.float64)
-    if facts is not None and not facts.raw_rgb:
+    if not facts.raw_rgb:
         x = facts.preprocessing.denormalize(x)
     return np.clip(np.round(x), 0, PIXEL_MAX).astype(np.uint8)
 
@@ -68,35 +67,26 @@ def frame(image: np.ndarray):
     )
 
 
-def classify(path, images: np.ndarray, num_classes: int, logits: bool = False, timed: int = 0):
+def classify(path, images: np.ndarray, num_classes: int, logits: bool = False):
     """Runs MediaPipe's ImageClassifier on uint8 images at the model's input size.
 
-    Returns (scores [N, num_classes] by class index, category names by index, median ms
-    of `timed` classify() calls on the first image, or None).
+    Returns (scores [N, num_classes] by class index, category names by index).
     """
     with open_classifier(path, num_classes, logits) as classifier:
-        return _classify_with(classifier, images, num_classes, timed)
+        return _classify_with(classifier, images, num_classes)
 
 
-def _classify_with(classifier, images, num_classes, timed=0):
+def _classify_with(classifier, images, num_classes):
     scores = np.full((len(images), num_classes), np.nan, np.float32)
     names = [""] * num_classes
-    frames = [frame(image) for image in images]
-    for i, each in enumerate(frames):
-        for category in classifier.classify(each).classifications[0].categories:
-            scores[i, category.index], names[category.index] = (
-                category.score,
-                category.category_name or "",
-            )
-    times = []
-    for _ in range(timed + 1 if timed else 0):  # the first call warms up
-        start = time.perf_counter()
-        classifier.classify(frames[0])
-        times.append(time.perf_counter() - start)
-    return scores, names, float(np.median(times[1:]) * 1e3) if timed else None
+    for i, image in enumerate(images):
+        for category in classifier.classify(frame(image)).classifications[0].categories:
+            scores[i, category.index] = category.score
+            names[category.index] = category.category_name or ""
+    return scores, names
 
 
-def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict:
+def mediapipe_check(path, check, *, has_metadata: bool) -> dict:
     """Loads `path` in MediaPipe's ImageClassifier and compares what it gives with Keras.
 
     `check` (a `verify.Check`) holds the file's LiteRT runner, the Keras model, the
@@ -110,7 +100,7 @@ def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict
     """
     from convmixer_tf.export.scores import agreement, as_output
 
-    skipped = _not_for_mediapipe(path, check.facts, has_metadata)
+    skipped = _not_for_mediapipe(check.facts, has_metadata)
     if skipped is not None:
         return {"status": skipped}
     facts, runner = check.facts, check.runner
@@ -131,7 +121,7 @@ def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict
             "problem": f"MediaPipe refused the file: {one_line(err)[:300]}",
         }
     with classifier:
-        scores, names, _ = _classify_with(classifier, images, reference.shape[1])
+        scores, names = _classify_with(classifier, images, reference.shape[1])
     row = {
         "status": "ok",
         "images": int(len(images)),
@@ -147,18 +137,14 @@ def mediapipe_check(path, check, *, has_metadata: Optional[bool] = None) -> dict
     return row
 
 
-def _not_for_mediapipe(path, facts, has_metadata: Optional[bool]) -> Optional[str]:
+def _not_for_mediapipe(facts, has_metadata: bool) -> Optional[str]:
     """Why MediaPipe is not asked about this file (its status), or None."""
-    from convmixer_tf.export.metadata import read_metadata
-
     try:
         import mediapipe  # noqa: F401
     except ImportError:
         return MEDIAPIPE_MISSING
     if not facts.config.num_classes:
         return "not for MediaPipe: the model gives features, not classes (an image classifier)"
-    if has_metadata is None:
-        has_metadata = read_metadata(path) is not None
     if not has_metadata:
         return "skipped: the file has no metadata (written before files carried it)"
     per_channel = any(

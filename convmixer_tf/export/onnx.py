@@ -99,15 +99,13 @@ def read_facts(path):
     return None
 
 
-def ends_in_softmax(path) -> bool:
-    """Whether the first output comes from a Softmax, past identities, reshapes, (de)quantisers."""
-    return _ends_in_softmax(_graph_index(path))
-
-
-def stem_facts(path) -> dict:
-    """The stem's width and patch, from its first Conv's weight ([dim, 3, patch, patch]; an
-    int8 file's past its DequantizeLinear), for `model_file.check_graph`; or empty."""
-    return _stem_facts(_graph_index(path))
+def graph_shows(path) -> tuple:
+    """What the graph shows beyond what onnxruntime tells, in one pass over the file: whether
+    its first output comes from a Softmax (past identities, reshapes, (de)quantisers), and
+    the stem's width and patch from its first Conv's weight ([dim, 3, patch, patch]; an int8
+    file's past its DequantizeLinear) for `model_file.check_graph`, or an empty dict."""
+    index = _graph_index(path)
+    return _ends_in_softmax(index), _stem_facts(index)
 
 
 def _graph_index(path):
@@ -310,13 +308,8 @@ def check_onnx(proto) -> None:
     import onnx
     import onnxruntime as ort
 
-    known = {"", "ai.onnx"}
     foreign = sorted(
-        {
-            f"{n.domain}:{n.op_type}" if n.domain else n.op_type
-            for n in proto.graph.node
-            if n.domain not in known
-        }
+        {f"{n.domain}:{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
     )
     if foreign:
         raise ExportError(f"tf2onnx left ops it could not convert: {', '.join(foreign)}")
@@ -353,9 +346,8 @@ class OnnxRunner:
         self.input_shape = tuple(shape[1:] + shape[:1] if self._nchw else shape)
         self._output = self._session.get_outputs()[0].name
         self.output_shape = tuple(_size(n) for n in self._session.get_outputs()[0].shape[1:])
-        graph = _graph_index(path)  # one pass over the file for both
-        self.output = "probabilities" if _ends_in_softmax(graph) else "logits"
-        self.shown = _stem_facts(graph)
+        softmax, self.shown = graph_shows(path)
+        self.output = "probabilities" if softmax else "logits"
 
     def __call__(self, images):
         import numpy as np

@@ -119,16 +119,13 @@ class _Reader:
     """onnxruntime's CalibrationDataReader over an array of images, one per call."""
 
     def __init__(self, images, nchw):
-        self._images = np.asarray(images, np.float32)
-        self._nchw = nchw
-        self._next = 0
+        batches = np.asarray(images, np.float32)[:, None]  # batches of one image
+        if nchw:
+            batches = batches.transpose(0, 1, 4, 2, 3)
+        self._feeds = ({"images": np.ascontiguousarray(x)} for x in batches)
 
     def get_next(self) -> Optional[dict]:
-        if self._next >= len(self._images):
-            return None
-        x = self._images[self._next][None]
-        self._next += 1
-        return {"images": np.ascontiguousarray(x.transpose(0, 3, 1, 2) if self._nchw else x)}
+        return next(self._feeds, None)
 
 
 def _nodes_of(path, op_types) -> list:
@@ -163,7 +160,7 @@ def _write(job, path):
     )
 
 
-def _describe(path, check=None) -> dict:
+def _describe(path, check) -> dict:
     weights = "per-channel" if PER_CHANNEL else "per-tensor"
     bits = (
         "7-bit range (reduce_range): no saturation on AVX2 CPUs without VNNI, accurate on VNNI ones too"

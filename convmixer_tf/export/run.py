@@ -12,7 +12,7 @@ import numpy as np
 from convmixer_tf.config import Preprocessing
 from convmixer_tf.errors import BadInput
 from convmixer_tf.export import registry
-from convmixer_tf.export.base import OUTPUTS, ExportJob
+from convmixer_tf.export.base import ExportJob
 from convmixer_tf.export.calibration import CALIBRATION_COUNT, VERIFY_COUNT, load_images
 from convmixer_tf.export.onnx import check_opset
 from convmixer_tf.export.parallel import cores, memory_allows, write_in_processes
@@ -21,6 +21,7 @@ from convmixer_tf.facts import attach, facts_of
 from convmixer_tf.labels import check_class_names
 
 DEFAULT_FORMATS = ("saved_model", "tflite", "onnx")
+OUTPUTS = ("logits", "probabilities")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,12 +42,7 @@ def agreement(out: np.ndarray, reference: np.ndarray) -> dict:
     with ties, the median number of classes sharing the top score (what "among" weighs).
     """
     if reference.ndim != 2 or reference.shape[1] < 2:
-        return {
-            "top1_agreement": None,
-            "top1_tied": None,
-            "top1_all_tied": None,
-            "top1_among_best": None,
-        }
+        return dict.fromkeys(("top1_agreement", "top1_tied", "top1_all_tied", "top1_among_best"))
     best = out == out.max(-1, keepdims=True)
     expected, sharing = reference.argmax(-1), best.sum(-1)  # how many classes share each top score
     ranked = sharing < best.shape[1]

@@ -10,7 +10,7 @@ converter's float16 quantisation writes), made from it without a second conversi
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import functools
 import math
 import os
@@ -23,9 +23,8 @@ from convmixer_tf.config import PIXEL_MAX
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.export.base import ExportError, ExportFormat, runtime_path
 from convmixer_tf.export.float16 import float16_weights
-from convmixer_tf.export.metadata import Metadata, packed_facts, with_metadata
+from convmixer_tf.export.metadata import packed_facts, with_metadata
 from convmixer_tf.facts import facts_of
-from convmixer_tf.version import __version__
 
 QUANTIZATIONS = (None, "float16", "dynamic", "int8")
 # The tiled depthwise branch's layout (channel groups, most taps per tile), by file. Float
@@ -36,8 +35,6 @@ QUANTIZATIONS = (None, "float16", "dynamic", "int8")
 # op: one group, tiles of up to 25 taps, half the per-channel parameters. bench_export
 # measures both.
 TILING = {"float": (4, 9), "quantized": (1, 25)}
-# What a file's metadata says of the weights' terms: this code is Apache-2.0; the weights are not ours.
-LICENSE = "code: Apache-2.0 (convmixer-tf); weights: the licence of the checkpoint they come from"
 # The output of full-integer files: quantised uint8, which MediaPipe reads with the file's
 # scale and zero point (it refuses int8 outputs).
 INT8_OUTPUT = "uint8"
@@ -76,7 +73,15 @@ def export_tflite(
     Example:
         >>> export_tflite(model, "model.tflite")  # doctest: +SKIP
     """
-    _check(model, quantization, representative_data)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "int8" and representative_data is None:
+        raise BadInput("int8 quantization needs representative_data (calibration images)")
+    if None in model.input_shape[1:]:
+        raise BadInput(
+            f"TFLite export needs a fixed input size; the model takes {model.input_shape[1:]}: "
+            "rebuild it with input_shape=(H, W, 3)"
+        )
     traced = trace(
         model,
         _tiling(facts_of(model).config.dim, quantization),
@@ -87,33 +92,15 @@ def export_tflite(
     return write_file(path, traced, convert(traced, quantization, representative_data))
 
 
-def _check(model, quantization, representative_data):
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    if quantization == "int8" and representative_data is None:
-        raise BadInput("int8 quantization needs representative_data (calibration images)")
-    if None in model.input_shape[1:]:
-        raise BadInput(
-            f"TFLite export needs a fixed input size; the model takes {model.input_shape[1:]}: "
-            "rebuild it with input_shape=(H, W, 3)"
-        )
-
-
 def _tiling(dim: int, quantization) -> tuple:
     """The tile layout of a file (see TILING) of a model `dim` channels wide."""
     groups, taps = TILING["float" if quantization in (None, "float16") else "quantized"]
     return math.gcd(dim, groups), taps
 
 
-@dataclasses.dataclass(frozen=True)
-class Traced:
-    """A traced inference graph (its concrete function and the variables it reads), and
-    what its files say of it."""
-
-    function: object
-    module: object
-    raw_rgb: bool
-    metadata: Metadata
+# A traced inference graph (its concrete function and the variables it reads), the model it
+# comes from and what it gives ("probabilities" or "logits"), which its files' metadata say.
+Traced = collections.namedtuple("Traced", "function module model output")
 
 
 def trace(model, layout, *, batch_size=1, tiled_depthwise=True, output="probabilities") -> Traced:
@@ -137,47 +124,14 @@ def trace(model, layout, *, batch_size=1, tiled_depthwise=True, output="probabil
     serving = tf.function(lambda images: {output: graph(images)}, input_signature=[spec])
     module = tf.Module()
     module.weights = graph.tf_variables
-    return Traced(
-        serving.get_concrete_function(),
-        module,
-        graph.raw_rgb,
-        file_metadata(facts_of(model), int(model.input_shape[1]), output, model.name),
-    )
-
-
-def file_metadata(
-    facts, size: int, output: str = "probabilities", name: str = "convmixer"
-) -> Metadata:
-    """The metadata of a TFLite file of a model with `facts`: what it is, the input
-    normalisation a client applies (none for a graph taking raw RGB), the class names, and
-    the facts themselves (what `predict` reads)."""
-    mean, std = (
-        facts.preprocessing.pixel_mean_std() if not facts.raw_rgb else ((0.0,) * 3, (1.0,) * 3)
-    )
-    c = facts.config
-    description = (
-        f"ConvMixer-{c.dim}/{c.depth} (kernel {c.kernel_size}, patch {c.patch_size}, {c.activation}) "
-        f"image classifier, {c.num_classes} classes, {output}; input {size} px RGB"
-    )
-    return Metadata(
-        name=facts.variant or name,
-        description=description,
-        version=f"convmixer-tf {__version__}",
-        license=LICENSE,
-        size=size,
-        mean=mean,
-        std=std,
-        output=output,
-        class_names=facts.class_names,
-        facts=facts.to_json(),
-    )
+    return Traced(serving.get_concrete_function(), module, model, output)
 
 
 def write_file(path, traced: Traced, flatbuffer: bytes) -> str:
     """Writes a converted flatbuffer as a .tflite file, with metadata, atomically, once
     its op list holds builtin ops only."""
     check_builtin_ops(flatbuffer)
-    outputs.write_atomic(path, with_metadata(flatbuffer, traced.metadata))
+    outputs.write_atomic(path, with_metadata(flatbuffer, traced.model, traced.output))
     return os.fspath(path)
 
 
@@ -193,11 +147,12 @@ def convert(traced: Traced, quantization=None, representative_data=None) -> byte
     if quantization in ("dynamic", "int8"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "int8":
+        raw_rgb = facts_of(traced.model).raw_rgb
         converter.representative_dataset = lambda: _calibration_samples(
-            representative_data, traced.raw_rgb
+            representative_data, raw_rgb
         )
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.uint8 if traced.raw_rgb else tf.int8
+        converter.inference_input_type = tf.uint8 if raw_rgb else tf.int8
         converter.inference_output_type = getattr(tf, INT8_OUTPUT)
     try:
         return converter.convert()
@@ -255,9 +210,9 @@ class TFLiteRunner:
         self._output = self._interpreter.get_output_details()[0]
         self.input_shape = tuple(int(n) for n in self._input["shape"][1:])
         self.output_shape = tuple(int(n) for n in self._output["shape"][1:])
-        self.output = "probabilities" if _ends_in_softmax(self._interpreter) else "logits"
+        softmax, self.shown = _graph_shows(self._interpreter, self._input)
+        self.output = "probabilities" if softmax else "logits"
         self.output_step = float(self._output["quantization"][0])  # 0 for a float output
-        self.shown = _shown(self._interpreter, self._input)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         batch = int(self._input["shape"][0])
@@ -281,7 +236,6 @@ class TFLiteRunner:
 
 
 def _write(job, path, *, quantization):
-    _check(job.model, quantization, job.calibration_samples)
     layout = _tiling(job.facts.config.dim, quantization)
     traced = job.shared(
         ("tflite", layout), lambda: trace(job.model, layout, output=job.tflite_output)
@@ -294,7 +248,7 @@ def _write(job, path, *, quantization):
     return write_file(path, traced, convert(traced, quantization, job.calibration_samples))
 
 
-def _describe(path, check=None) -> dict:
+def _describe(path, check) -> dict:
     """Its ops, its labels, whether the GPU delegate takes it, and what MediaPipe makes of it."""
     from convmixer_tf.export.metadata import packed_labels, read_metadata
     from convmixer_tf.export.mobile import gpu_compatibility, mediapipe_check
@@ -306,10 +260,9 @@ def _describe(path, check=None) -> dict:
         "labels": len(labels) if labels is not None else None,
         "gpu_delegate": gpu_compatibility(path),
     }
-    if check is not None:
-        row["mediapipe"] = mediapipe_check(path, check, has_metadata=row["metadata"])
-        if "problem" in row["mediapipe"]:
-            row["problem"] = row["mediapipe"]["problem"]
+    row["mediapipe"] = mediapipe_check(path, check, has_metadata=row["metadata"])
+    if "problem" in row["mediapipe"]:
+        row["problem"] = row["mediapipe"]["problem"]
     return row
 
 
@@ -320,36 +273,30 @@ def _describe(path, check=None) -> dict:
 GROUPS = {None: "tflite-float", "float16": "tflite-float", "dynamic": "main", "int8": "tflite-int8"}
 
 
-def _shown(interpreter, image) -> dict:
-    """What the graph shows of its facts (`check_graph`): raw RGB in (uint8 in, or MUL and ADD
-    before the first convolution) and the stem's width and patch ([dim, patch, patch, 3])."""
+def _graph_shows(interpreter, image) -> tuple:
+    """What the graph shows, from one read of its ops: whether the op that makes its output,
+    past reshapes and (de)quantisation, is a softmax; and of its facts (`check_graph`): raw
+    RGB in (uint8 in, or MUL and ADD before the first convolution) and the stem's width and
+    patch ([dim, patch, patch, 3])."""
     ops = interpreter._get_ops_details()  # noqa: SLF001 - LiteRT's only view of the ops
-    names = [op["op_name"] for op in ops]
-    if "CONV_2D" not in names:
-        return {}
-    first = names.index("CONV_2D")
-    float_raw = set(names[:first]) - {"QUANTIZE", "DEQUANTIZE"} == {"MUL", "ADD"}
-    raw = image["dtype"] == np.uint8 if image["dtype"] != np.float32 else float_raw
-    shape = interpreter._get_tensor_details(int(ops[first]["inputs"][1]), 0)["shape"]
-    if len(shape) != 4:
-        return {"raw_rgb": raw}
-    return {"raw_rgb": raw, "dim": int(shape[0]), "patch_size": int(shape[1])}
-
-
-def _ends_in_softmax(interpreter) -> bool:
-    """Whether the op that makes the graph's output, past reshapes and (de)quantisation,
-    is a softmax."""
-    producers = {}
-    for op in interpreter._get_ops_details():  # noqa: SLF001 - LiteRT's only view of the ops
-        for tensor in op["outputs"]:
-            if op["op_name"] != "DELEGATE":  # a delegate's node stands for the ops it runs
-                producers[int(tensor)] = op
+    # a delegate's node stands for the ops it runs
+    producers = {int(t): op for op in ops if op["op_name"] != "DELEGATE" for t in op["outputs"]}
     op = producers.get(int(interpreter.get_output_details()[0]["index"]))
     for _ in producers:  # a walk back, as long as the graph at most
         if op is None or op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "RESHAPE"):
             break
         op = producers.get(int(op["inputs"][0]))
-    return op is not None and op["op_name"] == "SOFTMAX"
+    softmax = op is not None and op["op_name"] == "SOFTMAX"
+    names = [op["op_name"] for op in ops]
+    if "CONV_2D" not in names:
+        return softmax, {}
+    first = names.index("CONV_2D")
+    float_raw = set(names[:first]) - {"QUANTIZE", "DEQUANTIZE"} == {"MUL", "ADD"}
+    raw = image["dtype"] == np.uint8 if image["dtype"] != np.float32 else float_raw
+    shape = interpreter._get_tensor_details(int(ops[first]["inputs"][1]), 0)["shape"]
+    if len(shape) != 4:
+        return softmax, {"raw_rgb": raw}
+    return softmax, {"raw_rgb": raw, "dim": int(shape[0]), "patch_size": int(shape[1])}
 
 
 def _format(name, filename, quantization, summary, *, tolerance=None, aliases=()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import time
 from typing import Callable, Optional
 
@@ -145,11 +146,6 @@ def write_and_check(formats, job: ExportJob, directory, held_out, reference, *, 
 
 
 def _size(path) -> int:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return sum(
-            os.path.getsize(os.path.join(root, f))
-            for root, _, files in os.walk(path)
-            for f in files
-        )
-    return os.path.getsize(path)
+    """The bytes of a file, or of every file in a folder (a SavedModel)."""
+    files = [pathlib.Path(path), *pathlib.Path(path).rglob("*")]
+    return sum(file.stat().st_size for file in files if file.is_file())
