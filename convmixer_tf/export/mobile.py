@@ -167,7 +167,7 @@ def _problems(row, scores, names, check, reference) -> list:
             problems.append(
                 f"its scores differ from Keras by {row['max_abs']:.3g} (allowed {limit:.3g})"
             )
-    elif row["max_abs_vs_litert"] > max(getattr(check.runner, "output_step", 0.0), 1e-6) * 1.01:
+    elif row["max_abs_vs_litert"] > max(check.runner.output_step, 1e-6) * 1.01:
         problems.append(
             f"its scores differ from LiteRT's on the same file by {row['max_abs_vs_litert']:.3g}"
         )

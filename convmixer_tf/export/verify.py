@@ -21,7 +21,8 @@ class Runner:
     """Runs one exported file on NHWC float32 batches (raw or normalised, as exported).
 
     Attributes:
-        kind: its format name; output: "logits" or "probabilities".
+        kind: its format name; output: "logits" or "probabilities"; output_step: the
+            value of one step of a quantised output (0 for a float one).
     """
 
     def __init__(self, path, threads: int = 2, *, fmt: Optional[ExportFormat] = None):
@@ -30,6 +31,7 @@ class Runner:
         self.kind = self.format.name
         self._run = self.format.load(self.path, threads)
         self.output = getattr(self._run, "output", "logits")
+        self.output_step = getattr(self._run, "output_step", 0.0)  # a quantised output's step
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self._run(np.asarray(images, np.float32))
