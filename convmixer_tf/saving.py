@@ -15,14 +15,12 @@ from typing import Optional
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.facts import (
     FACTS_FILE,
-    FACTS_VERSION,
     Facts,
     attach,
     facts_of,
     file_bytes,
     layer_facts,
     legacy_facts,
-    read_json,
     zip_member,
 )
 
@@ -63,8 +61,8 @@ def _activation(name: Optional[str]) -> str:
 def stored_facts(path, model=None) -> Optional[Facts]:
     """The facts inside a .keras file, or beside Keras' unzipped layout in a folder
     (`model`: the file's model, needed for files of an earlier version); None for a file
-    saved without one. Read within `read_json`'s limits; BadInput naming the
-    file when the facts cannot be read."""
+    saved without one. Read within `read_json`'s limits (`Facts.from_json`); BadInput
+    naming the file when the facts cannot be read."""
     path = os.fspath(path)
     if os.path.isdir(path):
         data = file_bytes(os.path.join(path, FACTS_FILE))
@@ -72,18 +70,7 @@ def stored_facts(path, model=None) -> Optional[Facts]:
         data = zip_member(path, FACTS_FILE)
     if data is None:
         return None
-    stored = read_json(data, path)
-    if stored.get("version") == FACTS_VERSION:
-        return Facts.from_json(data, path)
-    if stored.get("version") != 1 or model is None:  # version 1 is completed from the layers
-        raise BadInput(
-            f"{path}: its {FACTS_FILE} has version {stored.get('version')!r:.40} "
-            f"(this version reads {FACTS_VERSION}, and 1 with the model)"
-        )
-    try:
-        return legacy_facts(model, stored)
-    except BadInput as err:
-        raise BadInput(f"{path}: cannot read its {FACTS_FILE}: {err}") from None
+    return Facts.from_json(data, path, model)
 
 
 def save_model(model, path) -> str:
