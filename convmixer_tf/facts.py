@@ -133,16 +133,22 @@ class Facts:
         return json.dumps({"version": FACTS_VERSION, **data}, indent=2)
 
     @classmethod
-    def from_json(cls, data, where) -> "Facts":
+    def from_json(cls, data, where, model=None) -> "Facts":
         """The facts in `data` (what `to_json` wrote, as text or UTF-8 bytes); BadInput
-        naming `where` otherwise (see `read_json` for the limits)."""
+        naming `where` otherwise (see `read_json` for the limits). With the file's `model`,
+        an earlier version's facts (version 1) are read too, completed from its layers."""
         stored = read_json(data, where)
-        if stored.get("version") != FACTS_VERSION:
+        version = stored.get("version")
+        legacy = version == 1 and model is not None
+        if version != FACTS_VERSION and not legacy:
+            also = "" if model is None else ", and 1 with the model"
             raise BadInput(
-                f"{where}: its {FACTS_FILE} has version {stored.get('version')!r:.40} "
-                f"(this version reads {FACTS_VERSION})"
+                f"{where}: its {FACTS_FILE} has version {version!r:.40} "
+                f"(this version reads {FACTS_VERSION}{also})"
             )
         try:
+            if legacy:
+                return legacy_facts(model, stored)
             return cls.from_dict(stored)
         except BadInput as err:  # a field out of range
             raise BadInput(f"{where}: cannot read its {FACTS_FILE}: {err}") from None

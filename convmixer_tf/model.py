@@ -139,21 +139,13 @@ def _block(x, i: int, c: ConvMixerConfig, *, synchronized: bool):
     import keras
 
     shortcut = x
+    spatial = block_layer(i, "dw_conv")
     if c.depthwise:
-        spatial = keras.layers.DepthwiseConv2D(
-            c.kernel_size, padding="same", name=block_layer(i, "dw_conv")
-        )
+        x = keras.layers.DepthwiseConv2D(c.kernel_size, padding="same", name=spatial)(x)
     else:
-        spatial = keras.layers.Conv2D(
-            c.dim, c.kernel_size, padding="same", name=block_layer(i, "dw_conv")
-        )
-    x = spatial(x)
-    x = _activated(
-        x,
-        c.activation,
-        (block_layer(i, "dw_act"), block_layer(i, "dw_bn")),
-        synchronized=synchronized,
-    )
+        x = keras.layers.Conv2D(c.dim, c.kernel_size, padding="same", name=spatial)(x)
+    names = (block_layer(i, "dw_act"), block_layer(i, "dw_bn"))
+    x = _activated(x, c.activation, names, synchronized=synchronized)
     x = keras.layers.Add(name=block_layer(i, "add"))([x, shortcut])
     x = keras.layers.Conv2D(c.dim, 1, name=block_layer(i, "pw_conv"))(x)
     names = (block_layer(i, "pw_act"), block_layer(i, "pw_bn"))

@@ -20,7 +20,7 @@ import stat
 from typing import Callable, Optional, Sequence
 
 from convmixer_tf.errors import BadInput
-from convmixer_tf.interrupts import remove_file, removed_on_interrupt
+from convmixer_tf.interrupts import remove, removed_on_interrupt
 from convmixer_tf.temporaries import TEMPORARY, temporary_name
 
 
@@ -52,7 +52,7 @@ def write_atomic(path, data, exclusive: bool = False) -> str:
                     f"{path} appeared while this run was working; it was not replaced"
                 ) from None
         finally:
-            remove_file(tmp)
+            remove(tmp)
     return path
 
 
@@ -68,7 +68,9 @@ def follow_umask(root) -> None:
     """Gives every folder under `root` the mode the umask gives new folders (TensorFlow
     makes its own 0755 whatever the umask). A loop, not os.walk, which recurses once a
     level; a folder that cannot be listed is skipped, as os.walk skips it."""
-    mode = 0o777 & ~umask()
+    mask = os.umask(0)
+    os.umask(mask)  # read back at once: the umask is the process's, threads' too
+    mode = 0o777 & ~mask
     pending = [os.fspath(root)]
     while pending:
         try:
@@ -79,13 +81,6 @@ def follow_umask(root) -> None:
         for path in folders:
             os.chmod(path, mode)
         pending += folders
-
-
-def umask() -> int:
-    """The process's umask (read without changing it for longer than the call)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 RECORD = "RECORD"

@@ -12,19 +12,20 @@ import os
 import zipfile
 from typing import Optional
 
+from convmixer_tf.card import model_card
 from convmixer_tf.errors import BadInput, one_line
 from convmixer_tf.facts import (
     FACTS_FILE,
-    FACTS_VERSION,
     Facts,
     attach,
     facts_of,
     file_bytes,
     layer_facts,
     legacy_facts,
-    read_json,
     zip_member,
 )
+from convmixer_tf.interrupts import remove
+from convmixer_tf.temporaries import temporary_folder, temporary_name
 
 HUB_SCHEME = "hf://"
 
@@ -32,22 +33,19 @@ HUB_SCHEME = "hf://"
 def _check_agrees(model, stored: Facts, path) -> None:
     """BadInput naming the file when the facts stored in it and its layers disagree."""
     layers = layer_facts(model)
-    found = {
-        "architecture": layers["config"],
-        "preprocessing layer": layers["raw_rgb"],
-        "pooling": layers["pooling"],
-        "classifier activation": _activation(layers["classifier_activation"]),
-    }
-    claimed = {
-        "architecture": stored.config,
-        "preprocessing layer": stored.raw_rgb,
-        "pooling": stored.pooling,
-        "classifier activation": _activation(stored.classifier_activation),
+    pairs = {
+        "architecture": (layers["config"], stored.config),
+        "preprocessing layer": (layers["raw_rgb"], stored.raw_rgb),
+        "pooling": (layers["pooling"], stored.pooling),
+        "classifier activation": (
+            _activation(layers["classifier_activation"]),
+            _activation(stored.classifier_activation),
+        ),
     }
     wrong = [
-        f"{key}: the layers say {found[key]}, {FACTS_FILE} says {claimed[key]}"
-        for key in found
-        if found[key] != claimed[key]
+        f"{key}: the layers say {found}, {FACTS_FILE} says {claimed}"
+        for key, (found, claimed) in pairs.items()
+        if found != claimed
     ]
     if wrong:
         raise BadInput(
@@ -63,8 +61,8 @@ def _activation(name: Optional[str]) -> str:
 def stored_facts(path, model=None) -> Optional[Facts]:
     """The facts inside a .keras file, or beside Keras' unzipped layout in a folder
     (`model`: the file's model, needed for files of an earlier version); None for a file
-    saved without one. Read within `read_json`'s limits; BadInput naming the
-    file when the facts cannot be read."""
+    saved without one. Read within `read_json`'s limits (`Facts.from_json`); BadInput
+    naming the file when the facts cannot be read."""
     path = os.fspath(path)
     if os.path.isdir(path):
         data = file_bytes(os.path.join(path, FACTS_FILE))
@@ -72,18 +70,7 @@ def stored_facts(path, model=None) -> Optional[Facts]:
         data = zip_member(path, FACTS_FILE)
     if data is None:
         return None
-    stored = read_json(data, path)
-    if stored.get("version") == FACTS_VERSION:
-        return Facts.from_json(data, path)
-    if stored.get("version") != 1 or model is None:  # version 1 is completed from the layers
-        raise BadInput(
-            f"{path}: its {FACTS_FILE} has version {stored.get('version')!r:.40} "
-            f"(this version reads {FACTS_VERSION}, and 1 with the model)"
-        )
-    try:
-        return legacy_facts(model, stored)
-    except BadInput as err:
-        raise BadInput(f"{path}: cannot read its {FACTS_FILE}: {err}") from None
+    return Facts.from_json(data, path, model)
 
 
 def save_model(model, path) -> str:
@@ -94,15 +81,11 @@ def save_model(model, path) -> str:
     if str(path).startswith(HUB_SCHEME):
         from huggingface_hub import HfApi
 
-        from convmixer_tf.temporaries import temporary_folder
-
         with temporary_folder() as folder:
             write_hub_folder(model, os.path.join(folder, "model"))
             repo = HfApi().create_repo(str(path)[len(HUB_SCHEME) :], exist_ok=True).repo_id
             HfApi().upload_folder(repo_id=repo, folder_path=os.path.join(folder, "model"))
         return str(path)
-    from convmixer_tf.temporaries import temporary_name
-
     path = os.fspath(path)
     tmp = temporary_name(path, suffix=".keras")  # Keras saves only to names ending in .keras
     try:
@@ -111,16 +94,13 @@ def save_model(model, path) -> str:
             archive.writestr(FACTS_FILE, facts_of(model).to_json())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove(tmp)
     return path
 
 
 def write_hub_folder(model, folder) -> str:
     """Keras' unzipped layout of `model` in `folder` (what `model.save("hf://...")` uploads:
     config.json, metadata.json, model.weights.h5), its facts beside it, and a model card."""
-    from convmixer_tf.card import model_card
-
     facts = facts_of(model)
     model.save(folder, zipped=False)
     with open(os.path.join(folder, FACTS_FILE), "w") as f:

@@ -10,10 +10,11 @@ import shutil
 import tempfile
 from typing import Optional
 
-from convmixer_tf.interrupts import remove_file, removed_on_interrupt
+from convmixer_tf.interrupts import remove, removed_on_interrupt
 
-# Temporary names: ".NAME.PID-START.RANDOM.partial[.keras]" beside the file being written
-# (Keras saves only to names ending in .keras), "convmixer-PID-START-RANDOM" for folders.
+# Temporary names: ".NAME.PID-START.RANDOM.partial[.keras]" beside the file or output folder
+# being written (Keras saves only to names ending in .keras), "convmixer-PID-START-RANDOM"
+# for folders in the system's temporary folder.
 # PID-START (the writer's pid and the kernel's start time of that process) tells the
 # temporaries of a dead writer from a live one's, whose pid may be reused.
 TEMPORARY = re.compile(
@@ -36,19 +37,20 @@ def temporary_name(path, suffix: str = "") -> str:
     )
 
 
-def _dead(match) -> bool:
-    return not alive(int(match["pid"]), match["start"])
-
-
-def remove_stale_temporaries(folder) -> list:
-    """Removes the temporary files in `folder` (`temporary_name`) of writers that are gone
-    (killed mid-write); a live writer's are left alone. Returns their names."""
+def remove_stale_temporaries(folder, names: re.Pattern = TEMPORARY) -> list:
+    """Removes the temporaries in `folder` named by `names` (`temporary_name`'s: a file being
+    written, a staging folder; or `TEMPORARY_FOLDER`) of writers that are gone (killed
+    mid-write), if they are this user's; a live writer's are left alone. Returns their names."""
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.listdir(folder):
-            match = TEMPORARY.fullmatch(entry)
-            if match and _dead(match) and os.path.isfile(os.path.join(folder, entry)):
-                remove_file(os.path.join(folder, entry))
+            path, match = os.path.join(folder, entry), names.fullmatch(entry)
+            if (
+                match
+                and not alive(int(match["pid"]), match["start"])
+                and os.lstat(path).st_uid == os.getuid()
+            ):
+                remove(path)
                 removed.append(entry)
     return removed
 
@@ -56,17 +58,7 @@ def remove_stale_temporaries(folder) -> list:
 def make_temporary_folder() -> str:
     """A new private temporary folder (`TEMPORARY_FOLDER`, in the system's temporary
     folder); those left by processes that were killed are removed first."""
-    parent = tempfile.gettempdir()
-    with contextlib.suppress(OSError):
-        for entry in os.listdir(parent):
-            path, match = os.path.join(parent, entry), TEMPORARY_FOLDER.fullmatch(entry)
-            if (
-                match
-                and _dead(match)
-                and os.path.isdir(path)
-                and os.stat(path).st_uid == os.getuid()
-            ):
-                shutil.rmtree(path, ignore_errors=True)
+    remove_stale_temporaries(tempfile.gettempdir(), TEMPORARY_FOLDER)
     return tempfile.mkdtemp(prefix=f"convmixer-{writer_id()}-")
 
 
