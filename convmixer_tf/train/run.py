@@ -220,10 +220,8 @@ def _losing_a_process_is_fatal(shard: Shard):
     answering) becomes a TrainingError that says so."""
     try:
         yield
-    except (CheckFailed, KeyboardInterrupt):
-        raise
     except Exception as err:  # noqa: BLE001 - the runtime's errors come as many types
-        if shard.count == 1:
+        if shard.count == 1 or isinstance(err, CheckFailed):
             raise
         raise TrainingError(
             f"process {shard.index} of {shard.count} lost the run ({one_line(err)[:300]}); "
