@@ -74,7 +74,7 @@ def train(
     config.validate()
     shard = start_processes(config)  # before anything touches JAX
     if shard.index != 0:
-        log = _silent  # the run speaks through process 0
+        log = lambda message: None  # the run speaks through process 0
     if source is None:  # open_dataset's arguments are TrainConfig's fields of the same names
         names = inspect.signature(open_dataset).parameters.keys() - {"shard"}
         source = open_dataset(**{name: getattr(config, name) for name in names}, shard=shard)
@@ -91,10 +91,6 @@ def train(
         model = _trainable(run, initial)
         del initial
         return _fit_and_save(run, model)
-
-
-def _silent(message) -> None:
-    pass
 
 
 def _plan(config: TrainConfig, shard: Shard, source: DataSource, initial, log) -> Run:
