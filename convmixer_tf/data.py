@@ -13,7 +13,15 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from convmixer_tf.errors import BadInput
-from convmixer_tf.images import TFDS_PREFIX, decode_file, decoded, image_files, parse_source
+from convmixer_tf.images import (
+    IMAGE_EXTENSIONS,
+    TFDS_PREFIX,
+    decode_file,
+    decoded,
+    files_under,
+    list_images,
+    parse_source,
+)
 
 VAL_SPLIT_NAMES = ("validation", "val", "test")
 
@@ -107,15 +115,16 @@ def _open_folder(directory, val_fraction, seed, strict_images):
     if not os.path.isdir(directory):
         raise BadInput(f"--data-dir not found: {directory}")
     train_dir, val_dir = _folder_splits(directory)
-    found = _images_by_class(train_dir)
-    classes = sorted(found)
+    classes = sorted(
+        c for c in os.listdir(train_dir) if not c.startswith(".") and _has_images(train_dir, c)
+    )
     if len(classes) < 2:
         raise BadInput(
             f"--data-dir {directory} needs one sub-folder of images per class (at least 2), "
             f"found {len(classes)}"
         )
-    train = _labelled(found, classes)
-    val = _labelled(_images_by_class(val_dir), classes) if val_dir else []
+    train = _labelled_files(train_dir, classes)
+    val = _labelled_files(val_dir, classes) if val_dir else []
     skipped = _unreadable(train + val, strict_images)
     bad = dict(skipped)
     train = [f for f in train if f[0] not in bad]
@@ -155,17 +164,20 @@ def _hold_out(files, fraction, seed):
     return kept, [f for i, f in enumerate(files) if i in held]
 
 
-def _images_by_class(folder) -> dict:
-    """Each sub-folder of `folder` that holds images (a class) -> its images, listed once."""
-    names = [name for name in os.listdir(folder) if not name.startswith(".")]
-    folders = [name for name in names if os.path.isdir(os.path.join(folder, name))]
-    listed = {name: image_files(os.path.join(folder, name)) for name in folders}
-    return {name: files for name, files in listed.items() if files}
+def _has_images(folder, name) -> bool:
+    path = os.path.join(folder, name)
+    return os.path.isdir(path) and any(
+        f.lower().endswith(IMAGE_EXTENSIONS) for f in files_under(path)
+    )
 
 
-def _labelled(found, classes) -> list:
-    """(image, label) of each image of `found` (see `_images_by_class`) in one of `classes`."""
-    return [(path, label) for label, name in enumerate(classes) for path in found.get(name, ())]
+def _labelled_files(folder, classes) -> list:
+    return [
+        (path, label)
+        for label, name in enumerate(classes)
+        if _has_images(folder, name)
+        for path in list_images(os.path.join(folder, name))
+    ]
 
 
 def _files_dataset(files):

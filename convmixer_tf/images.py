@@ -38,16 +38,14 @@ def list_images(directory) -> List[str]:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise BadInput(f"image directory not found: {directory}")
-    found = image_files(directory)
+    found = sorted(
+        path
+        for path in files_under(directory)
+        if path.lower().endswith(IMAGE_EXTENSIONS) and _is_regular(path)
+    )
     if not found:
         raise BadInput(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {directory}")
     return found
-
-
-def image_files(folder) -> List[str]:
-    """The image files under `folder`, as `list_images` finds them, none an empty list."""
-    found = (path for path in files_under(folder) if path.lower().endswith(IMAGE_EXTENSIONS))
-    return sorted(path for path in found if _is_regular(path))
 
 
 def files_under(directory: str) -> Iterator[str]:
