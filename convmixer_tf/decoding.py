@@ -101,7 +101,10 @@ def header(file, *, reduce: bool):
     width, height = image.size
     if name == "JPEG":
         _check_jpeg_data(file, width, height)
-    if not fits(width, height) and reduce and _reducible(image):
+    # libjpeg reduces a baseline JPEG in one pass; a progressive one keeps every DCT
+    # coefficient of the full size in memory however much it is reduced
+    reducible = name == "JPEG" and not image.info.get("progressive")
+    if not fits(width, height) and reduce and reducible:
         # libjpeg's DCT scaling: the smallest of 1/2, 1/4, 1/8 that fits
         factor = next((f for f in (2, 4, 8) if fits(-(-width // f), -(-height // f))), 8)
         image.draft(None, (max(1, width // factor), max(1, height // factor)))
@@ -171,12 +174,6 @@ def _damaged(name: str, err: Exception) -> BadInput:
     if isinstance(err, Image.DecompressionBombError):  # a size PIL checks itself: a GIF frame's
         return BadInput(f"more than the {MAX_PIXELS} pixels decoded at most: {one_line(err)}")
     return BadInput(f"truncated or damaged {name} file: {one_line(err)[:200]}")
-
-
-def _reducible(image) -> bool:
-    """A JPEG that libjpeg decodes in one pass: a progressive one keeps every DCT
-    coefficient of the full size in memory however much it is reduced."""
-    return image.format == "JPEG" and not image.info.get("progressive")
 
 
 def rgb(image):

@@ -75,30 +75,6 @@ def folder_epochs(files, batch_size: int, shard: Shard, seed: int):
     )
 
 
-def sharded_eval_pipeline(
-    dataset, size: int, transform, batch_size: int, *, blank, shard: Shard, cache: bool = False
-):
-    """This process's share of a validation set of `size` examples, for a global batch of
-    `batch_size`: every example exactly once over all processes, each process the same
-    number of equal batches (collectives need them), the difference made up by `blank`
-    examples of weight 0. Yields (images, one-hot labels, sample weights)."""
-    import tensorflow as tf
-
-    local = batch_size // shard.count
-    mine = len(range(shard.index, size, shard.count))
-    padded = math.ceil(math.ceil(size / shard.count) / local) * local
-    ds = dataset.shard(shard.count, shard.index)
-    ds = ds.cache() if cache else ds
-    ds = ds.map(
-        lambda image, label: (*transform(image, label), tf.constant(1.0)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    ds = ds.concatenate(
-        tf.data.Dataset.from_tensors((*blank, tf.constant(0.0))).repeat(padded - mine)
-    )
-    return ds.batch(local).prefetch(tf.data.AUTOTUNE)
-
-
 def train_pipeline(
     source: DataSource,
     augmenter,
@@ -157,8 +133,10 @@ def eval_pipeline(
 
     Yields (float32 images, labels): raw pixels unless normalize=True (for a model
     without its own preprocessing layer); labels one-hot when num_classes is given,
-    else int32. With `shard` (several processes, `size` examples), this process's
-    share, evened out with examples of weight 0 (`sharded_eval_pipeline`).
+    else int32. With `shard` (several processes, `size` examples, one-hot labels), this
+    process's share: every example exactly once over all processes, each process the same
+    number of equal batches (collectives need them), the difference made up by blank
+    examples of weight 0; it yields (images, labels, sample weights).
     """
     import tensorflow as tf
 
@@ -169,14 +147,15 @@ def eval_pipeline(
         x.set_shape([side, side, 3])
         return x, (tf.one_hot(label, num_classes) if num_classes else label)
 
-    if shard is not None:
-        blank = (tf.zeros([side, side, 3]), tf.zeros([num_classes]))
-        return sharded_eval_pipeline(
-            dataset, size, transform, batch_size, blank=blank, shard=shard, cache=cache
-        )
-    ds = dataset.cache() if cache else dataset
-    return (
-        ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    ds = dataset if shard is None else dataset.shard(shard.count, shard.index)
+    ds = ds.cache() if cache else ds
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    if shard is None:
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    local = batch_size // shard.count
+    mine = len(range(shard.index, size, shard.count))
+    padded = math.ceil(math.ceil(size / shard.count) / local) * local
+    blank = (tf.zeros([side, side, 3]), tf.zeros([num_classes]), tf.constant(0.0))
+    ds = ds.map(lambda image, label: (image, label, tf.constant(1.0)))
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padded - mine))
+    return ds.batch(local).prefetch(tf.data.AUTOTUNE)

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, List, Optional
 import numpy as np
 
 from convmixer_tf.errors import BadInput
-from convmixer_tf.images import IMAGE_EXTENSIONS
+from convmixer_tf.images import IMAGE_EXTENSIONS, list_images, load_image
 
 BATCH_SIZE = 32
 TOP_K = 5
@@ -74,8 +74,6 @@ class Classifier:
         """The image in file `path` as this model takes it (timm's eval transform of its
         preprocessing; normalised when the model does not take raw RGB); BadInput (a
         one-line reason) when the file does not decode."""
-        from convmixer_tf.images import load_image
-
         return load_image(path, self.facts.preprocessing, normalize=not self.facts.raw_rgb)
 
     def top(self, probabilities: np.ndarray, k: int = TOP_K) -> tuple:
@@ -88,8 +86,6 @@ def find_images(paths: Iterable) -> List[str]:
     """The image files named, and those in the folders named (recursively, sorted), in the
     order given; BadInput for a path that does not exist or is not a regular file or
     folder, or a folder without images."""
-    from convmixer_tf.images import list_images
-
     found = []
     for path in map(os.fspath, paths):
         if os.path.isdir(path):

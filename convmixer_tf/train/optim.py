@@ -85,7 +85,7 @@ def compile_model(model, config, steps_per_epoch: int):
     model.compile(
         optimizer=optimizer,
         # Weighted mean: the padding that evens out several processes' validation shards has
-        # weight 0 (pipelines.sharded_eval_pipeline); without weights it is the plain mean.
+        # weight 0 (pipelines.eval_pipeline); without weights it is the plain mean.
         loss=keras.losses.CategoricalCrossentropy(
             from_logits=True,
             label_smoothing=config.label_smoothing,

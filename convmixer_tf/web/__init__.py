@@ -214,17 +214,14 @@ class Site:
             return source.reader()
         return os.fdopen(_opened(source), "rb")
 
-    def read(self, name: str) -> bytes:
-        with self.open(name) as f:
-            return f.read()
-
     def write(self, folder: str) -> None:
         """Writes every file under `folder` (which exists: a staging folder), each whole or
         not at all."""
         for name in self.files:
             path = os.path.join(folder, *name.split("/"))
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_atomic(path, self.read(name))
+            with self.open(name) as f:
+                write_atomic(path, f.read())
 
 
 @functools.lru_cache(maxsize=None)
