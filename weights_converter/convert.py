@@ -13,7 +13,7 @@ from convmixer_tf.errors import BadInput
 from convmixer_tf.facts import Facts, facts_of
 from convmixer_tf.model import build
 from weights_converter import hub, layouts, mapping
-from weights_converter.checkpoint import Checkpoint, read_checkpoint
+from weights_converter.checkpoint import read_checkpoint
 
 
 @dataclasses.dataclass
@@ -27,14 +27,14 @@ class Conversion:
     matched_variant: Optional[str]
     activation_source: str  # "flag", "variant", "variant name" or "default"
     canonical: Dict[str, np.ndarray]
-    checkpoint: Optional[Checkpoint] = None
+    checkpoint: Optional[dict] = None  # the file's `Checkpoint.summary`
     # "labels file", "ImageNet-1k (timm)", "the hub's config.json" or "none"
     class_names_source: str = "none"
 
     def summary(self) -> dict:
         return {
             "class_names": self.class_names_source,
-            "checkpoint": self.checkpoint.summary() if self.checkpoint else None,
+            "checkpoint": self.checkpoint,
             "layout": self.layout,
             "config": self.config.to_dict(),
             "include_top": self.config.num_classes > 0,
@@ -46,11 +46,9 @@ class Conversion:
         }
 
     def release(self) -> None:
-        """Drops the PyTorch tensors (the checkpoint's, and the canonical names for them): the
-        Keras model holds its own copy of every weight."""
+        """Drops the PyTorch tensors (the checkpoint's, under their canonical names): the Keras
+        model holds its own copy of every weight."""
         self.canonical.clear()
-        if self.checkpoint is not None:
-            self.checkpoint.state_dict.clear()
 
     def describe(self) -> str:
         c = self.config
@@ -179,7 +177,7 @@ def convert_file(
         class_names=class_names,
         pretrained_cfg=source.pretrained_cfg,
     )
-    conversion.checkpoint = checkpoint
+    conversion.checkpoint = checkpoint.summary
     return conversion
 
 
