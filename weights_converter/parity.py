@@ -287,8 +287,8 @@ def _compare(torch_model, keras_model, batches, tolerance):
                     raise ParityError(
                         f"{name}: Keras shape {value.shape} != PyTorch shape {ref.shape}"
                     )
-            worst = np.maximum(worst, [_max_abs_diff(value, ref) for (_, ref), value in pairs])
-            largest = np.maximum(largest, [_largest(ref) for (_, ref), _ in pairs])
+            worst = np.maximum(worst, [_max_abs(value, ref) for (_, ref), value in pairs])
+            largest = np.maximum(largest, [_max_abs(ref) for (_, ref), _ in pairs])
             outputs.append((pairs[-1][1], pairs[-1][0][1]))
             del pairs  # before the next image's stages are made
     names = [name for name, _ in torch_stages.modules] + ["output"]
@@ -298,12 +298,9 @@ def _compare(torch_model, keras_model, batches, tolerance):
     ], outputs
 
 
-def _max_abs_diff(value, ref) -> float:
+def _max_abs(value, ref=0.0) -> float:
+    """max |value - ref|, in float64 (0 for an empty stage)."""
     return float(np.max(np.abs(value.astype(np.float64) - ref))) if value.size else 0.0
-
-
-def _largest(ref) -> float:
-    return float(np.abs(ref).max()) if ref.size else 0.0
 
 
 def _stage(name, max_abs, largest, tolerance) -> StageDiff:
