@@ -164,10 +164,8 @@ def _read_torch(path):
             if not _utf8(path):
                 with open(path, "rb") as f:
                     return torch.load(f, **kwargs)
-            if zipped:
-                # mmap: tensors are paged in from the file instead of copied into memory.
-                return torch.load(path, mmap=True, **kwargs)
-            return torch.load(path, **kwargs)
+            # mmap (torch.save's zip alone): tensors are paged in from the file, not copied.
+            return torch.load(path, mmap=zipped, **kwargs)
     except Exception as err:
         message = one_line(err, named=True)
         found = re.search(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)", message)
