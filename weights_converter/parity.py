@@ -343,8 +343,8 @@ def prove(
     tensors = layouts.from_canonical(conversion.canonical, layout, config.depth)
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
     pre = facts_of(conversion.model).preprocessing
-    inputs, sets = [], []
-    _add_seeded(inputs, sets, config, pre.input_size)
+    seeded, entry = _seeded(config, pre.input_size)
+    inputs, sets = [seeded], [entry]
     if images:
         from convmixer_tf.images import parse_source, read_images
 
@@ -365,11 +365,10 @@ def prove(
     )
 
 
-def _add_seeded(inputs: list, sets: list, config: ConvMixerConfig, input_size: int) -> None:
-    """The seeded batch, at `parity_size`, and its entry in the report, saying why when it is
-    smaller than the input size."""
+def _seeded(config: ConvMixerConfig, input_size: int) -> tuple:
+    """(the seeded batch, at `parity_size`; its entry in the report, saying why when it is
+    smaller than the input size)."""
     size = parity_size(config, input_size)
-    inputs.append(seeded_inputs(SEEDED_BATCH, size))
     entry = {"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH, "size": size}
     if size < input_size:
         entry["size_reason"] = (
@@ -377,4 +376,4 @@ def _add_seeded(inputs: list, sets: list, config: ConvMixerConfig, input_size: i
             f"{stage_bytes(config, input_size) / MIB:.0f} MiB in the two networks, more than "
             f"parity's {PARITY_BUDGET_BYTES / MIB:.0f} MiB"
         )
-    sets.append(entry)
+    return seeded_inputs(SEEDED_BATCH, size), entry
