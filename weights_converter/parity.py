@@ -335,14 +335,15 @@ def prove(
             "parity needs the PyTorch network: pip install 'convmixer-tf[timm]' "
             "(or pass --skip-parity to convert without the proof)"
         ) from None
-    config = conversion.config
+    facts = facts_of(conversion.model)
+    config = facts.config
     torch_model, description, layout = reference_model(
-        config, config.num_classes > 0, conversion.matched_variant
+        config, config.num_classes > 0, facts.variant
     )
     # the tensors under the reference's own names, loaded strictly
     tensors = layouts.from_canonical(conversion.canonical, layout, config.depth)
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
-    pre = facts_of(conversion.model).preprocessing
+    pre = facts.preprocessing
     seeded, entry = _seeded(config, pre.input_size)
     inputs, sets = [seeded], [entry]
     if images:
