@@ -15,7 +15,7 @@ import os
 import re
 import stat
 import zipfile
-from typing import Dict, List, Optional
+from typing import Dict
 
 import numpy as np
 
@@ -35,27 +35,13 @@ class CheckpointError(BadInput):
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A flat state dict plus how it was found."""
+    """A flat state dict plus how it was found: `summary` holds the path, the file format
+    ("torch" or "safetensors"), the wrapper (the dict key the weights sat under, None for a
+    bare state dict), the stripped prefixes, the other keys (what else the file carried:
+    optimizer, epoch, args, ...), the number of tensors and their dtypes."""
 
     state_dict: Dict[str, np.ndarray]
-    path: str
-    file_format: str  # "torch" or "safetensors"
-    wrapper: Optional[str]  # dict key the weights sat under, None for a bare state dict
-    stripped_prefixes: List[str]
-    other_keys: List[str]  # what else the file carried (optimizer, epoch, args, ...)
-    dtypes: List[str]
-    num_tensors: int  # what the summary says once the tensors are released
-
-    def summary(self) -> dict:
-        return {
-            "path": self.path,
-            "file_format": self.file_format,
-            "wrapper": self.wrapper,
-            "stripped_prefixes": self.stripped_prefixes,
-            "other_keys": self.other_keys,
-            "tensors": self.num_tensors,
-            "dtypes": self.dtypes,
-        }
+    summary: dict
 
 
 def load_state_dict(path, use_ema: bool = False) -> Dict[str, np.ndarray]:
@@ -84,9 +70,16 @@ def read_checkpoint(path, use_ema: bool = False) -> Checkpoint:
         raw, fmt = _read_torch(path), "torch"
     tensors, wrapper, other = _unwrap(raw, use_ema, path)
     tensors, prefixes = _strip_prefixes(tensors)
-    state_dict = {key: _to_numpy(key, value) for key, value in tensors.items()}
-    dtypes = sorted({str(value.dtype) for value in tensors.values()})
-    return Checkpoint(state_dict, path, fmt, wrapper, prefixes, other, dtypes, len(state_dict))
+    summary = {
+        "path": path,
+        "file_format": fmt,
+        "wrapper": wrapper,
+        "stripped_prefixes": prefixes,
+        "other_keys": other,
+        "tensors": len(tensors),
+        "dtypes": sorted({str(value.dtype) for value in tensors.values()}),
+    }
+    return Checkpoint({key: _to_numpy(key, value) for key, value in tensors.items()}, summary)
 
 
 def _check_regular_file(path) -> None:
@@ -171,10 +164,8 @@ def _read_torch(path):
             if not _utf8(path):
                 with open(path, "rb") as f:
                     return torch.load(f, **kwargs)
-            if zipped:
-                # mmap: tensors are paged in from the file instead of copied into memory.
-                return torch.load(path, mmap=True, **kwargs)
-            return torch.load(path, **kwargs)
+            # mmap (torch.save's zip alone): tensors are paged in from the file, not copied.
+            return torch.load(path, mmap=zipped, **kwargs)
     except Exception as err:
         message = one_line(err, named=True)
         found = re.search(r"(?:Unsupported global|GLOBAL)[: ]+(?:GLOBAL )?([\w.]+)", message)

@@ -8,37 +8,37 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from convmixer_tf import labels
-from convmixer_tf.config import ConvMixerConfig, Preprocessing, get_variant
+from convmixer_tf.config import Preprocessing, get_variant
 from convmixer_tf.errors import BadInput
 from convmixer_tf.facts import Facts, facts_of
 from convmixer_tf.model import build
 from weights_converter import hub, layouts, mapping
-from weights_converter.checkpoint import Checkpoint, read_checkpoint
+from weights_converter.checkpoint import read_checkpoint
 
 
 @dataclasses.dataclass
 class Conversion:
-    """A converted Keras model and the account of how it was made. `canonical` holds the
+    """A converted Keras model and the account of how it was made. Its config and the released
+    variant it matches are the model's facts (`facts_of(model)`); `canonical` holds the
     tensors under timm's names, for the PyTorch reference to load under its own."""
 
     model: object  # keras.Model
-    config: ConvMixerConfig
     layout: str
-    matched_variant: Optional[str]
     activation_source: str  # "flag", "variant", "variant name" or "default"
     canonical: Dict[str, np.ndarray]
-    checkpoint: Optional[Checkpoint] = None
+    checkpoint: Optional[dict] = None  # the file's `Checkpoint.summary`
     # "labels file", "ImageNet-1k (timm)", "the hub's config.json" or "none"
     class_names_source: str = "none"
 
     def summary(self) -> dict:
+        facts = facts_of(self.model)
         return {
             "class_names": self.class_names_source,
-            "checkpoint": self.checkpoint.summary() if self.checkpoint else None,
+            "checkpoint": self.checkpoint,
             "layout": self.layout,
-            "config": self.config.to_dict(),
-            "include_top": self.config.num_classes > 0,
-            "matched_variant": self.matched_variant,
+            "config": facts.config.to_dict(),
+            "include_top": facts.config.num_classes > 0,
+            "matched_variant": facts.variant,
             "activation_source": self.activation_source,
             # every weight, each once (_fill)
             "weights_copied": len(self.model.weights),
@@ -46,18 +46,17 @@ class Conversion:
         }
 
     def release(self) -> None:
-        """Drops the PyTorch tensors (the checkpoint's, and the canonical names for them): the
-        Keras model holds its own copy of every weight."""
+        """Drops the PyTorch tensors (the checkpoint's, under their canonical names): the Keras
+        model holds its own copy of every weight."""
         self.canonical.clear()
-        if self.checkpoint is not None:
-            self.checkpoint.state_dict.clear()
 
     def describe(self) -> str:
-        c = self.config
+        facts = facts_of(self.model)
+        c = facts.config
         return (
             f"{c.describe()}, {c.activation} ({self.activation_source}), "
             f"{c.num_classes or 'no'} classes (names: {self.class_names_source}), "
-            f"layout {self.layout}, matches {self.matched_variant or 'no released variant'}"
+            f"layout {self.layout}, matches {facts.variant or 'no released variant'}"
         )
 
 
@@ -96,15 +95,7 @@ def convert_state_dict(
     facts = Facts(config, pre or Preprocessing(), names, matched, source=cfg.get("source"))
     model = build(facts, name=matched or "convmixer")
     _fill(model, rows, canonical)
-    return Conversion(
-        model,
-        config,
-        layout,
-        matched,
-        activation_source,
-        canonical,
-        class_names_source=names_source,
-    )
+    return Conversion(model, layout, activation_source, canonical, class_names_source=names_source)
 
 
 def _architecture(state_dict, variant, activation, layout):
@@ -179,7 +170,7 @@ def convert_file(
         class_names=class_names,
         pretrained_cfg=source.pretrained_cfg,
     )
-    conversion.checkpoint = checkpoint
+    conversion.checkpoint = checkpoint.summary
     return conversion
 
 

@@ -73,11 +73,6 @@ def pretrained_cfg(path, *, repo=None, revision=None, config=None) -> dict:
     names = _field(config, "label_names", list, where)
     if names is None:
         names = _field(pretrained, "label_names", list, where, prefix=prefix)
-        field = f"{prefix}label_names"
-    else:
-        field = "label_names"
-    if names is not None and not all(isinstance(name, str) for name in names):
-        raise BadInput(f"{where}: {field} must be a list of strings, got {_shown(names)}")
     preprocessing = _preprocessing(pretrained, where, prefix)
     source = {
         "repo": repo,
@@ -92,10 +87,12 @@ def pretrained_cfg(path, *, repo=None, revision=None, config=None) -> dict:
 
 
 def _field(data: dict, key: str, kind: type, where: str, *, prefix: str = ""):
-    """data[key] when it is a `kind` (null or absent: None); BadInput otherwise."""
+    """data[key] when it is a `kind`, a list of strings for a list (null or absent: None);
+    BadInput otherwise."""
     value = data.get(key)
-    if value is not None and not isinstance(value, kind):
-        wanted = "an object" if kind is dict else f"a {kind.__name__}"
+    strings = not isinstance(value, list) or all(isinstance(item, str) for item in value)
+    if value is not None and not (isinstance(value, kind) and strings):
+        wanted = {dict: "an object", list: "a list of strings"}.get(kind, f"a {kind.__name__}")
         raise BadInput(f"{where}: {prefix}{key} must be {wanted}, got {_shown(value)}")
     return value
 

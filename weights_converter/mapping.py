@@ -46,21 +46,24 @@ TRANSFORMS = {
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One Keras weight <- one canonical torch key, through one transform."""
+    """One Keras weight <- one canonical torch key of `shape`, through one transform."""
 
     layer: str
     weight: str  # Keras attribute: kernel, bias, gamma, beta, moving_mean, moving_variance
     key: str
     transform: str
+    shape: tuple  # the torch tensor's
 
 
 def weight_table(config: ConvMixerConfig, include_top: bool = True) -> List[Row]:
     """The declarative mapping for `config`: one row per Keras weight."""
+    d = config.dim
+    k = config.kernel_size
 
-    def conv(layer, key, transform="conv"):
+    def kernel_bias(layer, key, shape, transform="conv"):
         return [
-            Row(layer, "kernel", f"{key}.weight", transform),
-            Row(layer, "bias", f"{key}.bias", "identity"),
+            Row(layer, "kernel", f"{key}.weight", transform, shape),
+            Row(layer, "bias", f"{key}.bias", "identity", shape[:1]),
         ]
 
     def bn(layer, key):
@@ -71,21 +74,20 @@ def weight_table(config: ConvMixerConfig, include_top: bool = True) -> List[Row]
             ("moving_mean", "running_mean"),
             ("moving_variance", "running_var"),
         )
-        return [Row(layer, w, f"{key}.{t}", "identity") for w, t in pairs]
+        return [Row(layer, w, f"{key}.{t}", "identity", (d,)) for w, t in pairs]
 
-    rows = conv(STEM_CONV, "stem.0") + bn(STEM_BN, "stem.2")
-    spatial = "depthwise" if config.depthwise else "conv"
+    patch = config.patch_size
+    rows = kernel_bias(STEM_CONV, "stem.0", (d, 3, patch, patch)) + bn(STEM_BN, "stem.2")
+    spatial = (d, 1, k, k) if config.depthwise else (d, d, k, k)
+    transform = "depthwise" if config.depthwise else "conv"
     for i in range(config.depth):
         layer = functools.partial(block_layer, i)
-        rows += conv(layer("dw_conv"), f"blocks.{i}.0.fn.0", spatial)
+        rows += kernel_bias(layer("dw_conv"), f"blocks.{i}.0.fn.0", spatial, transform)
         rows += bn(layer("dw_bn"), f"blocks.{i}.0.fn.2")
-        rows += conv(layer("pw_conv"), f"blocks.{i}.1")
+        rows += kernel_bias(layer("pw_conv"), f"blocks.{i}.1", (d, d, 1, 1))
         rows += bn(layer("pw_bn"), f"blocks.{i}.3")
     if include_top:
-        rows += [
-            Row(HEAD, "kernel", "head.weight", "linear"),
-            Row(HEAD, "bias", "head.bias", "identity"),
-        ]
+        rows += kernel_bias(HEAD, "head", (config.num_classes, d), "linear")
     return rows
 
 
@@ -207,10 +209,9 @@ def plan(
                 f"{named(row.key)} holds {state_dict[row.key].dtype}, not floating-point weights"
             )
         got = tuple(state_dict[row.key].shape)
-        expected = expected_torch_shape(row, config)
-        if got != expected:
+        if got != row.shape:
             raise MappingError(
-                f"wrong shape for {named(row.key)}: {got}, expected {expected} for a "
+                f"wrong shape for {named(row.key)}: {got}, expected {row.shape} for a "
                 f"{config.describe()}"
             )
     unused = sorted(k for k in state_dict if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
@@ -221,20 +222,3 @@ def plan(
             f"ConvMixer-{config.dim}/{config.depth}"
         )
     return rows
-
-
-def expected_torch_shape(row: Row, config: ConvMixerConfig) -> tuple:
-    d = config.dim
-    k = config.kernel_size
-    p = config.patch_size
-    if row.key == "stem.0.weight":
-        return (d, 3, p, p)
-    if row.key.endswith(".0.fn.0.weight"):
-        return (d, 1, k, k) if config.depthwise else (d, d, k, k)
-    if row.key.startswith("blocks.") and row.key.endswith(".1.weight"):
-        return (d, d, 1, 1)
-    if row.key == "head.weight":
-        return (config.num_classes, d)
-    if row.key == "head.bias":
-        return (config.num_classes,)
-    return (d,)

@@ -287,8 +287,8 @@ def _compare(torch_model, keras_model, batches, tolerance):
                     raise ParityError(
                         f"{name}: Keras shape {value.shape} != PyTorch shape {ref.shape}"
                     )
-            worst = np.maximum(worst, [_max_abs_diff(value, ref) for (_, ref), value in pairs])
-            largest = np.maximum(largest, [_largest(ref) for (_, ref), _ in pairs])
+            worst = np.maximum(worst, [_max_abs(value, ref) for (_, ref), value in pairs])
+            largest = np.maximum(largest, [_max_abs(ref) for (_, ref), _ in pairs])
             outputs.append((pairs[-1][1], pairs[-1][0][1]))
             del pairs  # before the next image's stages are made
     names = [name for name, _ in torch_stages.modules] + ["output"]
@@ -298,12 +298,9 @@ def _compare(torch_model, keras_model, batches, tolerance):
     ], outputs
 
 
-def _max_abs_diff(value, ref) -> float:
+def _max_abs(value, ref=0.0) -> float:
+    """max |value - ref|, in float64 (0 for an empty stage)."""
     return float(np.max(np.abs(value.astype(np.float64) - ref))) if value.size else 0.0
-
-
-def _largest(ref) -> float:
-    return float(np.abs(ref).max()) if ref.size else 0.0
 
 
 def _stage(name, max_abs, largest, tolerance) -> StageDiff:
@@ -338,16 +335,17 @@ def prove(
             "parity needs the PyTorch network: pip install 'convmixer-tf[timm]' "
             "(or pass --skip-parity to convert without the proof)"
         ) from None
-    config = conversion.config
+    facts = facts_of(conversion.model)
+    config = facts.config
     torch_model, description, layout = reference_model(
-        config, config.num_classes > 0, conversion.matched_variant
+        config, config.num_classes > 0, facts.variant
     )
     # the tensors under the reference's own names, loaded strictly
     tensors = layouts.from_canonical(conversion.canonical, layout, config.depth)
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
-    pre = facts_of(conversion.model).preprocessing
-    inputs, sets = [], []
-    _add_seeded(inputs, sets, config, pre.input_size)
+    pre = facts.preprocessing
+    seeded, entry = _seeded(config, pre.input_size)
+    inputs, sets = [seeded], [entry]
     if images:
         from convmixer_tf.images import parse_source, read_images
 
@@ -368,11 +366,10 @@ def prove(
     )
 
 
-def _add_seeded(inputs: list, sets: list, config: ConvMixerConfig, input_size: int) -> None:
-    """The seeded batch, at `parity_size`, and its entry in the report, saying why when it is
-    smaller than the input size."""
+def _seeded(config: ConvMixerConfig, input_size: int) -> tuple:
+    """(the seeded batch, at `parity_size`; its entry in the report, saying why when it is
+    smaller than the input size)."""
     size = parity_size(config, input_size)
-    inputs.append(seeded_inputs(SEEDED_BATCH, size))
     entry = {"source": "seeded standard normal (seed 0)", "count": SEEDED_BATCH, "size": size}
     if size < input_size:
         entry["size_reason"] = (
@@ -380,4 +377,4 @@ def _add_seeded(inputs: list, sets: list, config: ConvMixerConfig, input_size: i
             f"{stage_bytes(config, input_size) / MIB:.0f} MiB in the two networks, more than "
             f"parity's {PARITY_BUDGET_BYTES / MIB:.0f} MiB"
         )
-    sets.append(entry)
+    return seeded_inputs(SEEDED_BATCH, size), entry

@@ -33,7 +33,8 @@ def pretrained(
         >>> model = pretrained("hf-hub:timm/convmixer_768_32.in1k")  # doctest: +SKIP
     """
     source = hub.resolve(checkpoint)
-    weights = _sha256(source.path)
+    with open(source.path, "rb") as f:
+        weights = outputs.sha256(f).hexdigest()
     key = hashlib.sha256(f"{weights}{(source.config, variant)!r}".encode()).hexdigest()
     cached = os.path.join(cache_folder(), f"{key}.keras")
     model = _from_cache(cached, variant, weights, log)
@@ -69,8 +70,3 @@ def _from_cache(path, variant, weights, log):
         log(f"the cached {path} is not the conversion of these weights; converting again")
         return None
     return model
-
-
-def _sha256(path) -> str:
-    with open(path, "rb") as f:
-        return outputs.sha256(f).hexdigest()
