@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ from conftest import TINY, randomize_batchnorm
 import convmixer_tf
 from convmixer_tf import ConvMixer, create_model, list_variants
 from convmixer_tf.config import IMAGENET_MEAN, IMAGENET_STD
+from convmixer_tf.errors import BadInput
+from convmixer_tf.facts import attach
 
 # timm's parameter counts (parameters only; BN running statistics are buffers there).
 TIMM_PARAMS = {
@@ -262,3 +265,47 @@ def test_rebuild_keeps_weights_and_adds_preprocessing():
         np.asarray(fixed.get_layer("preprocessing").offset),
         rtol=1e-6,
     )
+
+
+def _rewrite_facts(path, change):
+    """A copy of the .keras file at `path` whose convmixer.json is `change(stored)`."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as source:
+        members = {name: source.read(name) for name in source.namelist()}
+    stored = json.loads(members["convmixer.json"])
+    members["convmixer.json"] = json.dumps(change(stored)).encode()
+    copy = f"{path}.rewritten.keras"
+    with zipfile.ZipFile(copy, "w") as target:
+        for name, data in members.items():
+            target.writestr(name, data)
+    return copy
+
+
+def _version_1(stored, **changes):
+    """What version 1 stored: no raw_rgb, pooling, classifier_activation or source."""
+    kept = {k: v for k, v in stored.items() if k not in ("raw_rgb", "pooling", "source")}
+    kept.pop("classifier_activation")
+    return dict(kept, version=1, **changes)
+
+
+def test_an_earlier_versions_facts_are_completed_from_the_layers(tmp_path):
+    model = ConvMixer(**TINY, input_shape=(32, 32, 3), include_preprocessing=True)
+    names = tuple("abcdefghij")
+    model = attach(model, convmixer_tf.facts_of(model).replace(class_names=names))
+    path = str(convmixer_tf.save_model(model, tmp_path / "model.keras"))
+    old = convmixer_tf.facts_of(convmixer_tf.load_model(_rewrite_facts(path, _version_1)))
+    new = convmixer_tf.facts_of(model)
+    # a raw-RGB model's normalisation is read back from its layer, in float32
+    np.testing.assert_allclose(old.preprocessing.mean, new.preprocessing.mean, rtol=1e-6)
+    np.testing.assert_allclose(old.preprocessing.std, new.preprocessing.std, rtol=1e-6)
+    assert old.replace(preprocessing=new.preprocessing) == new
+    for change, words in (
+        (
+            lambda s: dict(s, version=7),
+            "has version 7 (this version reads 2, and 1 with the model)",
+        ),
+        (lambda s: _version_1(s, class_names=["a"]), "cannot read its convmixer.json"),
+    ):
+        with pytest.raises(BadInput, match=re.escape(words)):
+            convmixer_tf.load_model(_rewrite_facts(path, change))
