@@ -320,7 +320,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows defaults, but not for on/off flags or options without one; keeps the epilog's lines."""
 
     def _get_help_string(self, action):
-        if action.default in (None, [], argparse.SUPPRESS) or isinstance(action.default, bool):
+        if action.default in (None, [], argparse.SUPPRESS) or action.nargs == 0:
             return action.help
         if isinstance(action.default, list):
             return f"{action.help} (default: {' '.join(action.default)})"

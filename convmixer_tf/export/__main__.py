@@ -98,12 +98,16 @@ def add_export_options(group, *, flag: str = "--formats", default=DEFAULT_FORMAT
 def _file_options(group):
     group.add_argument(
         "--no-preprocessing",
-        action="store_true",
+        dest="raw_rgb",
+        action="store_false",
         help="files take normalised input, like the model (default: raw RGB, mean/std inside)",
     )
     group.add_argument(
         "--tflite-logits",
-        action="store_true",
+        dest="tflite_output",
+        action="store_const",
+        const="logits",
+        default="probabilities",
         help="TFLite files output logits (default: probabilities, a softmax at the end)",
     )
     group.add_argument(
@@ -170,22 +174,15 @@ def _export(args, log) -> int:
 
 
 def export_options_from(args, **fields):
-    """The ExportOptions of the options `add_export_options` declared, with `fields` a
-    command sets from options of its own."""
+    """The ExportOptions of parsed arguments (the same fields, by name: the options
+    `add_export_options` declared, and --image-size), with `fields` a command sets from
+    options of its own."""
     from convmixer_tf.export.run import ExportOptions, check_formats
 
+    values = {f: v for f, v in vars(args).items() if f in ExportOptions.__dataclass_fields__}
     quantized = [f"tflite_{args.quantize}"] if args.quantize else []
-    return ExportOptions(
-        formats=tuple(check_formats(args.formats + quantized)),
-        calibration_data=args.calibration_data,
-        calibration_count=args.calibration_count,
-        raw_rgb=not args.no_preprocessing,
-        nchw=args.nchw,
-        opset=args.opset,
-        tflite_output="logits" if args.tflite_logits else "probabilities",
-        processes=args.processes,
-        **fields,
-    )
+    values["formats"] = tuple(check_formats(args.formats + quantized))
+    return ExportOptions(**values, **fields)
 
 
 def _options_from(args):
@@ -197,7 +194,6 @@ def _options_from(args):
     return export_options_from(
         args,
         preprocessing=get_variant(args.variant).preprocessing if args.variant else None,
-        image_size=args.image_size,
         class_names=labels,
     )
 
