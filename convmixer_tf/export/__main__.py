@@ -47,17 +47,21 @@ def build_parser():
     parser.add_argument("--model", required=True, metavar="FILE", help="a .keras ConvMixer")
     add_export_options(parser.add_argument_group("what to write"))
     _model_options(parser.add_argument_group("what the files take and give"))
-    output = parser.add_argument_group("where and how")
-    output.add_argument(
-        "--output", metavar="DIR", help="output directory (default: MODEL_export next to the model)"
-    )
-    output.add_argument(
+    add_output_options(parser, output="output directory (default: MODEL_export next to the model)")
+    return parser
+
+
+def add_output_options(parser, *, output: str, **console):
+    """The group "where and how" of both command lines: --output DIR (`output` its help),
+    --force and the console options (`console`: their settings)."""
+    group = parser.add_argument_group("where and how")
+    group.add_argument("--output", metavar="DIR", help=output)
+    group.add_argument(
         "--force",
         action="store_true",
         help="replace an earlier output (only one whose files are all as its RECORD lists)",
     )
-    parser.add_console_options(output)
-    return parser
+    parser.add_console_options(group, **console)
 
 
 def add_export_options(group, *, flag: str = "--formats", default=DEFAULT_FORMATS):
@@ -136,11 +140,14 @@ def _model_options(group):
         metavar="PIXELS",
         help="input size for models saved with a dynamic size",
     )
-    group.add_argument(
-        "--labels",
-        metavar="FILE",
-        help="class names, one per line, in output order (default: those stored with the model)",
+    add_labels_options(
+        group, "class names, one per line, in output order (default: those stored with the model)"
     )
+
+
+def add_labels_options(group, help: str):
+    """--labels FILE (`help` its help) and --allow-duplicate-labels, of both command lines."""
+    group.add_argument("--labels", metavar="FILE", help=help)
     group.add_argument(
         "--allow-duplicate-labels",
         action="store_true",
