@@ -107,18 +107,6 @@ class StdoutClosed(Exception):
     EXIT_STDOUT_CLOSED."""
 
 
-def print_result(text: str, stream=None) -> None:
-    """Prints one result line on stdout (or `stream`), flushed. When the reader has closed
-    it: StdoutClosed, with the stream pointed at os.devnull first, so that no later flush
-    (of what is still buffered, or at exit) fails again."""
-    stream = stream or sys.stdout
-    try:
-        print(text, file=stream, flush=True)
-    except BrokenPipeError:
-        _to_devnull(stream)
-        raise StdoutClosed() from None
-
-
 def _to_devnull(stream) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:

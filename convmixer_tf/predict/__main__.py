@@ -109,7 +109,7 @@ def _above(bar, line: str, stream) -> None:
     only the bars on the stream it writes to, so a result on stdout landed behind the bar)."""
     bar.clear()
     try:
-        cli.print_result(line, stream)
+        print(line, file=stream, flush=True)
     finally:
         bar.refresh()
 

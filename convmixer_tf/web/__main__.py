@@ -136,7 +136,7 @@ def _serve(site, args, log, shown) -> int:
             f"from another device: {where} (no camera there: browsers allow it on https or localhost only)"
         )
     local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    cli.print_result(f"http://{url_host(local)}:{port}/")
+    print(f"http://{url_host(local)}:{port}/", flush=True)
     # A server has nothing to lose on Ctrl-C: it ends the serving, exit 0.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
