@@ -90,6 +90,17 @@ def run_command(
             console.close()
 
 
+def run_parsed(parser: argparse.ArgumentParser, argv, job) -> int:
+    """A command line's `main`: `run_command` of `job(args, log, console)`, with `args`
+    parsed from `argv` (None: sys.argv), as quiet and as verbose as they say."""
+    args = parser.parse_args(argv)
+    return run_command(
+        lambda log, console: job(args, log, console),
+        quiet=args.quiet,
+        verbose=getattr(args, "verbose", False),  # a command without --verbose: never
+    )
+
+
 def _reported(err: BaseException, console) -> int:
     """Prints what ended a job (one line; a bug's traceback) and returns its exit code."""
     code = exit_code(err)

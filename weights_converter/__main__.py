@@ -113,13 +113,10 @@ def _parity_options(group):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return cli.run_command(
-        lambda log, console: _convert(args, log), quiet=args.quiet, verbose=args.verbose
-    )
+    return cli.run_parsed(build_parser(), argv, _convert)
 
 
-def _convert(args, log) -> int:
+def _convert(args, log, console) -> int:
     from convmixer_tf.export import format_rows
     from weights_converter.pipeline import convert_and_verify
 

@@ -156,13 +156,10 @@ def add_labels_options(group, help: str):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return cli.run_command(
-        lambda log, console: _export(args, log), quiet=args.quiet, verbose=args.verbose
-    )
+    return cli.run_parsed(build_parser(), argv, _export)
 
 
-def _export(args, log) -> int:
+def _export(args, log, console) -> int:
     from convmixer_tf import export as exporters
     from convmixer_tf.facts import facts_of
     from convmixer_tf.labels import check_class_names

@@ -319,10 +319,7 @@ def config_from_args(args) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    code = cli.run_command(
-        lambda log, console: _train(args, log, console), quiet=args.quiet, verbose=args.verbose
-    )
+    code = cli.run_parsed(build_parser(), argv, _train)
     jax = sys.modules.get("jax")  # imported: the run may have joined other processes
     if code != errors.EXIT_OK and jax is not None and jax.distributed.is_initialized():
         # A failed process of a multi-process run leaves at once: JAX's exit handler would

@@ -94,11 +94,10 @@ def _port(text):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return cli.run_command(lambda log, console: _web(args, log), quiet=args.quiet)
+    return cli.run_parsed(build_parser(), argv, _web)
 
 
-def _web(args, log) -> int:
+def _web(args, log, console) -> int:
     from convmixer_tf.web import MODEL, Site
 
     site = Site.build(args.model, args.mediapipe)
