@@ -240,9 +240,7 @@ def _escape(character: str) -> str:
     code = ord(character)
     if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the byte code - 0xDC00
         return f"\\x{code - 0xDC00:02x}"
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return ascii(character)[1:-1]  # \xhh, \uhhhh or \Uhhhhhhhh: Python's own escape
 
 
 @contextlib.contextmanager
