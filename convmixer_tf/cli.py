@@ -90,6 +90,17 @@ def run_command(
             console.close()
 
 
+def run_parsed(parser: argparse.ArgumentParser, argv, job) -> int:
+    """A command line's `main`: `run_command` of `job(args, log, console)`, with `args`
+    parsed from `argv` (None: sys.argv), as quiet and as verbose as they say."""
+    args = parser.parse_args(argv)
+    return run_command(
+        lambda log, console: job(args, log, console),
+        quiet=args.quiet,
+        verbose=getattr(args, "verbose", False),  # a command without --verbose: never
+    )
+
+
 def _reported(err: BaseException, console) -> int:
     """Prints what ended a job (one line; a bug's traceback) and returns its exit code."""
     code = exit_code(err)
@@ -105,18 +116,6 @@ def _reported(err: BaseException, console) -> int:
 class StdoutClosed(Exception):
     """The reader of stdout went away: `run_command` ends the command quietly, with
     EXIT_STDOUT_CLOSED."""
-
-
-def print_result(text: str, stream=None) -> None:
-    """Prints one result line on stdout (or `stream`), flushed. When the reader has closed
-    it: StdoutClosed, with the stream pointed at os.devnull first, so that no later flush
-    (of what is still buffered, or at exit) fails again."""
-    stream = stream or sys.stdout
-    try:
-        print(text, file=stream, flush=True)
-    except BrokenPipeError:
-        _to_devnull(stream)
-        raise StdoutClosed() from None
 
 
 def _to_devnull(stream) -> None:
@@ -241,9 +240,7 @@ def _escape(character: str) -> str:
     code = ord(character)
     if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the byte code - 0xDC00
         return f"\\x{code - 0xDC00:02x}"
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return ascii(character)[1:-1]  # \xhh, \uhhhh or \Uhhhhhhhh: Python's own escape
 
 
 @contextlib.contextmanager
@@ -320,7 +317,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows defaults, but not for on/off flags or options without one; keeps the epilog's lines."""
 
     def _get_help_string(self, action):
-        if action.default in (None, [], argparse.SUPPRESS) or isinstance(action.default, bool):
+        if action.default in (None, [], argparse.SUPPRESS) or action.nargs == 0:
             return action.help
         if isinstance(action.default, list):
             return f"{action.help} (default: {' '.join(action.default)})"

@@ -10,8 +10,8 @@ import json
 import os
 
 from convmixer_tf import cli, errors
+from convmixer_tf.export import __main__ as export_command
 from convmixer_tf.export import registry
-from convmixer_tf.export.__main__ import add_export_options, export_options_from
 from convmixer_tf.outputs import jsonable
 from weights_converter.parity import DEFAULT_TOLERANCE
 
@@ -55,19 +55,14 @@ def build_parser():
     )
     _checkpoint_options(parser.add_argument_group("the checkpoint"))
     _parity_options(parser.add_argument_group("the proof"))
-    add_export_options(parser.add_argument_group("exports"), flag="--export", default=())
-    output = parser.add_argument_group("where and how")
-    output.add_argument(
-        "--output",
-        metavar="DIR",
-        help="output directory (default: next to the checkpoint, NAME_keras)",
+    export_command.add_export_options(
+        parser.add_argument_group("exports"), flag="--export", default=()
     )
-    output.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an earlier output (only one whose files are all as its RECORD lists)",
+    export_command.add_output_options(
+        parser,
+        output="output directory (default: next to the checkpoint, NAME_keras)",
+        noisy="TensorFlow, LiteRT, torch and absl",
     )
-    parser.add_console_options(output, noisy="TensorFlow, LiteRT, torch and absl")
     return parser
 
 
@@ -91,16 +86,10 @@ def _checkpoint_options(group):
         action="store_true",
         help="take the EMA weights (state_dict_ema) of a timm training checkpoint",
     )
-    group.add_argument(
-        "--labels",
-        metavar="FILE",
-        help="class names, one per line, in output order, stored with the model and packed "
-        "into TFLite files (default: ImageNet-1k's for a 1000-class released variant)",
-    )
-    group.add_argument(
-        "--allow-duplicate-labels",
-        action="store_true",
-        help="accept a labels file that names two classes alike",
+    export_command.add_labels_options(
+        group,
+        "class names, one per line, in output order, stored with the model and packed into "
+        "TFLite files (default: ImageNet-1k's for a 1000-class released variant)",
     )
 
 
@@ -124,13 +113,10 @@ def _parity_options(group):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return cli.run_command(
-        lambda log, console: _convert(args, log), quiet=args.quiet, verbose=args.verbose
-    )
+    return cli.run_parsed(build_parser(), argv, _convert)
 
 
-def _convert(args, log) -> int:
+def _convert(args, log, console) -> int:
     from convmixer_tf.export import format_rows
     from weights_converter.pipeline import convert_and_verify
 
@@ -159,7 +145,7 @@ def options_from(args):
 
     values = vars(args)
     fields = {f: values[f] for f in ConvertOptions.__dataclass_fields__ if f != "export"}
-    return ConvertOptions(**fields, export=export_options_from(args))
+    return ConvertOptions(**fields, export=export_command.export_options_from(args))
 
 
 if __name__ == "__main__":

@@ -95,13 +95,10 @@ def _transform_options(group):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return cli.run_command(
-        lambda log, console: _evaluate(args, log), quiet=args.quiet, verbose=args.verbose
-    )
+    return cli.run_parsed(build_parser(), argv, _evaluate)
 
 
-def _evaluate(args, log) -> int:
+def _evaluate(args, log, console) -> int:
     from convmixer_tf.saving import load_model
 
     inputs = [args.model, args.data_dir]

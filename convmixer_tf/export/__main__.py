@@ -47,17 +47,21 @@ def build_parser():
     parser.add_argument("--model", required=True, metavar="FILE", help="a .keras ConvMixer")
     add_export_options(parser.add_argument_group("what to write"))
     _model_options(parser.add_argument_group("what the files take and give"))
-    output = parser.add_argument_group("where and how")
-    output.add_argument(
-        "--output", metavar="DIR", help="output directory (default: MODEL_export next to the model)"
-    )
-    output.add_argument(
+    add_output_options(parser, output="output directory (default: MODEL_export next to the model)")
+    return parser
+
+
+def add_output_options(parser, *, output: str, **console):
+    """The group "where and how" of both command lines: --output DIR (`output` its help),
+    --force and the console options (`console`: their settings)."""
+    group = parser.add_argument_group("where and how")
+    group.add_argument("--output", metavar="DIR", help=output)
+    group.add_argument(
         "--force",
         action="store_true",
         help="replace an earlier output (only one whose files are all as its RECORD lists)",
     )
-    parser.add_console_options(output)
-    return parser
+    parser.add_console_options(group, **console)
 
 
 def add_export_options(group, *, flag: str = "--formats", default=DEFAULT_FORMATS):
@@ -98,12 +102,16 @@ def add_export_options(group, *, flag: str = "--formats", default=DEFAULT_FORMAT
 def _file_options(group):
     group.add_argument(
         "--no-preprocessing",
-        action="store_true",
+        dest="raw_rgb",
+        action="store_false",
         help="files take normalised input, like the model (default: raw RGB, mean/std inside)",
     )
     group.add_argument(
         "--tflite-logits",
-        action="store_true",
+        dest="tflite_output",
+        action="store_const",
+        const="logits",
+        default="probabilities",
         help="TFLite files output logits (default: probabilities, a softmax at the end)",
     )
     group.add_argument(
@@ -132,11 +140,14 @@ def _model_options(group):
         metavar="PIXELS",
         help="input size for models saved with a dynamic size",
     )
-    group.add_argument(
-        "--labels",
-        metavar="FILE",
-        help="class names, one per line, in output order (default: those stored with the model)",
+    add_labels_options(
+        group, "class names, one per line, in output order (default: those stored with the model)"
     )
+
+
+def add_labels_options(group, help: str):
+    """--labels FILE (`help` its help) and --allow-duplicate-labels, of both command lines."""
+    group.add_argument("--labels", metavar="FILE", help=help)
     group.add_argument(
         "--allow-duplicate-labels",
         action="store_true",
@@ -145,13 +156,10 @@ def _model_options(group):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return cli.run_command(
-        lambda log, console: _export(args, log), quiet=args.quiet, verbose=args.verbose
-    )
+    return cli.run_parsed(build_parser(), argv, _export)
 
 
-def _export(args, log) -> int:
+def _export(args, log, console) -> int:
     from convmixer_tf import export as exporters
     from convmixer_tf.facts import facts_of
     from convmixer_tf.labels import check_class_names
@@ -170,22 +178,15 @@ def _export(args, log) -> int:
 
 
 def export_options_from(args, **fields):
-    """The ExportOptions of the options `add_export_options` declared, with `fields` a
-    command sets from options of its own."""
+    """The ExportOptions of parsed arguments (the same fields, by name: the options
+    `add_export_options` declared, and --image-size), with `fields` a command sets from
+    options of its own."""
     from convmixer_tf.export.run import ExportOptions, check_formats
 
+    values = {f: v for f, v in vars(args).items() if f in ExportOptions.__dataclass_fields__}
     quantized = [f"tflite_{args.quantize}"] if args.quantize else []
-    return ExportOptions(
-        formats=tuple(check_formats(args.formats + quantized)),
-        calibration_data=args.calibration_data,
-        calibration_count=args.calibration_count,
-        raw_rgb=not args.no_preprocessing,
-        nchw=args.nchw,
-        opset=args.opset,
-        tflite_output="logits" if args.tflite_logits else "probabilities",
-        processes=args.processes,
-        **fields,
-    )
+    values["formats"] = tuple(check_formats(args.formats + quantized))
+    return ExportOptions(**values, **fields)
 
 
 def _options_from(args):
@@ -197,7 +198,6 @@ def _options_from(args):
     return export_options_from(
         args,
         preprocessing=get_variant(args.variant).preprocessing if args.variant else None,
-        image_size=args.image_size,
         class_names=labels,
     )
 

@@ -57,10 +57,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return cli.run_command(
-        lambda log, console: _predict(args, log, console), quiet=args.quiet, verbose=args.verbose
-    )
+    return cli.run_parsed(build_parser(), argv, _predict)
 
 
 def _predict(args, log, console) -> int:
@@ -109,7 +106,7 @@ def _above(bar, line: str, stream) -> None:
     only the bars on the stream it writes to, so a result on stdout landed behind the bar)."""
     bar.clear()
     try:
-        cli.print_result(line, stream)
+        print(line, file=stream, flush=True)
     finally:
         bar.refresh()
 

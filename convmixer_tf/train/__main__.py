@@ -26,6 +26,156 @@ AUGMENT = AugmentConfig()
 JIT = {"auto": "auto", "on": True, "off": False}  # --jit-compile -> TrainConfig.jit_compile
 
 
+# The options, group by group as --help shows them: (flag, help, argparse's settings). Each
+# sets the TrainConfig (or AugmentConfig) field of its dest, and that field's value is its
+# default (`_add`).
+
+# What to train: a variant from scratch, or a model to start from.
+MODEL_OPTIONS = (
+    (
+        "--variant",
+        "architecture to train from scratch: " + ", ".join(list_variants()),
+        dict(choices=list_variants(), metavar="NAME"),
+    ),
+    (
+        "--init",
+        "start from this model (e.g. a converted checkpoint); a new head when the class count differs",
+        dict(metavar="MODEL.keras"),
+    ),
+    (
+        "--image-size",
+        "training resolution (default: the variant's)",
+        dict(type=cli.positive(most=MAX_INPUT_SIZE), metavar="PIXELS"),
+    ),
+)
+
+# Where the images come from: exactly one of these two, then the rest.
+SOURCES = (
+    (
+        "--dataset",
+        "tensorflow-datasets name: cifar10, cifar100, imagenette, imagenet2012, ...",
+        dict(metavar="NAME"),
+    ),
+    (
+        "--data-dir",
+        "image folder: DIR/<class>/*, or DIR/train/<class>/* with DIR/val/<class>/*",
+        dict(metavar="DIR"),
+    ),
+)
+
+DATA_OPTIONS = (
+    ("--tfds-data-dir", "where tfds keeps prepared datasets (offline copies)", dict(metavar="DIR")),
+    ("--manual-dir", "tfds manual_dir (imagenet2012's tar files)", dict(metavar="DIR")),
+    ("--offline", "never download; an unprepared dataset is an error", dict(action="store_true")),
+    ("--train-split", "tfds split to train on (default train)", dict(metavar="SPLIT")),
+    (
+        "--val-split",
+        "tfds split to validate on (default validation or test; 'none' skips)",
+        dict(metavar="SPLIT"),
+    ),
+    ("--val-fraction", "held-out share of a folder without val/", dict(type=float)),
+    (
+        "--strict-images",
+        "an image that does not decode is an error (default: it is left out, with a warning naming "
+        "it, and counted in metrics.json)",
+        dict(action="store_true"),
+    ),
+)
+
+# How long, in what batches, at what learning rate.
+SCHEDULE_OPTIONS = (
+    ("--epochs", "training epochs", dict(type=int)),
+    ("--batch-size", "global batch, split over devices", dict(type=int)),
+    ("--steps-per-epoch", "cap on steps per epoch (quick runs)", dict(type=int)),
+    ("--val-steps", "cap on validation batches", dict(type=int)),
+    ("--lr", "peak learning rate", dict(type=float)),
+    ("--schedule", "learning rate over time", dict(choices=SCHEDULES)),
+    ("--warmup-epochs", "linear warmup of the cosine schedule", dict(type=float)),
+)
+
+# AdamW and what is trained.
+OPTIMISER_OPTIONS = (
+    ("--weight-decay", "AdamW decoupled weight decay", dict(type=float)),
+    ("--clip-norm", "global gradient-norm clipping (0 turns it off)", dict(type=float)),
+    ("--label-smoothing", "label smoothing of the cross-entropy", dict(type=float)),
+    ("--backbone-lr-mult", "learning-rate factor for all layers but the head", dict(type=float)),
+    ("--freeze-backbone", "train the head only", dict(action="store_true")),
+)
+
+# RandomResizedCrop, flips and RandAugment.
+AUGMENT_OPTIONS = (
+    ("--scale", "RandomResizedCrop area range", dict(type=cli.floats(2), metavar="MIN,MAX")),
+    ("--ratio", "RandomResizedCrop aspect ratios", dict(type=cli.floats(2), metavar="MIN,MAX")),
+    ("--no-flip", "no random horizontal flips", dict(dest="hflip", action="store_false")),
+    (
+        "--ra-n",
+        "RandAugment ops per image (0: off)",
+        dict(dest="randaugment_n", type=int, metavar="N"),
+    ),
+    ("--ra-m", "RandAugment magnitude, 0-30", dict(dest="randaugment_m", type=int, metavar="M")),
+)
+
+# Colour jitter, random erasing, mixup and cutmix.
+MIXING_OPTIONS = (
+    ("--jitter", "colour jitter strength", dict(type=float)),
+    ("--reprob", "random erasing probability", dict(dest="erasing", type=float, metavar="P")),
+    ("--mixup", "mixup alpha (0: off)", dict(type=float)),
+    ("--cutmix", "cutmix alpha (0: off)", dict(type=float)),
+)
+
+# Precision, XLA and how the batch is split over devices.
+DEVICE_OPTIONS = (
+    (
+        "--precision",
+        "mixed precision compute (the head and the saved model stay float32)",
+        dict(choices=tuple(PRECISIONS)),
+    ),
+    (
+        "--jit-compile",
+        "XLA; auto leaves it off on CPU, where it is slower",
+        dict(choices=tuple(JIT), metavar="auto|on|off"),
+    ),
+    (
+        "--distribute",
+        "mirrored: tf.distribute over one host's devices (TensorFlow backend); data-parallel: "
+        "keras.distribution over one process's devices (JAX backend); multi-process: "
+        "keras.distribution over every device of several processes or hosts (JAX backend, JAX's "
+        "distributed runtime)",
+        dict(choices=DISTRIBUTIONS),
+    ),
+    ("--seed", "seed of the data order, augmentation and new weights", dict(type=int)),
+)
+
+# Several processes (--distribute multi-process).
+PROCESS_OPTIONS = (
+    (
+        "--coordinator",
+        "multi-process: process 0's HOST:PORT, which every process connects to (not needed under "
+        "SLURM or Open MPI)",
+        dict(metavar="HOST:PORT"),
+    ),
+    ("--num-processes", "multi-process: how many processes train together", dict(type=int)),
+    ("--process-id", "multi-process: this process's index, 0 to N-1", dict(type=int)),
+    (
+        "--heartbeat-timeout",
+        "multi-process: seconds after which a process that stopped answering counts as dead, and "
+        "the others stop with an error",
+        dict(type=int),
+    ),
+)
+
+# The run folder (--output is declared apart: its default is made from names).
+OUTPUT_OPTIONS = (
+    (
+        "--force",
+        "start over in --output, replacing an earlier run there once the new one has finished "
+        "(never a folder of anything else)",
+        dict(action="store_true"),
+    ),
+    ("--no-tensorboard", "no TensorBoard logs", dict(dest="tensorboard", action="store_false")),
+)
+
+
 def build_parser():
     p = cli.ArgumentParser(
         prog="python -m convmixer_tf.train",
@@ -35,261 +185,33 @@ def build_parser():
         "model.keras (float32, stock layers, class names inside), metrics.json, history.csv, "
         "TensorBoard logs and a backup: the same command resumes a killed run.",
     )
-    _model_options(p.add_argument_group("model"))
-    _data_options(p.add_argument_group("data"))
-    _schedule_options(p.add_argument_group("schedule"))
-    _optimiser_options(p.add_argument_group("optimiser"))
-    _augment_options(p.add_argument_group("augmentation"))
-    _mixing_options(p.add_argument_group("mixing and erasing"))
-    _device_options(p.add_argument_group("devices"))
-    _process_options(p.add_argument_group("several processes"))
+    _add(p.add_argument_group("model"), MODEL_OPTIONS)
+    data = p.add_argument_group("data")
+    _add(data.add_mutually_exclusive_group(required=True), SOURCES)
+    _add(data, DATA_OPTIONS)
+    _add(p.add_argument_group("schedule"), SCHEDULE_OPTIONS)
+    _add(p.add_argument_group("optimiser"), OPTIMISER_OPTIONS)
+    _add(p.add_argument_group("augmentation"), AUGMENT_OPTIONS)
+    _add(p.add_argument_group("mixing and erasing"), MIXING_OPTIONS)
+    _add(p.add_argument_group("devices"), DEVICE_OPTIONS)
+    _add(p.add_argument_group("several processes"), PROCESS_OPTIONS)
     output = p.add_argument_group("output")
-    _output_options(output)
+    # made from the model's and the data's names (config_from_args), not TrainConfig's
+    output.add_argument(
+        "--output", metavar="DIR", help="run folder (default runs/<variant or init>_<dataset>)"
+    )
+    _add(output, OUTPUT_OPTIONS)
     p.add_console_options(output, noisy="TensorFlow, JAX and absl")
     return p
 
 
-def _model_options(group):
-    """What to train: a variant from scratch, or a model to start from."""
-    group.add_argument(
-        "--variant",
-        default=DEFAULTS.variant,
-        choices=list_variants(),
-        metavar="NAME",
-        help="architecture to train from scratch: " + ", ".join(list_variants()),
-    )
-    group.add_argument(
-        "--init",
-        metavar="MODEL.keras",
-        help="start from this model (e.g. a converted checkpoint); a new head when the class count differs",
-    )
-    group.add_argument(
-        "--image-size",
-        type=cli.positive(most=MAX_INPUT_SIZE),
-        metavar="PIXELS",
-        help="training resolution (default: the variant's)",
-    )
-
-
-def _data_options(group):
-    """Where the images come from."""
-    data = group.add_mutually_exclusive_group(required=True)
-    data.add_argument(
-        "--dataset",
-        metavar="NAME",
-        help="tensorflow-datasets name: cifar10, cifar100, imagenette, imagenet2012, ...",
-    )
-    data.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="image folder: DIR/<class>/*, or DIR/train/<class>/* with DIR/val/<class>/*",
-    )
-    group.add_argument(
-        "--tfds-data-dir", metavar="DIR", help="where tfds keeps prepared datasets (offline copies)"
-    )
-    group.add_argument(
-        "--manual-dir", metavar="DIR", help="tfds manual_dir (imagenet2012's tar files)"
-    )
-    group.add_argument(
-        "--offline", action="store_true", help="never download; an unprepared dataset is an error"
-    )
-    group.add_argument(
-        "--train-split", metavar="SPLIT", help="tfds split to train on (default train)"
-    )
-    group.add_argument(
-        "--val-split",
-        metavar="SPLIT",
-        help="tfds split to validate on (default validation or test; 'none' skips)",
-    )
-    group.add_argument(
-        "--val-fraction",
-        type=float,
-        default=DEFAULTS.val_fraction,
-        help="held-out share of a folder without val/",
-    )
-    group.add_argument(
-        "--strict-images",
-        action="store_true",
-        help="an image that does not decode is an error (default: it is left out, with a warning naming "
-        "it, and counted in metrics.json)",
-    )
-
-
-def _schedule_options(group):
-    """How long, in what batches, at what learning rate."""
-    group.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="training epochs")
-    group.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULTS.batch_size,
-        help="global batch, split over devices",
-    )
-    group.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (quick runs)")
-    group.add_argument("--val-steps", type=int, help="cap on validation batches")
-    group.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate")
-    group.add_argument(
-        "--schedule", default=DEFAULTS.schedule, choices=SCHEDULES, help="learning rate over time"
-    )
-    group.add_argument(
-        "--warmup-epochs",
-        type=float,
-        default=DEFAULTS.warmup_epochs,
-        help="linear warmup of the cosine schedule",
-    )
-
-
-def _optimiser_options(group):
-    """AdamW and what is trained."""
-    group.add_argument(
-        "--weight-decay",
-        type=float,
-        default=DEFAULTS.weight_decay,
-        help="AdamW decoupled weight decay",
-    )
-    group.add_argument(
-        "--clip-norm",
-        type=float,
-        default=DEFAULTS.clip_norm,
-        help="global gradient-norm clipping (0 turns it off)",
-    )
-    group.add_argument(
-        "--label-smoothing",
-        type=float,
-        default=DEFAULTS.label_smoothing,
-        help="label smoothing of the cross-entropy",
-    )
-    group.add_argument(
-        "--backbone-lr-mult",
-        type=float,
-        default=DEFAULTS.backbone_lr_mult,
-        help="learning-rate factor for all layers but the head",
-    )
-    group.add_argument("--freeze-backbone", action="store_true", help="train the head only")
-
-
-def _augment_options(group):
-    """RandomResizedCrop, flips and RandAugment."""
-    group.add_argument(
-        "--scale",
-        type=cli.floats(2),
-        default=AUGMENT.scale,
-        metavar="MIN,MAX",
-        help="RandomResizedCrop area range",
-    )
-    group.add_argument(
-        "--ratio",
-        type=cli.floats(2),
-        default=AUGMENT.ratio,
-        metavar="MIN,MAX",
-        help="RandomResizedCrop aspect ratios",
-    )
-    group.add_argument(
-        "--no-flip", dest="hflip", action="store_false", help="no random horizontal flips"
-    )
-    group.add_argument(
-        "--ra-n",
-        dest="randaugment_n",
-        type=int,
-        default=AUGMENT.randaugment_n,
-        metavar="N",
-        help="RandAugment ops per image (0: off)",
-    )
-    group.add_argument(
-        "--ra-m",
-        dest="randaugment_m",
-        type=int,
-        default=AUGMENT.randaugment_m,
-        metavar="M",
-        help="RandAugment magnitude, 0-30",
-    )
-
-
-def _mixing_options(group):
-    """Colour jitter, random erasing, mixup and cutmix."""
-    group.add_argument(
-        "--jitter", type=float, default=AUGMENT.jitter, help="colour jitter strength"
-    )
-    group.add_argument(
-        "--reprob",
-        dest="erasing",
-        type=float,
-        default=AUGMENT.erasing,
-        metavar="P",
-        help="random erasing probability",
-    )
-    group.add_argument("--mixup", type=float, default=AUGMENT.mixup, help="mixup alpha (0: off)")
-    group.add_argument("--cutmix", type=float, default=AUGMENT.cutmix, help="cutmix alpha (0: off)")
-
-
-def _device_options(group):
-    """Precision, XLA and how the batch is split over devices."""
-    group.add_argument(
-        "--precision",
-        default=DEFAULTS.precision,
-        choices=tuple(PRECISIONS),
-        help="mixed precision compute (the head and the saved model stay float32)",
-    )
-    group.add_argument(
-        "--jit-compile",
-        choices=tuple(JIT),
-        default="auto",
-        metavar="auto|on|off",
-        help="XLA; auto leaves it off on CPU, where it is slower",
-    )
-    group.add_argument(
-        "--distribute",
-        default=DEFAULTS.distribute,
-        choices=DISTRIBUTIONS,
-        help="mirrored: tf.distribute over one host's devices (TensorFlow backend); data-parallel: "
-        "keras.distribution over one process's devices (JAX backend); multi-process: "
-        "keras.distribution over every device of several processes or hosts (JAX backend, JAX's "
-        "distributed runtime)",
-    )
-    group.add_argument(
-        "--seed",
-        type=int,
-        default=DEFAULTS.seed,
-        help="seed of the data order, augmentation and new weights",
-    )
-
-
-def _process_options(group):
-    """Several processes (--distribute multi-process)."""
-    group.add_argument(
-        "--coordinator",
-        metavar="HOST:PORT",
-        help="multi-process: process 0's HOST:PORT, which every process connects to (not needed under "
-        "SLURM or Open MPI)",
-    )
-    group.add_argument(
-        "--num-processes", type=int, help="multi-process: how many processes train together"
-    )
-    group.add_argument(
-        "--process-id", type=int, help="multi-process: this process's index, 0 to N-1"
-    )
-    group.add_argument(
-        "--heartbeat-timeout",
-        type=int,
-        default=DEFAULTS.heartbeat_timeout,
-        help="multi-process: seconds after which a process that stopped answering counts as dead, and "
-        "the others stop with an error",
-    )
-
-
-def _output_options(group):
-    """The run folder."""
-    group.add_argument(
-        "--output", metavar="DIR", help="run folder (default runs/<variant or init>_<dataset>)"
-    )
-    group.add_argument(
-        "--force",
-        action="store_true",
-        help="start over in --output, replacing an earlier run there once the new one has finished "
-        "(never a folder of anything else)",
-    )
-    group.add_argument(
-        "--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard logs"
-    )
+def _add(group, options):
+    """Adds each (flag, help, settings) of `options` to `group`, its default that of the
+    TrainConfig (or AugmentConfig) field it sets: written once, in the config."""
+    for flag, help, settings in options:
+        dest = settings.get("dest", flag.removeprefix("--").replace("-", "_"))
+        config = AUGMENT if dest in AugmentConfig.__dataclass_fields__ else DEFAULTS
+        group.add_argument(flag, default=getattr(config, dest), help=help, **settings)
 
 
 def _verbosity(args) -> int:
@@ -319,10 +241,7 @@ def config_from_args(args) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    code = cli.run_command(
-        lambda log, console: _train(args, log, console), quiet=args.quiet, verbose=args.verbose
-    )
+    code = cli.run_parsed(build_parser(), argv, _train)
     jax = sys.modules.get("jax")  # imported: the run may have joined other processes
     if code != errors.EXIT_OK and jax is not None and jax.distributed.is_initialized():
         # A failed process of a multi-process run leaves at once: JAX's exit handler would

@@ -94,11 +94,10 @@ def _port(text):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return cli.run_command(lambda log, console: _web(args, log), quiet=args.quiet)
+    return cli.run_parsed(build_parser(), argv, _web)
 
 
-def _web(args, log) -> int:
+def _web(args, log, console) -> int:
     from convmixer_tf.web import MODEL, Site
 
     site = Site.build(args.model, args.mediapipe)
@@ -136,7 +135,7 @@ def _serve(site, args, log, shown) -> int:
             f"from another device: {where} (no camera there: browsers allow it on https or localhost only)"
         )
     local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    cli.print_result(f"http://{url_host(local)}:{port}/")
+    print(f"http://{url_host(local)}:{port}/", flush=True)
     # A server has nothing to lose on Ctrl-C: it ends the serving, exit 0.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
