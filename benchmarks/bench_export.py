@@ -119,6 +119,7 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
     from convmixer_tf.export.calibration import synthetic_images
     from convmixer_tf.export.onnx_int8 import export_onnx_int8
     from convmixer_tf.export.scores import as_output
+    from convmixer_tf.facts import facts_of
 
     mediapipe_installed = importlib.util.find_spec("mediapipe") is not None
     from weights_converter.convert import convert_state_dict
@@ -195,12 +196,12 @@ def bench_variant(name, runs, tmp, calibration_count, litert_torch_python=None):
     reference = app.predict(held_out, verbose=0)
     calibration = synthetic_images(calibration_count, 224, seed=1)
     raw = held_out[:1]
-    image = mobile.frame(mobile.pixels(raw[0], raw_rgb=True)) if mediapipe_installed else None
+    image = mobile.frame(mobile.pixels(raw[0], facts_of(app))) if mediapipe_installed else None
 
     def ours(label, path):
         runner = exporters.Runner(path, THREADS)
         out = runner(held_out)
-        expected = as_output(app, reference, runner.output)
+        expected = as_output(facts_of(app), reference, runner.output)
         agreement = float(np.mean(out.argmax(1) == expected.argmax(1)))
         max_abs = float(np.abs(out - expected).max())
         calls[label] = lambda: runner(raw)
