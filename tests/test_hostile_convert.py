@@ -361,6 +361,13 @@ ROWS = [
         "'stem.0.weight' has shape (16, 3, 2, 3)",
     ),
     (
+        "a head of one dimension",
+        "flat_head.pth",
+        lambda: _with(_good(), **{"head.weight": torch.zeros(16)}),
+        2,
+        "'head.weight' has shape (16,), expected (classes, 16)",
+    ),
+    (
         "no mixer blocks",
         "stem_only.pth",
         lambda: {k: v for k, v in _good().items() if k.startswith("stem.")},

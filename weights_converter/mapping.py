@@ -148,8 +148,8 @@ def infer_config(
         raise MappingError("the checkpoint has no mixer blocks: it is not a ConvMixer")
     wanted = f"({dim}, 1, k, k) (depthwise) or ({dim}, {dim}, k, k)"
     spatial = need("blocks.0.0.fn.0.weight", wanted, lambda s: s[0] == dim and s[1] in (1, dim))
-    head = sd.get("head.weight")
-    num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 0  # 0: no head
+    head = shown(original_key("head.weight", layout, depth))
+    num_classes = _class_count(sd.get("head.weight"), dim, head)
     base = ConvMixerConfig(
         dim=int(dim),
         depth=depth,
@@ -162,6 +162,15 @@ def infer_config(
     if activation is None:
         activation = VARIANTS[match].config.activation if match else "gelu"
     return base.replace(activation=activation)
+
+
+def _class_count(head, dim: int, named: str) -> int:
+    """The classes of a head whose weight (`named`) is `head`: (classes, dim); 0 without one."""
+    if head is None:
+        return 0
+    if head.ndim != 2:
+        raise MappingError(f"{named} has shape {tuple(head.shape)}, expected (classes, {dim})")
+    return int(head.shape[0])
 
 
 def has_head(canonical: Dict[str, np.ndarray]) -> bool:
