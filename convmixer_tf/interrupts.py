@@ -45,8 +45,7 @@ def remove(path) -> None:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+            remove_file(path)
         if not os.path.lexists(path):
             break
 
@@ -80,6 +79,12 @@ def final_move():
         pending, _state["pending"] = _state["pending"], None
         if pending is not None:
             signal.raise_signal(pending)
+
+
+def remove_file(path) -> None:
+    """os.remove, where a file already gone is no error."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def stop_now(signum, frame) -> None:

@@ -20,7 +20,7 @@ import stat
 from typing import Callable, Optional, Sequence
 
 from convmixer_tf.errors import BadInput
-from convmixer_tf.interrupts import remove, removed_on_interrupt
+from convmixer_tf.interrupts import remove_file, removed_on_interrupt
 from convmixer_tf.temporaries import TEMPORARY, temporary_name
 
 
@@ -52,7 +52,7 @@ def write_atomic(path, data, exclusive: bool = False) -> str:
                     f"{path} appeared while this run was working; it was not replaced"
                 ) from None
         finally:
-            remove(tmp)
+            remove_file(tmp)
     return path
 
 

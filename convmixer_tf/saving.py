@@ -24,7 +24,7 @@ from convmixer_tf.facts import (
     legacy_facts,
     zip_member,
 )
-from convmixer_tf.interrupts import remove
+from convmixer_tf.interrupts import remove_file
 from convmixer_tf.temporaries import temporary_folder, temporary_name
 
 HUB_SCHEME = "hf://"
@@ -94,7 +94,7 @@ def save_model(model, path) -> str:
             archive.writestr(FACTS_FILE, facts_of(model).to_json())
         os.replace(tmp, path)
     finally:
-        remove(tmp)
+        remove_file(tmp)
     return path
 
 
