@@ -37,20 +37,20 @@ def temporary_name(path, suffix: str = "") -> str:
     )
 
 
-def remove_stale_temporaries(folder, names: re.Pattern = TEMPORARY) -> list:
-    """Removes the temporaries in `folder` named by `names` (`temporary_name`'s: a file being
-    written, a staging folder; or `TEMPORARY_FOLDER`) of writers that are gone (killed
-    mid-write), if they are this user's; a live writer's are left alone. Returns their names."""
+def _dead(match) -> bool:
+    return not alive(int(match["pid"]), match["start"])
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Removes the temporary files and folders in `folder` (`temporary_name`: a file being
+    written, a staging folder) of writers that are gone (killed mid-write); a live writer's
+    are left alone. Returns their names."""
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.listdir(folder):
-            path, match = os.path.join(folder, entry), names.fullmatch(entry)
-            if (
-                match
-                and not alive(int(match["pid"]), match["start"])
-                and os.lstat(path).st_uid == os.getuid()
-            ):
-                remove(path)
+            match = TEMPORARY.fullmatch(entry)
+            if match and _dead(match):
+                remove(os.path.join(folder, entry))
                 removed.append(entry)
     return removed
 
@@ -58,7 +58,17 @@ def remove_stale_temporaries(folder, names: re.Pattern = TEMPORARY) -> list:
 def make_temporary_folder() -> str:
     """A new private temporary folder (`TEMPORARY_FOLDER`, in the system's temporary
     folder); those left by processes that were killed are removed first."""
-    remove_stale_temporaries(tempfile.gettempdir(), TEMPORARY_FOLDER)
+    parent = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(parent):
+            path, match = os.path.join(parent, entry), TEMPORARY_FOLDER.fullmatch(entry)
+            if (
+                match
+                and _dead(match)
+                and os.path.isdir(path)
+                and os.stat(path).st_uid == os.getuid()
+            ):
+                shutil.rmtree(path, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"convmixer-{writer_id()}-")
 
 
