@@ -11,7 +11,6 @@ which Python would print a KeyboardInterrupt traceback (SIGINT) or die without a
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shutil
 import signal
@@ -36,18 +35,17 @@ def on_interrupt(undo: Callable[[], object]):
 
 def removed_on_interrupt(path):
     """Registers `path` (a staging folder, a temporary file or folder) for `interrupt`."""
-    return on_interrupt(functools.partial(remove, os.fspath(path)))
 
+    def remove(path=os.fspath(path)):
+        for _ in range(3):  # a writer thread may add a file while the folder goes
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                remove_file(path)
+            if not os.path.lexists(path):
+                break
 
-def remove(path) -> None:
-    """Removes the file or folder `path`, where there is one (never through a link)."""
-    for _ in range(3):  # a writer thread may add a file while the folder goes
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            remove_file(path)
-        if not os.path.lexists(path):
-            break
+    return on_interrupt(remove)
 
 
 def interrupt(signum) -> bool:

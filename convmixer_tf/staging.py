@@ -1,8 +1,7 @@
 """An output folder built beside its place and moved there by one rename at the end: a
 failure at any moment leaves no half-written output, and rename(2) never replaces a
 non-empty folder, so of two racing runs one wins. Just before, the folder gets its RECORD.
-A staging folder has a temporary name (`temporaries.temporary_name`): those of runs that
-were killed are removed by the next run in the same folder."""
+Staging folders of runs that were killed are removed by the next run on the same output."""
 
 from __future__ import annotations
 
@@ -10,11 +9,45 @@ import contextlib
 import errno
 import os
 import shutil
-from typing import Sequence
+import tempfile
+from typing import Sequence, Tuple
 
 from convmixer_tf.interrupts import final_move, removed_on_interrupt
-from convmixer_tf.outputs import OutputExistsError, check_replaceable, follow_umask, write_record
-from convmixer_tf.temporaries import remove_stale_temporaries, temporary_name
+from convmixer_tf.outputs import (
+    OutputExistsError,
+    check_replaceable,
+    follow_umask,
+    umask,
+    write_record,
+)
+from convmixer_tf.temporaries import alive, writer_id
+
+STAGING_INFIX = ".partial-"
+_NAME_KEPT = 120  # of the output's name in its staging folder's (file names stop at 255 bytes)
+
+
+def _staging_prefix(output) -> Tuple[str, str]:
+    parent, name = os.path.split(os.path.abspath(os.fspath(output)))
+    return parent, f".{name[:_NAME_KEPT]}{STAGING_INFIX}"
+
+
+def remove_stale_staging(output) -> list:
+    """Removes staging folders of `output` left by writers that are gone (a kill -9); a
+    live writer's is left alone. Returns what was removed."""
+    parent, prefix = _staging_prefix(output)
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(parent):
+            fields = entry[len(prefix) :].split("-")
+            if (
+                entry.startswith(prefix)
+                and len(fields) >= 3
+                and fields[0].isdigit()
+                and not alive(int(fields[0]), fields[1])
+            ):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+                removed.append(entry)
+    return removed
 
 
 def _move(src, dst) -> None:
@@ -66,20 +99,19 @@ class Staging:
     def open(self) -> "Staging":
         self.output = check_replaceable(self.output, self.force, self.inputs, self._seen)
         self._existed = os.path.lexists(self.output)
-        parent = os.path.dirname(self.output)
-        path = temporary_name(self.output)
+        parent, prefix = _staging_prefix(self.output)
         try:
             self._created = _make_parents(parent)
-            remove_stale_temporaries(parent)  # staging folders of killed runs among them
-            os.mkdir(path)  # the umask decides the mode
+            remove_stale_staging(self.output)
+            self.path = tempfile.mkdtemp(prefix=f"{prefix}{writer_id()}-", dir=parent)
         except OSError as err:
             self.discard()
             where = f": {err.filename}" if err.filename else ""
             raise OutputExistsError(
                 f"cannot write output {self.output}: {err.strerror or err}{where}"
             ) from None
-        self.path = path
-        self._registration.enter_context(removed_on_interrupt(path))
+        self._registration.enter_context(removed_on_interrupt(self.path))
+        os.chmod(self.path, 0o777 & ~umask())  # mkdtemp makes it private; the output should not be
         return self
 
     def moves(self):
@@ -122,7 +154,7 @@ class Staging:
     def _move(self, replaced) -> None:
         """rename(2) into place; an earlier output (only ours) goes aside first and is
         removed after. _Changed when another run moved an output in or out meanwhile."""
-        aside = temporary_name(self.output)  # removed by the next run if this one is killed
+        aside = self.path + ".old"
         if replaced is not None:
             check_replaceable(self.output, True, self.inputs, self._seen)  # only ours goes
             try:

@@ -10,11 +10,10 @@ import shutil
 import tempfile
 from typing import Optional
 
-from convmixer_tf.interrupts import remove, removed_on_interrupt
+from convmixer_tf.interrupts import remove_file, removed_on_interrupt
 
-# Temporary names: ".NAME.PID-START.RANDOM.partial[.keras]" beside the file or output folder
-# being written (Keras saves only to names ending in .keras), "convmixer-PID-START-RANDOM"
-# for folders in the system's temporary folder.
+# Temporary names: ".NAME.PID-START.RANDOM.partial[.keras]" beside the file being written
+# (Keras saves only to names ending in .keras), "convmixer-PID-START-RANDOM" for folders.
 # PID-START (the writer's pid and the kernel's start time of that process) tells the
 # temporaries of a dead writer from a live one's, whose pid may be reused.
 TEMPORARY = re.compile(
@@ -42,15 +41,14 @@ def _dead(match) -> bool:
 
 
 def remove_stale_temporaries(folder) -> list:
-    """Removes the temporary files and folders in `folder` (`temporary_name`: a file being
-    written, a staging folder) of writers that are gone (killed mid-write); a live writer's
-    are left alone. Returns their names."""
+    """Removes the temporary files in `folder` (`temporary_name`) of writers that are gone
+    (killed mid-write); a live writer's are left alone. Returns their names."""
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.listdir(folder):
             match = TEMPORARY.fullmatch(entry)
-            if match and _dead(match):
-                remove(os.path.join(folder, entry))
+            if match and _dead(match) and os.path.isfile(os.path.join(folder, entry)):
+                remove_file(os.path.join(folder, entry))
                 removed.append(entry)
     return removed
 

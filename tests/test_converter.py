@@ -735,7 +735,7 @@ def test_sigterm_mid_export_leaves_nothing(tmp_path):
     )
     deadline = time.time() + 120
     while (
-        not glob.glob(str(tmp_path / ".m_keras.*.partial"))
+        not glob.glob(str(tmp_path / ".m_keras.partial-*"))
         and time.time() < deadline
         and proc.poll() is None
     ):

@@ -183,11 +183,7 @@ def test_benchmarks_keep_the_interrupt_rules(tmp_path):
         proc = start(table, tmp_path)
         deadline = time.time() + 60
         while (
-            not [
-                e
-                for e in os.listdir(tmp_path)
-                if e.startswith(".table.") and e.endswith(".partial")
-            ]
+            not [e for e in os.listdir(tmp_path) if e.startswith(".table.partial-")]
             and time.time() < deadline
         ):
             time.sleep(0.05)

@@ -162,11 +162,7 @@ def _race(tmp_path, checkpoint, out, *extra):
     deadline = time.time() + 120
     staged = set()
     while len(staged) < 2 and time.time() < deadline and all(p.poll() is None for p in procs):
-        staged |= {
-            e
-            for e in os.listdir(tmp_path)
-            if e.startswith(f".{out.name}.") and e.endswith(".partial")
-        }
+        staged |= {e for e in os.listdir(tmp_path) if e.startswith(f".{out.name}.partial-")}
         time.sleep(0.05)
     results = [(p.wait(timeout=300),) + p.communicate() for p in procs]
     assert len(staged) == 2, "the two writers did not overlap"
@@ -435,9 +431,13 @@ def test_staging_of_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path, check
     out = tmp_path / "out"
     dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     stale = (
-        tmp_path / f".out.{dead.pid}-{temporaries.process_start_time(dead.pid)}.0000abcd.partial"
+        tmp_path
+        / f".out{staging.STAGING_INFIX}{dead.pid}-{temporaries.process_start_time(dead.pid)}-abc"
     )
-    live = tmp_path / os.path.basename(temporaries.temporary_name(tmp_path / "out"))
+    live = (
+        tmp_path
+        / f".out{staging.STAGING_INFIX}{os.getpid()}-{temporaries.process_start_time(os.getpid())}-def"
+    )
     stale.mkdir()
     live.mkdir()
     dead.send_signal(signal.SIGKILL)
