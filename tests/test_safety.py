@@ -5,9 +5,11 @@ a repro of what a careless or hostile user did, then what survives and the exit 
 import hashlib
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -445,6 +447,29 @@ def test_staging_of_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path, check
     assert convert("--torch-ckpt", checkpoint, "--output", out) == 0
     assert not stale.exists() and live.exists()
     assert sorted(os.listdir(out)) == ["README.md", "RECORD", "model.keras", "report.json"]
+
+
+def test_a_users_entries_named_like_temporaries_are_kept(tmp_path, monkeypatch):
+    """Only a run's own kind of leftover is swept: beside an output, staging folders of
+    that output; in TMPDIR, this project's temporary folders. A user's file or folder that
+    merely looks like a killed writer's temporary (a dead pid in its name) is kept."""
+    beside = tmp_path / "work"
+    beside.mkdir()
+    folder = beside / ".mine.999999-0.deadbeef.partial"
+    folder.mkdir()
+    (folder / "data.txt").write_text("precious")
+    (beside / ".notes.999998-0.cafebabe.partial").write_text("notes")
+    with staging.staged(beside / "out") as staged:
+        (pathlib.Path(staged.path) / "a.txt").write_text("written")
+    assert (folder / "data.txt").read_text() == "precious"
+    assert (beside / ".notes.999998-0.cafebabe.partial").read_text() == "notes"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    (scratch / "convmixer-999999-0-notes.txt").write_text("notes")
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with temporaries.temporary_folder():
+        pass
+    assert (scratch / "convmixer-999999-0-notes.txt").read_text() == "notes"
 
 
 # ---------------------------------------------------------------- 8. small ones
