@@ -68,9 +68,7 @@ def follow_umask(root) -> None:
     """Gives every folder under `root` the mode the umask gives new folders (TensorFlow
     makes its own 0755 whatever the umask). A loop, not os.walk, which recurses once a
     level; a folder that cannot be listed is skipped, as os.walk skips it."""
-    mask = os.umask(0)
-    os.umask(mask)  # read back at once: the umask is the process's, threads' too
-    mode = 0o777 & ~mask
+    mode = 0o777 & ~umask()
     pending = [os.fspath(root)]
     while pending:
         try:
@@ -81,6 +79,13 @@ def follow_umask(root) -> None:
         for path in folders:
             os.chmod(path, mode)
         pending += folders
+
+
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 RECORD = "RECORD"
