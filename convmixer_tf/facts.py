@@ -139,8 +139,9 @@ class Facts:
         an earlier version's facts (version 1) are read too, completed from its layers."""
         stored = read_json(data, where)
         version = stored.get("version")
-        legacy = version == 1 and model is not None
-        if version != FACTS_VERSION and not legacy:
+        known = type(version) is int  # JSON's true and 2.0 are no versions, though 1 == True
+        legacy = known and version == 1 and model is not None
+        if not (known and version == FACTS_VERSION) and not legacy:
             also = "" if model is None else ", and 1 with the model"
             raise BadInput(
                 f"{where}: its {FACTS_FILE} has version {version!r:.40} "

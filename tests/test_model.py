@@ -306,6 +306,8 @@ def test_an_earlier_versions_facts_are_completed_from_the_layers(tmp_path):
             "has version 7 (this version reads 2, and 1 with the model)",
         ),
         (lambda s: _version_1(s, class_names=["a"]), "cannot read its convmixer.json"),
+        (lambda s: dict(s, version=2.0), "has version 2.0 (this version reads 2"),
+        (lambda s: dict(_version_1(s), version=True), "has version True (this version reads 2"),
     ):
         with pytest.raises(BadInput, match=re.escape(words)):
             convmixer_tf.load_model(_rewrite_facts(path, change))
