@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import os
 import shutil
 import time
@@ -75,9 +74,7 @@ def train(
     shard = start_processes(config)  # before anything touches JAX
     if shard.index != 0:
         log = lambda message: None  # the run speaks through process 0
-    if source is None:  # open_dataset's arguments are TrainConfig's fields of the same names
-        names = inspect.signature(open_dataset).parameters.keys() - {"shard"}
-        source = open_dataset(**{name: getattr(config, name) for name in names}, shard=shard)
+    source = source or _open(config, shard)
     warn_skipped(source, log)
     keras.utils.set_random_seed(config.seed)
     if config.init:
@@ -91,6 +88,22 @@ def train(
         model = _trainable(run, initial)
         del initial
         return _fit_and_save(run, model)
+
+
+def _open(config: TrainConfig, shard: Shard) -> DataSource:
+    return open_dataset(
+        config.dataset,
+        config.data_dir,
+        tfds_data_dir=config.tfds_data_dir,
+        manual_dir=config.manual_dir,
+        offline=config.offline,
+        train_split=config.train_split,
+        val_split=config.val_split,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        strict_images=config.strict_images,
+        shard=shard,
+    )
 
 
 def _plan(config: TrainConfig, shard: Shard, source: DataSource, initial, log) -> Run:
